@@ -1,0 +1,228 @@
+"""RingTable: one node's view of the ring: its links, the roles they play, and the peers it has heard of.
+
+A node keeps `ring_size` successors and as many predecessors (the ring that makes greedy routing always
+succeed), plus `long_links` long-distance links drawn from the harmonic distribution (Symphony: Manku, Bawa,
+Raghavan, USITS 2003), and accepts at most `incoming_cap` long links from others so that no node becomes a hub.
+Successor/predecessor roles are derived from IDs, never stored: they change when a closer node appears.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from overlay.ids import RING_SIZE, clockwise, ring_distance
+
+
+class Role(enum.Flag):
+    NONE = 0
+    LONG_OUT = enum.auto()  # we drew this peer for one of our long links
+    LONG_IN = enum.auto()  # the peer drew us for one of its long links (counted against incoming_cap)
+    BOOTSTRAP = enum.auto()  # the first link, kept until the ring links are up
+    ON_DEMAND = enum.auto()  # a direct link opened because a pair talks a lot
+
+
+@dataclass(frozen=True, slots=True)
+class RingParams:
+    """Neighbour-selection parameters; the defaults follow the simulator's recommendation (docs/topology.md)."""
+
+    ring_size: int = 2  # successors, and as many predecessors
+    long_links: int = 4  # k harmonic long links drawn by this node
+    incoming_cap: int = 8  # most long links others may draw to this node (Symphony uses 2k)
+
+
+def ring_neighbours(self_id: int, ids: Iterable[int], k: int) -> tuple[list[int], list[int]]:
+    """The k nearest successors (clockwise) and k nearest predecessors of self_id among ids, nearest first.
+
+    A peer may be both when there are fewer than 2k others. Brute-force reference for SortedRing.
+    """
+    others = {i for i in ids if i != self_id}
+    succ = sorted(others, key=lambda i: clockwise(self_id, i))[:k]
+    pred = sorted(others, key=lambda i: clockwise(i, self_id))[:k]
+    return succ, pred
+
+
+class SortedRing:
+    """IDs in ring order with O(log n) successor/predecessor queries."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        self._ids: list[int] = sorted(set(ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, node_id: object) -> bool:
+        if not isinstance(node_id, int):
+            return False
+        i = bisect.bisect_left(self._ids, node_id)
+        return i < len(self._ids) and self._ids[i] == node_id
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def add(self, node_id: int) -> None:
+        i = bisect.bisect_left(self._ids, node_id)
+        if i == len(self._ids) or self._ids[i] != node_id:
+            self._ids.insert(i, node_id)
+
+    def discard(self, node_id: int) -> None:
+        i = bisect.bisect_left(self._ids, node_id)
+        if i < len(self._ids) and self._ids[i] == node_id:
+            del self._ids[i]
+
+    def successors(self, point: int, k: int) -> list[int]:
+        """The k IDs after `point` clockwise (never point itself), nearest first."""
+        ids = self._ids
+        n = len(ids)
+        start = bisect.bisect_right(ids, point)
+        out = (ids[(start + j) % n] for j in range(min(n, k + 1)))
+        return [i for i in out if i != point][:k]
+
+    def predecessors(self, point: int, k: int) -> list[int]:
+        """The k IDs before `point` anticlockwise (never point itself), nearest first."""
+        ids = self._ids
+        n = len(ids)
+        start = bisect.bisect_left(ids, point) - 1
+        out = (ids[(start - j) % n] for j in range(min(n, k + 1)))
+        return [i for i in out if i != point][:k]
+
+    def closest(self, point: int) -> int:
+        """The ID nearest to `point` by ring distance, `point` itself if present (ties: the smaller ID)."""
+        if not self._ids:
+            raise LookupError("empty ring")
+        if point in self:
+            return point
+        cands = self.successors(point, 1) + self.predecessors(point, 1)
+        return min(cands, key=lambda i: (ring_distance(i, point), i))
+
+
+def estimate_size(self_id: int, successors: list[int], predecessors: list[int]) -> float:
+    """Estimate the group size from the span of the nearest neighbours (Symphony, section 3.1).
+
+    With s peers spread over an arc of length L on each side, nodes are ~L/s apart, so N ~= RING_SIZE*s/L.
+    """
+    span = 0
+    count = 0
+    if successors:
+        span += clockwise(self_id, successors[-1])
+        count += len(successors)
+    if predecessors:
+        span += clockwise(predecessors[-1], self_id)
+        count += len(predecessors)
+    if span == 0:
+        return 1.0
+    return max(1.0, RING_SIZE * count / span)
+
+
+def harmonic_target(self_id: int, u: float, n_estimate: float) -> int:
+    """The ring point for a long link, for a uniform draw u in [0, 1).
+
+    Symphony's harmonic pdf p(x) = 1/(x ln n) on [1/n, 1] has inverse CDF x = n^(u-1): short links are as likely
+    per octave as long ones, which gives O(log^2 n / k) greedy hops.
+    """
+    n = max(n_estimate, 2.0)
+    x = math.exp(math.log(n) * (u - 1.0))
+    return (self_id + int(x * (RING_SIZE - 1))) % RING_SIZE
+
+
+@dataclass
+class RingTable:
+    """The links of one node, their roles, and the candidate peers it has heard of."""
+
+    self_id: int
+    params: RingParams = field(default_factory=RingParams)
+    _links: dict[int, Role] = field(default_factory=dict)
+    _linked: SortedRing = field(default_factory=SortedRing)
+    _known: SortedRing = field(default_factory=SortedRing)
+    _neighbours_of: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    # -- links ---------------------------------------------------------------------------------------------
+    def add_link(self, peer: int, role: Role = Role.NONE) -> None:
+        if peer == self.self_id:
+            raise ValueError("a node does not link to itself")
+        self._links[peer] = self._links.get(peer, Role.NONE) | role
+        self._linked.add(peer)
+        self._known.add(peer)
+
+    def set_role(self, peer: int, role: Role, on: bool = True) -> None:
+        if peer in self._links:
+            self._links[peer] = (self._links[peer] | role) if on else (self._links[peer] & ~role)
+
+    def remove_link(self, peer: int) -> Role:
+        """Forget a link (closed or failed); returns the roles it played so the caller can repair them."""
+        role = self._links.pop(peer, Role.NONE)
+        self._linked.discard(peer)
+        self._neighbours_of.pop(peer, None)
+        return role
+
+    def forget(self, peer: int) -> None:
+        """Drop a peer from the candidates too (it left, or could not be reached)."""
+        self.remove_link(peer)
+        self._known.discard(peer)
+
+    def is_linked(self, peer: int) -> bool:
+        return peer in self._links
+
+    def role(self, peer: int) -> Role:
+        return self._links.get(peer, Role.NONE)
+
+    def neighbours(self) -> list[int]:
+        return list(self._links)
+
+    def incoming_long(self) -> int:
+        return sum(1 for r in self._links.values() if Role.LONG_IN in r)
+
+    def outgoing_long(self) -> list[int]:
+        return [p for p, r in self._links.items() if Role.LONG_OUT in r]
+
+    def accepts_incoming_long(self) -> bool:
+        return self.incoming_long() < self.params.incoming_cap
+
+    # -- what neighbours tell us -----------------------------------------------------------------------------
+    def learn(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            if i != self.self_id:
+                self._known.add(i)
+
+    def set_neighbours_of(self, peer: int, ids: Iterable[int]) -> None:
+        """A linked peer's own neighbour list: lookahead for forwarding and ring candidates for repair."""
+        if peer in self._links:
+            nbrs = tuple(i for i in ids if i != peer)
+            self._neighbours_of[peer] = nbrs
+            self.learn(nbrs)
+
+    def neighbours_of(self, peer: int) -> tuple[int, ...]:
+        return self._neighbours_of.get(peer, ())
+
+    # -- the ring ----------------------------------------------------------------------------------------------
+    def successors(self) -> list[int]:
+        return self._linked.successors(self.self_id, self.params.ring_size)
+
+    def predecessors(self) -> list[int]:
+        return self._linked.predecessors(self.self_id, self.params.ring_size)
+
+    def wanted_ring_peers(self) -> list[int]:
+        """The successors and predecessors this node should be linked to, among all peers it knows of."""
+        k = self.params.ring_size
+        want = self._known.successors(self.self_id, k) + self._known.predecessors(self.self_id, k)
+        return list(dict.fromkeys(want))
+
+    def ring_peers(self) -> set[int]:
+        return set(self.successors()) | set(self.predecessors())
+
+    def surplus_links(self) -> list[int]:
+        """Linked peers that play no role: not a wanted ring neighbour and not a long or on-demand link."""
+        keep = set(self.wanted_ring_peers()) | self.ring_peers()
+        return [p for p, r in self._links.items() if r == Role.NONE and p not in keep]
+
+    def size_estimate(self) -> float:
+        return estimate_size(
+            self.self_id,
+            self._known.successors(self.self_id, self.params.ring_size),
+            self._known.predecessors(self.self_id, self.params.ring_size),
+        )
