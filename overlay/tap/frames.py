@@ -1,0 +1,202 @@
+"""Codecs for the bytes a TAP device carries: Ethernet II frames, ARP for IPv4, IPv4 headers, ICMP errors.
+
+Every decoder here treats its input as hostile and raises exactly one error, `FrameError`, on bad bytes;
+anything else escaping a decoder is a bug (the property tests feed arbitrary bytes to check that). Misuse
+by our own code (a wrong-length MAC handed to an encoder) raises a plain `ValueError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+
+class FrameError(ValueError):
+    """The bytes are not a well-formed frame or packet of the expected kind."""
+
+
+# From IEEE 802 / the IANA EtherType registry.
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+ETH_HEADER_LEN = 14
+BROADCAST_MAC = b"\xff" * 6
+
+# RFC 826: hardware type 1 (Ethernet), operation codes.
+ARP_HTYPE_ETHERNET = 1
+ARP_REQUEST = 1
+ARP_REPLY = 2
+ARP_LEN = 28
+
+# RFC 791.
+IPV4_MIN_HEADER = 20
+IPPROTO_ICMP = 1
+
+# RFC 792: type 3 = destination unreachable; code 1 = host unreachable.
+ICMP_ECHO_REPLY = 0
+ICMP_UNREACHABLE = 3
+ICMP_ECHO_REQUEST = 8
+ICMP_HOST_UNREACHABLE = 1
+# RFC 1122 §3.2.2: ICMP types that are queries or informational; every other type is an error message,
+# and no ICMP error may be sent about an ICMP error.
+_ICMP_QUERY_TYPES = frozenset({0, 8, 13, 14, 15, 16, 17, 18})
+
+# Our choice: the TTL of ICMP errors we originate (Linux's default ip_default_ttl).
+ICMP_ERROR_TTL = 64
+
+_ETH = struct.Struct("!6s6sH")
+_ARP = struct.Struct("!HHBBH6sI6sI")
+_IPV4_ADDRS = struct.Struct("!II")
+
+Bytes = bytes | bytearray | memoryview
+
+
+def parse_ethernet(frame: Bytes) -> tuple[bytes, bytes, int, memoryview]:
+    """Split an Ethernet II frame into (dst_mac, src_mac, ethertype, payload).
+
+    The payload is a view into `frame` (no copy): a data-path frame is parsed once per packet. It may carry
+    trailing padding (802.3 pads frames to 60 bytes); length-aware decoders below ignore it.
+    """
+    if len(frame) < ETH_HEADER_LEN:
+        raise FrameError(f"Ethernet frame of {len(frame)} bytes is shorter than its 14-byte header")
+    dst, src, ethertype = _ETH.unpack_from(frame)
+    return dst, src, ethertype, memoryview(frame)[ETH_HEADER_LEN:]
+
+
+def ethernet_frame(dst: bytes, src: bytes, ethertype: int, payload: Bytes) -> bytes:
+    if len(dst) != 6 or len(src) != 6:
+        raise ValueError(f"MAC addresses must be 6 bytes, got {len(dst)} and {len(src)}")
+    return _ETH.pack(dst, src, ethertype) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class ArpPacket:
+    """An ARP packet for IPv4 over Ethernet (RFC 826); addresses are 6-byte MACs and integer IPv4."""
+
+    op: int
+    sender_mac: bytes
+    sender_ip: int
+    target_mac: bytes
+    target_ip: int
+
+
+def parse_arp(payload: Bytes) -> ArpPacket:
+    if len(payload) < ARP_LEN:
+        raise FrameError(f"ARP packet of {len(payload)} bytes is shorter than 28 bytes")
+    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(payload)
+    if htype != ARP_HTYPE_ETHERNET or ptype != ETH_P_IP or hlen != 6 or plen != 4:
+        raise FrameError(f"ARP hardware {htype}/{hlen}, protocol {ptype:#06x}/{plen} is not Ethernet/IPv4")
+    if op not in (ARP_REQUEST, ARP_REPLY):
+        raise FrameError(f"ARP operation {op} is neither request (1) nor reply (2)")
+    return ArpPacket(op, sha, spa, tha, tpa)
+
+
+def encode_arp(packet: ArpPacket) -> bytes:
+    return _ARP.pack(
+        ARP_HTYPE_ETHERNET,
+        ETH_P_IP,
+        6,
+        4,
+        packet.op,
+        packet.sender_mac,
+        packet.sender_ip,
+        packet.target_mac,
+        packet.target_ip,
+    )
+
+
+def arp_reply(request: ArpPacket, our_mac: bytes) -> bytes:
+    """The ARP payload answering `request`: "target_ip is at our_mac", addressed back to the asker."""
+    if request.op != ARP_REQUEST:
+        raise ValueError(f"only an ARP request can be answered, got operation {request.op}")
+    if len(our_mac) != 6:
+        raise ValueError(f"MAC address must be 6 bytes, got {len(our_mac)}")
+    return encode_arp(
+        ArpPacket(
+            op=ARP_REPLY,
+            sender_mac=our_mac,
+            sender_ip=request.target_ip,
+            target_mac=request.sender_mac,
+            target_ip=request.sender_ip,
+        )
+    )
+
+
+def ipv4_header(packet: Bytes) -> tuple[int, int, int, int]:
+    """Validate an IPv4 header and return (src, dst, header_len, total_len).
+
+    Checks version, IHL and that total length covers the header and fits in the bytes we have; bytes past
+    total length are padding. The header checksum is not checked: the kernel computed it on our side of the
+    TAP, and across the overlay the per-link AEAD already protects the packet.
+    """
+    if len(packet) < IPV4_MIN_HEADER:
+        raise FrameError(f"IPv4 packet of {len(packet)} bytes is shorter than the 20-byte header")
+    first = packet[0]
+    if first >> 4 != 4:
+        raise FrameError(f"IP version {first >> 4} is not 4")
+    header_len = (first & 0x0F) * 4
+    total_len = (packet[2] << 8) | packet[3]
+    if header_len < IPV4_MIN_HEADER:
+        raise FrameError(f"IPv4 header length {header_len} is below 20 bytes")
+    if not header_len <= total_len <= len(packet):
+        raise FrameError(
+            f"IPv4 total length {total_len} is outside {header_len} (header)..{len(packet)} (bytes present)"
+        )
+    src, dst = _IPV4_ADDRS.unpack_from(packet, 12)
+    return src, dst, header_len, total_len
+
+
+def ipv4_addresses(packet: Bytes) -> tuple[int, int]:
+    """(src, dst) of a validated IPv4 packet, as integers."""
+    src, dst, _, _ = ipv4_header(packet)
+    return src, dst
+
+
+def internet_checksum(data: Bytes) -> int:
+    """RFC 1071 checksum: the one's complement of the one's-complement sum of the 16-bit words."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _ipv4_packet(src: int, dst: int, protocol: int, ttl: int, payload: bytes) -> bytes:
+    total_len = IPV4_MIN_HEADER + len(payload)
+    header = struct.pack("!BBHHHBBHII", 0x45, 0, total_len, 0, 0, ttl, protocol, 0, src, dst)
+    checksum = internet_checksum(header)
+    return header[:10] + struct.pack("!H", checksum) + header[12:] + payload
+
+
+def icmp_error_allowed(original: Bytes) -> bool:
+    """Whether RFC 1122 §3.2.2 lets us answer `original` (a valid IPv4 packet) with an ICMP error.
+
+    Not about: ICMP errors, fragments other than the first, or packets to multicast/limited broadcast.
+    (Subnet broadcast depends on the prefix; `VirtualNic` never forwards those.)
+    """
+    _, dst, header_len, total_len = ipv4_header(original)
+    fragment_offset = ((original[6] << 8) | original[7]) & 0x1FFF
+    if fragment_offset or dst >> 28 == 0xE or dst == 0xFFFFFFFF:
+        return False
+    if original[9] == IPPROTO_ICMP:
+        if total_len < header_len + 1:
+            return False
+        return original[header_len] in _ICMP_QUERY_TYPES
+    return True
+
+
+def icmp_unreachable(original: Bytes, from_ip: int, code: int = ICMP_HOST_UNREACHABLE) -> bytes:
+    """An IPv4 ICMP destination-unreachable packet (RFC 792) from `from_ip` to the source of `original`.
+
+    Carries the original IP header plus its first 64 bits of data, as RFC 792 requires. Call
+    `icmp_error_allowed` first: this function builds the packet for any valid `original`.
+    """
+    if not 0 <= code <= 255:
+        raise ValueError(f"ICMP code {code} is outside 0..255")
+    src, _, header_len, total_len = ipv4_header(original)
+    quoted = bytes(original[: min(total_len, header_len + 8)])
+    body = struct.pack("!BBHI", ICMP_UNREACHABLE, code, 0, 0) + quoted
+    checksum = internet_checksum(body)
+    icmp = body[:2] + struct.pack("!H", checksum) + body[4:]
+    return _ipv4_packet(from_ip, src, IPPROTO_ICMP, ICMP_ERROR_TTL, icmp)

@@ -1,0 +1,187 @@
+"""TAP devices: the in-memory one under the asyncio reader, and a real Linux TAP inside a lab namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import sys
+from pathlib import Path
+
+import pytest
+
+from overlay.tap.device import MemoryTap, TapError
+from tests.support.netlab import NetLab
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- MemoryTap: the same driver code as the Linux device -------------------------------------------------
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_memory_tap_is_readable_exactly_while_frames_wait() -> None:
+    tap = MemoryTap()
+    assert not readable(tap.fileno())
+    for i in range(100):
+        tap.inject(bytes([i]) * 60)
+    assert readable(tap.fileno())
+    first = tap.read_batch(64)
+    assert len(first) == 64 and first[0] == b"\x00" * 60
+    assert readable(tap.fileno()), "frames left over must keep the fd readable"
+    assert len(tap.read_batch(64)) == 36
+    assert not readable(tap.fileno())
+    assert tap.read_batch() == []
+    tap.close()
+
+
+def test_memory_tap_drains_through_loop_add_reader_in_batches() -> None:
+    async def run() -> list[int]:
+        tap = MemoryTap()
+        loop = asyncio.get_running_loop()
+        batches: list[int] = []
+        done = asyncio.Event()
+
+        def on_readable() -> None:
+            batches.append(len(tap.read_batch(64)))
+            if sum(batches) == 150:
+                done.set()
+
+        loop.add_reader(tap.fileno(), on_readable)
+        for _ in range(150):
+            tap.inject(b"f" * 60)
+        await asyncio.wait_for(done.wait(), 2)
+        loop.remove_reader(tap.fileno())
+        tap.close()
+        return batches
+
+    assert asyncio.run(run()) == [64, 64, 22]
+
+
+def test_memory_tap_counts_drops_when_full_and_refuses_use_after_close() -> None:
+    tap = MemoryTap(queue_limit=2)
+    for _ in range(3):
+        tap.write(b"x" * 60)
+    assert tap.written == [b"x" * 60] * 2
+    assert tap.counters == {"write-queue-full": 1}
+    tap.close()
+    tap.close()
+    with pytest.raises(TapError):
+        tap.write(b"x")
+
+
+# -- LinuxTap inside a namespace -------------------------------------------------------------------------
+
+# Runs inside the lab namespace (the TAP is created where the process runs). Prints one JSON object.
+NAMESPACE_SCRIPT = r"""
+import asyncio, ipaddress, json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from overlay.tap.device import LinuxTap, TapError
+from overlay.tap.frames import internet_checksum
+from overlay.tap.vnic import Outbound, Reply, VirtualNic
+
+def ip(text):
+    return int(ipaddress.IPv4Address(text))
+
+def sh(*argv):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+def echo_reply(request):
+    header_len = (request[0] & 0x0F) * 4
+    # Swapping source and destination leaves the IPv4 header checksum unchanged.
+    header = request[:12] + request[16:20] + request[12:16] + request[20:header_len]
+    icmp = bytearray(request[header_len:])
+    icmp[0], icmp[2:4] = 0, b"\x00\x00"
+    icmp[2:4] = internet_checksum(bytes(icmp)).to_bytes(2, "big")
+    return header + bytes(icmp)
+
+async def main():
+    out = {"replies": 0, "echo_requests": 0, "batches": []}
+    tap = await LinuxTap.create("ipt0", "198.19.0.1/24", 1400)
+    out["mac"] = tap.mac.hex()
+    out["addr"] = json.loads(sh("ip", "-j", "addr", "show", "dev", "ipt0").stdout)
+    # Taken name; bad prefix; a non-TAP device's name; an MTU the kernel refuses after the device exists
+    # (TAP max_mtu is 65535 minus the Ethernet header), which must not leave ipt2 behind.
+    attempts = [
+        ("ipt0", "198.19.9.1/24", 1400),
+        ("ipt1", "198.19.9.1/33", 1400),
+        ("lo", "198.19.9.1/24", 1400),
+        ("ipt2", "198.19.9.1/24", 65535),
+    ]
+    for name, address, mtu in attempts:
+        try:
+            await LinuxTap.create(name, address, mtu)
+        except TapError as e:
+            out.setdefault("errors", []).append(str(e))
+    out["leftovers"] = [n for n in ("ipt1", "ipt2") if sh("ip", "link", "show", n).returncode == 0]
+    nic = VirtualNic(ip("198.19.0.1"), 24, tap.mac)
+
+    def on_readable():
+        frames = tap.read_batch()
+        out["batches"].append(len(frames))
+        for frame in frames:
+            result = nic.from_tap(frame)
+            if isinstance(result, Reply):
+                out["replies"] += 1
+                tap.write(result.frame)
+            elif isinstance(result, Outbound) and result.packet[9] == 1 and result.packet[20] == 8:
+                out["echo_requests"] += 1
+                out["echo_dst"] = result.dst_ip
+                tap.write(nic.to_tap(echo_reply(bytes(result.packet))))
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(tap.fileno(), on_readable)
+    ping = await asyncio.create_subprocess_exec(
+        "ping", "-c", "2", "-i", "0.2", "-W", "3", "198.19.0.2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    ping_out, _ = await asyncio.wait_for(ping.communicate(), 15)
+    loop.remove_reader(tap.fileno())
+    out["ping_rc"], out["ping_out"] = ping.returncode, ping_out.decode()
+    out["neigh"] = json.loads(sh("ip", "-j", "neigh", "show", "dev", "ipt0").stdout)
+    out["learnt_mac"] = nic.tap_mac.hex()
+    tap.close()
+    tap.close()
+    out["exists_after_close"] = sh("ip", "link", "show", "ipt0").returncode == 0
+    out["read_after_close"] = tap.read_batch()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="TAP devices and namespaces need root")
+def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close() -> None:
+    with NetLab() as lab:
+        lab.add_hub()
+        host = lab.add_host("tap")
+        result = lab.run(host, sys.executable, "-c", NAMESPACE_SCRIPT, str(ROOT), timeout=60)
+        out = json.loads(result.stdout)
+        (link,) = out["addr"]
+        assert link["ifname"] == "ipt0" and link["mtu"] == 1400
+        assert "UP" in link["flags"]
+        assert {"local": "198.19.0.1", "prefixlen": 24} in [
+            {"local": a["local"], "prefixlen": a["prefixlen"]}
+            for a in link["addr_info"]
+            if a["family"] == "inet"
+        ]
+        assert link["address"].replace(":", "") == out["mac"]
+        assert len(out["errors"]) == 4, out
+        assert "already in use" in out["errors"][0]
+        assert "198.19.9.1/33" in out["errors"][1]
+        assert "not a TAP" in out["errors"][2]
+        assert "MTU 65535" in out["errors"][3]
+        assert out["leftovers"] == []
+        # The kernel asked for 198.19.0.2, we answered with the gateway MAC, the echo came through.
+        assert out["replies"] >= 1
+        assert [n["lladdr"] for n in out["neigh"] if n["dst"] == "198.19.0.2"] == ["02:49:50:4f:50:01"]
+        assert out["learnt_mac"] == out["mac"]
+        assert out["echo_requests"] == 2
+        assert out["echo_dst"] == 0xC6130002
+        assert out["ping_rc"] == 0, out["ping_out"]
+        assert not out["exists_after_close"]
+        assert out["read_after_close"] == []
