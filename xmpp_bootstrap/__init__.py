@@ -1,0 +1,17 @@
+"""XMPP bootstrap: login, room membership and the first hello exchange; an in-memory twin for tests."""
+
+from xmpp_bootstrap.client import Bootstrap, BootstrapError, XmppBootstrap, XmppSettings
+from xmpp_bootstrap.memory import MemoryBootstrap, MemoryRoom
+from xmpp_bootstrap.protocol import MAX_HELLO, decode_hello, encode_hello
+
+__all__ = [
+    "MAX_HELLO",
+    "Bootstrap",
+    "BootstrapError",
+    "MemoryBootstrap",
+    "MemoryRoom",
+    "XmppBootstrap",
+    "XmppSettings",
+    "decode_hello",
+    "encode_hello",
+]

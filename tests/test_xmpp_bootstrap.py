@@ -1,0 +1,271 @@
+"""XmppBootstrap against a real Prosody on 127.0.0.1: login, membership refusal, errors, hellos, join cost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.prosody import ProsodyServer
+from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings, encode_hello
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="runs Prosody as root (run_as_root); run the suite as root"),
+    pytest.mark.skipif(
+        shutil.which("prosody") is None or shutil.which("prosodyctl") is None,
+        reason="prosody is not installed (apt-get install prosody, with services blocked)",
+    ),
+]
+
+PASSWORD = "member-password"
+
+
+class Group:
+    """The server plus a few member accounts and one non-member; each test makes its own rooms."""
+
+    def __init__(self, server: ProsodyServer) -> None:
+        self.server = server
+        self.members = [server.register(f"member{i}", PASSWORD) for i in range(3)]
+        self.outsider = server.register("outsider", PASSWORD)
+        self._rooms = 0
+
+    async def room(self) -> str:
+        self._rooms += 1
+        return await self.server.create_room(f"group{self._rooms}", self.members)
+
+    def settings(self, room: str, nick: str, **overrides: Any) -> XmppSettings:
+        values: dict[str, Any] = {
+            "jid": self.members[0],
+            "password": PASSWORD,
+            "room": room,
+            "nick": nick,
+            "host": self.server.host,
+            "port": self.server.port,
+            "ca_file": str(self.server.ca_file),
+            "timeout": 5.0,
+        }
+        values.update(overrides)
+        return XmppSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    server = ProsodyServer(tmp_path_factory.mktemp("prosody"))
+    server.start()
+    try:
+        yield Group(server)
+    finally:
+        server.stop()
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+async def expect_failure(settings: XmppSettings) -> tuple[str, float, XmppBootstrap]:
+    node = XmppBootstrap(settings)
+    started = time.monotonic()
+    with pytest.raises(BootstrapError) as info:
+        await node.start()
+    return str(info.value), time.monotonic() - started, node
+
+
+def test_member_logs_in_and_joins_room(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        node = XmppBootstrap(group.settings(room, "aa01"))
+        await node.start()
+        try:
+            assert node.occupants == {"aa01": False}
+            assert not node.is_anchor
+            assert node.stats["stanzas_in"] > 0 and node.stats["stanzas_out"] > 0
+        finally:
+            await node.stop()
+        await node.stop()  # idempotent
+
+    run(body)
+
+
+def test_wrong_password_is_reported_as_password(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        message, _, node = await expect_failure(group.settings(room, "aa02", password="not-it"))
+        assert "password" in message and group.members[0] in message
+        assert node._client is None
+
+    run(body)
+
+
+def test_non_member_is_refused_at_once(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        message, elapsed, node = await expect_failure(group.settings(room, "aa03", jid=group.outsider))
+        assert "not a member" in message and group.outsider in message and room in message
+        assert elapsed < 3.0
+        assert node._client is None
+
+    run(body)
+
+
+def test_missing_room_is_named(group: Group) -> None:
+    async def body() -> None:
+        room = f"no-such-group@{group.server.muc_domain}"
+        message, _, _ = await expect_failure(group.settings(room, "aa04"))
+        assert room in message and "does not exist" in message
+
+    run(body)
+
+
+def test_unreachable_port_names_host_and_port(group: Group) -> None:
+    async def body() -> None:
+        with socket.socket() as sock:  # a port that was free a moment ago and has no listener now
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        message, elapsed, node = await expect_failure(group.settings("g@conference.x", "aa05", port=port))
+        assert f"127.0.0.1:{port}" in message
+        assert elapsed < 5.0
+        assert node._client is None
+
+    run(body)
+
+
+def test_wrong_ca_is_reported_as_certificate(group: Group, tmp_path: Path) -> None:
+    other_ca = tmp_path / "other-ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other CA",
+         "-keyout", str(tmp_path / "other-ca.key"), "-out", str(other_ca)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+    async def body() -> None:
+        message, _, node = await expect_failure(
+            group.settings("g@conference.x", "aa06", ca_file=str(other_ca))
+        )
+        assert "certificate" in message and str(other_ca) in message
+        assert node._client is None
+
+    run(body)
+
+
+def test_joiner_gets_the_anchors_answer(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        first = XmppBootstrap(group.settings(room, "bb01"))
+        second = XmppBootstrap(group.settings(room, "bb02", jid=group.members[1]))
+        seen: list[bytes] = []
+
+        def answer(hello: bytes) -> bytes:
+            seen.append(hello)
+            return b"hello from bb01"
+
+        first.on_hello = answer
+        try:
+            await first.start()
+            assert await first.exchange(b"hello from bb01", timeout=1.0) == []  # nobody there: we are first
+            await first.settle()
+            assert first.is_anchor
+            await second.start()
+            assert second.occupants["bb01"] is True
+            assert await second.exchange(b"hello from bb02", timeout=5.0) == [b"hello from bb01"]
+            assert seen == [b"hello from bb02"]
+            # An answer nobody waits for (exchange() already gave up) is dropped, never answered again.
+            second._send_hello("bb01", encode_hello(b"late answer"), answer=True)
+            await asyncio.sleep(0.3)
+            assert seen == [b"hello from bb02"] and first.stats["answers_late"] == 1
+        finally:
+            await second.stop()
+            await first.stop()
+
+    run(body)
+
+
+def test_settled_non_anchor_leaves_the_room(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        nodes = [XmppBootstrap(group.settings(room, f"cc0{i}"), anchors=2) for i in range(3)]
+        try:
+            for node in nodes:
+                await node.start()
+                await node.settle()
+            anchors, last = nodes[:2], nodes[2]
+            assert all(a.is_anchor for a in anchors)
+            assert not last.is_anchor and last._client is None  # logged out of XMPP entirely
+            await asyncio.sleep(0.3)  # the anchors see its unavailable presence
+            assert all("cc02" not in a.occupants for a in anchors)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body)
+
+
+async def join_cost(group: Group, settled: int, *, settle: bool = True) -> tuple[int, int]:
+    """Stanzas one joiner receives for start() and for start()+exchange(), with `settled` nodes before it.
+
+    With settle=False the earlier nodes stay in the room, which is what a plain MUC group costs.
+    """
+    room = await group.room()
+    nodes = []
+    try:
+        for i in range(settled):
+            node = XmppBootstrap(group.settings(room, f"dd{i:02d}", jid=group.members[i % 3]))
+            node.on_hello = lambda _hello: b"anchor hello"
+            await node.start()
+            if settle:
+                await node.settle()
+            nodes.append(node)
+        joiner = XmppBootstrap(group.settings(room, "ffff"))
+        await joiner.start()
+        after_start = joiner.stats["stanzas_in"]
+        answers = await joiner.exchange(b"joiner hello", timeout=5.0)
+        assert len(answers) == min(settled, 3) if settle else answers == []
+        after_exchange = joiner.stats["stanzas_in"]
+        await joiner.stop()
+        return after_start, after_exchange
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+def test_join_cost_does_not_grow_with_the_group(group: Group) -> None:
+    costs: dict[str, tuple[int, int]] = {}
+
+    async def body() -> None:
+        costs["2 settled"] = await join_cost(group, 2)
+        costs["10 settled"] = await join_cost(group, 10)
+        costs["20 settled"] = await join_cost(group, 20)
+        costs["10 in plain room"] = await join_cost(group, 10, settle=False)
+
+    run(body)
+    print("stanzas received by one joiner (start, start+exchange):", costs)
+    # 2 -> 10 settled adds only the third anchor: one presence and one answer.
+    assert costs["10 settled"][1] - costs["2 settled"][1] == 2
+    assert costs["20 settled"] == costs["10 settled"]
+    # A plain room hands the joiner one presence per occupant.
+    assert costs["10 in plain room"][0] - costs["2 settled"][0] >= 8
+
+
+def test_extra_anchors_stand_down(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        nodes = [XmppBootstrap(group.settings(room, f"ee0{i}"), anchors=2) for i in range(4)]
+        try:
+            for node in reversed(nodes):  # recruited at once: the largest nicks give the role back
+                await node.become_anchor()
+            await asyncio.sleep(0.5)
+            assert [n.is_anchor for n in nodes] == [True, True, False, False]
+            assert nodes[0].occupants == {"ee00": True, "ee01": True}
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body)

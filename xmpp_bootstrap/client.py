@@ -1,0 +1,472 @@
+"""XMPP bootstrap over a members-only MUC room: login, membership check, and the first hello exchange.
+
+The server refusing a non-member's join is the membership check. Only a few anchor nodes stay in the room; a
+joiner sees the anchors' presences (marked with <anchor xmlns='urn:ipop-overlay:bootstrap:0'/>), sends its
+hello to each anchor as a MUC private message, collects their hellos, and leaves once the overlay has a link.
+So a join costs the same number of stanzas whatever the group size (docs/xmpp-bootstrap.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from slixmpp import JID, ClientXMPP
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from xmpp_bootstrap.protocol import (
+    ANCHOR_TAG,
+    ANSWER_ATTR,
+    ANSWER_VALUE,
+    DEFAULT_ANCHORS,
+    HELLO_TAG,
+    decode_hello,
+    encode_hello,
+    should_become_anchor,
+    should_stand_down,
+)
+
+log = logging.getLogger(__name__)
+
+MUC_NS = "http://jabber.org/protocol/muc"
+MUC_USER_NS = "http://jabber.org/protocol/muc#user"
+DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
+STANZA_ERROR_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+# XEP-0045 section 7.2.2: status 110 marks the presence that refers to the receiving occupant itself.
+SELF_PRESENCE_STATUS = "110"
+# How long stop() waits for the server to close the stream before dropping the TCP connection.
+DISCONNECT_WAIT = 1.0
+
+
+class BootstrapError(Exception):
+    """One line a person can act on (what failed, the value, what to do)."""
+
+
+@dataclass(frozen=True)
+class XmppSettings:
+    """Where and as whom a node logs in, and which room is its group."""
+
+    jid: str
+    """Bare or full JID of the member account; a bare JID gets a server-chosen resource."""
+    password: str
+    """The account's password."""
+    room: str
+    """The group: a members-only room, room@conference.domain."""
+    nick: str
+    """Our occupant nick in the room: the node ID in hex, unique in the group."""
+    host: str | None = None
+    """Server to connect to; default: the JID's domain."""
+    port: int = 5222
+    """Client port; STARTTLS is used on it (direct TLS is not tried)."""
+    ca_file: str | None = None
+    """PEM file of a CA to trust (self-signed servers); else system trust. TLS is always verified."""
+    timeout: float = 10.0
+    """Bound on each step of start(): connect+login, room lookup, join."""
+
+
+class Bootstrap(Protocol):
+    """What the node layer uses; XmppBootstrap and MemoryBootstrap both follow it."""
+
+    on_hello: Callable[[bytes], bytes | None] | None
+    is_anchor: bool
+    stats: dict[str, int]
+
+    async def start(self) -> None: ...
+    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]: ...
+    async def settle(self) -> None: ...
+    async def become_anchor(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def new_stats() -> dict[str, int]:
+    """Counters both implementations keep; tests and `ipop-overlay status` read them."""
+    keys = (
+        "stanzas_in",
+        "stanzas_out",
+        "presences_in",
+        "hellos_in",
+        "hellos_out",
+        "hellos_dropped",
+        "answers_in",
+        "answers_late",
+        "sessions_lost",
+    )
+    return dict.fromkeys(keys, 0)
+
+
+def _stanza_error(stanza: Any) -> str:
+    """The defined-condition name of a stanza error (RFC 6120 section 8.3.3), or '' if none."""
+    error = stanza.xml.find("{jabber:client}error")
+    if error is None:
+        return ""
+    for child in error:
+        if child.tag.startswith(f"{{{STANZA_ERROR_NS}}}") and not child.tag.endswith("}text"):
+            return str(child.tag.split("}", 1)[1])
+    return ""
+
+
+# Why Prosody (0.12) refuses a join, as XEP-0045 section 7.2 defines the conditions, with what to do.
+JOIN_REFUSALS = {
+    "registration-required": "{jid} is not a member of room {room}: ask the room owner to add it as a member",
+    "forbidden": "{jid} is banned from room {room}: ask the room owner",
+    "conflict": "nick {nick} is already in use in room {room}: is this node running twice?",
+    "not-authorized": "room {room} needs a room password, which groups do not use: check the room config",
+    "service-unavailable": "room {room} is full: raise its occupant limit",
+    "not-allowed": "room {room} does not exist and {jid} may not create it: check the room name",
+    "item-not-found": "room {room} does not exist: check the room name",
+}
+
+
+class XmppBootstrap:
+    """Bootstrap through a real XMPP server with slixmpp, run on the caller's asyncio loop."""
+
+    def __init__(self, settings: XmppSettings, *, anchors: int = DEFAULT_ANCHORS) -> None:
+        self.settings = settings
+        self.anchors = anchors
+        self.on_hello: Callable[[bytes], bytes | None] | None = None
+        self.is_anchor = False
+        self.stats = new_stats()
+        self.occupants: dict[str, bool] = {}
+        """Nick -> is anchor, for the occupants we have seen in the room (ourselves included)."""
+        self._room = JID(settings.room)
+        self._client: ClientXMPP | None = None
+        self._in_room = False
+        self._joined: asyncio.Future[None] | None = None
+        self._pending: dict[str, asyncio.Future[bytes | None]] = {}
+        self._standing_down: asyncio.Task[None] | None = None
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        await self._start(anchor=False)
+
+    async def _start(self, *, anchor: bool) -> None:
+        try:
+            await self._connect()
+            await self._check_room()
+            await self._join(anchor=anchor)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def settle(self) -> None:
+        if not self._in_room:
+            return
+        others = sum(1 for nick, anchor in self.occupants.items() if anchor and nick != self.settings.nick)
+        if should_become_anchor(self.is_anchor, others, self.anchors):
+            self._take_anchor_role()
+        else:
+            await self.stop()
+
+    async def become_anchor(self) -> None:
+        if self._client is None or not self._in_room:
+            await self.stop()
+            await self._start(anchor=True)
+        else:
+            self._take_anchor_role()
+
+    def _take_anchor_role(self) -> None:
+        if not self.is_anchor:
+            self._send_presence(anchor=True)
+            self.is_anchor = True
+            self.occupants[self.settings.nick] = True
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if self._in_room and client is not None:
+            with contextlib.suppress(Exception):
+                client.make_presence(pto=self._occupant_jid(), ptype="unavailable").send()
+        self._in_room = False
+        self.is_anchor = False
+        self.occupants.clear()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(None)
+        self._pending.clear()
+        if client is None:
+            return
+        client.cancel_connection_attempt()
+        if client.transport is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(wait=DISCONNECT_WAIT), DISCONNECT_WAIT + 1)
+        client.abort()
+        # slixmpp leaves its send-queue task running after abort(); end it so no task outlives the session.
+        sender = getattr(client, "_run_out_filters", None)
+        if sender is not None and not sender.done():
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+    # -- hello exchange --
+
+    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]:
+        if self._client is None or not self._in_room:
+            raise BootstrapError(f"not in room {self._room}: call start() before exchange()")
+        text = encode_hello(hello)
+        targets = [nick for nick, anchor in self.occupants.items() if anchor and nick != self.settings.nick]
+        loop = asyncio.get_running_loop()
+        for nick in targets:
+            self._pending[nick] = loop.create_future()
+            self._send_hello(nick, text)
+        futures = [self._pending[nick] for nick in targets]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout)
+        for nick in targets:
+            self._pending.pop(nick, None)
+        return [answer for f in futures if f.done() and (answer := f.result()) is not None]
+
+    def _send_hello(self, nick: str, text: str, *, answer: bool = False) -> None:
+        assert self._client is not None
+        msg = self._client.make_message(mto=JID(f"{self._room.bare}/{nick}"), mtype="chat")
+        element = ET.Element(HELLO_TAG, {ANSWER_ATTR: ANSWER_VALUE} if answer else {})
+        element.text = text
+        msg.append(element)
+        msg.send()
+        self.stats["hellos_out"] += 1
+
+    def _on_hello_message(self, msg: Any) -> None:
+        sender = msg["from"]
+        if sender.bare != self._room.bare or not sender.resource:
+            self.stats["hellos_dropped"] += 1
+            return
+        nick = sender.resource
+        element = msg.xml.find(HELLO_TAG)
+        payload = decode_hello(element.text if element is not None else None)
+        if payload is None:
+            self.stats["hellos_dropped"] += 1
+            return
+        self.stats["hellos_in"] += 1
+        if element is not None and element.get(ANSWER_ATTR) == ANSWER_VALUE:
+            pending = self._pending.get(nick)
+            if pending is not None and not pending.done():
+                self.stats["answers_in"] += 1
+                pending.set_result(payload)
+            else:
+                self.stats["answers_late"] += 1
+            return
+        if self.on_hello is None:
+            return
+        try:
+            answer = self.on_hello(payload)
+        except Exception:
+            # The node layer verifies hellos; a failure there must not take the XMPP session down.
+            log.exception("on_hello failed for a hello from %s", nick)
+            return
+        if answer is not None and self._client is not None:
+            self._send_hello(nick, encode_hello(answer), answer=True)
+
+    def _on_message_error(self, msg: Any) -> None:
+        # The anchor left between our seeing its presence and our hello arriving: no answer will come.
+        pending = self._pending.get(msg["from"].resource)
+        if pending is not None and not pending.done():
+            pending.set_result(None)
+
+    # -- connection --
+
+    def _make_client(self) -> ClientXMPP:
+        client = ClientXMPP(self.settings.jid, self.settings.password)
+        client.enable_direct_tls = False  # port 5222 speaks STARTTLS; direct TLS first would only cost a try
+        client.enable_plaintext = False
+        client.auto_authorize = False  # a bootstrap account accepts no subscriptions
+        client.auto_subscribe = False
+        client.whitespace_keepalive = True
+        if self.settings.ca_file is not None:
+            client.ca_certs = Path(self.settings.ca_file)
+        client.add_filter("in", self._count_in)
+        client.add_filter("out", self._count_out)
+        client.register_handler(
+            Callback(
+                "bootstrap hello", MatchXPath(f"{{jabber:client}}message/{HELLO_TAG}"), self._on_hello_message
+            )
+        )
+        client.register_handler(
+            Callback("bootstrap presence", MatchXPath("{jabber:client}presence"), self._on_presence)
+        )
+        client.add_event_handler("message_error", self._on_message_error)
+        client.add_event_handler("disconnected", lambda _reason: self._on_disconnected(client))
+        return client
+
+    def _count_in(self, stanza: Any) -> Any:
+        self.stats["stanzas_in"] += 1
+        return stanza
+
+    def _count_out(self, stanza: Any) -> Any:
+        self.stats["stanzas_out"] += 1
+        return stanza
+
+    async def _connect(self) -> None:
+        s = self.settings
+        jid = JID(s.jid)
+        if not jid.user or not jid.domain:
+            raise BootstrapError(f"JID {s.jid!r} is not user@domain: fix `jid` in the config")
+        if not self._room.user or not self._room.domain:
+            raise BootstrapError(f"room {s.room!r} is not room@conference.domain: fix `room` in the config")
+        host = s.host or jid.domain
+        client = self._client = self._make_client()
+        outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+        def finish(result: str | None) -> None:
+            if not outcome.done():
+                outcome.set_result(result)
+
+        where = f"{host}:{s.port}"
+        client.add_event_handler("session_start", lambda _e: finish(None))
+        client.add_event_handler(
+            "failed_all_auth",
+            lambda _e: finish(f"login as {jid.bare} was refused: check the password (or the account name)"),
+        )
+        client.add_event_handler(
+            "connection_failed",
+            lambda e: finish(
+                f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs"
+            ),
+        )
+
+        def tls_failed(error: object) -> None:
+            hint = f"is {s.ca_file} the server's CA?" if s.ca_file else "set ca_file for a self-signed server"
+            finish(f"TLS certificate of {where} for {jid.domain} did not verify ({error}): {hint}")
+
+        def disconnected(reason: object) -> None:
+            if isinstance(reason, ssl.SSLError):
+                tls_failed(reason)
+                return
+            # A failed TLS handshake closes the transport before slixmpp reports ssl_invalid_chain: give that
+            # report a moment to arrive so the person is told about the certificate, not a closed connection.
+            loop.call_later(0.2, finish, f"server {where} closed the connection during login ({reason})")
+
+        loop = asyncio.get_running_loop()
+        client.add_event_handler("ssl_invalid_chain", tls_failed)
+        client.add_event_handler(
+            "stream_error",
+            lambda e: finish(f"server {where} closed the stream: {e['condition']} ({e['text']})"),
+        )
+        client.add_event_handler("disconnected", disconnected)
+        client.connect(host, s.port)
+        try:
+            error = await asyncio.wait_for(outcome, s.timeout)
+        except TimeoutError:
+            error = f"no XMPP session with {where} within {s.timeout:g} s: check host, port and firewall"
+        if error is not None:
+            raise BootstrapError(error)
+
+    async def _check_room(self) -> None:
+        """Disco#info the room first: joining a missing room would ask the server to create it."""
+        assert self._client is not None
+        iq = self._client.make_iq_get(queryxmlns=DISCO_INFO_NS, ito=self._room.bare)
+        try:
+            await iq.send(timeout=self.settings.timeout)  # type: ignore[no-untyped-call]
+        except IqError as exc:
+            condition = exc.condition
+            if condition == "item-not-found":
+                raise BootstrapError(JOIN_REFUSALS[condition].format(room=self._room.bare)) from None
+            raise BootstrapError(
+                f"room {self._room.bare} cannot be looked up ({condition}): check the conference domain"
+            ) from None
+        except IqTimeout:
+            raise BootstrapError(
+                f"room {self._room.bare} did not answer within {self.settings.timeout:g} s"
+            ) from None
+
+    async def _join(self, *, anchor: bool) -> None:
+        self._joined = asyncio.get_running_loop().create_future()
+        self._send_presence(anchor=anchor, join=True)
+        try:
+            await asyncio.wait_for(self._joined, self.settings.timeout)
+        except TimeoutError:
+            raise BootstrapError(
+                f"joining room {self._room.bare} got no answer within {self.settings.timeout:g} s"
+            ) from None
+        finally:
+            self._joined = None
+        self._in_room = True
+        self.is_anchor = anchor
+        self._check_stand_down()  # the presences that came before our own may already show enough anchors
+
+    def _occupant_jid(self) -> JID:
+        return JID(f"{self._room.bare}/{self.settings.nick}")
+
+    def _send_presence(self, *, anchor: bool, join: bool = False) -> None:
+        assert self._client is not None
+        pres = self._client.make_presence(pto=self._occupant_jid())
+        if join:
+            muc = ET.Element(f"{{{MUC_NS}}}x")
+            # No room history: the group never talks in the room, and history would cost stanzas per join.
+            ET.SubElement(muc, f"{{{MUC_NS}}}history", {"maxstanzas": "0"})
+            pres.append(muc)
+        if anchor:
+            pres.append(ET.Element(ANCHOR_TAG))
+        pres.send()
+
+    def _on_presence(self, pres: Any) -> None:
+        sender = pres["from"]
+        if sender.bare != self._room.bare:
+            return
+        self.stats["presences_in"] += 1
+        ptype = pres["type"]
+        if ptype == "error":
+            self._on_join_refused(pres)
+            return
+        nick = sender.resource
+        if not nick:
+            return
+        if ptype == "unavailable":
+            self.occupants.pop(nick, None)
+            if nick == self.settings.nick:
+                # Kicked, or the room was destroyed: we are out of the room but may still be logged in.
+                self._in_room = False
+                self.is_anchor = False
+            return
+        self.occupants[nick] = pres.xml.find(ANCHOR_TAG) is not None
+        is_self = any(
+            s.get("code") == SELF_PRESENCE_STATUS
+            for s in pres.xml.iterfind(f"{{{MUC_USER_NS}}}x/{{{MUC_USER_NS}}}status")
+        )
+        if is_self and self._joined is not None and not self._joined.done():
+            self._joined.set_result(None)
+        self._check_stand_down()
+
+    def _on_join_refused(self, pres: Any) -> None:
+        # Prosody's refusal lacks the MUC <x/> child, so slixmpp's MUC plugin would not see it; we match the
+        # room JID instead and fail the join at once rather than after a timeout.
+        if self._joined is None or self._joined.done():
+            return
+        condition = _stanza_error(pres)
+        template = JOIN_REFUSALS.get(condition, "joining room {room} was refused ({condition})")
+        message = template.format(
+            jid=JID(self.settings.jid).bare,
+            room=self._room.bare,
+            nick=self.settings.nick,
+            condition=condition,
+        )
+        self._joined.set_exception(BootstrapError(message))
+
+    def _check_stand_down(self) -> None:
+        if not (self.is_anchor and self._in_room) or self._standing_down is not None:
+            return
+        anchor_nicks = [nick for nick, anchor in self.occupants.items() if anchor]
+        if should_stand_down(self.settings.nick, anchor_nicks, self.anchors):
+            self._standing_down = asyncio.ensure_future(self._stand_down())
+
+    async def _stand_down(self) -> None:
+        try:
+            await self.stop()
+        finally:
+            self._standing_down = None
+
+    def _on_disconnected(self, client: ClientXMPP) -> None:
+        if client is not self._client:
+            return  # an old session we closed ourselves
+        if self._in_room:
+            self.stats["sessions_lost"] += 1
+            log.warning("XMPP session to %s dropped; the node may call become_anchor() to return", self._room)
+        self._in_room = False
+        self.is_anchor = False

@@ -1,0 +1,221 @@
+"""In-memory twin of the XMPP bootstrap: a shared room object plays the server, for big groups in one process.
+
+It follows the same rules as XmppBootstrap (the same codec and anchor decisions from protocol.py, the same
+error messages) and counts the stanzas a MUC service would send: a joiner gets one presence per occupant plus
+its own, every occupant gets the joiner's presence, a private message is one stanza each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from xmpp_bootstrap.client import JOIN_REFUSALS, BootstrapError, new_stats
+from xmpp_bootstrap.protocol import (
+    DEFAULT_ANCHORS,
+    decode_hello,
+    encode_hello,
+    should_become_anchor,
+    should_stand_down,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0].lower()
+
+
+class MemoryRoom:
+    """A members-only room: its member list (bare JIDs) and the occupants currently in it, by nick."""
+
+    def __init__(self, name: str, members: Iterable[str]) -> None:
+        self.name = name
+        self.members = {_bare(m) for m in members}
+        self.occupants: dict[str, MemoryBootstrap] = {}
+        self.exists = True
+
+    def destroy(self) -> None:
+        """Remove the room: occupants are thrown out, later joins fail with "room does not exist"."""
+        self.exists = False
+        for occupant in list(self.occupants.values()):
+            occupant._on_removed()
+        self.occupants.clear()
+
+    def anchors(self) -> list[str]:
+        return sorted(nick for nick, occ in self.occupants.items() if occ.is_anchor)
+
+    def broadcast_presence(self, nick: str) -> None:
+        """Every occupant but `nick` receives `nick`'s presence (available, anchor change or unavailable)."""
+        for other, occupant in list(self.occupants.items()):
+            if other != nick:
+                occupant._count_presence()
+        for occupant in list(self.occupants.values()):
+            occupant._check_stand_down()
+
+    def deliver(self, sender: str, recipient: str, text: str | None, *, answer: bool = False) -> bool:
+        """A private message with <hello/> text (type='answer' if `answer`) from `sender` to occupant
+        `recipient`; False if there is no such occupant."""
+        target = self.occupants.get(recipient)
+        if target is None:
+            return False
+        if sender in self.occupants:
+            self.occupants[sender].stats["stanzas_out"] += 1
+        target._on_hello_text(sender, text, answer)
+        return True
+
+
+class MemoryBootstrap:
+    """Bootstrap through a MemoryRoom; same behaviour and errors as XmppBootstrap, no server."""
+
+    def __init__(
+        self,
+        room: MemoryRoom,
+        jid: str,
+        nick: str,
+        *,
+        anchors: int = DEFAULT_ANCHORS,
+        password_ok: bool = True,
+    ) -> None:
+        self.room = room
+        self.jid = jid
+        self.nick = nick
+        self.anchors = anchors
+        self.password_ok = password_ok
+        self.on_hello: Callable[[bytes], bytes | None] | None = None
+        self.is_anchor = False
+        self.stats = new_stats()
+        self._in_room = False
+        self._pending: dict[str, bytes | None] = {}
+        self._expecting: set[str] = set()
+
+    @property
+    def in_room(self) -> bool:
+        return self._in_room
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        self._join(anchor=False)
+
+    async def settle(self) -> None:
+        if not self._in_room:
+            return
+        others = sum(1 for nick in self.room.anchors() if nick != self.nick)
+        if should_become_anchor(self.is_anchor, others, self.anchors):
+            if not self.is_anchor:
+                self._set_anchor()
+        else:
+            await self.stop()
+
+    async def become_anchor(self) -> None:
+        if not self._in_room:
+            self._join(anchor=True)
+        elif not self.is_anchor:
+            self._set_anchor()
+
+    async def stop(self) -> None:
+        self._leave()
+
+    # -- hello exchange --
+
+    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]:
+        if not self._in_room:
+            raise BootstrapError(f"not in room {self.room.name}: call start() before exchange()")
+        text = encode_hello(hello)
+        targets = [nick for nick in self.room.anchors() if nick != self.nick]
+        self._expecting = set(targets)
+        self._pending = {}
+        for nick in targets:
+            self.stats["hellos_out"] += 1
+            self.room.deliver(self.nick, nick, text)
+        await asyncio.sleep(0)
+        self._expecting = set()
+        answers = [self._pending.get(nick) for nick in targets]
+        return [a for a in answers if a is not None]
+
+    def _on_hello_text(self, sender: str, text: str | None, answer: bool) -> None:
+        self.stats["stanzas_in"] += 1
+        payload = decode_hello(text)
+        if payload is None:
+            self.stats["hellos_dropped"] += 1
+            return
+        self.stats["hellos_in"] += 1
+        if answer:
+            if sender in self._expecting and sender not in self._pending:
+                self.stats["answers_in"] += 1
+                self._pending[sender] = payload
+            else:
+                self.stats["answers_late"] += 1
+            return
+        if self.on_hello is None:
+            return
+        try:
+            reply = self.on_hello(payload)
+        except Exception:
+            log.exception("on_hello failed for a hello from %s", sender)
+            return
+        if reply is not None:
+            self.stats["hellos_out"] += 1
+            self.room.deliver(self.nick, sender, encode_hello(reply), answer=True)
+
+    # -- room membership --
+
+    def _join(self, *, anchor: bool) -> None:
+        if self._in_room:
+            return
+        jid = _bare(self.jid)
+        if not self.password_ok:
+            raise BootstrapError(f"login as {jid} was refused: check the password (or the account name)")
+        if not self.room.exists:
+            raise BootstrapError(JOIN_REFUSALS["item-not-found"].format(room=self.room.name))
+        refusal = None
+        if jid not in self.room.members:
+            refusal = "registration-required"
+        elif self.nick in self.room.occupants:
+            refusal = "conflict"
+        if refusal is not None:
+            raise BootstrapError(JOIN_REFUSALS[refusal].format(jid=jid, room=self.room.name, nick=self.nick))
+        self.stats["stanzas_out"] += 1
+        # The service sends us every current occupant's presence, then our own (XEP-0045 section 7.2.3).
+        for _ in self.room.occupants:
+            self._count_presence()
+        self._count_presence()
+        self.is_anchor = anchor
+        self._in_room = True
+        self.room.occupants[self.nick] = self
+        self.room.broadcast_presence(self.nick)
+
+    def _set_anchor(self) -> None:
+        self.stats["stanzas_out"] += 1
+        self.is_anchor = True
+        self._count_presence()
+        self.room.broadcast_presence(self.nick)
+
+    def _leave(self) -> None:
+        if not self._in_room:
+            return
+        self.stats["stanzas_out"] += 1
+        self._count_presence()
+        self._in_room = False
+        self.is_anchor = False
+        del self.room.occupants[self.nick]
+        self.room.broadcast_presence(self.nick)
+
+    def _on_removed(self) -> None:
+        self._count_presence()
+        self._in_room = False
+        self.is_anchor = False
+
+    def _count_presence(self) -> None:
+        self.stats["stanzas_in"] += 1
+        self.stats["presences_in"] += 1
+
+    def _check_stand_down(self) -> None:
+        if (
+            self.is_anchor
+            and self._in_room
+            and should_stand_down(self.nick, self.room.anchors(), self.anchors)
+        ):
+            self._leave()

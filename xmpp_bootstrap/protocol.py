@@ -1,0 +1,73 @@
+"""The bootstrap protocol's pure rules: the hello payload codec and the anchor role decisions.
+
+Both bootstrap implementations (XMPP and in-memory) use these functions, so the rules are written once and
+tested without a server. Peer bytes are hostile: `decode_hello` returns None for anything it will not accept
+and never raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+
+# Our choice: the node layer's signed hello (key, certificate, addresses) fits in 4 KiB with room to spare.
+MAX_HELLO = 4096
+# Base64 length of MAX_HELLO bytes (RFC 4648 section 4: 4 output characters per 3 input bytes, padded).
+MAX_HELLO_TEXT = 4 * ((MAX_HELLO + 2) // 3)
+
+NS = "urn:ipop-overlay:bootstrap:0"
+HELLO_TAG = f"{{{NS}}}hello"
+ANCHOR_TAG = f"{{{NS}}}anchor"
+# An answer carries <hello type='answer'>. Without the mark, an answer that arrives after exchange() gave up
+# would look like a request, be answered, and two nodes could bounce hellos at each other forever.
+ANSWER_ATTR = "type"
+ANSWER_VALUE = "answer"
+
+DEFAULT_ANCHORS = 3
+
+# Whitespace XML tools may add around or inside base64 text (RFC 4648 section 3.3 lets a decoder skip it).
+_XML_SPACE = b" \t\r\n"
+
+
+def encode_hello(hello: bytes) -> str:
+    """Base64 text for a <hello/> element; refuses our own oversized payloads (a bug on our side)."""
+    if len(hello) > MAX_HELLO:
+        raise ValueError(f"hello is {len(hello)} bytes, the limit is {MAX_HELLO}")
+    return base64.b64encode(hello).decode("ascii")
+
+
+def decode_hello(text: str | None) -> bytes | None:
+    """The payload of a peer's <hello/>, or None when it is missing, oversized or not canonical base64."""
+    if text is None:
+        return None
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    raw = raw.translate(None, _XML_SPACE)
+    if not raw or len(raw) > MAX_HELLO_TEXT:
+        return None
+    try:
+        payload = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not payload or len(payload) > MAX_HELLO:
+        return None
+    return payload
+
+
+def should_become_anchor(is_anchor: bool, anchors_present: int, anchors: int) -> bool:
+    """At settle time: take the anchor role when the room has fewer than `anchors` anchors (self excluded)."""
+    return is_anchor or anchors_present < anchors
+
+
+def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) -> bool:
+    """Whether this anchor should leave because more than `anchors` anchors are present.
+
+    Several nodes settling at once each see a free slot and all take it; afterwards every anchor sees the same
+    set, so keeping the `anchors` smallest nicks is a choice they all agree on without talking.
+    `anchor_nicks` includes our own nick.
+    """
+    ranked = sorted(set(anchor_nicks) | {own_nick})
+    return len(ranked) > anchors and own_nick not in ranked[:anchors]
