@@ -15,8 +15,8 @@ import hashlib
 RING_BITS = 64
 RING_SIZE = 1 << RING_BITS
 RING_MASK = RING_SIZE - 1
-# Larger than any distance on the ring: the watermark a packet starts with at its origin.
-FAR = RING_SIZE
+# Larger than any ring distance (at most 2^63) yet fits the 8-byte wire field: the watermark at the origin.
+FAR = RING_MASK
 
 _NODE_ID_CONTEXT = b"ipop-overlay node id v1\x00"
 _KEY_CONTEXT = b"ipop-overlay dht key v1\x00"

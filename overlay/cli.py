@@ -1,0 +1,175 @@
+"""`ipop-overlay`: keygen, join, status, sim. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from overlay.config import ConfigError, NodeConfig, load_config
+from overlay.control import ControlError, ControlServer, query, socket_in_use
+from overlay.identity import Identity, KeyFileError
+from overlay.ids import format_id
+from overlay.node import Node, NodeSettings
+from overlay.transport.underlay import UdpUnderlay, UnderlayError
+
+log = logging.getLogger("ipop-overlay")
+DEFAULT_CONTROL = Path("/run/ipop-overlay/node.sock")
+
+
+class JoinError(Exception):
+    """A node that could not start: one line for the person who ran it."""
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    identity = Identity.generate()
+    identity.save(Path(args.path))
+    print(format_id(identity.node_id))
+    return 0
+
+
+async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> None:
+    """Start everything in an order where each failure leaves nothing behind, run until `stop`, clean up."""
+    from overlay.tap.device import LinuxTap, TapError
+    from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings
+
+    if socket_in_use(cfg.control_socket):
+        raise JoinError(f"control socket {cfg.control_socket} is in use: is another node running? "
+                        f"set [node] control_socket")
+    settings = NodeSettings(room=cfg.room, address=cfg.vnic_address, ring=cfg.ring, lookahead=cfg.lookahead)
+    bootstrap = XmppBootstrap(XmppSettings(
+        jid=cfg.jid, password=cfg.password, room=cfg.room, nick=format_id(identity.node_id), host=cfg.host,
+        port=cfg.port, ca_file=str(cfg.ca_file) if cfg.ca_file else None), anchors=cfg.anchors)
+    try:
+        underlay = UdpUnderlay(cfg.listen)
+    except UnderlayError as e:
+        raise JoinError(str(e)) from None
+    node = Node(identity, settings, underlay, bootstrap=bootstrap, rng=random.Random())
+    tap = None
+    control = ControlServer(cfg.control_socket, {"status": node.status})
+    try:
+        try:
+            await bootstrap.start()
+        except BootstrapError as e:
+            raise JoinError(str(e)) from None
+        try:
+            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu)
+        except TapError as e:
+            raise JoinError(str(e)) from None
+        node.attach_tap(tap)
+        try:
+            await control.start()
+        except ControlError as e:
+            raise JoinError(str(e)) from None
+        await node.start()
+        log.info("joined %s as %s (%s)", cfg.room, format_id(node.id), cfg.vnic_address)
+        await stop.wait()
+        log.info("leaving %s", cfg.room)
+    finally:
+        await node.stop()
+        underlay.close()
+        await control.stop()
+        if tap is not None:
+            tap.close()
+        with contextlib.suppress(Exception):
+            await bootstrap.stop()
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.config))
+    identity = Identity.load(cfg.key)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_node(cfg, identity, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _status_table(st: dict[str, Any]) -> str:
+    lines = [
+        f"node     {st['node_id']}{'  (anchor)' if st.get('anchor') else ''}",
+        f"address  {st['address']}",
+        f"room     {st['room']}",
+        f"endpoint {st.get('endpoint', '')}",
+        f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",
+        f"links    {len(st['links'])}",
+    ]
+    header = ("PEER", "ADDRESS", "ENDPOINT", "RTT ms", "TX bytes", "RX bytes", "ROLES")
+    rows = [header] + [(
+        lk["peer_id"], lk["peer_address"] or "-", lk["endpoint"],
+        f"{lk['rtt_ms']:.2f}" if lk["rtt_ms"] is not None else "-",
+        str(lk["tx_bytes"]), str(lk["rx_bytes"]), ",".join(lk.get("roles", [])) or "-",
+    ) for lk in st["links"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = Path(args.control) if args.control else DEFAULT_CONTROL
+    if args.config and not args.control:
+        path = load_config(Path(args.config)).control_socket
+    st = query(path)
+    print(json.dumps(st, indent=2) if args.json else _status_table(st))
+    return 0
+
+
+def cmd_sim(argv: list[str]) -> int:
+    from sims.cli import main as sim_main
+
+    return sim_main(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ipop-overlay", description="GroupVPN over a structured overlay.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="write a new node key (mode 0600) and print the node ID")
+    k.add_argument("path")
+    j = sub.add_parser("join", help="run a node in the foreground until SIGINT/SIGTERM")
+    j.add_argument("--config", required=True, help="the node's TOML file")
+    s = sub.add_parser("status", help="show a running node's links and DHT")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
+    s.add_argument("--config", help="read the control socket path from this config file")
+    sub.add_parser("sim", help="topology simulator (ipop-overlay sim --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sim"]:
+        return cmd_sim(argv[1:])
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # slixmpp logs every reconnect attempt and stream detail at INFO: keep it to warnings.
+    logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        if args.command == "keygen":
+            return cmd_keygen(args)
+        if args.command == "join":
+            return cmd_join(args)
+        return cmd_status(args)
+    except (ConfigError, KeyFileError, ControlError, JoinError) as e:
+        print(f"ipop-overlay: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

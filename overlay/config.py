@@ -1,0 +1,213 @@
+"""The node's one configuration file (TOML): what every key means, its type, its default, and the checks.
+
+Every problem is one `ConfigError` line naming the file, the key and the value, so `ipop-overlay join` can exit
+with a message a person can act on. Unknown keys are errors (with a suggestion), never silently ignored: a
+misspelled `lisen` must not fall back to a default listen address.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from overlay.routing.ring import RingParams
+from overlay.wire import Endpoint
+
+
+class ConfigError(Exception):
+    """One line: the file, the key, the value, what is wrong."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node's settings, resolved: relative paths are made relative to the config file."""
+
+    path: Path
+    key: Path  # [node] key: Ed25519 private key from `ipop-overlay keygen`
+    control_socket: Path  # [node] control_socket: where `ipop-overlay status` reaches the running node
+    listen: Endpoint  # [node] listen: underlay UDP address "host:port" for tunnels
+    jid: str  # [xmpp] jid: "user@domain/resource"
+    password: str  # [xmpp] password or password_file
+    host: str | None  # [xmpp] host: XMPP server address; default the JID's domain
+    port: int  # [xmpp] port (STARTTLS), default 5222
+    room: str  # [xmpp] room: the group, a members-only room "name@conference.domain"
+    ca_file: Path | None  # [xmpp] ca_file: trust this CA for the server's certificate (self-signed servers)
+    anchors: int  # [xmpp] anchors: how many nodes stay in the room to answer joiners (default 3)
+    vnic_name: str  # [vnic] name: the TAP device's name (default "ipop0")
+    vnic_address: str  # [vnic] address: this node's virtual IPv4 address with prefix, "10.254.0.1/16"
+    vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
+    ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
+    lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}")
+        return value
+    return check
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _endpoint(value: Any) -> Endpoint:
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError('expected "address:port"')
+    host = host.strip("[]")
+    ipaddress.ip_address(host)
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError("port out of range")
+    return host, p
+
+
+def _jid(value: Any) -> str:
+    text = _str(value)
+    local, at, rest = text.partition("@")
+    if not at or not local or not rest.split("/")[0]:
+        raise ValueError('expected "user@domain" or "user@domain/resource"')
+    return text
+
+
+def _interface(value: Any) -> str:
+    iface = ipaddress.IPv4Interface(_str(value))
+    if iface.network.prefixlen > 30 or iface.ip in (iface.network.network_address,
+                                                     iface.network.broadcast_address):
+        raise ValueError("expected a host address with a prefix of /30 or shorter, like 10.254.0.1/16")
+    return str(iface)
+
+
+def _ifname(value: Any) -> str:
+    text = _str(value)
+    if len(text) > 15 or "/" in text or " " in text:
+        raise ValueError("expected an interface name of at most 15 characters")
+    return text
+
+
+_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    # section -> key -> (check, default); default ... means required
+    "node": {
+        "key": (_str, ...),
+        "control_socket": (_str, "/run/ipop-overlay/node.sock"),
+        "listen": (_endpoint, ("0.0.0.0", 5800)),
+    },
+    "xmpp": {
+        "jid": (_jid, ...),
+        "password": (_str, None),
+        "password_file": (_str, None),
+        "host": (_str, None),
+        "port": (_int_range(1, 65535), 5222),
+        "room": (_jid, ...),
+        "ca_file": (_str, None),
+        "anchors": (_int_range(1, 16), 3),
+    },
+    "vnic": {
+        "name": (_ifname, "ipop0"),
+        "address": (_interface, ...),
+        "mtu": (_int_range(576, 9000), 1400),
+    },
+    "overlay": {
+        "ring_size": (_int_range(1, 8), RingParams().ring_size),
+        "long_links": (_int_range(0, 32), RingParams().long_links),
+        "incoming_cap": (_int_range(0, 128), RingParams().incoming_cap),
+        "lookahead": (_bool, True),
+    },
+}
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, table in raw.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{path}: unknown section [{section}]{_suggest(section, list(_SCHEMA))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section} must be a [section]")
+        for key in table:
+            if key not in _SCHEMA[section]:
+                raise ConfigError(f"{path}: unknown key [{section}] {key}{_suggest(key, list(_SCHEMA[section]))}")
+    for section, keys in _SCHEMA.items():
+        table = raw.get(section, {})
+        out = values.setdefault(section, {})
+        for key, (check, default) in keys.items():
+            if key not in table:
+                if default is ...:
+                    raise ConfigError(f"{path}: missing key [{section}] {key}")
+                out[key] = default
+                continue
+            try:
+                out[key] = check(table[key])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{path}: bad value for [{section}] {key} = {table[key]!r}: {e}") from None
+
+    base = path.resolve().parent
+
+    def rel(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base / q
+
+    x = values["xmpp"]
+    if (x["password"] is None) == (x["password_file"] is None):
+        raise ConfigError(f"{path}: set exactly one of [xmpp] password and [xmpp] password_file")
+    if x["password_file"] is not None:
+        pw_path = rel(x["password_file"])
+        try:
+            password = pw_path.read_text().strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read [xmpp] password_file {pw_path}: {e.strerror}") from None
+        if not password:
+            raise ConfigError(f"{path}: [xmpp] password_file {pw_path} is empty")
+    else:
+        password = x["password"]
+    ca = rel(x["ca_file"]) if x["ca_file"] else None
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"{path}: [xmpp] ca_file {ca} does not exist")
+    o = values["overlay"]
+    return NodeConfig(
+        path=path,
+        key=rel(values["node"]["key"]),
+        control_socket=rel(values["node"]["control_socket"]),
+        listen=values["node"]["listen"],
+        jid=x["jid"],
+        password=password,
+        host=x["host"],
+        port=x["port"],
+        room=x["room"],
+        ca_file=ca,
+        anchors=x["anchors"],
+        vnic_name=values["vnic"]["name"],
+        vnic_address=values["vnic"]["address"],
+        vnic_mtu=values["vnic"]["mtu"],
+        ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
+        lookahead=o["lookahead"],
+    )

@@ -1,0 +1,86 @@
+"""Node identity: the Ed25519 key pair a node is known by; its node ID is the hash of the public key.
+
+PyNaCl for keys and signatures (ARCHITECTURE.md: its per-call overhead is fine off the per-packet path).
+The private key never leaves the node: it is read from a 0600 file and only used to sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+
+from overlay.ids import node_id_from_public_key
+
+_HEADER = "ipop-overlay ed25519 v1"
+
+
+class KeyFileError(Exception):
+    """A key file that cannot be used: one line naming the file and what to do."""
+
+
+class Identity:
+    __slots__ = ("_signing_key", "node_id", "public_key")
+
+    def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        self._signing_key = signing_key
+        self.public_key: bytes = bytes(signing_key.verify_key)
+        self.node_id: int = node_id_from_public_key(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        return cls(nacl.signing.SigningKey(seed))
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._signing_key.sign(data).signature)
+
+    def save(self, path: Path) -> None:
+        """Write the private key, readable by its owner only; refuses to overwrite an existing key."""
+        seed = base64.b64encode(bytes(self._signing_key)).decode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise KeyFileError(f"key file {path} already exists; remove it or choose another path") from None
+        except OSError as e:
+            raise KeyFileError(f"cannot create key file {path}: {e.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_HEADER}\n{seed}\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        try:
+            st = path.stat()
+            text = path.read_text()
+        except FileNotFoundError:
+            raise KeyFileError(f"key file {path} does not exist; create it with 'ipop-overlay keygen {path}'") \
+                from None
+        except OSError as e:
+            raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                               f"run 'chmod 600 {path}'")
+        lines = text.split()
+        if len(lines) < 2 or " ".join(lines[:-1]) != _HEADER:
+            raise KeyFileError(f"key file {path} is not an ipop-overlay key (made by 'ipop-overlay keygen')")
+        try:
+            seed = base64.b64decode(lines[-1], validate=True)
+            return cls(nacl.signing.SigningKey(seed))
+        except (ValueError, nacl.exceptions.CryptoError):
+            raise KeyFileError(f"key file {path} holds a damaged key") from None
+
+
+def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    """True when `signature` is public_key's Ed25519 signature of data; any malformed input is just False."""
+    try:
+        nacl.signing.VerifyKey(public_key).verify(data, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError, TypeError):
+        return False
+    return True

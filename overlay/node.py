@@ -1,0 +1,739 @@
+"""The node: the asyncio driver that joins the pure cores (ring, maintenance, forwarding, DHT) to links,
+the virtual NIC and the XMPP bootstrap.
+
+Life of a node: log in to XMPP and swap signed contacts with the room's anchors; link to one of them; route a
+FIND toward our own ID so the nodes around our ring position learn of us and we of them; publish our address
+record; from then on every new link is signalled through the overlay, and XMPP is left (unless we are an
+anchor). Packets from the TAP are resolved through the DHT (cached) and routed hop by hop, each hop strictly
+closer to the destination ID.
+
+One clock: `now` is wall-clock seconds (records and handshakes cross machines); cores are handed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
+from overlay.dht.store import AddressCache, RecordStore, replica_set
+from overlay.identity import Identity, verify
+from overlay.ids import FAR, format_id, node_id_from_public_key, ring_distance
+from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
+from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NoRoute, decide, next_hop
+from overlay.routing.maintenance import CloseLink, FindLong, Maintenance, OpenLink, Ping, SendNeighbours
+from overlay.routing.ring import RingParams, RingTable, Role
+from overlay.tap.frames import FrameError, icmp_error_allowed, icmp_unreachable
+from overlay.tap.vnic import Ignored, Outbound, Reply, VirtualNic
+from overlay.wire import (
+    FLAG_EXACT,
+    FLAG_LONG_LINK,
+    FLAG_REFUSED,
+    HELLO_BOOTSTRAP,
+    HELLO_LONG_LINK,
+    HELLO_RING,
+    Contact,
+    DecodeError,
+    Kind,
+    LinkMsg,
+    Routed,
+    decode_address,
+    decode_contact,
+    decode_dht_value,
+    decode_found,
+    decode_neighbours,
+    decode_no_route,
+    decode_record,
+    decode_relay,
+    decode_routed,
+    decode_token,
+    encode_dht_value,
+    encode_found,
+    encode_neighbours,
+    encode_no_route,
+    encode_ping,
+    encode_relay,
+    reroute,
+)
+
+log = logging.getLogger(__name__)
+
+FLAG_JOIN = 0x08  # FIND: route to the node nearest the key other than the sender (a joining node's own ID)
+LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
+LOOKUP_TIMEOUT = 5.0
+QUEUE_PER_ADDRESS = 32  # our choice: a TCP initial window (10 segments) plus retransmits, not a buffer bloat
+FIRST_LINK_TIMEOUT = 15.0
+HANDSHAKE_WAIT = 4.0  # a direct handshake tries 3 times 1 s apart (links.py); then ask the anchors again
+EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
+SETTLE_TIME = 3.0
+REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partition rejoins
+ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
+
+
+@dataclass
+class NodeSettings:
+    """What a node needs beyond its key: the group, its virtual address, its topology parameters."""
+
+    room: str
+    address: str  # virtual IPv4 with prefix, "10.254.0.1/16"
+    ring: RingParams = field(default_factory=RingParams)
+    lookahead: bool = True
+    stabilize_interval: float = 5.0
+
+
+@dataclass
+class _Lookup:
+    packets: deque[bytes]
+    started: float
+    sent: float
+
+
+@dataclass
+class _Find:
+    slot: int | None  # long-link slot, or None for the join
+    started: float
+
+
+class Node:
+    def __init__(self, identity: Identity, settings: NodeSettings, underlay: Underlay, *,
+                 bootstrap: Any = None, tap: Any = None, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.identity = identity
+        self.id = identity.node_id
+        self.settings = settings
+        iface = ipaddress.IPv4Interface(settings.address)
+        self.address = str(iface.ip)
+        self.network = iface.network
+        self.room = settings.room
+        self.underlay = underlay
+        self.bootstrap = bootstrap
+        self.tap = tap
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.table = RingTable(self.id, settings.ring)
+        self.maintenance = Maintenance(self.table, self.rng, stabilize_interval=settings.stabilize_interval)
+        self.links = LinkManager(identity, underlay, LinkCallbacks(
+            self._on_link_up, self._on_link_down, self._on_attempt_failed, self._on_message,
+            self._relay_candidates), clock)
+        self.store = RecordStore(self.room)
+        self.cache = AddressCache()
+        self.counters: dict[str, int] = {}
+        self.vnic: VirtualNic | None = None
+        if tap is not None:
+            self.attach_tap(tap)
+        if bootstrap is not None:
+            bootstrap.on_hello = self._on_bootstrap_hello
+        self._lookups: dict[str, _Lookup] = {}
+        self._finds: dict[int, _Find] = {}
+        self._find_seq = 0
+        self._route_cache: dict[int, int | None] = {}
+        self._published = -1e18
+        self._first_link_at = 0.0
+        self._last_rejoin = self.clock()
+        self._rejoining: asyncio.Future[None] | None = None
+        self._hello_sent: dict[int, int] = {}
+        self._last_expire = -1e18
+        self._last_icmp = -1e18
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+        self.first_link = asyncio.Event()
+        self._contact: Contact | None = None
+
+    # -- contacts -------------------------------------------------------------------------------------------------
+    def contact(self) -> Contact:
+        unsigned = Contact(self.identity.public_key, self.address, self.underlay.local_endpoint,
+                           int(self.clock() * 1000))
+        return Contact(unsigned.public_key, unsigned.address, unsigned.endpoint, unsigned.timestamp_ms,
+                       self.identity.sign(unsigned.signed_part(self.room)))
+
+    def check_contact(self, data: bytes) -> Contact | None:
+        """A peer's contact if it parses and carries a valid signature for this group, else None (counted)."""
+        try:
+            contact, rest = decode_contact(data)
+        except DecodeError:
+            self.count("drop: malformed contact")
+            return None
+        if rest or not verify(contact.public_key, contact.signed_part(self.room), contact.signature):
+            self.count("drop: contact with a bad signature")
+            return None
+        return contact
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+    def attach_tap(self, tap: Any) -> None:
+        """The virtual NIC, once it exists (it is made after XMPP accepted us, so a refusal leaves none)."""
+        iface = ipaddress.IPv4Interface(self.settings.address)
+        self.tap = tap
+        self.vnic = VirtualNic(int(iface.ip), iface.network.prefixlen, tap.mac)
+
+    async def start(self, *, start_bootstrap: bool = True) -> None:
+        """Join the group: XMPP login (unless the caller did it), first link, join FIND.
+
+        Raises BootstrapError from the XMPP layer."""
+        self._loop = asyncio.get_running_loop()
+        self.underlay.start(self.links.on_datagram)
+        if self.tap is not None:
+            self._loop.add_reader(self.tap.fileno(), self._on_tap_readable)
+        self._schedule(self.clock())
+        if self.bootstrap is None:
+            return
+        if start_bootstrap:
+            await self.bootstrap.start()
+        await self.join_via_bootstrap()
+
+    def _rejoin_if_alone(self, now: float) -> None:
+        """A node that lost every link (its neighbours all left, or a partition) asks the anchors again."""
+        if self.bootstrap is None or self.links.links or self._rejoining is not None or \
+                now - self._last_rejoin < REJOIN_INTERVAL:
+            return
+        self._last_rejoin = now
+
+        async def rejoin() -> None:
+            try:
+                if not self.bootstrap.is_anchor:
+                    await self.bootstrap.become_anchor()  # back in the room; settle() may leave it again
+                await self.join_via_bootstrap()
+            except Exception as e:  # the XMPP server may be down: the next attempt comes later
+                log.warning("rejoin through XMPP failed: %s", e)
+            finally:
+                self._rejoining = None
+
+        self._rejoining = asyncio.ensure_future(rejoin())
+
+    async def join_via_bootstrap(self) -> None:
+        deadline = self.clock() + FIRST_LINK_TIMEOUT
+        while not self.links.links and self.clock() < deadline:
+            answers = await self.bootstrap.exchange(self.contact().encode())
+            contacts = [c for c in (self.check_contact(a) for a in answers) if c is not None]
+            if not contacts:
+                log.info("no anchor answered: this node starts the overlay")
+                break
+            for c in contacts:
+                self.links.connect(c.public_key, c.endpoint, c)
+            try:
+                await asyncio.wait_for(self.first_link.wait(), timeout=HANDSHAKE_WAIT)
+            except TimeoutError:
+                continue
+        await self.bootstrap.settle()
+
+    def _on_bootstrap_hello(self, hello: bytes) -> bytes | None:
+        contact = self.check_contact(hello)
+        if contact is None:
+            return None
+        self.table.learn([node_id_from_public_key(contact.public_key)])
+        return self.contact().encode()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._rejoining is not None:
+            self._rejoining.cancel()
+        self.links.close_all()
+        if self.tap is not None and self._loop is not None:
+            self._loop.remove_reader(self.tap.fileno())
+        self.underlay.close()
+        if self.bootstrap is not None:
+            await self.bootstrap.stop()
+
+    # -- timers -------------------------------------------------------------------------------------------------
+    def _schedule(self, when: float) -> None:
+        if self._stopped or self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = min(1.0, max(0.02, when - self.clock()))
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.clock()
+        deadline = self.links.tick(now)
+        for action in self.maintenance.tick(now):
+            self._act(action, now)
+        self._update_link_use()
+        deadline = min(deadline, self.maintenance.next_deadline())
+        self._tick_lookups(now)
+        self._rejoin_if_alone(now)
+        self._tick_finds(now)
+        if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
+            self.publish(now)
+        if now - self._last_expire >= EXPIRE_INTERVAL:
+            self._last_expire = now
+            self.store.expire(now)
+            self._rehome_records(now)
+        self._schedule(min(deadline, now + LOOKUP_RETRY))
+
+    def _act(self, action: Any, now: float) -> None:
+        if isinstance(action, Ping):
+            link = self.links.links.get(action.peer)
+            if link is not None:
+                link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
+        elif isinstance(action, SendNeighbours):
+            msg = encode_neighbours(list(action.neighbours))
+            for peer in action.peers:
+                link = self.links.links.get(peer)
+                if link is not None:
+                    link.send(msg)
+        elif isinstance(action, OpenLink):
+            # Signal through the overlay: the peer answers by calling us at the endpoint in our contact.
+            self.send_routed(action.peer, Kind.LINK_REQUEST, self.contact().encode(), FLAG_EXACT)
+        elif isinstance(action, FindLong):
+            self._find(action.target, action.slot, FLAG_LONG_LINK)
+        elif isinstance(action, CloseLink):
+            self.links.close(action.peer, action.reason)
+
+    # -- links -------------------------------------------------------------------------------------------------
+    def _relay_candidates(self, peer: int) -> list[int]:
+        """Direct neighbours that say they are linked to `peer`: tunnels to it can go through them."""
+        cands = [n for n, lk in self.links.links.items()
+                 if lk.relay is None and peer in self.table.neighbours_of(n)]
+        return sorted(cands, key=lambda n: self.links.links[n].rtt or 1.0)
+
+    def _on_link_up(self, link: Link) -> None:
+        now = self.clock()
+        self.table.add_link(link.peer_id)
+        self.maintenance.on_link_up(link.peer_id, now)
+        self._route_cache.clear()
+        self._send_hello(link)
+        link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
+        if not self.first_link.is_set():
+            self.first_link.set()
+            self._first_link_at = now
+            self._find(self.id, None, FLAG_JOIN, via=link.peer_id)
+        self._hand_over_records(link.peer_id, now)
+        self._schedule(now)
+
+    def _link_use(self, peer: int) -> int:
+        """HELLO flags: what we use the link to `peer` for."""
+        flags = HELLO_LONG_LINK if peer in self.maintenance.long_link_peers() else 0
+        if peer in self.table.ring_peers() or peer in self.table.wanted_ring_peers():
+            flags |= HELLO_RING
+        if len(self.links.links) == 1:
+            flags |= HELLO_BOOTSTRAP
+        return flags
+
+    def _send_hello(self, link: Link) -> None:
+        flags = self._link_use(link.peer_id)
+        self._hello_sent[link.peer_id] = flags
+        link.send(bytes([LinkMsg.HELLO, flags]) + self.contact().encode())
+
+    def _update_link_use(self) -> None:
+        """Tell each peer when what we use its link for has changed, so it knows whether to keep it."""
+        for peer, link in self.links.links.items():
+            if self._hello_sent.get(peer) != self._link_use(peer):
+                self._send_hello(link)
+
+    def _on_link_down(self, link: Link, reason: str) -> None:
+        now = self.clock()
+        self.table.remove_link(link.peer_id)
+        if reason == "peer closed the link":
+            self.table.forget(link.peer_id)
+        self.maintenance.on_link_down(link.peer_id, now)
+        self._hello_sent.pop(link.peer_id, None)
+        self._route_cache.clear()
+        self._schedule(now)
+
+    def _on_attempt_failed(self, peer: int) -> None:
+        self.maintenance.on_attempt_failed(peer, self.clock())
+
+    # -- link messages -------------------------------------------------------------------------------------------
+    def _on_message(self, link: Link, msg: bytes) -> None:
+        kind = msg[0] if msg else 0
+        now = self.clock()
+        self.maintenance.on_rx(link.peer_id, now)
+        try:
+            if kind == LinkMsg.ROUTED:
+                self._on_routed(link, decode_routed(msg))
+            elif kind == LinkMsg.PING:
+                link.send(encode_ping(LinkMsg.PONG, decode_token(msg)))
+            elif kind == LinkMsg.PONG:
+                sent = decode_token(msg) / 1e6
+                if 0 <= now - sent < 60:
+                    link.rtt = now - sent
+            elif kind == LinkMsg.NEIGHBOURS:
+                self.maintenance.on_neighbours(link.peer_id, decode_neighbours(msg), now)
+                self._route_cache.clear()
+            elif kind == LinkMsg.RELAY:
+                peer, packet = decode_relay(msg)
+                onward = self.links.links.get(peer)
+                if onward is None or onward.relay is not None:
+                    self.count("drop: relay target not a direct link")
+                else:
+                    onward.send(encode_relay(LinkMsg.RELAYED, link.peer_id, packet))
+            elif kind == LinkMsg.RELAYED:
+                peer, packet = decode_relay(msg)
+                self.links.on_packet(packet, None, link.peer_id)
+            elif kind == LinkMsg.HELLO:
+                if len(msg) < 2:
+                    raise DecodeError("HELLO without flags")
+                contact = self.check_contact(msg[2:])
+                if contact is not None and contact.public_key == link.peer_key:
+                    link.contact = contact
+                    flags = msg[1]
+                    self.table.set_role(link.peer_id, Role.LONG_IN, bool(flags & HELLO_LONG_LINK))
+                    self.table.set_role(link.peer_id, Role.PEER_RING, bool(flags & HELLO_RING))
+                    self.table.set_role(link.peer_id, Role.BOOTSTRAP, bool(flags & HELLO_BOOTSTRAP))
+            elif kind == LinkMsg.REPLICATE:
+                why = self.store.put(decode_record(msg[1:]), now)
+                if why is not None:
+                    self.count(f"replica refused: {why}")
+            elif kind == LinkMsg.CLOSE:
+                self.links.close(link.peer_id, "peer closed the link", notify=False)
+            else:
+                self.count("drop: unknown link message")
+        except DecodeError:
+            self.count("drop: malformed link message")
+
+    # -- routing -----------------------------------------------------------------------------------------------
+    def _next_hop(self, dst: int, exclude: int | None = None) -> int | None:
+        if exclude is None:
+            cached = self._route_cache.get(dst, -1)
+            if cached != -1:
+                return cached
+        nbrs = self.table.neighbours()
+        nof = self.table.neighbours_of if self.settings.lookahead else None
+        if exclude is not None:
+            nbrs = [n for n in nbrs if n != exclude]
+            if nof is not None:
+                base = nof
+                def nof(n: int) -> list[int]:  # noqa: E306
+                    return [m for m in base(n) if m != exclude]
+        nh = next_hop(self.id, dst, nbrs, nof)
+        if exclude is None:
+            self._route_cache[dst] = nh
+        return nh
+
+    def _stuck_at_origin(self, pkt: Routed) -> bool:
+        if pkt.exact:
+            return pkt.dst != self.id
+        closest = self.table.closest_known(pkt.dst)
+        return closest is not None and ring_distance(closest, pkt.dst) < ring_distance(self.id, pkt.dst)
+
+    def _next_hop_any(self, dst: int, exclude: int | None) -> int | None:
+        """The neighbour nearest `dst` whether or not it is nearer than we are: next_hop seen from the point
+        opposite dst on the ring, from where every neighbour is an improvement."""
+        nbrs = [n for n in self.table.neighbours() if n != exclude]
+        nof = self.table.neighbours_of if self.settings.lookahead else None
+        return next_hop(dst ^ (1 << 63), dst, nbrs, nof)
+
+    def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT,
+                    via: int | None = None) -> None:
+        """Originate a routed packet. `via`: hand it to this neighbour whatever the table says (the join)."""
+        packet = Routed(DEFAULT_TTL, flags, self.id, dst, FAR, kind, body)
+        if via is not None:
+            link = self.links.links.get(via)
+            if link is not None:
+                link.send(packet.encode())
+            return
+        self._on_routed(None, packet)
+
+    def _on_routed(self, came_from: Link | None, pkt: Routed) -> None:
+        exclude = pkt.src if pkt.flags & FLAG_JOIN else None
+        own = ring_distance(self.id, pkt.dst)
+        if exclude is not None and pkt.dst == self.id and pkt.src != self.id:
+            own = FAR  # a FIND for a joiner whose ID equals ours: nobody nearer than us but the joiner
+        if pkt.watermark != FAR and own >= pkt.watermark:
+            self.count("drop: watermark")
+            return
+        nh = self._next_hop(pkt.dst, exclude)
+        if nh is not None and ring_distance(nh, pkt.dst) >= own:
+            nh = None
+        if nh is None and came_from is None and own != 0 and self._stuck_at_origin(pkt):
+            # We know a node nearer the destination than us but none of our links is nearer: we are a local
+            # minimum of a ring still forming (a joining node has one link). The first hop may then go to the
+            # neighbour nearest the target even if it is farther than we are; the watermark starts at FAR, so
+            # from that hop on every hop is strictly closer again and the packet can come back at most once.
+            nh = self._next_hop_any(pkt.dst, exclude)
+            if nh is not None:
+                link = self.links.links[nh]
+                link.send(reroute(pkt, pkt.ttl - 1, FAR))
+                return
+        decision = decide(self.id, pkt.dst, exact=pkt.exact, watermark=FAR, ttl=pkt.ttl,
+                          neighbours=[nh] if nh is not None else [])
+        if isinstance(decision, Forward):
+            link = self.links.links.get(decision.next_hop)
+            if link is None:
+                self.count("drop: next hop vanished")
+                return
+            link.send(reroute(pkt, pkt.ttl - 1, own))
+        elif isinstance(decision, Deliver):
+            self._deliver(pkt)
+        elif isinstance(decision, NoRoute):
+            self.count("no route")
+            if pkt.kind != Kind.NO_ROUTE:
+                self.send_routed(pkt.src, Kind.NO_ROUTE, encode_no_route(pkt.dst, pkt.kind))
+            if came_from is None:
+                self._deliver_no_route(pkt.dst, pkt.kind)
+        elif isinstance(decision, Drop):
+            self.count(f"drop: {decision.reason}")
+
+    def _deliver(self, pkt: Routed) -> None:
+        now = self.clock()
+        kind = pkt.kind
+        try:
+            if kind == Kind.DATA:
+                self._deliver_data(pkt.body)
+            elif kind == Kind.LINK_REQUEST:
+                contact = self.check_contact(pkt.body)
+                if contact is not None and node_id_from_public_key(contact.public_key) == pkt.src:
+                    self.table.learn([pkt.src])
+                    self.links.connect(contact.public_key, contact.endpoint, contact)
+            elif kind == Kind.FIND:
+                self._on_find(pkt, now)
+            elif kind == Kind.FOUND:
+                self._on_found(pkt, now)
+            elif kind == Kind.DHT_PUT:
+                record = decode_record(pkt.body)
+                why = self.store.put(record, now)
+                if why is None:
+                    self._replicate(record, now)
+                else:
+                    self.count(f"record refused: {why}")
+            elif kind == Kind.DHT_GET:
+                address = decode_address(pkt.body)
+                self.send_routed(pkt.src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
+            elif kind == Kind.DHT_VALUE:
+                address, record = decode_dht_value(pkt.body)
+                self._on_dht_value(address, record, now)
+            elif kind == Kind.NO_ROUTE:
+                dst, orig_kind = decode_no_route(pkt.body)
+                self._deliver_no_route(dst, orig_kind)
+        except DecodeError:
+            self.count("drop: malformed routed body")
+
+    def _deliver_no_route(self, dst: int, kind: int) -> None:
+        if kind == Kind.DATA:
+            # The node we resolved an address to is gone: forget it so the next packet looks it up again.
+            self.cache.evict_node(dst)
+
+    # -- join and long links: FIND / FOUND -------------------------------------------------------------------
+    def _find(self, target: int, slot: int | None, flags: int, via: int | None = None) -> None:
+        self._find_seq = (self._find_seq + 1) & 0xFFFFFFFF
+        self._finds[self._find_seq] = _Find(slot, self.clock())
+        body = self._find_seq.to_bytes(4, "big") + self.contact().encode()
+        self.send_routed(target, Kind.FIND, body, flags, via=via)
+
+    def _on_find(self, pkt: Routed, now: float) -> None:
+        if len(pkt.body) < 4:
+            raise DecodeError("FIND without a request number")
+        contact = self.check_contact(pkt.body[4:])
+        if contact is None or node_id_from_public_key(contact.public_key) != pkt.src or pkt.src == self.id:
+            return
+        flags = 0
+        if pkt.flags & FLAG_LONG_LINK and not self.table.accepts_incoming_long() and \
+                Role.LONG_IN not in self.table.role(pkt.src):
+            flags = FLAG_REFUSED
+        if pkt.flags & FLAG_JOIN:
+            # The joiner's ring place is next to us. It has a single link, so a reply routed to it would
+            # fail; we call it back instead, and once linked we send it our neighbour list like any link.
+            self.table.learn([pkt.src])
+            self.links.connect(contact.public_key, contact.endpoint, contact)
+            self._schedule(now)
+            return
+        ring = self.table.successors() + self.table.predecessors()
+        body = pkt.body[:4] + bytes([flags]) + encode_found(self.contact(), ring)
+        self.send_routed(pkt.src, Kind.FOUND, body)
+
+    def _on_found(self, pkt: Routed, now: float) -> None:
+        if len(pkt.body) < 5:
+            raise DecodeError("FOUND too short")
+        seq = int.from_bytes(pkt.body[:4], "big")
+        flags = pkt.body[4]
+        contact, ring = decode_found(pkt.body[5:])
+        if not verify(contact.public_key, contact.signed_part(self.room), contact.signature) or \
+                node_id_from_public_key(contact.public_key) != pkt.src:
+            self.count("drop: FOUND with a bad contact")
+            return
+        find = self._finds.pop(seq, None)
+        if find is None or find.slot is None:
+            return
+        self.table.learn(ring)
+        if flags & FLAG_REFUSED or pkt.src == self.id:
+            self.maintenance.on_long_found(find.slot, None, now)
+            return
+        self.maintenance.on_long_found(find.slot, pkt.src, now)
+        link = self.links.links.get(pkt.src)
+        if link is not None:
+            self._send_hello(link)
+        else:
+            self.links.connect(contact.public_key, contact.endpoint, contact)
+
+    def _tick_finds(self, now: float) -> None:
+        for seq, f in list(self._finds.items()):
+            if f.slot is None and self.table.successors() and len(self.links.links) > 1:
+                del self._finds[seq]  # joined: a node near our ring place called us back
+            elif now - f.started > LOOKUP_TIMEOUT:
+                del self._finds[seq]
+                if f.slot is not None:
+                    self.maintenance.on_long_found(f.slot, None, now)
+                elif self.links.links:
+                    # Nobody called back: the FIND was lost. Try again through any link.
+                    self._find(self.id, None, FLAG_JOIN, via=next(iter(self.links.links)))
+
+    # -- DHT ---------------------------------------------------------------------------------------------------
+    def publish(self, now: float) -> None:
+        self._published = now
+        record = make_record(self.identity, self.room, self.address, now)
+        self.send_routed(record_key(self.room, self.address), Kind.DHT_PUT, record.encode(), 0)
+
+    def _ring_settled(self, now: float) -> bool:
+        """Publish only once our ring place is known (or a few seconds have passed): a record routed from a
+        node with just its bootstrap link would land next to the anchor, not next to its key."""
+        if not self.links.links:
+            return False
+        k = self.table.params.ring_size
+        full = len(self.table.successors()) >= k and len(self.table.predecessors()) >= k
+        return full or now - self._first_link_at >= SETTLE_TIME
+
+    def _rehome_records(self, now: float) -> None:
+        """Records we hold but are no longer among the nodes nearest their key (nodes joined nearer, or the
+        record arrived while the ring was forming) are routed on toward their key and dropped here."""
+        ring = list(self.table.ring_peers())
+        for record in self.store.records():
+            key = record_key(self.room, record.address)
+            if self.id not in replica_set(key, self.id, ring):
+                self.store.remove(record.address)
+                self.send_routed(key, Kind.DHT_PUT, record.encode(), 0)
+
+    def _replicate(self, record: Any, now: float) -> None:
+        key = record_key(self.room, record.address)
+        msg = bytes([LinkMsg.REPLICATE]) + record.encode()
+        for peer in replica_set(key, self.id, list(self.table.ring_peers())):
+            link = self.links.links.get(peer)
+            if peer != self.id and link is not None:
+                link.send(msg)
+
+    def _hand_over_records(self, peer: int, now: float) -> None:
+        """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
+        ring = list(self.table.ring_peers())
+        if peer not in ring:
+            return
+        link = self.links.links[peer]
+        for record in self.store.records():
+            if peer in replica_set(record_key(self.room, record.address), self.id, ring):
+                link.send(bytes([LinkMsg.REPLICATE]) + record.encode())
+
+    def _on_dht_value(self, address: str, record: Any, now: float) -> None:
+        lookup = self._lookups.get(address)
+        if record is None or lookup is None:
+            return
+        why = check_record(record, self.room, now)
+        if why is not None or record.address != address:
+            self.count(f"drop: DHT value {why or 'for another address'}")
+            return
+        entry = self.cache.put(record, now)
+        del self._lookups[address]
+        for packet in lookup.packets:
+            self.send_routed(entry.node_id, Kind.DATA, packet)
+
+    def resolve_and_send(self, address: str, packet: bytes) -> None:
+        now = self.clock()
+        if address == self.address:
+            self._deliver_data(packet)
+            return
+        entry = self.cache.get(address, now)
+        if entry is not None:
+            self.send_routed(entry.node_id, Kind.DATA, packet)
+            return
+        lookup = self._lookups.get(address)
+        if lookup is not None:
+            if len(lookup.packets) == QUEUE_PER_ADDRESS:
+                self.count("drop: queue full while resolving")
+            lookup.packets.append(packet)
+            return
+        # Queue first: when we hold the record ourselves the answer arrives before send_routed returns.
+        self._lookups[address] = _Lookup(deque([packet], maxlen=QUEUE_PER_ADDRESS), now, now)
+        self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
+
+    def _tick_lookups(self, now: float) -> None:
+        for address, lookup in list(self._lookups.items()):
+            if now - lookup.started >= LOOKUP_TIMEOUT:
+                del self._lookups[address]
+                self.counters["drop: no node owns the address"] = \
+                    self.counters.get("drop: no node owns the address", 0) + len(lookup.packets)
+                if lookup.packets:
+                    self._host_unreachable(lookup.packets[0], now)
+            elif now - lookup.sent >= LOOKUP_RETRY:
+                lookup.sent = now
+                self.send_routed(record_key(self.room, address), Kind.DHT_GET,
+                                 ipaddress.IPv4Address(address).packed, 0)
+
+    def _host_unreachable(self, packet: bytes, now: float) -> None:
+        if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL:
+            return
+        if not icmp_error_allowed(packet):
+            return
+        self._last_icmp = now
+        self.tap.write(self.vnic.to_tap(icmp_unreachable(packet, int(ipaddress.IPv4Address(self.address)))))
+
+    # -- data path -----------------------------------------------------------------------------------------------
+    def _on_tap_readable(self) -> None:
+        assert self.tap is not None and self.vnic is not None
+        vnic = self.vnic
+        for frame in self.tap.read_batch(64):
+            result = vnic.from_tap(frame)
+            if isinstance(result, Outbound):
+                self.resolve_and_send(str(ipaddress.IPv4Address(result.dst_ip)), bytes(result.packet))
+            elif isinstance(result, Reply):
+                self.tap.write(result.frame)
+            elif isinstance(result, Ignored):
+                pass
+
+    def _deliver_data(self, packet: bytes) -> None:
+        if self.tap is None or self.vnic is None:
+            self.count("data delivered without a TAP")
+            return
+        try:
+            frame = self.vnic.to_tap(packet)
+        except FrameError:
+            self.count("drop: data not for our address")
+            return
+        self.tap.write(frame)
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        links = []
+        ring = self.table.ring_peers()
+        long_out = self.maintenance.long_link_peers()
+        for link in sorted(self.links.links.values(), key=lambda lk: lk.peer_id):
+            roles = [name for name, on in (
+                ("ring", link.peer_id in ring),
+                ("long_out", link.peer_id in long_out),
+                ("long_in", Role.LONG_IN in self.table.role(link.peer_id)),
+            ) if on]
+            links.append({
+                "peer_id": format_id(link.peer_id),
+                "peer_address": link.contact.address if link.contact else None,
+                "endpoint": link.describe_endpoint(),
+                "relay": format_id(link.relay) if link.relay is not None else None,
+                "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
+                "tx_bytes": link.tx_bytes,
+                "rx_bytes": link.rx_bytes,
+                "roles": roles,
+            })
+        return {
+            "node_id": format_id(self.id),
+            "address": f"{self.address}/{self.network.prefixlen}",
+            "room": self.room,
+            "endpoint": f"{self.underlay.local_endpoint[0]}:{self.underlay.local_endpoint[1]}",
+            "links": links,
+            "successors": [format_id(i) for i in self.table.successors()],
+            "predecessors": [format_id(i) for i in self.table.predecessors()],
+            "dht": {"stored": len(self.store), "cached": len(self.cache)},
+            "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
+            "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
+        }
+

@@ -1,0 +1,215 @@
+"""Maintenance rules: which links a node opens, keeps and closes, and when; fed events and `now`, no I/O.
+
+The node driver and the simulator's churn mode both run these rules: they report what happened (a link came
+up or went down, a neighbour list arrived, a long-link search ended) and act on the list `tick(now)` returns.
+
+Rules:
+- Ring: link to the `ring_size` nearest known successors and predecessors. Candidates come from neighbours'
+  lists (Chord-style stabilisation through gossip of neighbour lists), so a failed successor is replaced by
+  the next one its other neighbours know of.
+- Long links: `long_links` slots, each aimed at a point drawn from the harmonic distribution for the current
+  size estimate; the node routes a FIND to the point and links to whoever is closest (Symphony, section 3).
+  A slot is re-drawn when its link fails, when the found node refuses (incoming cap), or when the size
+  estimate has moved by more than a factor of 2 since the draw (Symphony's re-linking rule).
+- Keepalive: a link silent for `ping_interval` is pinged; silent for `dead_after` it is declared dead.
+- Links with no role are closed after `surplus_grace` (they may be someone's ring link about to be replaced).
+- Failed attempts back off exponentially, so an unreachable peer is not hammered.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from overlay.routing.ring import RingTable, harmonic_target
+
+# Our choices, all in seconds. Keepalive: a link is declared dead after three missed pings (~15 s), well
+# inside the ~32 s an ICE consent check takes to notice (RFC 7675), so our repair runs first.
+STABILIZE_INTERVAL = 5.0
+PING_INTERVAL = 5.0
+DEAD_AFTER = 16.0
+ATTEMPT_TIMEOUT = 6.0
+BACKOFF_FIRST = 5.0
+BACKOFF_MAX = 120.0
+SURPLUS_GRACE = 30.0
+RELINK_FACTOR = 2.0
+LINK_SLACK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLink:
+    peer: int
+
+
+@dataclass(frozen=True, slots=True)
+class FindLong:
+    slot: int
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLink:
+    peer: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    peer: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendNeighbours:
+    peers: tuple[int, ...]
+    neighbours: tuple[int, ...]
+
+
+Action = OpenLink | FindLong | CloseLink | Ping | SendNeighbours
+
+
+@dataclass
+class _LongSlot:
+    target: int | None = None
+    peer: int | None = None
+    searching_since: float | None = None
+    drawn_for: float = 0.0
+    retry_at: float = 0.0
+
+
+@dataclass
+class _Attempt:
+    started: float
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class Maintenance:
+    table: RingTable
+    rng: random.Random
+    stabilize_interval: float = STABILIZE_INTERVAL
+    ping_interval: float = PING_INTERVAL
+    dead_after: float = DEAD_AFTER
+    surplus_grace: float = SURPLUS_GRACE
+    _last_rx: dict[int, float] = field(default_factory=dict)
+    _last_ping: dict[int, float] = field(default_factory=dict)
+    _surplus_since: dict[int, float] = field(default_factory=dict)
+    _attempts: dict[int, _Attempt] = field(default_factory=dict)
+    _slots: list[_LongSlot] = field(default_factory=list)
+    _next_stabilize: float = 0.0
+    _deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._slots = [_LongSlot() for _ in range(self.table.params.long_links)]
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def on_link_up(self, peer: int, now: float) -> None:
+        self._last_rx[peer] = now
+        self._attempts.pop(peer, None)
+        # Tell the new neighbour who we know at once: that is what lets a joining node find its ring place.
+        self._next_stabilize = min(self._next_stabilize, now)
+
+    def on_link_down(self, peer: int, now: float) -> None:
+        self._last_rx.pop(peer, None)
+        self._last_ping.pop(peer, None)
+        self._surplus_since.pop(peer, None)
+        for slot in self._slots:
+            if slot.peer == peer:
+                slot.peer, slot.target, slot.retry_at = None, None, now
+        self._next_stabilize = min(self._next_stabilize, now)
+
+    def on_rx(self, peer: int, now: float) -> None:
+        self._last_rx[peer] = now
+
+    def on_neighbours(self, peer: int, ids: list[int], now: float) -> None:
+        self.table.set_neighbours_of(peer, ids)
+
+    def on_attempt_failed(self, peer: int, now: float) -> None:
+        a = self._attempts.setdefault(peer, _Attempt(now))
+        a.failures += 1
+        a.retry_at = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (a.failures - 1))
+        # A peer we cannot reach is no ring candidate until someone mentions it again.
+        if a.failures >= 3:
+            self.table.forget(peer)
+
+    def on_long_found(self, slot: int, peer: int | None, now: float) -> None:
+        """A long-link search ended: linked to `peer`, or None (refused, or no answer)."""
+        if not 0 <= slot < len(self._slots):
+            return
+        s = self._slots[slot]
+        s.searching_since = None
+        if peer is None or peer == self.table.self_id:
+            s.target, s.retry_at = None, now + BACKOFF_FIRST
+        else:
+            s.peer = peer
+
+    def max_links(self) -> int:
+        """The most links this node keeps once its surplus is closed: ring, own long links, incoming cap,
+        and LINK_SLACK for links being replaced."""
+        p = self.table.params
+        return 2 * p.ring_size + p.long_links + p.incoming_cap + LINK_SLACK
+
+    def long_link_peers(self) -> set[int]:
+        return {s.peer for s in self._slots if s.peer is not None}
+
+    # -- the clock -----------------------------------------------------------------------------------------
+    def next_deadline(self) -> float:
+        return self._deadline
+
+    def tick(self, now: float) -> list[Action]:
+        t = self.table
+        actions: list[Action] = []
+        linked = t.neighbours()
+        # Keepalive and failure detection.
+        for peer in linked:
+            last = self._last_rx.setdefault(peer, now)
+            if now - last >= self.dead_after:
+                actions.append(CloseLink(peer, "no answer to keepalives"))
+            elif now - last >= self.ping_interval and now - self._last_ping.get(peer, -1e18) >= self.ping_interval:
+                self._last_ping[peer] = now
+                actions.append(Ping(peer))
+        # Ring: open links to the nearest successors/predecessors we know of.
+        for peer in t.wanted_ring_peers():
+            if t.is_linked(peer):
+                continue
+            a = self._attempts.get(peer)
+            if a is None:
+                self._attempts[peer] = _Attempt(now)
+                actions.append(OpenLink(peer))
+            elif now >= a.retry_at and now - a.started >= ATTEMPT_TIMEOUT:
+                a.started = now
+                actions.append(OpenLink(peer))
+        # Long links.
+        n = t.size_estimate()
+        for i, s in enumerate(self._slots):
+            if s.peer is not None and not t.is_linked(s.peer):
+                s.peer, s.target = None, None
+            if s.peer is not None and (n > s.drawn_for * RELINK_FACTOR or n * RELINK_FACTOR < s.drawn_for):
+                s.peer, s.target = None, None
+            if s.peer is None and now >= s.retry_at and n >= 2 * t.params.ring_size + 1:
+                if s.searching_since is None or now - s.searching_since >= ATTEMPT_TIMEOUT:
+                    s.target = harmonic_target(t.self_id, self.rng.random(), n)
+                    s.drawn_for, s.searching_since = n, now
+                    actions.append(FindLong(i, s.target))
+        # Surplus links: close after a grace period, or at once, oldest surplus first, while the node has
+        # more links than its bound (an anchor that many joiners bootstrapped through).
+        long_peers = self.long_link_peers()
+        surplus = [p for p in t.surplus_links() if p not in long_peers]
+        for peer in surplus:
+            self._surplus_since.setdefault(peer, now)
+        excess = len(linked) - self.max_links()
+        for peer in sorted(surplus, key=lambda p: self._surplus_since[p]):
+            if excess > 0 or now - self._surplus_since[peer] >= self.surplus_grace:
+                actions.append(CloseLink(peer, "no longer needed"))
+                self._surplus_since.pop(peer)
+                excess -= 1
+        for peer in list(self._surplus_since):
+            if peer not in linked:
+                self._surplus_since.pop(peer)
+        # Gossip neighbour lists.
+        if now >= self._next_stabilize:
+            self._next_stabilize = now + self.stabilize_interval * (0.75 + 0.5 * self.rng.random())
+            if linked:
+                actions.append(SendNeighbours(tuple(linked), tuple(linked)))
+        self._deadline = min(self._next_stabilize, now + min(self.ping_interval, ATTEMPT_TIMEOUT) / 2)
+        return actions

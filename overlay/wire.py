@@ -1,0 +1,345 @@
+"""Wire format: every byte layout a node sends or receives, and the one error that bad peer bytes raise.
+
+Three layers, outermost first:
+1. Link packets (UDP payloads): handshake initiation/response and encrypted transport packets. The first byte
+   is >= 0x80 so no packet can parse as STUN (RFC 8489 section 5: the two most significant bits of a STUN
+   message are zero), which lets ICE share the socket.
+2. Link messages (the plaintext of a transport packet): keepalive, neighbour lists, relaying, routed packets.
+3. Routed packets: a header (TTL, flags, source, destination, watermark) and a kind-specific body.
+
+Decoders take peer bytes and either return a value or raise `DecodeError`; nothing else escapes them
+(tests/test_wire.py fuzzes each one).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+
+class DecodeError(ValueError):
+    """Peer bytes that do not parse. The receiver counts and drops the packet; its state is unchanged."""
+
+
+# --- link packets -----------------------------------------------------------------------------------------
+
+
+class PacketType(enum.IntEnum):
+    HANDSHAKE_INIT = 0x81
+    HANDSHAKE_RESP = 0x82
+    TRANSPORT = 0x83
+
+
+SIGNATURE_LEN = 64
+KEY_LEN = 32
+AEAD_TAG_LEN = 16
+
+_INIT = struct.Struct("!BI32s32sQ64s")  # type, sender index, ephemeral, static, timestamp (ns), signature
+_RESP = struct.Struct("!BII32s32s64s")  # type, sender index, receiver index, ephemeral, static, signature
+TRANSPORT_HEADER = struct.Struct("!BIQ")  # type, receiver index, counter; the AEAD's associated data
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeInit:
+    sender_index: int
+    ephemeral: bytes
+    static: bytes
+    timestamp: int
+    signature: bytes
+
+    def signed_part(self) -> bytes:
+        return _INIT.pack(PacketType.HANDSHAKE_INIT, self.sender_index, self.ephemeral, self.static,
+                          self.timestamp, bytes(SIGNATURE_LEN))[:-SIGNATURE_LEN]
+
+    def encode(self) -> bytes:
+        return _INIT.pack(PacketType.HANDSHAKE_INIT, self.sender_index, self.ephemeral, self.static,
+                          self.timestamp, self.signature)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResp:
+    sender_index: int
+    receiver_index: int
+    ephemeral: bytes
+    static: bytes
+    signature: bytes
+
+    def signed_part(self) -> bytes:
+        return self.encode()[:-SIGNATURE_LEN]
+
+    def encode(self) -> bytes:
+        return _RESP.pack(PacketType.HANDSHAKE_RESP, self.sender_index, self.receiver_index, self.ephemeral,
+                          self.static, self.signature)
+
+
+def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
+    if not data:
+        raise DecodeError("empty packet")
+    if data[0] == PacketType.HANDSHAKE_INIT:
+        if len(data) != _INIT.size:
+            raise DecodeError(f"handshake initiation of {len(data)} bytes, expected {_INIT.size}")
+        _, idx, eph, static, ts, sig = _INIT.unpack(data)
+        return HandshakeInit(idx, eph, static, ts, sig)
+    if data[0] == PacketType.HANDSHAKE_RESP:
+        if len(data) != _RESP.size:
+            raise DecodeError(f"handshake response of {len(data)} bytes, expected {_RESP.size}")
+        _, idx, ridx, eph, static, sig = _RESP.unpack(data)
+        return HandshakeResp(idx, ridx, eph, static, sig)
+    raise DecodeError(f"not a handshake packet (type 0x{data[0]:02x})")
+
+
+def decode_transport_header(data: bytes | memoryview) -> tuple[int, int]:
+    """(receiver index, counter) of a transport packet; the rest is ciphertext with its tag."""
+    if len(data) < TRANSPORT_HEADER.size + AEAD_TAG_LEN:
+        raise DecodeError(f"transport packet of {len(data)} bytes is too short")
+    ptype, idx, counter = TRANSPORT_HEADER.unpack_from(data)
+    if ptype != PacketType.TRANSPORT:
+        raise DecodeError(f"not a transport packet (type 0x{ptype:02x})")
+    return idx, counter
+
+
+# --- link messages ----------------------------------------------------------------------------------------
+
+
+class LinkMsg(enum.IntEnum):
+    PING = 0x01  # token(8): the peer echoes it in a PONG; RTT and liveness
+    PONG = 0x02
+    NEIGHBOURS = 0x03  # count(1), node IDs(8 each): lookahead and ring-repair candidates
+    ROUTED = 0x04  # routed header + body
+    RELAY = 0x05  # peer(8), link packet: "send this to peer" (a tunnel through us)
+    RELAYED = 0x06  # peer(8), link packet: "peer sent you this through me"
+    CLOSE = 0x07  # the peer closes the link on purpose (no failure to repair around... yet)
+    REPLICATE = 0x08  # an address record to hold as a replica
+    HELLO = 0x09  # flags(1), the sender's signed contact: who is on the other end, what it uses the link for
+
+
+# HELLO flags: what the sender uses the link for. A link is closed only when neither end uses it.
+HELLO_LONG_LINK = 0x01  # one of the sender's long links (counts against the receiver's incoming cap)
+HELLO_RING = 0x02  # the receiver is one of the sender's ring neighbours
+HELLO_BOOTSTRAP = 0x04  # the sender's only link
+MAX_NEIGHBOURS = 64
+_TOKEN = struct.Struct("!Q")
+_PEER = struct.Struct("!Q")
+
+
+def encode_ping(kind: LinkMsg, token: int) -> bytes:
+    return bytes([kind]) + _TOKEN.pack(token)
+
+
+def encode_neighbours(ids: list[int]) -> bytes:
+    ids = ids[:MAX_NEIGHBOURS]
+    return bytes([LinkMsg.NEIGHBOURS, len(ids)]) + b"".join(_PEER.pack(i) for i in ids)
+
+
+def decode_neighbours(data: bytes | memoryview) -> list[int]:
+    if len(data) < 2:
+        raise DecodeError("neighbour list without a count")
+    count = data[1]
+    if count > MAX_NEIGHBOURS or len(data) != 2 + 8 * count:
+        raise DecodeError(f"neighbour list of {len(data)} bytes does not hold {count} IDs")
+    return [int.from_bytes(data[2 + 8 * i : 10 + 8 * i], "big") for i in range(count)]
+
+
+def encode_relay(kind: LinkMsg, peer: int, packet: bytes) -> bytes:
+    return bytes([kind]) + _PEER.pack(peer) + packet
+
+
+def decode_relay(data: bytes | memoryview) -> tuple[int, bytes]:
+    if len(data) < 10:
+        raise DecodeError("relay message too short")
+    return _PEER.unpack_from(data, 1)[0], bytes(data[9:])
+
+
+def decode_token(data: bytes | memoryview) -> int:
+    if len(data) != 9:
+        raise DecodeError(f"ping/pong of {len(data)} bytes, expected 9")
+    return int(_TOKEN.unpack_from(data, 1)[0])
+
+
+# --- routed packets ---------------------------------------------------------------------------------------
+
+
+class Kind(enum.IntEnum):
+    DATA = 0x01  # an IPv4 packet for the destination node
+    LINK_REQUEST = 0x02  # contact: "link to me" (ring repair); the receiver starts the handshake
+    FIND = 0x03  # contact: "who is closest to this key?" (join, long links); flags say if a long link is wanted
+    FOUND = 0x04  # contact + neighbour IDs of the node closest to the key
+    DHT_PUT = 0x05  # address record, routed to the key's closest node
+    DHT_GET = 0x06  # virtual IPv4 (4), routed to the key's closest node
+    DHT_VALUE = 0x07  # virtual IPv4 (4), then an address record or nothing
+    NO_ROUTE = 0x08  # destination (8), kind (1): the exact destination does not exist
+
+
+FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else: at the closest node)
+FLAG_LONG_LINK = 0x02  # FIND: the sender wants the found node as a long link (counted against its cap)
+FLAG_REFUSED = 0x04  # FOUND: the found node's incoming long-link cap is full
+
+ROUTED_HEADER = struct.Struct("!BBBQQQB")  # LinkMsg.ROUTED, ttl, flags, src, dst, watermark, kind
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    ttl: int
+    flags: int
+    src: int
+    dst: int
+    watermark: int
+    kind: Kind
+    body: bytes
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.flags & FLAG_EXACT)
+
+    def encode(self) -> bytes:
+        return ROUTED_HEADER.pack(LinkMsg.ROUTED, self.ttl, self.flags, self.src, self.dst, self.watermark,
+                                  self.kind) + self.body
+
+
+def decode_routed(data: bytes | memoryview) -> Routed:
+    if len(data) < ROUTED_HEADER.size:
+        raise DecodeError(f"routed packet of {len(data)} bytes is shorter than its header")
+    _, ttl, flags, src, dst, wm, kind = ROUTED_HEADER.unpack_from(data)
+    try:
+        k = Kind(kind)
+    except ValueError:
+        raise DecodeError(f"unknown routed kind 0x{kind:02x}") from None
+    return Routed(ttl, flags, src, dst, wm, k, bytes(data[ROUTED_HEADER.size :]))
+
+
+def reroute(packet: Routed, ttl: int, watermark: int) -> bytes:
+    """The same packet for the next hop: only TTL and watermark change."""
+    return ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, packet.flags, packet.src, packet.dst, watermark,
+                              packet.kind) + packet.body
+
+
+_NO_ROUTE = struct.Struct("!QB")
+
+
+def encode_no_route(dst: int, kind: Kind) -> bytes:
+    return _NO_ROUTE.pack(dst, kind)
+
+
+def decode_no_route(body: bytes) -> tuple[int, int]:
+    if len(body) != _NO_ROUTE.size:
+        raise DecodeError("malformed no-route report")
+    dst, kind = _NO_ROUTE.unpack(body)
+    return int(dst), int(kind)
+
+
+# --- contacts: who a node is and where to reach it -------------------------------------------------------
+
+Endpoint = tuple[str, int]
+_CONTACT_HEAD = struct.Struct("!B32s4sHB")  # version, public key, virtual IPv4, port, address length (4|16)
+_CONTACT_TAIL = struct.Struct("!Q64s")  # timestamp (ms), signature
+CONTACT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A node's signed self-description: its key, virtual address and underlay endpoint.
+
+    Signed over the group name too, so a contact from one group cannot be replayed into another.
+    """
+
+    public_key: bytes
+    address: str  # virtual IPv4
+    endpoint: Endpoint
+    timestamp_ms: int
+    signature: bytes = bytes(SIGNATURE_LEN)
+
+    def _head(self) -> bytes:
+        ip = ipaddress.ip_address(self.endpoint[0])
+        packed = ip.packed
+        return _CONTACT_HEAD.pack(CONTACT_VERSION, self.public_key, ipaddress.IPv4Address(self.address).packed,
+                                  self.endpoint[1], len(packed)) + packed
+
+    def signed_part(self, room: str) -> bytes:
+        return b"ipop-overlay contact v1\x00" + room.encode() + b"\x00" + self._head() + \
+            struct.pack("!Q", self.timestamp_ms)
+
+    def encode(self) -> bytes:
+        return self._head() + _CONTACT_TAIL.pack(self.timestamp_ms, self.signature)
+
+
+def decode_contact(data: bytes) -> tuple[Contact, bytes]:
+    """A contact and the bytes after it."""
+    if len(data) < _CONTACT_HEAD.size:
+        raise DecodeError("contact too short")
+    version, pk, vip, port, alen = _CONTACT_HEAD.unpack_from(data)
+    if version != CONTACT_VERSION:
+        raise DecodeError(f"contact version {version}, expected {CONTACT_VERSION}")
+    if alen not in (4, 16):
+        raise DecodeError(f"contact address length {alen}")
+    end = _CONTACT_HEAD.size + alen + _CONTACT_TAIL.size
+    if len(data) < end:
+        raise DecodeError("contact truncated")
+    addr = bytes(data[_CONTACT_HEAD.size : _CONTACT_HEAD.size + alen])
+    ts, sig = _CONTACT_TAIL.unpack_from(data, _CONTACT_HEAD.size + alen)
+    host = str(ipaddress.IPv4Address(addr) if alen == 4 else ipaddress.IPv6Address(addr))
+    contact = Contact(pk, str(ipaddress.IPv4Address(vip)), (host, port), ts, sig)
+    return contact, bytes(data[end:])
+
+
+def encode_found(contact: Contact, neighbours: list[int]) -> bytes:
+    return contact.encode() + encode_neighbours(neighbours)[1:]
+
+
+def decode_found(body: bytes) -> tuple[Contact, list[int]]:
+    contact, rest = decode_contact(body)
+    return contact, decode_neighbours(b"\x00" + rest)
+
+
+# --- address records (the DHT's values) -------------------------------------------------------------------
+
+_RECORD = struct.Struct("!B4s32sQQ64s")  # version, virtual IPv4, public key, issued (ms), expires (ms), signature
+RECORD_VERSION = 1
+RECORD_SIZE = _RECORD.size
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRecord:
+    """"Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key."""
+
+    address: str
+    public_key: bytes
+    issued_ms: int
+    expires_ms: int
+    signature: bytes = bytes(SIGNATURE_LEN)
+
+    def signed_part(self, room: str) -> bytes:
+        return b"ipop-overlay record v1\x00" + room.encode() + b"\x00" + self.encode()[:-SIGNATURE_LEN]
+
+    def encode(self) -> bytes:
+        return _RECORD.pack(RECORD_VERSION, ipaddress.IPv4Address(self.address).packed, self.public_key,
+                            self.issued_ms, self.expires_ms, self.signature)
+
+
+def decode_record(data: bytes | memoryview) -> AddressRecord:
+    if len(data) != RECORD_SIZE:
+        raise DecodeError(f"address record of {len(data)} bytes, expected {RECORD_SIZE}")
+    version, vip, pk, issued, expires, sig = _RECORD.unpack(bytes(data))
+    if version != RECORD_VERSION:
+        raise DecodeError(f"address record version {version}, expected {RECORD_VERSION}")
+    if expires < issued:
+        raise DecodeError("address record expires before it is issued")
+    return AddressRecord(str(ipaddress.IPv4Address(vip)), pk, issued, expires, sig)
+
+
+def encode_dht_value(address: str, record: AddressRecord | None) -> bytes:
+    return ipaddress.IPv4Address(address).packed + (record.encode() if record else b"")
+
+
+def decode_dht_value(body: bytes) -> tuple[str, AddressRecord | None]:
+    if len(body) not in (4, 4 + RECORD_SIZE):
+        raise DecodeError(f"DHT value of {len(body)} bytes")
+    address = str(ipaddress.IPv4Address(body[:4]))
+    return address, (decode_record(body[4:]) if len(body) > 4 else None)
+
+
+def decode_address(body: bytes) -> str:
+    if len(body) != 4:
+        raise DecodeError(f"virtual address of {len(body)} bytes")
+    return str(ipaddress.IPv4Address(body))

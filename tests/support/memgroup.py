@@ -1,0 +1,98 @@
+"""A group of real nodes in one process: memory underlay, memory XMPP room, memory TAPs.
+
+Everything above the sockets is the node's own code (links, crypto, routing, maintenance, DHT, VirtualNic);
+only the underlay, the XMPP server and the TAP device are the in-memory twins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import struct
+from dataclasses import dataclass, field
+
+from overlay.identity import Identity
+from overlay.node import Node, NodeSettings
+from overlay.routing.ring import RingParams, SortedRing
+from overlay.tap.device import MemoryTap
+from overlay.tap.frames import ETH_P_IP, ethernet_frame, internet_checksum
+from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
+from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
+from xmpp_bootstrap import MemoryBootstrap, MemoryRoom
+
+ROOM = "group1@conference.example.test"
+
+
+def udp_packet(src: str, dst: str, payload: bytes) -> bytes:
+    """A valid IPv4/UDP packet (checksummed header) as the kernel would hand it to the TAP."""
+    total = 20 + 8 + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
+                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
+    return header + struct.pack("!HHHH", 4000, 4000, 8 + len(payload), 0) + payload
+
+
+def vaddr(i: int) -> str:
+    return str(ipaddress.IPv4Address("10.254.0.1") + i)
+
+
+@dataclass
+class MemoryGroup:
+    seed: int = 1
+    stabilize_interval: float = 0.5
+    params: RingParams = field(default_factory=RingParams)
+    network: MemoryNetwork = field(default_factory=MemoryNetwork)
+    nodes: list[Node] = field(default_factory=list)
+    taps: list[MemoryTap] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.room = MemoryRoom(ROOM, [f"user{i}@example.test" for i in range(100_000)])
+        self.rng = random.Random(self.seed)
+
+    async def add_node(self) -> Node:
+        i = len(self.nodes)
+        identity = Identity.from_seed(self.rng.randbytes(32))
+        settings = NodeSettings(room=ROOM, address=f"{vaddr(i)}/16", ring=self.params,
+                                stabilize_interval=self.stabilize_interval)
+        boot = MemoryBootstrap(self.room, f"user{i}@example.test/node", f"{identity.node_id:016x}")
+        tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, i >> 8 & 255, i & 255]))
+        node = Node(identity, settings, MemoryUnderlay(self.network), bootstrap=boot, tap=tap,
+                    rng=random.Random(self.rng.random()))
+        self.nodes.append(node)
+        self.taps.append(tap)
+        await node.start()
+        return node
+
+    def ring_correct(self) -> list[int]:
+        """Indices of live nodes whose successors and predecessors differ from the sorted-ID truth."""
+        live = [n for n in self.nodes if not n._stopped]
+        ring = SortedRing(n.id for n in live)
+        k = self.params.ring_size
+        return [i for i, n in enumerate(self.nodes) if not n._stopped and (
+            n.table.successors() != ring.successors(n.id, k) or
+            n.table.predecessors() != ring.predecessors(n.id, k))]
+
+    async def wait_for(self, predicate, timeout: float, step: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            if predicate():
+                return True
+            await asyncio.sleep(step)
+        return bool(predicate())
+
+    def send(self, a: int, b: int, payload: bytes) -> bytes:
+        """Node a's kernel sends a UDP packet to node b's virtual address; returns the packet."""
+        packet = udp_packet(vaddr(a), vaddr(b), payload)
+        self.taps[a].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, self.taps[a].mac, ETH_P_IP, packet))
+        return packet
+
+    def received(self, b: int, packet: bytes) -> bool:
+        return any(frame[14:] == packet for frame in self.taps[b].written)
+
+    async def stop(self) -> None:
+        for n in self.nodes:
+            await n.stop()
+        for t in self.taps:
+            t.close()

@@ -1,0 +1,145 @@
+"""Whole nodes in one process (memory underlay, room and TAPs): join, ring, routing, DHT, repair, tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from overlay.wire import Kind
+from tests.support.memgroup import MemoryGroup
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_200_nodes_join_one_by_one_route_sampled_pairs_and_respect_the_link_bound() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=7)
+        try:
+            for _ in range(200):
+                node = await g.add_node()
+                assert await g.wait_for(lambda: node.first_link.is_set() or len(g.nodes) == 1, 5.0)
+            assert await g.wait_for(lambda: not g.ring_correct(), 60.0), f"wrong ring at {g.ring_correct()}"
+            bound = g.nodes[0].maintenance.max_links()
+            assert await g.wait_for(lambda: max(len(n.links.links) for n in g.nodes) <= bound, 30.0), \
+                max(len(n.links.links) for n in g.nodes)
+            # Every node has published its address by now (first tick after its first link).
+            rng = random.Random(3)
+            pairs = [tuple(rng.sample(range(200), 2)) for _ in range(60)]
+            packets = {(a, b): g.send(a, b, f"{a}->{b}".encode()) for a, b in pairs}
+            assert await g.wait_for(lambda: all(g.received(b, p) for (a, b), p in packets.items()), 15.0), \
+                [ab for ab, p in packets.items() if not g.received(ab[1], p)]
+            # Few tunnels per node, not a mesh.
+            degrees = [len(n.links.links) for n in g.nodes]
+            assert sum(degrees) / len(degrees) <= bound
+            # XMPP: at most the configured anchors stay in the room.
+            assert len(g.room.anchors()) <= 3
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_ring_repairs_after_a_node_leaves_and_traffic_flows_again() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=11)
+        try:
+            for _ in range(16):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            await g.nodes[5].stop()
+            assert await g.wait_for(lambda: not g.ring_correct(), 20.0), g.ring_correct()
+            p = g.send(2, 9, b"after repair")
+            assert await g.wait_for(lambda: g.received(9, p), 10.0)
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_ring_repairs_after_a_node_crashes_without_saying_goodbye() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=5)
+        try:
+            for _ in range(12):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            dead = g.nodes[4]
+            dead._stopped = True  # no CLOSE messages: the peers must notice missing keepalives
+            if dead._timer is not None:
+                dead._timer.cancel()
+            dead.underlay.close()
+            assert await g.wait_for(lambda: not g.ring_correct(), 40.0), g.ring_correct()
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=3)
+        try:
+            for _ in range(10):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            # Block the underlay between a node and its successor, then make them relink.
+            a = g.nodes[2]
+            b_id = a.table.successors()[0]
+            b = next(n for n in g.nodes if n.id == b_id)
+            g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
+            a.links.close(b.id, "test")
+            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None,
+                                    30.0)
+            p = g.send(g.nodes.index(a), g.nodes.index(b), b"through the tunnel")
+            assert await g.wait_for(lambda: g.received(g.nodes.index(b), p), 10.0)
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_a_packet_for_an_address_nobody_owns_is_dropped_counted_and_answered_with_icmp() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=2)
+        try:
+            for _ in range(4):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            from tests.support.memgroup import udp_packet
+            from overlay.tap.frames import ETH_P_IP, ethernet_frame
+            from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
+            packet = udp_packet("10.254.0.1", "10.254.9.9", b"anyone?")
+            g.taps[0].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, g.taps[0].mac, ETH_P_IP, packet))
+            n0 = g.nodes[0]
+            assert await g.wait_for(lambda: n0.counters.get("drop: no node owns the address") == 1, 10.0)
+            icmp = [f for f in g.taps[0].written if f[14 + 9] == 1]  # IP protocol 1: ICMP
+            assert icmp and icmp[0][14 + 20] == 3  # type 3: destination unreachable
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_garbage_from_a_linked_peer_is_counted_and_the_link_survives() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=9)
+        try:
+            for _ in range(3):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            a, b = g.nodes[0], g.nodes[1]
+            link = a.links.links[b.id]
+            for junk in (b"", b"\x04", b"\x04" + bytes(40), b"\x03\x05", b"\xff" * 10, bytes([Kind.FIND])):
+                link.send(junk)
+            await asyncio.sleep(0.2)
+            assert b.counters.get("drop: malformed link message", 0) + b.counters.get(
+                "drop: unknown link message", 0) >= 4
+            assert a.id in b.links.links
+            p = g.send(0, 1, b"still fine")
+            assert await g.wait_for(lambda: g.received(1, p), 5.0)
+        finally:
+            await g.stop()
+
+    run(scenario())
