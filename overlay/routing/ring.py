@@ -2,7 +2,8 @@
 
 A node keeps `ring_size` successors and as many predecessors (the ring that makes greedy routing always
 succeed), plus `long_links` long-distance links drawn from the harmonic distribution (Symphony: Manku, Bawa,
-Raghavan, USITS 2003), and accepts at most `incoming_cap` long links from others so that no node becomes a hub.
+Raghavan, USITS 2003), and accepts at most `incoming_cap` long links from others so that no node becomes a
+hub.
 Successor/predecessor roles are derived from IDs, never stored: they change when a closer node appears.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from overlay.ids import RING_SIZE, clockwise, ring_distance
@@ -21,13 +22,14 @@ class Role(enum.Flag):
     NONE = 0
     LONG_OUT = enum.auto()  # we drew this peer for one of our long links
     LONG_IN = enum.auto()  # the peer drew us for one of its long links (counted against incoming_cap)
-    BOOTSTRAP = enum.auto()  # the first link, kept until the ring links are up
+    BOOTSTRAP = enum.auto()  # the peer's only link (it is joining through us): kept until it has others
+    PEER_RING = enum.auto()  # the peer keeps us as one of its ring neighbours (its view may differ from ours)
     ON_DEMAND = enum.auto()  # a direct link opened because a pair talks a lot
 
 
 @dataclass(frozen=True, slots=True)
 class RingParams:
-    """Neighbour-selection parameters; the defaults follow the simulator's recommendation (docs/topology.md)."""
+    """Neighbour-selection parameters; the defaults follow the simulator (docs/topology.md)."""
 
     ring_size: int = 2  # successors, and as many predecessors
     long_links: int = 4  # k harmonic long links drawn by this node
@@ -122,12 +124,36 @@ def estimate_size(self_id: int, successors: list[int], predecessors: list[int]) 
 def harmonic_target(self_id: int, u: float, n_estimate: float) -> int:
     """The ring point for a long link, for a uniform draw u in [0, 1).
 
-    Symphony's harmonic pdf p(x) = 1/(x ln n) on [1/n, 1] has inverse CDF x = n^(u-1): short links are as likely
-    per octave as long ones, which gives O(log^2 n / k) greedy hops.
+    Symphony's harmonic pdf p(x) = 1/(x ln n) on [1/n, 1] has inverse CDF x = n^(u-1): short links are as
+    likely per octave as long ones, which gives O(log^2 n / k) greedy hops.
     """
     n = max(n_estimate, 2.0)
     x = math.exp(math.log(n) * (u - 1.0))
     return (self_id + int(x * (RING_SIZE - 1))) % RING_SIZE
+
+
+def stratified_draw(slot: int, slots: int, u: float) -> float:
+    """The uniform draw for long-link slot `slot` of `slots`, from a uniform u in [0, 1).
+
+    Slot i draws from [i/slots, (i+1)/slots): the k links then cover the octaves of distance evenly instead
+    of clumping, which the simulator measured at ~5% fewer hops (docs/topology.md); each link is still
+    harmonic when the slot is picked at random.
+    """
+    # (slot + u) / slots can round up to the next slot's start: keep it inside its own slot
+    return min((slot + u) / slots, math.nextafter((slot + 1) / slots, 0.0))
+
+
+def choose_by_latency(candidates: Iterable[int], rtt: Callable[[int], float]) -> int:
+    """Proximity neighbour selection: of the nodes near a harmonic point, the one with the lowest RTT.
+
+    Picking among the few nodes next to the drawn point keeps the harmonic distribution of ring distances
+    (Gummadi et al., "The impact of DHT routing geometry on resilience and proximity", SIGCOMM 2003) while
+    each long hop gets short in latency. Ties break on the smaller ID so runs are reproducible.
+    """
+    best = min(candidates, key=lambda i: (rtt(i), i), default=None)
+    if best is None:
+        raise ValueError("no candidate for a long link")
+    return best
 
 
 @dataclass
@@ -199,7 +225,7 @@ class RingTable:
     def neighbours_of(self, peer: int) -> tuple[int, ...]:
         return self._neighbours_of.get(peer, ())
 
-    # -- the ring ----------------------------------------------------------------------------------------------
+    # -- the ring --------------------------------------------------------------------------------------------
     def successors(self) -> list[int]:
         return self._linked.successors(self.self_id, self.params.ring_size)
 
@@ -219,6 +245,10 @@ class RingTable:
         """Linked peers that play no role: not a wanted ring neighbour and not a long or on-demand link."""
         keep = set(self.wanted_ring_peers()) | self.ring_peers()
         return [p for p, r in self._links.items() if r == Role.NONE and p not in keep]
+
+    def closest_known(self, point: int) -> int | None:
+        """The known peer (linked or not) nearest `point`, or None when this node knows nobody."""
+        return self._known.closest(point) if len(self._known) else None
 
     def size_estimate(self) -> float:
         return estimate_size(

@@ -1,0 +1,252 @@
+"""The pure routing core: ring table against brute force, and the forwarding decision's guarantees."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.ids import FAR, RING_MASK, RING_SIZE, ring_distance
+from overlay.routing.forwarding import (
+    DEFAULT_TTL,
+    DELIVER,
+    DROP_TTL,
+    DROP_WATERMARK,
+    NO_ROUTE,
+    Deliver,
+    Forward,
+    clockwise_distance,
+    decide,
+    next_hop,
+    xor_distance,
+)
+from overlay.routing.ring import (
+    RingParams,
+    RingTable,
+    Role,
+    SortedRing,
+    choose_by_latency,
+    estimate_size,
+    harmonic_target,
+    ring_neighbours,
+    stratified_draw,
+)
+
+ids64 = st.integers(min_value=0, max_value=RING_MASK)
+# Small rings with IDs crowded near 0 and near the wrap point, where off-by-one errors live.
+edge_ids = st.one_of(ids64, st.integers(0, 40), st.integers(RING_MASK - 40, RING_MASK))
+
+
+# -- SortedRing and RingTable against the brute-force reference -----------------------------------------------
+@given(st.sets(edge_ids, min_size=1, max_size=40), edge_ids, st.integers(1, 5))
+def test_sorted_ring_neighbours_match_brute_force(ids: set[int], point: int, k: int) -> None:
+    ring = SortedRing(ids)
+    succ, pred = ring_neighbours(point, ids, k)
+    assert ring.successors(point, k) == succ
+    assert ring.predecessors(point, k) == pred
+
+
+@given(st.sets(edge_ids, min_size=1, max_size=40), edge_ids)
+def test_sorted_ring_closest_is_the_nearest_by_ring_distance(ids: set[int], point: int) -> None:
+    want = min(ids, key=lambda i: (ring_distance(i, point), i))
+    assert SortedRing(ids).closest(point) == want
+
+
+@given(st.sets(edge_ids, min_size=2, max_size=40), st.data())
+def test_sorted_ring_add_discard_keeps_order_and_membership(ids: set[int], data: st.DataObject) -> None:
+    ring = SortedRing()
+    for i in ids:
+        ring.add(i)
+        ring.add(i)
+    gone = data.draw(st.sampled_from(sorted(ids)))
+    ring.discard(gone)
+    assert list(ring) == sorted(ids - {gone})
+    assert gone not in ring and len(ring) == len(ids) - 1
+
+
+@given(edge_ids, st.sets(edge_ids, min_size=1, max_size=30), st.integers(1, 3))
+def test_ring_table_ring_roles_match_brute_force(self_id: int, peers: set[int], k: int) -> None:
+    peers.discard(self_id)
+    t = RingTable(self_id, RingParams(ring_size=k))
+    for p in peers:
+        t.add_link(p)
+    succ, pred = ring_neighbours(self_id, peers, k)
+    assert t.successors() == succ
+    assert t.predecessors() == pred
+    assert t.ring_peers() == set(succ) | set(pred)
+
+
+@given(edge_ids, st.sets(edge_ids, max_size=30), st.sets(edge_ids, max_size=30))
+def test_wanted_ring_peers_come_from_everything_known(self_id: int, linked: set[int], heard: set[int]) -> None:
+    t = RingTable(self_id, RingParams(ring_size=2))
+    for p in linked - {self_id}:
+        t.add_link(p)
+    t.learn(heard)
+    succ, pred = ring_neighbours(self_id, (linked | heard) - {self_id}, 2)
+    assert t.wanted_ring_peers() == list(dict.fromkeys(succ + pred))
+
+
+def test_incoming_cap_counts_only_incoming_long_links() -> None:
+    t = RingTable(1000, RingParams(incoming_cap=2))
+    t.add_link(1, Role.LONG_OUT)
+    t.add_link(2, Role.LONG_IN)
+    assert t.accepts_incoming_long()
+    t.add_link(3, Role.LONG_IN)
+    assert not t.accepts_incoming_long()
+    t.remove_link(2)
+    assert t.accepts_incoming_long()
+
+
+# -- neighbour selection helpers -----------------------------------------------------------------------------
+@given(ids64, st.floats(0.0, 1.0, exclude_max=True), st.floats(2.0, 1e7))
+def test_harmonic_target_is_between_one_spacing_and_the_whole_ring(self_id: int, u: float, n: float) -> None:
+    d = (harmonic_target(self_id, u, n) - self_id) % RING_SIZE
+    assert RING_SIZE / n * 0.999 <= d < RING_SIZE
+
+
+@given(st.integers(1, 8), st.data())
+def test_stratified_draws_stay_in_their_slot(slots: int, data: st.DataObject) -> None:
+    slot = data.draw(st.integers(0, slots - 1))
+    u = data.draw(st.floats(0.0, 1.0, exclude_max=True))
+    assert slot / slots <= stratified_draw(slot, slots, u) < (slot + 1) / slots
+
+
+def test_choose_by_latency_takes_lowest_rtt_then_smallest_id() -> None:
+    rtt = {10: 5.0, 11: 2.0, 12: 2.0, 13: 9.0}
+    assert choose_by_latency(rtt, rtt.__getitem__) == 11
+
+
+def test_estimate_size_recovers_n_on_an_even_ring() -> None:
+    n = 1000
+    step = RING_SIZE // n
+    succ, pred = [step, 2 * step], [RING_SIZE - step, RING_SIZE - 2 * step]
+    assert abs(estimate_size(0, succ, pred) - n) < 1
+
+
+# -- the forwarding decision ----------------------------------------------------------------------------------
+def test_watermark_drops_a_packet_that_did_not_get_closer() -> None:
+    d = decide(100, 200, exact=True, watermark=100, ttl=10, neighbours=[150])
+    assert d == DROP_WATERMARK
+    d = decide(100, 200, exact=True, watermark=101, ttl=10, neighbours=[150])
+    assert d == Forward(150)
+
+
+def test_ttl_expires_on_a_relay_but_not_at_the_destination() -> None:
+    assert decide(100, 200, exact=True, watermark=FAR, ttl=0, neighbours=[150]) == DROP_TTL
+    assert decide(200, 200, exact=True, watermark=FAR, ttl=0, neighbours=[150]) == DELIVER
+
+
+def test_no_closer_neighbour_is_no_route_for_a_node_and_delivery_for_a_key() -> None:
+    assert decide(100, 200, exact=True, watermark=FAR, ttl=5, neighbours=[50, 400]) == NO_ROUTE
+    assert decide(100, 200, exact=False, watermark=FAR, ttl=5, neighbours=[50, 400]) == DELIVER
+
+
+def test_lookahead_prefers_the_neighbour_whose_neighbour_is_the_target() -> None:
+    nbrs = {150: [10], 120: [200]}
+    assert next_hop(100, 200, [150, 120]) == 150
+    assert next_hop(100, 200, [150, 120], nbrs.__getitem__) == 120
+
+
+def test_hop_aware_lookahead_takes_the_shorter_path_to_the_target() -> None:
+    # 150 reaches the target in two more hops (via 180), 120 in one: both look equally close by distance.
+    nbrs = {150: [180], 180: [200], 120: [200], 200: []}
+    look = nbrs.__getitem__
+    assert next_hop(100, 200, [150, 120], look, depth=2) == 150
+    assert next_hop(100, 200, [150, 120], look, depth=2, spacing=10.0) == 120
+
+
+def test_ties_break_on_the_smaller_id_whatever_the_order() -> None:
+    assert next_hop(0, 1000, [1100, 900]) == 900
+    assert next_hop(0, 1000, [900, 1100]) == 900
+
+
+def test_other_metrics_route_on_their_own_distance() -> None:
+    # clockwise only: 300 is 'behind' target 200 from 100's point of view, so it is never closer
+    assert next_hop(100, 200, [300], distance=clockwise_distance) is None
+    assert next_hop(100, 200, [190], distance=clockwise_distance) == 190
+    assert next_hop(0b1000, 0b1011, [0b1010, 0b0011], distance=xor_distance) == 0b1010
+
+
+def _consistent_overlay(ids: list[int], rng: random.Random, extra: int) -> dict[int, list[int]]:
+    """Each node linked to its 2 ring neighbours per side and `extra` random long links, both ways."""
+    ring = sorted(ids)
+    n = len(ring)
+    adj: dict[int, set[int]] = {i: set() for i in ring}
+    for pos, i in enumerate(ring):
+        for j in range(1, min(2, n - 1) + 1):
+            other = ring[(pos + j) % n]
+            if other != i:
+                adj[i].add(other)
+                adj[other].add(i)
+        for _ in range(extra):
+            other = rng.choice(ring)
+            if other != i:
+                adj[i].add(other)
+                adj[other].add(i)
+    return {i: sorted(v) for i, v in adj.items()}
+
+
+def _walk(
+    adj: dict[int, list[int]], src: int, target: int, exact: bool, **kw: object
+) -> tuple[list[int], object]:
+    cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
+    while True:
+        d = decide(
+            cur, target, exact=exact, watermark=watermark, ttl=ttl, neighbours=adj[cur], **kw  # type: ignore[arg-type]
+        )
+        if not isinstance(d, Forward):
+            return path, d
+        distance = kw.get("distance", ring_distance)
+        watermark = distance(cur, target)  # type: ignore[operator]
+        ttl -= 1
+        assert d.next_hop in adj[cur]
+        cur = d.next_hop
+        path.append(cur)
+        assert len(path) <= len(adj) + 1, "a route visited more nodes than exist: a loop"
+
+
+ROUTING_VARIANTS = [
+    {},
+    {"neighbours_of": "look"},
+    {"neighbours_of": "look", "depth": 2, "spacing": 1e15},
+    {"distance": clockwise_distance},
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(edge_ids, min_size=2, max_size=60, unique=True),
+    st.integers(0, 3),
+    st.integers(0, 2**32),
+    st.sampled_from(range(len(ROUTING_VARIANTS))),
+    st.data(),
+)
+def test_forwarding_on_a_consistent_ring_reaches_the_target_without_revisiting(
+    ids: list[int], extra: int, seed: int, variant: int, data: st.DataObject
+) -> None:
+    adj = _consistent_overlay(ids, random.Random(seed), extra)
+    kw: dict[str, object] = dict(ROUTING_VARIANTS[variant])
+    if kw.get("neighbours_of") == "look":
+        kw["neighbours_of"] = adj.__getitem__
+    src = data.draw(st.sampled_from(ids))
+    dst = data.draw(st.sampled_from(ids))
+    path, outcome = _walk(adj, src, dst, True, **kw)
+    assert isinstance(outcome, Deliver) and path[-1] == dst
+    assert len(set(path)) == len(path)
+    distance = kw.get("distance", ring_distance)
+    dists = [distance(p, dst) for p in path]  # type: ignore[operator]
+    assert all(a > b for a, b in zip(dists, dists[1:], strict=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(edge_ids, min_size=2, max_size=60, unique=True), st.integers(0, 2**32), edge_ids, st.booleans())
+def test_key_lookups_end_at_the_node_closest_to_the_key(
+    ids: list[int], seed: int, key: int, lookahead: bool
+) -> None:
+    adj = _consistent_overlay(ids, random.Random(seed), 2)
+    src = random.Random(seed).choice(ids)
+    look = {"neighbours_of": adj.__getitem__} if lookahead else {}
+    path, outcome = _walk(adj, src, key, False, **look)
+    assert isinstance(outcome, Deliver)
+    assert ring_distance(path[-1], key) == min(ring_distance(i, key) for i in ids)
