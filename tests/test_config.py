@@ -1,0 +1,68 @@
+"""The node's config file: every problem is one line naming the key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from overlay.config import ConfigError, load_config
+
+GOOD = """
+[node]
+key = "node.key"
+control_socket = "run/node.sock"
+listen = "198.18.0.10:5800"
+[xmpp]
+jid = "alice@example.test/laptop"
+password_file = "alice.pass"
+host = "198.18.0.1"
+port = 5222
+room = "group1@conference.example.test"
+[vnic]
+name = "ipop0"
+address = "10.254.0.1/16"
+mtu = 1400
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "alice.pass").write_text("s3cret\n")
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.key == tmp_path / "node.key"
+    assert cfg.control_socket == tmp_path / "run/node.sock"
+    assert cfg.password == "s3cret"
+    assert cfg.listen == ("198.18.0.10", 5800)
+    assert cfg.vnic_address == "10.254.0.1/16" and cfg.vnic_mtu == 1400
+    assert cfg.ring.long_links == 4 and cfg.lookahead
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("listen =", "lisen ="), r"unknown key \[node\] lisen.*did you mean 'listen'"),
+    (("[vnic]", "[vnc]"), r"unknown section \[vnc\]"),
+    (('mtu = 1400', 'mtu = 70000'), r"bad value for \[vnic\] mtu = 70000"),
+    (('address = "10.254.0.1/16"', 'address = "10.254.0.0/16"'), r"\[vnic\] address"),
+    (('listen = "198.18.0.10:5800"', 'listen = "nowhere"'), r"\[node\] listen"),
+    (('jid = "alice@example.test/laptop"', 'jid = "alice"'), r"\[xmpp\] jid = 'alice'"),
+    (('password_file = "alice.pass"', 'password_file = "missing.pass"'), r"password_file .*missing.pass"),
+    (('password_file = "alice.pass"', ''), r"exactly one of \[xmpp\] password"),
+    (('room = "group1@conference.example.test"', ''), r"missing key \[xmpp\] room"),
+    (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
+])
+def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(write(tmp_path, GOOD.replace(*edit)))
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_file_and_bad_toml_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[node\nkey="))

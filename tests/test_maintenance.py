@@ -1,0 +1,97 @@
+"""Maintenance rules with literal times: ring repair, keepalive, long links, surplus, backoff."""
+
+from __future__ import annotations
+
+import random
+
+from overlay.routing.maintenance import (
+    DEAD_AFTER,
+    SURPLUS_GRACE,
+    CloseLink,
+    FindLong,
+    Maintenance,
+    OpenLink,
+    Ping,
+    SendNeighbours,
+)
+from overlay.routing.ring import RingTable, Role
+
+SELF = 1 << 62
+
+
+def fresh() -> Maintenance:
+    return Maintenance(RingTable(SELF), random.Random(1))
+
+
+def test_a_new_link_learns_candidates_and_the_nearest_unlinked_ones_are_opened() -> None:
+    m = fresh()
+    m.table.add_link(5)
+    m.on_link_up(5, 0.0)
+    m.on_neighbours(5, [SELF + 10, SELF + 20, SELF + 30, SELF - 10, SELF - 20], 0.0)
+    acts = m.tick(0.0)
+    opened = {a.peer for a in acts if isinstance(a, OpenLink)}
+    assert opened == {SELF + 10, SELF + 20, SELF - 10, SELF - 20}
+    assert any(isinstance(a, SendNeighbours) for a in acts)
+    # Not re-opened while the attempt runs.
+    assert not [a for a in m.tick(1.0) if isinstance(a, OpenLink)]
+
+
+def test_a_silent_link_is_pinged_then_declared_dead() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    assert any(a == Ping(7) for a in m.tick(m.ping_interval))
+    assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(DEAD_AFTER))
+
+
+def test_traffic_keeps_a_link_alive() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    for t in range(1, 40):
+        m.on_rx(7, float(t))
+        assert not any(isinstance(a, CloseLink) for a in m.tick(float(t)))
+
+
+def test_long_links_are_searched_once_the_group_is_big_enough() -> None:
+    m = fresh()
+    peers = [SELF + i * 2**50 for i in range(1, 4)] + [SELF - i * 2**50 for i in range(1, 4)]
+    for p in peers:
+        m.table.add_link(p)
+        m.on_link_up(p, 0.0)
+    finds = [a for a in m.tick(0.0) if isinstance(a, FindLong)]
+    assert len(finds) == m.table.params.long_links
+    # A refused search is retried later with a fresh draw.
+    m.on_long_found(finds[0].slot, None, 1.0)
+    again = [a for a in m.tick(10.0) if isinstance(a, FindLong)]
+    assert finds[0].slot in {a.slot for a in again}
+
+
+def test_a_link_nobody_uses_is_closed_after_the_grace_period_but_not_one_the_peer_uses() -> None:
+    m = fresh()
+    near = [SELF + 1, SELF + 2, SELF - 1, SELF - 2]
+    for p in near + [SELF + 2**60, SELF + 2**61]:
+        m.table.add_link(p)
+        m.on_link_up(p, 0.0)
+    m.table.set_role(SELF + 2**61, Role.PEER_RING)
+    m.tick(0.0)
+    for p in m.table.neighbours():
+        m.on_rx(p, SURPLUS_GRACE)  # all alive: only the surplus rule may close
+    closed = {a.peer for a in m.tick(SURPLUS_GRACE + 1) if isinstance(a, CloseLink)}
+    assert SELF + 2**60 in closed
+    assert SELF + 2**61 not in closed
+    assert not closed & set(near)
+
+
+def test_failed_attempts_back_off_and_a_peer_is_forgotten_after_three() -> None:
+    m = fresh()
+    m.table.add_link(3)
+    m.on_link_up(3, 0.0)
+    m.on_neighbours(3, [SELF + 5], 0.0)
+    assert OpenLink(SELF + 5) in m.tick(0.0)
+    m.on_attempt_failed(SELF + 5, 1.0)
+    assert OpenLink(SELF + 5) not in m.tick(2.0)
+    assert OpenLink(SELF + 5) in m.tick(7.0)
+    m.on_attempt_failed(SELF + 5, 8.0)
+    m.on_attempt_failed(SELF + 5, 9.0)
+    assert SELF + 5 not in m.table.wanted_ring_peers()

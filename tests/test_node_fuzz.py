@@ -1,0 +1,68 @@
+"""Hostile bytes at the node's two doors (underlay datagrams, decrypted link messages): every one is parsed or
+counted and dropped; nothing raises, and the link and its state survive."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.identity import Identity
+from overlay.node import Node, NodeSettings
+from overlay.transport.session import Handshaker
+from overlay.wire import FLAG_EXACT, Kind, LinkMsg, Routed
+
+
+class RecordingUnderlay:
+    local_endpoint = ("198.19.0.1", 5800)
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def start(self, handler: object) -> None:
+        pass
+
+    def send(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        self.sent.append((data, endpoint))
+
+    def close(self) -> None:
+        pass
+
+
+def linked_node() -> tuple[Node, int]:
+    me, peer = Identity.from_seed(bytes([7]) * 32), Identity.from_seed(bytes([8]) * 32)
+    node = Node(me, NodeSettings(room="g@conference.example.test", address="10.254.0.1/16"),
+                RecordingUnderlay(), clock=lambda: 1000.0)  # type: ignore[arg-type]
+    pending = Handshaker(peer).initiate(me.public_key, 1, 1)
+    session, _ = Handshaker(me).respond(pending.init, 2)
+    node.links._install(peer.node_id, peer.public_key, session, ("198.19.0.2", 5800), None, None)
+    return node, peer.node_id
+
+
+NODE, PEER = linked_node()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_datagram_is_handled_without_raising(data: bytes) -> None:
+    NODE.links.on_datagram(data, ("198.19.0.9", 1))
+    assert PEER in NODE.links.links
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(LinkMsg)), st.binary(max_size=300))
+def test_any_link_message_is_handled_without_raising(kind: LinkMsg, rest: bytes) -> None:
+    if kind == LinkMsg.CLOSE:
+        return  # a CLOSE from an authenticated peer does close the link, by design
+    NODE._on_message(NODE.links.links[PEER], bytes([kind]) + rest)
+    assert PEER in NODE.links.links
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(Kind)), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=300),
+       st.booleans())
+def test_any_routed_body_delivered_here_is_handled_without_raising(kind: Kind, ttl: int, flags: int,
+                                                                   body: bytes, to_me: bool) -> None:
+    dst = NODE.id if to_me else (NODE.id ^ (1 << 40))
+    packet = Routed(ttl, flags | FLAG_EXACT if to_me else flags, PEER, dst, (1 << 64) - 1, kind, body)
+    NODE._on_message(NODE.links.links[PEER], packet.encode())
+    assert PEER in NODE.links.links

@@ -1,0 +1,101 @@
+"""Wire format: round trips, and the fuzz invariant: peer bytes parse or raise DecodeError, nothing else."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay import wire
+from overlay.wire import (
+    FLAG_EXACT,
+    AddressRecord,
+    Contact,
+    DecodeError,
+    Kind,
+    LinkMsg,
+    Routed,
+)
+
+DECODERS = [
+    wire.decode_handshake,
+    wire.decode_transport_header,
+    wire.decode_neighbours,
+    wire.decode_relay,
+    wire.decode_token,
+    wire.decode_routed,
+    wire.decode_no_route,
+    lambda b: wire.decode_contact(b),
+    wire.decode_found,
+    wire.decode_record,
+    wire.decode_dht_value,
+    wire.decode_address,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(range(len(DECODERS))))
+def test_every_decoder_parses_or_raises_decode_error(data: bytes, which: int) -> None:
+    try:
+        DECODERS[which](data)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([0x81, 0x82, 0x83, 0x04, 0x03]), st.binary(max_size=200))
+def test_decoders_with_a_plausible_type_byte_still_only_raise_decode_error(first: int, rest: bytes) -> None:
+    data = bytes([first]) + rest
+    for decode in DECODERS:
+        try:
+            decode(data)
+        except DecodeError:
+            pass
+
+
+@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**64 - 1), st.sampled_from(list(Kind)), st.binary(max_size=100))
+def test_routed_round_trip(ttl: int, flags: int, src: int, dst: int, wm: int, kind: Kind, body: bytes) -> None:
+    p = Routed(ttl, flags, src, dst, wm, kind, body)
+    assert wire.decode_routed(p.encode()) == p
+    assert wire.decode_routed(wire.reroute(p, 3, 5)) == Routed(3, flags, src, dst, 5, kind, body)
+
+
+def test_routed_with_unknown_kind_is_a_decode_error() -> None:
+    data = bytearray(Routed(5, FLAG_EXACT, 1, 2, 3, Kind.DATA, b"x").encode())
+    data[wire.ROUTED_HEADER.size - 1] = 0xEE
+    with pytest.raises(DecodeError, match="unknown routed kind"):
+        wire.decode_routed(bytes(data))
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=wire.MAX_NEIGHBOURS))
+def test_neighbour_list_round_trip(ids: list[int]) -> None:
+    assert wire.decode_neighbours(wire.encode_neighbours(ids)) == ids
+
+
+def test_neighbour_list_with_a_lying_count_is_refused() -> None:
+    data = bytes([LinkMsg.NEIGHBOURS, 3]) + bytes(16)
+    with pytest.raises(DecodeError):
+        wire.decode_neighbours(data)
+
+
+@pytest.mark.parametrize("endpoint", [("198.18.0.7", 5800), ("2001:db8::1", 1)])
+def test_contact_round_trip_for_ipv4_and_ipv6_endpoints(endpoint: tuple[str, int]) -> None:
+    c = Contact(bytes(range(32)), "10.254.0.9", endpoint, 1234567, bytes(64))
+    decoded, rest = wire.decode_contact(c.encode() + b"tail")
+    assert decoded == c and rest == b"tail"
+    assert c.signed_part("room-a") != c.signed_part("room-b")
+
+
+def test_record_round_trip_and_bad_lifetime_refused() -> None:
+    r = AddressRecord("10.254.0.2", bytes(32), 1000, 2000, bytes(64))
+    assert wire.decode_record(r.encode()) == r
+    bad = AddressRecord("10.254.0.2", bytes(32), 2000, 1000, bytes(64))
+    with pytest.raises(DecodeError, match="expires before"):
+        wire.decode_record(bad.encode())
+
+
+def test_no_link_packet_can_be_mistaken_for_stun() -> None:
+    # RFC 8489 section 5: the top two bits of every STUN message are zero.
+    for t in wire.PacketType:
+        assert t >> 6 != 0
