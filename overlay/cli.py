@@ -41,12 +41,22 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
     from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings
 
     if socket_in_use(cfg.control_socket):
-        raise JoinError(f"control socket {cfg.control_socket} is in use: is another node running? "
-                        f"set [node] control_socket")
+        raise JoinError(
+            f"control socket {cfg.control_socket} is in use: is another node running? set [node] control_socket"
+        )
     settings = NodeSettings(room=cfg.room, address=cfg.vnic_address, ring=cfg.ring, lookahead=cfg.lookahead)
-    bootstrap = XmppBootstrap(XmppSettings(
-        jid=cfg.jid, password=cfg.password, room=cfg.room, nick=format_id(identity.node_id), host=cfg.host,
-        port=cfg.port, ca_file=str(cfg.ca_file) if cfg.ca_file else None), anchors=cfg.anchors)
+    bootstrap = XmppBootstrap(
+        XmppSettings(
+            jid=cfg.jid,
+            password=cfg.password,
+            room=cfg.room,
+            nick=format_id(identity.node_id),
+            host=cfg.host,
+            port=cfg.port,
+            ca_file=str(cfg.ca_file) if cfg.ca_file else None,
+        ),
+        anchors=cfg.anchors,
+    )
     try:
         underlay = UdpUnderlay(cfg.listen)
     except UnderlayError as e:
@@ -107,11 +117,18 @@ def _status_table(st: dict[str, Any]) -> str:
         f"links    {len(st['links'])}",
     ]
     header = ("PEER", "ADDRESS", "ENDPOINT", "RTT ms", "TX bytes", "RX bytes", "ROLES")
-    rows = [header] + [(
-        lk["peer_id"], lk["peer_address"] or "-", lk["endpoint"],
-        f"{lk['rtt_ms']:.2f}" if lk["rtt_ms"] is not None else "-",
-        str(lk["tx_bytes"]), str(lk["rx_bytes"]), ",".join(lk.get("roles", [])) or "-",
-    ) for lk in st["links"]]
+    rows = [header] + [
+        (
+            lk["peer_id"],
+            lk["peer_address"] or "-",
+            lk["endpoint"],
+            f"{lk['rtt_ms']:.2f}" if lk["rtt_ms"] is not None else "-",
+            str(lk["tx_bytes"]),
+            str(lk["rx_bytes"]),
+            ",".join(lk.get("roles", [])) or "-",
+        )
+        for lk in st["links"]
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -154,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sim"]:
         return cmd_sim(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # slixmpp logs every reconnect attempt and stream detail at INFO: keep it to warnings.
     logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

@@ -56,6 +56,7 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"expected a whole number from {lo} to {hi}")
         return value
+
     return check
 
 
@@ -88,8 +89,10 @@ def _jid(value: Any) -> str:
 
 def _interface(value: Any) -> str:
     iface = ipaddress.IPv4Interface(_str(value))
-    if iface.network.prefixlen > 30 or iface.ip in (iface.network.network_address,
-                                                     iface.network.broadcast_address):
+    if iface.network.prefixlen > 30 or iface.ip in (
+        iface.network.network_address,
+        iface.network.broadcast_address,
+    ):
         raise ValueError("expected a host address with a prefix of /30 or shorter, like 10.254.0.1/16")
     return str(iface)
 

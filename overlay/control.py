@@ -44,8 +44,9 @@ class ControlServer:
     async def start(self) -> None:
         if self.path.exists():
             if socket_in_use(self.path):
-                raise ControlError(f"control socket {self.path} is in use: is another node running with it? "
-                                   f"set [node] control_socket")
+                raise ControlError(
+                    f"control socket {self.path} is in use: is another node running with it? set [node] control_socket"
+                )
             self.path.unlink()  # left by a node that died without cleaning up
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +97,10 @@ def query(path: Path, cmd: str = "status", timeout: float = 5.0) -> dict[str, An
                 break
             data += chunk
     except FileNotFoundError:
-        raise ControlError(f"no node is running with control socket {path} (start one with "
-                           f"'ipop-overlay join --config FILE', or pass --control PATH)") from None
+        raise ControlError(
+            f"no node is running with control socket {path} (start one with "
+            f"'ipop-overlay join --config FILE', or pass --control PATH)"
+        ) from None
     except OSError as e:
         raise ControlError(f"cannot talk to the node at {path}: {e.strerror or e}") from None
     finally:

@@ -60,13 +60,13 @@ class Identity:
             st = path.stat()
             text = path.read_text()
         except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist; create it with 'ipop-overlay keygen {path}'") \
-                from None
+            raise KeyFileError(f"key file {path} does not exist; create it with 'ipop-overlay keygen {path}'") from None
         except OSError as e:
             raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                               f"run 'chmod 600 {path}'")
+            raise KeyFileError(
+                f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
+            )
         lines = text.split()
         if len(lines) < 2 or " ".join(lines[:-1]) != _HEADER:
             raise KeyFileError(f"key file {path} is not an ipop-overlay key (made by 'ipop-overlay keygen')")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
-from overlay.transport.session import Handshaker, HandshakeError, PendingHandshake, Session, new_index
+from overlay.transport.session import HandshakeError, Handshaker, PendingHandshake, Session, new_index
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
     Contact,
@@ -247,8 +247,15 @@ class LinkManager:
         self._drop_attempt(att)
         self._install(att.peer_id, att.peer_key, session, endpoint if relay is None else None, relay, att.contact)
 
-    def _install(self, peer_id: int, peer_key: bytes, session: Session, endpoint: tuple[str, int] | None,
-                 relay: int | None, contact: Contact | None) -> None:
+    def _install(
+        self,
+        peer_id: int,
+        peer_key: bytes,
+        session: Session,
+        endpoint: tuple[str, int] | None,
+        relay: int | None,
+        contact: Contact | None,
+    ) -> None:
         old = self.links.get(peer_id)
         if old is not None:
             # A new handshake from a known peer (it restarted, or rekeyed): the new session replaces the old.

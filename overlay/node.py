@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
-from overlay.dht.store import AddressCache, RecordStore, replica_set
+from overlay.dht.store import AddressCache, RecordStore, holds_replica, replica_set
 from overlay.identity import Identity, verify
 from overlay.ids import FAR, format_id, node_id_from_public_key, ring_distance
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NoRoute, decide, next_hop
-from overlay.routing.maintenance import CloseLink, FindLong, Maintenance, OpenLink, Ping, SendNeighbours
+from overlay.routing.maintenance import DEAD_REASON, CloseLink, FindLong, Maintenance, OpenLink, Ping, SendNeighbours
 from overlay.routing.ring import RingParams, RingTable, Role
 from overlay.tap.frames import FrameError, icmp_error_allowed, icmp_unreachable
 from overlay.tap.vnic import Ignored, Outbound, Reply, VirtualNic
@@ -73,6 +73,7 @@ FIRST_LINK_TIMEOUT = 15.0
 HANDSHAKE_WAIT = 4.0  # a direct handshake tries 3 times 1 s apart (links.py); then ask the anchors again
 EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
 SETTLE_TIME = 3.0
+PEER_CLOSED = "peer closed the link"
 REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partition rejoins
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 
@@ -102,9 +103,17 @@ class _Find:
 
 
 class Node:
-    def __init__(self, identity: Identity, settings: NodeSettings, underlay: Underlay, *,
-                 bootstrap: Any = None, tap: Any = None, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        settings: NodeSettings,
+        underlay: Underlay,
+        *,
+        bootstrap: Any = None,
+        tap: Any = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self.identity = identity
         self.id = identity.node_id
         self.settings = settings
@@ -119,9 +128,18 @@ class Node:
         self.rng = rng or random.Random()
         self.table = RingTable(self.id, settings.ring)
         self.maintenance = Maintenance(self.table, self.rng, stabilize_interval=settings.stabilize_interval)
-        self.links = LinkManager(identity, underlay, LinkCallbacks(
-            self._on_link_up, self._on_link_down, self._on_attempt_failed, self._on_message,
-            self._relay_candidates), clock)
+        self.links = LinkManager(
+            identity,
+            underlay,
+            LinkCallbacks(
+                self._on_link_up,
+                self._on_link_down,
+                self._on_attempt_failed,
+                self._on_message,
+                self._relay_candidates,
+            ),
+            clock,
+        )
         self.store = RecordStore(self.room)
         self.cache = AddressCache()
         self.counters: dict[str, int] = {}
@@ -149,10 +167,16 @@ class Node:
 
     # -- contacts -------------------------------------------------------------------------------------------------
     def contact(self) -> Contact:
-        unsigned = Contact(self.identity.public_key, self.address, self.underlay.local_endpoint,
-                           int(self.clock() * 1000))
-        return Contact(unsigned.public_key, unsigned.address, unsigned.endpoint, unsigned.timestamp_ms,
-                       self.identity.sign(unsigned.signed_part(self.room)))
+        unsigned = Contact(
+            self.identity.public_key, self.address, self.underlay.local_endpoint, int(self.clock() * 1000)
+        )
+        return Contact(
+            unsigned.public_key,
+            unsigned.address,
+            unsigned.endpoint,
+            unsigned.timestamp_ms,
+            self.identity.sign(unsigned.signed_part(self.room)),
+        )
 
     def check_contact(self, data: bytes) -> Contact | None:
         """A peer's contact if it parses and carries a valid signature for this group, else None (counted)."""
@@ -193,8 +217,12 @@ class Node:
 
     def _rejoin_if_alone(self, now: float) -> None:
         """A node that lost every link (its neighbours all left, or a partition) asks the anchors again."""
-        if self.bootstrap is None or self.links.links or self._rejoining is not None or \
-                now - self._last_rejoin < REJOIN_INTERVAL:
+        if (
+            self.bootstrap is None
+            or self.links.links
+            or self._rejoining is not None
+            or now - self._last_rejoin < REJOIN_INTERVAL
+        ):
             return
         self._last_rejoin = now
 
@@ -298,8 +326,7 @@ class Node:
     # -- links -------------------------------------------------------------------------------------------------
     def _relay_candidates(self, peer: int) -> list[int]:
         """Direct neighbours that say they are linked to `peer`: tunnels to it can go through them."""
-        cands = [n for n, lk in self.links.links.items()
-                 if lk.relay is None and peer in self.table.neighbours_of(n)]
+        cands = [n for n, lk in self.links.links.items() if lk.relay is None and peer in self.table.neighbours_of(n)]
         return sorted(cands, key=lambda n: self.links.links[n].rtt or 1.0)
 
     def _on_link_up(self, link: Link) -> None:
@@ -339,9 +366,10 @@ class Node:
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
         self.table.remove_link(link.peer_id)
-        if reason == "peer closed the link":
-            self.table.forget(link.peer_id)
-        self.maintenance.on_link_down(link.peer_id, now)
+        gone = reason in (PEER_CLOSED, DEAD_REASON)
+        self.maintenance.on_link_down(link.peer_id, now, dead=gone)
+        if gone:
+            self.cache.evict_node(link.peer_id)
         self._hello_sent.pop(link.peer_id, None)
         self._route_cache.clear()
         self._schedule(now)
@@ -391,7 +419,7 @@ class Node:
                 if why is not None:
                     self.count(f"replica refused: {why}")
             elif kind == LinkMsg.CLOSE:
-                self.links.close(link.peer_id, "peer closed the link", notify=False)
+                self.links.close(link.peer_id, PEER_CLOSED, notify=False)
             else:
                 self.count("drop: unknown link message")
         except DecodeError:
@@ -409,8 +437,10 @@ class Node:
             nbrs = [n for n in nbrs if n != exclude]
             if nof is not None:
                 base = nof
-                def nof(n: int) -> list[int]:  # noqa: E306
+
+                def nof(n: int) -> list[int]:
                     return [m for m in base(n) if m != exclude]
+
         nh = next_hop(self.id, dst, nbrs, nof)
         if exclude is None:
             self._route_cache[dst] = nh
@@ -429,8 +459,7 @@ class Node:
         nof = self.table.neighbours_of if self.settings.lookahead else None
         return next_hop(dst ^ (1 << 63), dst, nbrs, nof)
 
-    def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT,
-                    via: int | None = None) -> None:
+    def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None) -> None:
         """Originate a routed packet. `via`: hand it to this neighbour whatever the table says (the join)."""
         packet = Routed(DEFAULT_TTL, flags, self.id, dst, FAR, kind, body)
         if via is not None:
@@ -461,8 +490,14 @@ class Node:
                 link = self.links.links[nh]
                 link.send(reroute(pkt, pkt.ttl - 1, FAR))
                 return
-        decision = decide(self.id, pkt.dst, exact=pkt.exact, watermark=FAR, ttl=pkt.ttl,
-                          neighbours=[nh] if nh is not None else [])
+        decision = decide(
+            self.id,
+            pkt.dst,
+            exact=pkt.exact,
+            watermark=FAR,
+            ttl=pkt.ttl,
+            neighbours=[nh] if nh is not None else [],
+        )
         if isinstance(decision, Forward):
             link = self.links.links.get(decision.next_hop)
             if link is None:
@@ -533,8 +568,11 @@ class Node:
         if contact is None or node_id_from_public_key(contact.public_key) != pkt.src or pkt.src == self.id:
             return
         flags = 0
-        if pkt.flags & FLAG_LONG_LINK and not self.table.accepts_incoming_long() and \
-                Role.LONG_IN not in self.table.role(pkt.src):
+        if (
+            pkt.flags & FLAG_LONG_LINK
+            and not self.table.accepts_incoming_long()
+            and Role.LONG_IN not in self.table.role(pkt.src)
+        ):
             flags = FLAG_REFUSED
         if pkt.flags & FLAG_JOIN:
             # The joiner's ring place is next to us. It has a single link, so a reply routed to it would
@@ -553,8 +591,10 @@ class Node:
         seq = int.from_bytes(pkt.body[:4], "big")
         flags = pkt.body[4]
         contact, ring = decode_found(pkt.body[5:])
-        if not verify(contact.public_key, contact.signed_part(self.room), contact.signature) or \
-                node_id_from_public_key(contact.public_key) != pkt.src:
+        if (
+            not verify(contact.public_key, contact.signed_part(self.room), contact.signature)
+            or node_id_from_public_key(contact.public_key) != pkt.src
+        ):
             self.count("drop: FOUND with a bad contact")
             return
         find = self._finds.pop(seq, None)
@@ -601,10 +641,10 @@ class Node:
     def _rehome_records(self, now: float) -> None:
         """Records we hold but are no longer among the nodes nearest their key (nodes joined nearer, or the
         record arrived while the ring was forming) are routed on toward their key and dropped here."""
-        ring = list(self.table.ring_peers())
+        succ, pred = self.table.successors(), self.table.predecessors()
         for record in self.store.records():
             key = record_key(self.room, record.address)
-            if self.id not in replica_set(key, self.id, ring):
+            if not holds_replica(key, self.id, succ, pred):
                 self.store.remove(record.address)
                 self.send_routed(key, Kind.DHT_PUT, record.encode(), 0)
 
@@ -618,12 +658,13 @@ class Node:
 
     def _hand_over_records(self, peer: int, now: float) -> None:
         """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
-        ring = list(self.table.ring_peers())
-        if peer not in ring:
+        succ, pred = self.table.successors(), self.table.predecessors()
+        if peer not in succ and peer not in pred:
             return
         link = self.links.links[peer]
         for record in self.store.records():
-            if peer in replica_set(record_key(self.room, record.address), self.id, ring):
+            key = record_key(self.room, record.address)
+            if holds_replica(key, self.id, succ, pred) and peer in replica_set(key, self.id, succ + pred):
                 link.send(bytes([LinkMsg.REPLICATE]) + record.encode())
 
     def _on_dht_value(self, address: str, record: Any, now: float) -> None:
@@ -662,14 +703,14 @@ class Node:
         for address, lookup in list(self._lookups.items()):
             if now - lookup.started >= LOOKUP_TIMEOUT:
                 del self._lookups[address]
-                self.counters["drop: no node owns the address"] = \
-                    self.counters.get("drop: no node owns the address", 0) + len(lookup.packets)
+                self.counters["drop: no node owns the address"] = self.counters.get(
+                    "drop: no node owns the address", 0
+                ) + len(lookup.packets)
                 if lookup.packets:
                     self._host_unreachable(lookup.packets[0], now)
             elif now - lookup.sent >= LOOKUP_RETRY:
                 lookup.sent = now
-                self.send_routed(record_key(self.room, address), Kind.DHT_GET,
-                                 ipaddress.IPv4Address(address).packed, 0)
+                self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
 
     def _host_unreachable(self, packet: bytes, now: float) -> None:
         if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL:
@@ -709,21 +750,27 @@ class Node:
         ring = self.table.ring_peers()
         long_out = self.maintenance.long_link_peers()
         for link in sorted(self.links.links.values(), key=lambda lk: lk.peer_id):
-            roles = [name for name, on in (
-                ("ring", link.peer_id in ring),
-                ("long_out", link.peer_id in long_out),
-                ("long_in", Role.LONG_IN in self.table.role(link.peer_id)),
-            ) if on]
-            links.append({
-                "peer_id": format_id(link.peer_id),
-                "peer_address": link.contact.address if link.contact else None,
-                "endpoint": link.describe_endpoint(),
-                "relay": format_id(link.relay) if link.relay is not None else None,
-                "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
-                "tx_bytes": link.tx_bytes,
-                "rx_bytes": link.rx_bytes,
-                "roles": roles,
-            })
+            roles = [
+                name
+                for name, on in (
+                    ("ring", link.peer_id in ring),
+                    ("long_out", link.peer_id in long_out),
+                    ("long_in", Role.LONG_IN in self.table.role(link.peer_id)),
+                )
+                if on
+            ]
+            links.append(
+                {
+                    "peer_id": format_id(link.peer_id),
+                    "peer_address": link.contact.address if link.contact else None,
+                    "endpoint": link.describe_endpoint(),
+                    "relay": format_id(link.relay) if link.relay is not None else None,
+                    "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
+                    "tx_bytes": link.tx_bytes,
+                    "rx_bytes": link.rx_bytes,
+                    "roles": roles,
+                }
+            )
         return {
             "node_id": format_id(self.id),
             "address": f"{self.address}/{self.network.prefixlen}",
@@ -736,4 +783,3 @@ class Node:
             "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
         }
-

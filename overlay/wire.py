@@ -50,12 +50,24 @@ class HandshakeInit:
     signature: bytes
 
     def signed_part(self) -> bytes:
-        return _INIT.pack(PacketType.HANDSHAKE_INIT, self.sender_index, self.ephemeral, self.static,
-                          self.timestamp, bytes(SIGNATURE_LEN))[:-SIGNATURE_LEN]
+        return _INIT.pack(
+            PacketType.HANDSHAKE_INIT,
+            self.sender_index,
+            self.ephemeral,
+            self.static,
+            self.timestamp,
+            bytes(SIGNATURE_LEN),
+        )[:-SIGNATURE_LEN]
 
     def encode(self) -> bytes:
-        return _INIT.pack(PacketType.HANDSHAKE_INIT, self.sender_index, self.ephemeral, self.static,
-                          self.timestamp, self.signature)
+        return _INIT.pack(
+            PacketType.HANDSHAKE_INIT,
+            self.sender_index,
+            self.ephemeral,
+            self.static,
+            self.timestamp,
+            self.signature,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +82,14 @@ class HandshakeResp:
         return self.encode()[:-SIGNATURE_LEN]
 
     def encode(self) -> bytes:
-        return _RESP.pack(PacketType.HANDSHAKE_RESP, self.sender_index, self.receiver_index, self.ephemeral,
-                          self.static, self.signature)
+        return _RESP.pack(
+            PacketType.HANDSHAKE_RESP,
+            self.sender_index,
+            self.receiver_index,
+            self.ephemeral,
+            self.static,
+            self.signature,
+        )
 
 
 def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
@@ -194,8 +212,10 @@ class Routed:
         return bool(self.flags & FLAG_EXACT)
 
     def encode(self) -> bytes:
-        return ROUTED_HEADER.pack(LinkMsg.ROUTED, self.ttl, self.flags, self.src, self.dst, self.watermark,
-                                  self.kind) + self.body
+        return (
+            ROUTED_HEADER.pack(LinkMsg.ROUTED, self.ttl, self.flags, self.src, self.dst, self.watermark, self.kind)
+            + self.body
+        )
 
 
 def decode_routed(data: bytes | memoryview) -> Routed:
@@ -211,8 +231,10 @@ def decode_routed(data: bytes | memoryview) -> Routed:
 
 def reroute(packet: Routed, ttl: int, watermark: int) -> bytes:
     """The same packet for the next hop: only TTL and watermark change."""
-    return ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, packet.flags, packet.src, packet.dst, watermark,
-                              packet.kind) + packet.body
+    return (
+        ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, packet.flags, packet.src, packet.dst, watermark, packet.kind)
+        + packet.body
+    )
 
 
 _NO_ROUTE = struct.Struct("!QB")
@@ -253,12 +275,25 @@ class Contact:
     def _head(self) -> bytes:
         ip = ipaddress.ip_address(self.endpoint[0])
         packed = ip.packed
-        return _CONTACT_HEAD.pack(CONTACT_VERSION, self.public_key, ipaddress.IPv4Address(self.address).packed,
-                                  self.endpoint[1], len(packed)) + packed
+        return (
+            _CONTACT_HEAD.pack(
+                CONTACT_VERSION,
+                self.public_key,
+                ipaddress.IPv4Address(self.address).packed,
+                self.endpoint[1],
+                len(packed),
+            )
+            + packed
+        )
 
     def signed_part(self, room: str) -> bytes:
-        return b"ipop-overlay contact v1\x00" + room.encode() + b"\x00" + self._head() + \
-            struct.pack("!Q", self.timestamp_ms)
+        return (
+            b"ipop-overlay contact v1\x00"
+            + room.encode()
+            + b"\x00"
+            + self._head()
+            + struct.pack("!Q", self.timestamp_ms)
+        )
 
     def encode(self) -> bytes:
         return self._head() + _CONTACT_TAIL.pack(self.timestamp_ms, self.signature)
@@ -301,7 +336,7 @@ RECORD_SIZE = _RECORD.size
 
 @dataclass(frozen=True, slots=True)
 class AddressRecord:
-    """"Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key."""
+    """ "Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key."""
 
     address: str
     public_key: bytes
@@ -313,8 +348,14 @@ class AddressRecord:
         return b"ipop-overlay record v1\x00" + room.encode() + b"\x00" + self.encode()[:-SIGNATURE_LEN]
 
     def encode(self) -> bytes:
-        return _RECORD.pack(RECORD_VERSION, ipaddress.IPv4Address(self.address).packed, self.public_key,
-                            self.issued_ms, self.expires_ms, self.signature)
+        return _RECORD.pack(
+            RECORD_VERSION,
+            ipaddress.IPv4Address(self.address).packed,
+            self.public_key,
+            self.issued_ms,
+            self.expires_ms,
+            self.signature,
+        )
 
 
 def decode_record(data: bytes | memoryview) -> AddressRecord:

@@ -164,9 +164,7 @@ def test_decoder_never_raises_on_bytes(data: bytes) -> None:
     assert payload is None or 0 < len(payload) <= MAX_HELLO
 
 
-@given(
-    st.one_of(st.none(), st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
-)
+@given(st.one_of(st.none(), st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
 def test_hostile_hello_is_a_counted_drop(text: str | None) -> None:
     room = new_room()
     anchor = MemoryBootstrap(room, MEMBERS[0], "aa")

@@ -43,18 +43,21 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
     assert cfg.ring.long_links == 4 and cfg.lookahead
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (("listen =", "lisen ="), r"unknown key \[node\] lisen.*did you mean 'listen'"),
-    (("[vnic]", "[vnc]"), r"unknown section \[vnc\]"),
-    (('mtu = 1400', 'mtu = 70000'), r"bad value for \[vnic\] mtu = 70000"),
-    (('address = "10.254.0.1/16"', 'address = "10.254.0.0/16"'), r"\[vnic\] address"),
-    (('listen = "198.18.0.10:5800"', 'listen = "nowhere"'), r"\[node\] listen"),
-    (('jid = "alice@example.test/laptop"', 'jid = "alice"'), r"\[xmpp\] jid = 'alice'"),
-    (('password_file = "alice.pass"', 'password_file = "missing.pass"'), r"password_file .*missing.pass"),
-    (('password_file = "alice.pass"', ''), r"exactly one of \[xmpp\] password"),
-    (('room = "group1@conference.example.test"', ''), r"missing key \[xmpp\] room"),
-    (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("listen =", "lisen ="), r"unknown key \[node\] lisen.*did you mean 'listen'"),
+        (("[vnic]", "[vnc]"), r"unknown section \[vnc\]"),
+        (("mtu = 1400", "mtu = 70000"), r"bad value for \[vnic\] mtu = 70000"),
+        (('address = "10.254.0.1/16"', 'address = "10.254.0.0/16"'), r"\[vnic\] address"),
+        (('listen = "198.18.0.10:5800"', 'listen = "nowhere"'), r"\[node\] listen"),
+        (('jid = "alice@example.test/laptop"', 'jid = "alice"'), r"\[xmpp\] jid = 'alice'"),
+        (('password_file = "alice.pass"', 'password_file = "missing.pass"'), r"password_file .*missing.pass"),
+        (('password_file = "alice.pass"', ""), r"exactly one of \[xmpp\] password"),
+        (('room = "group1@conference.example.test"', ""), r"missing key \[xmpp\] room"),
+        (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
+    ],
+)
 def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
         load_config(write(tmp_path, GOOD.replace(*edit)))

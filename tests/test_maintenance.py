@@ -70,7 +70,7 @@ def test_long_links_are_searched_once_the_group_is_big_enough() -> None:
 def test_a_link_nobody_uses_is_closed_after_the_grace_period_but_not_one_the_peer_uses() -> None:
     m = fresh()
     near = [SELF + 1, SELF + 2, SELF - 1, SELF - 2]
-    for p in near + [SELF + 2**60, SELF + 2**61]:
+    for p in [*near, SELF + 2**60, SELF + 2**61]:
         m.table.add_link(p)
         m.on_link_up(p, 0.0)
     m.table.set_role(SELF + 2**61, Role.PEER_RING)

@@ -30,8 +30,12 @@ class RecordingUnderlay:
 
 def linked_node() -> tuple[Node, int]:
     me, peer = Identity.from_seed(bytes([7]) * 32), Identity.from_seed(bytes([8]) * 32)
-    node = Node(me, NodeSettings(room="g@conference.example.test", address="10.254.0.1/16"),
-                RecordingUnderlay(), clock=lambda: 1000.0)  # type: ignore[arg-type]
+    node = Node(
+        me,
+        NodeSettings(room="g@conference.example.test", address="10.254.0.1/16"),
+        RecordingUnderlay(),
+        clock=lambda: 1000.0,
+    )  # type: ignore[arg-type]
     pending = Handshaker(peer).initiate(me.public_key, 1, 1)
     session, _ = Handshaker(me).respond(pending.init, 2)
     node.links._install(peer.node_id, peer.public_key, session, ("198.19.0.2", 5800), None, None)
@@ -58,10 +62,16 @@ def test_any_link_message_is_handled_without_raising(kind: LinkMsg, rest: bytes)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(list(Kind)), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=300),
-       st.booleans())
-def test_any_routed_body_delivered_here_is_handled_without_raising(kind: Kind, ttl: int, flags: int,
-                                                                   body: bytes, to_me: bool) -> None:
+@given(
+    st.sampled_from(list(Kind)),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.binary(max_size=300),
+    st.booleans(),
+)
+def test_any_routed_body_delivered_here_is_handled_without_raising(
+    kind: Kind, ttl: int, flags: int, body: bytes, to_me: bool
+) -> None:
     dst = NODE.id if to_me else (NODE.id ^ (1 << 40))
     packet = Routed(ttl, flags | FLAG_EXACT if to_me else flags, PEER, dst, (1 << 64) - 1, kind, body)
     NODE._on_message(NODE.links.links[PEER], packet.encode())

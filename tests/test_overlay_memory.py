@@ -19,17 +19,20 @@ def test_200_nodes_join_one_by_one_route_sampled_pairs_and_respect_the_link_boun
         try:
             for _ in range(200):
                 node = await g.add_node()
-                assert await g.wait_for(lambda: node.first_link.is_set() or len(g.nodes) == 1, 5.0)
+                joined = node.first_link
+                assert await g.wait_for(lambda joined=joined: joined.is_set() or len(g.nodes) == 1, 5.0)
             assert await g.wait_for(lambda: not g.ring_correct(), 60.0), f"wrong ring at {g.ring_correct()}"
             bound = g.nodes[0].maintenance.max_links()
-            assert await g.wait_for(lambda: max(len(n.links.links) for n in g.nodes) <= bound, 30.0), \
-                max(len(n.links.links) for n in g.nodes)
+            assert await g.wait_for(lambda: max(len(n.links.links) for n in g.nodes) <= bound, 30.0), max(
+                len(n.links.links) for n in g.nodes
+            )
             # Every node has published its address by now (first tick after its first link).
             rng = random.Random(3)
             pairs = [tuple(rng.sample(range(200), 2)) for _ in range(60)]
             packets = {(a, b): g.send(a, b, f"{a}->{b}".encode()) for a, b in pairs}
-            assert await g.wait_for(lambda: all(g.received(b, p) for (a, b), p in packets.items()), 15.0), \
-                [ab for ab, p in packets.items() if not g.received(ab[1], p)]
+            assert await g.wait_for(lambda: all(g.received(b, p) for (a, b), p in packets.items()), 15.0), [
+                ab for ab, p in packets.items() if not g.received(ab[1], p)
+            ]
             # Few tunnels per node, not a mesh.
             degrees = [len(n.links.links) for n in g.nodes]
             assert sum(degrees) / len(degrees) <= bound
@@ -90,8 +93,7 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel() ->
             b = next(n for n in g.nodes if n.id == b_id)
             g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
             a.links.close(b.id, "test")
-            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None,
-                                    30.0)
+            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
             p = g.send(g.nodes.index(a), g.nodes.index(b), b"through the tunnel")
             assert await g.wait_for(lambda: g.received(g.nodes.index(b), p), 10.0)
         finally:
@@ -107,9 +109,10 @@ def test_a_packet_for_an_address_nobody_owns_is_dropped_counted_and_answered_wit
             for _ in range(4):
                 await g.add_node()
             assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
-            from tests.support.memgroup import udp_packet
             from overlay.tap.frames import ETH_P_IP, ethernet_frame
             from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
+            from tests.support.memgroup import udp_packet
+
             packet = udp_packet("10.254.0.1", "10.254.9.9", b"anyone?")
             g.taps[0].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, g.taps[0].mac, ETH_P_IP, packet))
             n0 = g.nodes[0]
@@ -134,8 +137,9 @@ def test_garbage_from_a_linked_peer_is_counted_and_the_link_survives() -> None:
             for junk in (b"", b"\x04", b"\x04" + bytes(40), b"\x03\x05", b"\xff" * 10, bytes([Kind.FIND])):
                 link.send(junk)
             await asyncio.sleep(0.2)
-            assert b.counters.get("drop: malformed link message", 0) + b.counters.get(
-                "drop: unknown link message", 0) >= 4
+            assert (
+                b.counters.get("drop: malformed link message", 0) + b.counters.get("drop: unknown link message", 0) >= 4
+            )
             assert a.id in b.links.links
             p = g.send(0, 1, b"still fine")
             assert await g.wait_for(lambda: g.received(1, p), 5.0)

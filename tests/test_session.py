@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.identity import Identity
-from overlay.transport.session import REPLAY_WINDOW, Handshaker, HandshakeError, ReplayWindow
+from overlay.transport.session import REPLAY_WINDOW, HandshakeError, Handshaker, ReplayWindow
 from overlay.wire import DecodeError, HandshakeInit, decode_handshake, decode_transport_header
 
 
@@ -17,7 +17,7 @@ def pair() -> tuple[Identity, Identity, Handshaker, Handshaker]:
 
 
 def handshake() -> tuple:  # type: ignore[type-arg]
-    a, b, ha, hb = pair()
+    _, b, ha, hb = pair()
     pending = ha.initiate(b.public_key, 11, 1000)
     init = decode_handshake(pending.init.encode())
     assert isinstance(init, HandshakeInit)
@@ -57,7 +57,7 @@ def test_a_flipped_bit_anywhere_fails_authentication_and_does_not_consume_the_co
 
 
 def test_initiation_signed_for_another_responder_is_refused() -> None:
-    a, b, ha, hb = pair()
+    _, _, ha, hb = pair()
     c = Identity.from_seed(bytes([3]) * 32)
     pending = ha.initiate(c.public_key, 1, 1000)
     with pytest.raises(HandshakeError, match="bad signature"):
@@ -65,7 +65,7 @@ def test_initiation_signed_for_another_responder_is_refused() -> None:
 
 
 def test_replayed_initiation_cannot_reset_a_session() -> None:
-    a, b, ha, hb = pair()
+    _, b, ha, hb = pair()
     pending = ha.initiate(b.public_key, 1, 1000)
     hb.respond(pending.init, 2)
     with pytest.raises(HandshakeError, match="replay"):
@@ -73,7 +73,7 @@ def test_replayed_initiation_cannot_reset_a_session() -> None:
 
 
 def test_response_from_an_unexpected_key_is_refused() -> None:
-    a, b, ha, hb = pair()
+    a, b, ha, _ = pair()
     c = Identity.from_seed(bytes([3]) * 32)
     pending = ha.initiate(b.public_key, 1, 1000)
     _, resp = Handshaker(c).respond(Handshaker(a).initiate(c.public_key, 1, 1000).init, 9)
@@ -82,13 +82,11 @@ def test_response_from_an_unexpected_key_is_refused() -> None:
 
 
 def test_low_order_ephemeral_key_is_refused() -> None:
-    a, b, ha, hb = pair()
-    pending = ha.initiate(b.public_key, 1, 1000)
+    a, b, _, hb = pair()
     init = HandshakeInit(1, bytes(32), a.public_key, 1000, b"")
     init = HandshakeInit(1, bytes(32), a.public_key, 1000, a.sign(init.signed_part() + b.public_key))
     with pytest.raises(HandshakeError):
         hb.respond(init, 2)
-    del pending
 
 
 @given(st.lists(st.integers(0, 3 * REPLAY_WINDOW), max_size=200))

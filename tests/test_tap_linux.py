@@ -165,9 +165,7 @@ def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close()
         assert link["ifname"] == "ipt0" and link["mtu"] == 1400
         assert "UP" in link["flags"]
         assert {"local": "198.19.0.1", "prefixlen": 24} in [
-            {"local": a["local"], "prefixlen": a["prefixlen"]}
-            for a in link["addr_info"]
-            if a["family"] == "inet"
+            {"local": a["local"], "prefixlen": a["prefixlen"]} for a in link["addr_info"] if a["family"] == "inet"
         ]
         assert link["address"].replace(":", "") == out["mac"]
         assert len(out["errors"]) == 4, out

@@ -53,8 +53,15 @@ def test_decoders_with_a_plausible_type_byte_still_only_raise_decode_error(first
             pass
 
 
-@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-       st.integers(0, 2**64 - 1), st.sampled_from(list(Kind)), st.binary(max_size=100))
+@given(
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from(list(Kind)),
+    st.binary(max_size=100),
+)
 def test_routed_round_trip(ttl: int, flags: int, src: int, dst: int, wm: int, kind: Kind, body: bytes) -> None:
     p = Routed(ttl, flags, src, dst, wm, kind, body)
     assert wire.decode_routed(p.encode()) == p

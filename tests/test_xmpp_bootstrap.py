@@ -147,9 +147,7 @@ def test_wrong_ca_is_reported_as_certificate(group: Group, tmp_path: Path) -> No
     )  # fmt: skip
 
     async def body() -> None:
-        message, _, node = await expect_failure(
-            group.settings("g@conference.x", "aa06", ca_file=str(other_ca))
-        )
+        message, _, node = await expect_failure(group.settings("g@conference.x", "aa06", ca_file=str(other_ca)))
         assert "certificate" in message and str(other_ca) in message
         assert node._client is None
 

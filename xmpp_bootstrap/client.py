@@ -284,9 +284,7 @@ class XmppBootstrap:
         client.add_filter("in", self._count_in)
         client.add_filter("out", self._count_out)
         client.register_handler(
-            Callback(
-                "bootstrap hello", MatchXPath(f"{{jabber:client}}message/{HELLO_TAG}"), self._on_hello_message
-            )
+            Callback("bootstrap hello", MatchXPath(f"{{jabber:client}}message/{HELLO_TAG}"), self._on_hello_message)
         )
         client.register_handler(
             Callback("bootstrap presence", MatchXPath("{jabber:client}presence"), self._on_presence)
@@ -326,9 +324,7 @@ class XmppBootstrap:
         )
         client.add_event_handler(
             "connection_failed",
-            lambda e: finish(
-                f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs"
-            ),
+            lambda e: finish(f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs"),
         )
 
         def tls_failed(error: object) -> None:
@@ -372,9 +368,7 @@ class XmppBootstrap:
                 f"room {self._room.bare} cannot be looked up ({condition}): check the conference domain"
             ) from None
         except IqTimeout:
-            raise BootstrapError(
-                f"room {self._room.bare} did not answer within {self.settings.timeout:g} s"
-            ) from None
+            raise BootstrapError(f"room {self._room.bare} did not answer within {self.settings.timeout:g} s") from None
 
     async def _join(self, *, anchor: bool) -> None:
         self._joined = asyncio.get_running_loop().create_future()

@@ -213,9 +213,5 @@ class MemoryBootstrap:
         self.stats["presences_in"] += 1
 
     def _check_stand_down(self) -> None:
-        if (
-            self.is_anchor
-            and self._in_room
-            and should_stand_down(self.nick, self.room.anchors(), self.anchors)
-        ):
+        if self.is_anchor and self._in_room and should_stand_down(self.nick, self.room.anchors(), self.anchors):
             self._leave()

@@ -34,6 +34,7 @@ BACKOFF_MAX = 120.0
 SURPLUS_GRACE = 30.0
 RELINK_FACTOR = 2.0
 LINK_SLACK = 2
+DEAD_REASON = "no answer to keepalives"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,11 @@ class Maintenance:
         # Tell the new neighbour who we know at once: that is what lets a joining node find its ring place.
         self._next_stabilize = min(self._next_stabilize, now)
 
-    def on_link_down(self, peer: int, now: float) -> None:
+    def on_link_down(self, peer: int, now: float, *, dead: bool = False) -> None:
+        """A link closed. `dead`: it failed (keepalives unanswered), so the peer is no candidate either until
+        a neighbour that still reaches it mentions it again."""
+        if dead:
+            self.table.forget(peer)
         self._last_rx.pop(peer, None)
         self._last_ping.pop(peer, None)
         self._surplus_since.pop(peer, None)
@@ -131,6 +136,7 @@ class Maintenance:
         # A peer we cannot reach is no ring candidate until someone mentions it again.
         if a.failures >= 3:
             self.table.forget(peer)
+            del self._attempts[peer]
 
     def on_long_found(self, slot: int, peer: int | None, now: float) -> None:
         """A long-link search ended: linked to `peer`, or None (refused, or no answer)."""
@@ -164,7 +170,7 @@ class Maintenance:
         for peer in linked:
             last = self._last_rx.setdefault(peer, now)
             if now - last >= self.dead_after:
-                actions.append(CloseLink(peer, "no answer to keepalives"))
+                actions.append(CloseLink(peer, DEAD_REASON))
             elif now - last >= self.ping_interval and now - self._last_ping.get(peer, -1e18) >= self.ping_interval:
                 self._last_ping[peer] = now
                 actions.append(Ping(peer))
@@ -176,7 +182,10 @@ class Maintenance:
             if a is None:
                 self._attempts[peer] = _Attempt(now)
                 actions.append(OpenLink(peer))
-            elif now >= a.retry_at and now - a.started >= ATTEMPT_TIMEOUT:
+            elif a.retry_at <= a.started and now - a.started >= ATTEMPT_TIMEOUT:
+                # No link came of it (the request found no route, or the peer is gone): a failure.
+                self.on_attempt_failed(peer, now)
+            elif a.started < a.retry_at <= now:
                 a.started = now
                 actions.append(OpenLink(peer))
         # Long links.

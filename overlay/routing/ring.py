@@ -219,8 +219,14 @@ class RingTable:
         """A linked peer's own neighbour list: lookahead for forwarding and ring candidates for repair."""
         if peer in self._links:
             nbrs = tuple(i for i in ids if i != peer)
+            dropped = set(self._neighbours_of.get(peer, ())) - set(nbrs)
             self._neighbours_of[peer] = nbrs
             self.learn(nbrs)
+            # A candidate we only heard of through gossip goes once no neighbour mentions it any more (it left
+            # or failed): otherwise a dead node would stay a "wanted" ring peer until attempts time out.
+            for i in dropped:
+                if i not in self._links and not any(i in lst for lst in self._neighbours_of.values()):
+                    self._known.discard(i)
 
     def neighbours_of(self, peer: int) -> tuple[int, ...]:
         return self._neighbours_of.get(peer, ())

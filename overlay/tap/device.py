@@ -175,17 +175,13 @@ async def _configure(name: str, interface: ipaddress.IPv4Interface, mtu: int) ->
                 raise TapError(f"TAP {name} vanished right after it was created; try again")
             index = indices[0]
             await ipr.link("set", index=index, mtu=mtu)
-            await ipr.addr(
-                "add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen
-            )
+            await ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen)
             await ipr.link("set", index=index, state="up")
             mac = ""
             for link in await ipr.link("get", index=index):
                 mac = link.get("address") or ""
     except NetlinkError as e:
-        raise TapError(
-            f"configuring TAP {name} with {interface} and MTU {mtu} failed: {os.strerror(e.code)}"
-        ) from e
+        raise TapError(f"configuring TAP {name} with {interface} and MTU {mtu} failed: {os.strerror(e.code)}") from e
     try:
         return bytes.fromhex(mac.replace(":", ""))
     except ValueError as e:

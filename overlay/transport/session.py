@@ -120,8 +120,7 @@ class PendingHandshake:
 
 
 def _keys(dh: bytes, eph_i: bytes, eph_r: bytes, static_i: bytes, static_r: bytes) -> tuple[bytes, bytes]:
-    okm = HKDF(hashes.SHA256(), 64, salt=eph_i + eph_r, info=b"ipop-overlay link v1" + static_i + static_r)\
-        .derive(dh)
+    okm = HKDF(hashes.SHA256(), 64, salt=eph_i + eph_r, info=b"ipop-overlay link v1" + static_i + static_r).derive(dh)
     return okm[:32], okm[32:]
 
 
@@ -146,8 +145,7 @@ class Handshaker:
 
     def initiate(self, peer_key: bytes, local_index: int, timestamp_ns: int) -> PendingHandshake:
         eph = nacl.public.PrivateKey.generate()
-        unsigned = HandshakeInit(local_index, bytes(eph.public_key), self.identity.public_key, timestamp_ns,
-                                 b"")
+        unsigned = HandshakeInit(local_index, bytes(eph.public_key), self.identity.public_key, timestamp_ns, b"")
         sig = self.identity.sign(unsigned.signed_part() + peer_key)
         init = HandshakeInit(local_index, unsigned.ephemeral, unsigned.static, timestamp_ns, sig)
         return PendingHandshake(local_index, peer_key, eph, init)
@@ -161,8 +159,7 @@ class Handshaker:
         eph = nacl.public.PrivateKey.generate()
         dh = _dh(eph, init.ephemeral)
         self._last_timestamp[init.static] = init.timestamp
-        unsigned = HandshakeResp(local_index, init.sender_index, bytes(eph.public_key),
-                                 self.identity.public_key, b"")
+        unsigned = HandshakeResp(local_index, init.sender_index, bytes(eph.public_key), self.identity.public_key, b"")
         sig = self.identity.sign(unsigned.signed_part() + init.ephemeral + init.static)
         resp = HandshakeResp(local_index, init.sender_index, unsigned.ephemeral, unsigned.static, sig)
         k_ir, k_ri = _keys(dh, init.ephemeral, resp.ephemeral, init.static, self.identity.public_key)

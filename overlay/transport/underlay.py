@@ -42,8 +42,9 @@ class UdpUnderlay:
             self._sock.bind(listen)
         except OSError as e:
             self._sock.close()
-            raise UnderlayError(f"cannot listen on udp {listen[0]}:{listen[1]}: {e.strerror}; "
-                                f"check [node] listen") from None
+            raise UnderlayError(
+                f"cannot listen on udp {listen[0]}:{listen[1]}: {e.strerror}; check [node] listen"
+            ) from None
         self._sock.setblocking(False)
         host, port = self._sock.getsockname()[:2]
         self.local_endpoint: Endpoint = (host, port)
@@ -113,8 +114,7 @@ class MemoryNetwork:
 
     def _carry(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         node = self._nodes.get(dst)
-        if node is None or frozenset((src, dst)) in self._blocked or \
-                (self.loss and self._rng.random() < self.loss):
+        if node is None or frozenset((src, dst)) in self._blocked or (self.loss and self._rng.random() < self.loss):
             self.dropped += 1
             return
         self.delivered += 1

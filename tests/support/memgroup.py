@@ -27,8 +27,19 @@ ROOM = "group1@conference.example.test"
 def udp_packet(src: str, dst: str, payload: bytes) -> bytes:
     """A valid IPv4/UDP packet (checksummed header) as the kernel would hand it to the TAP."""
     total = 20 + 8 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
-                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        0,
+        0x4000,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
     header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return header + struct.pack("!HHHH", 4000, 4000, 8 + len(payload), 0) + payload
 
@@ -53,12 +64,19 @@ class MemoryGroup:
     async def add_node(self) -> Node:
         i = len(self.nodes)
         identity = Identity.from_seed(self.rng.randbytes(32))
-        settings = NodeSettings(room=ROOM, address=f"{vaddr(i)}/16", ring=self.params,
-                                stabilize_interval=self.stabilize_interval)
+        settings = NodeSettings(
+            room=ROOM, address=f"{vaddr(i)}/16", ring=self.params, stabilize_interval=self.stabilize_interval
+        )
         boot = MemoryBootstrap(self.room, f"user{i}@example.test/node", f"{identity.node_id:016x}")
         tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, i >> 8 & 255, i & 255]))
-        node = Node(identity, settings, MemoryUnderlay(self.network), bootstrap=boot, tap=tap,
-                    rng=random.Random(self.rng.random()))
+        node = Node(
+            identity,
+            settings,
+            MemoryUnderlay(self.network),
+            bootstrap=boot,
+            tap=tap,
+            rng=random.Random(self.rng.random()),
+        )
         self.nodes.append(node)
         self.taps.append(tap)
         await node.start()
@@ -69,9 +87,14 @@ class MemoryGroup:
         live = [n for n in self.nodes if not n._stopped]
         ring = SortedRing(n.id for n in live)
         k = self.params.ring_size
-        return [i for i, n in enumerate(self.nodes) if not n._stopped and (
-            n.table.successors() != ring.successors(n.id, k) or
-            n.table.predecessors() != ring.predecessors(n.id, k))]
+        return [
+            i
+            for i, n in enumerate(self.nodes)
+            if not n._stopped
+            and (
+                n.table.successors() != ring.successors(n.id, k) or n.table.predecessors() != ring.predecessors(n.id, k)
+            )
+        ]
 
     async def wait_for(self, predicate, timeout: float, step: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()

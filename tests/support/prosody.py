@@ -216,9 +216,7 @@ class ProsodyServer:
 
     def register(self, user: str, password: str) -> str:
         _run(
-            self._wrap(
-                ["prosodyctl", "--config", str(self.config_file), "register", user, self.domain, password]
-            ),
+            self._wrap(["prosodyctl", "--config", str(self.config_file), "register", user, self.domain, password]),
             cwd=self.workdir,
         )
         return f"{user}@{self.domain}"
