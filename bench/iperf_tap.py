@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Benchmark: iperf3 TCP between two members' TAP addresses, against the raw veth between the same
+namespaces, measured in the same run; prints both (median of 3 runs) and their ratio.
+
+Two `ipop-overlay join` processes in namespaces on one lab bridge with a real Prosody (tests/support/
+group.py). A benchmark, not a test: it exits 0 whatever the numbers (2 when it cannot run at all). Every
+iperf3 run is bounded in time; the lab is removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.group import VIRTUAL_MTU, Group, missing_prerequisites
+from tests.support.netlab import Host
+
+IPERF_PORT = 5201
+# Our choice: iperf3 seconds beyond -t before a run counts as hung (connect, warm-up, report).
+RUN_SLACK_S = 15.0
+
+
+def iperf_mbps(g: Group, client: Host, server_ip: str, seconds: float) -> float | None:
+    """One iperf3 TCP run from `client` to `server_ip`; receiver-side Mbit/s, None when it failed."""
+    argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J",
+            "--connect-timeout", "3000"]  # fmt: skip
+    try:
+        out = g.lab.run(client, *argv, check=False, timeout=seconds + RUN_SLACK_S)
+    except subprocess.TimeoutExpired:
+        print(f"  iperf3 to {server_ip} still running after {seconds + RUN_SLACK_S:.0f} s", flush=True)
+        return None
+    try:
+        report = json.loads(out.stdout)
+    except ValueError:
+        report = {}
+    try:
+        bps = float(report["end"]["sum_received"]["bits_per_second"])
+    except (KeyError, TypeError, ValueError):
+        reason = report.get("error") or out.stderr.strip() or out.stdout.strip()[-200:]
+        print(f"  iperf3 to {server_ip} failed (exit {out.returncode}): {reason}", flush=True)
+        server_log = g.workdir / f"iperf3-{server_ip}.log"
+        if server_log.exists():
+            tail = server_log.read_text(errors="replace").strip().splitlines()[-4:]
+            print("  server said: " + " | ".join(line.strip() for line in tail), flush=True)
+        return None
+    return bps / 1e6
+
+
+def median_mbps(g: Group, label: str, client: Host, server_ip: str, runs: int, seconds: float) -> float | None:
+    values = []
+    for n in range(runs):
+        mbps = iperf_mbps(g, client, server_ip, seconds)
+        print(
+            f"  {label} run {n + 1}/{runs}: " + ("failed" if mbps is None else f"{mbps:.0f} Mbit/s"),
+            flush=True,
+        )
+        if mbps is not None:
+            values.append(mbps)
+    return statistics.median(values) if values else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="iperf3 runs per path (median is reported)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
+    parser.add_argument("--no-relay", action="store_true", help="skip the relayed path (node0 -> node2 via node1)")
+    args = parser.parse_args()
+    problem = missing_prerequisites() or (None if shutil.which("iperf3") else "iperf3 is not installed")
+    if problem:
+        print(f"iperf_tap: cannot run: {problem}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    results: dict[str, float | None] = {}
+    with Group(2 if args.no_relay else 3, prefix="ipb") as g:
+        if not args.no_relay:
+            g.block_udp(0, 2)  # node0 and node2 can only talk through node1
+        g.join_all()
+        pairs = [(0, j) for j in range(1, g.size)]
+        late = [p for p, t in g.wait_for_pings(pairs, 30.0).items() if t is None]
+        if late:
+            print(f"iperf_tap: no overlay ping reply for {late} within 30 s; measuring anyway", flush=True)
+        for m in g.members[1:]:
+            # One server per namespace, listening on all its addresses (veth and TAP); its log is kept
+            # under both names so a failed run can show what the server saw.
+            log = g.workdir / f"iperf3-{m.host.address}.log"
+            g.lab.popen(m.host, "iperf3", "-s", "-p", str(IPERF_PORT), "--logfile", str(log),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            (g.workdir / f"iperf3-{m.ip}.log").symlink_to(log)
+        time.sleep(0.5)  # iperf3 -s binds within milliseconds; the client also retries for 3 s
+        a, b = g.members[0], g.members[1]
+        print(f"veth {a.host.address} -> {b.host.address}; TAP {a.ip} -> {b.ip} (MTU {VIRTUAL_MTU})", flush=True)
+        results["raw veth"] = median_mbps(g, "veth", a.host, b.host.address, args.runs, args.seconds)
+        results["overlay direct"] = median_mbps(g, "tap direct", a.host, b.ip, args.runs, args.seconds)
+        if not args.no_relay:
+            c = g.members[2]
+            print(f"TAP {a.ip} -> {c.ip} relayed by node1 (UDP between node0 and node2 dropped)", flush=True)
+            results["overlay relayed"] = median_mbps(g, "tap relayed", a.host, c.ip, args.runs, args.seconds)
+        try:
+            links = [(r["peer_id"], r["endpoint"], r["rtt_ms"]) for r in g.status(0)["links"]]
+        except RuntimeError as exc:
+            links = [str(exc)]  # type: ignore[list-item]
+    print()
+    veth = results["raw veth"]
+    for label, mbps in results.items():
+        ratio = f"  {mbps / veth:.3f} of veth" if mbps and veth and label != "raw veth" else ""
+        print(f"{label:<16} {_fmt(mbps)}{ratio}")
+    print(f"(median of {args.runs} x {args.seconds:g} s iperf3 TCP, one stream)")
+    print(f"node0 links: {links}")
+    print(f"total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _fmt(mbps: float | None) -> str:
+    return "failed" if mbps is None else f"{mbps:8.0f} Mbit/s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""A group of overlay nodes, each running the real `ipop-overlay` CLI in its own network namespace.
+
+One lab (tests/support/netlab.py): a hub bridge, a namespace for Prosody, one namespace per node and,
+on request, spare namespaces for nodes that are expected to fail. Accounts, the members-only room,
+keys, passwords and configs are made here; nodes start one at a time so each one finds a running
+group. Used by tests/test_e2e.py, scripts/demo.py and bench/iperf_tap.py. On exit every process this
+module started is stopped by its PID and every namespace and file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from overlay.ids import parse_id, ring_distance
+from tests.support.netlab import Host, NetLab
+from tests.support.prosody import ProsodyServer
+
+REPO = Path(__file__).resolve().parents[2]
+# Our choice: the virtual network of the issue's example, used only inside lab namespaces.
+VIRTUAL_NET = ipaddress.IPv4Network("10.254.0.0/16")
+TAP_NAME = "ipop0"
+VIRTUAL_MTU = 1400
+XMPP_PORT = 5222
+OVERLAY_PORT = 5800
+PASSWORD = "lab-member-password"
+ROOM = "group1"
+# Our choice: a node that has not answered `status` within this long after starting is reported broken.
+JOIN_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+CLI_TIMEOUT_S = 10.0
+
+
+def cli_argv() -> list[str]:
+    """The installed console script next to this interpreter, else the module (same code either way).
+
+    Not the pyenv shim on PATH: that is a shell wrapper, one more process between us and the node's PID.
+    """
+    script = Path(sys.executable).parent / "ipop-overlay"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "overlay.cli"]
+
+
+def missing_prerequisites() -> str | None:
+    """Why a group cannot run on this machine, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces, TAP devices and Prosody (run_as_root) need root"
+    for tool in ("prosody", "prosodyctl", "ip", "iptables", "ping", "openssl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (see the install scripts)"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing: TAP devices are unavailable"
+    return None
+
+
+@dataclass
+class Member:
+    """One node of the group: its namespace, account, files and (while running) its process."""
+
+    index: int
+    host: Host
+    user: str
+    jid: str  # full JID with resource
+    address: str  # virtual address with prefix, e.g. "10.254.0.1/16"
+    directory: Path
+    config: Path
+    control: Path
+    log: Path
+    node_id: str = ""
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class Group:
+    """Context manager: Prosody and `size` member nodes (not yet started) in namespaces on one bridge.
+
+    `spares` extra namespaces, each with a registered member account, are for configs that should fail
+    (`spare_config`, `run_join`); `outsiders` names accounts that exist but are not in the room.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        spares: int = 0,
+        outsiders: Iterable[str] = (),
+        prefix: str = "ipg",
+        workdir: Path | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not 1 <= size <= 200:
+            raise ValueError(f"group size {size} must be between 1 and 200")
+        self.size = size
+        self.spares = spares
+        self.outsiders = list(outsiders)
+        self.verbose = verbose
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ipop-group-")).resolve()
+        self.lab = NetLab(prefix)
+        self.server: ProsodyServer | None = None
+        self.xmpp_host: Host | None = None
+        self.members: list[Member] = []
+        self.spare_hosts: list[Host] = []
+        self.room = ""
+
+    # -- set-up --------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Group:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def say(self, line: str) -> None:
+        if self.verbose:
+            print(f"[group] {line}", flush=True)
+
+    def _build(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lab.add_hub()
+        self.xmpp_host = self.lab.add_host("xmpp")
+        self.say(f"lab {self.lab.tag}: hub bridge, Prosody at {self.xmpp_host.address}:{XMPP_PORT}")
+        self.server = ProsodyServer(
+            self.workdir / "prosody", bind=self.xmpp_host.address, port=XMPP_PORT, netns=self.xmpp_host.netns
+        )
+        self.server.start()
+        for i in range(self.size):
+            self.members.append(self._make_member(i))
+        for i in range(self.spares):
+            self.spare_hosts.append(self.lab.add_host(f"spare{i}"))
+            self.server.register(f"spare{i}", PASSWORD)
+        for name in self.outsiders:
+            self.server.register(name, PASSWORD)
+        room_members = [f"{m.user}@{self.server.domain}" for m in self.members]
+        room_members += [f"spare{i}@{self.server.domain}" for i in range(self.spares)]
+        self.room = self._create_room(ROOM, room_members)
+        self.say(f"{self.size} accounts, members-only room {self.room}")
+
+    def _make_member(self, i: int) -> Member:
+        assert self.server is not None
+        host = self.lab.add_host(f"node{i}")
+        user = f"node{i}"
+        self.server.register(user, PASSWORD)
+        directory = self.workdir / user
+        directory.mkdir()
+        address = f"{VIRTUAL_NET.network_address + i + 1}/{VIRTUAL_NET.prefixlen}"
+        member = Member(
+            index=i,
+            host=host,
+            user=user,
+            jid=f"{user}@{self.server.domain}/lab",
+            address=address,
+            directory=directory,
+            config=directory / "node.toml",
+            control=directory / "node.sock",
+            log=directory / "node.log",
+        )
+        member.node_id = self.keygen(directory / "node.key")
+        (directory / "node.pass").write_text(PASSWORD + "\n")
+        os.chmod(directory / "node.pass", 0o600)
+        member.config.write_text(self.config_text(host, member.jid, address, member.control))
+        return member
+
+    def _create_room(self, name: str, members: list[str]) -> str:
+        """Create the room from inside Prosody's namespace: the root namespace has no route to the lab."""
+        assert self.server is not None and self.xmpp_host is not None
+        s = self.server
+        script = (
+            "import asyncio, sys; from pathlib import Path; from tests.support.prosody import ProsodyServer; "
+            f"s = ProsodyServer(Path({str(s.workdir)!r}), domain={s.domain!r}, bind={s.host!r}, "
+            f"port={s.port}, netns={s.netns!r}); "
+            f"print(asyncio.run(s.create_room({name!r}, {members!r})))"
+        )
+        out = self.lab.run(self.xmpp_host, sys.executable, "-c", script, cwd=REPO, timeout=60)
+        return out.stdout.strip().splitlines()[-1]
+
+    def keygen(self, path: Path) -> str:
+        out = subprocess.run([*cli_argv(), "keygen", str(path)], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError(f"ipop-overlay keygen {path} exited {out.returncode}: {out.stderr.strip()}")
+        node_id = out.stdout.strip().split()[-1]
+        return node_id
+
+    def config_text(
+        self,
+        host: Host,
+        jid: str,
+        address: str,
+        control: Path,
+        *,
+        password_file: str = "node.pass",
+        extra: str = "",
+    ) -> str:
+        """A node config in the CLI's TOML format; `extra` is appended verbatim (for broken configs)."""
+        assert self.server is not None
+        return (
+            "[node]\n"
+            'key = "node.key"\n'
+            f'control_socket = "{control}"\n'
+            f'listen = "{host.address}:{OVERLAY_PORT}"\n'
+            "[xmpp]\n"
+            f'jid = "{jid}"\n'
+            f'password_file = "{password_file}"\n'
+            f'host = "{self.server.host}"\n'
+            f"port = {self.server.port}\n"
+            f'room = "{self.room or ROOM + "@" + self.server.muc_domain}"\n'
+            f'ca_file = "{self.server.ca_file}"\n'
+            "[vnic]\n"
+            f'name = "{TAP_NAME}"\n'
+            f'address = "{address}"\n'
+            f"mtu = {VIRTUAL_MTU}\n" + extra
+        )
+
+    # -- running nodes --------------------------------------------------------------------------------
+
+    def join(self, i: int, *, min_links: int | None = None, timeout: float = JOIN_TIMEOUT_S) -> Member:
+        """Start node `i` and wait until its control socket answers and it has `min_links` links
+        (default: 1 unless it is the only node running)."""
+        m = self.members[i]
+        if m.running:
+            raise ValueError(f"node {i} is already running")
+        others = sum(1 for x in self.members if x.running)
+        need = (1 if others else 0) if min_links is None else min_links
+        log = open(m.log, "ab")
+        m.process = self.lab.popen(
+            m.host, *cli_argv(), "join", "--config", str(m.config),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+
+        def ready() -> bool:
+            if not m.running:
+                raise RuntimeError(f"node {i} exited {self._returncode(m)} while joining:\n{self.log_tail(i)}")
+            if not m.control.exists():
+                return False
+            try:
+                return len(self.status(i)["links"]) >= need
+            except (RuntimeError, KeyError, ValueError):
+                return False
+
+        if not self.wait_until(ready, timeout):
+            raise RuntimeError(f"node {i} did not reach {need} link(s) within {timeout:.0f} s:\n{self.log_tail(i)}")
+        self.say(f"node{i} {m.node_id} joined as {m.address} on {m.host.address}")
+        return m
+
+    def join_all(self) -> None:
+        for i in range(self.size):
+            self.join(i)
+
+    def stop_node(self, i: int) -> None:
+        """SIGTERM node `i` by PID; it must exit 0 and leave neither its TAP nor its control socket."""
+        m = self.members[i]
+        assert m.process is not None, f"node {i} was never started"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(m.process.pid, signal.SIGTERM)
+        try:
+            code = m.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            m.process.kill()
+            m.process.wait(timeout=5)
+            raise AssertionError(f"node {i} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s:\n{self.log_tail(i)}") from None
+        assert code == 0, f"node {i} exited {code} on SIGTERM:\n{self.log_tail(i)}"
+        assert not self.tap_exists(m.host), f"node {i} left its TAP {TAP_NAME} behind in {m.host.netns}"
+        assert not m.control.exists(), f"node {i} left its control socket {m.control} behind"
+        self.say(f"node{i} stopped cleanly")
+
+    def _returncode(self, m: Member) -> int | None:
+        return None if m.process is None else m.process.poll()
+
+    def log_tail(self, i: int, lines: int = 25) -> str:
+        try:
+            text = self.members[i].log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cli(self, host: Host, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """Run `ipop-overlay ARGS` inside `host`'s namespace and wait (output captured, never raises)."""
+        return self.lab.run(host, *cli_argv(), *args, check=False, timeout=timeout)
+
+    def status(self, i: int) -> dict[str, Any]:
+        m = self.members[i]
+        out = self.cli(m.host, "status", "--json", "--control", str(m.control))
+        if out.returncode != 0:
+            raise RuntimeError(f"status of node {i} exited {out.returncode}: {out.stderr.strip()}")
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def status_text(self, i: int) -> str:
+        m = self.members[i]
+        out = self.cli(m.host, "status", "--control", str(m.control))
+        return out.stdout if out.returncode == 0 else f"(status exited {out.returncode}: {out.stderr.strip()})"
+
+    # -- the network ----------------------------------------------------------------------------------
+
+    def block_udp(self, i: int, j: int) -> None:
+        """Drop UDP between nodes i and j (both directions); they can only talk through other nodes."""
+        self.lab.block_udp(self.members[i].host, self.members[j].host)
+
+    def ping(self, i: int, j: int, *, count: int = 1, timeout: float = 2.0) -> bool:
+        """Ping node j's virtual address from node i's namespace; True when any reply came back."""
+        return self.ping_many([(i, j)], count=count, timeout=timeout)[(i, j)]
+
+    def ping_many(
+        self, pairs: Iterable[tuple[int, int]], *, count: int = 1, timeout: float = 2.0
+    ) -> dict[tuple[int, int], bool]:
+        """Ping several pairs at once (one `ping` process each); bounded by count and timeout."""
+        procs = {}
+        for i, j in pairs:
+            target = self.members[j].ip
+            argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", target]
+            procs[(i, j)] = subprocess.Popen(
+                ["ip", "netns", "exec", self.members[i].host.netns, *argv],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        results = {}
+        limit = time.monotonic() + count * 0.2 + timeout + 5
+        for pair, p in procs.items():
+            try:
+                results[pair] = p.wait(timeout=max(0.1, limit - time.monotonic())) == 0
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                results[pair] = False
+        return results
+
+    def wait_for_pings(
+        self, pairs: Iterable[tuple[int, int]], timeout: float, *, attempt_timeout: float = 1.0
+    ) -> dict[tuple[int, int], float | None]:
+        """Ping every pair until each has answered once or `timeout` passes.
+
+        Returns, per pair, the seconds until its first reply (None if it never answered).
+        """
+        start = time.monotonic()
+        waiting = list(pairs)
+        answered: dict[tuple[int, int], float | None] = {p: None for p in waiting}
+        while waiting:
+            left = start + timeout - time.monotonic()
+            if left <= 0:
+                break
+            results = self.ping_many(waiting, count=1, timeout=min(attempt_timeout, max(left, 0.2)))
+            now = time.monotonic() - start
+            for pair, ok in results.items():
+                if ok:
+                    answered[pair] = now
+            waiting = [p for p in waiting if answered[p] is None]
+            if waiting:
+                time.sleep(0.1)
+        return answered
+
+    def running_pairs(self) -> list[tuple[int, int]]:
+        alive = [m.index for m in self.members if m.running]
+        return [(i, j) for i in alive for j in alive if i != j]
+
+    def direct_link(self, status: dict[str, Any], j: int) -> bool:
+        """Whether `status` (of some node) shows a direct link (no relay) to node j."""
+        peer = self.members[j].node_id
+        return any(_id(row["peer_id"]) == peer and row.get("relay") is None for row in status["links"])
+
+    def overlay_path(self, statuses: dict[int, dict[str, Any]], src: int, dst: int) -> list[int] | None:
+        """The members a packet from `src` to `dst` most likely crosses, read from `status` snapshots.
+
+        A direct link ends the path; a link to `dst` tunnelled through a neighbour adds that neighbour; a
+        neighbour directly linked to `dst` comes next (the neighbour-of-neighbour lookahead); otherwise the
+        packet goes to the directly linked neighbour closest to `dst` on the ring (the greedy rule of
+        overlay/routing/forwarding.py). None when no step gets closer.
+        """
+        by_id = {m.node_id: m.index for m in self.members}
+        target = parse_id(self.members[dst].node_id)
+        path, here = [src], src
+        while here != dst:
+            rows = statuses[here]["links"]
+            direct = [by_id[_id(r["peer_id"])] for r in rows if r.get("relay") is None and _id(r["peer_id"]) in by_id]
+            tunnels = [r for r in rows if _id(r["peer_id"]) == self.members[dst].node_id and r.get("relay")]
+            if dst in direct:
+                step = dst
+            elif tunnels and _id(tunnels[0]["relay"]) in by_id:
+                path.append(by_id[_id(tunnels[0]["relay"])])
+                step = dst
+            elif two_hop := [n for n in direct if n in statuses and self.direct_link(statuses[n], dst)]:
+                step = two_hop[0]
+            else:
+                here_d = ring_distance(parse_id(self.members[here].node_id), target)
+                closer = [n for n in direct if ring_distance(parse_id(self.members[n].node_id), target) < here_d]
+                if not closer:
+                    return None
+                step = min(closer, key=lambda n: ring_distance(parse_id(self.members[n].node_id), target))
+                if step not in statuses:
+                    return None
+            path.append(step)
+            here = step
+        return path
+
+    def tap_exists(self, host: Host) -> bool:
+        return self.lab.run(host, "ip", "link", "show", TAP_NAME, check=False, timeout=10).returncode == 0
+
+    # -- nodes that should fail -----------------------------------------------------------------------
+
+    def spare_config(self, k: int, *, user: str, password: str = PASSWORD, extra: str = "") -> tuple[Path, Path]:
+        """Write a config for an account in spare namespace k; returns (config, control socket path)."""
+        assert self.server is not None
+        host = self.spare_hosts[k]
+        directory = self.workdir / f"spare{k}-{user}-{len(list(self.workdir.glob(f'spare{k}-*')))}"
+        directory.mkdir()
+        self.keygen(directory / "node.key")
+        (directory / "node.pass").write_text(password + "\n")
+        os.chmod(directory / "node.pass", 0o600)
+        control = directory / "node.sock"
+        address = f"{VIRTUAL_NET.network_address + 200 + k}/{VIRTUAL_NET.prefixlen}"
+        jid = f"{user}@{self.server.domain}/spare"
+        config = directory / "node.toml"
+        config.write_text(self.config_text(host, jid, address, control, extra=extra))
+        return config, control
+
+    def run_join(self, k: int, config: Path, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run `join` in spare namespace k to completion (for configs that must fail); bounded."""
+        try:
+            return self.cli(self.spare_hosts[k], "join", "--config", str(config), timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"join --config {config} was still running after {timeout:.0f} s") from exc
+
+    # -- waiting and teardown -------------------------------------------------------------------------
+
+    @staticmethod
+    def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+        """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+
+    def close(self) -> None:
+        """Stop nodes and Prosody (by PID), delete the namespaces and the work directory; idempotent."""
+        # Nodes first (they leave the room while Prosody still runs), then Prosody, then the namespaces.
+        running = [m.process for m in self.members if m.running and m.process is not None]
+        for p in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.lab.close()
+        if self._own_workdir and not os.environ.get("IPOP_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _id(value: Any) -> str:
+    """Node IDs as the CLI prints them: 16 lowercase hex digits (status may carry them as ints)."""
+    return f"{value:016x}" if isinstance(value, int) else str(value).lower()
