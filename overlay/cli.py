@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # slixmpp logs every reconnect attempt and stream detail at INFO: keep it to warnings.
-    logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # slixmpp logs its own view of failures (e.g. "No appropriate login method." before a refused login) that
+    # BootstrapError already reports in one actionable line: keep its logs for --log-level debug.
+    if args.log_level != "debug":
+        logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
     try:
         if args.command == "keygen":
             return cmd_keygen(args)
