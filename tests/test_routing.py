@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -187,13 +188,17 @@ def _consistent_overlay(ids: list[int], rng: random.Random, extra: int) -> dict[
     return {i: sorted(v) for i, v in adj.items()}
 
 
-def _walk(
-    adj: dict[int, list[int]], src: int, target: int, exact: bool, **kw: object
-) -> tuple[list[int], object]:
+def _walk(adj: dict[int, list[int]], src: int, target: int, exact: bool, **kw: object) -> tuple[list[int], object]:
     cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
     while True:
         d = decide(
-            cur, target, exact=exact, watermark=watermark, ttl=ttl, neighbours=adj[cur], **kw  # type: ignore[arg-type]
+            cur,
+            target,
+            exact=exact,
+            watermark=watermark,
+            ttl=ttl,
+            neighbours=adj[cur],
+            **kw,  # type: ignore[arg-type]
         )
         if not isinstance(d, Forward):
             return path, d
@@ -236,14 +241,12 @@ def test_forwarding_on_a_consistent_ring_reaches_the_target_without_revisiting(
     assert len(set(path)) == len(path)
     distance = kw.get("distance", ring_distance)
     dists = [distance(p, dst) for p in path]  # type: ignore[operator]
-    assert all(a > b for a, b in zip(dists, dists[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(dists))
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(edge_ids, min_size=2, max_size=60, unique=True), st.integers(0, 2**32), edge_ids, st.booleans())
-def test_key_lookups_end_at_the_node_closest_to_the_key(
-    ids: list[int], seed: int, key: int, lookahead: bool
-) -> None:
+def test_key_lookups_end_at_the_node_closest_to_the_key(ids: list[int], seed: int, key: int, lookahead: bool) -> None:
     adj = _consistent_overlay(ids, random.Random(seed), 2)
     src = random.Random(seed).choice(ids)
     look = {"neighbours_of": adj.__getitem__} if lookahead else {}
