@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.group import VIRTUAL_MTU, Group, missing_prerequisites
+from tests.support.group import TAP_NAME, VIRTUAL_MTU, Group, missing_prerequisites
 from tests.support.netlab import Host
 
 IPERF_PORT = 5201
@@ -52,6 +52,17 @@ def iperf_mbps(g: Group, client: Host, server_ip: str, seconds: float) -> float 
             print("  server said: " + " | ".join(line.strip() for line in tail), flush=True)
         return None
     return bps / 1e6
+
+
+def tap_offload(g: Group, host: Host) -> str:
+    """Whether the node opened its TAP with TSO: it then caps super-frames with gso_max_size (65536 is the
+    kernel's default, left alone without offload)."""
+    out = g.lab.run(host, "ip", "-d", "-j", "link", "show", TAP_NAME, check=False, timeout=10)
+    try:
+        size = json.loads(out.stdout)[0]["gso_max_size"]
+    except (ValueError, LookupError, TypeError):
+        return "unknown"
+    return f"TSO super-frames up to {size} bytes" if size != 65536 else "off (1 frame per MTU-sized packet)"
 
 
 def median_mbps(g: Group, label: str, client: Host, server_ip: str, runs: int, seconds: float) -> float | None:
@@ -97,6 +108,7 @@ def main() -> int:
         time.sleep(0.5)  # iperf3 -s binds within milliseconds; the client also retries for 3 s
         a, b = g.members[0], g.members[1]
         print(f"veth {a.host.address} -> {b.host.address}; TAP {a.ip} -> {b.ip} (MTU {VIRTUAL_MTU})", flush=True)
+        print(f"TAP offload: {tap_offload(g, a.host)}", flush=True)
         results["raw veth"] = median_mbps(g, "veth", a.host, b.host.address, args.runs, args.seconds)
         results["overlay direct"] = median_mbps(g, "tap direct", a.host, b.ip, args.runs, args.seconds)
         if not args.no_relay:

@@ -28,17 +28,33 @@ from overlay.identity import Identity, verify
 from overlay.ids import FAR, format_id, node_id_from_public_key, ring_distance
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NoRoute, decide, next_hop
-from overlay.routing.maintenance import DEAD_REASON, CloseLink, FindLong, Maintenance, OpenLink, Ping, SendNeighbours
+from overlay.routing.maintenance import (
+    DEAD_REASON,
+    CloseLink,
+    FindLong,
+    Maintenance,
+    OpenLink,
+    Ping,
+    SendNeighbours,
+    TellUse,
+)
 from overlay.routing.ring import RingParams, RingTable, Role
-from overlay.tap.frames import FrameError, icmp_error_allowed, icmp_unreachable
-from overlay.tap.vnic import Ignored, Outbound, Reply, VirtualNic
+from overlay.tap.frames import (
+    VNET_HDR_LEN,
+    ZERO_VNET_HDR,
+    Bytes,
+    FrameError,
+    complete_checksum,
+    icmp_error_allowed,
+    icmp_unreachable,
+    parse_vnet_header,
+)
+from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_LONG_LINK,
     FLAG_REFUSED,
-    HELLO_BOOTSTRAP,
-    HELLO_LONG_LINK,
-    HELLO_RING,
+    ROUTED_HEADER,
     Contact,
     DecodeError,
     Kind,
@@ -74,8 +90,12 @@ HANDSHAKE_WAIT = 4.0  # a direct handshake tries 3 times 1 s apart (links.py); t
 EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
 SETTLE_TIME = 3.0
 PEER_CLOSED = "peer closed the link"
+RECRUIT_INTERVAL = 30.0  # our choice: anchors are replaced within a minute, XMPP load stays negligible
 REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partition rejoins
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
+TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
+DATA_KINDS = (Kind.DATA, Kind.DATA_GSO)
+ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
 
 
 @dataclass
@@ -91,7 +111,7 @@ class NodeSettings:
 
 @dataclass
 class _Lookup:
-    packets: deque[bytes]
+    packets: deque[tuple[Kind, bytes]]  # DATA or DATA_GSO and its body
     started: float
     sent: float
 
@@ -152,11 +172,15 @@ class Node:
         self._finds: dict[int, _Find] = {}
         self._find_seq = 0
         self._route_cache: dict[int, int | None] = {}
+        # Data path: destination node -> (next hop, our distance), the Forward that decide() gave for a DATA
+        # packet we originated; forgotten with _route_cache. Lets a data packet skip building a Routed.
+        self._data_routes: dict[int, tuple[int, int]] = {}
+        self._address_text: dict[int, str] = {}
         self._published = -1e18
         self._first_link_at = 0.0
         self._last_rejoin = self.clock()
+        self._last_recruit = -1e18
         self._rejoining: asyncio.Future[None] | None = None
-        self._hello_sent: dict[int, int] = {}
         self._last_expire = -1e18
         self._last_icmp = -1e18
         self._timer: asyncio.TimerHandle | None = None
@@ -238,6 +262,36 @@ class Node:
 
         self._rejoining = asyncio.ensure_future(rejoin())
 
+    def _recruit_anchor(self, now: float) -> None:
+        """An anchor that sees fewer anchors in the room than wanted (one left or crashed) asks a random
+        neighbour, through the overlay, to join the room as one: joiners keep finding someone to answer them
+        without any node watching the room but the anchors."""
+        boot = self.bootstrap
+        if boot is None or not boot.is_anchor or not self.links.links or now - self._last_recruit < RECRUIT_INTERVAL:
+            return
+        if boot.anchors_present() >= boot.anchors:
+            return
+        self._last_recruit = now
+        peer = self.rng.choice(sorted(self.links.links))
+        self.links.links[peer].send(bytes([LinkMsg.ANCHOR]))
+
+    def _become_anchor(self, now: float) -> None:
+        boot = self.bootstrap
+        if boot is None or boot.is_anchor or self._rejoining is not None or now - self._last_recruit < RECRUIT_INTERVAL:
+            return
+        self._last_recruit = now
+
+        async def become() -> None:
+            try:
+                await boot.become_anchor()
+                await boot.settle()  # steps down again if the room has enough anchors by now
+            except Exception as e:  # XMPP may be down: the recruiting anchor asks again later
+                log.warning("could not become an anchor: %s", e)
+            finally:
+                self._rejoining = None
+
+        self._rejoining = asyncio.ensure_future(become())
+
     async def join_via_bootstrap(self) -> None:
         deadline = self.clock() + FIRST_LINK_TIMEOUT
         while not self.links.links and self.clock() < deadline:
@@ -291,10 +345,10 @@ class Node:
         deadline = self.links.tick(now)
         for action in self.maintenance.tick(now):
             self._act(action, now)
-        self._update_link_use()
         deadline = min(deadline, self.maintenance.next_deadline())
         self._tick_lookups(now)
         self._rejoin_if_alone(now)
+        self._recruit_anchor(now)
         self._tick_finds(now)
         if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
             self.publish(now)
@@ -322,6 +376,10 @@ class Node:
             self._find(action.target, action.slot, FLAG_LONG_LINK)
         elif isinstance(action, CloseLink):
             self.links.close(action.peer, action.reason)
+        elif isinstance(action, TellUse):
+            link = self.links.links.get(action.peer)
+            if link is not None:
+                self._send_hello(link, action.use)
 
     # -- links -------------------------------------------------------------------------------------------------
     def _relay_candidates(self, peer: int) -> list[int]:
@@ -333,8 +391,7 @@ class Node:
         now = self.clock()
         self.table.add_link(link.peer_id)
         self.maintenance.on_link_up(link.peer_id, now)
-        self._route_cache.clear()
-        self._send_hello(link)
+        self._forget_routes()
         link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
         if not self.first_link.is_set():
             self.first_link.set()
@@ -343,25 +400,10 @@ class Node:
         self._hand_over_records(link.peer_id, now)
         self._schedule(now)
 
-    def _link_use(self, peer: int) -> int:
-        """HELLO flags: what we use the link to `peer` for."""
-        flags = HELLO_LONG_LINK if peer in self.maintenance.long_link_peers() else 0
-        if peer in self.table.ring_peers() or peer in self.table.wanted_ring_peers():
-            flags |= HELLO_RING
-        if len(self.links.links) == 1:
-            flags |= HELLO_BOOTSTRAP
-        return flags
-
-    def _send_hello(self, link: Link) -> None:
-        flags = self._link_use(link.peer_id)
-        self._hello_sent[link.peer_id] = flags
-        link.send(bytes([LinkMsg.HELLO, flags]) + self.contact().encode())
-
-    def _update_link_use(self) -> None:
-        """Tell each peer when what we use its link for has changed, so it knows whether to keep it."""
-        for peer, link in self.links.links.items():
-            if self._hello_sent.get(peer) != self._link_use(peer):
-                self._send_hello(link)
+    def _send_hello(self, link: Link, use: int) -> None:
+        """Our contact, and what we use the link for (maintenance USE_* flags): the peer keeps a link either
+        end uses."""
+        link.send(bytes([LinkMsg.HELLO, use]) + self.contact().encode())
 
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
@@ -370,8 +412,7 @@ class Node:
         self.maintenance.on_link_down(link.peer_id, now, dead=gone)
         if gone:
             self.cache.evict_node(link.peer_id)
-        self._hello_sent.pop(link.peer_id, None)
-        self._route_cache.clear()
+        self._forget_routes()
         self._schedule(now)
 
     def _on_attempt_failed(self, peer: int) -> None:
@@ -382,6 +423,13 @@ class Node:
         kind = msg[0] if msg else 0
         now = self.clock()
         self.maintenance.on_rx(link.peer_id, now)
+        if kind == LinkMsg.ROUTED and len(msg) >= ROUTED_HEADER.size and msg[ROUTED_HEADER.size - 1] in DATA_KINDS:
+            _, _, flags, _, dst, watermark, data_kind = ROUTED_HEADER.unpack_from(msg)
+            if dst == self.id and watermark != 0 and not flags & FLAG_JOIN:
+                # What decide() answers for a packet at its exact destination (distance 0, below any
+                # watermark but 0): deliver, without decoding the rest of the header into a Routed.
+                self._deliver_data(memoryview(msg)[ROUTED_HEADER.size :], data_kind)
+                return
         try:
             if kind == LinkMsg.ROUTED:
                 self._on_routed(link, decode_routed(msg))
@@ -393,7 +441,7 @@ class Node:
                     link.rtt = now - sent
             elif kind == LinkMsg.NEIGHBOURS:
                 self.maintenance.on_neighbours(link.peer_id, decode_neighbours(msg), now)
-                self._route_cache.clear()
+                self._forget_routes()
             elif kind == LinkMsg.RELAY:
                 peer, packet = decode_relay(msg)
                 onward = self.links.links.get(peer)
@@ -410,14 +458,13 @@ class Node:
                 contact = self.check_contact(msg[2:])
                 if contact is not None and contact.public_key == link.peer_key:
                     link.contact = contact
-                    flags = msg[1]
-                    self.table.set_role(link.peer_id, Role.LONG_IN, bool(flags & HELLO_LONG_LINK))
-                    self.table.set_role(link.peer_id, Role.PEER_RING, bool(flags & HELLO_RING))
-                    self.table.set_role(link.peer_id, Role.BOOTSTRAP, bool(flags & HELLO_BOOTSTRAP))
+                    self.maintenance.on_peer_use(link.peer_id, msg[1])
             elif kind == LinkMsg.REPLICATE:
                 why = self.store.put(decode_record(msg[1:]), now)
                 if why is not None:
                     self.count(f"replica refused: {why}")
+            elif kind == LinkMsg.ANCHOR:
+                self._become_anchor(now)
             elif kind == LinkMsg.CLOSE:
                 self.links.close(link.peer_id, PEER_CLOSED, notify=False)
             else:
@@ -426,6 +473,10 @@ class Node:
             self.count("drop: malformed link message")
 
     # -- routing -----------------------------------------------------------------------------------------------
+    def _forget_routes(self) -> None:
+        self._route_cache.clear()
+        self._data_routes.clear()
+
     def _next_hop(self, dst: int, exclude: int | None = None) -> int | None:
         if exclude is None:
             cached = self._route_cache.get(dst, -1)
@@ -503,6 +554,8 @@ class Node:
             if link is None:
                 self.count("drop: next hop vanished")
                 return
+            if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
+                self._data_routes[pkt.dst] = (decision.next_hop, own)
             link.send(reroute(pkt, pkt.ttl - 1, own))
         elif isinstance(decision, Deliver):
             self._deliver(pkt)
@@ -519,8 +572,8 @@ class Node:
         now = self.clock()
         kind = pkt.kind
         try:
-            if kind == Kind.DATA:
-                self._deliver_data(pkt.body)
+            if kind in DATA_KINDS:
+                self._deliver_data(pkt.body, kind)
             elif kind == Kind.LINK_REQUEST:
                 contact = self.check_contact(pkt.body)
                 if contact is not None and node_id_from_public_key(contact.public_key) == pkt.src:
@@ -605,11 +658,9 @@ class Node:
             self.maintenance.on_long_found(find.slot, None, now)
             return
         self.maintenance.on_long_found(find.slot, pkt.src, now)
-        link = self.links.links.get(pkt.src)
-        if link is not None:
-            self._send_hello(link)
-        else:
+        if pkt.src not in self.links.links:
             self.links.connect(contact.public_key, contact.endpoint, contact)
+        self._schedule(now)  # the next tick tells the peer it is now one of our long links
 
     def _tick_finds(self, now: float) -> None:
         for seq, f in list(self._finds.items()):
@@ -677,26 +728,28 @@ class Node:
             return
         entry = self.cache.put(record, now)
         del self._lookups[address]
-        for packet in lookup.packets:
-            self.send_routed(entry.node_id, Kind.DATA, packet)
+        for kind, packet in lookup.packets:
+            self.send_routed(entry.node_id, kind, packet)
 
-    def resolve_and_send(self, address: str, packet: bytes) -> None:
+    def resolve_and_send(self, address: str, packet: bytes, kind: Kind = Kind.DATA) -> None:
+        """Send a data body (an IPv4 packet, or for DATA_GSO a virtio_net_hdr and one) to the member that
+        owns `address`, looking the address up in the DHT first when it is not cached."""
         now = self.clock()
         if address == self.address:
-            self._deliver_data(packet)
+            self._deliver_data(packet, kind)
             return
         entry = self.cache.get(address, now)
         if entry is not None:
-            self.send_routed(entry.node_id, Kind.DATA, packet)
+            self.send_routed(entry.node_id, kind, packet)
             return
         lookup = self._lookups.get(address)
         if lookup is not None:
             if len(lookup.packets) == QUEUE_PER_ADDRESS:
                 self.count("drop: queue full while resolving")
-            lookup.packets.append(packet)
+            lookup.packets.append((kind, packet))
             return
         # Queue first: when we hold the record ourselves the answer arrives before send_routed returns.
-        self._lookups[address] = _Lookup(deque([packet], maxlen=QUEUE_PER_ADDRESS), now, now)
+        self._lookups[address] = _Lookup(deque([(kind, packet)], maxlen=QUEUE_PER_ADDRESS), now, now)
         self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
 
     def _tick_lookups(self, now: float) -> None:
@@ -707,7 +760,8 @@ class Node:
                     "drop: no node owns the address", 0
                 ) + len(lookup.packets)
                 if lookup.packets:
-                    self._host_unreachable(lookup.packets[0], now)
+                    kind, body = lookup.packets[0]
+                    self._host_unreachable(body[VNET_HDR_LEN:] if kind == Kind.DATA_GSO else body, now)
             elif now - lookup.sent >= LOOKUP_RETRY:
                 lookup.sent = now
                 self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
@@ -718,31 +772,77 @@ class Node:
         if not icmp_error_allowed(packet):
             return
         self._last_icmp = now
-        self.tap.write(self.vnic.to_tap(icmp_unreachable(packet, int(ipaddress.IPv4Address(self.address)))))
+        self._write_tap(self.vnic.to_tap(icmp_unreachable(packet, int(ipaddress.IPv4Address(self.address)))))
 
     # -- data path -----------------------------------------------------------------------------------------------
+    # Per frame Python costs ~5 µs whatever its size (ARCHITECTURE.md), so this path reads the clock once per
+    # batch, keys its caches by integers, and takes the routing decision from caches of decide()'s answers.
     def _on_tap_readable(self) -> None:
         assert self.tap is not None and self.vnic is not None
-        vnic = self.vnic
-        for frame in self.tap.read_batch(64):
-            result = vnic.from_tap(frame)
+        tap, vnic = self.tap, self.vnic
+        vnet = tap.vnet_hdr
+        now = self.clock()
+        for frame in tap.read_batch(TAP_BATCH):
+            result = vnic.from_tap(memoryview(frame)[VNET_HDR_LEN:] if vnet else frame)
             if isinstance(result, Outbound):
-                self.resolve_and_send(str(ipaddress.IPv4Address(result.dst_ip)), bytes(result.packet))
+                head = frame[:VNET_HDR_LEN] if vnet else b""
+                if head and head != ZERO_VNET_HDR:
+                    # Offload work left to the receiving kernel (segmentation, checksum): carry the header.
+                    self._send_data(result.dst_ip, Kind.DATA_GSO, head, result.packet, now)
+                else:
+                    self._send_data(result.dst_ip, Kind.DATA, b"", result.packet, now)
             elif isinstance(result, Reply):
-                self.tap.write(result.frame)
-            elif isinstance(result, Ignored):
-                pass
+                self._write_tap(result.frame)
 
-    def _deliver_data(self, packet: bytes) -> None:
-        if self.tap is None or self.vnic is None:
+    def _send_data(self, dst_ip: int, kind: Kind, head: bytes, packet: Bytes, now: float) -> None:
+        address = self._address_text.get(dst_ip)
+        if address is None:
+            if len(self._address_text) >= ADDRESS_TEXT_LIMIT:
+                self._address_text.clear()
+            address = self._address_text[dst_ip] = str(ipaddress.IPv4Address(dst_ip))
+        entry = self.cache.get(address, now)
+        if entry is not None:
+            route = self._data_routes.get(entry.node_id)
+            if route is not None:
+                link = self.links.links.get(route[0])
+                if link is not None:
+                    # Exactly what _on_routed sends for this packet at its origin (reroute with TTL - 1).
+                    header = ROUTED_HEADER.pack(
+                        LinkMsg.ROUTED, DEFAULT_TTL - 1, FLAG_EXACT, self.id, entry.node_id, route[1], kind
+                    )
+                    link.send(b"".join((header, head, packet)))
+                    return
+        self.resolve_and_send(address, head + bytes(packet), kind)
+
+    def _write_tap(self, frame: bytes) -> None:
+        """A frame we made ourselves (ARP reply, ICMP error): no offload work for the kernel to do."""
+        assert self.tap is not None
+        if self.tap.vnet_hdr:
+            self.tap.write_parts([ZERO_VNET_HDR, frame])
+        else:
+            self.tap.write(frame)
+
+    def _deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None:
+        tap, vnic = self.tap, self.vnic
+        if tap is None or vnic is None:
             self.count("data delivered without a TAP")
             return
         try:
-            frame = self.vnic.to_tap(packet)
+            if kind == Kind.DATA_GSO:
+                eth, packet = vnic.to_tap_parts(memoryview(body)[VNET_HDR_LEN:])
+                offload = parse_vnet_header(body, len(eth) + len(packet))
+                if tap.vnet_hdr:
+                    tap.write_parts([body[:VNET_HDR_LEN], eth, packet])
+                elif offload.is_gso:
+                    self.count("drop: TCP super-frame for a TAP without offload")
+                else:
+                    tap.write_parts([eth, complete_checksum(packet, offload)])
+                return
+            eth, packet = vnic.to_tap_parts(body)
         except FrameError:
             self.count("drop: data not for our address")
             return
-        self.tap.write(frame)
+        tap.write_parts([ZERO_VNET_HDR, eth, packet] if tap.vnet_hdr else [eth, packet])
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -130,13 +130,10 @@ class LinkMsg(enum.IntEnum):
     RELAYED = 0x06  # peer(8), link packet: "peer sent you this through me"
     CLOSE = 0x07  # the peer closes the link on purpose (no failure to repair around... yet)
     REPLICATE = 0x08  # an address record to hold as a replica
-    HELLO = 0x09  # flags(1), the sender's signed contact: who is on the other end, what it uses the link for
+    HELLO = 0x09  # use(1), the sender's signed contact; `use` = overlay.routing.maintenance USE_* flags
+    ANCHOR = 0x0A  # "please become an anchor": an anchor that sees too few anchors in the room recruits one
 
 
-# HELLO flags: what the sender uses the link for. A link is closed only when neither end uses it.
-HELLO_LONG_LINK = 0x01  # one of the sender's long links (counts against the receiver's incoming cap)
-HELLO_RING = 0x02  # the receiver is one of the sender's ring neighbours
-HELLO_BOOTSTRAP = 0x04  # the sender's only link
 MAX_NEIGHBOURS = 64
 _TOKEN = struct.Struct("!Q")
 _PEER = struct.Struct("!Q")
@@ -188,6 +185,7 @@ class Kind(enum.IntEnum):
     DHT_GET = 0x06  # virtual IPv4 (4), routed to the key's closest node
     DHT_VALUE = 0x07  # virtual IPv4 (4), then an address record or nothing
     NO_ROUTE = 0x08  # destination (8), kind (1): the exact destination does not exist
+    DATA_GSO = 0x09  # virtio_net_hdr (10, overlay/tap/frames.py) + IPv4 packet, up to a 64 KB TCP super-frame
 
 
 FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else: at the closest node)

@@ -16,12 +16,11 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.ids import FAR, ring_distance
-from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Forward, decide
+from overlay.routing.forwarding import Deliver, NeighboursOf, walk
 from overlay.routing.maintenance import (
     DEAD_REASON,
     CloseLink,
@@ -30,6 +29,7 @@ from overlay.routing.maintenance import (
     OpenLink,
     Ping,
     SendNeighbours,
+    TellUse,
 )
 from overlay.routing.ring import RingParams, RingTable, Role
 
@@ -163,6 +163,11 @@ class ChurnSim:
                     peer.maint.on_rx(node, self.now)
         elif isinstance(action, FindLong):
             self._find_long(node, action.slot, action.target)
+        elif isinstance(action, TellUse):
+            self.messages += 1
+            peer = self.members.get(action.peer)
+            if peer is not None and peer.table.is_linked(node):
+                peer.maint.on_peer_use(node, action.use)
 
     def _find_long(self, node: int, slot: int, target: int) -> None:
         """Route a lookup for `target` through the tables; the node it ends at links back if it accepts."""
@@ -182,28 +187,13 @@ class ChurnSim:
 
     def route(self, src: int, target: int, *, exact: bool) -> tuple[list[int], bool]:
         """The node's decide() at every hop on that node's own table; a hop to a crashed node is lost."""
-        cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
-        while True:
-            t = self.members[cur].table
-            d = decide(
-                cur,
-                target,
-                exact=exact,
-                watermark=watermark,
-                ttl=ttl,
-                neighbours=t.neighbours(),
-                neighbours_of=t.neighbours_of,
-            )
-            if isinstance(d, Deliver):
-                return path, True
-            if not isinstance(d, Forward):
-                return path, False
-            watermark = ring_distance(cur, target)
-            ttl -= 1
-            cur = d.next_hop
-            path.append(cur)
-            if cur not in self.members:
-                return path, False
+
+        def view(node: int) -> tuple[Iterable[int], NeighboursOf | None]:
+            t = self.members[node].table
+            return t.neighbours(), t.neighbours_of
+
+        path, d = walk(src, target, exact=exact, view=view, alive=self.members.__contains__)
+        return path, isinstance(d, Deliver)
 
     # -- measurement -------------------------------------------------------------------------------------
     def sample(self, pairs: int) -> float:

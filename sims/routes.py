@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from overlay.ids import FAR, RING_SIZE
-from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Forward, decide
+from overlay.ids import RING_SIZE
+from overlay.routing.forwarding import Deliver, NeighboursOf, walk
 from sims.overlay import Overlay
 
 
@@ -44,38 +44,29 @@ GREEDY = Routing(lookahead=False)
 
 def route(ov: Overlay, src: int, target: int, routing: Routing = GREEDY, *, exact: bool = True) -> Route:
     """The path a packet from node index `src` to ring ID `target` takes, hop by hop through `decide`."""
-    cur = src
-    cur_id = ov.node_id(src)
-    watermark = FAR
-    ttl = DEFAULT_TTL
-    distance = ov.distance
     nbrs = ov.neighbour_ids
-    path = [src]
-    while True:
+    lookahead = nbrs if routing.lookahead else None
+
+    def view(node: int) -> tuple[Iterable[int], NeighboursOf | None]:
+        return nbrs(node), lookahead
+
+    def spacing(node: int) -> float:
         # hop-aware lookahead needs the ID spacing: each node uses its own estimate of N, as the node would
-        spacing = RING_SIZE / ov.size_estimate(cur) if routing.hop_aware else 0.0
-        d = decide(
-            cur_id,
-            target,
-            exact=exact,
-            watermark=watermark,
-            ttl=ttl,
-            neighbours=nbrs(cur_id),
-            neighbours_of=nbrs if routing.lookahead else None,
-            distance=distance,
-            depth=routing.depth,
-            spacing=spacing,
-        )
-        if isinstance(d, Forward):
-            watermark = distance(cur_id, target)
-            ttl -= 1
-            cur_id = d.next_hop
-            cur = ov.index_of(cur_id)
-            path.append(cur)
-        elif isinstance(d, Deliver):
-            return Route(path, True, "delivered")
-        else:
-            return Route(path, False, getattr(d, "reason", "no route"))
+        return RING_SIZE / ov.size_estimate(ov.index_of(node))
+
+    ids, d = walk(
+        ov.node_id(src),
+        target,
+        exact=exact,
+        view=view,
+        distance=ov.distance,
+        depth=routing.depth,
+        spacing=spacing if routing.hop_aware else None,
+    )
+    path = [ov.index_of(i) for i in ids]
+    if isinstance(d, Deliver):
+        return Route(path, True, "delivered")
+    return Route(path, False, getattr(d, "reason", "no route"))
 
 
 def random_pairs(n: int, count: int, rng: np.random.Generator) -> np.ndarray:

@@ -147,3 +147,22 @@ def test_garbage_from_a_linked_peer_is_counted_and_the_link_survives() -> None:
             await g.stop()
 
     run(scenario())
+
+
+def test_a_departed_anchor_is_replaced_through_the_overlay() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=13)
+        try:
+            for _ in range(8):
+                await g.add_node()
+            assert await g.wait_for(lambda: len(g.room.anchors()) == 3, 10.0)
+            anchor = next(n for n in g.nodes if n.bootstrap.is_anchor)
+            await anchor.stop()
+            assert len(g.room.anchors()) == 2
+            # A remaining anchor recruits a neighbour, which joins the room as an anchor.
+            assert await g.wait_for(lambda: len(g.room.anchors()) == 3, 10.0), g.room.anchors()
+            assert anchor.bootstrap.nick not in g.room.anchors()
+        finally:
+            await g.stop()
+
+    run(scenario())

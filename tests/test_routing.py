@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.ids import FAR, RING_MASK, RING_SIZE, ring_distance
 from overlay.routing.forwarding import (
-    DEFAULT_TTL,
     DELIVER,
     DROP_TTL,
     DROP_WATERMARK,
@@ -20,6 +20,7 @@ from overlay.routing.forwarding import (
     clockwise_distance,
     decide,
     next_hop,
+    walk,
     xor_distance,
 )
 from overlay.routing.ring import (
@@ -188,27 +189,16 @@ def _consistent_overlay(ids: list[int], rng: random.Random, extra: int) -> dict[
     return {i: sorted(v) for i, v in adj.items()}
 
 
-def _walk(adj: dict[int, list[int]], src: int, target: int, exact: bool, **kw: object) -> tuple[list[int], object]:
-    cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
-    while True:
-        d = decide(
-            cur,
-            target,
-            exact=exact,
-            watermark=watermark,
-            ttl=ttl,
-            neighbours=adj[cur],
-            **kw,  # type: ignore[arg-type]
-        )
-        if not isinstance(d, Forward):
-            return path, d
-        distance = kw.get("distance", ring_distance)
-        watermark = distance(cur, target)  # type: ignore[operator]
-        ttl -= 1
-        assert d.next_hop in adj[cur]
-        cur = d.next_hop
-        path.append(cur)
-        assert len(path) <= len(adj) + 1, "a route visited more nodes than exist: a loop"
+def _walk(adj: dict[int, list[int]], src: int, target: int, exact: bool, **kw: Any) -> tuple[list[int], object]:
+    look = kw.pop("neighbours_of", None)
+    if "spacing" in kw:
+        fixed = kw.pop("spacing")
+        kw["spacing"] = lambda _node: fixed
+    path, d = walk(src, target, exact=exact, view=lambda n: (adj[n], look), **kw)
+    for a, b in itertools.pairwise(path):
+        assert b in adj[a], "a hop that is not a link"
+    assert len(path) <= len(adj) + 1, "a route visited more nodes than exist: a loop"
+    return path, d
 
 
 ROUTING_VARIANTS = [

@@ -84,6 +84,7 @@ class Bootstrap(Protocol):
     async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]: ...
     async def settle(self) -> None: ...
     async def become_anchor(self) -> None: ...
+    def anchors_present(self) -> int: ...
     async def stop(self) -> None: ...
 
 
@@ -173,6 +174,10 @@ class XmppBootstrap:
             await self._start(anchor=True)
         else:
             self._take_anchor_role()
+
+    def anchors_present(self) -> int:
+        """Anchors in the room as we last saw it, ourselves included (0 when we are not in the room)."""
+        return sum(1 for anchor in self.occupants.values() if anchor) if self._in_room else 0
 
     def _take_anchor_role(self) -> None:
         if not self.is_anchor:

@@ -115,6 +115,9 @@ class MemoryBootstrap:
         elif not self.is_anchor:
             self._set_anchor()
 
+    def anchors_present(self) -> int:
+        return len(self.room.anchors()) if self._in_room else 0
+
     async def stop(self) -> None:
         self._leave()
 

@@ -155,3 +155,49 @@ def decide(
     if ttl <= 0:
         return DROP_TTL
     return Forward(nh)
+
+
+# A node's view for a walk: its neighbours, and its copy of their neighbour lists (None: no lookahead).
+View = Callable[[int], tuple[Iterable[int], NeighboursOf | None]]
+DROP_DOWN = Drop("next hop is down")
+
+
+def walk(
+    src: int,
+    target: int,
+    *,
+    exact: bool,
+    view: View,
+    distance: Distance = ring_distance,
+    depth: int = 1,
+    spacing: Callable[[int], float] | None = None,
+    alive: Callable[[int], bool] | None = None,
+) -> tuple[list[int], Decision]:
+    """The route of a packet when every node on it applies `decide` to its own view: the node IDs visited
+    (source first) and the decision that ended the walk (Deliver, NoRoute or a Drop). The simulator and the
+    routing tests walk routes with this one function. `spacing(node)`: that node's RING_SIZE / N estimate
+    for hop-aware lookahead; `alive(node)`: False ends the walk at a forward to a crashed node.
+    """
+    cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
+    while True:
+        neighbours, neighbours_of = view(cur)
+        d = decide(
+            cur,
+            target,
+            exact=exact,
+            watermark=watermark,
+            ttl=ttl,
+            neighbours=neighbours,
+            neighbours_of=neighbours_of,
+            distance=distance,
+            depth=depth,
+            spacing=spacing(cur) if spacing is not None else 0.0,
+        )
+        if not isinstance(d, Forward):
+            return path, d
+        watermark = distance(cur, target)
+        ttl -= 1
+        cur = d.next_hop
+        path.append(cur)
+        if alive is not None and not alive(cur):
+            return path, DROP_DOWN

@@ -200,3 +200,78 @@ def icmp_unreachable(original: Bytes, from_ip: int, code: int = ICMP_HOST_UNREAC
     checksum = internet_checksum(body)
     icmp = body[:2] + struct.pack("!H", checksum) + body[4:]
     return _ipv4_packet(from_ip, src, IPPROTO_ICMP, ICMP_ERROR_TTL, icmp)
+
+
+# --- virtio_net_hdr: the offload header a TAP opened with IFF_VNET_HDR puts in front of every frame ---------
+# From linux/virtio_net.h (legacy 10-byte layout; TUNSETVNETLE makes it little-endian on every host).
+VNET_HDR_LEN = 10
+VNET_F_NEEDS_CSUM = 0x01  # the checksum at csum_start + csum_offset still has to be completed
+VNET_F_DATA_VALID = 0x02  # the checksum was already verified
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+VNET_GSO_TCPV6 = 4
+VNET_GSO_ECN = 0x80  # modifier bit: the TCP segments carry ECN (CWR handling)
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+# From Linux (TCP_MIN_SND_MSS, include/net/tcp.h): no kernel cuts TCP segments smaller, and a tiny segment
+# size in a peer's header would make our kernel cut one super-frame into thousands of packets.
+MIN_GSO_SIZE = 48
+_VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_VNET_FLAGS = VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID
+_VNET_GSO_TYPES = frozenset({VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6})
+
+
+@dataclass(frozen=True, slots=True)
+class VnetHeader:
+    flags: int
+    gso_type: int
+    hdr_len: int
+    gso_size: int
+    csum_start: int  # offsets count from the start of the Ethernet frame
+    csum_offset: int
+
+    def encode(self) -> bytes:
+        return _VNET.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset)
+
+    @property
+    def is_gso(self) -> bool:
+        return self.gso_type & ~VNET_GSO_ECN != VNET_GSO_NONE
+
+
+def parse_vnet_header(data: Bytes, frame_len: int) -> VnetHeader:
+    """Check the virtio_net_hdr at the start of `data` against an Ethernet frame of `frame_len` bytes.
+
+    The header travels from one member's kernel to another's, so it is peer bytes: only TCP segmentation
+    and checksum offload are accepted, and every offset must fall inside the frame. (The kernel checks
+    again in virtio_net_hdr_to_skb; this keeps a bad header from reaching it at all.)
+    """
+    if len(data) < VNET_HDR_LEN:
+        raise FrameError(f"virtio_net_hdr of {len(data)} bytes, expected {VNET_HDR_LEN}")
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(data)
+    if flags & ~_VNET_FLAGS:
+        raise FrameError(f"virtio_net_hdr flags {flags:#04x} are not NEEDS_CSUM/DATA_VALID")
+    if gso_type & ~VNET_GSO_ECN not in _VNET_GSO_TYPES:
+        raise FrameError(f"virtio_net_hdr GSO type {gso_type:#04x} is not TCPv4/TCPv6 segmentation")
+    header = VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+    if header.is_gso and (gso_size < MIN_GSO_SIZE or not flags & VNET_F_NEEDS_CSUM):
+        raise FrameError(f"virtio_net_hdr asks for segmentation with segment size {gso_size} and no checksum")
+    if flags & VNET_F_NEEDS_CSUM and not ETH_HEADER_LEN <= csum_start <= csum_start + csum_offset + 2 <= frame_len:
+        raise FrameError(f"virtio_net_hdr checksum at {csum_start}+{csum_offset} is outside a {frame_len}-byte frame")
+    if hdr_len > frame_len:
+        raise FrameError(f"virtio_net_hdr header length {hdr_len} exceeds the {frame_len}-byte frame")
+    return header
+
+
+def complete_checksum(packet: Bytes, header: VnetHeader) -> bytes:
+    """The IPv4 packet with the checksum the sender's kernel left to offload filled in (for a TAP without
+    IFF_VNET_HDR). The kernel stores the pseudo-header sum in the field, so summing from csum_start on
+    and complementing gives the final value (RFC 1071; the same as skb_checksum_help)."""
+    if not header.flags & VNET_F_NEEDS_CSUM:
+        return bytes(packet)
+    start = header.csum_start - ETH_HEADER_LEN
+    where = start + header.csum_offset
+    if not 0 <= start <= where <= len(packet) - 2:
+        raise FrameError(f"checksum at {start}+{header.csum_offset} is outside a {len(packet)}-byte packet")
+    out = bytearray(packet)
+    value = internet_checksum(out[start:])
+    out[where : where + 2] = struct.pack("!H", value)
+    return bytes(out)

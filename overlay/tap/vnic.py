@@ -161,9 +161,15 @@ class VirtualNic:
         peers, and the kernel should never be handed a packet for somebody else. Checking that the source
         address belongs to the sending member is the caller's job (it knows who sent it).
         """
+        header, packet = self.to_tap_parts(packet)
+        return header + packet
+
+    def to_tap_parts(self, packet: Bytes) -> tuple[bytes, Bytes]:
+        """`to_tap` as (Ethernet header, packet trimmed to its total length), for a gather write: the data
+        path hands both to writev rather than copying a 64 KB super-frame once more. Same checks."""
         _, dst, _, total_len = ipv4_header(packet)
         if dst != self.address:
             raise FrameError(f"IPv4 packet for {dst:#010x} arrived at {self.address:#010x}")
         if total_len != len(packet):
             packet = memoryview(packet)[:total_len]
-        return ethernet_frame(self.tap_mac, self.gateway_mac, ETH_P_IP, packet)
+        return ethernet_frame(self.tap_mac, self.gateway_mac, ETH_P_IP, b""), packet
