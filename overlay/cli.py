@@ -70,7 +70,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         except BootstrapError as e:
             raise JoinError(str(e)) from None
         try:
-            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu)
+            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu, offload=cfg.vnic_offload)
         except TapError as e:
             raise JoinError(str(e)) from None
         node.attach_tap(tap)

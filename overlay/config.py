@@ -41,6 +41,7 @@ class NodeConfig:
     vnic_name: str  # [vnic] name: the TAP device's name (default "ipop0")
     vnic_address: str  # [vnic] address: this node's virtual IPv4 address with prefix, "10.254.0.1/16"
     vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
+    vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true; see docs/design.md)
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
 
@@ -125,6 +126,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "name": (_ifname, "ipop0"),
         "address": (_interface, ...),
         "mtu": (_int_range(576, 9000), 1400),
+        "offload": (_bool, True),
     },
     "overlay": {
         "ring_size": (_int_range(1, 8), RingParams().ring_size),
@@ -211,6 +213,7 @@ def load_config(path: Path) -> NodeConfig:
         vnic_name=values["vnic"]["name"],
         vnic_address=values["vnic"]["address"],
         vnic_mtu=values["vnic"]["mtu"],
+        vnic_offload=values["vnic"]["offload"],
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
     )
