@@ -58,11 +58,12 @@ async def linked_pair(vnet: bool) -> tuple[Node, Node, MemoryTap, MemoryTap]:
     a, b = nodes
     a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
     for _ in range(200):
-        if b.id in a.links.links and a.id in b.links.links:
+        # Linked both ways, and a's fragment probe answered: super-frames then travel whole, not segmented.
+        if b.id in a.links.links and a.id in b.links.links and a.links.links[b.id].fragments_ok:
             break
         await asyncio.sleep(0.01)
     else:
-        raise RuntimeError("the two nodes did not link within 2 s")
+        raise RuntimeError("the two nodes did not link (and probe) within 2 s")
     now = time.time()
     a.cache.put(make_record(b.identity, ROOM, ADDRESSES[1], now), now)
     # From here on a's datagrams reach b synchronously: the loop's per-datagram scheduling is not measured.

@@ -54,6 +54,9 @@ class Link:
     rtt: float | None = None
     tx_bytes: int = 0
     rx_bytes: int = 0
+    # Set when our fragment probe crossed this link (through the tunnel for a relayed link): until then a
+    # DATA_GSO super-frame, a UDP datagram the underlay would IP-fragment, is segmented before it is sent.
+    fragments_ok: bool = False
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)
@@ -264,6 +267,7 @@ class LinkManager:
         link = Link(peer_id, peer_key, session, endpoint, relay, self.clock(), self._send_packet, contact)
         if old is not None:
             link.tx_bytes, link.rx_bytes, link.rtt = old.tx_bytes, old.rx_bytes, old.rtt
+            link.fragments_ok = old.fragments_ok  # same path, new keys: what the probe learned still holds
         self.links[peer_id] = link
         self._by_index[session.local_index] = link
         if old is None:

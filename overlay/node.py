@@ -40,6 +40,7 @@ from overlay.routing.maintenance import (
 )
 from overlay.routing.ring import RingParams, RingTable, Role
 from overlay.tap.frames import (
+    ETH_HEADER_LEN,
     VNET_HDR_LEN,
     ZERO_VNET_HDR,
     Bytes,
@@ -48,6 +49,7 @@ from overlay.tap.frames import (
     icmp_error_allowed,
     icmp_unreachable,
     parse_vnet_header,
+    segment_tcp4,
 )
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.wire import (
@@ -66,6 +68,7 @@ from overlay.wire import (
     decode_found,
     decode_neighbours,
     decode_no_route,
+    decode_probe,
     decode_record,
     decode_relay,
     decode_routed,
@@ -75,6 +78,7 @@ from overlay.wire import (
     encode_neighbours,
     encode_no_route,
     encode_ping,
+    encode_probe,
     encode_relay,
     reroute,
 )
@@ -96,6 +100,8 @@ ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second 
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 DATA_KINDS = (Kind.DATA, Kind.DATA_GSO)
 ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
+PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 8 KB probe a minute
+SEGMENT_DROP = "drop: TCP super-frame that cannot be segmented"
 
 
 @dataclass
@@ -183,6 +189,9 @@ class Node:
         self._rejoining: asyncio.Future[None] | None = None
         self._last_expire = -1e18
         self._last_icmp = -1e18
+        # Fragment probes (LinkMsg.PROBE), by peer: when the next is due and the token of the last one sent.
+        self._probe_due: dict[int, float] = {}
+        self._probe_token: dict[int, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
@@ -350,6 +359,7 @@ class Node:
         self._rejoin_if_alone(now)
         self._recruit_anchor(now)
         self._tick_finds(now)
+        self._tick_probes(now)
         if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
             self.publish(now)
         if now - self._last_expire >= EXPIRE_INTERVAL:
@@ -393,6 +403,7 @@ class Node:
         self.maintenance.on_link_up(link.peer_id, now)
         self._forget_routes()
         link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
+        self._probe(link, now)
         if not self.first_link.is_set():
             self.first_link.set()
             self._first_link_at = now
@@ -408,6 +419,8 @@ class Node:
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
         self.table.remove_link(link.peer_id)
+        self._probe_due.pop(link.peer_id, None)
+        self._probe_token.pop(link.peer_id, None)
         gone = reason in (PEER_CLOSED, DEAD_REASON)
         self.maintenance.on_link_down(link.peer_id, now, dead=gone)
         if gone:
@@ -417,6 +430,29 @@ class Node:
 
     def _on_attempt_failed(self, peer: int) -> None:
         self.maintenance.on_attempt_failed(peer, self.clock())
+
+    # -- fragment probes: may this link carry a datagram the underlay splits into IP fragments? ----------------
+    # A TSO super-frame travels as one ~60 KB UDP datagram, ~45 IP fragments on a 1500-byte path; a firewall
+    # or NAT that drops fragments would lose every one of them, silently. Until a PROBE of PROBE_SIZE bytes
+    # is acknowledged, super-frames for the link are segmented first (_send_unfragmented).
+    def _probe(self, link: Link, now: float) -> None:
+        token = self.rng.getrandbits(64)
+        self._probe_token[link.peer_id] = token
+        self._probe_due[link.peer_id] = now + PROBE_INTERVAL
+        link.send(encode_probe(token))
+
+    def _tick_probes(self, now: float) -> None:
+        for link in list(self.links.links.values()):
+            # A link replaced by a new handshake starts unproven and is probed again at once.
+            if not link.fragments_ok and now >= self._probe_due.get(link.peer_id, now):
+                self._probe(link, now)
+
+    def _on_probe_ack(self, link: Link, token: int) -> None:
+        if self._probe_token.get(link.peer_id) != token:
+            self.count("drop: probe ack for no probe")
+            return
+        del self._probe_token[link.peer_id]
+        link.fragments_ok = True
 
     # -- link messages -------------------------------------------------------------------------------------------
     def _on_message(self, link: Link, msg: bytes) -> None:
@@ -463,6 +499,10 @@ class Node:
                 why = self.store.put(decode_record(msg[1:]), now)
                 if why is not None:
                     self.count(f"replica refused: {why}")
+            elif kind == LinkMsg.PROBE:
+                link.send(encode_ping(LinkMsg.PROBE_ACK, decode_probe(msg)))
+            elif kind == LinkMsg.PROBE_ACK:
+                self._on_probe_ack(link, decode_token(msg))
             elif kind == LinkMsg.ANCHOR:
                 self._become_anchor(now)
             elif kind == LinkMsg.CLOSE:
@@ -538,8 +578,7 @@ class Node:
             # from that hop on every hop is strictly closer again and the packet can come back at most once.
             nh = self._next_hop_any(pkt.dst, exclude)
             if nh is not None:
-                link = self.links.links[nh]
-                link.send(reroute(pkt, pkt.ttl - 1, FAR))
+                self._pass_on(self.links.links[nh], pkt, pkt.ttl - 1, FAR)
                 return
         decision = decide(
             self.id,
@@ -556,7 +595,7 @@ class Node:
                 return
             if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
                 self._data_routes[pkt.dst] = (decision.next_hop, own)
-            link.send(reroute(pkt, pkt.ttl - 1, own))
+            self._pass_on(link, pkt, pkt.ttl - 1, own)
         elif isinstance(decision, Deliver):
             self._deliver(pkt)
         elif isinstance(decision, NoRoute):
@@ -567,6 +606,15 @@ class Node:
                 self._deliver_no_route(pkt.dst, pkt.kind)
         elif isinstance(decision, Drop):
             self.count(f"drop: {decision.reason}")
+
+    def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
+        """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
+        if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
+            header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
+            body = memoryview(pkt.body)
+            self._send_unfragmented(link, header, body[:VNET_HDR_LEN], body[VNET_HDR_LEN:])
+            return
+        link.send(reroute(pkt, ttl, watermark))
 
     def _deliver(self, pkt: Routed) -> None:
         now = self.clock()
@@ -806,13 +854,32 @@ class Node:
             if route is not None:
                 link = self.links.links.get(route[0])
                 if link is not None:
-                    # Exactly what _on_routed sends for this packet at its origin (reroute with TTL - 1).
+                    # Exactly what _on_routed sends for this packet at its origin (_pass_on with TTL - 1).
+                    if kind == Kind.DATA_GSO and not link.fragments_ok:
+                        header = ROUTED_HEADER.pack(
+                            LinkMsg.ROUTED, DEFAULT_TTL - 1, FLAG_EXACT, self.id, entry.node_id, route[1], Kind.DATA
+                        )
+                        self._send_unfragmented(link, header, head, packet)
+                        return
                     header = ROUTED_HEADER.pack(
                         LinkMsg.ROUTED, DEFAULT_TTL - 1, FLAG_EXACT, self.id, entry.node_id, route[1], kind
                     )
                     link.send(b"".join((header, head, packet)))
                     return
         self.resolve_and_send(address, head + bytes(packet), kind)
+
+    def _send_unfragmented(self, link: Link, header: bytes, head: Bytes, packet: Bytes) -> None:
+        """A DATA_GSO body (offload header `head`, IPv4 `packet`) for a link not known to carry IP fragments,
+        as DATA packets that each fit one datagram: a super-frame cut into its TCP segments, a checksum-only
+        frame with its checksum completed. `header`: the routed header to put in front, kind DATA."""
+        try:
+            offload = parse_vnet_header(head, ETH_HEADER_LEN + len(packet))
+            packets = segment_tcp4(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+        except FrameError:
+            self.count(SEGMENT_DROP)
+            return
+        for p in packets:
+            link.send(header + p)
 
     def _write_tap(self, frame: bytes) -> None:
         """A frame we made ourselves (ARP reply, ICMP error): no offload work for the kernel to do."""
@@ -834,7 +901,14 @@ class Node:
                 if tap.vnet_hdr:
                     tap.write_parts([body[:VNET_HDR_LEN], eth, packet])
                 elif offload.is_gso:
-                    self.count("drop: TCP super-frame for a TAP without offload")
+                    # The TAP cannot take a super-frame: hand it the segments its kernel would have cut.
+                    try:
+                        segments = segment_tcp4(packet, offload)
+                    except FrameError:
+                        self.count(SEGMENT_DROP)
+                        return
+                    for segment in segments:
+                        tap.write_parts([eth, segment])
                 else:
                     tap.write_parts([eth, complete_checksum(packet, offload)])
                 return

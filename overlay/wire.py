@@ -132,6 +132,8 @@ class LinkMsg(enum.IntEnum):
     REPLICATE = 0x08  # an address record to hold as a replica
     HELLO = 0x09  # use(1), the sender's signed contact; `use` = overlay.routing.maintenance USE_* flags
     ANCHOR = 0x0A  # "please become an anchor": an anchor that sees too few anchors in the room recruits one
+    PROBE = 0x0B  # token(8), zero padding to PROBE_SIZE: "does a datagram this big reach you?" (IP fragments)
+    PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
 
 
 MAX_NEIGHBOURS = 64
@@ -141,6 +143,22 @@ _PEER = struct.Struct("!Q")
 
 def encode_ping(kind: LinkMsg, token: int) -> bytes:
     return bytes([kind]) + _TOKEN.pack(token)
+
+
+# Our choice: a PROBE is split into 6 IP fragments on a 1500-byte path, so it arrives only where fragments
+# pass, yet is small enough to cost nothing once a minute.
+PROBE_SIZE = 8000
+
+
+def encode_probe(token: int) -> bytes:
+    return encode_ping(LinkMsg.PROBE, token).ljust(PROBE_SIZE, b"\x00")
+
+
+def decode_probe(data: bytes | memoryview) -> int:
+    """The token of a PROBE; its padding is ignored (a smaller probe only proves less to its sender)."""
+    if len(data) < 1 + _TOKEN.size:
+        raise DecodeError(f"probe of {len(data)} bytes has no token")
+    return int(_TOKEN.unpack_from(data, 1)[0])
 
 
 def encode_neighbours(ids: list[int]) -> bytes:

@@ -56,7 +56,7 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
         (('password_file = "alice.pass"', ""), r"exactly one of \[xmpp\] password"),
         (('room = "group1@conference.example.test"', ""), r"missing key \[xmpp\] room"),
         (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
-    (("mtu = 1400", "mtu = 1400\noffload = 1"), r"\[vnic\] offload = 1: expected true or false"),
+        (("mtu = 1400", "mtu = 1400\noffload = 1"), r"\[vnic\] offload = 1: expected true or false"),
     ],
 )
 def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

@@ -10,7 +10,7 @@ import struct
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.dht.records import make_record
@@ -34,6 +34,7 @@ from overlay.tap.frames import (
     ethernet_frame,
     internet_checksum,
     parse_vnet_header,
+    segment_tcp4,
 )
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
@@ -58,6 +59,72 @@ def udp_with_partial_checksum(src: str, dst: str, data: bytes) -> bytes:
     pseudo = ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + struct.pack("!BBH", 0, 17, length)
     partial = ~internet_checksum(pseudo) & 0xFFFF
     return ipv4(src, dst, 17, struct.pack("!HHHH", 4000, 4001, length, partial) + data)
+
+
+def ones_sum(data: bytes) -> int:
+    """RFC 1071 one's-complement sum, word by word: independent of frames.internet_checksum."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = 0
+    for i in range(0, len(data), 2):
+        total += (data[i] << 8) | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def tcp4_checksums_ok(packet: bytes) -> bool:
+    """IPv4 header checksum and TCP checksum over the pseudo-header (RFC 793 §3.1) both verify."""
+    ip_len = (packet[0] & 0x0F) * 4
+    tcp = packet[ip_len:]
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+    return ones_sum(packet[:ip_len]) == 0xFFFF and ones_sum(pseudo + tcp) == 0xFFFF
+
+
+CWR, ACK, PSH, FIN = 0x80, 0x10, 0x08, 0x01
+
+
+def tcp4_super_frame(payload: bytes, *, seq: int, ip_id: int, flags: int, options: bytes = b"") -> bytes:
+    """An IPv4/TCP super-frame as a TSO kernel hands it over: the pseudo-header sum in the TCP checksum."""
+    tcp_len = 20 + len(options)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 777, (tcp_len // 4) << 4, flags, 502, 0, 0) + options
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len + len(payload), ip_id, 0x4000, 64, 6, 0,
+        ipaddress.IPv4Address(A).packed, ipaddress.IPv4Address(B).packed,
+    )  # fmt: skip
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
+    pseudo = header[12:20] + struct.pack("!BBH", 0, 6, tcp_len + len(payload))
+    tcp = tcp[:16] + struct.pack("!H", ~internet_checksum(pseudo) & 0xFFFF) + tcp[18:]
+    return header + tcp + payload
+
+
+def tso_header(mss: int, tcp_len: int = 20) -> VnetHeader:
+    return VnetHeader(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 14 + 20 + tcp_len, mss, 34, 16)
+
+
+def check_segments(original: bytes, segments: list[bytes], mss: int) -> None:
+    """What a receiver of tcp_gso_segment's output may rely on, checked field by field."""
+    ip_len = (original[0] & 0x0F) * 4
+    tcp_len = (original[ip_len + 12] >> 4) * 4
+    payload = original[ip_len + tcp_len : struct.unpack_from("!H", original, 2)[0]]
+    seq0, flags0 = struct.unpack_from("!I", original, ip_len + 4)[0], original[ip_len + 13]
+    id0 = struct.unpack_from("!H", original, 4)[0]
+    assert len(segments) == max(1, -(-len(payload) // mss))
+    offset = 0
+    for i, seg in enumerate(segments):
+        assert tcp4_checksums_ok(seg), f"segment {i} checksums"
+        assert struct.unpack_from("!H", seg, 2)[0] == len(seg)
+        assert struct.unpack_from("!H", seg, 4)[0] == (id0 + i) & 0xFFFF
+        assert seg[6:10] == original[6:10] and seg[12:ip_len] == original[12:ip_len]  # flags, TTL, addresses
+        assert struct.unpack_from("!I", seg, ip_len + 4)[0] == (seq0 + offset) & 0xFFFFFFFF
+        last = i == len(segments) - 1
+        want = flags0 & ~((0 if last else FIN | PSH) | (CWR if i else 0))
+        assert seg[ip_len + 13] == want, f"segment {i} flags {seg[ip_len + 13]:#x}, want {want:#x}"
+        assert seg[ip_len + 14 : ip_len + 16] == original[ip_len + 14 : ip_len + 16]  # window
+        assert seg[ip_len + 20 : ip_len + tcp_len] == original[ip_len + 20 : ip_len + tcp_len]  # options
+        chunk = seg[ip_len + tcp_len :]
+        assert len(chunk) <= mss
+        offset += len(chunk)
+    assert b"".join(seg[ip_len + tcp_len :] for seg in segments) == payload
 
 
 def udp_checksum_ok(packet: bytes) -> bool:
@@ -113,11 +180,103 @@ def test_complete_checksum_fills_in_what_checksum_offload_left_undone() -> None:
     assert udp_checksum_ok(done) and done[:26] == packet[:26] and done[28:] == packet[28:]
 
 
+def test_segment_tcp4_cuts_a_super_frame_as_the_kernel_would() -> None:
+    options = b"\x01\x01\x08\x0a" + struct.pack("!II", 123456, 654321)  # NOP NOP timestamps
+    packet = tcp4_super_frame(
+        os.urandom(60001), seq=0xFFFFF000, ip_id=0xFFFE, flags=CWR | ACK | PSH | FIN, options=options
+    )
+    segments = segment_tcp4(packet, tso_header(1348, 32))
+    assert len(segments) == 45 and all(len(s) <= 1400 for s in segments)
+    check_segments(packet, segments, 1348)
+    assert segments[0][33] == CWR | ACK and segments[-1][33] == ACK | PSH | FIN  # flags: the checks, spelt out
+    assert struct.unpack_from("!H", segments[2], 4)[0] == 0  # IP ID wraps
+
+
+def test_segment_tcp4_of_a_frame_that_fits_one_segment_just_completes_it() -> None:
+    packet = tcp4_super_frame(b"x" * 100, seq=5, ip_id=9, flags=ACK | PSH)
+    [only] = segment_tcp4(packet, tso_header(1360))
+    assert only[:16] == packet[:16] and only[20:] != packet[20:] and tcp4_checksums_ok(only)
+
+
+@pytest.mark.parametrize(
+    ("change", "header"),
+    [
+        ((9, 17), tso_header(1360)),  # UDP, not TCP
+        ((6, 0x20), tso_header(1360)),  # More Fragments set
+        (None, VnetHeader(VNET_F_NEEDS_CSUM, 4, 54, 1360, 34, 16)),  # TCPv6 segmentation of an IPv4 packet
+        (None, VnetHeader(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 54, 1360, 34, 6)),  # checksum not TCP's
+        (None, VnetHeader(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 54, 8, 34, 16)),  # 8-byte segments
+        ((32, 0xF0), tso_header(1360)),  # TCP header length 60 beyond a 20+20+10 byte packet
+        ((2, 0xFF), tso_header(1360)),  # IPv4 total length beyond the bytes present
+    ],
+)
+def test_segment_tcp4_refuses_a_super_frame_that_does_not_add_up(
+    change: tuple[int, int] | None, header: VnetHeader
+) -> None:
+    packet = bytearray(tcp4_super_frame(b"0123456789", seq=1, ip_id=1, flags=ACK))
+    if change is not None:
+        packet[change[0]] = change[1]
+    with pytest.raises(FrameError):
+        segment_tcp4(bytes(packet), header)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=3000),
+    st.integers(0, 255),
+    st.integers(0, 10).map(lambda n: bytes(4 * n)),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**16 - 1),
+    st.integers(1, 3000),
+    st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=3),
+    st.sampled_from([VNET_GSO_TCPV4, VNET_GSO_TCPV4 | VNET_GSO_ECN, 0, 4, 3]),
+    st.one_of(st.just(34), st.integers(0, 80)),
+    st.one_of(st.just(16), st.integers(0, 40)),
+)
+def test_segment_tcp4_of_any_frame_gives_valid_segments_or_frame_error(
+    payload: bytes,
+    flags: int,
+    options: bytes,
+    seq: int,
+    ip_id: int,
+    mss: int,
+    mutations: list[tuple[int, int]],
+    gso_type: int,
+    csum_start: int,
+    csum_offset: int,
+) -> None:
+    packet = bytearray(tcp4_super_frame(payload, seq=seq, ip_id=ip_id, flags=flags, options=options))
+    for where, value in mutations:
+        if where < len(packet):
+            packet[where] = value
+    header = VnetHeader(VNET_F_NEEDS_CSUM, gso_type, 0, mss, csum_start, csum_offset)
+    try:
+        segments = segment_tcp4(bytes(packet), header)
+    except FrameError:
+        return
+    check_segments(bytes(packet), segments, mss)
+
+
+def test_segment_tcp4_of_arbitrary_bytes_raises_only_frame_error() -> None:
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), st.integers(0, 2**16 - 1))
+    def fuzz(data: bytes, mss: int) -> None:
+        try:
+            segment_tcp4(data, tso_header(mss))
+        except FrameError:
+            pass
+
+    fuzz()
+
+
 # --- two nodes -------------------------------------------------------------------------------------------------
 
 
-async def linked(vnet_a: bool, vnet_b: bool) -> tuple[Node, Node, MemoryTap, MemoryTap]:
-    net = MemoryNetwork()
+async def linked(
+    vnet_a: bool, vnet_b: bool, net: MemoryNetwork | None = None
+) -> tuple[Node, Node, MemoryTap, MemoryTap]:
+    """Two nodes linked directly; on a network that carries big datagrams, once the fragment probe passed."""
+    net = net or MemoryNetwork()
     nodes, taps = [], []
     for i, (address, vnet) in enumerate(((A, vnet_a), (B, vnet_b))):
         tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, 0, i + 1]), vnet_hdr=vnet)
@@ -135,6 +294,12 @@ async def linked(vnet_a: bool, vnet_b: bool) -> tuple[Node, Node, MemoryTap, Mem
             break
         await asyncio.sleep(0.01)
     assert b.id in a.links.links, "the two nodes did not link"
+    if net.max_datagram is None:
+        for _ in range(200):
+            if a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok:
+                break
+            await asyncio.sleep(0.01)
+        assert a.links.links[b.id].fragments_ok, "the fragment probe did not pass"
     now = time.time()
     a.cache.put(make_record(b.identity, ROOM, B, now), now)
     return a, b, taps[0], taps[1]
@@ -190,7 +355,7 @@ def test_plain_packet_reaches_an_offload_tap_behind_a_zero_header() -> None:
     run(scenario())
 
 
-def test_tap_without_offload_gets_checksums_completed_and_no_super_frames() -> None:
+def test_tap_without_offload_gets_checksums_completed_and_super_frames_as_segments() -> None:
     async def scenario() -> None:
         a, b, tap_a, tap_b = await linked(True, False)
         try:
@@ -200,12 +365,12 @@ def test_tap_without_offload_gets_checksums_completed_and_no_super_frames() -> N
                 tap_a, tap_b, [csum_only + ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, small)]
             )
             assert len(out) == 1 and udp_checksum_ok(out[0][14:])
-            big = ipv4(A, B, 6, os.urandom(20000))
-            out = await carry(
-                tap_a, tap_b, [TSO.encode() + ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, big)]
-            )
-            assert out == []
-            assert b.counters.get("drop: TCP super-frame for a TAP without offload") == 1
+            big = tcp4_super_frame(os.urandom(20000), seq=1000, ip_id=7, flags=ACK | PSH)
+            frame = TSO.encode() + ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, big)
+            out = await carry(tap_a, tap_b, [frame])
+            assert len(out) == 15 and all(f[:6] == tap_b.mac for f in out)
+            check_segments(big, [f[14:] for f in out], TSO.gso_size)
+            assert not any(k.startswith("drop") for k in b.counters), b.counters
         finally:
             await a.stop()
             await b.stop()
@@ -248,6 +413,68 @@ def test_arp_reply_on_an_offload_tap_carries_a_zero_header() -> None:
             assert reply[:VNET_HDR_LEN] == ZERO_VNET_HDR
             assert struct.unpack_from("!H", reply, VNET_HDR_LEN + 12)[0] == ETH_P_ARP
             assert reply[VNET_HDR_LEN + 6 : VNET_HDR_LEN + 12] == DEFAULT_GATEWAY_MAC
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
+def test_probe_over_a_path_that_carries_big_datagrams_marks_the_link_fragments_ok() -> None:
+    async def scenario() -> None:
+        a, b, _, _ = await linked(True, True)  # waits for the probe to pass both ways
+        try:
+            assert a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok
+            assert not a._probe_token  # acknowledged: no probe outstanding
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
+def test_link_whose_path_drops_fragments_carries_super_frames_as_segments() -> None:
+    async def scenario() -> None:
+        # A 1500-byte path that drops IP fragments: no datagram over 1500 bytes arrives.
+        net = MemoryNetwork(max_datagram=1500)
+        a, b, tap_a, tap_b = await linked(True, True, net)
+        try:
+            await asyncio.sleep(0.05)
+            assert net.oversize >= 2, "the probes should have been too big to pass"
+            assert not a.links.links[b.id].fragments_ok and not b.links.links[a.id].fragments_ok
+            big = tcp4_super_frame(os.urandom(30000), seq=99, ip_id=1, flags=CWR | ACK | PSH)
+            frame = TSO.encode() + ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, big)
+            lost = net.oversize
+            # The first frame resolves through the routed path, the second takes the cached route.
+            for _ in range(2):
+                out = await carry(tap_a, tap_b, [frame])
+                assert len(out) == 23, len(out)
+                assert all(f[:VNET_HDR_LEN] == ZERO_VNET_HDR for f in out)  # plain, finished packets
+                check_segments(big, [f[VNET_HDR_LEN + 14 :] for f in out], TSO.gso_size)
+            assert net.oversize == lost  # no data datagram was too big
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
+def test_unacknowledged_probe_is_repeated_a_minute_later_until_it_passes() -> None:
+    async def scenario() -> None:
+        net = MemoryNetwork(max_datagram=1500)
+        a, b, _, _ = await linked(False, False, net)
+        try:
+            link = a.links.links[b.id]
+            due = a._probe_due[b.id]
+            a._tick_probes(due - 1.0)
+            assert a._probe_due[b.id] == due  # not yet
+            net.max_datagram = None  # the path changes: fragments pass now
+            a._tick_probes(due)
+            for _ in range(100):
+                if link.fragments_ok:
+                    break
+                await asyncio.sleep(0.01)
+            assert link.fragments_ok
         finally:
             await a.stop()
             await b.stop()

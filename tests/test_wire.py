@@ -30,6 +30,7 @@ DECODERS = [
     wire.decode_record,
     wire.decode_dht_value,
     wire.decode_address,
+    wire.decode_probe,
 ]
 
 
@@ -43,7 +44,7 @@ def test_every_decoder_parses_or_raises_decode_error(data: bytes, which: int) ->
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([0x81, 0x82, 0x83, 0x04, 0x03]), st.binary(max_size=200))
+@given(st.sampled_from([0x81, 0x82, 0x83, 0x04, 0x03, 0x0B, 0x0C]), st.binary(max_size=200))
 def test_decoders_with_a_plausible_type_byte_still_only_raise_decode_error(first: int, rest: bytes) -> None:
     data = bytes([first]) + rest
     for decode in DECODERS:
@@ -78,6 +79,20 @@ def test_routed_with_unknown_kind_is_a_decode_error() -> None:
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=wire.MAX_NEIGHBOURS))
 def test_neighbour_list_round_trip(ids: list[int]) -> None:
     assert wire.decode_neighbours(wire.encode_neighbours(ids)) == ids
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_probe_is_big_enough_to_be_fragmented_and_round_trips_its_token(token: int) -> None:
+    probe = wire.encode_probe(token)
+    assert probe[0] == LinkMsg.PROBE and len(probe) == wire.PROBE_SIZE > 1500
+    assert wire.decode_probe(probe) == token
+    ack = wire.encode_ping(LinkMsg.PROBE_ACK, token)
+    assert ack[0] == LinkMsg.PROBE_ACK and wire.decode_token(ack) == token
+
+
+def test_probe_without_a_whole_token_is_refused() -> None:
+    with pytest.raises(DecodeError):
+        wire.decode_probe(bytes([LinkMsg.PROBE]) + bytes(7))
 
 
 def test_neighbour_list_with_a_lying_count_is_refused() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class FrameError(ValueError):
     """The bytes are not a well-formed frame or packet of the expected kind."""
@@ -152,14 +154,27 @@ def ipv4_addresses(packet: Bytes) -> tuple[int, int]:
     return src, dst
 
 
+def _word_sum(data: Bytes) -> int:
+    """A number congruent, modulo 0xFFFF, to the RFC 1071 sum of `data`'s 16-bit big-endian words (a last odd
+    byte padded with zero). Summed as 32-bit words: 2**16 = 1 (mod 0xFFFF), so a word's high half counts as
+    much as its low half, and pieces of one message that start at even offsets may be summed apart and added.
+    numpy sums a 60 KB super-frame in ~5 µs where struct.unpack + sum took ~510 µs (this machine)."""
+    whole = len(data) & ~3
+    total = int(np.frombuffer(data, ">u4", whole >> 2).sum(dtype=np.uint64)) if whole else 0
+    if whole != len(data):
+        total += int.from_bytes(bytes(data[whole:]).ljust(4, b"\x00"), "big")
+    return total
+
+
+def _fold(total: int) -> int:
+    """The one's-complement 16-bit value of a `_word_sum` total: 0 only for all-zero data (RFC 1071)."""
+    folded = total % 0xFFFF
+    return folded if folded or not total else 0xFFFF
+
+
 def internet_checksum(data: Bytes) -> int:
     """RFC 1071 checksum: the one's complement of the one's-complement sum of the 16-bit words."""
-    if len(data) % 2:
-        data = bytes(data) + b"\x00"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~_fold(_word_sum(data)) & 0xFFFF
 
 
 def _ipv4_packet(src: int, dst: int, protocol: int, ttl: int, payload: bytes) -> bytes:
@@ -275,3 +290,86 @@ def complete_checksum(packet: Bytes, header: VnetHeader) -> bytes:
     value = internet_checksum(out[start:])
     out[where : where + 2] = struct.pack("!H", value)
     return bytes(out)
+
+
+# --- software TCP segmentation: what the kernel's tcp_gso_segment does, for a path that cannot take the whole --
+IPPROTO_TCP = 6
+TCP_MIN_HEADER = 20
+TCP_CSUM_OFFSET = 16  # RFC 793: the checksum field's place in the TCP header
+_TCP_FIN = 0x01
+_TCP_PSH = 0x08
+_TCP_CWR = 0x80
+_IP_MF_AND_OFFSET = 0x3FFF  # RFC 791: More Fragments flag and fragment offset
+
+
+def segment_tcp4(packet: Bytes, header: VnetHeader) -> list[bytes]:
+    """Cut an IPv4/TCP super-frame (TSO, virtio_net_hdr `header`) into the packets a NIC would have sent.
+
+    As Linux's tcp_gso_segment/inet_gso_segment: the payload is cut into `gso_size` pieces; each segment
+    gets its own IPv4 total length, an IP ID one more than the previous, a fresh header checksum, a sequence
+    number advanced by the bytes before it, and a full TCP checksum over the pseudo-header (RFC 793 §3.1,
+    RFC 1071). FIN and PSH stay on the last segment only, CWR on the first only (RFC 3168 §6.1.2: CWR is
+    set once per window reduction). Anything that does not add up raises FrameError: the super-frame may
+    come from a peer.
+    """
+    if header.gso_type & ~VNET_GSO_ECN != VNET_GSO_TCPV4:
+        raise FrameError(f"GSO type {header.gso_type:#04x} is not TCPv4 segmentation")
+    mss = header.gso_size
+    if mss < MIN_GSO_SIZE:
+        raise FrameError(f"TCP segment size {mss} is below {MIN_GSO_SIZE}")
+    _, _, ip_len, total_len = ipv4_header(packet)
+    if packet[9] != IPPROTO_TCP:
+        raise FrameError(f"IP protocol {packet[9]} is not TCP in a TCP super-frame")
+    if ((packet[6] << 8) | packet[7]) & _IP_MF_AND_OFFSET:
+        raise FrameError("a TCP super-frame cannot be an IP fragment")
+    if (
+        not header.flags & VNET_F_NEEDS_CSUM
+        or header.csum_start != ETH_HEADER_LEN + ip_len
+        or header.csum_offset != TCP_CSUM_OFFSET
+    ):
+        raise FrameError(
+            f"checksum offload at {header.csum_start}+{header.csum_offset} is not the TCP checksum "
+            f"at {ETH_HEADER_LEN + ip_len}+{TCP_CSUM_OFFSET}"
+        )
+    if total_len < ip_len + TCP_MIN_HEADER:
+        raise FrameError(f"IPv4 packet of {total_len} bytes has no room for a TCP header")
+    tcp_len = (packet[ip_len + 12] >> 4) * 4
+    data_start = ip_len + tcp_len
+    if tcp_len < TCP_MIN_HEADER or data_start > total_len:
+        raise FrameError(f"TCP header length {tcp_len} does not fit a {total_len}-byte packet")
+    payload = memoryview(packet)[data_start:total_len]
+
+    ip_head = bytearray(packet[:ip_len])
+    tcp_head = bytearray(packet[ip_len:data_start])
+    ip_id = (ip_head[4] << 8) | ip_head[5]
+    seq = int.from_bytes(tcp_head[4:8], "big")
+    flags = tcp_head[13]
+    # The fields that change per segment are zeroed in the templates and added to their sums per segment.
+    ip_head[2:6] = b"\x00\x00\x00\x00"
+    ip_head[10:12] = b"\x00\x00"
+    tcp_head[4:8] = b"\x00\x00\x00\x00"
+    tcp_head[13] = 0
+    tcp_head[16:18] = b"\x00\x00"
+    ip_base = _word_sum(ip_head)
+    # Pseudo-header (RFC 793 §3.1): source, destination, zero + protocol, TCP length (added per segment).
+    tcp_base = _word_sum(packet[12:20]) + IPPROTO_TCP + _word_sum(tcp_head)
+
+    count = max(1, -(-len(payload) // mss))
+    segments = []
+    for i in range(count):
+        chunk = payload[i * mss : (i + 1) * mss]
+        seg_flags = flags if i == count - 1 else flags & ~(_TCP_FIN | _TCP_PSH)
+        if i:
+            seg_flags &= ~_TCP_CWR
+        seg_seq = (seq + i * mss) & 0xFFFFFFFF
+        seg_tcp_len = tcp_len + len(chunk)
+        tcp_sum = tcp_base + seg_tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + seg_flags + _word_sum(chunk)
+        struct.pack_into("!I", tcp_head, 4, seg_seq)
+        tcp_head[13] = seg_flags
+        struct.pack_into("!H", tcp_head, 16, ~_fold(tcp_sum) & 0xFFFF)
+        seg_total = ip_len + seg_tcp_len
+        seg_id = (ip_id + i) & 0xFFFF
+        struct.pack_into("!HH", ip_head, 2, seg_total, seg_id)
+        struct.pack_into("!H", ip_head, 10, ~_fold(ip_base + seg_total + seg_id) & 0xFFFF)
+        segments.append(b"".join((ip_head, tcp_head, chunk)))
+    return segments

@@ -97,11 +97,14 @@ class MemoryNetwork:
     jitter: float = 0.0
     loss: float = 0.0
     seed: int = 0
+    # Datagrams longer than this are dropped and counted in `oversize`: a path that drops IP fragments.
+    max_datagram: int | None = None
     _nodes: dict[Endpoint, MemoryUnderlay] = field(default_factory=dict)
     _blocked: set[frozenset[Endpoint]] = field(default_factory=set)
     _next: int = 1
     delivered: int = 0
     dropped: int = 0
+    oversize: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -119,6 +122,10 @@ class MemoryNetwork:
         self._blocked.discard(frozenset((a, b)))
 
     def _carry(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+        if self.max_datagram is not None and len(data) > self.max_datagram:
+            self.oversize += 1
+            self.dropped += 1
+            return
         node = self._nodes.get(dst)
         if node is None or frozenset((src, dst)) in self._blocked or (self.loss and self._rng.random() < self.loss):
             self.dropped += 1
