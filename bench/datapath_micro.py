@@ -65,7 +65,7 @@ async def linked_pair(vnet: bool) -> tuple[Node, Node, MemoryTap, MemoryTap]:
     else:
         raise RuntimeError("the two nodes did not link (and probe) within 2 s")
     now = time.time()
-    a.cache.put(make_record(b.identity, ROOM, ADDRESSES[1], now), now)
+    a.dht.cache.put(make_record(b.identity, ROOM, ADDRESSES[1], now), now)
     # From here on a's datagrams reach b synchronously: the loop's per-datagram scheduling is not measured.
     a.underlay.send = lambda data, endpoint: b.links.on_datagram(data, a.underlay.local_endpoint)  # type: ignore[method-assign]
     return a, b, taps[0], taps[1]

@@ -17,17 +17,16 @@ import ipaddress
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
-from overlay.dht.store import AddressCache, RecordStore, holds_replica, replica_set
+from overlay.dht.service import AddressService
 from overlay.identity import Identity, verify
 from overlay.ids import FAR, format_id, node_id_from_public_key, ring_distance
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
-from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NoRoute, decide, next_hop
+from overlay.membership import Membership
+from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NeighboursOf, NoRoute, decide, next_hop
 from overlay.routing.maintenance import (
     DEAD_REASON,
     CloseLink,
@@ -62,18 +61,14 @@ from overlay.wire import (
     Kind,
     LinkMsg,
     Routed,
-    decode_address,
     decode_contact,
-    decode_dht_value,
     decode_found,
     decode_neighbours,
     decode_no_route,
     decode_probe,
-    decode_record,
     decode_relay,
     decode_routed,
     decode_token,
-    encode_dht_value,
     encode_found,
     encode_neighbours,
     encode_no_route,
@@ -86,16 +81,9 @@ from overlay.wire import (
 log = logging.getLogger(__name__)
 
 FLAG_JOIN = 0x08  # FIND: route to the node nearest the key other than the sender (a joining node's own ID)
-LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
-LOOKUP_TIMEOUT = 5.0
-QUEUE_PER_ADDRESS = 32  # our choice: a TCP initial window (10 segments) plus retransmits, not a buffer bloat
-FIRST_LINK_TIMEOUT = 15.0
-HANDSHAKE_WAIT = 4.0  # a direct handshake tries 3 times 1 s apart (links.py); then ask the anchors again
-EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
-SETTLE_TIME = 3.0
+FIND_TIMEOUT = 5.0  # our choice: a FIND crosses ~log N hops of LAN/WAN RTT well inside this
+TIMER_MAX = 1.0  # the longest the node sleeps between ticks (lookup retries are 1 s apart)
 PEER_CLOSED = "peer closed the link"
-RECRUIT_INTERVAL = 30.0  # our choice: anchors are replaced within a minute, XMPP load stays negligible
-REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partition rejoins
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 DATA_KINDS = (Kind.DATA, Kind.DATA_GSO)
@@ -113,13 +101,6 @@ class NodeSettings:
     ring: RingParams = field(default_factory=RingParams)
     lookahead: bool = True
     stabilize_interval: float = 5.0
-
-
-@dataclass
-class _Lookup:
-    packets: deque[tuple[Kind, bytes]]  # DATA or DATA_GSO and its body
-    started: float
-    sent: float
 
 
 @dataclass
@@ -166,15 +147,12 @@ class Node:
             ),
             clock,
         )
-        self.store = RecordStore(self.room)
-        self.cache = AddressCache()
         self.counters: dict[str, int] = {}
+        self.dht = AddressService(self)
         self.vnic: VirtualNic | None = None
         if tap is not None:
             self.attach_tap(tap)
-        if bootstrap is not None:
-            bootstrap.on_hello = self._on_bootstrap_hello
-        self._lookups: dict[str, _Lookup] = {}
+        self.membership = Membership(self, bootstrap) if bootstrap is not None else None
         self._finds: dict[int, _Find] = {}
         self._find_seq = 0
         self._route_cache: dict[int, int | None] = {}
@@ -182,12 +160,7 @@ class Node:
         # packet we originated; forgotten with _route_cache. Lets a data packet skip building a Routed.
         self._data_routes: dict[int, tuple[int, int]] = {}
         self._address_text: dict[int, str] = {}
-        self._published = -1e18
-        self._first_link_at = 0.0
-        self._last_rejoin = self.clock()
-        self._last_recruit = -1e18
-        self._rejoining: asyncio.Future[None] | None = None
-        self._last_expire = -1e18
+        self.first_link_at = 0.0
         self._last_icmp = -1e18
         # Fragment probes (LinkMsg.PROBE), by peer: when the next is due and the token of the last one sent.
         self._probe_due: dict[int, float] = {}
@@ -242,87 +215,11 @@ class Node:
         if self.tap is not None:
             self._loop.add_reader(self.tap.fileno(), self._on_tap_readable)
         self._schedule(self.clock())
-        if self.bootstrap is None:
+        if self.membership is None:
             return
         if start_bootstrap:
-            await self.bootstrap.start()
-        await self.join_via_bootstrap()
-
-    def _rejoin_if_alone(self, now: float) -> None:
-        """A node that lost every link (its neighbours all left, or a partition) asks the anchors again."""
-        if (
-            self.bootstrap is None
-            or self.links.links
-            or self._rejoining is not None
-            or now - self._last_rejoin < REJOIN_INTERVAL
-        ):
-            return
-        self._last_rejoin = now
-
-        async def rejoin() -> None:
-            try:
-                if not self.bootstrap.is_anchor:
-                    await self.bootstrap.become_anchor()  # back in the room; settle() may leave it again
-                await self.join_via_bootstrap()
-            except Exception as e:  # the XMPP server may be down: the next attempt comes later
-                log.warning("rejoin through XMPP failed: %s", e)
-            finally:
-                self._rejoining = None
-
-        self._rejoining = asyncio.ensure_future(rejoin())
-
-    def _recruit_anchor(self, now: float) -> None:
-        """An anchor that sees fewer anchors in the room than wanted (one left or crashed) asks a random
-        neighbour, through the overlay, to join the room as one: joiners keep finding someone to answer them
-        without any node watching the room but the anchors."""
-        boot = self.bootstrap
-        if boot is None or not boot.is_anchor or not self.links.links or now - self._last_recruit < RECRUIT_INTERVAL:
-            return
-        if boot.anchors_present() >= boot.anchors:
-            return
-        self._last_recruit = now
-        peer = self.rng.choice(sorted(self.links.links))
-        self.links.links[peer].send(bytes([LinkMsg.ANCHOR]))
-
-    def _become_anchor(self, now: float) -> None:
-        boot = self.bootstrap
-        if boot is None or boot.is_anchor or self._rejoining is not None or now - self._last_recruit < RECRUIT_INTERVAL:
-            return
-        self._last_recruit = now
-
-        async def become() -> None:
-            try:
-                await boot.become_anchor()
-                await boot.settle()  # steps down again if the room has enough anchors by now
-            except Exception as e:  # XMPP may be down: the recruiting anchor asks again later
-                log.warning("could not become an anchor: %s", e)
-            finally:
-                self._rejoining = None
-
-        self._rejoining = asyncio.ensure_future(become())
-
-    async def join_via_bootstrap(self) -> None:
-        deadline = self.clock() + FIRST_LINK_TIMEOUT
-        while not self.links.links and self.clock() < deadline:
-            answers = await self.bootstrap.exchange(self.contact().encode())
-            contacts = [c for c in (self.check_contact(a) for a in answers) if c is not None]
-            if not contacts:
-                log.info("no anchor answered: this node starts the overlay")
-                break
-            for c in contacts:
-                self.links.connect(c.public_key, c.endpoint, c)
-            try:
-                await asyncio.wait_for(self.first_link.wait(), timeout=HANDSHAKE_WAIT)
-            except TimeoutError:
-                continue
-        await self.bootstrap.settle()
-
-    def _on_bootstrap_hello(self, hello: bytes) -> bytes | None:
-        contact = self.check_contact(hello)
-        if contact is None:
-            return None
-        self.table.learn([node_id_from_public_key(contact.public_key)])
-        return self.contact().encode()
+            await self.membership.bootstrap.start()
+        await self.membership.join()
 
     async def stop(self) -> None:
         if self._stopped:
@@ -330,14 +227,12 @@ class Node:
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._rejoining is not None:
-            self._rejoining.cancel()
         self.links.close_all()
         if self.tap is not None and self._loop is not None:
             self._loop.remove_reader(self.tap.fileno())
         self.underlay.close()
-        if self.bootstrap is not None:
-            await self.bootstrap.stop()
+        if self.membership is not None:
+            await self.membership.stop()
 
     # -- timers -------------------------------------------------------------------------------------------------
     def _schedule(self, when: float) -> None:
@@ -345,7 +240,7 @@ class Node:
             return
         if self._timer is not None:
             self._timer.cancel()
-        delay = min(1.0, max(0.02, when - self.clock()))
+        delay = min(TIMER_MAX, max(0.02, when - self.clock()))
         self._timer = self._loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -355,18 +250,12 @@ class Node:
         for action in self.maintenance.tick(now):
             self._act(action, now)
         deadline = min(deadline, self.maintenance.next_deadline())
-        self._tick_lookups(now)
-        self._rejoin_if_alone(now)
-        self._recruit_anchor(now)
+        self.dht.tick(now)
+        if self.membership is not None:
+            self.membership.tick(now)
         self._tick_finds(now)
         self._tick_probes(now)
-        if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
-            self.publish(now)
-        if now - self._last_expire >= EXPIRE_INTERVAL:
-            self._last_expire = now
-            self.store.expire(now)
-            self._rehome_records(now)
-        self._schedule(min(deadline, now + LOOKUP_RETRY))
+        self._schedule(min(deadline, now + TIMER_MAX))
 
     def _act(self, action: Any, now: float) -> None:
         if isinstance(action, Ping):
@@ -406,9 +295,9 @@ class Node:
         self._probe(link, now)
         if not self.first_link.is_set():
             self.first_link.set()
-            self._first_link_at = now
+            self.first_link_at = now
             self._find(self.id, None, FLAG_JOIN, via=link.peer_id)
-        self._hand_over_records(link.peer_id, now)
+        self.dht.hand_over(link.peer_id)
         self._schedule(now)
 
     def _send_hello(self, link: Link, use: int) -> None:
@@ -424,7 +313,7 @@ class Node:
         gone = reason in (PEER_CLOSED, DEAD_REASON)
         self.maintenance.on_link_down(link.peer_id, now, dead=gone)
         if gone:
-            self.cache.evict_node(link.peer_id)
+            self.dht.cache.evict_node(link.peer_id)
         self._forget_routes()
         self._schedule(now)
 
@@ -464,7 +353,7 @@ class Node:
             if dst == self.id and watermark != 0 and not flags & FLAG_JOIN:
                 # What decide() answers for a packet at its exact destination (distance 0, below any
                 # watermark but 0): deliver, without decoding the rest of the header into a Routed.
-                self._deliver_data(memoryview(msg)[ROUTED_HEADER.size :], data_kind)
+                self.deliver_data(memoryview(msg)[ROUTED_HEADER.size :], data_kind)
                 return
         try:
             if kind == LinkMsg.ROUTED:
@@ -496,15 +385,14 @@ class Node:
                     link.contact = contact
                     self.maintenance.on_peer_use(link.peer_id, msg[1])
             elif kind == LinkMsg.REPLICATE:
-                why = self.store.put(decode_record(msg[1:]), now)
-                if why is not None:
-                    self.count(f"replica refused: {why}")
+                self.dht.on_replica(msg[1:], now)
             elif kind == LinkMsg.PROBE:
                 link.send(encode_ping(LinkMsg.PROBE_ACK, decode_probe(msg)))
             elif kind == LinkMsg.PROBE_ACK:
                 self._on_probe_ack(link, decode_token(msg))
             elif kind == LinkMsg.ANCHOR:
-                self._become_anchor(now)
+                if self.membership is not None:
+                    self.membership.on_recruited(now)
             elif kind == LinkMsg.CLOSE:
                 self.links.close(link.peer_id, PEER_CLOSED, notify=False)
             else:
@@ -523,16 +411,16 @@ class Node:
             if cached != -1:
                 return cached
         nbrs = self.table.neighbours()
-        nof = self.table.neighbours_of if self.settings.lookahead else None
+        look: NeighboursOf | None = self.table.neighbours_of if self.settings.lookahead else None
         if exclude is not None:
             nbrs = [n for n in nbrs if n != exclude]
-            if nof is not None:
-                base = nof
+            if look is not None:
+                base = look
 
-                def nof(n: int) -> list[int]:
+                def look(n: int) -> list[int]:
                     return [m for m in base(n) if m != exclude]
 
-        nh = next_hop(self.id, dst, nbrs, nof)
+        nh = next_hop(self.id, dst, nbrs, look)
         if exclude is None:
             self._route_cache[dst] = nh
         return nh
@@ -621,7 +509,7 @@ class Node:
         kind = pkt.kind
         try:
             if kind in DATA_KINDS:
-                self._deliver_data(pkt.body, kind)
+                self.deliver_data(pkt.body, kind)
             elif kind == Kind.LINK_REQUEST:
                 contact = self.check_contact(pkt.body)
                 if contact is not None and node_id_from_public_key(contact.public_key) == pkt.src:
@@ -632,18 +520,11 @@ class Node:
             elif kind == Kind.FOUND:
                 self._on_found(pkt, now)
             elif kind == Kind.DHT_PUT:
-                record = decode_record(pkt.body)
-                why = self.store.put(record, now)
-                if why is None:
-                    self._replicate(record, now)
-                else:
-                    self.count(f"record refused: {why}")
+                self.dht.on_put(pkt.body, now)
             elif kind == Kind.DHT_GET:
-                address = decode_address(pkt.body)
-                self.send_routed(pkt.src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
+                self.dht.on_get(pkt.src, pkt.body, now)
             elif kind == Kind.DHT_VALUE:
-                address, record = decode_dht_value(pkt.body)
-                self._on_dht_value(address, record, now)
+                self.dht.on_value(pkt.body, now)
             elif kind == Kind.NO_ROUTE:
                 dst, orig_kind = decode_no_route(pkt.body)
                 self._deliver_no_route(dst, orig_kind)
@@ -653,7 +534,7 @@ class Node:
     def _deliver_no_route(self, dst: int, kind: int) -> None:
         if kind == Kind.DATA:
             # The node we resolved an address to is gone: forget it so the next packet looks it up again.
-            self.cache.evict_node(dst)
+            self.dht.cache.evict_node(dst)
 
     # -- join and long links: FIND / FOUND -------------------------------------------------------------------
     def _find(self, target: int, slot: int | None, flags: int, via: int | None = None) -> None:
@@ -714,7 +595,7 @@ class Node:
         for seq, f in list(self._finds.items()):
             if f.slot is None and self.table.successors() and len(self.links.links) > 1:
                 del self._finds[seq]  # joined: a node near our ring place called us back
-            elif now - f.started > LOOKUP_TIMEOUT:
+            elif now - f.started > FIND_TIMEOUT:
                 del self._finds[seq]
                 if f.slot is not None:
                     self.maintenance.on_long_found(f.slot, None, now)
@@ -722,99 +603,9 @@ class Node:
                     # Nobody called back: the FIND was lost. Try again through any link.
                     self._find(self.id, None, FLAG_JOIN, via=next(iter(self.links.links)))
 
-    # -- DHT ---------------------------------------------------------------------------------------------------
-    def publish(self, now: float) -> None:
-        self._published = now
-        record = make_record(self.identity, self.room, self.address, now)
-        self.send_routed(record_key(self.room, self.address), Kind.DHT_PUT, record.encode(), 0)
-
-    def _ring_settled(self, now: float) -> bool:
-        """Publish only once our ring place is known (or a few seconds have passed): a record routed from a
-        node with just its bootstrap link would land next to the anchor, not next to its key."""
-        if not self.links.links:
-            return False
-        k = self.table.params.ring_size
-        full = len(self.table.successors()) >= k and len(self.table.predecessors()) >= k
-        return full or now - self._first_link_at >= SETTLE_TIME
-
-    def _rehome_records(self, now: float) -> None:
-        """Records we hold but are no longer among the nodes nearest their key (nodes joined nearer, or the
-        record arrived while the ring was forming) are routed on toward their key and dropped here."""
-        succ, pred = self.table.successors(), self.table.predecessors()
-        for record in self.store.records():
-            key = record_key(self.room, record.address)
-            if not holds_replica(key, self.id, succ, pred):
-                self.store.remove(record.address)
-                self.send_routed(key, Kind.DHT_PUT, record.encode(), 0)
-
-    def _replicate(self, record: Any, now: float) -> None:
-        key = record_key(self.room, record.address)
-        msg = bytes([LinkMsg.REPLICATE]) + record.encode()
-        for peer in replica_set(key, self.id, list(self.table.ring_peers())):
-            link = self.links.links.get(peer)
-            if peer != self.id and link is not None:
-                link.send(msg)
-
-    def _hand_over_records(self, peer: int, now: float) -> None:
-        """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
-        succ, pred = self.table.successors(), self.table.predecessors()
-        if peer not in succ and peer not in pred:
-            return
-        link = self.links.links[peer]
-        for record in self.store.records():
-            key = record_key(self.room, record.address)
-            if holds_replica(key, self.id, succ, pred) and peer in replica_set(key, self.id, succ + pred):
-                link.send(bytes([LinkMsg.REPLICATE]) + record.encode())
-
-    def _on_dht_value(self, address: str, record: Any, now: float) -> None:
-        lookup = self._lookups.get(address)
-        if record is None or lookup is None:
-            return
-        why = check_record(record, self.room, now)
-        if why is not None or record.address != address:
-            self.count(f"drop: DHT value {why or 'for another address'}")
-            return
-        entry = self.cache.put(record, now)
-        del self._lookups[address]
-        for kind, packet in lookup.packets:
-            self.send_routed(entry.node_id, kind, packet)
-
-    def resolve_and_send(self, address: str, packet: bytes, kind: Kind = Kind.DATA) -> None:
-        """Send a data body (an IPv4 packet, or for DATA_GSO a virtio_net_hdr and one) to the member that
-        owns `address`, looking the address up in the DHT first when it is not cached."""
-        now = self.clock()
-        if address == self.address:
-            self._deliver_data(packet, kind)
-            return
-        entry = self.cache.get(address, now)
-        if entry is not None:
-            self.send_routed(entry.node_id, kind, packet)
-            return
-        lookup = self._lookups.get(address)
-        if lookup is not None:
-            if len(lookup.packets) == QUEUE_PER_ADDRESS:
-                self.count("drop: queue full while resolving")
-            lookup.packets.append((kind, packet))
-            return
-        # Queue first: when we hold the record ourselves the answer arrives before send_routed returns.
-        self._lookups[address] = _Lookup(deque([(kind, packet)], maxlen=QUEUE_PER_ADDRESS), now, now)
-        self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
-
-    def _tick_lookups(self, now: float) -> None:
-        for address, lookup in list(self._lookups.items()):
-            if now - lookup.started >= LOOKUP_TIMEOUT:
-                del self._lookups[address]
-                self.counters["drop: no node owns the address"] = self.counters.get(
-                    "drop: no node owns the address", 0
-                ) + len(lookup.packets)
-                if lookup.packets:
-                    kind, body = lookup.packets[0]
-                    self._host_unreachable(body[VNET_HDR_LEN:] if kind == Kind.DATA_GSO else body, now)
-            elif now - lookup.sent >= LOOKUP_RETRY:
-                lookup.sent = now
-                self.send_routed(record_key(self.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
-
-    def _host_unreachable(self, packet: bytes, now: float) -> None:
+    def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None:
+        """Tell our kernel that nobody owns the destination of this data body (rate-limited ICMP)."""
+        packet = body[VNET_HDR_LEN:] if kind == Kind.DATA_GSO else body
         if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL:
             return
         if not icmp_error_allowed(packet):
@@ -848,7 +639,7 @@ class Node:
             if len(self._address_text) >= ADDRESS_TEXT_LIMIT:
                 self._address_text.clear()
             address = self._address_text[dst_ip] = str(ipaddress.IPv4Address(dst_ip))
-        entry = self.cache.get(address, now)
+        entry = self.dht.cache.get(address, now)
         if entry is not None:
             route = self._data_routes.get(entry.node_id)
             if route is not None:
@@ -866,7 +657,7 @@ class Node:
                     )
                     link.send(b"".join((header, head, packet)))
                     return
-        self.resolve_and_send(address, head + bytes(packet), kind)
+        self.dht.resolve_and_send(address, head + bytes(packet), kind)
 
     def _send_unfragmented(self, link: Link, header: bytes, head: Bytes, packet: Bytes) -> None:
         """A DATA_GSO body (offload header `head`, IPv4 `packet`) for a link not known to carry IP fragments,
@@ -889,7 +680,7 @@ class Node:
         else:
             self.tap.write(frame)
 
-    def _deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None:
+    def deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None:
         tap, vnic = self.tap, self.vnic
         if tap is None or vnic is None:
             self.count("data delivered without a TAP")
@@ -953,7 +744,7 @@ class Node:
             "links": links,
             "successors": [format_id(i) for i in self.table.successors()],
             "predecessors": [format_id(i) for i in self.table.predecessors()],
-            "dht": {"stored": len(self.store), "cached": len(self.cache)},
+            "dht": {"stored": len(self.dht.store), "cached": len(self.dht.cache)},
             "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
         }

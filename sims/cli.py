@@ -23,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ring-size", type=int, default=d.ring_size, help="successors (and predecessors) kept")
     p.add_argument("--incoming-cap", type=int, default=None, help="most long links a node accepts (2k)")
     p.add_argument("--topology", choices=["symphony", "kademlia"], default=d.topology)
-    p.add_argument("--routing", choices=["greedy", "lookahead"], default=d.routing)
+    p.add_argument(
+        "--routing",
+        choices=["greedy", "lookahead", "promise"],
+        default=d.routing,
+        help="promise: lookahead that may step away from the target (decide_promise)",
+    )
     p.add_argument("--depth", type=int, default=d.depth, help="lookahead hops beyond a neighbour (1)")
     p.add_argument("--hop-aware", action="store_true", help="score lookahead paths by hops + log-distance")
     p.add_argument("--metric", choices=["ring", "clockwise"], default=d.metric)

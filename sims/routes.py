@@ -37,6 +37,7 @@ class Routing:
     lookahead: bool = True  # use the neighbours' neighbour lists (False: plain greedy)
     depth: int = 1  # hops beyond a neighbour the lookahead sees (2: neighbours' neighbours' lists too)
     hop_aware: bool = False  # score lookahead paths by hops and log-distance (needs the size estimate)
+    promise: bool = False  # promise routing (decide_promise): hops may move away to reach a closer node
 
 
 GREEDY = Routing(lookahead=False)
@@ -62,6 +63,7 @@ def route(ov: Overlay, src: int, target: int, routing: Routing = GREEDY, *, exac
         distance=ov.distance,
         depth=routing.depth,
         spacing=spacing if routing.hop_aware else None,
+        promise=routing.promise,
     )
     path = [ov.index_of(i) for i in ids]
     if isinstance(d, Deliver):

@@ -38,7 +38,7 @@ class SimConfig:
     ring_size: int = 2  # successors, and as many predecessors (RingParams.ring_size)
     incoming_cap: int | None = None  # most long links a node accepts; None: 2k, as Symphony
     topology: str = "symphony"  # or "kademlia": XOR metric, one contact per bucket
-    routing: str = "lookahead"  # or "greedy"
+    routing: str = "lookahead"  # or "greedy", or "promise" (lookahead with promise routing)
     depth: int = 1  # lookahead hops beyond a neighbour
     hop_aware: bool = False  # score lookahead paths by hops and log-distance
     metric: str = "ring"  # "ring" (both ways round) or "clockwise" (Symphony's unidirectional routing)
@@ -57,7 +57,12 @@ class SimConfig:
         return RingParams(ring_size=self.ring_size, long_links=self.long_links, incoming_cap=cap)
 
     def routing_rule(self) -> Routing:
-        return Routing(lookahead=self.routing == "lookahead", depth=self.depth, hop_aware=self.hop_aware)
+        return Routing(
+            lookahead=self.routing in ("lookahead", "promise"),
+            depth=self.depth,
+            hop_aware=self.hop_aware,
+            promise=self.routing == "promise",
+        )
 
 
 def build(cfg: SimConfig, progress: Progress | None = None) -> Overlay:

@@ -301,7 +301,7 @@ async def linked(
             await asyncio.sleep(0.01)
         assert a.links.links[b.id].fragments_ok, "the fragment probe did not pass"
     now = time.time()
-    a.cache.put(make_record(b.identity, ROOM, B, now), now)
+    a.dht.cache.put(make_record(b.identity, ROOM, B, now), now)
     return a, b, taps[0], taps[1]
 
 

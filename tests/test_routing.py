@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from overlay.ids import FAR, RING_MASK, RING_SIZE, ring_distance
 from overlay.routing.forwarding import (
     DELIVER,
+    DROP_PROMISE,
     DROP_TTL,
     DROP_WATERMARK,
     NO_ROUTE,
@@ -19,7 +20,9 @@ from overlay.routing.forwarding import (
     Forward,
     clockwise_distance,
     decide,
+    decide_promise,
     next_hop,
+    next_hop_promise,
     walk,
     xor_distance,
 )
@@ -243,3 +246,118 @@ def test_key_lookups_end_at_the_node_closest_to_the_key(ids: list[int], seed: in
     path, outcome = _walk(adj, src, key, False, **look)
     assert isinstance(outcome, Deliver)
     assert ring_distance(path[-1], key) == min(ring_distance(i, key) for i in ids)
+
+
+# -- promise routing -----------------------------------------------------------------------------------------
+def test_promise_routing_steps_away_to_reach_a_neighbour_of_the_target() -> None:
+    # 90 is farther from 200 than 100 is, but it links to 200: a strict watermark forbids the step, a promise
+    # of (distance 0, one more hop) allows it.
+    nbrs = {150: [160], 90: [200]}
+    assert next_hop(100, 200, [150, 90], nbrs.__getitem__) == 150
+    assert next_hop_promise(100, 200, [150, 90], nbrs.__getitem__) == (90, 0, 1)
+    d = decide_promise(100, 200, exact=True, promise=FAR, ttl=5, neighbours=[150, 90], neighbours_of=nbrs.__getitem__)
+    assert d == Forward(90, promise=0, promise_hops=1)
+
+
+def test_promise_must_be_kept_or_the_packet_is_dropped() -> None:
+    # this node (distance 50 from 200) knows a node at distance 20 (180), two hops away through 160
+    lists = {160: [180]}
+    kw: dict[str, Any] = {"exact": True, "ttl": 5, "neighbours": [160], "neighbours_of": lambda n: lists.get(n, [])}
+    assert decide_promise(150, 200, promise=10, promise_hops=2, **kw) == DROP_PROMISE
+    # the promised distance again must come in fewer hops than promised, or a route could circle
+    assert decide_promise(150, 200, promise=20, promise_hops=1, **kw) == DROP_PROMISE
+    assert decide_promise(150, 200, promise=20, promise_hops=2, **kw) == Forward(160, promise=20, promise_hops=1)
+    assert decide_promise(150, 200, promise=30, promise_hops=0, **kw) == Forward(160, promise=20, promise_hops=1)
+
+
+def _bound(own: int, promise: int, hops: int) -> tuple[int, int]:
+    return (own, 0) if own <= promise else (promise, hops)
+
+
+def _promise_walk(
+    src: int,
+    target: int,
+    exact: bool,
+    view: Any,
+    depth: int,
+    spacing: float,
+    limit: int,
+) -> tuple[list[int], object]:
+    """Walk with decide_promise, asserting at every hop that the node's bound strictly decreases."""
+    cur, promise, hops, path = src, FAR, 0, [src]
+    last: tuple[int, int] | None = None
+    for _ in range(limit + 1):
+        nbrs, look = view(cur)
+        state = _bound(ring_distance(cur, target), promise, hops)
+        assert last is None or state < last, "the promise bound did not decrease: routes could loop"
+        last = state
+        d = decide_promise(
+            cur,
+            target,
+            exact=exact,
+            promise=promise,
+            promise_hops=hops,
+            ttl=10**6,
+            neighbours=nbrs,
+            neighbours_of=look,
+            depth=depth,
+            spacing=spacing,
+        )
+        if not isinstance(d, Forward):
+            return path, d
+        assert d.next_hop in nbrs and d.promise is not None
+        cur, promise, hops = d.next_hop, d.promise, d.promise_hops
+        path.append(cur)
+    raise AssertionError(f"no end after {limit} hops: {path[:20]}")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(edge_ids, min_size=2, max_size=40, unique=True),
+    st.integers(0, 3),
+    st.integers(0, 2**32),
+    st.integers(1, 2),
+    st.sampled_from([0.0, 1e15]),
+    st.booleans(),
+    st.data(),
+)
+def test_promise_routing_on_a_consistent_ring_always_arrives(
+    ids: list[int], extra: int, seed: int, depth: int, spacing: float, exact: bool, data: st.DataObject
+) -> None:
+    adj = _consistent_overlay(ids, random.Random(seed), extra)
+    src = data.draw(st.sampled_from(ids))
+    target = data.draw(st.sampled_from(ids)) if exact else data.draw(edge_ids)
+    path, outcome = _promise_walk(src, target, exact, lambda n: (adj[n], adj.__getitem__), depth, spacing, 4 * len(ids))
+    assert isinstance(outcome, Deliver)
+    assert ring_distance(path[-1], target) == min(ring_distance(i, target) for i in ids)
+    assert all(b in adj[a] for a, b in itertools.pairwise(path))
+    same, _ = _walk(adj, src, target, exact, promise=True, depth=depth, neighbours_of=adj.__getitem__, spacing=spacing)
+    assert same == path, "walk() takes the route decide_promise gives hop by hop"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(edge_ids, min_size=2, max_size=24, unique=True),
+    st.integers(0, 2**32),
+    st.integers(1, 2),
+    st.sampled_from([0.0, 1e15, 1e18]),
+    st.booleans(),
+    st.data(),
+)
+def test_promise_routing_ends_whatever_the_tables_say(
+    ids: list[int], seed: int, depth: int, spacing: float, exact: bool, data: st.DataObject
+) -> None:
+    """Links one-way and random, every node's copy of every neighbour list its own stale guess: routes may
+    fail, but each hop lowers the bound and no route outlives (depth + 1) x (distinct distances) hops."""
+    rng = random.Random(seed)
+    links = {i: rng.sample(ids, rng.randint(0, min(5, len(ids)))) for i in ids}
+    lists = {(i, j): rng.sample(ids, rng.randint(0, min(5, len(ids)))) for i in ids for j in ids}
+
+    def view(node: int) -> tuple[list[int], Any]:
+        return links[node], lambda other: lists[(node, other)]
+
+    src = data.draw(st.sampled_from(ids))
+    target = data.draw(st.sampled_from(ids)) if exact else data.draw(edge_ids)
+    distinct = len({ring_distance(i, target) for i in ids})
+    _, outcome = _promise_walk(src, target, exact, view, depth, spacing, (depth + 1) * distinct)
+    assert outcome in (DELIVER, NO_ROUTE, DROP_PROMISE)

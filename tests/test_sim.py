@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from overlay.ids import FAR, RING_SIZE, ring_distance
-from overlay.routing.forwarding import DEFAULT_TTL, Forward, decide, xor_distance
+from overlay.routing.forwarding import DEFAULT_TTL, Forward, decide, decide_promise, xor_distance
 from overlay.routing.ring import RingParams, ring_neighbours
 from sims.cli import main
 from sims.export import to_networkx
@@ -70,6 +70,49 @@ def test_simulated_route_is_the_nodes_decide_on_its_own_ring_tables(routing: Rou
             watermark, ttl, cur = ring_distance(cur, target), ttl - 1, d.next_hop
             path.append(cur)
         assert sim == path and path[-1] == target
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_promise_route_is_the_nodes_decide_promise_on_its_own_ring_tables(depth: int) -> None:
+    ov = build_symphony(300, RingParams(2, 3, 6), seed=3)
+    tables = {ov.node_id(i): ov.ring_table(i) for i in range(ov.n)}
+    routing = Routing(lookahead=True, depth=depth, hop_aware=True, promise=True)
+    rng = np.random.default_rng(6)
+    stepped_away = 0
+    for s, t in random_pairs(ov.n, 60, rng).tolist():
+        target = ov.node_id(t)
+        sim = [ov.node_id(i) for i in route(ov, s, target, routing).path]
+        cur, promise, hops, ttl, path = ov.node_id(s), FAR, 0, DEFAULT_TTL, [ov.node_id(s)]
+        while True:
+            table = tables[cur]
+            d = decide_promise(
+                cur,
+                target,
+                exact=True,
+                promise=promise,
+                promise_hops=hops,
+                ttl=ttl,
+                neighbours=table.neighbours(),
+                neighbours_of=(lambda p: tables[p].neighbours()) if depth > 1 else table.neighbours_of,
+                depth=depth,
+                spacing=RING_SIZE / table.size_estimate(),
+            )
+            if not isinstance(d, Forward):
+                break
+            assert d.promise is not None
+            stepped_away += ring_distance(d.next_hop, target) >= ring_distance(cur, target)
+            promise, hops, ttl, cur = d.promise, d.promise_hops, ttl - 1, d.next_hop
+            path.append(cur)
+        assert sim == path and path[-1] == target
+    assert stepped_away > 0, "promise routing never used its freedom to step away: the test shows nothing"
+
+
+def test_promise_routing_takes_fewer_hops_than_the_strict_watermark() -> None:
+    base = SimConfig(nodes=2000, pairs=400, bfs_sources=0, depth=2, hop_aware=True, long_links=3)
+    strict, _ = simulate(base)
+    promise, _ = simulate(SimConfig(**{**base.__dict__, "routing": "promise"}))
+    assert promise["success"] == 1.0 and promise["routing"] == "promise"
+    assert promise["hops"]["mean"] < 0.95 * strict["hops"]["mean"]
 
 
 def test_ring_tables_hold_the_true_ring_neighbours_and_respect_the_incoming_cap() -> None:

@@ -8,6 +8,10 @@ only shrink, a packet can never loop; the TTL is a second guard against bugs and
 Neighbour-of-neighbour lookahead (Manku, Naor, Wieder, "Know thy neighbor's neighbor", STOC 2004): among the
 neighbours that are strictly closer, choose the one through which the closest known node (itself or one of
 its own neighbours) is reachable. The constraint "strictly closer" keeps the watermark invariant.
+
+Promise routing (next_hop_promise, decide_promise; an option, measured in docs/topology.md) drops that
+constraint: a hop may move away from the target to reach a node whose neighbours are much closer, and the
+watermark carries the distance the sender promised instead of its own, which still rules out loops.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ DEFAULT_TTL = 64
 @dataclass(frozen=True, slots=True)
 class Forward:
     next_hop: int
+    # Only with promise routing (decide_promise): the distance the packet now carries as its watermark.
+    promise: int | None = None
+    promise_hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,7 @@ DELIVER = Deliver()
 NO_ROUTE = NoRoute()
 DROP_TTL = Drop("ttl expired")
 DROP_WATERMARK = Drop("not closer than the previous hop (watermark)")
+DROP_PROMISE = Drop("cannot reach the distance the previous hop promised")
 
 NeighboursOf = Callable[[int], Iterable[int]]
 # (node, target) -> how far node is from target; smaller is closer, 0 only at the target itself.
@@ -157,6 +165,113 @@ def decide(
     return Forward(nh)
 
 
+def next_hop_promise(
+    self_id: int,
+    target: int,
+    neighbours: Iterable[int],
+    neighbours_of: NeighboursOf | None = None,
+    *,
+    promise: int = FAR,
+    promise_hops: int = 0,
+    distance: Distance = ring_distance,
+    depth: int = 1,
+    spacing: float = 0.0,
+) -> tuple[int, int, int] | None:
+    """Promise routing: (next hop, new promise, new promise_hops), or None when no path keeps the promise.
+
+    Unlike next_hop, a neighbour need not be closer than this node: what counts is the closest node reachable
+    through it within the lookahead (the neighbour itself, its neighbours, and theirs with depth 2), as in
+    Manku, Naor and Wieder's neighbour-of-neighbour greedy, which may step away from the target to reach a
+    neighbour whose neighbour is much closer. Instead of the sender's own distance the packet carries a
+    promise: a distance P and the hops h within which a node at distance P was known to be reachable from
+    the receiver. This node's bound is (P, h), or (its own distance, 0) when that is smaller (lexicographic
+    order). A path of k hops through a neighbour, ending at node e, counts if distance(e) < P, or if
+    distance(e) == P and k - 1 < h (it reaches the promised distance in fewer hops than promised). The best
+    path wins (smallest distance, or with `spacing` smallest hops + LOG_WEIGHT * ln(1 + distance / spacing),
+    as for next_hop; ties on fewer hops, smaller distance, the neighbour's distance, then the smaller ID) and
+    the packet goes on with the promise (distance(e), k - 1).
+
+    Why a route cannot loop, whatever the tables say. Let S(x) be the bound above at node x. Forwarding to n
+    with promise (P', h') needs (P', h') < S(x), and S(n) <= (P', h'), so S strictly decreases at every hop.
+    P only takes distances of node IDs seen in some view and h is at most `depth`, so a route makes at most
+    (depth + 1) x (distinct such distances) hops, whatever the TTL. With consistent tables a promise is
+    always kept: the promised node is k - 1 hops beyond the next hop, inside that node's own lookahead.
+    """
+    own = distance(self_id, target)
+    bound, bound_hops = (own, 0) if own <= promise else (promise, promise_hops)
+    look = neighbours_of if depth > 0 else None
+
+    def score(hops: int, d: int) -> float:
+        if not spacing:
+            return float(d)
+        return hops + LOG_WEIGHT * math.log1p(d / spacing) if d else float(hops)
+
+    best: tuple[float, int, int, int, int] | None = None
+    for n in neighbours:
+        dn = distance(n, target)
+        # at a fixed hop count the score only grows with distance, so the best end at each depth is the closest
+        level = [n]
+        d = dn
+        for hops in range(1, depth + 2):
+            if hops > 1:
+                assert look is not None
+                level = [m for node in level for m in look(node)]
+                if not level:
+                    break
+                d = min(distance(m, target) for m in level)
+            if d < bound or (d == bound and hops <= bound_hops):
+                key = (score(hops, d), hops, d, dn, n)
+                if best is None or key < best:
+                    best = key
+            if look is None or d == 0:
+                break
+    return None if best is None else (best[4], best[2], best[1] - 1)
+
+
+def decide_promise(
+    self_id: int,
+    target: int,
+    *,
+    exact: bool,
+    promise: int,
+    ttl: int,
+    neighbours: Iterable[int],
+    neighbours_of: NeighboursOf | None = None,
+    promise_hops: int = 0,
+    distance: Distance = ring_distance,
+    depth: int = 1,
+    spacing: float = 0.0,
+) -> Decision:
+    """decide() for promise routing (next_hop_promise): the packet's watermark field carries the promise
+    distance (`FAR` at the origin) and a small field its hops; Forward.promise and Forward.promise_hops are
+    the values to send on.
+
+    A node farther than its promise that cannot keep it (its tables disagree with the sender's) drops the
+    packet; a node at or within its promise that has nothing better is where the route ends, as in decide.
+    """
+    own = distance(self_id, target)
+    if own == 0:
+        return DELIVER
+    nh = next_hop_promise(
+        self_id,
+        target,
+        neighbours,
+        neighbours_of,
+        promise=promise,
+        promise_hops=promise_hops,
+        distance=distance,
+        depth=depth,
+        spacing=spacing,
+    )
+    if nh is None:
+        if own > promise:
+            return DROP_PROMISE
+        return NO_ROUTE if exact else DELIVER
+    if ttl <= 0:
+        return DROP_TTL
+    return Forward(nh[0], promise=nh[1], promise_hops=nh[2])
+
+
 # A node's view for a walk: its neighbours, and its copy of their neighbour lists (None: no lookahead).
 View = Callable[[int], tuple[Iterable[int], NeighboursOf | None]]
 DROP_DOWN = Drop("next hop is down")
@@ -172,30 +287,48 @@ def walk(
     depth: int = 1,
     spacing: Callable[[int], float] | None = None,
     alive: Callable[[int], bool] | None = None,
+    promise: bool = False,
 ) -> tuple[list[int], Decision]:
     """The route of a packet when every node on it applies `decide` to its own view: the node IDs visited
     (source first) and the decision that ended the walk (Deliver, NoRoute or a Drop). The simulator and the
     routing tests walk routes with this one function. `spacing(node)`: that node's RING_SIZE / N estimate
-    for hop-aware lookahead; `alive(node)`: False ends the walk at a forward to a crashed node.
+    for hop-aware lookahead; `alive(node)`: False ends the walk at a forward to a crashed node. `promise`:
+    every node applies decide_promise instead, and the watermark carries the promise.
     """
-    cur, watermark, ttl, path = src, FAR, DEFAULT_TTL, [src]
+    cur, watermark, hops_left, ttl, path = src, FAR, 0, DEFAULT_TTL, [src]
     while True:
         neighbours, neighbours_of = view(cur)
-        d = decide(
-            cur,
-            target,
-            exact=exact,
-            watermark=watermark,
-            ttl=ttl,
-            neighbours=neighbours,
-            neighbours_of=neighbours_of,
-            distance=distance,
-            depth=depth,
-            spacing=spacing(cur) if spacing is not None else 0.0,
-        )
+        if promise:
+            d = decide_promise(
+                cur,
+                target,
+                exact=exact,
+                promise=watermark,
+                promise_hops=hops_left,
+                ttl=ttl,
+                neighbours=neighbours,
+                neighbours_of=neighbours_of,
+                distance=distance,
+                depth=depth,
+                spacing=spacing(cur) if spacing is not None else 0.0,
+            )
+        else:
+            d = decide(
+                cur,
+                target,
+                exact=exact,
+                watermark=watermark,
+                ttl=ttl,
+                neighbours=neighbours,
+                neighbours_of=neighbours_of,
+                distance=distance,
+                depth=depth,
+                spacing=spacing(cur) if spacing is not None else 0.0,
+            )
         if not isinstance(d, Forward):
             return path, d
-        watermark = distance(cur, target)
+        watermark = d.promise if promise and d.promise is not None else distance(cur, target)
+        hops_left = d.promise_hops
         ttl -= 1
         cur = d.next_hop
         path.append(cur)

@@ -1,0 +1,181 @@
+"""The address DHT's driver on a node: publishing our record, holding records for others, resolving addresses.
+
+The pure parts (records, store, replica placement, cache) live beside this file; this class sends and receives
+through the node: routed DHT_PUT / DHT_GET / DHT_VALUE messages and link-local REPLICATE copies.
+
+- Publish: our record goes to the key's nearest node once our ring place is known (or after SETTLE_TIME), and
+  again at half-life (REFRESH_AFTER).
+- Hold: a PUT delivered here is stored and copied to the other nodes of the replica set; a new ring neighbour
+  gets copies of what it should hold; every EXPIRE_INTERVAL, expired records go and records whose key is not
+  ours any more are routed on toward it (records placed while the ring was forming move home).
+- Resolve: an address not in the cache is looked up (retried every LOOKUP_RETRY); packets for it wait in a
+  bounded queue; after LOOKUP_TIMEOUT they are dropped, counted, and the sender's kernel gets an ICMP host
+  unreachable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
+from overlay.dht.store import AddressCache, RecordStore, holds_replica, replica_set
+from overlay.wire import AddressRecord, Kind, LinkMsg, decode_address, decode_dht_value, decode_record, encode_dht_value
+
+if TYPE_CHECKING:
+    from overlay.node import Node
+
+LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
+LOOKUP_TIMEOUT = 5.0
+QUEUE_PER_ADDRESS = 32  # our choice: a TCP initial window (10 segments) plus retransmits, not a buffer bloat
+EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
+SETTLE_TIME = 3.0
+NO_OWNER = "drop: no node owns the address"
+
+
+@dataclass
+class _Lookup:
+    packets: deque[tuple[Kind, bytes]]  # DATA or DATA_GSO and its body
+    started: float
+    sent: float
+
+
+class AddressService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.store = RecordStore(node.room)
+        self.cache = AddressCache()
+        self._lookups: dict[str, _Lookup] = {}
+        self._published = -1e18
+        self._last_expire = -1e18
+
+    # -- the clock -----------------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        node = self.node
+        for address, lookup in list(self._lookups.items()):
+            if now - lookup.started >= LOOKUP_TIMEOUT:
+                del self._lookups[address]
+                node.counters[NO_OWNER] = node.counters.get(NO_OWNER, 0) + len(lookup.packets)
+                if lookup.packets:
+                    kind, body = lookup.packets[0]
+                    node.host_unreachable(body, kind, now)
+            elif now - lookup.sent >= LOOKUP_RETRY:
+                lookup.sent = now
+                self._ask(address)
+        if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
+            self.publish(now)
+        if now - self._last_expire >= EXPIRE_INTERVAL:
+            self._last_expire = now
+            self.store.expire(now)
+            self._rehome(now)
+
+    # -- our own record --------------------------------------------------------------------------------------
+    def publish(self, now: float) -> None:
+        node = self.node
+        self._published = now
+        record = make_record(node.identity, node.room, node.address, now)
+        node.send_routed(record_key(node.room, node.address), Kind.DHT_PUT, record.encode(), 0)
+
+    def _ring_settled(self, now: float) -> bool:
+        """Publish only once our ring place is known (or a few seconds have passed): a record routed from a
+        node with just its bootstrap link would land next to the anchor, not next to its key."""
+        node = self.node
+        if not node.links.links:
+            return False
+        k = node.table.params.ring_size
+        full = len(node.table.successors()) >= k and len(node.table.predecessors()) >= k
+        return full or now - node.first_link_at >= SETTLE_TIME
+
+    # -- records we hold for others --------------------------------------------------------------------------
+    def on_put(self, body: bytes, now: float) -> None:
+        record = decode_record(body)
+        why = self.store.put(record, now)
+        if why is not None:
+            self.node.count(f"record refused: {why}")
+            return
+        key = record_key(self.node.room, record.address)
+        msg = bytes([LinkMsg.REPLICATE]) + record.encode()
+        for peer in replica_set(key, self.node.id, list(self.node.table.ring_peers())):
+            link = self.node.links.links.get(peer)
+            if peer != self.node.id and link is not None:
+                link.send(msg)
+
+    def on_replica(self, body: bytes, now: float) -> None:
+        why = self.store.put(decode_record(body), now)
+        if why is not None:
+            self.node.count(f"replica refused: {why}")
+
+    def on_get(self, src: int, body: bytes, now: float) -> None:
+        address = decode_address(body)
+        self.node.send_routed(src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
+
+    def hand_over(self, peer: int) -> None:
+        """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
+        table = self.node.table
+        succ, pred = table.successors(), table.predecessors()
+        if peer not in succ and peer not in pred:
+            return
+        link = self.node.links.links[peer]
+        for record in self.store.records():
+            key = record_key(self.node.room, record.address)
+            if holds_replica(key, self.node.id, succ, pred) and peer in replica_set(key, self.node.id, succ + pred):
+                link.send(bytes([LinkMsg.REPLICATE]) + record.encode())
+
+    def _rehome(self, now: float) -> None:
+        """Records we hold but are no longer among the nodes nearest their key (nodes joined nearer, or the
+        record arrived while the ring was forming) are routed on toward their key and dropped here."""
+        node = self.node
+        succ, pred = node.table.successors(), node.table.predecessors()
+        for record in self.store.records():
+            key = record_key(node.room, record.address)
+            if not holds_replica(key, node.id, succ, pred):
+                self.store.remove(record.address)
+                node.send_routed(key, Kind.DHT_PUT, record.encode(), 0)
+
+    # -- resolving addresses -----------------------------------------------------------------------------------
+    def resolve_and_send(self, address: str, packet: bytes, kind: Kind = Kind.DATA) -> None:
+        """Send a data body (an IPv4 packet, or for DATA_GSO a virtio_net_hdr and one) to the member that
+        owns `address`, looking the address up in the DHT first when it is not cached."""
+        node = self.node
+        now = node.clock()
+        if address == node.address:
+            node.deliver_data(packet, kind)
+            return
+        entry = self.cache.get(address, now)
+        if entry is not None:
+            node.send_routed(entry.node_id, kind, packet)
+            return
+        lookup = self._lookups.get(address)
+        if lookup is not None:
+            if len(lookup.packets) == QUEUE_PER_ADDRESS:
+                node.count("drop: queue full while resolving")
+            lookup.packets.append((kind, packet))
+            return
+        # Queue first: when we hold the record ourselves the answer arrives before send_routed returns.
+        self._lookups[address] = _Lookup(deque([(kind, packet)], maxlen=QUEUE_PER_ADDRESS), now, now)
+        self._ask(address)
+
+    def _ask(self, address: str) -> None:
+        node = self.node
+        node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
+
+    def on_value(self, body: bytes, now: float) -> None:
+        address, record = decode_dht_value(body)
+        lookup = self._lookups.get(address)
+        if record is None or lookup is None:
+            return
+        why = self._usable(record, address, now)
+        if why is not None:
+            self.node.count(f"drop: DHT value {why}")
+            return
+        entry = self.cache.put(record, now)
+        del self._lookups[address]
+        for kind, packet in lookup.packets:
+            self.node.send_routed(entry.node_id, kind, packet)
+
+    def _usable(self, record: AddressRecord, address: str, now: float) -> str | None:
+        if record.address != address:
+            return "for another address"
+        return check_record(record, self.node.room, now)
