@@ -44,7 +44,13 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         raise JoinError(
             f"control socket {cfg.control_socket} is in use: is another node running? set [node] control_socket"
         )
-    settings = NodeSettings(room=cfg.room, address=cfg.vnic_address, ring=cfg.ring, lookahead=cfg.lookahead)
+    settings = NodeSettings(
+        room=cfg.room,
+        address=cfg.vnic_address,
+        ring=cfg.ring,
+        lookahead=cfg.lookahead,
+        promise=cfg.routing == "promise",
+    )
     bootstrap = XmppBootstrap(
         XmppSettings(
             jid=cfg.jid,

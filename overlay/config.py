@@ -44,6 +44,7 @@ class NodeConfig:
     vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true; see docs/design.md)
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
+    routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
 
 
 def _str(value: Any) -> str:
@@ -65,6 +66,15 @@ def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
     return value
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(repr(o) for o in options)}")
+        return str(value)
+
+    return check
 
 
 def _endpoint(value: Any) -> Endpoint:
@@ -133,6 +143,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "long_links": (_int_range(0, 32), RingParams().long_links),
         "incoming_cap": (_int_range(0, 128), RingParams().incoming_cap),
         "lookahead": (_bool, True),
+        "routing": (_choice("promise", "strict"), "promise"),
     },
 }
 
@@ -216,4 +227,5 @@ def load_config(path: Path) -> NodeConfig:
         vnic_offload=values["vnic"]["offload"],
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
+        routing=o["routing"],
     )

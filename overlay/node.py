@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from overlay.dht.service import AddressService
@@ -26,7 +26,19 @@ from overlay.identity import Identity, verify
 from overlay.ids import FAR, format_id, node_id_from_public_key, ring_distance
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
-from overlay.routing.forwarding import DEFAULT_TTL, Deliver, Drop, Forward, NeighboursOf, NoRoute, decide, next_hop
+from overlay.routing.forwarding import (
+    DEFAULT_TTL,
+    DROP_PROMISE,
+    Decision,
+    Deliver,
+    Drop,
+    Forward,
+    NeighboursOf,
+    NoRoute,
+    decide,
+    decide_promise,
+    next_hop,
+)
 from overlay.routing.maintenance import (
     DEAD_REASON,
     CloseLink,
@@ -54,7 +66,10 @@ from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_LONG_LINK,
+    FLAG_PROMISE,
     FLAG_REFUSED,
+    PROMISE_HOPS_MASK,
+    PROMISE_HOPS_SHIFT,
     ROUTED_HEADER,
     Contact,
     DecodeError,
@@ -100,6 +115,7 @@ class NodeSettings:
     address: str  # virtual IPv4 with prefix, "10.254.0.1/16"
     ring: RingParams = field(default_factory=RingParams)
     lookahead: bool = True
+    promise: bool = True  # data packets follow the promise rule (docs/topology.md: 1.27x vs 1.42x shortest)
     stabilize_interval: float = 5.0
 
 
@@ -158,7 +174,9 @@ class Node:
         self._route_cache: dict[int, int | None] = {}
         # Data path: destination node -> (next hop, our distance), the Forward that decide() gave for a DATA
         # packet we originated; forgotten with _route_cache. Lets a data packet skip building a Routed.
-        self._data_routes: dict[int, tuple[int, int]] = {}
+        self._data_routes: dict[int, tuple[int, int, int]] = {}  # dst -> (next hop, watermark, flags)
+        self._promise_cache: dict[tuple[int, int, int], Decision] = {}
+        self.data_hops = [0, 0]  # data packets that arrived over a link for us, and the hops they took
         self._address_text: dict[int, str] = {}
         self.first_link_at = 0.0
         self._last_icmp = -1e18
@@ -349,10 +367,12 @@ class Node:
         now = self.clock()
         self.maintenance.on_rx(link.peer_id, now)
         if kind == LinkMsg.ROUTED and len(msg) >= ROUTED_HEADER.size and msg[ROUTED_HEADER.size - 1] in DATA_KINDS:
-            _, _, flags, _, dst, watermark, data_kind = ROUTED_HEADER.unpack_from(msg)
-            if dst == self.id and watermark != 0 and not flags & FLAG_JOIN:
-                # What decide() answers for a packet at its exact destination (distance 0, below any
-                # watermark but 0): deliver, without decoding the rest of the header into a Routed.
+            _, ttl, flags, _, dst, watermark, data_kind = ROUTED_HEADER.unpack_from(msg)
+            if dst == self.id and (watermark != 0 or flags & FLAG_PROMISE) and not flags & FLAG_JOIN:
+                # What decide() and decide_promise() answer for a packet at its exact destination (distance 0,
+                # below any watermark but 0; promises end here): deliver, without decoding it into a Routed.
+                self.data_hops[0] += 1
+                self.data_hops[1] += DEFAULT_TTL - ttl
                 self.deliver_data(memoryview(msg)[ROUTED_HEADER.size :], data_kind)
                 return
         try:
@@ -403,6 +423,7 @@ class Node:
     # -- routing -----------------------------------------------------------------------------------------------
     def _forget_routes(self) -> None:
         self._route_cache.clear()
+        self._promise_cache.clear()
         self._data_routes.clear()
 
     def _next_hop(self, dst: int, exclude: int | None = None) -> int | None:
@@ -438,6 +459,11 @@ class Node:
         nof = self.table.neighbours_of if self.settings.lookahead else None
         return next_hop(dst ^ (1 << 63), dst, nbrs, nof)
 
+    def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
+        """Originate a data packet (DATA or DATA_GSO) for the member with this node ID."""
+        flags = FLAG_EXACT | (FLAG_PROMISE if self.settings.promise else 0)
+        self.send_routed(node_id, kind, body, flags)
+
     def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None) -> None:
         """Originate a routed packet. `via`: hand it to this neighbour whatever the table says (the join)."""
         packet = Routed(DEFAULT_TTL, flags, self.id, dst, FAR, kind, body)
@@ -448,7 +474,50 @@ class Node:
             return
         self._on_routed(None, packet)
 
+    def _promised_hop(self, pkt: Routed) -> Decision:
+        """decide_promise for a data packet, cached per (destination, promise, hops) like _next_hop: every
+        packet of a flow carries the same promise at a given relay, so the lookahead runs once per flow."""
+        hops = (pkt.flags & PROMISE_HOPS_MASK) >> PROMISE_HOPS_SHIFT
+        key = (pkt.dst, pkt.watermark, hops)
+        decision = self._promise_cache.get(key)
+        if decision is None:
+            decision = decide_promise(
+                self.id,
+                pkt.dst,
+                exact=True,
+                promise=pkt.watermark,
+                promise_hops=hops,
+                ttl=DEFAULT_TTL,  # the packet's own TTL is checked by the caller: the answer is cached
+                neighbours=self.table.neighbours(),
+                neighbours_of=self.table.neighbours_of if self.settings.lookahead else None,
+            )
+            self._promise_cache[key] = decision
+        return decision
+
     def _on_routed(self, came_from: Link | None, pkt: Routed) -> None:
+        if pkt.flags & FLAG_PROMISE:
+            decision = self._promised_hop(pkt)
+            if isinstance(decision, Forward) and decision.promise is not None:
+                link = self.links.links.get(decision.next_hop)
+                if pkt.ttl <= 0 or link is None:
+                    self.count("drop: ttl expired" if pkt.ttl <= 0 else "drop: next hop vanished")
+                    return
+                flags = (pkt.flags & ~PROMISE_HOPS_MASK) | (decision.promise_hops << PROMISE_HOPS_SHIFT)
+                if came_from is None and pkt.kind in DATA_KINDS and pkt.ttl == DEFAULT_TTL:
+                    self._data_routes[pkt.dst] = (decision.next_hop, decision.promise, flags)
+                self._pass_on(link, replace(pkt, flags=flags), pkt.ttl - 1, decision.promise)
+                return
+            if decision is DROP_PROMISE:
+                # Our lists disagree with the previous hop's (a neighbour just left or joined): finish the
+                # route under the strict rule. A packet switches once and never back, and each phase only
+                # moves closer by its own measure, so the route still cannot loop.
+                self.count("promise not kept: strict rule")
+                pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK), watermark=FAR)
+            elif isinstance(decision, Deliver):
+                self._deliver(pkt)
+                return
+            else:
+                pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK))
         exclude = pkt.src if pkt.flags & FLAG_JOIN else None
         own = ring_distance(self.id, pkt.dst)
         if exclude is not None and pkt.dst == self.id and pkt.src != self.id:
@@ -482,7 +551,7 @@ class Node:
                 self.count("drop: next hop vanished")
                 return
             if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
-                self._data_routes[pkt.dst] = (decision.next_hop, own)
+                self._data_routes[pkt.dst] = (decision.next_hop, own, FLAG_EXACT)
             self._pass_on(link, pkt, pkt.ttl - 1, own)
         elif isinstance(decision, Deliver):
             self._deliver(pkt)
@@ -648,12 +717,12 @@ class Node:
                     # Exactly what _on_routed sends for this packet at its origin (_pass_on with TTL - 1).
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
                         header = ROUTED_HEADER.pack(
-                            LinkMsg.ROUTED, DEFAULT_TTL - 1, FLAG_EXACT, self.id, entry.node_id, route[1], Kind.DATA
+                            LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.id, entry.node_id, route[1], Kind.DATA
                         )
                         self._send_unfragmented(link, header, head, packet)
                         return
                     header = ROUTED_HEADER.pack(
-                        LinkMsg.ROUTED, DEFAULT_TTL - 1, FLAG_EXACT, self.id, entry.node_id, route[1], kind
+                        LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.id, entry.node_id, route[1], kind
                     )
                     link.send(b"".join((header, head, packet)))
                     return
@@ -745,6 +814,10 @@ class Node:
             "successors": [format_id(i) for i in self.table.successors()],
             "predecessors": [format_id(i) for i in self.table.predecessors()],
             "dht": {"stored": len(self.dht.store), "cached": len(self.dht.cache)},
+            "data_in": {
+                "packets": self.data_hops[0],
+                "mean_hops": round(self.data_hops[1] / max(1, self.data_hops[0]), 2),
+            },
             "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
         }

@@ -40,7 +40,7 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
     assert cfg.password == "s3cret"
     assert cfg.listen == ("198.18.0.10", 5800)
     assert cfg.vnic_address == "10.254.0.1/16" and cfg.vnic_mtu == 1400
-    assert cfg.ring.long_links == 4 and cfg.lookahead and cfg.vnic_offload
+    assert cfg.ring.long_links == 4 and cfg.lookahead and cfg.vnic_offload and cfg.routing == "promise"
 
 
 @pytest.mark.parametrize(
@@ -57,6 +57,7 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
         (('room = "group1@conference.example.test"', ""), r"missing key \[xmpp\] room"),
         (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
         (("mtu = 1400", "mtu = 1400\noffload = 1"), r"\[vnic\] offload = 1: expected true or false"),
+        (("mtu = 1400", 'mtu = 1400\n[overlay]\nrouting = "fast"'), r"\[overlay\] routing = 'fast': expected one of"),
     ],
 )
 def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

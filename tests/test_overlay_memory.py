@@ -166,3 +166,40 @@ def test_a_departed_anchor_is_replaced_through_the_overlay() -> None:
             await g.stop()
 
     run(scenario())
+
+
+def test_data_packets_take_the_route_the_shared_promise_walk_computes_on_the_nodes_own_tables() -> None:
+    from overlay.routing.forwarding import Deliver, walk
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=17)
+        try:
+            for _ in range(60):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 40.0)
+            by_id = {n.id: n for n in g.nodes}
+            rng = random.Random(5)
+            pairs = [tuple(rng.sample(range(60), 2)) for _ in range(30)]
+            # Resolve every destination first, so each measured packet goes straight onto the overlay.
+            warm = {(a, b): g.send(a, b, b"warm") for a, b in pairs}
+            assert await g.wait_for(lambda: all(g.received(b, p) for (a, b), p in warm.items()), 15.0)
+            await asyncio.sleep(1.0)  # let neighbour lists settle: the walk below reads the same tables
+            for a, b in pairs:
+                src, dst = g.nodes[a], g.nodes[b]
+                path, end = walk(
+                    src.id,
+                    dst.id,
+                    exact=True,
+                    promise=True,
+                    view=lambda n: (by_id[n].table.neighbours(), by_id[n].table.neighbours_of),
+                )
+                assert isinstance(end, Deliver)
+                before = list(dst.data_hops)
+                p = g.send(a, b, f"measure {a}->{b}".encode())
+                assert await g.wait_for(lambda p=p, b=b: g.received(b, p), 5.0)
+                assert dst.data_hops[0] == before[0] + 1
+                assert dst.data_hops[1] - before[1] == len(path) - 1, (a, b, path)
+        finally:
+            await g.stop()
+
+    run(scenario())

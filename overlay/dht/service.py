@@ -145,7 +145,7 @@ class AddressService:
             return
         entry = self.cache.get(address, now)
         if entry is not None:
-            node.send_routed(entry.node_id, kind, packet)
+            node.send_data(entry.node_id, kind, packet)
             return
         lookup = self._lookups.get(address)
         if lookup is not None:
@@ -173,7 +173,7 @@ class AddressService:
         entry = self.cache.put(record, now)
         del self._lookups[address]
         for kind, packet in lookup.packets:
-            self.node.send_routed(entry.node_id, kind, packet)
+            self.node.send_data(entry.node_id, kind, packet)
 
     def _usable(self, record: AddressRecord, address: str, now: float) -> str | None:
         if record.address != address:
