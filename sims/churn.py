@@ -53,6 +53,7 @@ class ChurnConfig:
     settle: float = 120.0  # after churn stops: repair time before the full reachability check
     final_pairs: int = 5000  # pairs checked at the end (all pairs when fewer exist)
     seed: int = 1
+    promise: bool = True  # route samples with the data rule the node uses by default (promise, strict after)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class ChurnSim:
             t = self.members[node].table
             return t.neighbours(), t.neighbours_of
 
-        path, d = walk(src, target, exact=exact, view=view, alive=self.members.__contains__)
+        path, d = walk(src, target, exact=exact, view=view, alive=self.members.__contains__, promise=self.cfg.promise)
         return path, isinstance(d, Deliver)
 
     # -- measurement -------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             weibull_scale=args.weibull_scale,
             sample_every=args.sample_every,
             seed=args.seed,
+            promise=args.routing == "promise",
         )
         report = run_churn(ccfg, progress=bar)
     else:

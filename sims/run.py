@@ -38,7 +38,7 @@ class SimConfig:
     ring_size: int = 2  # successors, and as many predecessors (RingParams.ring_size)
     incoming_cap: int | None = None  # most long links a node accepts; None: 2k, as Symphony
     topology: str = "symphony"  # or "kademlia": XOR metric, one contact per bucket
-    routing: str = "lookahead"  # or "greedy", or "promise" (lookahead with promise routing)
+    routing: str = "promise"  # the node's rule for data; or "lookahead" (strict watermark), or "greedy"
     depth: int = 1  # lookahead hops beyond a neighbour
     hop_aware: bool = False  # score lookahead paths by hops and log-distance
     metric: str = "ring"  # "ring" (both ways round) or "clockwise" (Symphony's unidirectional routing)

@@ -109,7 +109,7 @@ def test_promise_route_is_the_nodes_decide_promise_on_its_own_ring_tables(depth:
 
 def test_promise_routing_takes_fewer_hops_than_the_strict_watermark() -> None:
     base = SimConfig(nodes=2000, pairs=400, bfs_sources=0, depth=2, hop_aware=True, long_links=3)
-    strict, _ = simulate(base)
+    strict, _ = simulate(SimConfig(**{**base.__dict__, "routing": "lookahead"}))
     promise, _ = simulate(SimConfig(**{**base.__dict__, "routing": "promise"}))
     assert promise["success"] == 1.0 and promise["routing"] == "promise"
     assert promise["hops"]["mean"] < 0.95 * strict["hops"]["mean"]

@@ -293,7 +293,9 @@ def walk(
     (source first) and the decision that ended the walk (Deliver, NoRoute or a Drop). The simulator and the
     routing tests walk routes with this one function. `spacing(node)`: that node's RING_SIZE / N estimate
     for hop-aware lookahead; `alive(node)`: False ends the walk at a forward to a crashed node. `promise`:
-    every node applies decide_promise instead, and the watermark carries the promise.
+    every node applies decide_promise instead, and the watermark carries the promise; a node that cannot keep
+    the promise it was given finishes the route under the strict rule, as the node does (a packet switches
+    once and never back, and each phase only moves closer by its own measure, so no loop).
     """
     cur, watermark, hops_left, ttl, path = src, FAR, 0, DEFAULT_TTL, [src]
     while True:
@@ -312,6 +314,9 @@ def walk(
                 depth=depth,
                 spacing=spacing(cur) if spacing is not None else 0.0,
             )
+            if d is DROP_PROMISE:
+                promise, watermark = False, FAR
+                continue
         else:
             d = decide(
                 cur,
