@@ -137,6 +137,23 @@ def test_misspelled_config_key_fails_with_one_line_naming_it(group: Group) -> No
     assert_failed_cleanly(group, result, control, "mtuu")
 
 
+def test_missing_room_fails_with_one_line_naming_it(group: Group) -> None:
+    config, control = group.spare_config(0, user="spare0")
+    text = config.read_text()
+    room = next(line for line in text.splitlines() if line.startswith("room = "))
+    config.write_text(text.replace(room, f'room = "nosuchroom@{group.server.muc_domain}"'))
+    result = group.run_join(0, config)
+    assert_failed_cleanly(group, result, control, "nosuchroom")
+
+
+def test_unreachable_server_fails_with_one_line_naming_it(group: Group) -> None:
+    config, control = group.spare_config(0, user="spare0")
+    text = config.read_text()
+    config.write_text(text.replace(f"port = {group.server.port}", "port = 5299"))  # nothing listens there
+    result = group.run_join(0, config)
+    assert_failed_cleanly(group, result, control, "5299")
+
+
 def test_xmpp_outage_does_not_take_the_network_down(group: Group) -> None:
     """XMPP is off the data and maintenance path once nodes have joined: with Prosody stopped, every pair
     still answers, and a node leaving is still repaired around through the overlay alone."""
