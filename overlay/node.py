@@ -65,6 +65,7 @@ from overlay.tap.frames import (
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.wire import (
     FLAG_EXACT,
+    FLAG_JOIN,
     FLAG_LONG_LINK,
     FLAG_PROMISE,
     FLAG_REFUSED,
@@ -95,7 +96,6 @@ from overlay.wire import (
 
 log = logging.getLogger(__name__)
 
-FLAG_JOIN = 0x08  # FIND: route to the node nearest the key other than the sender (a joining node's own ID)
 FIND_TIMEOUT = 5.0  # our choice: a FIND crosses ~log N hops of LAN/WAN RTT well inside this
 TIMER_MAX = 1.0  # the longest the node sleeps between ticks (lookup retries are 1 s apart)
 PEER_CLOSED = "peer closed the link"
@@ -187,7 +187,6 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self.first_link = asyncio.Event()
-        self._contact: Contact | None = None
 
     # -- contacts -------------------------------------------------------------------------------------------------
     def contact(self) -> Contact:
