@@ -29,6 +29,7 @@ from xmpp_bootstrap.protocol import (
     ANSWER_VALUE,
     DEFAULT_ANCHORS,
     HELLO_TAG,
+    answer_for,
     decode_hello,
     encode_hello,
     should_become_anchor,
@@ -258,14 +259,7 @@ class XmppBootstrap:
             else:
                 self.stats["answers_late"] += 1
             return
-        if self.on_hello is None:
-            return
-        try:
-            answer = self.on_hello(payload)
-        except Exception:
-            # The node layer verifies hellos; a failure there must not take the XMPP session down.
-            log.exception("on_hello failed for a hello from %s", nick)
-            return
+        answer = answer_for(self.on_hello, payload, nick)
         if answer is not None and self._client is not None:
             self._send_hello(nick, encode_hello(answer), answer=True)
 

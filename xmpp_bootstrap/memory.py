@@ -8,19 +8,17 @@ its own, every occupant gets the joiner's presence, a private message is one sta
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterable
 
 from xmpp_bootstrap.client import JOIN_REFUSALS, BootstrapError, new_stats
 from xmpp_bootstrap.protocol import (
     DEFAULT_ANCHORS,
+    answer_for,
     decode_hello,
     encode_hello,
     should_become_anchor,
     should_stand_down,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _bare(jid: str) -> str:
@@ -152,13 +150,7 @@ class MemoryBootstrap:
             else:
                 self.stats["answers_late"] += 1
             return
-        if self.on_hello is None:
-            return
-        try:
-            reply = self.on_hello(payload)
-        except Exception:
-            log.exception("on_hello failed for a hello from %s", sender)
-            return
+        reply = answer_for(self.on_hello, payload, sender)
         if reply is not None:
             self.stats["hellos_out"] += 1
             self.room.deliver(self.nick, sender, encode_hello(reply), answer=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 # Our choice: the node layer's signed hello (key, certificate, addresses) fits in 4 KiB with room to spare.
 MAX_HELLO = 4096
@@ -25,6 +26,8 @@ ANSWER_ATTR = "type"
 ANSWER_VALUE = "answer"
 
 DEFAULT_ANCHORS = 3
+
+log = logging.getLogger(__name__)
 
 # Whitespace XML tools may add around or inside base64 text (RFC 4648 section 3.3 lets a decoder skip it).
 _XML_SPACE = b" \t\r\n"
@@ -71,3 +74,15 @@ def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) 
     """
     ranked = sorted(set(anchor_nicks) | {own_nick})
     return len(ranked) > anchors and own_nick not in ranked[:anchors]
+
+
+def answer_for(on_hello: Callable[[bytes], bytes | None] | None, payload: bytes, sender: str) -> bytes | None:
+    """The node layer's answer to a peer's hello request, or None. The node layer verifies hellos; a failure
+    there is logged and swallowed, so one bad hello cannot take the XMPP session down."""
+    if on_hello is None:
+        return None
+    try:
+        return on_hello(payload)
+    except Exception:
+        log.exception("on_hello failed for a hello from %s", sender)
+        return None
