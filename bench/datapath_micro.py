@@ -23,17 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from overlay.dht.records import make_record
-from overlay.identity import Identity
-from overlay.node import Node, NodeSettings
+from overlay.node import Node
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VnetHeader, ethernet_frame
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
 from overlay.wire import ROUTED_HEADER, TRANSPORT_HEADER
+from tests.support.memgroup import linked_pair, vaddr
 
-ROOM = "bench@conference.example.test"
-ADDRESSES = ("10.254.0.1", "10.254.0.2")
+ADDRESSES = (vaddr(0), vaddr(1))
 BATCH = 64  # frames per TAP wakeup, as the node reads them
 
 
@@ -45,30 +42,11 @@ def ipv4_packet(src: str, dst: str, size: int, protocol: int) -> bytes:
     return header + os.urandom(size - len(header))
 
 
-async def linked_pair(vnet: bool) -> tuple[Node, Node, MemoryTap, MemoryTap]:
-    net = MemoryNetwork()
-    nodes, taps = [], []
-    for i, address in enumerate(ADDRESSES):
-        tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, 0, i + 1]), vnet_hdr=vnet)
-        identity = Identity.from_seed(bytes([i + 1]) * 32)
-        node = Node(identity, NodeSettings(room=ROOM, address=f"{address}/16"), MemoryUnderlay(net), tap=tap)
-        await node.start()
-        nodes.append(node)
-        taps.append(tap)
-    a, b = nodes
-    a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
-    for _ in range(200):
-        # Linked both ways, and a's fragment probe answered: super-frames then travel whole, not segmented.
-        if b.id in a.links.links and a.id in b.links.links and a.links.links[b.id].fragments_ok:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise RuntimeError("the two nodes did not link (and probe) within 2 s")
-    now = time.time()
-    a.dht.cache.put(make_record(b.identity, ROOM, ADDRESSES[1], now), now)
+async def linked_pair_direct(vnet: bool) -> tuple[Node, Node, MemoryTap, MemoryTap]:
+    a, b, tap_a, tap_b = await linked_pair(vnet, vnet)
     # From here on a's datagrams reach b synchronously: the loop's per-datagram scheduling is not measured.
     a.underlay.send = lambda data, endpoint: b.links.on_datagram(data, a.underlay.local_endpoint)  # type: ignore[method-assign]
-    return a, b, taps[0], taps[1]
+    return a, b, tap_a, tap_b
 
 
 def node_rate(a: Node, tap_a: MemoryTap, tap_b: MemoryTap, frame: bytes, seconds: float) -> float:
@@ -107,7 +85,7 @@ async def main() -> int:
     args = parser.parse_args()
     cases = [("1400 B IPv4", False, 1400, 17), ("60000 B TSO super-frame", True, 60000, 6)]
     for label, vnet, size, protocol in cases:
-        a, b, tap_a, tap_b = await linked_pair(vnet)
+        a, b, tap_a, tap_b = await linked_pair_direct(vnet)
         try:
             packet = ipv4_packet(ADDRESSES[0], ADDRESSES[1], size, protocol)
             frame = ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, packet)

@@ -536,6 +536,8 @@ class Node:
             if nh is not None:
                 self._pass_on(self.links.links[nh], pkt, pkt.ttl - 1, FAR)
                 return
+        # decide() over the one neighbour next_hop chose (cached per destination above) answers exactly as over
+        # all of them: next_hop would pick the same neighbour again. The watermark was checked above.
         decision = decide(
             self.id,
             pkt.dst,

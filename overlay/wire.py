@@ -50,14 +50,7 @@ class HandshakeInit:
     signature: bytes
 
     def signed_part(self) -> bytes:
-        return _INIT.pack(
-            PacketType.HANDSHAKE_INIT,
-            self.sender_index,
-            self.ephemeral,
-            self.static,
-            self.timestamp,
-            bytes(SIGNATURE_LEN),
-        )[:-SIGNATURE_LEN]
+        return self.encode()[:-SIGNATURE_LEN]
 
     def encode(self) -> bytes:
         return _INIT.pack(

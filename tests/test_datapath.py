@@ -7,15 +7,11 @@ import asyncio
 import ipaddress
 import os
 import struct
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.dht.records import make_record
-from overlay.identity import Identity
-from overlay.node import Node, NodeSettings
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import (
     ARP_REQUEST,
@@ -37,8 +33,9 @@ from overlay.tap.frames import (
     segment_tcp4,
 )
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
+from overlay.transport.underlay import MemoryNetwork
 from overlay.wire import ROUTED_HEADER, Kind, LinkMsg
+from tests.support.memgroup import linked_pair
 
 ROOM = "group1@conference.example.test"
 A, B = "10.254.0.1", "10.254.0.2"
@@ -272,39 +269,6 @@ def test_segment_tcp4_of_arbitrary_bytes_raises_only_frame_error() -> None:
 # --- two nodes -------------------------------------------------------------------------------------------------
 
 
-async def linked(
-    vnet_a: bool, vnet_b: bool, net: MemoryNetwork | None = None
-) -> tuple[Node, Node, MemoryTap, MemoryTap]:
-    """Two nodes linked directly; on a network that carries big datagrams, once the fragment probe passed."""
-    net = net or MemoryNetwork()
-    nodes, taps = [], []
-    for i, (address, vnet) in enumerate(((A, vnet_a), (B, vnet_b))):
-        tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, 0, i + 1]), vnet_hdr=vnet)
-        node = Node(
-            Identity.from_seed(bytes([i + 7]) * 32), NodeSettings(room=ROOM, address=f"{address}/16"),
-            MemoryUnderlay(net), tap=tap,
-        )  # fmt: skip
-        await node.start()
-        nodes.append(node)
-        taps.append(tap)
-    a, b = nodes
-    a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
-    for _ in range(200):
-        if b.id in a.links.links and a.id in b.links.links:
-            break
-        await asyncio.sleep(0.01)
-    assert b.id in a.links.links, "the two nodes did not link"
-    if net.max_datagram is None:
-        for _ in range(200):
-            if a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok:
-                break
-            await asyncio.sleep(0.01)
-        assert a.links.links[b.id].fragments_ok, "the fragment probe did not pass"
-    now = time.time()
-    a.dht.cache.put(make_record(b.identity, ROOM, B, now), now)
-    return a, b, taps[0], taps[1]
-
-
 async def carry(tap_a: MemoryTap, tap_b: MemoryTap, frames: list[bytes]) -> list[bytes]:
     tap_b.written.clear()
     for f in frames:
@@ -322,7 +286,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def test_super_frame_arrives_with_its_offload_header_unchanged_and_repeats_take_the_cached_route() -> None:
     async def scenario() -> None:
-        a, b, tap_a, tap_b = await linked(True, True)
+        a, b, tap_a, tap_b = await linked_pair(True, True)
         try:
             packet = ipv4(A, B, 6, os.urandom(60000))
             frame = TSO.encode() + ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, packet)
@@ -342,7 +306,7 @@ def test_super_frame_arrives_with_its_offload_header_unchanged_and_repeats_take_
 
 def test_plain_packet_reaches_an_offload_tap_behind_a_zero_header() -> None:
     async def scenario() -> None:
-        a, b, tap_a, tap_b = await linked(False, True)
+        a, b, tap_a, tap_b = await linked_pair(False, True)
         try:
             packet = ipv4(A, B, 17, b"\x0f\xa0\x0f\xa1\x00\x0c\x00\x00ping")
             out = await carry(tap_a, tap_b, [ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, packet)])
@@ -357,7 +321,7 @@ def test_plain_packet_reaches_an_offload_tap_behind_a_zero_header() -> None:
 
 def test_tap_without_offload_gets_checksums_completed_and_super_frames_as_segments() -> None:
     async def scenario() -> None:
-        a, b, tap_a, tap_b = await linked(True, False)
+        a, b, tap_a, tap_b = await linked_pair(True, False)
         try:
             small = udp_with_partial_checksum(A, B, b"hello")
             csum_only = VnetHeader(VNET_F_NEEDS_CSUM, 0, 0, 0, 34, 6).encode()
@@ -380,7 +344,7 @@ def test_tap_without_offload_gets_checksums_completed_and_super_frames_as_segmen
 
 def test_hostile_offload_header_from_a_peer_is_dropped_before_the_tap() -> None:
     async def scenario() -> None:
-        a, b, _, tap_b = await linked(True, True)
+        a, b, _, tap_b = await linked_pair(True, True)
         try:
             packet = ipv4(A, B, 6, os.urandom(100))
             bad = VnetHeader(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 54, 1360, 34, 5000).encode()  # csum past the end
@@ -399,7 +363,7 @@ def test_hostile_offload_header_from_a_peer_is_dropped_before_the_tap() -> None:
 
 def test_arp_reply_on_an_offload_tap_carries_a_zero_header() -> None:
     async def scenario() -> None:
-        a, b, tap_a, _ = await linked(True, True)
+        a, b, tap_a, _ = await linked_pair(True, True)
         try:
             ask = ArpPacket(
                 ARP_REQUEST, tap_a.mac, int(ipaddress.IPv4Address(A)), bytes(6), int(ipaddress.IPv4Address(B))
@@ -422,7 +386,7 @@ def test_arp_reply_on_an_offload_tap_carries_a_zero_header() -> None:
 
 def test_probe_over_a_path_that_carries_big_datagrams_marks_the_link_fragments_ok() -> None:
     async def scenario() -> None:
-        a, b, _, _ = await linked(True, True)  # waits for the probe to pass both ways
+        a, b, _, _ = await linked_pair(True, True)  # waits for the probe to pass both ways
         try:
             assert a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok
             assert not a._probe_token  # acknowledged: no probe outstanding
@@ -437,7 +401,7 @@ def test_link_whose_path_drops_fragments_carries_super_frames_as_segments() -> N
     async def scenario() -> None:
         # A 1500-byte path that drops IP fragments: no datagram over 1500 bytes arrives.
         net = MemoryNetwork(max_datagram=1500)
-        a, b, tap_a, tap_b = await linked(True, True, net)
+        a, b, tap_a, tap_b = await linked_pair(True, True, net)
         try:
             await asyncio.sleep(0.05)
             assert net.oversize >= 2, "the probes should have been too big to pass"
@@ -462,7 +426,7 @@ def test_link_whose_path_drops_fragments_carries_super_frames_as_segments() -> N
 def test_unacknowledged_probe_is_repeated_a_minute_later_until_it_passes() -> None:
     async def scenario() -> None:
         net = MemoryNetwork(max_datagram=1500)
-        a, b, _, _ = await linked(False, False, net)
+        a, b, _, _ = await linked_pair(False, False, net)
         try:
             link = a.links.links[b.id]
             due = a._probe_due[b.id]

@@ -156,15 +156,7 @@ class LinuxTap:
         return frames
 
     def write(self, frame: bytes) -> None:
-        if self._fd < 0:
-            raise TapError(f"write to TAP {self.name} after close()")
-        try:
-            os.write(self._fd, frame)
-        except BlockingIOError:
-            _count(self.counters, "write-queue-full")
-        except OSError as e:
-            # EIO: the device is administratively down; EINVAL: a frame the kernel refuses (e.g. too big).
-            _count(self.counters, f"write-{errno.errorcode.get(e.errno or 0, 'error')}")
+        self.write_parts([frame])
 
     def write_parts(self, parts: list[Bytes]) -> None:
         if self._fd < 0:
@@ -174,6 +166,7 @@ class LinuxTap:
         except BlockingIOError:
             _count(self.counters, "write-queue-full")
         except OSError as e:
+            # EIO: the device is administratively down; EINVAL: a frame the kernel refuses (e.g. too big).
             _count(self.counters, f"write-{errno.errorcode.get(e.errno or 0, 'error')}")
 
     def close(self) -> None:

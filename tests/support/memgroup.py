@@ -10,8 +10,10 @@ import asyncio
 import ipaddress
 import random
 import struct
+import time
 from dataclasses import dataclass, field
 
+from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
 from overlay.routing.ring import RingParams, SortedRing
@@ -119,3 +121,37 @@ class MemoryGroup:
             await n.stop()
         for t in self.taps:
             t.close()
+
+
+async def linked_pair(
+    vnet_a: bool, vnet_b: bool, net: MemoryNetwork | None = None
+) -> tuple[Node, Node, MemoryTap, MemoryTap]:
+    """Two nodes at vaddr(0) and vaddr(1), linked directly, a with b's address record cached; on a network
+    that carries big datagrams, returned once the fragment probe has passed both ways."""
+    net = net or MemoryNetwork()
+    nodes, taps = [], []
+    for i, (address, vnet) in enumerate(((vaddr(0), vnet_a), (vaddr(1), vnet_b))):
+        tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, 0, i + 1]), vnet_hdr=vnet)
+        node = Node(
+            Identity.from_seed(bytes([i + 7]) * 32), NodeSettings(room=ROOM, address=f"{address}/16"),
+            MemoryUnderlay(net), tap=tap,
+        )  # fmt: skip
+        await node.start()
+        nodes.append(node)
+        taps.append(tap)
+    a, b = nodes
+    a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
+    for _ in range(200):
+        if b.id in a.links.links and a.id in b.links.links:
+            break
+        await asyncio.sleep(0.01)
+    assert b.id in a.links.links, "the two nodes did not link"
+    if net.max_datagram is None:
+        for _ in range(200):
+            if a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok:
+                break
+            await asyncio.sleep(0.01)
+        assert a.links.links[b.id].fragments_ok, "the fragment probe did not pass"
+    now = time.time()
+    a.dht.cache.put(make_record(b.identity, ROOM, vaddr(1), now), now)
+    return a, b, taps[0], taps[1]
