@@ -57,7 +57,7 @@ def node_rate(a: Node, tap_a: MemoryTap, tap_b: MemoryTap, frame: bytes, seconds
     while time.perf_counter() < end:
         for _ in range(BATCH):
             tap_a.inject(frame)
-        a._on_tap_readable()
+        a.datapath.on_tap_readable()
         sent += BATCH
         tap_b.written.clear()
     return sent / (time.perf_counter() - start)

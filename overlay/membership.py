@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from overlay.ids import node_id_from_public_key
+from overlay.port import OverlayPort
 from overlay.wire import LinkMsg
-
-if TYPE_CHECKING:
-    from overlay.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +22,7 @@ REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partit
 
 
 class Membership:
-    def __init__(self, node: Node, bootstrap: Any) -> None:
+    def __init__(self, node: OverlayPort, bootstrap: Any) -> None:
         self.node = node
         self.bootstrap = bootstrap
         bootstrap.on_hello = self._on_hello

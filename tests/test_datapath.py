@@ -296,7 +296,7 @@ def test_super_frame_arrives_with_its_offload_header_unchanged_and_repeats_take_
                 assert f[:VNET_HDR_LEN] == TSO.encode()
                 assert f[VNET_HDR_LEN + 14 :] == packet
                 assert f[VNET_HDR_LEN : VNET_HDR_LEN + 6] == tap_b.mac
-            assert b.id in a._data_routes  # the later frames skipped the Routed packet
+            assert b.id in a.router.data_routes  # the later frames skipped the Routed packet
         finally:
             await a.stop()
             await b.stop()
@@ -389,7 +389,7 @@ def test_probe_over_a_path_that_carries_big_datagrams_marks_the_link_fragments_o
         a, b, _, _ = await linked_pair(True, True)  # waits for the probe to pass both ways
         try:
             assert a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok
-            assert not a._probe_token  # acknowledged: no probe outstanding
+            assert not a.datapath.probe_token  # acknowledged: no probe outstanding
         finally:
             await a.stop()
             await b.stop()
@@ -429,11 +429,11 @@ def test_unacknowledged_probe_is_repeated_a_minute_later_until_it_passes() -> No
         a, b, _, _ = await linked_pair(False, False, net)
         try:
             link = a.links.links[b.id]
-            due = a._probe_due[b.id]
-            a._tick_probes(due - 1.0)
-            assert a._probe_due[b.id] == due  # not yet
+            due = a.datapath.probe_due[b.id]
+            a.datapath.tick_probes(due - 1.0)
+            assert a.datapath.probe_due[b.id] == due  # not yet
             net.max_datagram = None  # the path changes: fragments pass now
-            a._tick_probes(due)
+            a.datapath.tick_probes(due)
             for _ in range(100):
                 if link.fragments_ok:
                     break

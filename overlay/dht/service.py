@@ -18,14 +18,20 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
 from overlay.dht.store import AddressCache, RecordStore, holds_replica, replica_set
-from overlay.wire import AddressRecord, Kind, LinkMsg, decode_address, decode_dht_value, decode_record, encode_dht_value
-
-if TYPE_CHECKING:
-    from overlay.node import Node
+from overlay.port import OverlayPort
+from overlay.wire import (
+    AddressRecord,
+    Kind,
+    LinkMsg,
+    Routed,
+    decode_address,
+    decode_dht_value,
+    decode_record,
+    encode_dht_value,
+)
 
 LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
 LOOKUP_TIMEOUT = 5.0
@@ -43,7 +49,7 @@ class _Lookup:
 
 
 class AddressService:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: OverlayPort) -> None:
         self.node = node
         self.store = RecordStore(node.room)
         self.cache = AddressCache()
@@ -57,7 +63,7 @@ class AddressService:
         for address, lookup in list(self._lookups.items()):
             if now - lookup.started >= LOOKUP_TIMEOUT:
                 del self._lookups[address]
-                node.counters[NO_OWNER] = node.counters.get(NO_OWNER, 0) + len(lookup.packets)
+                node.count(NO_OWNER, len(lookup.packets))
                 if lookup.packets:
                     kind, body = lookup.packets[0]
                     node.host_unreachable(body, kind, now)
@@ -89,8 +95,9 @@ class AddressService:
         return full or now - node.first_link_at >= SETTLE_TIME
 
     # -- records we hold for others --------------------------------------------------------------------------
-    def on_put(self, body: bytes, now: float) -> None:
-        record = decode_record(body)
+    def on_put(self, pkt: Routed) -> None:
+        now = self.node.clock()
+        record = decode_record(pkt.body)
         why = self.store.put(record, now)
         if why is not None:
             self.node.count(f"record refused: {why}")
@@ -107,9 +114,10 @@ class AddressService:
         if why is not None:
             self.node.count(f"replica refused: {why}")
 
-    def on_get(self, src: int, body: bytes, now: float) -> None:
-        address = decode_address(body)
-        self.node.send_routed(src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
+    def on_get(self, pkt: Routed) -> None:
+        now = self.node.clock()
+        address = decode_address(pkt.body)
+        self.node.send_routed(pkt.src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
 
     def hand_over(self, peer: int) -> None:
         """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
@@ -161,8 +169,9 @@ class AddressService:
         node = self.node
         node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
 
-    def on_value(self, body: bytes, now: float) -> None:
-        address, record = decode_dht_value(body)
+    def on_value(self, pkt: Routed) -> None:
+        now = self.node.clock()
+        address, record = decode_dht_value(pkt.body)
         lookup = self._lookups.get(address)
         if record is None or lookup is None:
             return

@@ -1,0 +1,211 @@
+"""The data path: frames from the TAP to the overlay and back, and the fragment probes that decide how TCP
+super-frames cross each link.
+
+Outbound: the virtual NIC turns a frame into an IPv4 packet (or answers ARP itself); the destination address is
+resolved through the DHT cache, and the packet goes out on the cached data route (overlay/router.py) or is
+handed to the DHT to resolve. Inbound: a DATA body is written to the TAP with an Ethernet header; a DATA_GSO
+super-frame keeps its virtio_net_hdr for a TAP with offload, or is segmented in software for one without.
+
+Per frame Python costs ~5 µs whatever its size (ARCHITECTURE.md), so this path reads the clock once per batch,
+keys its caches by integers, and takes the routing decision from caches of decide()'s answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from overlay.links import Link, LinkManager
+from overlay.router import Router
+from overlay.routing.forwarding import DEFAULT_TTL
+from overlay.superframes import SEGMENT_DROP, send_unfragmented
+from overlay.tap.frames import (
+    VNET_HDR_LEN,
+    ZERO_VNET_HDR,
+    Bytes,
+    FrameError,
+    complete_checksum,
+    icmp_error_allowed,
+    icmp_unreachable,
+    parse_vnet_header,
+    segment_tcp4,
+)
+from overlay.tap.vnic import Outbound, Reply, VirtualNic
+from overlay.wire import ROUTED_HEADER, Kind, LinkMsg, encode_probe
+
+if TYPE_CHECKING:
+    from overlay.dht.service import AddressService
+
+ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
+TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
+ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
+PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 8 KB probe a minute
+
+
+class DataPath:
+    def __init__(
+        self,
+        address: str,
+        router: Router,
+        links: LinkManager,
+        counters: dict[str, int],
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.address = address
+        self._address_int = int(ipaddress.IPv4Address(address))
+        self.router = router
+        self.links = links
+        self.counters = counters
+        self.clock = clock
+        self.rng = rng
+        self.dht: AddressService | None = None  # set by the node once its DHT exists
+        self.tap: Any = None
+        self.vnic: VirtualNic | None = None
+        self.hops = [0, 0]  # data packets that arrived over a link for us, and the hops they took
+        self._address_text: dict[int, str] = {}
+        self._last_icmp = -1e18
+        # Fragment probes (LinkMsg.PROBE), by peer: when the next is due and the token of the last one sent.
+        self.probe_due: dict[int, float] = {}
+        self.probe_token: dict[int, int] = {}
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    def attach_tap(self, tap: Any, prefix_len: int) -> None:
+        self.tap = tap
+        self.vnic = VirtualNic(self._address_int, prefix_len, tap.mac)
+
+    # -- outbound ------------------------------------------------------------------------------------------------
+    def on_tap_readable(self) -> None:
+        assert self.tap is not None and self.vnic is not None
+        tap, vnic = self.tap, self.vnic
+        vnet = tap.vnet_hdr
+        now = self.clock()
+        for frame in tap.read_batch(TAP_BATCH):
+            result = vnic.from_tap(memoryview(frame)[VNET_HDR_LEN:] if vnet else frame)
+            if isinstance(result, Outbound):
+                head = frame[:VNET_HDR_LEN] if vnet else b""
+                if head and head != ZERO_VNET_HDR:
+                    # Offload work left to the receiving kernel (segmentation, checksum): carry the header.
+                    self._send(result.dst_ip, Kind.DATA_GSO, head, result.packet, now)
+                else:
+                    self._send(result.dst_ip, Kind.DATA, b"", result.packet, now)
+            elif isinstance(result, Reply):
+                self.write_own_frame(result.frame)
+
+    def _send(self, dst_ip: int, kind: Kind, head: bytes, packet: Bytes, now: float) -> None:
+        assert self.dht is not None
+        address = self._address_text.get(dst_ip)
+        if address is None:
+            if len(self._address_text) >= ADDRESS_TEXT_LIMIT:
+                self._address_text.clear()
+            address = self._address_text[dst_ip] = str(ipaddress.IPv4Address(dst_ip))
+        entry = self.dht.cache.get(address, now)
+        if entry is not None:
+            dst = entry.node_id
+            route = self.router.data_routes.get(dst)
+            if route is not None:
+                link = self.links.links.get(route[0])
+                if link is not None:
+                    # Exactly what Router.on_routed sends for this packet at its origin (_pass_on, TTL - 1).
+                    if kind == Kind.DATA_GSO and not link.fragments_ok:
+                        header = ROUTED_HEADER.pack(
+                            LinkMsg.ROUTED,
+                            DEFAULT_TTL - 1,
+                            route[2],
+                            self.router.id,
+                            entry.node_id,
+                            route[1],
+                            Kind.DATA,
+                        )
+                        send_unfragmented(link, header, head, packet, self.count)
+                        return
+                    header = ROUTED_HEADER.pack(
+                        LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], kind
+                    )
+                    link.send(b"".join((header, head, packet)))
+                    return
+        self.dht.resolve_and_send(address, head + bytes(packet), kind)
+
+    def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None:
+        """Tell our kernel that nobody owns the destination of this data body (rate-limited ICMP)."""
+        packet = body[VNET_HDR_LEN:] if kind == Kind.DATA_GSO else body
+        if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL:
+            return
+        if not icmp_error_allowed(packet):
+            return
+        self._last_icmp = now
+        self.write_own_frame(self.vnic.to_tap(icmp_unreachable(packet, self._address_int)))
+
+    def write_own_frame(self, frame: bytes) -> None:
+        """A frame we made ourselves (ARP reply, ICMP error): no offload work for the kernel to do."""
+        assert self.tap is not None
+        if self.tap.vnet_hdr:
+            self.tap.write_parts([ZERO_VNET_HDR, frame])
+        else:
+            self.tap.write(frame)
+
+    # -- inbound -------------------------------------------------------------------------------------------------
+    def deliver_routed(self, msg: bytes, ttl: int, kind: int) -> None:
+        """A ROUTED link message carrying data for this node, delivered without decoding it into a Routed."""
+        self.hops[0] += 1
+        self.hops[1] += DEFAULT_TTL - ttl
+        self.deliver(memoryview(msg)[ROUTED_HEADER.size :], kind)
+
+    def deliver(self, body: Bytes, kind: int = Kind.DATA) -> None:
+        tap, vnic = self.tap, self.vnic
+        if tap is None or vnic is None:
+            self.count("data delivered without a TAP")
+            return
+        try:
+            if kind == Kind.DATA_GSO:
+                eth, packet = vnic.to_tap_parts(memoryview(body)[VNET_HDR_LEN:])
+                offload = parse_vnet_header(body, len(eth) + len(packet))
+                if tap.vnet_hdr:
+                    tap.write_parts([body[:VNET_HDR_LEN], eth, packet])
+                elif offload.is_gso:
+                    # The TAP cannot take a super-frame: hand it the segments its kernel would have cut.
+                    try:
+                        segments = segment_tcp4(packet, offload)
+                    except FrameError:
+                        self.count(SEGMENT_DROP)
+                        return
+                    for segment in segments:
+                        tap.write_parts([eth, segment])
+                else:
+                    tap.write_parts([eth, complete_checksum(packet, offload)])
+                return
+            eth, packet = vnic.to_tap_parts(body)
+        except FrameError:
+            self.count("drop: data not for our address")
+            return
+        tap.write_parts([ZERO_VNET_HDR, eth, packet] if tap.vnet_hdr else [eth, packet])
+
+    # -- fragment probes: may this link carry a datagram the underlay splits into IP fragments? ----------------
+    # Until a PROBE of PROBE_SIZE bytes is acknowledged, super-frames for the link are segmented first
+    # (overlay/superframes.py).
+    def probe(self, link: Link, now: float) -> None:
+        token = self.rng.getrandbits(64)
+        self.probe_token[link.peer_id] = token
+        self.probe_due[link.peer_id] = now + PROBE_INTERVAL
+        link.send(encode_probe(token))
+
+    def tick_probes(self, now: float) -> None:
+        for link in list(self.links.links.values()):
+            # A link replaced by a new handshake starts unproven and is probed again at once.
+            if not link.fragments_ok and now >= self.probe_due.get(link.peer_id, now):
+                self.probe(link, now)
+
+    def on_probe_ack(self, link: Link, token: int) -> None:
+        if self.probe_token.get(link.peer_id) != token:
+            self.count("drop: probe ack for no probe")
+            return
+        del self.probe_token[link.peer_id]
+        link.fragments_ok = True
+
+    def forget_link(self, peer: int) -> None:
+        self.probe_due.pop(peer, None)
+        self.probe_token.pop(peer, None)

@@ -1,0 +1,56 @@
+"""OverlayPort: what the services built on the overlay (the address DHT, membership, finds) may use of a node.
+
+A narrow, typed view instead of the whole Node: the services depend on this protocol and the Node satisfies it,
+so no service module imports the node module back. In-memory tests can hand a service any object with these
+members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Protocol
+
+from overlay.identity import Identity
+from overlay.links import LinkManager
+from overlay.routing.ring import RingTable
+from overlay.tap.frames import Bytes
+from overlay.wire import FLAG_EXACT, Contact, Kind
+
+
+class OverlayPort(Protocol):
+    id: int
+    identity: Identity
+    room: str
+    address: str  # our virtual IPv4 address, without prefix
+    table: RingTable
+    links: LinkManager
+    rng: random.Random
+    first_link: asyncio.Event
+    first_link_at: float
+
+    def clock(self) -> float: ...
+
+    def count(self, what: str, n: int = 1) -> None: ...
+
+    def contact(self) -> Contact:
+        """Our signed contact, fresh."""
+        ...
+
+    def check_contact(self, data: bytes) -> Contact | None:
+        """A peer's contact if it parses and is signed for this group, else None (counted)."""
+        ...
+
+    def send_routed(
+        self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None
+    ) -> None: ...
+
+    def send_data(self, node_id: int, kind: Kind, body: bytes) -> None: ...
+
+    def deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None: ...
+
+    def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None: ...
+
+    def wake(self) -> None:
+        """Run the node's timers now (state changed in a way maintenance should act on)."""
+        ...

@@ -1,0 +1,258 @@
+"""The router: originates, forwards and delivers routed packets, each hop strictly closer to the destination.
+
+It owns the forwarding caches and applies the pure decisions of `overlay/routing/forwarding.py` to the node's
+links. Control traffic (FIND, DHT, signalling) follows the strict watermark rule; data follows the promise
+rule when the node is configured for it (docs/topology.md: 1.28x the shortest path instead of 1.42x). A
+packet delivered here goes to the handler registered for its kind.
+
+Per frame Python costs ~5 µs whatever its size (ARCHITECTURE.md), so data routes are cached per destination
+and a data packet from our own TAP skips building a `Routed` (`data_routes`, read by overlay/datapath.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from overlay.ids import FAR, ring_distance
+from overlay.links import Link, LinkManager
+from overlay.routing.forwarding import (
+    DEFAULT_TTL,
+    DROP_PROMISE,
+    Decision,
+    Deliver,
+    Drop,
+    Forward,
+    NeighboursOf,
+    NoRoute,
+    decide,
+    decide_promise,
+    next_hop,
+)
+from overlay.routing.ring import RingTable
+from overlay.superframes import send_unfragmented
+from overlay.tap.frames import VNET_HDR_LEN
+from overlay.wire import (
+    FLAG_EXACT,
+    FLAG_JOIN,
+    FLAG_PROMISE,
+    PROMISE_HOPS_MASK,
+    PROMISE_HOPS_SHIFT,
+    ROUTED_HEADER,
+    DecodeError,
+    Kind,
+    LinkMsg,
+    Routed,
+    decode_no_route,
+    encode_no_route,
+    reroute,
+)
+
+DATA_KINDS = (Kind.DATA, Kind.DATA_GSO)
+Handler = Callable[[Routed], None]
+
+
+class Router:
+    def __init__(
+        self,
+        node_id: int,
+        table: RingTable,
+        links: LinkManager,
+        counters: dict[str, int],
+        *,
+        lookahead: bool = True,
+        promise: bool = True,
+    ) -> None:
+        self.id = node_id
+        self.table = table
+        self.links = links
+        self.counters = counters
+        self.lookahead = lookahead
+        self.promise = promise
+        self.handlers: dict[int, Handler] = {Kind.NO_ROUTE: self._on_no_route_report}
+        # Called with (destination, kind) when a packet we sent cannot reach its exact destination.
+        self.on_no_route: Callable[[int, int], None] = lambda dst, kind: None
+        self._route_cache: dict[int, int | None] = {}
+        # Destination node -> (next hop, watermark, flags): what _on_routed sent for a DATA packet we
+        # originated; forgotten with the other caches whenever links or neighbour lists change.
+        self.data_routes: dict[int, tuple[int, int, int]] = {}
+        self._promise_cache: dict[tuple[int, int, int], Decision] = {}
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    def forget_routes(self) -> None:
+        self._route_cache.clear()
+        self._promise_cache.clear()
+        self.data_routes.clear()
+
+    # -- originating -------------------------------------------------------------------------------------------
+    def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
+        """Originate a data packet (DATA or DATA_GSO) for the member with this node ID."""
+        flags = FLAG_EXACT | (FLAG_PROMISE if self.promise else 0)
+        self.send_routed(node_id, kind, body, flags)
+
+    def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None) -> None:
+        """Originate a routed packet. `via`: hand it to this neighbour whatever the table says (the join)."""
+        packet = Routed(DEFAULT_TTL, flags, self.id, dst, FAR, kind, body)
+        if via is not None:
+            link = self.links.links.get(via)
+            if link is not None:
+                link.send(packet.encode())
+            return
+        self.on_routed(None, packet)
+
+    # -- next hops ---------------------------------------------------------------------------------------------
+    def _neighbours_of(self) -> NeighboursOf | None:
+        return self.table.neighbours_of if self.lookahead else None
+
+    def _next_hop(self, dst: int, exclude: int | None = None) -> int | None:
+        if exclude is None:
+            cached = self._route_cache.get(dst, -1)
+            if cached != -1:
+                return cached
+        nbrs = self.table.neighbours()
+        look = self._neighbours_of()
+        if exclude is not None:
+            nbrs = [n for n in nbrs if n != exclude]
+            if look is not None:
+                base = look
+
+                def look(n: int) -> list[int]:
+                    return [m for m in base(n) if m != exclude]
+
+        nh = next_hop(self.id, dst, nbrs, look)
+        if exclude is None:
+            self._route_cache[dst] = nh
+        return nh
+
+    def _stuck_at_origin(self, pkt: Routed) -> bool:
+        if pkt.exact:
+            return pkt.dst != self.id
+        closest = self.table.closest_known(pkt.dst)
+        return closest is not None and ring_distance(closest, pkt.dst) < ring_distance(self.id, pkt.dst)
+
+    def _next_hop_any(self, dst: int, exclude: int | None) -> int | None:
+        """The neighbour nearest `dst` whether or not it is nearer than we are: next_hop seen from the point
+        opposite dst on the ring, from where every neighbour is an improvement."""
+        nbrs = [n for n in self.table.neighbours() if n != exclude]
+        return next_hop(dst ^ (1 << 63), dst, nbrs, self._neighbours_of())
+
+    def _promised_hop(self, pkt: Routed) -> Decision:
+        """decide_promise for a data packet, cached per (destination, promise, hops) like _next_hop: every
+        packet of a flow carries the same promise at a given relay, so the lookahead runs once per flow."""
+        hops = (pkt.flags & PROMISE_HOPS_MASK) >> PROMISE_HOPS_SHIFT
+        key = (pkt.dst, pkt.watermark, hops)
+        decision = self._promise_cache.get(key)
+        if decision is None:
+            decision = decide_promise(
+                self.id,
+                pkt.dst,
+                exact=True,
+                promise=pkt.watermark,
+                promise_hops=hops,
+                ttl=DEFAULT_TTL,  # the packet's own TTL is checked by the caller: the answer is cached
+                neighbours=self.table.neighbours(),
+                neighbours_of=self._neighbours_of(),
+            )
+            self._promise_cache[key] = decision
+        return decision
+
+    # -- forwarding --------------------------------------------------------------------------------------------
+    def on_routed(self, came_from: Link | None, pkt: Routed) -> None:
+        """A routed packet from a neighbour (`came_from`) or from this node (None): forward, deliver, or
+        report that no route exists."""
+        if pkt.flags & FLAG_PROMISE:
+            decision = self._promised_hop(pkt)
+            if isinstance(decision, Forward) and decision.promise is not None:
+                link = self.links.links.get(decision.next_hop)
+                if pkt.ttl <= 0 or link is None:
+                    self.count("drop: ttl expired" if pkt.ttl <= 0 else "drop: next hop vanished")
+                    return
+                flags = (pkt.flags & ~PROMISE_HOPS_MASK) | (decision.promise_hops << PROMISE_HOPS_SHIFT)
+                if came_from is None and pkt.kind in DATA_KINDS and pkt.ttl == DEFAULT_TTL:
+                    self.data_routes[pkt.dst] = (decision.next_hop, decision.promise, flags)
+                self._pass_on(link, replace(pkt, flags=flags), pkt.ttl - 1, decision.promise)
+                return
+            if decision is DROP_PROMISE:
+                # Our lists disagree with the previous hop's (a neighbour just left or joined): finish the
+                # route under the strict rule. A packet switches once and never back, and each phase only
+                # moves closer by its own measure, so the route still cannot loop.
+                self.count("promise not kept: strict rule")
+                pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK), watermark=FAR)
+            elif isinstance(decision, Deliver):
+                self.deliver(pkt)
+                return
+            else:
+                pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK))
+        exclude = pkt.src if pkt.flags & FLAG_JOIN else None
+        own = ring_distance(self.id, pkt.dst)
+        if exclude is not None and pkt.dst == self.id and pkt.src != self.id:
+            own = FAR  # a FIND for a joiner whose ID equals ours: nobody nearer than us but the joiner
+        if pkt.watermark != FAR and own >= pkt.watermark:
+            self.count("drop: watermark")
+            return
+        nh = self._next_hop(pkt.dst, exclude)
+        if nh is not None and ring_distance(nh, pkt.dst) >= own:
+            nh = None
+        if nh is None and came_from is None and own != 0 and self._stuck_at_origin(pkt):
+            # We know a node nearer the destination than us but none of our links is nearer: we are a local
+            # minimum of a ring still forming (a joining node has one link). The first hop may then go to the
+            # neighbour nearest the target even if it is farther than we are; the watermark starts at FAR, so
+            # from that hop on every hop is strictly closer again and the packet can come back at most once.
+            nh = self._next_hop_any(pkt.dst, exclude)
+            if nh is not None:
+                self._pass_on(self.links.links[nh], pkt, pkt.ttl - 1, FAR)
+                return
+        # decide() over the one neighbour next_hop chose (cached per destination above) answers exactly as over
+        # all of them: next_hop would pick the same neighbour again. The watermark was checked above.
+        decision = decide(
+            self.id,
+            pkt.dst,
+            exact=pkt.exact,
+            watermark=FAR,
+            ttl=pkt.ttl,
+            neighbours=[nh] if nh is not None else [],
+        )
+        if isinstance(decision, Forward):
+            link = self.links.links.get(decision.next_hop)
+            if link is None:
+                self.count("drop: next hop vanished")
+                return
+            if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
+                self.data_routes[pkt.dst] = (decision.next_hop, own, FLAG_EXACT)
+            self._pass_on(link, pkt, pkt.ttl - 1, own)
+        elif isinstance(decision, Deliver):
+            self.deliver(pkt)
+        elif isinstance(decision, NoRoute):
+            self.count("no route")
+            if pkt.kind != Kind.NO_ROUTE:
+                self.send_routed(pkt.src, Kind.NO_ROUTE, encode_no_route(pkt.dst, pkt.kind))
+            if came_from is None:
+                self.on_no_route(pkt.dst, pkt.kind)
+        elif isinstance(decision, Drop):
+            self.count(f"drop: {decision.reason}")
+
+    def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
+        """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
+        if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
+            header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
+            body = memoryview(pkt.body)
+            send_unfragmented(link, header, body[:VNET_HDR_LEN], body[VNET_HDR_LEN:], self.count)
+            return
+        link.send(reroute(pkt, ttl, watermark))
+
+    # -- delivering --------------------------------------------------------------------------------------------
+    def deliver(self, pkt: Routed) -> None:
+        handler = self.handlers.get(pkt.kind)
+        if handler is None:
+            self.count("drop: routed kind with no handler")
+            return
+        try:
+            handler(pkt)
+        except DecodeError:
+            self.count("drop: malformed routed body")
+
+    def _on_no_route_report(self, pkt: Routed) -> None:
+        dst, kind = decode_no_route(pkt.body)
+        self.on_no_route(dst, kind)
