@@ -1,13 +1,17 @@
-"""Links: authenticated, encrypted sessions to peers, direct over the underlay or tunnelled through a relay.
+"""Links: authenticated, encrypted sessions to peers, over whichever path reaches them.
 
-A link is direct (packets go to the peer's underlay endpoint) or relayed (packets ride inside our link to a
-neighbour both ends share, which passes them on: a "tunnel edge" as in Brunet/IPOP). The session keys are
-always end to end between the two nodes, so the relay sees only ciphertext. Tunnels keep the ring whole when a
-pair of ring neighbours cannot reach each other directly (firewalls, blocked UDP).
+A link's session (overlay/transport/session.py) is end to end between the two nodes; its path is where the
+packets go:
+- `UdpPath`: out of the node's one UDP socket to an endpoint: the peer's listen address, or the pair ICE chose
+  (host, server-reflexive, peer-reflexive, or the peer's TURN relayed address);
+- `TurnPath`: through our own TURN allocation, on a channel to the peer;
+- `TunnelPath`: inside our link to a neighbour both ends share, which passes the packets on (a "tunnel edge"
+  as in Brunet/IPOP); the relay sees ciphertext only.
+Path choice is separate from the session (as in Tailscale's magicsock): an authenticated packet that arrives
+on another path moves the link there (a peer that roamed, or upgraded from a relay), without a new handshake.
 
-Opening a link: the side that learned the other's contact initiates. Direct initiation is tried
-HANDSHAKE_TRIES times, HANDSHAKE_RETRY apart; then through each shared neighbour in turn; then the attempt is
-reported as failed and the maintenance rules back off.
+Opening a link (overlay/linksetup.py runs the stages): direct handshakes to the peer's listen address, ICE
+through signalling when configured, ICE with TURN relays, then tunnels through shared neighbours.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from dataclasses import dataclass, field
 
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
-from overlay.transport.session import HandshakeError, Handshaker, PendingHandshake, Session, new_index
+from overlay.transport.ice import UdpPath
+from overlay.transport.session import HandshakeError, Handshaker, Session
+from overlay.transport.turn import TurnPath
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
     Contact,
     DecodeError,
+    Endpoint,
     HandshakeInit,
     HandshakeResp,
     LinkMsg,
@@ -35,10 +42,34 @@ from overlay.wire import (
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_RETRY = 1.0  # our choice: several RTTs on any path we expect, short enough that a join is quick
-HANDSHAKE_TRIES = 3
-
 Underlay = UdpUnderlay | MemoryUnderlay
+
+
+class TunnelPath:
+    """Packets ride inside our link to `relay`, which re-wraps them for `peer`."""
+
+    __slots__ = ("kind", "manager", "peer", "relay")
+
+    def __init__(self, manager: LinkManager, relay: int, peer: int) -> None:
+        self.manager = manager
+        self.relay = relay
+        self.peer = peer
+        self.kind = "tunnel"
+
+    def send(self, packet: bytes) -> None:
+        hop = self.manager.links.get(self.relay)
+        if hop is None or not isinstance(hop.path, UdpPath | TurnPath):
+            self.manager.count("drop: relay link gone")
+            return
+        hop.send(encode_relay(LinkMsg.RELAY, self.peer, packet))
+
+    def describe(self) -> str:
+        return f"via {format_id(self.relay)}"
+
+
+Path = UdpPath | TurnPath | TunnelPath
+# Where a packet arrived from: a UDP source endpoint, a TURN channel, or the neighbour that tunnelled it.
+Via = Endpoint | TurnPath | int
 
 
 @dataclass(eq=False)
@@ -46,10 +77,8 @@ class Link:
     peer_id: int
     peer_key: bytes
     session: Session
-    endpoint: tuple[str, int] | None
-    relay: int | None
+    path: Path
     up_since: float
-    _send_packet: Callable[[Link, bytes], None]
     contact: Contact | None = None
     rtt: float | None = None
     tx_bytes: int = 0
@@ -57,32 +86,28 @@ class Link:
     # Set when our fragment probe crossed this link (through the tunnel for a relayed link): until then a
     # DATA_GSO super-frame, a UDP datagram the underlay would IP-fragment, is segmented before it is sent.
     fragments_ok: bool = False
+    # A session we answered a new handshake with while this one worked: it takes over when the peer first
+    # uses it (key confirmation, as WireGuard's responder waits for the initiator's first packet), so a lost
+    # response cannot leave the two ends on different sessions.
+    next_session: Session | None = None
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)
         self.tx_bytes += len(packet)
-        self._send_packet(self, packet)
+        self.path.send(packet)
+
+    @property
+    def relay(self) -> int | None:
+        """The neighbour a tunnelled link goes through; None for a link on a path of its own."""
+        return self.path.relay if isinstance(self.path, TunnelPath) else None
+
+    @property
+    def kind(self) -> str:
+        """host, srflx, prflx, relay (TURN) or tunnel (through an overlay neighbour)."""
+        return self.path.kind
 
     def describe_endpoint(self) -> str:
-        if self.relay is not None:
-            return f"via {format_id(self.relay)}"
-        assert self.endpoint is not None
-        host, port = self.endpoint
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass
-class _Attempt:
-    peer_id: int
-    peer_key: bytes
-    endpoint: tuple[str, int] | None
-    relays: list[int]
-    started: float
-    relay: int | None = None
-    tries: int = 0
-    next_try: float = 0.0
-    pending: PendingHandshake | None = None
-    contact: Contact | None = None
+        return self.path.describe()
 
 
 @dataclass
@@ -103,96 +128,44 @@ class LinkManager:
     links: dict[int, Link] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
-    _attempts: dict[int, _Attempt] = field(default_factory=dict)  # by peer ID
-    _pending_by_index: dict[int, _Attempt] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._handshaker = Handshaker(self.identity)
+        from overlay.linksetup import LinkSetup  # the stages of opening a link build on this module
+
+        self.handshaker = Handshaker(self.identity)
+        self.setup = LinkSetup(self)
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
-    # -- opening links ------------------------------------------------------------------------------------------
-    def connect(self, peer_key: bytes, endpoint: tuple[str, int] | None, contact: Contact | None = None) -> None:
-        """Start (or keep going) an attempt to link to the node with this key."""
-        peer_id = node_id_from_public_key(peer_key)
-        if peer_id == self.identity.node_id or peer_id in self.links or peer_id in self._attempts:
-            return
-        now = self.clock()
-        relays = self.callbacks.relay_candidates(peer_id)
-        att = _Attempt(peer_id, peer_key, endpoint, relays, now, contact=contact)
-        if endpoint is None:
-            if not relays:
-                self.callbacks.attempt_failed(peer_id)
-                return
-            att.relay = att.relays.pop(0)
-        self._attempts[peer_id] = att
-        self._try(att, now)
-
-    def _try(self, att: _Attempt, now: float) -> None:
-        if att.pending is not None:
-            self._pending_by_index.pop(att.pending.local_index, None)
-        index = self._fresh_index()
-        att.pending = self._handshaker.initiate(att.peer_key, index, time.time_ns())
-        self._pending_by_index[index] = att
-        att.tries += 1
-        att.next_try = now + HANDSHAKE_RETRY
-        self._send_via(att.relay, att.peer_id, att.endpoint, att.pending.init.encode())
-
-    def _fresh_index(self) -> int:
-        while True:
-            i = new_index()
-            if i not in self._by_index and i not in self._pending_by_index:
-                return i
+    # -- opening links (overlay/linksetup.py) -------------------------------------------------------------------
+    def connect(self, peer_key: bytes, endpoint: Endpoint | None, contact: Contact | None = None) -> None:
+        """Start (or keep going) an attempt to link to the node with this key, at `endpoint` if given."""
+        self.setup.connect(peer_key, endpoint, contact)
 
     def tick(self, now: float) -> float:
         """Retry or give up handshakes; returns when to be called again."""
-        deadline = now + 5.0
-        for att in list(self._attempts.values()):
-            if now < att.next_try:
-                deadline = min(deadline, att.next_try)
-                continue
-            if att.tries < HANDSHAKE_TRIES:
-                self._try(att, now)
-            elif att.relays:
-                # Direct (or this relay) did not answer: tunnel through the next shared neighbour.
-                att.relay = att.relays.pop(0)
-                att.tries = 0
-                self._try(att, now)
-            else:
-                self._drop_attempt(att)
-                self.count("link attempts failed")
-                self.callbacks.attempt_failed(att.peer_id)
-                continue
-            deadline = min(deadline, att.next_try)
-        return deadline
+        return self.setup.tick(now)
 
-    def _drop_attempt(self, att: _Attempt) -> None:
-        self._attempts.pop(att.peer_id, None)
-        if att.pending is not None:
-            self._pending_by_index.pop(att.pending.local_index, None)
+    def path_for(self, via: Via, kind: str = "host") -> Path:
+        if isinstance(via, int):
+            return TunnelPath(self, via, 0)
+        if isinstance(via, TurnPath):
+            return via
+        return UdpPath(self.underlay, via, kind)
 
-    # -- sending --------------------------------------------------------------------------------------------
-    def _send_via(self, relay: int | None, peer_id: int, endpoint: tuple[str, int] | None, packet: bytes) -> None:
-        if relay is None:
-            assert endpoint is not None
-            self.underlay.send(packet, endpoint)
-            return
-        hop = self.links.get(relay)
-        if hop is None or hop.relay is not None:
-            self.count("drop: relay link gone")
-            return
-        hop.send(encode_relay(LinkMsg.RELAY, peer_id, packet))
-
-    def _send_packet(self, link: Link, packet: bytes) -> None:
-        self._send_via(link.relay, link.peer_id, link.endpoint, packet)
+    def send_on(self, path: Path, peer_id: int, packet: bytes) -> None:
+        if isinstance(path, TunnelPath):
+            path.peer = peer_id
+        path.send(packet)
 
     # -- receiving -------------------------------------------------------------------------------------------
-    def on_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
-        self.on_packet(data, endpoint, None)
+    def on_datagram(self, data: bytes, endpoint: Endpoint) -> None:
+        self.on_packet(data, endpoint)
 
-    def on_packet(self, data: bytes, endpoint: tuple[str, int] | None, relay: int | None) -> None:
-        """A link packet from the underlay (endpoint) or out of a tunnel (relay: the neighbour it came through)."""
+    def on_packet(self, data: bytes, via: Via) -> None:
+        """A link packet from the underlay (its source endpoint), a TURN channel, or out of a tunnel (the
+        neighbour it came through)."""
         if not data:
             self.count("drop: empty packet")
             return
@@ -204,18 +177,25 @@ class LinkManager:
                 if link is None:
                     self.count("drop: unknown session")
                     return
-                plaintext = link.session.open(data, counter)
+                if link.next_session is not None and link.next_session.local_index == index:
+                    plaintext = link.next_session.open(data, counter)
+                    self._by_index.pop(link.session.local_index, None)
+                    link.session, link.next_session = link.next_session, None
+                else:
+                    plaintext = link.session.open(data, counter)
                 link.rx_bytes += len(data)
-                if relay is None and link.relay is None and endpoint != link.endpoint:
-                    # The peer roamed (or a NAT rebound): authenticated traffic says where it is now.
-                    link.endpoint = endpoint
+                if not isinstance(via, int) and not _same_path(link.path, via) and link.session.newest(counter):
+                    # The peer roamed, a NAT rebound, or the peer moved the link off a tunnel or a relay: the
+                    # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
+                    # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
+                    self._move(link, via)
                 self.callbacks.message(link, plaintext)
             elif ptype in (PacketType.HANDSHAKE_INIT, PacketType.HANDSHAKE_RESP):
                 msg = decode_handshake(data)
                 if isinstance(msg, HandshakeInit):
-                    self._on_init(msg, endpoint, relay)
+                    self._on_init(msg, via)
                 else:
-                    self._on_resp(msg, endpoint, relay)
+                    self._on_resp(msg, via)
             else:
                 self.count("drop: unknown packet type")
         except DecodeError:
@@ -223,55 +203,76 @@ class LinkManager:
         except HandshakeError as e:
             self.count(f"drop: handshake: {e}")
 
-    def _on_init(self, init: HandshakeInit, endpoint: tuple[str, int] | None, relay: int | None) -> None:
+    def _move(self, link: Link, via: Via) -> None:
+        kind = link.path.kind if isinstance(link.path, UdpPath) else "prflx"
+        old = link.describe_endpoint()
+        link.path = self.path_for(via, kind)
+        if isinstance(link.path, TunnelPath):
+            link.path.peer = link.peer_id
+        self.count("path changes")
+        log.info("link %s moved: %s -> %s", format_id(link.peer_id), old, link.describe_endpoint())
+
+    def _on_init(self, init: HandshakeInit, via: Via) -> None:
         peer_id = node_id_from_public_key(init.static)
         if peer_id == self.identity.node_id:
             self.count("drop: handshake from ourselves")
             return
-        att = self._attempts.get(peer_id)
-        if att is not None and self.identity.node_id < peer_id:
+        if self.setup.defers_to_own_call(peer_id):
             # Both sides are calling each other: the lower ID's call wins, the other side answers it.
             self.count("handshake collisions")
             return
-        session, resp = self._handshaker.respond(init, self._fresh_index())
-        contact = None
-        if att is not None:
-            contact = att.contact
-            self._drop_attempt(att)
-        self._send_via(relay, peer_id, endpoint, resp.encode())
-        self._install(peer_id, init.static, session, endpoint, relay, contact)
+        session, resp = self.handshaker.respond(init, self._fresh_index())
+        path = self.path_for(via, self.setup.kind_hint(peer_id, via))
+        self.send_on(path, peer_id, resp.encode())
+        contact = self.setup.finish(peer_id)
+        old = self.links.get(peer_id)
+        if old is not None and old.peer_key == init.static and old.rx_bytes:
+            # Keep sending on the working session until the initiator confirms the new one.
+            if old.next_session is not None:
+                self._by_index.pop(old.next_session.local_index, None)
+            old.next_session = session
+            self._by_index[session.local_index] = old
+            if isinstance(path, TunnelPath) or not _same_path(old.path, path):
+                old.path = path
+            return
+        self._install(peer_id, init.static, session, path, contact)
 
-    def _on_resp(self, resp: HandshakeResp, endpoint: tuple[str, int] | None, relay: int | None) -> None:
-        att = self._pending_by_index.get(resp.receiver_index)
-        if att is None or att.pending is None:
+    def _on_resp(self, resp: HandshakeResp, via: Via) -> None:
+        found = self.setup.pending(resp.receiver_index)
+        if found is None:
             self.count("drop: response to no handshake")
             return
-        session = self._handshaker.complete(att.pending, resp)
-        self._drop_attempt(att)
-        self._install(att.peer_id, att.peer_key, session, endpoint if relay is None else None, relay, att.contact)
+        pending, peer_id, peer_key, kind = found
+        session = self.handshaker.complete(pending, resp)
+        contact = self.setup.finish(peer_id)
+        self._install(peer_id, peer_key, session, self.path_for(via, kind), contact)
 
-    def _install(
-        self,
-        peer_id: int,
-        peer_key: bytes,
-        session: Session,
-        endpoint: tuple[str, int] | None,
-        relay: int | None,
-        contact: Contact | None,
-    ) -> None:
+    def _fresh_index(self) -> int:
+        return self.setup.fresh_index()
+
+    def index_in_use(self, index: int) -> bool:
+        return index in self._by_index
+
+    def _install(self, peer_id: int, peer_key: bytes, session: Session, path: Path, contact: Contact | None) -> None:
+        if isinstance(path, TunnelPath):
+            path.peer = peer_id
         old = self.links.get(peer_id)
         if old is not None:
             # A new handshake from a known peer (it restarted, or rekeyed): the new session replaces the old.
             self._by_index.pop(old.session.local_index, None)
+            if old.next_session is not None:
+                self._by_index.pop(old.next_session.local_index, None)
             contact = contact or old.contact
-        link = Link(peer_id, peer_key, session, endpoint, relay, self.clock(), self._send_packet, contact)
+        link = Link(peer_id, peer_key, session, path, self.clock(), contact)
         if old is not None:
             link.tx_bytes, link.rx_bytes, link.rtt = old.tx_bytes, old.rx_bytes, old.rtt
-            link.fragments_ok = old.fragments_ok  # same path, new keys: what the probe learned still holds
+            # Same path, new keys: what the fragment probe learned still holds.
+            link.fragments_ok = old.fragments_ok and _same_path(old.path, path)
         self.links[peer_id] = link
         self._by_index[session.local_index] = link
         if old is None:
-            log.info("link up: %s %s", format_id(peer_id), link.describe_endpoint())
+            log.info("link up: %s %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
+            self.count(f"links up: {link.kind}")
             self.callbacks.link_up(link)
 
     # -- closing ------------------------------------------------------------------------------------------------
@@ -285,6 +286,10 @@ class LinkManager:
             except HandshakeError:
                 pass
         self._by_index.pop(link.session.local_index, None)
+        if link.next_session is not None:
+            self._by_index.pop(link.next_session.local_index, None)
+        if isinstance(link.path, TurnPath):
+            link.path.allocation.forget_peer(link.path.peer)
         log.info("link down: %s (%s)", format_id(peer_id), reason)
         self.callbacks.link_down(link, reason)
         # Tunnels through this peer are gone with it.
@@ -294,5 +299,13 @@ class LinkManager:
     def close_all(self) -> None:
         for peer_id in list(self.links):
             self.close(peer_id, "node stopping")
-        for att in list(self._attempts.values()):
-            self._drop_attempt(att)
+        self.setup.close_all()
+
+
+def _same_path(path: Path, via: Via | Path) -> bool:
+    if isinstance(path, UdpPath):
+        target = via.endpoint if isinstance(via, UdpPath) else via
+        return path.endpoint == target
+    if isinstance(path, TunnelPath):
+        return via == path.relay or (isinstance(via, TunnelPath) and via.relay == path.relay)
+    return path is via

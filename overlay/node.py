@@ -123,6 +123,7 @@ class Node:
             ),
             clock,
         )
+        self.links.setup.contact_source = self.contact
         self.router = Router(
             self.id, self.table, self.links, self.counters, lookahead=settings.lookahead, promise=settings.promise
         )
@@ -372,7 +373,7 @@ class Node:
                     onward.send(encode_relay(LinkMsg.RELAYED, link.peer_id, packet))
             elif kind == LinkMsg.RELAYED:
                 peer, packet = decode_relay(msg)
-                self.links.on_packet(packet, None, link.peer_id)
+                self.links.on_packet(packet, link.peer_id)
             elif kind == LinkMsg.HELLO:
                 if len(msg) < 2:
                     raise DecodeError("HELLO without flags")

@@ -41,7 +41,7 @@ def linked_node(tap: MemoryTap | None = None) -> tuple[Node, int]:
     )  # type: ignore[arg-type]
     pending = Handshaker(peer).initiate(me.public_key, 1, 1)
     session, _ = Handshaker(me).respond(pending.init, 2)
-    node.links._install(peer.node_id, peer.public_key, session, ("198.19.0.2", 5800), None, None)
+    node.links._install(peer.node_id, peer.public_key, session, node.links.path_for(("198.19.0.2", 5800)), None)
     return node, peer.node_id
 
 

@@ -107,6 +107,10 @@ class Session:
         self._window.mark(counter)
         return plaintext
 
+    def newest(self, counter: int) -> bool:
+        """Whether `counter`, just opened, is the highest this session has accepted (not a late packet)."""
+        return counter >= self._window.top
+
     @property
     def overhead(self) -> int:
         return TRANSPORT_HEADER.size + AEAD_TAG_LEN

@@ -1,0 +1,405 @@
+"""Opening links: the stages an attempt goes through until a handshake is answered, or it gives up.
+
+1. Direct: handshake initiations to the peer's listen address, HANDSHAKE_TRIES times, HANDSHAKE_RETRY apart.
+   A member reachable directly (public address, same LAN) is linked in one round trip.
+2. ICE (when configured and the peer can be signalled): ICE_AFTER into the attempt, if no answer came, an OFFER
+   with fresh credentials and our candidates goes to the peer (through the overlay, or in the XMPP hello of a
+   joiner); its ANSWER starts the checks; the initiation then goes over the nominated pair. Host and
+   server-reflexive candidates first; if no pair works, a second round with TURN relays (OFFER_RELAY), so a
+   relay is used only where nothing direct works: aioice nominates aggressively, and a relay pair answers
+   faster than hole punching, so one round with every candidate would often choose the relay.
+3. Tunnels through each neighbour that says it is linked to the peer (overlay/links.py TunnelPath).
+4. Failed: reported to maintenance, which backs off.
+
+The offering side is the ICE controlling agent and sends the handshake initiation. When both sides call each
+other, the lower node ID's call wins (its initiation is answered, the other is ignored) unless the lower side's
+own attempt has gone unanswered for a whole retry interval: then the path only works one way, and it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from overlay.ids import node_id_from_public_key
+from overlay.transport.ice import IceAgent, IcePath, IceSession, UdpPath
+from overlay.transport.session import PendingHandshake, new_index
+from overlay.transport.turn import TurnPath
+from overlay.wire import Contact, Endpoint, Signal, SignalType
+
+if TYPE_CHECKING:
+    from overlay.links import LinkManager, Path, Via
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_RETRY = 1.0  # our choice: several RTTs on any path we expect, short enough that a join is quick
+HANDSHAKE_TRIES = 3
+ICE_AFTER = 0.5  # our choice: a direct handshake on a LAN or to a public member answers well inside this
+ANSWER_TIMEOUT = 4.0  # an offer routed across the overlay and back: ~2 log N hops of RTT, generous
+ICE_TIMEOUT = 4.0  # hole punching through endpoint-independent NATs succeeds within a few RTTs + one 0.5 s RTO
+RELAY_ICE_TIMEOUT = 6.0  # a relay pair needs a TURN channel bound first
+RESPONDER_TTL = 20.0  # a responder's ICE state outlives the longest initiator stage
+PENDING_TTL = HANDSHAKE_RETRY * (HANDSHAKE_TRIES + 1)  # a late response still completes its handshake
+
+Signaller = Callable[[Signal], None]
+
+
+@dataclass
+class Attempt:
+    peer_id: int
+    peer_key: bytes | None  # None until the ANSWER to an offer made before we knew the peer (a joiner's hello)
+    endpoint: Endpoint | None
+    contact: Contact | None
+    started: float
+    signal: Signaller | None
+    number: int
+    stage: str = "direct"  # direct | ice | tunnel
+    path: Path | None = None
+    kind: str = "host"
+    tries: int = 0
+    next_try: float = 0.0
+    relays: list[int] | None = None
+    # ICE: phase 0 not started, 1 host/srflx, 2 with relays; state "", offered, checking, done, failed.
+    ice: IceSession | None = None
+    ice_phase: int = 0
+    ice_state: str = ""
+    ice_since: float = 0.0
+    first_init: float | None = None
+
+
+@dataclass
+class _Pending:
+    handshake: PendingHandshake
+    peer_id: int
+    peer_key: bytes
+    kind: str
+    sent: float
+
+
+@dataclass
+class _Responder:
+    session: IceSession
+    started: float
+    task: asyncio.Task[IcePath | None] | None = None
+
+
+@dataclass
+class LinkSetup:
+    manager: LinkManager
+    agent: IceAgent | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+    attempts: dict[int, Attempt] = field(default_factory=dict)  # by peer ID
+    _pending: dict[int, _Pending] = field(default_factory=dict)  # by our handshake index
+    _responders: dict[int, _Responder] = field(default_factory=dict)  # by peer ID
+    _numbers: dict[int, int] = field(default_factory=dict)  # attempt number -> peer ID
+    _next_number: int = 1
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Our signed contact, fresh: set by the node (it signs with the node key over the group name).
+    contact_source: Callable[[], Contact] = field(default=lambda: _no_contact())
+
+    def count(self, what: str) -> None:
+        self.manager.count(what)
+
+    @property
+    def _me(self) -> int:
+        return self.manager.identity.node_id
+
+    def _now(self) -> float:
+        return self.manager.clock()
+
+    # -- starting ----------------------------------------------------------------------------------------------
+    def connect(
+        self,
+        peer_key: bytes,
+        endpoint: Endpoint | None,
+        contact: Contact | None = None,
+        signal: Signaller | None = None,
+    ) -> None:
+        """Start (or keep going) an attempt to link to the node with this key. `signal`: how an ICE offer
+        reaches the peer (None: direct and tunnels only)."""
+        peer_id = node_id_from_public_key(peer_key)
+        if peer_id == self._me or peer_id in self.manager.links:
+            return
+        att = self.attempts.get(peer_id)
+        if att is not None:
+            if att.signal is None and signal is not None:
+                att.signal = signal  # a later request knows how to signal the peer: use it
+            return
+        att = self._new_attempt(peer_id, peer_key, endpoint, contact, signal)
+        if endpoint is None and (signal is None or self.agent is None):
+            att.stage = "tunnel"
+        self._step(att, self._now())
+
+    def offer(self, peer_id: int, signal: Signaller) -> Signal | None:
+        """An attempt to a peer we know only by ID (an anchor seen in the room): the OFFER to send it, with
+        relays included at once since a second round would cost XMPP stanzas. None if one is under way."""
+        if peer_id == self._me or peer_id in self.manager.links or peer_id in self.attempts:
+            return None
+        att = self._new_attempt(peer_id, None, None, None, signal)
+        if self.agent is None:
+            att.ice_state = "offered"  # waits for the answer's contact; no ICE
+            att.ice_since = self._now()
+            return Signal(SignalType.OFFER, att.number, self.contact_source())
+        return self._start_ice(att, phase=2, now=self._now(), send=False)
+
+    def _new_attempt(
+        self,
+        peer_id: int,
+        peer_key: bytes | None,
+        endpoint: Endpoint | None,
+        contact: Contact | None,
+        signal: Signaller | None,
+    ) -> Attempt:
+        number = self._next_number
+        self._next_number = (self._next_number % 0xFFFFFFFF) + 1
+        att = Attempt(peer_id, peer_key, endpoint, contact, self._now(), signal, number)
+        self.attempts[peer_id] = att
+        self._numbers[number] = peer_id
+        return att
+
+    # -- the clock -----------------------------------------------------------------------------------------
+    def tick(self, now: float) -> float:
+        deadline = now + 5.0
+        for att in list(self.attempts.values()):
+            self._step(att, now)
+            if att.peer_id in self.attempts:
+                deadline = min(deadline, att.next_try if att.next_try > now else now + 0.25)
+        for index, p in list(self._pending.items()):
+            if now - p.sent > PENDING_TTL:
+                del self._pending[index]
+        for peer, r in list(self._responders.items()):
+            if now - r.started > RESPONDER_TTL:
+                self._drop_responder(peer)
+        return deadline
+
+    def _step(self, att: Attempt, now: float) -> None:
+        """Advance one attempt: send what is due, move to the next stage, or give up."""
+        if att.peer_key is None:
+            if now - att.ice_since > ANSWER_TIMEOUT:
+                self._fail(att, "no answer to the offer")
+            return
+        ice_possible = self.agent is not None and att.signal is not None
+        if att.ice_state == "offered" and now - att.ice_since > ANSWER_TIMEOUT:
+            self._ice_failed(att, now, answered=False)
+        if att.ice_state == "checking" and now - att.ice_since > RELAY_ICE_TIMEOUT + 1.0:
+            self._ice_failed(att, now, answered=True)  # the check task should have ended by now
+        if ice_possible and att.ice_phase == 0 and att.stage == "direct" and now - att.started >= ICE_AFTER:
+            self._start_ice(att, phase=1, now=now)
+        if now < att.next_try:
+            return
+        if att.stage == "direct":
+            if att.endpoint is not None and att.tries < HANDSHAKE_TRIES:
+                self._try(att, UdpPath(self.manager.underlay, att.endpoint, "host"), now)
+                return
+            if att.ice_state in ("offered", "checking"):
+                att.next_try = now + 0.25
+                return
+            att.stage, att.tries = "tunnel", 0
+        if att.stage == "ice":
+            if att.tries < HANDSHAKE_TRIES and att.path is not None:
+                self._try(att, att.path, now)
+                return
+            att.stage, att.tries = "tunnel", 0
+        if att.stage == "tunnel":
+            if att.relays is None:
+                att.relays = self.manager.callbacks.relay_candidates(att.peer_id)
+            while att.relays and att.tries >= HANDSHAKE_TRIES:
+                att.relays.pop(0)
+                att.tries = 0
+            if att.relays:
+                from overlay.links import TunnelPath
+
+                self._try(att, TunnelPath(self.manager, att.relays[0], att.peer_id), now)
+                return
+            if att.ice_state in ("offered", "checking"):
+                att.next_try = now + 0.25
+                return
+            self._fail(att, "no path answered")
+
+    def _try(self, att: Attempt, path: Path, now: float) -> None:
+        assert att.peer_key is not None
+        index = self.fresh_index()
+        handshake = self.manager.handshaker.initiate(att.peer_key, index, time.time_ns())
+        self._pending[index] = _Pending(handshake, att.peer_id, att.peer_key, path.kind, now)
+        att.tries += 1
+        att.next_try = now + HANDSHAKE_RETRY
+        if att.first_init is None:
+            att.first_init = now
+        self.manager.send_on(path, att.peer_id, handshake.init.encode())
+
+    def _fail(self, att: Attempt, why: str) -> None:
+        self._drop(att)
+        self.count("link attempts failed")
+        log.debug("link attempt to %016x failed: %s", att.peer_id, why)
+        self.manager.callbacks.attempt_failed(att.peer_id)
+
+    def _drop(self, att: Attempt) -> None:
+        self.attempts.pop(att.peer_id, None)
+        self._numbers.pop(att.number, None)
+        if att.ice is not None:
+            self._spawn(att.ice.close())
+            att.ice = None
+
+    # -- ICE as initiator ------------------------------------------------------------------------------------
+    def _start_ice(self, att: Attempt, *, phase: int, now: float, send: bool = True) -> Signal | None:
+        assert self.agent is not None
+        if att.ice is not None:
+            self._spawn(att.ice.close())
+        session = IceSession(self.agent, controlling=True, relay=phase == 2)
+        att.ice, att.ice_phase, att.ice_state, att.ice_since = session, phase, "offered", now
+        kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
+        signal = Signal(kind, att.number, self.contact_source(), session.params())
+        self.count(f"ice offers: phase {phase}")
+        if send and att.signal is not None:
+            att.signal(signal)
+        return signal
+
+    def _ice_failed(self, att: Attempt, now: float, *, answered: bool) -> None:
+        if att.ice is not None:
+            self._spawn(att.ice.close())
+            att.ice = None
+        if answered and att.ice_phase == 1 and att.signal is not None and att.stage == "direct":
+            self._start_ice(att, phase=2, now=now)  # nothing direct works: try again with TURN relays
+            return
+        att.ice_state = "failed"
+
+    def _on_answer(self, att: Attempt, sig: Signal) -> None:
+        now = self._now()
+        if att.peer_key is None:
+            # The answer to a joiner's hello: now we know who the anchor is and where it listens.
+            att.peer_key, att.contact, att.endpoint = sig.contact.public_key, sig.contact, sig.contact.endpoint
+            att.next_try = now
+        if att.ice is None or att.ice_state != "offered" or sig.ice is None:
+            if att.ice_state == "offered":
+                att.ice_state = "failed"  # the peer runs no ICE
+            self._step(att, now)
+            return
+        att.ice_state, att.ice_since = "checking", now
+        session = att.ice
+        timeout = RELAY_ICE_TIMEOUT if att.ice_phase == 2 else ICE_TIMEOUT
+        task = self._spawn(session.establish(sig.ice, timeout))
+        task.add_done_callback(lambda t: self._ice_done(att, session, t))
+        self._step(att, now)
+
+    def _ice_done(self, att: Attempt, session: IceSession, task: asyncio.Task[Any]) -> None:
+        if self.attempts.get(att.peer_id) is not att or att.ice is not session:
+            return  # the attempt ended, or moved on to another session
+        path = None if task.cancelled() or task.exception() is not None else task.result()
+        now = self._now()
+        if path is None:
+            self._ice_failed(att, now, answered=True)
+            self._step(att, now)
+            return
+        att.ice_state = "done"
+        self.count(f"ice pairs: {path.kind}")
+        att.stage, att.path, att.kind, att.tries, att.next_try = "ice", path, path.kind, 0, now
+        self._step(att, now)
+
+    # -- signals from peers ------------------------------------------------------------------------------------
+    def on_signal(self, sig: Signal, reply: Signaller) -> None:
+        """An OFFER, ANSWER or CANCEL from the member whose (verified) contact `sig` carries."""
+        peer_id = node_id_from_public_key(sig.contact.public_key)
+        if peer_id == self._me:
+            return
+        if sig.type == SignalType.ANSWER:
+            att = self.attempts.get(self._numbers.get(sig.attempt, -1))
+            if att is None or att.peer_id != peer_id:
+                self.count("drop: answer to no attempt")
+                return
+            self._on_answer(att, sig)
+        elif sig.type in (SignalType.OFFER, SignalType.OFFER_RELAY):
+            self._on_offer(peer_id, sig, reply)
+        elif sig.type == SignalType.CANCEL:
+            self._drop_responder(peer_id)
+
+    def _on_offer(self, peer_id: int, sig: Signal, reply: Signaller) -> None:
+        own = self.attempts.get(peer_id)
+        if own is not None and own.ice_state in ("offered", "checking") and self._me < peer_id:
+            self.count("ice offer collisions")  # ours wins; the peer answers our offer
+            reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source()))
+            return
+        if own is not None and own.ice is not None:
+            self._spawn(own.ice.close())
+            own.ice, own.ice_state = None, "failed"
+        if self.agent is None or sig.ice is None:
+            # No ICE on one side: "link to me". Answer with our contact and call back directly.
+            reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source()))
+            self.connect(sig.contact.public_key, sig.contact.endpoint, sig.contact)
+            return
+        self._drop_responder(peer_id)
+        session = IceSession(self.agent, controlling=False, relay=sig.type == SignalType.OFFER_RELAY)
+        responder = self._responders[peer_id] = _Responder(session, self._now())
+        reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source(), session.params()))
+        timeout = RELAY_ICE_TIMEOUT if sig.type == SignalType.OFFER_RELAY else ICE_TIMEOUT
+        responder.task = self._spawn(session.establish(sig.ice, timeout + 2.0))
+
+    def _drop_responder(self, peer_id: int) -> None:
+        r = self._responders.pop(peer_id, None)
+        if r is not None:
+            if r.task is not None:
+                r.task.cancel()
+            self._spawn(r.session.close())
+
+    # -- what the link manager asks --------------------------------------------------------------------------
+    def defers_to_own_call(self, peer_id: int) -> bool:
+        att = self.attempts.get(peer_id)
+        if att is None or att.first_init is None or self._me > peer_id:
+            return False
+        return self._now() - att.first_init < HANDSHAKE_RETRY
+
+    def kind_hint(self, peer_id: int, via: Via) -> str:
+        """The candidate type of a path a peer's initiation came in on (for a responder's status)."""
+        if isinstance(via, TurnPath):
+            return "relay"
+        if isinstance(via, int):
+            return "tunnel"
+        r = self._responders.get(peer_id)
+        if r is not None and isinstance(r.session.selected, UdpPath) and r.session.selected.endpoint == via:
+            return r.session.selected.kind
+        att = self.attempts.get(peer_id)
+        if att is not None and att.endpoint == via:
+            return "host"
+        for relay in self.agent.allocations if self.agent is not None else []:
+            if relay.relayed == via:
+                return "relay"
+        return "host" if r is None else "prflx"
+
+    def pending(self, index: int) -> tuple[PendingHandshake, int, bytes, str] | None:
+        p = self._pending.pop(index, None)
+        return None if p is None else (p.handshake, p.peer_id, p.peer_key, p.kind)
+
+    def finish(self, peer_id: int) -> Contact | None:
+        """A handshake with the peer completed: end our attempt and responder state; the contact we had."""
+        att = self.attempts.get(peer_id)
+        contact = att.contact if att is not None else None
+        if att is not None:
+            self._drop(att)
+        self._drop_responder(peer_id)
+        return contact
+
+    def fresh_index(self) -> int:
+        while True:
+            i = new_index()
+            if not self.manager.index_in_use(i) and i not in self._pending:
+                return i
+
+    def close_all(self) -> None:
+        for att in list(self.attempts.values()):
+            self._drop(att)
+        for peer in list(self._responders):
+            self._drop_responder(peer)
+        self._pending.clear()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _no_contact() -> Contact:
+    raise RuntimeError("LinkSetup.contact_source was not set by the node")
