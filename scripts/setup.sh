@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ipop-overlay needs on a fresh Debian machine (as root) and the project itself into
-# .venv. Idempotent: a second run only checks. Starts no service: Prosody is only ever started by the tests
-# and the demo, with a generated config, inside network namespaces they create.
+# .venv. Idempotent: a second run only checks. Starts no service: Prosody and coturn are only ever started by
+# the tests and the demo, with explicit options, inside network namespaces they create.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,30 +10,47 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-DEBS=(prosody iperf3 iputils-ping iptables iproute2 openssl procps python3 python3-venv python3-pip)
+DEBS=(prosody coturn iperf3 iputils-ping iptables iproute2 openssl procps python3 python3-venv python3-pip)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
-  # Debian's prosody package starts a system-wide server listening on every address of the root namespace
-  # unless service starts are refused while it installs: refuse them (policy-rc.d exit 101), then restore.
-  made_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    made_policy=1
+  # Debian's prosody and coturn packages start system-wide servers listening on every address of the root
+  # namespace unless service starts are refused while they install: refuse them (a policy-rc.d that exits
+  # 101, see invoke-rc.d(8)), whatever policy was there before, and put the old policy back afterwards.
+  policy=/usr/sbin/policy-rc.d
+  saved_policy=""
+  if [ -e "$policy" ]; then
+    saved_policy=$(mktemp)
+    cp -p "$policy" "$saved_policy"
   fi
+  restore_policy() {
+    if [ -n "$saved_policy" ]; then mv -f "$saved_policy" "$policy"; else rm -f "$policy"; fi
+  }
+  trap restore_policy EXIT
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod +x "$policy"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q "${missing[@]}"
-  if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  restore_policy
+  trap - EXIT
 fi
-# Never leave the packaged system service enabled: our Prosody always runs with an explicit config.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled prosody >/dev/null 2>&1; then
-  systemctl disable prosody >/dev/null 2>&1 || true
-fi
+# Never leave a packaged system service enabled or running: our Prosody and coturn always run with explicit
+# options inside test namespaces. (Stopping goes through the service manager, never by process name.)
+for service in prosody coturn; do
+  if command -v systemctl >/dev/null 2>&1; then
+    if systemctl is-enabled "$service" >/dev/null 2>&1; then
+      systemctl disable "$service" >/dev/null 2>&1 || true
+    fi
+    if [ -d /run/systemd/system ] && systemctl is-active "$service" >/dev/null 2>&1; then
+      echo "setup: stopping the system $service service"
+      systemctl stop "$service" || true
+    fi
+  fi
+done
 
 # Python: the interpreter on PATH if it is 3.11 or newer, in a virtual environment of our own.
 PY=${PYTHON:-python3}

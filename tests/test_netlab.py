@@ -1,14 +1,17 @@
-"""The namespace lab itself: connectivity, UDP blocking, and that it leaves nothing behind."""
+"""The namespace lab itself: connectivity, NAT clusters, UDP blocking, and that it leaves nothing behind."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
-from tests.support.netlab import Host, NetLab
+from tests.support.natlab import NatAgent
+from tests.support.netlab import LAB_RANGE, Host, NetLab
 
 pytestmark = [
     pytest.mark.integration,
@@ -103,3 +106,88 @@ def test_lab_refuses_subnets_outside_the_benchmarking_range() -> None:
     with NetLab() as lab, pytest.raises(ValueError):
         lab.add_hub("10.0.0.0/24")
     assert lab.prefix not in namespaces()
+
+
+# -- NAT clusters ------------------------------------------------------------------------------------------
+
+
+def ip_forward(lab: NetLab, host: Host) -> str:
+    return lab.run(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip()
+
+
+def test_cluster_hosts_get_private_addresses_behind_a_router_that_forwards_only_in_its_namespace() -> None:
+    root_forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    with NetLab() as lab:
+        lab.add_hub()
+        public = lab.add_host("pub")
+        cone = lab.add_cluster("a", "cone")
+        symmetric = lab.add_cluster("s", "symmetric")
+        a, s = lab.add_host("ha", cluster="a"), lab.add_host("hs", cluster="s")
+        assert ip_address(a.address) in cone.subnet and ip_address(s.address) in symmetric.subnet
+        assert not cone.subnet.overlaps(symmetric.subnet) and not cone.subnet.overlaps(lab.public_subnet)
+        assert cone.subnet.subnet_of(LAB_RANGE) and symmetric.subnet.subnet_of(LAB_RANGE)
+        assert ip_address(cone.public_address) in lab.public_subnet
+        assert lab.seen_address(a, public) == cone.public_address
+        assert f"default via {cone.gateway}" in lab.run(a, "ip", "route").stdout
+        assert ip_forward(lab, cone.router) == ip_forward(lab, symmetric.router) == "1"
+        assert ip_forward(lab, a) == ip_forward(lab, public) == "0"
+        assert "--random-fully" in lab.run(symmetric.router, "iptables", "-t", "nat", "-S").stdout
+        assert "--random-fully" not in lab.run(cone.router, "iptables", "-t", "nat", "-S").stdout
+        lab.run(a, "ping", "-c", "1", "-W", "2", public.address, timeout=10)
+        lab.run(s, "ping", "-c", "1", "-W", "2", public.address, timeout=10)
+        # Even with a route to the LAN, nothing from outside reaches it unsolicited: the router drops it.
+        lab.run(public, "ip", "route", "add", str(cone.subnet), "via", cone.public_address)
+        assert lab.run(public, "ping", "-c", "1", "-W", "1", a.address, check=False, timeout=10).returncode != 0
+        # The second LAN host reaches the first directly, without NAT.
+        b = lab.add_host("hb", cluster="a")
+        assert lab.seen_address(b, a) == b.address
+        lab.run(b, "ping", "-c", "1", "-W", "2", a.address, timeout=10)
+        routers = [cone.router.netns, symmetric.router.netns]
+        assert all(r in namespaces() for r in routers)
+    assert lab.prefix not in namespaces(), "routers and cluster hosts must be removed too"
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == root_forwarding
+
+
+def test_add_address_gives_a_host_a_second_reachable_address() -> None:
+    with NetLab() as lab:
+        lab.add_hub()
+        a, b = lab.add_host("a"), lab.add_host("b")
+        second = lab.add_address(a)
+        assert second not in (a.address, b.address) and lab.addresses(a) == [a.address, second]
+        lab.run(b, "ping", "-c", "1", "-W", "2", second, timeout=10)
+
+
+def test_lab_refuses_cluster_kinds_and_subnets_it_cannot_build() -> None:
+    with NetLab() as lab:
+        lab.add_hub()
+        with pytest.raises(ValueError, match="NAT kind"):
+            lab.add_cluster("a", "full-cone")
+        with pytest.raises(ValueError, match="outside"):
+            lab.add_cluster("a", "cone", subnet="192.168.1.0/24")
+        with pytest.raises(ValueError, match="overlaps"):
+            lab.add_cluster("a", "cone", subnet="198.18.0.0/24")
+        with pytest.raises(ValueError, match="no cluster"):
+            lab.add_host("h", cluster="nope")
+
+
+def test_block_udp_across_a_nat_drops_both_ways_at_the_router() -> None:
+    with NetLab() as lab:
+        lab.add_hub()
+        public, other = lab.add_host("pub"), lab.add_host("other")
+        lab.add_cluster("a", "cone")
+        lab.add_cluster("b", "cone")
+        inside, elsewhere = lab.add_host("ha", cluster="a"), lab.add_host("hb", cluster="b")
+        with NatAgent(lab, inside) as host, NatAgent(lab, public) as far, NatAgent(lab, other) as near:
+            host.send(far.local, b"before")
+            (first,) = far.recv(2.0, count=1)
+            lab.block_udp(inside, public)
+            host.send(far.local, b"after", count=3)
+            assert far.recv(0.5) == [], "outbound UDP crossed the block"
+            far.send(first.source, b"inbound", count=3)
+            assert host.recv(0.5) == [], "inbound UDP on an established mapping crossed the block"
+            host.send(near.local, b"other pair")
+            (got,) = near.recv(2.0, count=1)
+            near.send(got.source, b"still open")
+            assert [d.data for d in host.recv(2.0, count=1)] == [b"still open"], "only the blocked pair is cut"
+        with pytest.raises(ValueError, match="two NATs"):
+            lab.block_udp(inside, elsewhere)

@@ -5,6 +5,10 @@ on request, spare namespaces for nodes that are expected to fail. Accounts, the 
 keys, passwords and configs are made here; nodes start one at a time so each one finds a running
 group. Used by tests/test_e2e.py, scripts/demo.py and bench/iperf_tap.py. On exit every process this
 module started is stopped by its PID and every namespace and file is removed.
+
+On request, and only then: NAT clusters (members placed behind a cone or symmetric NAT, on a private LAN)
+and a coturn (tests/support/coturn.py) on the public segment with two addresses, whose STUN and TURN
+servers an `[ice]` section of each member's config can name.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from overlay.ids import parse_id, ring_distance
+from tests.support.coturn import CoturnServer
 from tests.support.netlab import Host, NetLab
 from tests.support.prosody import ProsodyServer
 
@@ -38,6 +43,9 @@ XMPP_PORT = 5222
 OVERLAY_PORT = 5800
 PASSWORD = "lab-member-password"
 ROOM = "group1"
+TURN_USERNAME = "u"
+TURN_PASSWORD = "p"
+TURN_PASSWORD_FILE = "turn.pass"
 # Our choice: a node that has not answered `status` within this long after starting is reported broken.
 JOIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -57,7 +65,7 @@ def missing_prerequisites() -> str | None:
     """Why a group cannot run on this machine, or None when it can."""
     if os.geteuid() != 0:
         return "network namespaces, TAP devices and Prosody (run_as_root) need root"
-    for tool in ("prosody", "prosodyctl", "ip", "iptables", "ping", "openssl"):
+    for tool in ("prosody", "prosodyctl", "turnserver", "ip", "iptables", "ping", "openssl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (see the install scripts)"
     if not Path("/dev/net/tun").exists():
@@ -95,6 +103,11 @@ class Group:
 
     `spares` extra namespaces, each with a registered member account, are for configs that should fail
     (`spare_config`, `run_join`); `outsiders` names accounts that exist but are not in the room.
+
+    `clusters` maps a name to a NAT kind ("cone" or "symmetric", see tests/support/netlab.py) and
+    `placement[i]` puts member i behind that NAT (None: on the public segment); such a member listens on its
+    private address. `turn=True` starts coturn on the public segment and writes each member's `turn.pass`;
+    `ice=True` also appends `ice_config` (the `[ice]` section naming coturn) to every member's config.
     """
 
     def __init__(
@@ -106,9 +119,24 @@ class Group:
         prefix: str = "ipg",
         workdir: Path | None = None,
         verbose: bool = False,
+        clusters: Mapping[str, str] | None = None,
+        placement: Sequence[str | None] | None = None,
+        turn: bool = False,
+        ice: bool = False,
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError(f"group size {size} must be between 1 and 200")
+        self.clusters = dict(clusters or {})
+        self.placement: list[str | None] = list(placement) if placement is not None else [None] * size
+        if len(self.placement) != size:
+            raise ValueError(f"placement names {len(self.placement)} places for a group of {size}")
+        unknown = sorted({c for c in self.placement if c is not None} - set(self.clusters))
+        if unknown:
+            raise ValueError(f"placement names clusters {unknown} that are not in clusters={self.clusters}")
+        if ice and not turn:
+            raise ValueError("ice=True names the coturn servers: it needs turn=True")
+        self.turn = turn
+        self.ice = ice
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -118,6 +146,8 @@ class Group:
         self.lab = NetLab(prefix)
         self.server: ProsodyServer | None = None
         self.xmpp_host: Host | None = None
+        self.coturn: CoturnServer | None = None
+        self.turn_host: Host | None = None
         self.members: list[Member] = []
         self.spare_hosts: list[Host] = []
         self.room = ""
@@ -150,6 +180,11 @@ class Group:
             self.workdir / "prosody", bind=self.xmpp_host.address, port=XMPP_PORT, netns=self.xmpp_host.netns
         )
         self.server.start()
+        for name, kind in self.clusters.items():
+            cluster = self.lab.add_cluster(name, kind)
+            self.say(f"NAT cluster {name} ({kind}): LAN {cluster.subnet} behind {cluster.public_address}")
+        if self.turn:
+            self._start_coturn()
         for i in range(self.size):
             self.members.append(self._make_member(i))
         for i in range(self.spares):
@@ -162,9 +197,48 @@ class Group:
         self.room = self._create_room(ROOM, room_members)
         self.say(f"{self.size} accounts, members-only room {self.room}")
 
+    def _start_coturn(self) -> None:
+        """coturn in its own namespace on the public segment, with two addresses (STUN needs two servers to
+        tell an endpoint-independent mapping from a symmetric one), relaying only to public lab addresses."""
+        self.turn_host = self.lab.add_host("turn")
+        second = self.lab.add_address(self.turn_host)
+        self.coturn = CoturnServer(
+            self.workdir / "coturn",
+            [self.turn_host.address, second],
+            allowed_peers=[str(self.lab.public_subnet)],
+            netns=self.turn_host.netns,
+            username=TURN_USERNAME,
+            password=TURN_PASSWORD,
+        )
+        self.coturn.start()
+        self.say(f"coturn (STUN, TURN over UDP and TCP) at {self.turn_host.address} and {second}:{self.coturn.port}")
+
+    @property
+    def ice_config(self) -> str:
+        """The `[ice]` section a member's config gets with `ice=True`: coturn's two STUN servers, and its TURN
+        server over UDP (password inline) and over TCP (password in `turn.pass` beside the config)."""
+        if self.coturn is None:
+            raise ValueError("the group has no coturn: build it with turn=True")
+        c = self.coturn
+        stun = ", ".join(f'"{address}:{port}"' for address, port in c.servers)
+        user = f'username = "{c.username}"'
+        return (
+            "[ice]\n"
+            f"stun = [{stun}]\n"
+            f'turn = [{{ url = "{c.url("udp")}", {user}, password = "{c.password}" }},\n'
+            f'        {{ url = "{c.url("tcp")}", {user}, password_file = "{TURN_PASSWORD_FILE}" }}]\n'
+        )
+
+    def _write_secrets(self, directory: Path, password: str) -> None:
+        (directory / "node.pass").write_text(password + "\n")
+        os.chmod(directory / "node.pass", 0o600)
+        if self.coturn is not None:
+            (directory / TURN_PASSWORD_FILE).write_text(self.coturn.password + "\n")
+            os.chmod(directory / TURN_PASSWORD_FILE, 0o600)
+
     def _make_member(self, i: int) -> Member:
         assert self.server is not None
-        host = self.lab.add_host(f"node{i}")
+        host = self.lab.add_host(f"node{i}", cluster=self.placement[i])
         user = f"node{i}"
         self.server.register(user, PASSWORD)
         directory = self.workdir / user
@@ -182,8 +256,7 @@ class Group:
             log=directory / "node.log",
         )
         member.node_id = self.keygen(directory / "node.key")
-        (directory / "node.pass").write_text(PASSWORD + "\n")
-        os.chmod(directory / "node.pass", 0o600)
+        self._write_secrets(directory, PASSWORD)
         member.config.write_text(self.config_text(host, member.jid, address, member.control))
         return member
 
@@ -217,8 +290,11 @@ class Group:
         password_file: str = "node.pass",
         extra: str = "",
     ) -> str:
-        """A node config in the CLI's TOML format; `extra` is appended verbatim (for broken configs)."""
+        """A node config in the CLI's TOML format; `extra` is appended verbatim (for broken configs), after the
+        `[ice]` section when the group was built with `ice=True`."""
         assert self.server is not None
+        if self.ice:
+            extra = self.ice_config + extra
         return (
             "[node]\n"
             'key = "node.key"\n'
@@ -273,6 +349,24 @@ class Group:
         for i in range(self.size):
             self.join(i)
 
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node `i` by PID: no goodbye to its peers, its control socket file stays behind."""
+        m = self.members[i]
+        if m.process is None or not m.running:
+            raise ValueError(f"node {i} is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(m.process.pid, signal.SIGKILL)
+        m.process.wait(timeout=STOP_TIMEOUT_S)
+        self.say(f"node{i} killed")
+
+    def restart_node(self, i: int, *, min_links: int | None = None, timeout: float = JOIN_TIMEOUT_S) -> Member:
+        """Start node `i` again, after stop_node or kill_node, with the same config and key (same node ID)."""
+        m = self.members[i]
+        if m.running:
+            raise ValueError(f"node {i} is still running: stop_node or kill_node it first")
+        m.process = None
+        return self.join(i, min_links=min_links, timeout=timeout)
+
     def stop_node(self, i: int) -> None:
         """SIGTERM node `i` by PID; it must exit 0 and leave neither its TAP nor its control socket."""
         m = self.members[i]
@@ -322,6 +416,12 @@ class Group:
     def block_udp(self, i: int, j: int) -> None:
         """Drop UDP between nodes i and j (both directions); they can only talk through other nodes."""
         self.lab.block_udp(self.members[i].host, self.members[j].host)
+
+    def block_udp_all(self, i: int, js: Iterable[int]) -> None:
+        """Drop UDP between node i and each node of `js` (see NetLab.block_udp for members behind NATs)."""
+        for j in js:
+            if j != i:
+                self.block_udp(i, j)
 
     def ping(self, i: int, j: int, *, count: int = 1, timeout: float = 2.0) -> bool:
         """Ping node j's virtual address from node i's namespace; True when any reply came back."""
@@ -429,8 +529,7 @@ class Group:
         directory = self.workdir / f"spare{k}-{user}-{len(list(self.workdir.glob(f'spare{k}-*')))}"
         directory.mkdir()
         self.keygen(directory / "node.key")
-        (directory / "node.pass").write_text(password + "\n")
-        os.chmod(directory / "node.pass", 0o600)
+        self._write_secrets(directory, password)
         control = directory / "node.sock"
         address = f"{VIRTUAL_NET.network_address + 200 + k}/{VIRTUAL_NET.prefixlen}"
         jid = f"{user}@{self.server.domain}/spare"
@@ -459,8 +558,8 @@ class Group:
             time.sleep(interval)
 
     def close(self) -> None:
-        """Stop nodes and Prosody (by PID), delete the namespaces and the work directory; idempotent."""
-        # Nodes first (they leave the room while Prosody still runs), then Prosody, then the namespaces.
+        """Stop nodes, Prosody and coturn (by PID), delete the namespaces and the work directory; idempotent."""
+        # Nodes first (they leave the room while Prosody still runs), then Prosody and coturn, then the namespaces.
         running = [m.process for m in self.members if m.running and m.process is not None]
         for p in running:
             with contextlib.suppress(ProcessLookupError):
@@ -474,6 +573,9 @@ class Group:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.coturn is not None:
+            self.coturn.stop()
+            self.coturn = None
         self.lab.close()
         if self._own_workdir and not os.environ.get("IPOP_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
