@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import random
@@ -17,7 +18,9 @@ from overlay.config import ConfigError, NodeConfig, load_config
 from overlay.control import ControlError, ControlServer, query, socket_in_use
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
+from overlay.membership import BACKOFF_FIRST, BACKOFF_MAX
 from overlay.node import Node, NodeSettings
+from overlay.transport.ice import IceSettings
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
 
 log = logging.getLogger("ipop-overlay")
@@ -38,11 +41,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> None:
     """Start everything in an order where each failure leaves nothing behind, run until `stop`, clean up."""
     from overlay.tap.device import LinuxTap, TapError
-    from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings
+    from xmpp_bootstrap import XmppBootstrap, XmppSettings
 
     if socket_in_use(cfg.control_socket):
         raise JoinError(
             f"control socket {cfg.control_socket} is in use: is another node running? set [node] control_socket"
+        )
+    ice = None
+    if cfg.ice:
+        ice = IceSettings(
+            stun=cfg.stun,
+            turn=cfg.turn,
+            exclude_interfaces=frozenset({cfg.vnic_name}),
+            exclude_networks=(ipaddress.IPv4Interface(cfg.vnic_address).network,),
         )
     settings = NodeSettings(
         room=cfg.room,
@@ -50,6 +61,8 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         ring=cfg.ring,
         lookahead=cfg.lookahead,
         promise=cfg.routing == "promise",
+        ice=ice,
+        anchors=cfg.anchors,
     )
     bootstrap = XmppBootstrap(
         XmppSettings(
@@ -61,7 +74,6 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
             port=cfg.port,
             ca_file=str(cfg.ca_file) if cfg.ca_file else None,
         ),
-        anchors=cfg.anchors,
     )
     try:
         underlay = UdpUnderlay(cfg.listen)
@@ -71,10 +83,8 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
     tap = None
     control = ControlServer(cfg.control_socket, {"status": node.status})
     try:
-        try:
-            await bootstrap.start()
-        except BootstrapError as e:
-            raise JoinError(str(e)) from None
+        if not await _first_login(bootstrap, stop):
+            return
         try:
             tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu, offload=cfg.vnic_offload)
         except TapError as e:
@@ -84,8 +94,8 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
             await control.start()
         except ControlError as e:
             raise JoinError(str(e)) from None
-        await node.start()
-        log.info("joined %s as %s (%s)", cfg.room, format_id(node.id), cfg.vnic_address)
+        await node.start()  # the login above is reused: one XMPP session per node
+        log.info("in room %s as %s (%s); joining the overlay", cfg.room, format_id(node.id), cfg.vnic_address)
         await stop.wait()
         log.info("leaving %s", cfg.room)
     finally:
@@ -96,6 +106,30 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
             tap.close()
         with contextlib.suppress(Exception):
             await bootstrap.stop()
+
+
+async def _first_login(bootstrap: Any, stop: asyncio.Event) -> bool:
+    """Log in and enter the room before anything is set up, so a wrong password, a missing room or a
+    non-member ends `join` with one line and leaves nothing behind. A slow server is waited for (backing off,
+    said once); False if we were asked to stop meanwhile."""
+    from xmpp_bootstrap import BootstrapError
+
+    delay, said = BACKOFF_FIRST, ""
+    while True:
+        try:
+            await bootstrap.start()
+            return True
+        except BootstrapError as e:
+            if not e.transient:
+                raise JoinError(str(e)) from None
+            if str(e) != said:
+                log.warning("%s; retrying (backing off up to %.0f s)", e, BACKOFF_MAX)
+                said = str(e)
+        try:
+            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.75, 1.25))
+            return False
+        except TimeoutError:
+            delay = min(BACKOFF_MAX, delay * 2)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -122,11 +156,18 @@ def _status_table(st: dict[str, Any]) -> str:
         f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",
         f"links    {len(st['links'])}",
     ]
-    header = ("PEER", "ADDRESS", "ENDPOINT", "RTT ms", "TX bytes", "RX bytes", "ROLES")
+    ov, ms = st.get("overlay"), st.get("membership")
+    if ov:
+        lines.insert(4, f"overlay  {ov['id']} beacon {ov['beacon']} ({ov['beacon_age_s']} s ago)")
+    if ms:
+        state = ms["state"] + (f", retrying in {ms['retry_in_s']} s: {ms['last_error']}" if ms["retry_in_s"] else "")
+        lines.insert(5, f"joining  {state}")
+    header = ("PEER", "ADDRESS", "KIND", "ENDPOINT", "RTT ms", "TX bytes", "RX bytes", "ROLES")
     rows = [header] + [
         (
             lk["peer_id"],
             lk["peer_address"] or "-",
+            lk.get("kind", "-"),
             lk["endpoint"],
             f"{lk['rtt_ms']:.2f}" if lk["rtt_ms"] is not None else "-",
             str(lk["tx_bytes"]),

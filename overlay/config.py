@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.routing.ring import RingParams
+from overlay.transport.turn import TurnServer
 from overlay.wire import Endpoint
 
 
@@ -45,6 +46,9 @@ class NodeConfig:
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
     routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
+    ice: bool  # whether an [ice] section is present: links are set up with ICE (docs/nat-traversal.md)
+    stun: tuple[Endpoint, ...]  # [ice] stun: STUN servers "host:port", for server-reflexive candidates
+    turn: tuple[TurnServer, ...]  # [ice] turn: TURN servers (url, username, password or password_file)
 
 
 def _str(value: Any) -> str:
@@ -88,6 +92,39 @@ def _endpoint(value: Any) -> Endpoint:
     if not 0 <= p <= 65535:
         raise ValueError("port out of range")
     return host, p
+
+
+def _endpoint_list(value: Any) -> tuple[Endpoint, ...]:
+    if not isinstance(value, list):
+        raise ValueError('expected a list like ["198.18.0.2:3478"]')
+    return tuple(_endpoint(v) for v in value)
+
+
+def _turn_url(url: Any) -> tuple[str, int, str]:
+    """turn:HOST[:PORT][?transport=udp|tcp] (RFC 7065); "turns:" (TLS) is not supported."""
+    text = _str(url)
+    scheme, colon, rest = text.partition(":")
+    if scheme != "turn" or not colon:
+        raise ValueError(f"{text!r} is not a turn: URL like turn:198.18.0.2:3478?transport=udp")
+    where, _, query = rest.partition("?")
+    transport = "udp"
+    if query:
+        key, eq, val = query.partition("=")
+        if key != "transport" or not eq or val not in ("udp", "tcp"):
+            raise ValueError(f"{text!r}: the only query is transport=udp or transport=tcp")
+        transport = val
+    if where.startswith("["):
+        host, _, tail = where[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else "3478"
+    elif where.count(":") == 1:
+        host, port = where.split(":")
+    else:
+        host, port = where, "3478"  # RFC 7065 section 3: 3478 when the URL has no port
+    ipaddress.ip_address(host)
+    p = int(port)
+    if not 0 < p <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, p, transport
 
 
 def _jid(value: Any) -> str:
@@ -145,7 +182,12 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "lookahead": (_bool, True),
         "routing": (_choice("promise", "strict"), "promise"),
     },
+    "ice": {
+        "stun": (_endpoint_list, ()),
+        "turn": (lambda v: v, ()),  # a list of tables, checked by _turn_servers
+    },
 }
+_TURN_KEYS = ("url", "username", "password", "password_file")
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -209,6 +251,7 @@ def load_config(path: Path) -> NodeConfig:
     if ca is not None and not ca.is_file():
         raise ConfigError(f"{path}: [xmpp] ca_file {ca} does not exist")
     o = values["overlay"]
+    turn = _turn_servers(path, values["ice"]["turn"], rel)
     return NodeConfig(
         path=path,
         key=rel(values["node"]["key"]),
@@ -228,4 +271,39 @@ def load_config(path: Path) -> NodeConfig:
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],
+        ice="ice" in raw,
+        stun=values["ice"]["stun"],
+        turn=turn,
     )
+
+
+def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[TurnServer, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{path}: bad value for [ice] turn: expected a list of {{ url = ..., username = ... }}")
+    servers = []
+    for i, entry in enumerate(value):
+        where = f"{path}: [ice] turn[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f'{where}: expected a table like {{ url = "turn:HOST:3478", username = "u" }}')
+        for key in entry:
+            if key not in _TURN_KEYS:
+                raise ConfigError(f"{where}: unknown key {key}{_suggest(key, list(_TURN_KEYS))}")
+        try:
+            host, port, transport = _turn_url(entry.get("url"))
+            username = _str(entry.get("username"))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if ("password" in entry) == ("password_file" in entry):
+            raise ConfigError(f"{where}: set exactly one of password and password_file")
+        if "password_file" in entry:
+            pw_path = rel(str(entry["password_file"]))
+            try:
+                password = pw_path.read_text().strip("\r\n")
+            except OSError as e:
+                raise ConfigError(f"{where}: cannot read password_file {pw_path}: {e.strerror}") from None
+        else:
+            password = entry["password"] if isinstance(entry["password"], str) else ""
+        if not password:
+            raise ConfigError(f"{where}: empty password")
+        servers.append(TurnServer(host, port, transport, username, password))
+    return tuple(servers)

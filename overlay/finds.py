@@ -20,10 +20,13 @@ from overlay.wire import (
     FLAG_JOIN,
     FLAG_LONG_LINK,
     FLAG_REFUSED,
+    Contact,
     DecodeError,
     Kind,
     Routed,
+    decode_find,
     decode_found,
+    encode_find,
     encode_found,
 )
 
@@ -46,19 +49,31 @@ class Finder:
     def find(self, target: int, slot: int | None, flags: int, via: int | None = None) -> None:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._finds[self._seq] = _Find(slot, self.port.clock())
-        body = self._seq.to_bytes(4, "big") + self.port.contact().encode()
+        # A join names its first hop: until we have other links, signals for us must go through it.
+        body = encode_find(self._seq, self.port.contact(), via if flags & FLAG_JOIN else None)
         self.port.send_routed(target, Kind.FIND, body, flags, via=via)
 
     def join(self, via: int) -> None:
-        """Route a FIND for our own ID through our first link: the nodes at our ring place call us back."""
+        """Route a FIND for our own ID through `via` (our first link, or the neighbour that brought news of the
+        overlay we move into): the nodes at our ring place call us back."""
         self.find(self.port.id, None, FLAG_JOIN, via=via)
+
+    def introduce(self, contact: Contact) -> None:
+        """As an anchor: route a FIND for a joiner's ID on its behalf, so the nodes at its ring place call it
+        back even when it cannot reach us; signals for it come to us and go on over XMPP."""
+        joiner = node_id_from_public_key(contact.public_key)
+        body = encode_find(0, contact, self.port.id)
+        self.port.send_routed(joiner, Kind.FIND, body, FLAG_JOIN)
 
     def on_find(self, pkt: Routed) -> None:
         port = self.port
-        if len(pkt.body) < 4:
-            raise DecodeError("FIND without a request number")
-        contact = port.check_contact(pkt.body[4:])
-        if contact is None or node_id_from_public_key(contact.public_key) != pkt.src or pkt.src == port.id:
+        _, contact, via = decode_find(pkt.body)
+        sender = node_id_from_public_key(contact.public_key)
+        if not verify(contact.public_key, contact.signed_part(port.room), contact.signature):
+            port.count("drop: FIND with a bad contact")
+            return
+        introduced = pkt.flags & FLAG_JOIN and via == pkt.src
+        if (sender != pkt.src and not introduced) or sender == port.id:
             return
         flags = 0
         if (
@@ -68,10 +83,11 @@ class Finder:
         ):
             flags = FLAG_REFUSED
         if pkt.flags & FLAG_JOIN:
-            # The joiner's ring place is next to us. It has a single link, so a reply routed to it would
-            # fail; we call it back instead, and once linked we send it our neighbour list like any link.
-            port.table.learn([pkt.src])
-            port.links.connect(contact.public_key, contact.endpoint, contact)
+            # The joiner's ring place is next to us. It has a single link (or none, when introduced), so a
+            # reply routed to it would fail; we call it back instead, signalling through the member it named,
+            # and once linked we send it our neighbour list like any link.
+            port.table.learn([sender])
+            port.link_to(contact, via=via if via != port.id else None)
             port.wake()
             return
         ring = port.table.successors() + port.table.predecessors()
@@ -101,7 +117,7 @@ class Finder:
             return
         self.maintenance.on_long_found(find.slot, pkt.src, now)
         if pkt.src not in port.links.links:
-            port.links.connect(contact.public_key, contact.endpoint, contact)
+            port.link_to(contact)
         port.wake()  # the next tick tells the peer it is now one of our long links
 
     def tick(self, now: float) -> None:

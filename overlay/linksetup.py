@@ -308,7 +308,8 @@ class LinkSetup:
         if sig.type == SignalType.ANSWER:
             att = self.attempts.get(self._numbers.get(sig.attempt, -1))
             if att is None or att.peer_id != peer_id:
-                self.count("drop: answer to no attempt")
+                if peer_id not in self.manager.links:  # linked meanwhile (the peer called us back): fine
+                    self.count("drop: answer to no attempt")
                 return
             self._on_answer(att, sig)
         elif sig.type in (SignalType.OFFER, SignalType.OFFER_RELAY):

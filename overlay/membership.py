@@ -1,114 +1,354 @@
-"""The node's side of the XMPP bootstrap: joining through the anchors, rejoining when alone, keeping the room
-supplied with anchors. Everything after the first link travels through the overlay (docs/xmpp-bootstrap.md).
+"""The node's side of the XMPP room: joining the one overlay, keeping the room supplied with anchors, and
+finding the way back when cut off. Everything after the first link travels through the overlay
+(docs/xmpp-bootstrap.md, docs/nat-traversal.md).
+
+A visit to the room (one at a time, retried with jittered exponential backoff, never fatal once the node has
+started): log in, look at the anchors present, and
+- join: send each anchor of the oldest overlay present a hello carrying an ICE offer; their answers start
+  the links; the first link up runs the join FIND. Anchors also call the joiner back and introduce it to the
+  nodes at its ring place, so a joiner that cannot reach any anchor still gets in through members it can
+  reach. Only when the room holds no anchor does a node found an overlay: when it is alone there, or after
+  FOUND_GRACE the smallest nick among the occupants (a storm of joiners agrees on one founder). A failed link
+  is never a reason to found one.
+- bridge: a node cut off from its overlay's leader (overlay/beacon.py) links to the anchors and joins again
+  through them; a node whose overlay is younger than one present moves into it. With no anchor of its overlay
+  present, a node already in an overlay becomes its anchor.
+- anchor: stay in the room marked as an anchor of our overlay while fewer than `anchors` are.
+
+Anchors answer hellos, pass signals between joiners and the overlay, recruit a neighbour through the overlay
+when too few anchors remain, stand down when too many are present (the `anchors` smallest nicks stay), and the
+smallest of them (the leader) advances the beacon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from overlay.ids import node_id_from_public_key
-from overlay.port import OverlayPort
-from overlay.wire import LinkMsg
+from overlay.beacon import BEACON_INTERVAL, NO_OVERLAY, new_overlay_id, wins
+from overlay.ids import format_id
+from overlay.linksetup import Signaller
+from overlay.port import MemberPort
+from overlay.wire import DecodeError, Kind, LinkMsg, Signal, decode_routed_signal, decode_signal, encode_routed_signal
+from xmpp_bootstrap.client import BootstrapError
+from xmpp_bootstrap.protocol import DEFAULT_ANCHORS, should_stand_down
 
 log = logging.getLogger(__name__)
 
-FIRST_LINK_TIMEOUT = 15.0
-HANDSHAKE_WAIT = 4.0  # a direct handshake tries 3 times 1 s apart (links.py); then ask the anchors again
-RECRUIT_INTERVAL = 30.0  # our choice: anchors are replaced within a minute, XMPP load stays negligible
-REJOIN_INTERVAL = 15.0  # our choice: XMPP load stays low even if a whole partition rejoins
+HELLO_TIMEOUT = 5.0  # our choice: anchors answer from memory; XMPP adds a few server hops
+LINK_WAIT = 8.0  # a link attempt's stages: direct 3 s, ICE 4-10 s; the first of them usually wins in < 1 s
+VISIT_TIME = 30.0  # the longest a joiner stays in the room per visit before leaving and retrying later
+FOUND_GRACE = 2.0  # our choice: joiners that arrive together see each other within a presence round trip
+ALONE_AFTER = 10.0  # a node without links for this long (and not an anchor waiting for joiners) visits
+RECRUIT_INTERVAL = 10.0  # our choice: a missing anchor is replaced within seconds, XMPP load stays tiny
+BACKOFF_FIRST = 2.0
+BACKOFF_MAX = 60.0
+ISLAND_JITTER = 15.0  # spreads the visits of a cut-off island's nodes; the first bridge stops the rest
+
+
+def _nick_id(nick: str) -> int | None:
+    try:
+        value = int(nick, 16)
+    except ValueError:
+        return None
+    return value if len(nick) == 16 else None
 
 
 class Membership:
-    def __init__(self, node: OverlayPort, bootstrap: Any) -> None:
+    def __init__(self, node: MemberPort, bootstrap: Any, *, anchors: int = DEFAULT_ANCHORS) -> None:
         self.node = node
         self.bootstrap = bootstrap
+        self.anchors = anchors
         bootstrap.on_hello = self._on_hello
-        self._last_rejoin = node.clock()
-        self._last_recruit = -1e18
+        bootstrap.on_signal = self._on_signal
+        bootstrap.on_change = node.wake
+        node.signalling.xmpp_relay = self._relay_to_joiner
+        self.state = "starting"  # starting, joining, member, founder
+        self.last_error = ""
+        self.visits = 0
         self._task: asyncio.Future[None] | None = None
+        self._want_anchor = False
+        self._next_visit = 0.0
+        self._failures = 0
+        self._alone_since: float | None = None
+        self._island_jitter = node.rng.uniform(0, ISLAND_JITTER)
+        self._next_beacon = 0.0
+        self._last_recruit = -1e18
+        self._joiners: dict[int, tuple[str, float]] = {}  # joiner ID -> (room nick, when its hello came)
+        self._room_changed = asyncio.Event()
 
-    async def join(self) -> None:
-        """Swap contacts with the anchors and link to one; then stay in the room as an anchor or leave it."""
-        node = self.node
-        deadline = node.clock() + FIRST_LINK_TIMEOUT
-        while not node.links.links and node.clock() < deadline:
-            answers = await self.bootstrap.exchange(node.contact().encode())
-            contacts = [c for c in (node.check_contact(a) for a in answers) if c is not None]
-            if not contacts:
-                log.info("no anchor answered: this node starts the overlay")
-                break
-            for c in contacts:
-                node.links.connect(c.public_key, c.endpoint, c)
-            try:
-                await asyncio.wait_for(node.first_link.wait(), timeout=HANDSHAKE_WAIT)
-            except TimeoutError:
-                continue
-        await self.bootstrap.settle()
-
-    def _on_hello(self, hello: bytes) -> bytes | None:
-        """A joiner's contact, seen as an anchor: learn it, answer with ours."""
-        contact = self.node.check_contact(hello)
-        if contact is None:
-            return None
-        self.node.table.learn([node_id_from_public_key(contact.public_key)])
-        return self.node.contact().encode()
-
-    def tick(self, now: float) -> None:
-        self._rejoin_if_alone(now)
-        self._recruit_anchor(now)
-
-    def _rejoin_if_alone(self, now: float) -> None:
-        """A node that lost every link (its neighbours all left, or a partition) asks the anchors again."""
-        if self.node.links.links or self._task is not None or now - self._last_rejoin < REJOIN_INTERVAL:
-            return
-        self._last_rejoin = now
-
-        async def rejoin() -> None:
-            if not self.bootstrap.is_anchor:
-                await self.bootstrap.become_anchor()  # back in the room; settle() may leave it again
-            await self.join()
-
-        self._run(rejoin, "rejoin through XMPP failed")
-
-    def _recruit_anchor(self, now: float) -> None:
-        """An anchor that sees fewer anchors in the room than wanted (one left or crashed) asks a random
-        neighbour, through the overlay, to join the room as one: joiners keep finding someone to answer them
-        without any node watching the room but the anchors."""
-        boot, links = self.bootstrap, self.node.links.links
-        if not boot.is_anchor or not links or now - self._last_recruit < RECRUIT_INTERVAL:
-            return
-        if boot.anchors_present() >= boot.anchors:
-            return
-        self._last_recruit = now
-        links[self.node.rng.choice(sorted(links))].send(bytes([LinkMsg.ANCHOR]))
-
-    def on_recruited(self, now: float) -> None:
-        """A neighbour asked us to become an anchor (LinkMsg.ANCHOR)."""
-        if self.bootstrap.is_anchor or self._task is not None or now - self._last_recruit < RECRUIT_INTERVAL:
-            return
-        self._last_recruit = now
-
-        async def become() -> None:
-            await self.bootstrap.become_anchor()
-            await self.bootstrap.settle()  # steps down again if the room has enough anchors by now
-
-        self._run(become, "could not become an anchor")
-
-    def _run(self, work: Callable[[], Coroutine[Any, Any, None]], failure: str) -> None:
-        async def guarded() -> None:
-            try:
-                await work()
-            except Exception as e:  # XMPP may be down: the next attempt comes later
-                log.warning("%s: %s", failure, e)
-            finally:
-                self._task = None
-
-        self._task = asyncio.ensure_future(guarded())
+    # -- life cycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Log in and enter the room once: a wrong password, a missing room or not being a member raises
+        BootstrapError here. Joining the overlay goes on in the background, retried until it succeeds."""
+        await self.bootstrap.start()
+        self.state = "joining"
+        self._run(self._visit("join"))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
         await self.bootstrap.stop()
+
+    @property
+    def is_anchor(self) -> bool:
+        return bool(self.bootstrap.is_anchor)
+
+    def status(self) -> dict[str, Any]:
+        now = self.node.clock()
+        return {
+            "state": self.state,
+            "anchor": self.is_anchor,
+            "in_room": bool(self.bootstrap.in_room),
+            "visits": self.visits,
+            "retry_in_s": round(max(0.0, self._next_visit - now), 1) if self._task is None and self._failures else 0,
+            "last_error": self.last_error,
+        }
+
+    def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+                self._failures = 0
+            except BootstrapError as e:
+                self._fail(str(e))
+                await self._leave()
+            except (OSError, ConnectionError, TimeoutError) as e:
+                self._fail(f"XMPP: {e}")
+                await self._leave()
+            finally:
+                self._task = None
+                self.node.wake()
+
+        self._task = asyncio.ensure_future(guarded())
+
+    def _fail(self, why: str) -> None:
+        self._failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1)) * self.node.rng.uniform(0.75, 1.25)
+        self._next_visit = self.node.clock() + delay
+        if why != self.last_error:
+            log.warning("%s; retrying in %.0f s (and later, backing off)", why, delay)
+        self.last_error = why
+
+    async def _leave(self) -> None:
+        if not self._want_anchor or not self.bootstrap.in_room:
+            try:
+                await self.bootstrap.stop()
+            except Exception:  # already gone: nothing to clean up
+                pass
+
+    # -- the clock -------------------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        node, boot = self.node, self.bootstrap
+        self._room_changed.set()
+        links = node.links.links
+        if links or boot.is_anchor:
+            self._alone_since = None
+        elif self._alone_since is None:
+            self._alone_since = now
+        if self._task is None and now >= self._next_visit:
+            if node.beacon.overlay == NO_OVERLAY:
+                self._run(self._visit("join"))
+            elif self._want_anchor and not boot.in_room:
+                self._run(self._visit("anchor"))  # our session dropped: come back as an anchor
+            elif not boot.is_anchor and node.beacon.island(now - self._island_jitter):
+                log.info("no beacon from our overlay's leader for %.0f s: going to the room", now - node.beacon.heard)
+                self._run(self._visit("island"))
+            elif self._alone_since is not None and now - self._alone_since > ALONE_AFTER and not boot.is_anchor:
+                self._run(self._visit("alone"))
+        if boot.is_anchor:
+            self._anchor_duties(now)
+        for joiner, (_, when) in list(self._joiners.items()):
+            if now - when > VISIT_TIME * 2:
+                del self._joiners[joiner]
+
+    def _anchors_of(self, overlay: int) -> list[str]:
+        """Nicks of the anchors of `overlay` present (ourselves included when we are one)."""
+        return sorted(n for n, o in self.bootstrap.occupants.items() if o.anchor and o.overlay == overlay)
+
+    def _anchor_duties(self, now: float) -> None:
+        node, boot = self.node, self.bootstrap
+        mine = node.beacon.overlay
+        ours = self._anchors_of(mine)
+        if ours and ours[0] == boot.nick and now >= self._next_beacon:
+            self._next_beacon = now + BEACON_INTERVAL
+            node.flood_beacon(node.beacon.emit(now), None)
+        if should_stand_down(boot.nick, ours, self.anchors):
+            log.info("standing down as an anchor: %d anchors present", len(ours))
+            self._want_anchor = False
+            boot.set_anchor(None)
+            if self._task is None:
+                self._run(self._leave())
+            return
+        if len(ours) < self.anchors and node.links.links and now - self._last_recruit >= RECRUIT_INTERVAL:
+            self._last_recruit = now
+            anchor_ids = {_nick_id(n) for n in ours}
+            candidates = sorted(p for p in node.links.links if p not in anchor_ids)
+            if candidates:
+                node.links.links[node.rng.choice(candidates)].send(bytes([LinkMsg.ANCHOR]))
+        others = [o.overlay for o in boot.occupants.values() if o.anchor and o.overlay and o.overlay != mine]
+        if self._task is None and others and wins(min(others), mine):
+            self._run(self._visit("merge"))
+
+    def on_recruited(self, now: float) -> None:
+        """A neighbour asked us to become an anchor (LinkMsg.ANCHOR)."""
+        if self.is_anchor or self._task is not None or now - self._last_recruit < RECRUIT_INTERVAL:
+            return
+        self._last_recruit = now
+        self._run(self._visit("anchor"))
+
+    # -- a visit to the room -----------------------------------------------------------------------------------
+    async def _visit(self, reason: str) -> None:
+        node, boot = self.node, self.bootstrap
+        self.visits += 1
+        await boot.start()
+        loop = asyncio.get_running_loop()
+        entered = loop.time()
+        tried: set[str] = set()
+        while loop.time() - entered < VISIT_TIME:
+            mine = node.beacon.overlay
+            anchors = {n: o.overlay for n, o in boot.occupants.items() if o.anchor and o.overlay and n != boot.nick}
+            if anchors:
+                target = min(anchors.values())
+                bridge = mine == NO_OVERLAY or wins(target, mine) or (reason == "island" and target == mine)
+                if not bridge:
+                    break  # our overlay is the oldest here: the others come to us
+                nicks = [n for n, o in anchors.items() if o == target and n not in tried]
+                tried.update(nicks)
+                linked = await self._link_to_anchors(nicks, target, reason)
+                if linked:
+                    break
+                if not nicks:
+                    tried.clear()
+                    await self._room_change(2.0)
+                continue
+            if mine != NO_OVERLAY:
+                break  # no anchor of any overlay here: we become one below
+            others = [n for n in boot.occupants if n != boot.nick]
+            if not others or (min(others) > boot.nick and loop.time() - entered >= FOUND_GRACE):
+                node.beacon.found(new_overlay_id(node.clock(), node.rng), node.clock())
+                self.state = "founder"
+                log.info("no other member in the room: founding overlay %016x", node.beacon.overlay)
+                break
+            await self._room_change(0.5)
+        await self._settle()
+
+    async def _link_to_anchors(self, nicks: list[str], target: int, reason: str) -> bool:
+        """Hellos with ICE offers to these anchors; True once a link to any member is up (then joined)."""
+        node, boot = self.node, self.bootstrap
+        before = set(node.links.links)
+        hellos = {}
+        for nick in nicks:
+            anchor = _nick_id(nick)
+            if anchor is None:
+                continue
+            offer = node.links.setup.offer(anchor, self._xmpp_signaller(nick, anchor))
+            if offer is not None:
+                hellos[nick] = encode_routed_signal(anchor, offer)
+        if hellos:
+            answers = await boot.exchange(hellos, timeout=HELLO_TIMEOUT)
+            for nick, payload in answers.items():
+                self._take_signal(payload, nick)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LINK_WAIT
+        while loop.time() < end:
+            new = [p for p in node.links.links if p not in before]
+            if new or (reason == "join" and node.links.links):
+                via = new[0] if new else next(iter(node.links.links))
+                if node.beacon.overlay != target:
+                    if node.beacon.overlay != NO_OVERLAY:
+                        log.info("moving from overlay %016x into the older %016x", node.beacon.overlay, target)
+                    node.beacon.overlay, node.beacon.seq, node.beacon.heard = target, 0, node.clock()
+                if reason != "join" or node.first_link_at < node.clock() - 1:
+                    node.finder.join(via=via)
+                self.state = "member"
+                log.info("joined overlay %016x through %s (%s)", target, format_id(via), reason)
+                return True
+            await self._room_change(0.25)
+        return False
+
+    async def _settle(self) -> None:
+        """After a visit: stay as an anchor if our overlay has too few in the room, else leave XMPP."""
+        node, boot = self.node, self.bootstrap
+        mine = node.beacon.overlay
+        if mine == NO_OVERLAY:
+            self._fail("could not link to any member of the group yet")
+            await boot.stop()
+            return
+        if self.state == "joining":
+            self.state = "member"
+        present = [n for n in self._anchors_of(mine) if n != boot.nick]
+        if boot.is_anchor or len(present) < self.anchors:
+            self._want_anchor = True
+            boot.set_anchor(mine)
+            return
+        self._want_anchor = False
+        await boot.stop()
+
+    async def _room_change(self, timeout: float) -> None:
+        self._room_changed.clear()
+        try:
+            await asyncio.wait_for(self._room_changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- signals over XMPP -----------------------------------------------------------------------------------
+    def _xmpp_signaller(self, nick: str, final: int) -> Signaller:
+        boot = self.bootstrap
+
+        def send(signal: Signal) -> None:
+            boot.send_signal(nick, encode_routed_signal(final, signal))
+
+        return send
+
+    def _take_signal(self, payload: bytes, nick: str) -> int | None:
+        """A signal that came over XMPP from `nick`, for us: replies go back the same way."""
+        try:
+            final, raw = decode_routed_signal(payload)
+        except DecodeError:
+            self.node.count("drop: malformed XMPP signal")
+            return None
+        if final != self.node.id:
+            return None
+        return self.node.signalling.receive(raw, lambda sender: self._xmpp_signaller(nick, sender))
+
+    def _on_hello(self, payload: bytes, nick: str) -> bytes | None:
+        """A joiner's hello (its OFFER), seen as an anchor: answer it, call it back, introduce it."""
+        node = self.node
+        if not self.is_anchor:
+            return None
+        try:
+            final, raw = decode_routed_signal(payload)
+            signal = decode_signal(raw)
+        except DecodeError:
+            node.count("drop: malformed hello")
+            return None
+        if final != node.id:
+            return None
+        answer: list[Signal] = []
+        sender = node.signalling.receive(raw, lambda _sender: answer.append)
+        if sender is None or not answer:
+            return None
+        self._joiners[sender] = (nick, node.clock())
+        node.table.learn([sender])
+        node.finder.introduce(signal.contact)
+        return encode_routed_signal(sender, answer[0])
+
+    def _on_signal(self, payload: bytes, nick: str) -> None:
+        """A one-way signal over XMPP: for us (a member passing an offer through its anchor), or from a joiner
+        for a member in the overlay (then we route it on)."""
+        try:
+            final, _ = decode_routed_signal(payload)
+        except DecodeError:
+            self.node.count("drop: malformed XMPP signal")
+            return
+        if final == self.node.id:
+            self._take_signal(payload, nick)
+        elif self.is_anchor:
+            self.node.send_routed(final, Kind.SIGNAL, payload)
+
+    def _relay_to_joiner(self, joiner: int, body: bytes) -> bool:
+        entry = self._joiners.get(joiner)
+        return entry is not None and self.bootstrap.send_signal(entry[0], body)

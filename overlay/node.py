@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
 from overlay.finds import Finder
@@ -44,7 +45,9 @@ from overlay.routing.maintenance import (
     TellUse,
 )
 from overlay.routing.ring import RingParams, RingTable, Role
+from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
+from overlay.transport.ice import IceAgent, IceSettings
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_JOIN,
@@ -56,12 +59,14 @@ from overlay.wire import (
     Kind,
     LinkMsg,
     Routed,
+    decode_beacon,
     decode_contact,
     decode_neighbours,
     decode_probe,
     decode_relay,
     decode_routed,
     decode_token,
+    encode_beacon,
     encode_neighbours,
     encode_ping,
     encode_relay,
@@ -83,6 +88,8 @@ class NodeSettings:
     lookahead: bool = True
     promise: bool = True  # data packets follow the promise rule (docs/topology.md: 1.27x vs 1.42x shortest)
     stabilize_interval: float = 5.0
+    ice: IceSettings | None = None  # links are set up with ICE (docs/nat-traversal.md); None: direct and tunnels
+    anchors: int = 3  # members that stay in the XMPP room to answer joiners
 
 
 class Node:
@@ -129,6 +136,14 @@ class Node:
         )
         self.datapath = DataPath(self.address, self.router, self.links, self.counters, clock, self.rng)
         self.finder = Finder(self, self.maintenance)
+        self.signalling = Signalling(self)
+        self.beacon = Beacon()
+        self.peer_beacons: dict[int, tuple[int, int]] = {}  # what each neighbour last said of its overlay
+        self.router.join_unfit = self._join_unfit
+        self.ice: IceAgent | None = None
+        if settings.ice is not None:
+            self.ice = IceAgent(settings.ice, underlay, self.links.on_packet)
+            self.links.setup.agent = self.ice
         self.dht = AddressService(self)
         self.datapath.dht = self.dht
         self.router.on_no_route = self._on_no_route
@@ -141,12 +156,13 @@ class Node:
             (Kind.DHT_PUT, self.dht.on_put),
             (Kind.DHT_GET, self.dht.on_get),
             (Kind.DHT_VALUE, self.dht.on_value),
+            (Kind.SIGNAL, self.signalling.on_routed),
         ):
             self.router.handlers[kind] = handler
         self.tap: Any = None
         if tap is not None:
             self.attach_tap(tap)
-        self.membership = Membership(self, bootstrap) if bootstrap is not None else None
+        self.membership = Membership(self, bootstrap, anchors=settings.anchors) if bootstrap is not None else None
         self.first_link_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,6 +213,40 @@ class Node:
     def wake(self) -> None:
         self._schedule(self.clock())
 
+    def link_to(self, contact: Contact, via: int | None = None) -> None:
+        peer = node_id_from_public_key(contact.public_key)
+        signal = self.signalling.route(peer, via)
+        self.links.setup.connect(contact.public_key, contact.endpoint, contact, signal=signal)
+
+    # -- the overlay's beacon (overlay/beacon.py) ---------------------------------------------------------------
+    def flood_beacon(self, seq: int, came_from: int | None) -> None:
+        msg = encode_beacon(self.beacon.overlay, seq)
+        for peer, link in list(self.links.links.items()):
+            if peer != came_from:
+                link.send(msg)
+
+    def _hear_beacon(self, peer: int, overlay: int, seq: int, now: float) -> None:
+        self.peer_beacons[peer] = (overlay, seq)
+        event = self.beacon.hear(overlay, seq, now)
+        if not event:
+            return
+        self.flood_beacon(self.beacon.seq, peer)
+        if event in ("rejoin", "migrate"):
+            log.info(
+                "%s overlay %016x through %s",
+                "moving into the older" if event == "migrate" else "cut off from the leader; joining again",
+                overlay,
+                format_id(peer),
+            )
+            self.count(f"overlay {event}s")
+            self.finder.join(via=peer)
+            self.router.forget_routes()
+            self.maintenance.relink_now(now)
+
+    def _join_unfit(self) -> set[int]:
+        fit = self.beacon.fit_for_join
+        return {p for p in self.links.links if not fit(*self.peer_beacons.get(p, (0, 0)))}
+
     @property
     def data_hops(self) -> list[int]:
         """Data packets that arrived over a link for us, and the hops they took."""
@@ -212,20 +262,20 @@ class Node:
         self.tap = tap
         self.datapath.attach_tap(tap, ipaddress.IPv4Interface(self.settings.address).network.prefixlen)
 
-    async def start(self, *, start_bootstrap: bool = True) -> None:
-        """Join the group: XMPP login (unless the caller did it), first link, join FIND.
-
-        Raises BootstrapError from the XMPP layer."""
+    async def start(self) -> None:
+        """Start the node: sockets, timers, and (with a bootstrap) the XMPP login and room entry, which raise
+        BootstrapError for a wrong password, a missing room or a non-member. Joining the overlay then goes on
+        in the background (overlay/membership.py) and never ends the node."""
         self._loop = asyncio.get_running_loop()
         self.underlay.start(self.links.on_datagram)
+        if self.ice is not None:
+            self.underlay.on_stun = self.ice.on_stun
+            self.ice.start(self.clock())
         if self.tap is not None:
             self._loop.add_reader(self.tap.fileno(), self.datapath.on_tap_readable)
         self._schedule(self.clock())
-        if self.membership is None:
-            return
-        if start_bootstrap:
-            await self.membership.bootstrap.start()
-        await self.membership.join()
+        if self.membership is not None:
+            await self.membership.start()
 
     async def stop(self) -> None:
         if self._stopped:
@@ -237,6 +287,8 @@ class Node:
         if self.tap is not None and self._loop is not None:
             self._loop.remove_reader(self.tap.fileno())
         self.underlay.close()
+        if self.ice is not None:
+            await self.ice.close()
         if self.membership is not None:
             await self.membership.stop()
 
@@ -256,6 +308,8 @@ class Node:
         for action in self.maintenance.tick(now):
             self._act(action, now)
         deadline = min(deadline, self.maintenance.next_deadline())
+        if self.ice is not None:
+            self.ice.tick(now)
         self.dht.tick(now)
         if self.membership is not None:
             self.membership.tick(now)
@@ -269,7 +323,7 @@ class Node:
             if link is not None:
                 link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
         elif isinstance(action, SendNeighbours):
-            msg = encode_neighbours(list(action.neighbours))
+            msg = encode_neighbours(list(action.neighbours), self.beacon.overlay, self.beacon.seq)
             for peer in action.peers:
                 link = self.links.links.get(peer)
                 if link is not None:
@@ -314,6 +368,7 @@ class Node:
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
         self.table.remove_link(link.peer_id)
+        self.peer_beacons.pop(link.peer_id, None)
         self.datapath.forget_link(link.peer_id)
         gone = reason in (PEER_CLOSED, DEAD_REASON)
         self.maintenance.on_link_down(link.peer_id, now, dead=gone)
@@ -329,7 +384,7 @@ class Node:
         contact = self.check_contact(pkt.body)
         if contact is not None and node_id_from_public_key(contact.public_key) == pkt.src:
             self.table.learn([pkt.src])
-            self.links.connect(contact.public_key, contact.endpoint, contact)
+            self.link_to(contact)
 
     # -- routed packets delivered here -----------------------------------------------------------------------
     def _deliver_data(self, pkt: Routed) -> None:
@@ -362,8 +417,12 @@ class Node:
                 if 0 <= now - sent < 60:
                     link.rtt = now - sent
             elif kind == LinkMsg.NEIGHBOURS:
-                self.maintenance.on_neighbours(link.peer_id, decode_neighbours(msg), now)
+                ids, overlay, seq = decode_neighbours(msg)
+                self.maintenance.on_neighbours(link.peer_id, ids, now)
                 self.router.forget_routes()
+                self._hear_beacon(link.peer_id, overlay, seq, now)
+            elif kind == LinkMsg.BEACON:
+                self._hear_beacon(link.peer_id, *decode_beacon(msg), now)
             elif kind == LinkMsg.RELAY:
                 peer, packet = decode_relay(msg)
                 onward = self.links.links.get(peer)
@@ -418,6 +477,7 @@ class Node:
                     "peer_address": link.contact.address if link.contact else None,
                     "endpoint": link.describe_endpoint(),
                     "relay": format_id(link.relay) if link.relay is not None else None,
+                    "kind": link.kind,
                     "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
                     "tx_bytes": link.tx_bytes,
                     "rx_bytes": link.rx_bytes,
@@ -425,6 +485,18 @@ class Node:
                 }
             )
         hops = self.datapath.hops
+        ice: dict[str, Any] = {"enabled": self.ice is not None}
+        if self.ice is not None:
+            ice["counters"] = dict(sorted(self.ice.counters.items()))
+            ice["turn"] = [
+                {
+                    "server": a.server.describe(),
+                    "relayed": f"{a.relayed[0]}:{a.relayed[1]}" if a.relayed else None,
+                    "counters": dict(sorted(a.counters.items())),
+                }
+                for a in self.ice.allocations
+            ]
+            ice["candidates"] = [c.to_sdp() for c in self.ice.host_candidates() + self.ice.srflx_candidates()]
         return {
             "node_id": format_id(self.id),
             "address": f"{self.address}/{self.network.prefixlen}",
@@ -437,4 +509,11 @@ class Node:
             "data_in": {"packets": hops[0], "mean_hops": round(hops[1] / max(1, hops[0]), 2)},
             "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
+            "overlay": {
+                "id": f"{self.beacon.overlay:016x}",
+                "beacon": self.beacon.seq,
+                "beacon_age_s": round(self.clock() - self.beacon.heard, 1) if self.beacon.overlay else None,
+            },
+            "membership": self.membership.status() if self.membership is not None else None,
+            "ice": ice,
         }

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from overlay.identity import Identity
 from overlay.links import LinkManager
 from overlay.routing.ring import RingTable
 from overlay.tap.frames import Bytes
+
+if TYPE_CHECKING:  # types only: these modules build on this one
+    from overlay.beacon import Beacon
+    from overlay.finds import Finder
+    from overlay.signalling import Signalling
 from overlay.wire import FLAG_EXACT, Contact, Kind
 
 
@@ -51,6 +56,23 @@ class OverlayPort(Protocol):
 
     def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None: ...
 
+    def link_to(self, contact: Contact, via: int | None = None) -> None:
+        """Open a link to the member with this contact; ICE signals for it go through the overlay (to `via`
+        first when the member is reachable only through that neighbour of it)."""
+        ...
+
     def wake(self) -> None:
         """Run the node's timers now (state changed in a way maintenance should act on)."""
+        ...
+
+
+class MemberPort(OverlayPort, Protocol):
+    """What membership (overlay/membership.py) also uses: the overlay's beacon, finds, and signalling."""
+
+    beacon: Beacon
+    finder: Finder
+    signalling: Signalling
+
+    def flood_beacon(self, seq: int, came_from: int | None) -> None:
+        """Tell every link (but `came_from`) our overlay's beacon at `seq`."""
         ...

@@ -72,6 +72,9 @@ class Router:
         self.handlers: dict[int, Handler] = {Kind.NO_ROUTE: self._on_no_route_report}
         # Called with (destination, kind) when a packet we sent cannot reach its exact destination.
         self.on_no_route: Callable[[int, int], None] = lambda dst, kind: None
+        # Neighbours a join must not be routed through: not in our overlay, or cut off from its leader
+        # (overlay/beacon.py), so a join lands in the main ring.
+        self.join_unfit: Callable[[], set[int]] = set
         self._route_cache: dict[int, int | None] = {}
         # Destination node -> (next hop, watermark, flags): what _on_routed sent for a DATA packet we
         # originated; forgotten with the other caches whenever links or neighbour lists change.
@@ -106,7 +109,7 @@ class Router:
     def _neighbours_of(self) -> NeighboursOf | None:
         return self.table.neighbours_of if self.lookahead else None
 
-    def _next_hop(self, dst: int, exclude: int | None = None) -> int | None:
+    def _next_hop(self, dst: int, exclude: frozenset[int] | None = None) -> int | None:
         if exclude is None:
             cached = self._route_cache.get(dst, -1)
             if cached != -1:
@@ -114,12 +117,12 @@ class Router:
         nbrs = self.table.neighbours()
         look = self._neighbours_of()
         if exclude is not None:
-            nbrs = [n for n in nbrs if n != exclude]
+            nbrs = [n for n in nbrs if n not in exclude]
             if look is not None:
                 base = look
 
                 def look(n: int) -> list[int]:
-                    return [m for m in base(n) if m != exclude]
+                    return [m for m in base(n) if m not in exclude]
 
         nh = next_hop(self.id, dst, nbrs, look)
         if exclude is None:
@@ -132,10 +135,10 @@ class Router:
         closest = self.table.closest_known(pkt.dst)
         return closest is not None and ring_distance(closest, pkt.dst) < ring_distance(self.id, pkt.dst)
 
-    def _next_hop_any(self, dst: int, exclude: int | None) -> int | None:
+    def _next_hop_any(self, dst: int, exclude: frozenset[int] | None) -> int | None:
         """The neighbour nearest `dst` whether or not it is nearer than we are: next_hop seen from the point
         opposite dst on the ring, from where every neighbour is an improvement."""
-        nbrs = [n for n in self.table.neighbours() if n != exclude]
+        nbrs = [n for n in self.table.neighbours() if exclude is None or n not in exclude]
         return next_hop(dst ^ (1 << 63), dst, nbrs, self._neighbours_of())
 
     def _promised_hop(self, pkt: Routed) -> Decision:
@@ -185,7 +188,7 @@ class Router:
                 return
             else:
                 pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK))
-        exclude = pkt.src if pkt.flags & FLAG_JOIN else None
+        exclude = frozenset({pkt.src} | self.join_unfit()) if pkt.flags & FLAG_JOIN else None
         own = ring_distance(self.id, pkt.dst)
         if exclude is not None and pkt.dst == self.id and pkt.src != self.id:
             own = FAR  # a FIND for a joiner whose ID equals ours: nobody nearer than us but the joiner

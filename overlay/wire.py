@@ -117,7 +117,7 @@ def decode_transport_header(data: bytes | memoryview) -> tuple[int, int]:
 class LinkMsg(enum.IntEnum):
     PING = 0x01  # token(8): the peer echoes it in a PONG; RTT and liveness
     PONG = 0x02
-    NEIGHBOURS = 0x03  # count(1), node IDs(8 each): lookahead and ring-repair candidates
+    NEIGHBOURS = 0x03  # count(1), node IDs(8 each), overlay(8), beacon sequence(4): gossip
     ROUTED = 0x04  # routed header + body
     RELAY = 0x05  # peer(8), link packet: "send this to peer" (a tunnel through us)
     RELAYED = 0x06  # peer(8), link packet: "peer sent you this through me"
@@ -127,6 +127,7 @@ class LinkMsg(enum.IntEnum):
     ANCHOR = 0x0A  # "please become an anchor": an anchor that sees too few anchors in the room recruits one
     PROBE = 0x0B  # token(8), zero padding to PROBE_SIZE: "does a datagram this big reach you?" (IP fragments)
     PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
+    BEACON = 0x0D  # overlay(8), sequence(4): a newer beacon of the sender's overlay (overlay/beacon.py)
 
 
 MAX_NEIGHBOURS = 64
@@ -154,18 +155,39 @@ def decode_probe(data: bytes | memoryview) -> int:
     return int(_TOKEN.unpack_from(data, 1)[0])
 
 
-def encode_neighbours(ids: list[int]) -> bytes:
+_BEACON = struct.Struct("!QI")  # overlay ID, beacon sequence
+
+
+def encode_neighbours(ids: list[int], overlay: int = 0, seq: int = 0) -> bytes:
     ids = ids[:MAX_NEIGHBOURS]
-    return bytes([LinkMsg.NEIGHBOURS, len(ids)]) + b"".join(_PEER.pack(i) for i in ids)
+    return bytes([LinkMsg.NEIGHBOURS, len(ids)]) + b"".join(_PEER.pack(i) for i in ids) + _BEACON.pack(overlay, seq)
 
 
-def decode_neighbours(data: bytes | memoryview) -> list[int]:
+def decode_neighbours(data: bytes | memoryview) -> tuple[list[int], int, int]:
+    """Neighbour IDs, and the sender's overlay and beacon sequence."""
     if len(data) < 2:
         raise DecodeError("neighbour list without a count")
     count = data[1]
-    if count > MAX_NEIGHBOURS or len(data) != 2 + 8 * count:
-        raise DecodeError(f"neighbour list of {len(data)} bytes does not hold {count} IDs")
-    return [int.from_bytes(data[2 + 8 * i : 10 + 8 * i], "big") for i in range(count)]
+    end = 2 + 8 * count
+    if count > MAX_NEIGHBOURS or len(data) != end + _BEACON.size:
+        raise DecodeError(f"neighbour list of {len(data)} bytes does not hold {count} IDs and a beacon")
+    overlay, seq = _BEACON.unpack_from(data, end)
+    return _decode_ids(data, 2, count), int(overlay), int(seq)
+
+
+def _decode_ids(data: bytes | memoryview, at: int, count: int) -> list[int]:
+    return [int.from_bytes(data[at + 8 * i : at + 8 + 8 * i], "big") for i in range(count)]
+
+
+def encode_beacon(overlay: int, seq: int) -> bytes:
+    return bytes([LinkMsg.BEACON]) + _BEACON.pack(overlay, seq)
+
+
+def decode_beacon(data: bytes | memoryview) -> tuple[int, int]:
+    if len(data) != 1 + _BEACON.size:
+        raise DecodeError(f"beacon of {len(data)} bytes")
+    overlay, seq = _BEACON.unpack_from(data, 1)
+    return int(overlay), int(seq)
 
 
 def encode_relay(kind: LinkMsg, peer: int, packet: bytes) -> bytes:
@@ -333,12 +355,31 @@ def decode_contact(data: bytes) -> tuple[Contact, bytes]:
 
 
 def encode_found(contact: Contact, neighbours: list[int]) -> bytes:
-    return contact.encode() + encode_neighbours(neighbours)[1:]
+    neighbours = neighbours[:MAX_NEIGHBOURS]
+    return contact.encode() + bytes([len(neighbours)]) + b"".join(_PEER.pack(i) for i in neighbours)
 
 
 def decode_found(body: bytes) -> tuple[Contact, list[int]]:
     contact, rest = decode_contact(body)
-    return contact, decode_neighbours(b"\x00" + rest)
+    if not rest or rest[0] > MAX_NEIGHBOURS or len(rest) != 1 + 8 * rest[0]:
+        raise DecodeError("FOUND neighbour list malformed")
+    return contact, _decode_ids(rest, 1, rest[0])
+
+
+def encode_find(seq: int, contact: Contact, via: int | None = None) -> bytes:
+    """A FIND: request number, the sender's contact, and for a join the member the sender is reachable
+    through while it has no other link (the FIND's first hop, or the anchor that introduced it)."""
+    return seq.to_bytes(4, "big") + contact.encode() + (_PEER.pack(via) if via is not None else b"")
+
+
+def decode_find(body: bytes) -> tuple[int, Contact, int | None]:
+    if len(body) < 4:
+        raise DecodeError("FIND without a request number")
+    contact, rest = decode_contact(body[4:])
+    if rest and len(rest) != _PEER.size:
+        raise DecodeError("FIND with trailing bytes")
+    via = int(_PEER.unpack(rest)[0]) if rest else None
+    return int.from_bytes(body[:4], "big"), contact, via
 
 
 # --- address records (the DHT's values) -------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xmpp_bootstrap import MAX_HELLO, BootstrapError, MemoryBootstrap, MemoryRoom, decode_hello, encode_hello
-from xmpp_bootstrap.protocol import MAX_HELLO_TEXT, should_become_anchor, should_stand_down
+from xmpp_bootstrap.protocol import MAX_HELLO_TEXT, Occupant, should_stand_down
 
 MEMBERS = [f"m{i}@example.test" for i in range(4)]
 
@@ -60,74 +60,89 @@ def test_joiner_gets_the_anchors_answer() -> None:
     async def body() -> None:
         room = new_room()
         first = MemoryBootstrap(room, MEMBERS[0], "bb01")
-        seen: list[bytes] = []
-        first.on_hello = lambda hello: seen.append(hello) or b"hello from bb01"
+        seen: list[tuple[bytes, str]] = []
+        first.on_hello = lambda hello, nick: seen.append((hello, nick)) or b"hello from bb01"
         await first.start()
-        assert await first.exchange(b"hello from bb01") == []
-        await first.settle()
+        first.set_anchor(0x1234)
         assert first.is_anchor
         second = MemoryBootstrap(room, MEMBERS[1], "bb02")
         await second.start()
-        assert await second.exchange(b"hello from bb02") == [b"hello from bb01"]
-        assert seen == [b"hello from bb02"]
+        assert second.occupants["bb01"] == Occupant(True, 0x1234)
+        assert await second.exchange({"bb01": b"hello from bb02"}) == {"bb01": b"hello from bb01"}
+        assert seen == [(b"hello from bb02", "bb02")]
 
     asyncio.run(body())
 
 
-def test_settled_non_anchor_leaves_the_room() -> None:
+def test_room_changes_are_reported_and_anchor_marks_carry_the_overlay() -> None:
     async def body() -> None:
         room = new_room()
-        nodes = [MemoryBootstrap(room, MEMBERS[0], f"cc0{i}", anchors=2) for i in range(3)]
-        for node in nodes:
-            await node.start()
-            await node.settle()
-        assert [n.is_anchor for n in nodes] == [True, True, False]
-        assert sorted(room.occupants) == ["cc00", "cc01"]
-        assert not nodes[2].in_room
+        watcher = MemoryBootstrap(room, MEMBERS[0], "cc00")
+        changes: list[dict[str, Occupant]] = []
+        watcher.on_change = lambda: changes.append(dict(watcher.occupants))
+        await watcher.start()
+        other = MemoryBootstrap(room, MEMBERS[1], "cc01")
+        await other.start()
+        other.set_anchor(7)
+        await other.stop()
+        assert [sorted(c.items()) for c in changes[-3:]] == [
+            [("cc00", Occupant()), ("cc01", Occupant())],
+            [("cc00", Occupant()), ("cc01", Occupant(True, 7))],
+            [("cc00", Occupant())],
+        ]
+        assert not other.in_room and not other.is_anchor
 
     asyncio.run(body())
 
 
-def test_extra_anchors_from_simultaneous_settles_stand_down() -> None:
+def test_a_signal_is_one_way_and_only_to_an_occupant() -> None:
     async def body() -> None:
         room = new_room()
-        nodes = [MemoryBootstrap(room, MEMBERS[0], f"dd0{i}", anchors=2) for i in range(4)]
-        for node in reversed(nodes):  # recruited at once: each takes the role, the largest nicks give it back
-            await node.become_anchor()
-        assert room.anchors() == ["dd00", "dd01"]
-        assert not nodes[2].in_room and not nodes[3].in_room
-
-    asyncio.run(body())
-
-
-def test_become_anchor_rejoins_after_leaving() -> None:
-    async def body() -> None:
-        room = new_room()
-        anchor = MemoryBootstrap(room, MEMBERS[0], "ee00", anchors=1)
-        node = MemoryBootstrap(room, MEMBERS[1], "ee01", anchors=1)
-        for n in (anchor, node):
+        a, b = MemoryBootstrap(room, MEMBERS[0], "dd00"), MemoryBootstrap(room, MEMBERS[1], "dd01")
+        got: list[tuple[bytes, str]] = []
+        b.on_signal = lambda payload, nick: got.append((payload, nick))
+        b.on_hello = lambda payload, nick: pytest.fail("a signal is not a hello request")
+        for n in (a, b):
             await n.start()
-            await n.settle()
-        assert anchor.is_anchor and not node.in_room
-        await anchor.stop()  # the last anchor goes; the overlay recruits a replacement
-        await node.become_anchor()
-        assert node.in_room and room.anchors() == ["ee01"]
+        assert a.send_signal("dd01", b"offer for you")
+        assert not a.send_signal("nobody", b"lost")
+        assert got == [(b"offer for you", "dd00")] and a.stats["signals_out"] == 1
 
     asyncio.run(body())
 
 
-def join_cost(settled: int, *, settle: bool = True) -> int:
+def test_stop_leaves_the_room_and_start_comes_back() -> None:
+    async def body() -> None:
+        room = new_room()
+        node = MemoryBootstrap(room, MEMBERS[1], "ee01")
+        await node.start()
+        await node.stop()
+        assert not node.in_room and room.occupants == {}
+        await node.start()
+        node.set_anchor(3)
+        assert node.in_room and room.anchors() == ["ee01"] and node.stats["logins"] == 2
+
+    asyncio.run(body())
+
+
+def join_cost(settled: int, *, anchors: int = 3, plain: bool = False) -> int:
+    """Stanzas a joiner receives for start() and one exchange with the anchors, after `settled` nodes of
+    which the first `anchors` stay in the room as anchors and the rest left (in a `plain` room all stay)."""
+
     async def body() -> int:
         room = new_room()
         for i in range(settled):
             node = MemoryBootstrap(room, MEMBERS[i % 4], f"ff{i:03d}")
-            node.on_hello = lambda _hello: b"anchor hello"
+            node.on_hello = lambda _hello, _nick: b"anchor hello"
             await node.start()
-            if settle:
-                await node.settle()
+            if i < anchors:
+                node.set_anchor(1)
+            elif not plain:
+                await node.stop()
         joiner = MemoryBootstrap(room, MEMBERS[0], "zzzz")
         await joiner.start()
-        await joiner.exchange(b"joiner hello")
+        targets = [n for n, o in joiner.occupants.items() if o.anchor]
+        await joiner.exchange({n: b"joiner hello" for n in targets})
         return joiner.stats["stanzas_in"]
 
     return asyncio.run(body())
@@ -135,12 +150,10 @@ def join_cost(settled: int, *, settle: bool = True) -> int:
 
 def test_join_cost_is_constant_in_a_200_node_group() -> None:
     assert join_cost(10) == join_cost(200) == 3 + 1 + 3  # 3 anchor presences, our own, 3 answers
-    assert join_cost(200, settle=False) == 200 + 1  # a plain room: one presence per occupant
+    assert join_cost(200, anchors=0, plain=True) == 200 + 1  # a plain room: one presence per occupant
 
 
 def test_anchor_role_rules() -> None:
-    assert should_become_anchor(False, 2, 3) and not should_become_anchor(False, 3, 3)
-    assert should_become_anchor(True, 5, 3)  # already an anchor: stand_down decides, not settle
     assert should_stand_down("d", ["a", "b", "c", "d"], 3)
     assert not should_stand_down("a", ["a", "b", "c", "d"], 3)
     assert not should_stand_down("d", ["b", "d"], 3)
@@ -169,7 +182,7 @@ def test_hostile_hello_is_a_counted_drop(text: str | None) -> None:
     room = new_room()
     anchor = MemoryBootstrap(room, MEMBERS[0], "aa")
     asked: list[bytes] = []
-    anchor.on_hello = lambda hello: asked.append(hello) or b"answer"
+    anchor.on_hello = lambda hello, _nick: asked.append(hello) or b"answer"
     asyncio.run(anchor.start())
     assert room.deliver("someone", "aa", text)
     payload = decode_hello(text)
@@ -183,7 +196,7 @@ def test_late_answer_is_not_taken_for_a_request() -> None:
     room = new_room()
     node = MemoryBootstrap(room, MEMBERS[0], "gg01")
     asked: list[bytes] = []
-    node.on_hello = lambda hello: asked.append(hello) or b"reply"
+    node.on_hello = lambda hello, _nick: asked.append(hello) or b"reply"
     asyncio.run(node.start())
-    assert room.deliver("gg02", "gg01", encode_hello(b"answer nobody waits for"), answer=True)
+    assert room.deliver("gg02", "gg01", encode_hello(b"answer nobody waits for"), kind="answer")
     assert asked == [] and node.stats["answers_late"] == 1

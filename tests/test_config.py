@@ -71,3 +71,44 @@ def test_a_missing_file_and_bad_toml_are_named(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[node\nkey="))
+
+
+ICE = """
+[ice]
+stun = ["198.18.0.2:3478", "198.18.0.3:3478"]
+turn = [{ url = "turn:198.18.0.2:3478?transport=udp", username = "u", password = "p" },
+        { url = "turn:198.18.0.2?transport=tcp", username = "u", password_file = "turn.pass" }]
+"""
+
+
+def test_an_ice_section_gives_stun_and_turn_servers_over_udp_and_tcp(tmp_path: Path) -> None:
+    (tmp_path / "turn.pass").write_text("from-file\n")
+    cfg = load_config(write(tmp_path, GOOD + ICE))
+    assert cfg.ice and cfg.stun == (("198.18.0.2", 3478), ("198.18.0.3", 3478))
+    assert [(t.host, t.port, t.transport, t.password) for t in cfg.turn] == [
+        ("198.18.0.2", 3478, "udp", "p"),
+        ("198.18.0.2", 3478, "tcp", "from-file"),
+    ]
+
+
+def test_without_an_ice_section_the_node_runs_no_ice(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert not cfg.ice and cfg.stun == () and cfg.turn == ()
+
+
+@pytest.mark.parametrize(
+    ("ice", "words"),
+    [
+        ('[ice]\nstun = ["stun.example:3478"]\n', "[ice] stun"),
+        ('[ice]\nturn = [{ url = "turns:198.18.0.2:5349", username = "u", password = "p" }]\n', "turn:"),
+        ('[ice]\nturn = [{ url = "turn:198.18.0.2?transport=sctp", username = "u", password = "p" }]\n', "transport"),
+        ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u", pasword = "p" }]\n', "pasword"),
+        ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u", password_file = "nope.pass" }]\n', "nope.pass"),
+        ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u" }]\n', "password"),
+        ('[ice]\nstunn = ["198.18.0.2:3478"]\n', "stunn"),
+    ],
+)
+def test_bad_ice_settings_are_one_line_naming_them(tmp_path: Path, ice: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD + ice))
+    assert words in str(e.value) and "\n" not in str(e.value)

@@ -31,6 +31,11 @@ DECODERS = [
     wire.decode_dht_value,
     wire.decode_address,
     wire.decode_probe,
+    wire.decode_beacon,
+    wire.decode_find,
+    wire.decode_signal,
+    wire.decode_ice_params,
+    wire.decode_routed_signal,
 ]
 
 
@@ -76,9 +81,58 @@ def test_routed_with_unknown_kind_is_a_decode_error() -> None:
         wire.decode_routed(bytes(data))
 
 
-@given(st.lists(st.integers(0, 2**64 - 1), max_size=wire.MAX_NEIGHBOURS))
-def test_neighbour_list_round_trip(ids: list[int]) -> None:
-    assert wire.decode_neighbours(wire.encode_neighbours(ids)) == ids
+@given(
+    st.lists(st.integers(0, 2**64 - 1), max_size=wire.MAX_NEIGHBOURS),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**32 - 1),
+)
+def test_neighbour_list_round_trip_carries_the_beacon(ids: list[int], overlay: int, seq: int) -> None:
+    assert wire.decode_neighbours(wire.encode_neighbours(ids, overlay, seq)) == (ids, overlay, seq)
+    assert wire.decode_beacon(wire.encode_beacon(overlay, seq)) == (overlay, seq)
+
+
+_ICE_TEXT = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", min_size=4, max_size=32
+)
+CANDIDATES = st.builds(
+    wire.IceCandidate,
+    st.sampled_from(wire.CANDIDATE_TYPES),
+    st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str)),
+    st.integers(1, 65535),
+    st.integers(0, 2**32 - 1),
+    _ICE_TEXT,
+)
+
+
+@given(
+    st.sampled_from(list(wire.SignalType)),
+    st.integers(0, 2**32 - 1),
+    st.one_of(
+        st.none(),
+        st.builds(
+            wire.IceParams,
+            _ICE_TEXT,
+            _ICE_TEXT.filter(lambda t: len(t) >= 22),
+            st.lists(CANDIDATES, max_size=6).map(tuple),
+        ),
+    ),
+)
+def test_signal_round_trip_with_and_without_ice(
+    kind: wire.SignalType, attempt: int, ice: wire.IceParams | None
+) -> None:
+    contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1234567, bytes(64))
+    signal = wire.Signal(kind, attempt, contact, ice)
+    assert wire.decode_signal(signal.encode()) == signal
+    body = wire.encode_routed_signal(42, signal)
+    assert wire.decode_routed_signal(body) == (42, signal.encode())
+
+
+def test_find_carries_the_member_a_joiner_is_reachable_through() -> None:
+    contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1, bytes(64))
+    assert wire.decode_find(wire.encode_find(7, contact, 99)) == (7, contact, 99)
+    assert wire.decode_find(wire.encode_find(7, contact)) == (7, contact, None)
+    with pytest.raises(DecodeError):
+        wire.decode_find(wire.encode_find(7, contact) + b"xy")
 
 
 @given(st.integers(0, 2**64 - 1))

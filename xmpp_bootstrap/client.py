@@ -1,9 +1,11 @@
 """XMPP bootstrap over a members-only MUC room: login, membership check, and the first hello exchange.
 
 The server refusing a non-member's join is the membership check. Only a few anchor nodes stay in the room; a
-joiner sees the anchors' presences (marked with <anchor xmlns='urn:ipop-overlay:bootstrap:0'/>), sends its
-hello to each anchor as a MUC private message, collects their hellos, and leaves once the overlay has a link.
-So a join costs the same number of stanzas whatever the group size (docs/xmpp-bootstrap.md has the numbers).
+joiner sees the anchors' presences (marked with <anchor xmlns='urn:ipop-overlay:bootstrap:0' overlay='HEX'/>),
+sends a hello to each anchor as a MUC private message, collects their answers, and leaves once the overlay has
+a link. So a join costs the same number of stanzas whatever the group size (docs/xmpp-bootstrap.md has the
+numbers). This layer moves bytes and reports the room; what the hellos say and who should be an anchor is the
+node's business (overlay/membership.py).
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from xmpp_bootstrap.protocol import (
     ANCHOR_TAG,
     ANSWER_ATTR,
     ANSWER_VALUE,
-    DEFAULT_ANCHORS,
     HELLO_TAG,
+    OVERLAY_ATTR,
+    SIGNAL_VALUE,
+    HelloHandler,
+    Occupant,
     answer_for,
     decode_hello,
     encode_hello,
-    should_become_anchor,
-    should_stand_down,
+    parse_overlay,
 )
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,15 @@ DISCONNECT_WAIT = 1.0
 
 
 class BootstrapError(Exception):
-    """One line a person can act on (what failed, the value, what to do)."""
+    """One line a person can act on (what failed, the value, what to do).
+
+    `transient`: the server was slow or the session dropped, so trying again later may succeed; otherwise the
+    configuration or the credentials are wrong (a refused login, not a member, no such room, a certificate
+    that does not verify, nothing listening at the address)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -75,17 +87,34 @@ class XmppSettings:
 
 
 class Bootstrap(Protocol):
-    """What the node layer uses; XmppBootstrap and MemoryBootstrap both follow it."""
+    """What the node layer uses; XmppBootstrap and MemoryBootstrap both follow it.
 
-    on_hello: Callable[[bytes], bytes | None] | None
-    is_anchor: bool
+    - `start()`: log in (if not logged in) and join the room (if not in it) without the anchor mark. Raises
+      BootstrapError with one line; leaves nothing connected when it does.
+    - `occupants`: nick -> Occupant for everyone in the room as we last saw it, ourselves included.
+    - `exchange(hellos, timeout)`: send each nick its hello, return the answers that came within `timeout`.
+    - `send_signal(nick, payload)`: a one-way message to an occupant (False when it is not there).
+    - `set_anchor(overlay)`: mark our presence as an anchor of `overlay`, or unmark it with None.
+    - `stop()`: leave the room and log out; idempotent.
+    Callbacks: `on_hello(payload, nick)` answers a request; `on_signal(payload, nick)` takes a one-way
+    message; `on_change()` is called after the room view or the session changed.
+    """
+
+    nick: str
+    on_hello: HelloHandler | None
+    on_signal: Callable[[bytes, str], None] | None
+    on_change: Callable[[], None] | None
+    occupants: dict[str, Occupant]
     stats: dict[str, int]
 
+    @property
+    def in_room(self) -> bool: ...
+    @property
+    def is_anchor(self) -> bool: ...
     async def start(self) -> None: ...
-    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]: ...
-    async def settle(self) -> None: ...
-    async def become_anchor(self) -> None: ...
-    def anchors_present(self) -> int: ...
+    async def exchange(self, hellos: dict[str, bytes], timeout: float = 5.0) -> dict[str, bytes]: ...
+    def send_signal(self, nick: str, payload: bytes) -> bool: ...
+    def set_anchor(self, overlay: int | None) -> None: ...
     async def stop(self) -> None: ...
 
 
@@ -100,6 +129,9 @@ def new_stats() -> dict[str, int]:
         "hellos_dropped",
         "answers_in",
         "answers_late",
+        "signals_in",
+        "signals_out",
+        "logins",
         "sessions_lost",
     )
     return dict.fromkeys(keys, 0)
@@ -131,60 +163,53 @@ JOIN_REFUSALS = {
 class XmppBootstrap:
     """Bootstrap through a real XMPP server with slixmpp, run on the caller's asyncio loop."""
 
-    def __init__(self, settings: XmppSettings, *, anchors: int = DEFAULT_ANCHORS) -> None:
+    def __init__(self, settings: XmppSettings) -> None:
         self.settings = settings
-        self.anchors = anchors
-        self.on_hello: Callable[[bytes], bytes | None] | None = None
-        self.is_anchor = False
+        self.nick = settings.nick
+        self.on_hello: HelloHandler | None = None
+        self.on_signal: Callable[[bytes, str], None] | None = None
+        self.on_change: Callable[[], None] | None = None
         self.stats = new_stats()
-        self.occupants: dict[str, bool] = {}
-        """Nick -> is anchor, for the occupants we have seen in the room (ourselves included)."""
+        self.occupants: dict[str, Occupant] = {}
+        """Nick -> what its presence says, for the occupants we have seen in the room (ourselves included)."""
         self._room = JID(settings.room)
         self._client: ClientXMPP | None = None
         self._in_room = False
+        self._anchor: int | None = None
         self._joined: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
-        self._standing_down: asyncio.Task[None] | None = None
+
+    @property
+    def in_room(self) -> bool:
+        return self._in_room
+
+    @property
+    def is_anchor(self) -> bool:
+        return self._in_room and self._anchor is not None
 
     # -- lifecycle --
 
     async def start(self) -> None:
-        await self._start(anchor=False)
-
-    async def _start(self, *, anchor: bool) -> None:
+        if self._in_room and self._client is not None:
+            return
+        if self._client is not None and not self._client.is_connected():
+            await self.stop()  # the session dropped: start over
         try:
-            await self._connect()
-            await self._check_room()
-            await self._join(anchor=anchor)
+            if self._client is None:
+                await self._connect()
+                self.stats["logins"] += 1
+                await self._check_room()
+            await self._join()
         except BaseException:
             await self.stop()
             raise
 
-    async def settle(self) -> None:
-        if not self._in_room:
+    def set_anchor(self, overlay: int | None) -> None:
+        if not self._in_room or self._client is None or overlay == self._anchor:
             return
-        others = sum(1 for nick, anchor in self.occupants.items() if anchor and nick != self.settings.nick)
-        if should_become_anchor(self.is_anchor, others, self.anchors):
-            self._take_anchor_role()
-        else:
-            await self.stop()
-
-    async def become_anchor(self) -> None:
-        if self._client is None or not self._in_room:
-            await self.stop()
-            await self._start(anchor=True)
-        else:
-            self._take_anchor_role()
-
-    def anchors_present(self) -> int:
-        """Anchors in the room as we last saw it, ourselves included (0 when we are not in the room)."""
-        return sum(1 for anchor in self.occupants.values() if anchor) if self._in_room else 0
-
-    def _take_anchor_role(self) -> None:
-        if not self.is_anchor:
-            self._send_presence(anchor=True)
-            self.is_anchor = True
-            self.occupants[self.settings.nick] = True
+        self._anchor = overlay
+        self._send_presence()
+        self.occupants[self.nick] = Occupant(overlay is not None, overlay)
 
     async def stop(self) -> None:
         client, self._client = self._client, None
@@ -192,7 +217,7 @@ class XmppBootstrap:
             with contextlib.suppress(Exception):
                 client.make_presence(pto=self._occupant_jid(), ptype="unavailable").send()
         self._in_room = False
-        self.is_anchor = False
+        self._anchor = None
         self.occupants.clear()
         for future in self._pending.values():
             if not future.done():
@@ -211,29 +236,48 @@ class XmppBootstrap:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                log.exception("the node layer failed on a room change")
 
     # -- hello exchange --
 
-    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]:
+    async def exchange(self, hellos: dict[str, bytes], timeout: float = 5.0) -> dict[str, bytes]:
         if self._client is None or not self._in_room:
-            raise BootstrapError(f"not in room {self._room}: call start() before exchange()")
-        text = encode_hello(hello)
-        targets = [nick for nick, anchor in self.occupants.items() if anchor and nick != self.settings.nick]
+            raise BootstrapError(f"not in room {self._room}: the XMPP session dropped", transient=True)
         loop = asyncio.get_running_loop()
-        for nick in targets:
-            self._pending[nick] = loop.create_future()
-            self._send_hello(nick, text)
-        futures = [self._pending[nick] for nick in targets]
+        futures: dict[str, asyncio.Future[bytes | None]] = {}
+        for nick, hello in hellos.items():
+            if nick == self.nick:
+                continue
+            futures[nick] = self._pending[nick] = loop.create_future()
+            self._send_hello(nick, encode_hello(hello))
         if futures:
-            await asyncio.wait(futures, timeout=timeout)
-        for nick in targets:
-            self._pending.pop(nick, None)
-        return [answer for f in futures if f.done() and (answer := f.result()) is not None]
+            await asyncio.wait(futures.values(), timeout=timeout)
+        answers = {}
+        for nick, future in futures.items():
+            if self._pending.get(nick) is future:
+                del self._pending[nick]
+            if future.done() and (answer := future.result()) is not None:
+                answers[nick] = answer
+        return answers
 
-    def _send_hello(self, nick: str, text: str, *, answer: bool = False) -> None:
+    def send_signal(self, nick: str, payload: bytes) -> bool:
+        if self._client is None or not self._in_room or nick not in self.occupants:
+            return False
+        self._send_hello(nick, encode_hello(payload), kind=SIGNAL_VALUE)
+        self.stats["signals_out"] += 1
+        return True
+
+    def _send_hello(self, nick: str, text: str, *, kind: str | None = None) -> None:
         assert self._client is not None
         msg = self._client.make_message(mto=JID(f"{self._room.bare}/{nick}"), mtype="chat")
-        element = ET.Element(HELLO_TAG, {ANSWER_ATTR: ANSWER_VALUE} if answer else {})
+        element = ET.Element(HELLO_TAG, {ANSWER_ATTR: kind} if kind else {})
         element.text = text
         msg.append(element)
         msg.send()
@@ -247,11 +291,12 @@ class XmppBootstrap:
         nick = sender.resource
         element = msg.xml.find(HELLO_TAG)
         payload = decode_hello(element.text if element is not None else None)
-        if payload is None:
+        if payload is None or element is None:
             self.stats["hellos_dropped"] += 1
             return
         self.stats["hellos_in"] += 1
-        if element is not None and element.get(ANSWER_ATTR) == ANSWER_VALUE:
+        kind = element.get(ANSWER_ATTR)
+        if kind == ANSWER_VALUE:
             pending = self._pending.get(nick)
             if pending is not None and not pending.done():
                 self.stats["answers_in"] += 1
@@ -259,9 +304,17 @@ class XmppBootstrap:
             else:
                 self.stats["answers_late"] += 1
             return
+        if kind == SIGNAL_VALUE:
+            self.stats["signals_in"] += 1
+            if self.on_signal is not None:
+                try:
+                    self.on_signal(payload, nick)
+                except Exception:
+                    log.exception("the node layer failed on a signal from %s", nick)
+            return
         answer = answer_for(self.on_hello, payload, nick)
         if answer is not None and self._client is not None:
-            self._send_hello(nick, encode_hello(answer), answer=True)
+            self._send_hello(nick, encode_hello(answer), kind=ANSWER_VALUE)
 
     def _on_message_error(self, msg: Any) -> None:
         # The anchor left between our seeing its presence and our hello arriving: no answer will come.
@@ -346,12 +399,14 @@ class XmppBootstrap:
         )
         client.add_event_handler("disconnected", disconnected)
         client.connect(host, s.port)
+        transient = False
         try:
             error = await asyncio.wait_for(outcome, s.timeout)
         except TimeoutError:
             error = f"no XMPP session with {where} within {s.timeout:g} s: check host, port and firewall"
+            transient = True
         if error is not None:
-            raise BootstrapError(error)
+            raise BootstrapError(error, transient=transient)
 
     async def _check_room(self) -> None:
         """Disco#info the room first: joining a missing room would ask the server to create it."""
@@ -367,27 +422,29 @@ class XmppBootstrap:
                 f"room {self._room.bare} cannot be looked up ({condition}): check the conference domain"
             ) from None
         except IqTimeout:
-            raise BootstrapError(f"room {self._room.bare} did not answer within {self.settings.timeout:g} s") from None
+            raise BootstrapError(
+                f"room {self._room.bare} did not answer within {self.settings.timeout:g} s", transient=True
+            ) from None
 
-    async def _join(self, *, anchor: bool) -> None:
+    async def _join(self) -> None:
         self._joined = asyncio.get_running_loop().create_future()
-        self._send_presence(anchor=anchor, join=True)
+        self._anchor = None
+        self._send_presence(join=True)
         try:
             await asyncio.wait_for(self._joined, self.settings.timeout)
         except TimeoutError:
             raise BootstrapError(
-                f"joining room {self._room.bare} got no answer within {self.settings.timeout:g} s"
+                f"joining room {self._room.bare} got no answer within {self.settings.timeout:g} s", transient=True
             ) from None
         finally:
             self._joined = None
         self._in_room = True
-        self.is_anchor = anchor
-        self._check_stand_down()  # the presences that came before our own may already show enough anchors
+        self._changed()
 
     def _occupant_jid(self) -> JID:
         return JID(f"{self._room.bare}/{self.settings.nick}")
 
-    def _send_presence(self, *, anchor: bool, join: bool = False) -> None:
+    def _send_presence(self, *, join: bool = False) -> None:
         assert self._client is not None
         pres = self._client.make_presence(pto=self._occupant_jid())
         if join:
@@ -395,8 +452,8 @@ class XmppBootstrap:
             # No room history: the group never talks in the room, and history would cost stanzas per join.
             ET.SubElement(muc, f"{{{MUC_NS}}}history", {"maxstanzas": "0"})
             pres.append(muc)
-        if anchor:
-            pres.append(ET.Element(ANCHOR_TAG))
+        if self._anchor is not None:
+            pres.append(ET.Element(ANCHOR_TAG, {OVERLAY_ATTR: f"{self._anchor:016x}"}))
         pres.send()
 
     def _on_presence(self, pres: Any) -> None:
@@ -411,21 +468,25 @@ class XmppBootstrap:
         nick = sender.resource
         if not nick:
             return
-        if ptype == "unavailable":
-            self.occupants.pop(nick, None)
-            if nick == self.settings.nick:
-                # Kicked, or the room was destroyed: we are out of the room but may still be logged in.
-                self._in_room = False
-                self.is_anchor = False
-            return
-        self.occupants[nick] = pres.xml.find(ANCHOR_TAG) is not None
         is_self = any(
             s.get("code") == SELF_PRESENCE_STATUS
             for s in pres.xml.iterfind(f"{{{MUC_USER_NS}}}x/{{{MUC_USER_NS}}}status")
         )
+        if ptype == "unavailable":
+            self.occupants.pop(nick, None)
+            if nick == self.nick:
+                # Kicked, or the room was destroyed: we are out of the room but may still be logged in.
+                self._in_room = False
+                self._anchor = None
+            self._changed()
+            return
+        anchor = pres.xml.find(ANCHOR_TAG)
+        overlay = parse_overlay(anchor.get(OVERLAY_ATTR)) if anchor is not None else None
+        self.occupants[nick] = Occupant(anchor is not None and overlay is not None, overlay)
         if is_self and self._joined is not None and not self._joined.done():
             self._joined.set_result(None)
-        self._check_stand_down()
+        elif self._in_room:
+            self._changed()
 
     def _on_join_refused(self, pres: Any) -> None:
         # Prosody's refusal lacks the MUC <x/> child, so slixmpp's MUC plugin would not see it; we match the
@@ -442,24 +503,12 @@ class XmppBootstrap:
         )
         self._joined.set_exception(BootstrapError(message))
 
-    def _check_stand_down(self) -> None:
-        if not (self.is_anchor and self._in_room) or self._standing_down is not None:
-            return
-        anchor_nicks = [nick for nick, anchor in self.occupants.items() if anchor]
-        if should_stand_down(self.settings.nick, anchor_nicks, self.anchors):
-            self._standing_down = asyncio.ensure_future(self._stand_down())
-
-    async def _stand_down(self) -> None:
-        try:
-            await self.stop()
-        finally:
-            self._standing_down = None
-
     def _on_disconnected(self, client: ClientXMPP) -> None:
         if client is not self._client:
             return  # an old session we closed ourselves
         if self._in_room:
             self.stats["sessions_lost"] += 1
-            log.warning("XMPP session to %s dropped; the node may call become_anchor() to return", self._room)
+            log.warning("XMPP session to %s dropped", self._room)
         self._in_room = False
-        self.is_anchor = False
+        self._anchor = None
+        self._changed()  # the node layer calls stop() to clean up, and start() to come back

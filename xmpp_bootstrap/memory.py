@@ -11,14 +11,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from xmpp_bootstrap.client import JOIN_REFUSALS, BootstrapError, new_stats
-from xmpp_bootstrap.protocol import (
-    DEFAULT_ANCHORS,
-    answer_for,
-    decode_hello,
-    encode_hello,
-    should_become_anchor,
-    should_stand_down,
-)
+from xmpp_bootstrap.protocol import HelloHandler, Occupant, answer_for, decode_hello, encode_hello
 
 
 def _bare(jid: str) -> str:
@@ -44,46 +37,44 @@ class MemoryRoom:
     def anchors(self) -> list[str]:
         return sorted(nick for nick, occ in self.occupants.items() if occ.is_anchor)
 
+    def view(self) -> dict[str, Occupant]:
+        return {nick: Occupant(occ.is_anchor, occ.overlay) for nick, occ in self.occupants.items()}
+
     def broadcast_presence(self, nick: str) -> None:
         """Every occupant but `nick` receives `nick`'s presence (available, anchor change or unavailable)."""
         for other, occupant in list(self.occupants.items()):
             if other != nick:
                 occupant._count_presence()
-        for occupant in list(self.occupants.values()):
-            occupant._check_stand_down()
+        for other, occupant in list(self.occupants.items()):
+            if other != nick:
+                occupant._changed()
 
-    def deliver(self, sender: str, recipient: str, text: str | None, *, answer: bool = False) -> bool:
-        """A private message with <hello/> text (type='answer' if `answer`) from `sender` to occupant
-        `recipient`; False if there is no such occupant."""
+    def deliver(self, sender: str, recipient: str, text: str | None, *, kind: str = "") -> bool:
+        """A private message with <hello/> text (kind "answer", "signal" or a request) from `sender` to
+        occupant `recipient`; False if there is no such occupant."""
         target = self.occupants.get(recipient)
         if target is None:
             return False
         if sender in self.occupants:
             self.occupants[sender].stats["stanzas_out"] += 1
-        target._on_hello_text(sender, text, answer)
+        target._on_hello_text(sender, text, kind)
         return True
 
 
 class MemoryBootstrap:
     """Bootstrap through a MemoryRoom; same behaviour and errors as XmppBootstrap, no server."""
 
-    def __init__(
-        self,
-        room: MemoryRoom,
-        jid: str,
-        nick: str,
-        *,
-        anchors: int = DEFAULT_ANCHORS,
-        password_ok: bool = True,
-    ) -> None:
+    def __init__(self, room: MemoryRoom, jid: str, nick: str, *, password_ok: bool = True) -> None:
         self.room = room
         self.jid = jid
         self.nick = nick
-        self.anchors = anchors
         self.password_ok = password_ok
-        self.on_hello: Callable[[bytes], bytes | None] | None = None
-        self.is_anchor = False
+        self.on_hello: HelloHandler | None = None
+        self.on_signal: Callable[[bytes, str], None] | None = None
+        self.on_change: Callable[[], None] | None = None
         self.stats = new_stats()
+        self.overlay: int | None = None
+        self.logged_in = False
         self._in_room = False
         self._pending: dict[str, bytes | None] = {}
         self._expecting: set[str] = set()
@@ -92,77 +83,91 @@ class MemoryBootstrap:
     def in_room(self) -> bool:
         return self._in_room
 
+    @property
+    def is_anchor(self) -> bool:
+        return self._in_room and self.overlay is not None
+
+    @property
+    def occupants(self) -> dict[str, Occupant]:
+        return self.room.view() if self._in_room else {}
+
     # -- lifecycle --
 
     async def start(self) -> None:
-        self._join(anchor=False)
+        if not self.logged_in:
+            jid = _bare(self.jid)
+            if not self.password_ok:
+                raise BootstrapError(f"login as {jid} was refused: check the password (or the account name)")
+            if not self.room.exists:
+                raise BootstrapError(JOIN_REFUSALS["item-not-found"].format(room=self.room.name))
+            self.logged_in = True
+            self.stats["logins"] += 1
+        self._join()
 
-    async def settle(self) -> None:
-        if not self._in_room:
+    def set_anchor(self, overlay: int | None) -> None:
+        if not self._in_room or overlay == self.overlay:
             return
-        others = sum(1 for nick in self.room.anchors() if nick != self.nick)
-        if should_become_anchor(self.is_anchor, others, self.anchors):
-            if not self.is_anchor:
-                self._set_anchor()
-        else:
-            await self.stop()
-
-    async def become_anchor(self) -> None:
-        if not self._in_room:
-            self._join(anchor=True)
-        elif not self.is_anchor:
-            self._set_anchor()
-
-    def anchors_present(self) -> int:
-        return len(self.room.anchors()) if self._in_room else 0
+        self.stats["stanzas_out"] += 1
+        self.overlay = overlay
+        self._count_presence()
+        self.room.broadcast_presence(self.nick)
 
     async def stop(self) -> None:
         self._leave()
+        self.logged_in = False
 
     # -- hello exchange --
 
-    async def exchange(self, hello: bytes, timeout: float = 5.0) -> list[bytes]:
+    async def exchange(self, hellos: dict[str, bytes], timeout: float = 5.0) -> dict[str, bytes]:
         if not self._in_room:
             raise BootstrapError(f"not in room {self.room.name}: call start() before exchange()")
-        text = encode_hello(hello)
-        targets = [nick for nick in self.room.anchors() if nick != self.nick]
+        targets = [nick for nick in hellos if nick != self.nick]
         self._expecting = set(targets)
         self._pending = {}
         for nick in targets:
             self.stats["hellos_out"] += 1
-            self.room.deliver(self.nick, nick, text)
+            self.room.deliver(self.nick, nick, encode_hello(hellos[nick]))
         await asyncio.sleep(0)
         self._expecting = set()
-        answers = [self._pending.get(nick) for nick in targets]
-        return [a for a in answers if a is not None]
+        return {nick: a for nick in targets if (a := self._pending.get(nick)) is not None}
 
-    def _on_hello_text(self, sender: str, text: str | None, answer: bool) -> None:
+    def send_signal(self, nick: str, payload: bytes) -> bool:
+        if not self._in_room or nick not in self.room.occupants:
+            return False
+        self.stats["hellos_out"] += 1
+        self.stats["signals_out"] += 1
+        return self.room.deliver(self.nick, nick, encode_hello(payload), kind="signal")
+
+    def _on_hello_text(self, sender: str, text: str | None, kind: str) -> None:
         self.stats["stanzas_in"] += 1
         payload = decode_hello(text)
         if payload is None:
             self.stats["hellos_dropped"] += 1
             return
         self.stats["hellos_in"] += 1
-        if answer:
+        if kind == "answer":
             if sender in self._expecting and sender not in self._pending:
                 self.stats["answers_in"] += 1
                 self._pending[sender] = payload
             else:
                 self.stats["answers_late"] += 1
             return
+        if kind == "signal":
+            self.stats["signals_in"] += 1
+            if self.on_signal is not None:
+                self.on_signal(payload, sender)
+            return
         reply = answer_for(self.on_hello, payload, sender)
         if reply is not None:
             self.stats["hellos_out"] += 1
-            self.room.deliver(self.nick, sender, encode_hello(reply), answer=True)
+            self.room.deliver(self.nick, sender, encode_hello(reply), kind="answer")
 
     # -- room membership --
 
-    def _join(self, *, anchor: bool) -> None:
+    def _join(self) -> None:
         if self._in_room:
             return
         jid = _bare(self.jid)
-        if not self.password_ok:
-            raise BootstrapError(f"login as {jid} was refused: check the password (or the account name)")
         if not self.room.exists:
             raise BootstrapError(JOIN_REFUSALS["item-not-found"].format(room=self.room.name))
         refusal = None
@@ -171,22 +176,18 @@ class MemoryBootstrap:
         elif self.nick in self.room.occupants:
             refusal = "conflict"
         if refusal is not None:
+            self.logged_in = False
             raise BootstrapError(JOIN_REFUSALS[refusal].format(jid=jid, room=self.room.name, nick=self.nick))
         self.stats["stanzas_out"] += 1
         # The service sends us every current occupant's presence, then our own (XEP-0045 section 7.2.3).
         for _ in self.room.occupants:
             self._count_presence()
         self._count_presence()
-        self.is_anchor = anchor
+        self.overlay = None
         self._in_room = True
         self.room.occupants[self.nick] = self
         self.room.broadcast_presence(self.nick)
-
-    def _set_anchor(self) -> None:
-        self.stats["stanzas_out"] += 1
-        self.is_anchor = True
-        self._count_presence()
-        self.room.broadcast_presence(self.nick)
+        self._changed()
 
     def _leave(self) -> None:
         if not self._in_room:
@@ -194,19 +195,21 @@ class MemoryBootstrap:
         self.stats["stanzas_out"] += 1
         self._count_presence()
         self._in_room = False
-        self.is_anchor = False
+        self.overlay = None
         del self.room.occupants[self.nick]
         self.room.broadcast_presence(self.nick)
+        self._changed()
 
     def _on_removed(self) -> None:
         self._count_presence()
         self._in_room = False
-        self.is_anchor = False
+        self.overlay = None
+        self._changed()
 
     def _count_presence(self) -> None:
         self.stats["stanzas_in"] += 1
         self.stats["presences_in"] += 1
 
-    def _check_stand_down(self) -> None:
-        if self.is_anchor and self._in_room and should_stand_down(self.nick, self.room.anchors(), self.anchors):
-            self._leave()
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

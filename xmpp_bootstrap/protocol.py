@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 # Our choice: the node layer's signed hello (key, certificate, addresses) fits in 4 KiB with room to spare.
 MAX_HELLO = 4096
@@ -21,9 +22,13 @@ NS = "urn:ipop-overlay:bootstrap:0"
 HELLO_TAG = f"{{{NS}}}hello"
 ANCHOR_TAG = f"{{{NS}}}anchor"
 # An answer carries <hello type='answer'>. Without the mark, an answer that arrives after exchange() gave up
-# would look like a request, be answered, and two nodes could bounce hellos at each other forever.
+# would look like a request, be answered, and two nodes could bounce hellos at each other forever. A one-way
+# message (a link signal an anchor passes between a joiner and the overlay) carries <hello type='signal'>.
 ANSWER_ATTR = "type"
 ANSWER_VALUE = "answer"
+SIGNAL_VALUE = "signal"
+# <anchor overlay='HEX'/>: which overlay the anchor belongs to (overlay/membership.py), 16 hex digits.
+OVERLAY_ATTR = "overlay"
 
 DEFAULT_ANCHORS = 3
 
@@ -60,9 +65,22 @@ def decode_hello(text: str | None) -> bytes | None:
     return payload
 
 
-def should_become_anchor(is_anchor: bool, anchors_present: int, anchors: int) -> bool:
-    """At settle time: take the anchor role when the room has fewer than `anchors` anchors (self excluded)."""
-    return is_anchor or anchors_present < anchors
+@dataclass(frozen=True, slots=True)
+class Occupant:
+    """What a room occupant's presence says: whether it is an anchor, and of which overlay."""
+
+    anchor: bool = False
+    overlay: int | None = None
+
+
+def parse_overlay(text: str | None) -> int | None:
+    """An anchor presence's overlay attribute, or None when missing or not 1-16 hex digits."""
+    if text is None or not 0 < len(text) <= 16:
+        return None
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
 
 
 def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) -> bool:
@@ -76,13 +94,17 @@ def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) 
     return len(ranked) > anchors and own_nick not in ranked[:anchors]
 
 
-def answer_for(on_hello: Callable[[bytes], bytes | None] | None, payload: bytes, sender: str) -> bytes | None:
-    """The node layer's answer to a peer's hello request, or None. The node layer verifies hellos; a failure
-    there is logged and swallowed, so one bad hello cannot take the XMPP session down."""
+HelloHandler = Callable[[bytes, str], "bytes | None"]
+
+
+def answer_for(on_hello: HelloHandler | None, payload: bytes, sender: str) -> bytes | None:
+    """The node layer's answer to a peer's hello request (or None; for a one-way signal the answer is
+    ignored). The node layer verifies hellos; a failure there is logged and swallowed, so one bad hello cannot
+    take the XMPP session down."""
     if on_hello is None:
         return None
     try:
-        return on_hello(payload)
+        return on_hello(payload, sender)
     except Exception:
-        log.exception("on_hello failed for a hello from %s", sender)
+        log.exception("the node layer failed on a hello from %s", sender)
         return None

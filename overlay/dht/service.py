@@ -4,7 +4,9 @@ The pure parts (records, store, replica placement, cache) live beside this file;
 through the node: routed DHT_PUT / DHT_GET / DHT_VALUE messages and link-local REPLICATE copies.
 
 - Publish: our record goes to the key's nearest node once our ring place is known (or after SETTLE_TIME), and
-  again at half-life (REFRESH_AFTER).
+  again at half-life (REFRESH_AFTER). Every CHECK_INTERVAL the owner also looks its own address up; if the
+  answer comes back empty (the record was placed while the ring was still forming, or every holder died at
+  once) it publishes again at once, instead of leaving its address dark until the next refresh.
 - Hold: a PUT delivered here is stored and copied to the other nodes of the replica set; a new ring neighbour
   gets copies of what it should hold; every EXPIRE_INTERVAL, expired records go and records whose key is not
   ours any more are routed on toward it (records placed while the ring was forming move home).
@@ -38,6 +40,7 @@ LOOKUP_TIMEOUT = 5.0
 QUEUE_PER_ADDRESS = 32  # our choice: a TCP initial window (10 segments) plus retransmits, not a buffer bloat
 EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
 SETTLE_TIME = 3.0
+CHECK_INTERVAL = 10.0  # our choice: an address lost in a storm or a crash resolves again within ~15 s
 NO_OWNER = "drop: no node owns the address"
 
 
@@ -55,6 +58,7 @@ class AddressService:
         self.cache = AddressCache()
         self._lookups: dict[str, _Lookup] = {}
         self._published = -1e18
+        self._checked = -1e18
         self._last_expire = -1e18
 
     # -- the clock -----------------------------------------------------------------------------------------
@@ -70,8 +74,12 @@ class AddressService:
             elif now - lookup.sent >= LOOKUP_RETRY:
                 lookup.sent = now
                 self._ask(address)
-        if self._ring_settled(now) and now - self._published >= REFRESH_AFTER:
-            self.publish(now)
+        if self._ring_settled(now):
+            if now - self._published >= REFRESH_AFTER:
+                self.publish(now)
+            elif now - max(self._published, self._checked) >= CHECK_INTERVAL:
+                self._checked = now
+                self._ask(self.node.address)
         if now - self._last_expire >= EXPIRE_INTERVAL:
             self._last_expire = now
             self.store.expire(now)
@@ -172,6 +180,11 @@ class AddressService:
     def on_value(self, pkt: Routed) -> None:
         now = self.node.clock()
         address, record = decode_dht_value(pkt.body)
+        if address == self.node.address:
+            if record is None or record.public_key != self.node.identity.public_key:
+                self.node.count("own record missing: published again")
+                self.publish(now)
+            return
         lookup = self._lookups.get(address)
         if record is None or lookup is None:
             return

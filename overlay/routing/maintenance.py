@@ -142,6 +142,10 @@ class Maintenance:
                 slot.peer, slot.target, slot.retry_at = None, None, now
         self._next_stabilize = min(self._next_stabilize, now)
 
+    def relink_now(self, now: float) -> None:
+        """Gossip at the next tick: our place changed (we moved into another overlay, or joined again)."""
+        self._next_stabilize = min(self._next_stabilize, now)
+
     def on_rx(self, peer: int, now: float) -> None:
         self._last_rx[peer] = now
 

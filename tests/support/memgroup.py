@@ -116,6 +116,20 @@ class MemoryGroup:
     def received(self, b: int, packet: bytes) -> bool:
         return any(frame[14:] == packet for frame in self.taps[b].written)
 
+    async def reach(self, pairs: list[tuple[int, int]], timeout: float, every: float = 2.0) -> list[tuple[int, int]]:
+        """Send a packet for each pair every `every` seconds until each has arrived once, as an application
+        retransmits while addresses resolve; the pairs that never got through within `timeout`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        sent: dict[tuple[int, int], list[bytes]] = {pair: [] for pair in pairs}
+        while True:
+            waiting = [(a, b) for (a, b), ps in sent.items() if not any(self.received(b, p) for p in ps)]
+            if not waiting or loop.time() >= end:
+                return waiting
+            for a, b in waiting:
+                sent[(a, b)].append(self.send(a, b, f"reach {a}->{b} {len(sent[(a, b)])}".encode()))
+            await asyncio.sleep(every)
+
     async def stop(self) -> None:
         for n in self.nodes:
             await n.stop()
