@@ -25,6 +25,7 @@ BEACON_INTERVAL = 15.0  # our choice: a beacon flood costs ~1 small message per 
 ISLAND_AFTER = 45.0  # three beacons missed; a flood crosses the overlay in a few RTTs
 REJOIN_GAP = 2  # more than this many beacons missed: we were cut off
 NO_OVERLAY = 0
+UNKNOWN_SEQ = -1  # entered an overlay from the room: the first beacon heard is current, whatever its number
 
 
 def new_overlay_id(now: float, rng: random.Random) -> int:
@@ -46,6 +47,10 @@ class Beacon:
     def found(self, overlay: int, now: float) -> None:
         self.overlay, self.seq, self.heard = overlay, 1, now
 
+    def enter(self, overlay: int, now: float) -> None:
+        """We linked into `overlay` (from the room): take whatever beacon comes next as current."""
+        self.overlay, self.seq, self.heard = overlay, UNKNOWN_SEQ, now
+
     def emit(self, now: float) -> int:
         """The leader's next beacon."""
         self.seq += 1
@@ -66,6 +71,9 @@ class Beacon:
         if overlay == self.overlay:
             if seq <= self.seq:
                 return ""
+            if self.seq == UNKNOWN_SEQ:
+                self.seq, self.heard = seq, now
+                return "newer"
             gap = seq - self.seq
             self.seq, self.heard = seq, now
             return "rejoin" if gap > REJOIN_GAP else "newer"
@@ -77,4 +85,4 @@ class Beacon:
     def fit_for_join(self, overlay: int, seq: int) -> bool:
         """Whether a neighbour that last told us (overlay, seq) may carry a join: it is in our overlay and not
         cut off from its leader."""
-        return overlay == self.overlay and seq + REJOIN_GAP >= self.seq
+        return overlay == self.overlay and (seq + REJOIN_GAP >= self.seq or self.seq == UNKNOWN_SEQ)

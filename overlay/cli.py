@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     # BootstrapError already reports in one actionable line: keep its logs for --log-level debug.
     if args.log_level != "debug":
         logging.getLogger("slixmpp").setLevel(logging.CRITICAL)
+        # aioice logs every candidate pair's state change at INFO: our own log says what was chosen.
+        logging.getLogger("aioice").setLevel(logging.WARNING)
     try:
         if args.command == "keygen":
             return cmd_keygen(args)

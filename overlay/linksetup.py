@@ -40,6 +40,7 @@ HANDSHAKE_RETRY = 1.0  # our choice: several RTTs on any path we expect, short e
 HANDSHAKE_TRIES = 3
 ICE_AFTER = 0.5  # our choice: a direct handshake on a LAN or to a public member answers well inside this
 ANSWER_TIMEOUT = 4.0  # an offer routed across the overlay and back: ~2 log N hops of RTT, generous
+OFFER_RETRY = 1.0  # a routed offer can be lost (a link closing under it): sent again until answered
 ICE_TIMEOUT = 4.0  # hole punching through endpoint-independent NATs succeeds within a few RTTs + one 0.5 s RTO
 RELAY_ICE_TIMEOUT = 6.0  # a relay pair needs a TURN channel bound first
 RESPONDER_TTL = 20.0  # a responder's ICE state outlives the longest initiator stage
@@ -68,6 +69,8 @@ class Attempt:
     ice_phase: int = 0
     ice_state: str = ""
     ice_since: float = 0.0
+    offer: Signal | None = None
+    offered_at: float = 0.0
     first_init: float | None = None
 
 
@@ -144,7 +147,9 @@ class LinkSetup:
             att.ice_state = "offered"  # waits for the answer's contact; no ICE
             att.ice_since = self._now()
             return Signal(SignalType.OFFER, att.number, self.contact_source())
-        return self._start_ice(att, phase=2, now=self._now(), send=False)
+        hello = self._start_ice(att, phase=2, now=self._now(), send=False)
+        att.offer = None  # it travels in a hello over XMPP (TCP), exactly once
+        return hello
 
     def _new_attempt(
         self,
@@ -185,9 +190,18 @@ class LinkSetup:
         ice_possible = self.agent is not None and att.signal is not None
         if att.ice_state == "offered" and now - att.ice_since > ANSWER_TIMEOUT:
             self._ice_failed(att, now, answered=False)
+        elif att.ice_state == "offered" and now - att.offered_at >= OFFER_RETRY and att.offer and att.signal:
+            att.offered_at = now
+            att.signal(att.offer)
         if att.ice_state == "checking" and now - att.ice_since > RELAY_ICE_TIMEOUT + 1.0:
             self._ice_failed(att, now, answered=True)  # the check task should have ended by now
-        if ice_possible and att.ice_phase == 0 and att.stage == "direct" and now - att.started >= ICE_AFTER:
+        if (
+            ice_possible
+            and att.ice_phase == 0
+            and att.stage == "direct"
+            and now - att.started >= ICE_AFTER
+            and not (self.agent is not None and self.agent.gathering(now))
+        ):
             self._start_ice(att, phase=1, now=now)
         if now < att.next_try:
             return
@@ -195,7 +209,7 @@ class LinkSetup:
             if att.endpoint is not None and att.tries < HANDSHAKE_TRIES:
                 self._try(att, UdpPath(self.manager.underlay, att.endpoint, "host"), now)
                 return
-            if att.ice_state in ("offered", "checking"):
+            if att.ice_state in ("offered", "checking") or (ice_possible and att.ice_phase == 0):
                 att.next_try = now + 0.25
                 return
             att.stage, att.tries = "tunnel", 0
@@ -254,6 +268,7 @@ class LinkSetup:
         kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
         signal = Signal(kind, att.number, self.contact_source(), session.params())
         self.count(f"ice offers: phase {phase}")
+        att.offer, att.offered_at = signal, now
         if send and att.signal is not None:
             att.signal(signal)
         return signal
@@ -299,6 +314,15 @@ class LinkSetup:
         att.stage, att.path, att.kind, att.tries, att.next_try = "ice", path, path.kind, 0, now
         self._step(att, now)
 
+    def signal_lost(self, peer_id: int) -> None:
+        """A signal for `peer_id` found no route: no answer will come, move on at once."""
+        att = self.attempts.get(peer_id)
+        if att is not None and att.ice_state == "offered":
+            self.count("ice offers with no route")
+            now = self._now()
+            self._ice_failed(att, now, answered=False)
+            self._step(att, now)
+
     # -- signals from peers ------------------------------------------------------------------------------------
     def on_signal(self, sig: Signal, reply: Signaller) -> None:
         """An OFFER, ANSWER or CANCEL from the member whose (verified) contact `sig` carries."""
@@ -320,17 +344,17 @@ class LinkSetup:
     def _on_offer(self, peer_id: int, sig: Signal, reply: Signaller) -> None:
         own = self.attempts.get(peer_id)
         if own is not None and own.ice_state in ("offered", "checking") and self._me < peer_id:
-            self.count("ice offer collisions")  # ours wins; the peer answers our offer
-            reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source()))
+            # Both sides offered: the lower ID's offer wins. The peer answers ours and drops its attempt.
+            self.count("ice offer collisions")
             return
-        if own is not None and own.ice is not None:
-            self._spawn(own.ice.close())
-            own.ice, own.ice_state = None, "failed"
         if self.agent is None or sig.ice is None:
             # No ICE on one side: "link to me". Answer with our contact and call back directly.
             reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source()))
             self.connect(sig.contact.public_key, sig.contact.endpoint, sig.contact)
             return
+        if own is not None:
+            # The peer's attempt runs the checks and the handshake; ours would only race it to a tunnel.
+            self._drop(own)
         self._drop_responder(peer_id)
         session = IceSession(self.agent, controlling=False, relay=sig.type == SignalType.OFFER_RELAY)
         responder = self._responders[peer_id] = _Responder(session, self._now())
@@ -358,16 +382,16 @@ class LinkSetup:
             return "relay"
         if isinstance(via, int):
             return "tunnel"
-        r = self._responders.get(peer_id)
-        if r is not None and isinstance(r.session.selected, UdpPath) and r.session.selected.endpoint == via:
-            return r.session.selected.kind
         att = self.attempts.get(peer_id)
         if att is not None and att.endpoint == via:
             return "host"
-        for relay in self.agent.allocations if self.agent is not None else []:
-            if relay.relayed == via:
-                return "relay"
-        return "host" if r is None else "prflx"
+        r = self._responders.get(peer_id)
+        if r is not None:
+            for c in r.session.connection.remote_candidates:
+                if (c.host, c.port) == via:
+                    return str(c.type)
+            return "prflx"  # learned from the checks, not signalled
+        return "host"
 
     def pending(self, index: int) -> tuple[PendingHandshake, int, bytes, str] | None:
         p = self._pending.pop(index, None)

@@ -239,6 +239,8 @@ class Membership:
         """Hellos with ICE offers to these anchors; True once a link to any member is up (then joined)."""
         node, boot = self.node, self.bootstrap
         before = set(node.links.links)
+        if node.ice is not None:
+            await node.ice.gathered()  # offers carry our server-reflexive and relayed candidates
         hellos = {}
         for nick in nicks:
             anchor = _nick_id(nick)
@@ -260,7 +262,7 @@ class Membership:
                 if node.beacon.overlay != target:
                     if node.beacon.overlay != NO_OVERLAY:
                         log.info("moving from overlay %016x into the older %016x", node.beacon.overlay, target)
-                    node.beacon.overlay, node.beacon.seq, node.beacon.heard = target, 0, node.clock()
+                    node.beacon.enter(target, node.clock())
                 if reason != "join" or node.first_link_at < node.clock() - 1:
                     node.finder.join(via=via)
                 self.state = "member"
@@ -306,7 +308,7 @@ class Membership:
     def _take_signal(self, payload: bytes, nick: str) -> int | None:
         """A signal that came over XMPP from `nick`, for us: replies go back the same way."""
         try:
-            final, raw = decode_routed_signal(payload)
+            final, _, raw = decode_routed_signal(payload)
         except DecodeError:
             self.node.count("drop: malformed XMPP signal")
             return None
@@ -320,7 +322,7 @@ class Membership:
         if not self.is_anchor:
             return None
         try:
-            final, raw = decode_routed_signal(payload)
+            final, _, raw = decode_routed_signal(payload)
             signal = decode_signal(raw)
         except DecodeError:
             node.count("drop: malformed hello")
@@ -340,7 +342,7 @@ class Membership:
         """A one-way signal over XMPP: for us (a member passing an offer through its anchor), or from a joiner
         for a member in the overlay (then we route it on)."""
         try:
-            final, _ = decode_routed_signal(payload)
+            final, _, _ = decode_routed_signal(payload)
         except DecodeError:
             self.node.count("drop: malformed XMPP signal")
             return

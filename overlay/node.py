@@ -61,12 +61,14 @@ from overlay.wire import (
     Routed,
     decode_beacon,
     decode_contact,
+    decode_link_request,
     decode_neighbours,
     decode_probe,
     decode_relay,
     decode_routed,
     decode_token,
     encode_beacon,
+    encode_link_request,
     encode_neighbours,
     encode_ping,
     encode_relay,
@@ -136,7 +138,7 @@ class Node:
         )
         self.datapath = DataPath(self.address, self.router, self.links, self.counters, clock, self.rng)
         self.finder = Finder(self, self.maintenance)
-        self.signalling = Signalling(self)
+        self.signalling = Signalling(self, self.router.first_hop)
         self.beacon = Beacon()
         self.peer_beacons: dict[int, tuple[int, int]] = {}  # what each neighbour last said of its overlay
         self.router.join_unfit = self._join_unfit
@@ -323,14 +325,16 @@ class Node:
             if link is not None:
                 link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
         elif isinstance(action, SendNeighbours):
-            msg = encode_neighbours(list(action.neighbours), self.beacon.overlay, self.beacon.seq)
+            msg = encode_neighbours(list(action.neighbours), self.beacon.overlay, max(0, self.beacon.seq))
             for peer in action.peers:
                 link = self.links.links.get(peer)
                 if link is not None:
                     link.send(msg)
         elif isinstance(action, OpenLink):
-            # Signal through the overlay: the peer answers by calling us at the endpoint in our contact.
-            self.send_routed(action.peer, Kind.LINK_REQUEST, self.contact().encode(), FLAG_EXACT)
+            # Signal through the overlay: the peer calls us back (direct, ICE, tunnel), its signals coming to us
+            # through our first hop when the ring cannot route to us yet.
+            body = encode_link_request(self.contact(), self.router.first_hop(action.peer))
+            self.send_routed(action.peer, Kind.LINK_REQUEST, body, FLAG_EXACT)
         elif isinstance(action, FindLong):
             self.finder.find(action.target, action.slot, FLAG_LONG_LINK)
         elif isinstance(action, CloseLink):
@@ -381,10 +385,14 @@ class Node:
         self.maintenance.on_attempt_failed(peer, self.clock())
 
     def _on_link_request(self, pkt: Routed) -> None:
-        contact = self.check_contact(pkt.body)
-        if contact is not None and node_id_from_public_key(contact.public_key) == pkt.src:
-            self.table.learn([pkt.src])
-            self.link_to(contact)
+        contact, via = decode_link_request(pkt.body)
+        if node_id_from_public_key(contact.public_key) != pkt.src:
+            return
+        if not verify(contact.public_key, contact.signed_part(self.room), contact.signature):
+            self.count("drop: contact with a bad signature")
+            return
+        self.table.learn([pkt.src])
+        self.link_to(contact, via if via != self.id else None)
 
     # -- routed packets delivered here -----------------------------------------------------------------------
     def _deliver_data(self, pkt: Routed) -> None:
@@ -394,6 +402,8 @@ class Node:
         if kind == Kind.DATA:
             # The node we resolved an address to is gone: forget it so the next packet looks it up again.
             self.dht.cache.evict_node(dst)
+        elif kind == Kind.SIGNAL:
+            self.links.setup.signal_lost(dst)
 
     # -- link messages -------------------------------------------------------------------------------------------
     def _on_message(self, link: Link, msg: bytes) -> None:

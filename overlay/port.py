@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # types only: these modules build on this one
     from overlay.beacon import Beacon
     from overlay.finds import Finder
     from overlay.signalling import Signalling
+    from overlay.transport.ice import IceAgent
 from overlay.wire import FLAG_EXACT, Contact, Kind
 
 
@@ -72,6 +73,7 @@ class MemberPort(OverlayPort, Protocol):
     beacon: Beacon
     finder: Finder
     signalling: Signalling
+    ice: IceAgent | None
 
     def flood_beacon(self, seq: int, came_from: int | None) -> None:
         """Tell every link (but `came_from`) our overlay's beacon at `seq`."""

@@ -105,6 +105,13 @@ class Router:
             return
         self.on_routed(None, packet)
 
+    def first_hop(self, dst: int) -> int | None:
+        """The neighbour a packet we originate for `dst` goes to first (None: delivered here, or no route)."""
+        nh = self._next_hop(dst)
+        if nh is None or ring_distance(nh, dst) >= ring_distance(self.id, dst):
+            nh = self._next_hop_any(dst, None) if dst != self.id else None
+        return nh
+
     # -- next hops ---------------------------------------------------------------------------------------------
     def _neighbours_of(self) -> NeighboursOf | None:
         return self.table.neighbours_of if self.lookahead else None

@@ -36,25 +36,29 @@ XmppRelay = Callable[[int, bytes], bool]
 
 
 class Signalling:
-    def __init__(self, port: OverlayPort) -> None:
+    def __init__(self, port: OverlayPort, first_hop: Callable[[int], int | None]) -> None:
         self.port = port
+        self.first_hop = first_hop
         self.xmpp_relay: XmppRelay = lambda dst, body: False
 
     def route(self, peer: int, via: int | None = None) -> Signaller:
-        """A Signaller that routes signals for `peer` through the overlay (to `via` first, if given)."""
+        """A Signaller that routes signals for `peer` through the overlay (to `via` first, if given). Each
+        names our first hop, so the peer's replies reach us while the ring cannot route to us yet."""
 
         def send(signal: Signal) -> None:
-            self.port.send_routed(via if via is not None else peer, Kind.SIGNAL, encode_routed_signal(peer, signal))
+            dst = via if via is not None else peer
+            reply_via = self.first_hop(dst) or 0
+            self.port.send_routed(dst, Kind.SIGNAL, encode_routed_signal(peer, signal, reply_via))
 
         return send
 
     def on_routed(self, pkt: Routed) -> None:
         """A SIGNAL packet delivered here: for us, or to pass on to the joiner it names."""
-        final, raw = decode_routed_signal(pkt.body)
+        final, reply_via, raw = decode_routed_signal(pkt.body)
         if final != self.port.id:
             self.pass_on(final, pkt.body, pkt.src)
             return
-        self.receive(raw, self.route)
+        self.receive(raw, lambda sender: self.route(sender, reply_via if reply_via not in (0, sender) else None))
 
     def pass_on(self, final: int, body: bytes, src: int) -> None:
         link = self.port.links.links.get(final)

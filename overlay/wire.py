@@ -211,7 +211,7 @@ def decode_token(data: bytes | memoryview) -> int:
 
 class Kind(enum.IntEnum):
     DATA = 0x01  # an IPv4 packet for the destination node
-    LINK_REQUEST = 0x02  # contact: "link to me" (ring repair); the receiver starts the handshake
+    LINK_REQUEST = 0x02  # contact [, first hop (8)]: "link to me" (ring repair); the receiver calls back
     FIND = 0x03  # contact: "who is closest to this key?" (join, long links); flags say if a long link is wanted
     FOUND = 0x04  # contact + neighbour IDs of the node closest to the key
     DHT_PUT = 0x05  # address record, routed to the key's closest node
@@ -364,6 +364,18 @@ def decode_found(body: bytes) -> tuple[Contact, list[int]]:
     if not rest or rest[0] > MAX_NEIGHBOURS or len(rest) != 1 + 8 * rest[0]:
         raise DecodeError("FOUND neighbour list malformed")
     return contact, _decode_ids(rest, 1, rest[0])
+
+
+def encode_link_request(contact: Contact, via: int | None) -> bytes:
+    """ "Link to me": our contact, and the neighbour the request leaves through, for signals back to us."""
+    return contact.encode() + (_PEER.pack(via) if via is not None else b"")
+
+
+def decode_link_request(body: bytes) -> tuple[Contact, int | None]:
+    contact, rest = decode_contact(body)
+    if rest and len(rest) != _PEER.size:
+        raise DecodeError("link request with trailing bytes")
+    return contact, (int(_PEER.unpack(rest)[0]) if rest else None)
 
 
 def encode_find(seq: int, contact: Contact, via: int | None = None) -> bytes:
@@ -555,13 +567,20 @@ def decode_signal(data: bytes) -> Signal:
     return Signal(kind, attempt, contact, decode_ice_params(rest) if rest else None)
 
 
-def encode_routed_signal(final_dst: int, signal: Signal) -> bytes:
-    """The body of a routed SIGNAL packet: `final_dst` is the member it is for; the packet's own destination
-    may be a neighbour of it (a joiner is reachable only through the member it joined by)."""
-    return _PEER.pack(final_dst) + signal.encode()
+_SIGNAL_ROUTE = struct.Struct("!QQ")  # final destination, reply via (0: route replies to the sender itself)
 
 
-def decode_routed_signal(body: bytes) -> tuple[int, bytes]:
-    if len(body) < _PEER.size:
+def encode_routed_signal(final_dst: int, signal: Signal, reply_via: int = 0) -> bytes:
+    """The body of a routed SIGNAL packet (and of an XMPP hello): `final_dst` is the member it is for; the
+    packet's own destination may be a neighbour of it (a joiner is reachable only through the member it
+    joined by). `reply_via`: a neighbour of the sender to route replies to, for a sender the ring may not
+    route to yet."""
+    return _SIGNAL_ROUTE.pack(final_dst, reply_via) + signal.encode()
+
+
+def decode_routed_signal(body: bytes) -> tuple[int, int, bytes]:
+    """(final destination, reply via or 0, the signal's bytes)."""
+    if len(body) < _SIGNAL_ROUTE.size:
         raise DecodeError("routed signal without a destination")
-    return int(_PEER.unpack_from(body)[0]), body[_PEER.size :]
+    final, via = _SIGNAL_ROUTE.unpack_from(body)
+    return int(final), int(via), body[_SIGNAL_ROUTE.size :]

@@ -123,8 +123,8 @@ def test_signal_round_trip_with_and_without_ice(
     contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1234567, bytes(64))
     signal = wire.Signal(kind, attempt, contact, ice)
     assert wire.decode_signal(signal.encode()) == signal
-    body = wire.encode_routed_signal(42, signal)
-    assert wire.decode_routed_signal(body) == (42, signal.encode())
+    body = wire.encode_routed_signal(42, signal, 7)
+    assert wire.decode_routed_signal(body) == (42, 7, signal.encode())
 
 
 def test_find_carries_the_member_a_joiner_is_reachable_through() -> None:

@@ -43,6 +43,7 @@ SRFLX_REFRESH = 25.0  # our choice: also keeps the NAT mapping toward the STUN s
 HOST_REFRESH = 10.0  # our choice: how soon a new or lost interface address is noticed
 TURN_RETRY = 30.0  # our choice: a failed allocation is tried again this often
 STUN_TIMEOUT_TRIES = 3  # retransmissions of a gathering request (0.5, 1, 2 s: RFC 8489 section 6.2.1 RTO)
+GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss our srflx and relay candidates
 _ICE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -233,6 +234,8 @@ class IceAgent:
     _srflx_at: float = -1e18
     _turn_retry: dict[int, float] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _started: float | None = None
+    _first_round: set[Any] = field(default_factory=set)  # STUN servers and TURN allocations not answered yet
 
     def __post_init__(self) -> None:
         self.local_endpoint = self.underlay.local_endpoint
@@ -306,7 +309,20 @@ class IceAgent:
 
     # -- the clock -------------------------------------------------------------------------------------------
     def start(self, now: float) -> None:
+        self._started = now
+        self._first_round = set(self.settings.stun) | set(self.allocations)
         self.tick(now)
+
+    def gathering(self, now: float) -> bool:
+        """Whether the first round of STUN and TURN requests is still out (for at most GATHER_WAIT): an offer
+        made now would lack our server-reflexive and relayed candidates."""
+        return bool(self._first_round) and self._started is not None and now - self._started < GATHER_WAIT
+
+    async def gathered(self) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + GATHER_WAIT
+        while self._first_round and loop.time() < end:
+            await asyncio.sleep(0.05)
 
     def tick(self, now: float) -> None:
         """Refresh host and server-reflexive candidates, keep TURN allocations and channels up."""
@@ -345,6 +361,8 @@ class IceAgent:
         except stun.TransactionError:
             self.count("stun requests unanswered")
             return
+        finally:
+            self._first_round.discard(server)
         mapped = response.attributes.get("XOR-MAPPED-ADDRESS")
         if not mapped:
             return
@@ -359,10 +377,12 @@ class IceAgent:
         try:
             relayed = await asyncio.wait_for(allocation.allocate(), 10.0)
         except (TimeoutError, OSError, ConnectionError, stun.TransactionError) as e:
+            self._first_round.discard(allocation)
             self.count("turn allocations failed")
             log.warning("TURN allocation at %s failed: %s; retrying in %.0f s", allocation.server.describe(), e,
                         TURN_RETRY)  # fmt: skip
             return
+        self._first_round.discard(allocation)
         self.count("turn allocations")
         log.info("TURN allocation at %s: relayed address %s:%d", allocation.server.describe(), *relayed)
 

@@ -264,7 +264,8 @@ class TurnAllocation:
             await self._proto.channel_bind(channel, peer)
         except (ConnectionError, OSError, stun.TransactionError) as e:
             self.count("channel bind failed")
-            log.info("TURN channel bind to %s:%d via %s failed: %s", peer[0], peer[1], self.server.describe(), e)
+            # A peer's private host address is refused (403) by a server that relays to public peers only.
+            log.debug("TURN channel bind to %s:%d via %s failed: %s", peer[0], peer[1], self.server.describe(), e)
             self._queued.pop(peer, None)
             return
         finally:
