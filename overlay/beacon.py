@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-BEACON_INTERVAL = 15.0  # our choice: a beacon flood costs ~1 small message per link per interval
-ISLAND_AFTER = 45.0  # three beacons missed; a flood crosses the overlay in a few RTTs
+BEACON_INTERVAL = 10.0  # our choice: a beacon flood costs ~1 small message per link per interval
+ISLAND_AFTER = 30.0  # three beacons missed; a flood crosses the overlay in a few RTTs
 REJOIN_GAP = 2  # more than this many beacons missed: we were cut off
 NO_OVERLAY = 0
 UNKNOWN_SEQ = -1  # entered an overlay from the room: the first beacon heard is current, whatever its number

@@ -17,6 +17,7 @@ from overlay.port import OverlayPort
 from overlay.routing.maintenance import Maintenance
 from overlay.routing.ring import Role
 from overlay.wire import (
+    FLAG_EXACT,
     FLAG_JOIN,
     FLAG_LONG_LINK,
     FLAG_REFUSED,
@@ -58,12 +59,16 @@ class Finder:
         overlay we move into): the nodes at our ring place call us back."""
         self.find(self.port.id, None, FLAG_JOIN, via=via)
 
-    def introduce(self, contact: Contact) -> None:
+    def introduce(self, contact: Contact, also: int | None = None) -> None:
         """As an anchor: route a FIND for a joiner's ID on its behalf, so the nodes at its ring place call it
-        back even when it cannot reach us; signals for it come to us and go on over XMPP."""
+        back even when it cannot reach us; signals for it come to us and go on over XMPP. `also`: a neighbour
+        of ours to call it back as well (a joiner whose ring place is held by members it cannot reach still
+        gets one link, and tunnels through it reach the rest)."""
         joiner = node_id_from_public_key(contact.public_key)
         body = encode_find(0, contact, self.port.id)
         self.port.send_routed(joiner, Kind.FIND, body, FLAG_JOIN)
+        if also is not None:
+            self.port.send_routed(also, Kind.FIND, body, FLAG_JOIN | FLAG_EXACT)
 
     def on_find(self, pkt: Routed) -> None:
         port = self.port

@@ -45,7 +45,7 @@ ALONE_AFTER = 10.0  # a node without links for this long (and not an anchor wait
 RECRUIT_INTERVAL = 10.0  # our choice: a missing anchor is replaced within seconds, XMPP load stays tiny
 BACKOFF_FIRST = 2.0
 BACKOFF_MAX = 60.0
-ISLAND_JITTER = 15.0  # spreads the visits of a cut-off island's nodes; the first bridge stops the rest
+ISLAND_JITTER = 10.0  # spreads the visits of a cut-off island's nodes; the first bridge stops the rest
 
 
 def _nick_id(nick: str) -> int | None:
@@ -105,6 +105,7 @@ class Membership:
             "visits": self.visits,
             "retry_in_s": round(max(0.0, self._next_visit - now), 1) if self._task is None and self._failures else 0,
             "last_error": self.last_error,
+            "xmpp": dict(self.bootstrap.stats),
         }
 
     def _run(self, work: Coroutine[Any, Any, None]) -> None:
@@ -335,7 +336,9 @@ class Membership:
             return None
         self._joiners[sender] = (nick, node.clock())
         node.table.learn([sender])
-        node.finder.introduce(signal.contact)
+        anchors = {_nick_id(n) for n, o in self.bootstrap.occupants.items() if o.anchor}
+        others = sorted(p for p in node.links.links if p not in anchors)
+        node.finder.introduce(signal.contact, node.rng.choice(others) if others else None)
         return encode_routed_signal(sender, answer[0])
 
     def _on_signal(self, payload: bytes, nick: str) -> None:

@@ -197,7 +197,7 @@ class Router:
                 pkt = replace(pkt, flags=pkt.flags & ~(FLAG_PROMISE | PROMISE_HOPS_MASK))
         exclude = frozenset({pkt.src} | self.join_unfit()) if pkt.flags & FLAG_JOIN else None
         own = ring_distance(self.id, pkt.dst)
-        if exclude is not None and pkt.dst == self.id and pkt.src != self.id:
+        if exclude is not None and pkt.dst == self.id and pkt.src != self.id and not pkt.exact:
             own = FAR  # a FIND for a joiner whose ID equals ours: nobody nearer than us but the joiner
         if pkt.watermark != FAR and own >= pkt.watermark:
             self.count("drop: watermark")

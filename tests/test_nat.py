@@ -1,0 +1,94 @@
+"""Through NATs, end to end: members in three clusters behind NAT routers (two endpoint-independent, one
+symmetric), one member on the public segment, Prosody and coturn there too, every node the real CLI in its own
+namespace with ICE configured. Every ordered pair pings; each link says how it was made; TURN carries only the
+pairs nothing else can (the symmetric cluster toward the other NATs); a NATed member that restarts is back
+within 60 s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.group import Group, missing_prerequisites
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(missing_prerequisites() is not None, reason=str(missing_prerequisites())),
+    pytest.mark.timeout(300),
+]
+
+CLUSTERS = {"a": "cone", "b": "cone", "s": "symmetric"}
+PLACEMENT: list[str | None] = [None, "a", "a", "b", "b", "s", "s"]
+# Our choice: joins here take 1-3 s each; pings need the ring and the DHT records, ~5 s after the last join.
+WARM_UP_S = 60.0
+# From the requirement: a restarted NATed member and every pair with it ping again within 60 s.
+REJOIN_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def nat_group() -> Iterator[Group]:
+    with Group(len(PLACEMENT), clusters=CLUSTERS, placement=PLACEMENT, turn=True, ice=True, prefix="int") as g:
+        for i in range(len(PLACEMENT)):
+            g.join(i, timeout=40)
+        yield g
+
+
+def links_by_peer(g: Group, i: int) -> dict[int, dict[str, Any]]:
+    by_id = {m.node_id: m.index for m in g.members}
+    return {by_id[row["peer_id"]]: row for row in g.status(i)["links"] if row["peer_id"] in by_id}
+
+
+def expected_kinds(i: int, j: int) -> set[str]:
+    """What ICE may choose between members i and j, from where they sit."""
+    a, b = PLACEMENT[i], PLACEMENT[j]
+    if a is not None and a == b:
+        return {"host"}  # same LAN
+    if a is None or b is None:
+        return {"host", "srflx", "prflx"}  # the public member answers whatever mapping reaches it
+    if CLUSTERS[a] == "symmetric" or CLUSTERS[b] == "symmetric":
+        return {"relay"}  # a symmetric NAT maps each destination anew: no pair punches through
+    return {"srflx", "prflx"}  # two endpoint-independent NATs: hole punching
+
+
+def test_every_pair_across_the_nats_pings(nat_group: Group) -> None:
+    g = nat_group
+    pairs = g.running_pairs()
+    answered = g.wait_for_pings(pairs, WARM_UP_S)
+    failed = [p for p, t in answered.items() if t is None]
+    assert not failed, f"pairs without a reply: {failed}"
+    again = g.ping_many(pairs, count=2, timeout=2.0)
+    assert all(again.values()), [p for p, ok in again.items() if not ok]
+
+
+def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat_group: Group) -> None:
+    g = nat_group
+    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+    seen: dict[tuple[int, int], str] = {}
+    for i in range(len(PLACEMENT)):
+        for j, row in links_by_peer(g, i).items():
+            assert row["kind"] in ("host", "srflx", "prflx", "relay", "tunnel"), row
+            seen[(i, j)] = row["kind"]
+    assert seen, "no links at all"
+    wrong = {pair: kind for pair, kind in seen.items() if kind not in expected_kinds(*pair)}
+    assert not wrong, f"links whose kind does not fit where the members sit: {wrong}"
+    # The symmetric cluster did need TURN for some pair, and TURN allocations and ICE checks were counted.
+    assert any(kind == "relay" for kind in seen.values()), seen
+    st = g.status(5)
+    assert st["ice"]["counters"].get("turn allocations", 0) >= 1
+    assert st["ice"]["counters"].get("ice checks succeeded", 0) >= 1
+
+
+def test_a_restarted_natted_member_is_back_within_60_s(nat_group: Group) -> None:
+    g = nat_group
+    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+    g.stop_node(3)
+    g.restart_node(3, timeout=REJOIN_S)
+    started = time.monotonic()
+    pairs = [(3, j) for j in range(len(PLACEMENT)) if j != 3] + [(j, 3) for j in range(len(PLACEMENT)) if j != 3]
+    answered = g.wait_for_pings(pairs, REJOIN_S)
+    failed = [p for p, t in answered.items() if t is None]
+    assert not failed, f"{time.monotonic() - started:.0f} s after the restart, no reply for {failed}"
