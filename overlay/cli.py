@@ -63,6 +63,8 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         promise=cfg.routing == "promise",
         ice=ice,
         anchors=cfg.anchors,
+        on_demand_rate=cfg.on_demand_rate,
+        on_demand_idle=cfg.on_demand_idle,
     )
     bootstrap = XmppBootstrap(
         XmppSettings(

@@ -46,6 +46,8 @@ class NodeConfig:
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
     routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
+    on_demand_rate: int  # [overlay] on_demand_rate: bytes/s through relays that earns a direct link; 0: never
+    on_demand_idle: int  # [overlay] on_demand_idle: seconds an on-demand link may idle before it is released
     ice: bool  # whether an [ice] section is present: links are set up with ICE (docs/nat-traversal.md)
     stun: tuple[Endpoint, ...]  # [ice] stun: STUN servers "host:port", for server-reflexive candidates
     turn: tuple[TurnServer, ...]  # [ice] turn: TURN servers (url, username, password or password_file)
@@ -181,6 +183,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "incoming_cap": (_int_range(0, 128), RingParams().incoming_cap),
         "lookahead": (_bool, True),
         "routing": (_choice("promise", "strict"), "promise"),
+        "on_demand_rate": (_int_range(0, 1 << 40), 65536),
+        "on_demand_idle": (_int_range(5, 86400), 60),
     },
     "ice": {
         "stun": (_endpoint_list, ()),
@@ -271,6 +275,8 @@ def load_config(path: Path) -> NodeConfig:
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],
+        on_demand_rate=o["on_demand_rate"],
+        on_demand_idle=o["on_demand_idle"],
         ice="ice" in raw,
         stun=values["ice"]["stun"],
         turn=turn,

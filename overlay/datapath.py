@@ -110,6 +110,9 @@ class DataPath:
             if route is not None:
                 link = self.links.links.get(route[0])
                 if link is not None:
+                    if route[0] != dst:
+                        relayed = self.router.relayed
+                        relayed[dst] = relayed.get(dst, 0) + len(packet)
                     # Exactly what Router.on_routed sends for this packet at its origin (_pass_on, TTL - 1).
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
                         header = ROUTED_HEADER.pack(

@@ -72,6 +72,7 @@ class Attempt:
     offer: Signal | None = None
     offered_at: float = 0.0
     first_init: float | None = None
+    tunnel: bool = True  # may end in a tunnel through a neighbour (not for on-demand links: still relayed)
 
 
 @dataclass
@@ -137,18 +138,27 @@ class LinkSetup:
             att.stage = "tunnel"
         self._step(att, self._now())
 
-    def offer(self, peer_id: int, signal: Signaller) -> Signal | None:
-        """An attempt to a peer we know only by ID (an anchor seen in the room): the OFFER to send it, with
-        relays included at once since a second round would cost XMPP stanzas. None if one is under way."""
+    def offer(self, peer_id: int, signal: Signaller, *, xmpp: bool = True) -> Signal | None:
+        """An attempt to a peer we know only by ID: the OFFER to send it (None if an attempt is under way).
+        Over XMPP (an anchor seen in the room) relays are included at once, since a second round would cost
+        stanzas, and the caller sends it in a hello; through the overlay (an on-demand link) it is sent here,
+        host and server-reflexive candidates first, and the attempt never settles for a tunnel."""
         if peer_id == self._me or peer_id in self.manager.links or peer_id in self.attempts:
             return None
+        now = self._now()
         att = self._new_attempt(peer_id, None, None, None, signal)
+        att.tunnel = xmpp
+        hello: Signal | None
         if self.agent is None:
-            att.ice_state = "offered"  # waits for the answer's contact; no ICE
-            att.ice_since = self._now()
-            return Signal(SignalType.OFFER, att.number, self.contact_source())
-        hello = self._start_ice(att, phase=2, now=self._now(), send=False)
-        att.offer = None  # it travels in a hello over XMPP (TCP), exactly once
+            att.ice_state, att.ice_since = "offered", now  # waits for the answer's contact; no ICE
+            hello = Signal(SignalType.OFFER, att.number, self.contact_source())
+            att.offer, att.offered_at = (None, now) if xmpp else (hello, now)
+        else:
+            hello = self._start_ice(att, phase=2 if xmpp else 1, now=now, send=False)
+            if xmpp:
+                att.offer = None  # it travels in a hello over XMPP (TCP), exactly once
+        if not xmpp and hello is not None:
+            signal(hello)
         return hello
 
     def _new_attempt(
@@ -186,6 +196,9 @@ class LinkSetup:
         if att.peer_key is None:
             if now - att.ice_since > ANSWER_TIMEOUT:
                 self._fail(att, "no answer to the offer")
+            elif att.offer is not None and att.signal is not None and now - att.offered_at >= OFFER_RETRY:
+                att.offered_at = now
+                att.signal(att.offer)
             return
         ice_possible = self.agent is not None and att.signal is not None
         if att.ice_state == "offered" and now - att.ice_since > ANSWER_TIMEOUT:
@@ -220,7 +233,7 @@ class LinkSetup:
             att.stage, att.tries = "tunnel", 0
         if att.stage == "tunnel":
             if att.relays is None:
-                att.relays = self.manager.callbacks.relay_candidates(att.peer_id)
+                att.relays = self.manager.callbacks.relay_candidates(att.peer_id) if att.tunnel else []
             while att.relays and att.tries >= HANDSHAKE_TRIES:
                 att.relays.pop(0)
                 att.tries = 0

@@ -33,6 +33,7 @@ from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
+from overlay.ondemand import OnDemand, Open
 from overlay.router import DATA_KINDS, Router
 from overlay.routing.maintenance import (
     DEAD_REASON,
@@ -92,6 +93,8 @@ class NodeSettings:
     stabilize_interval: float = 5.0
     ice: IceSettings | None = None  # links are set up with ICE (docs/nat-traversal.md); None: direct and tunnels
     anchors: int = 3  # members that stay in the XMPP room to answer joiners
+    on_demand_rate: float = 65536.0  # bytes/s through relays that earns a pair a direct link (0: never)
+    on_demand_idle: float = 60.0  # seconds an on-demand link may carry (almost) nothing before it goes
 
 
 class Node:
@@ -148,6 +151,8 @@ class Node:
             self.links.setup.agent = self.ice
         self.dht = AddressService(self)
         self.datapath.dht = self.dht
+        self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
+        self.on_demand.relayed = self.router.relayed
         self.router.on_no_route = self._on_no_route
         for kind, handler in (
             (Kind.DATA, self._deliver_data),
@@ -219,6 +224,25 @@ class Node:
         peer = node_id_from_public_key(contact.public_key)
         signal = self.signalling.route(peer, via)
         self.links.setup.connect(contact.public_key, contact.endpoint, contact, signal=signal)
+
+    # -- on-demand direct links (overlay/ondemand.py) -----------------------------------------------------------
+    def _link_bytes(self, peer: int) -> int | None:
+        link = self.links.links.get(peer)
+        return None if link is None or link.relay is not None else link.tx_bytes + link.rx_bytes
+
+    def _tick_on_demand(self, now: float) -> None:
+        actions = self.on_demand.tick(now, self._link_bytes)
+        self.router.relayed = self.on_demand.relayed
+        for action in actions:
+            if isinstance(action, Open):
+                self.count("on-demand links asked for")
+                log.info("much traffic for %s through relays: asking it for a direct link", format_id(action.peer))
+                self.links.setup.offer(action.peer, self.signalling.route(action.peer), xmpp=False)
+            else:
+                self.count("on-demand links released")
+                log.info("on-demand link to %s idle: released", format_id(action.peer))
+                self.table.set_role(action.peer, Role.ON_DEMAND, False)
+                self.wake()
 
     # -- the overlay's beacon (overlay/beacon.py) ---------------------------------------------------------------
     def flood_beacon(self, seq: int, came_from: int | None) -> None:
@@ -317,6 +341,7 @@ class Node:
             self.membership.tick(now)
         self.finder.tick(now)
         self.datapath.tick_probes(now)
+        self._tick_on_demand(now)
         self._schedule(min(deadline, now + TIMER_MAX))
 
     def _act(self, action: Any, now: float) -> None:
@@ -362,6 +387,10 @@ class Node:
             self.first_link_at = now
             self.finder.join(via=link.peer_id)
         self.dht.hand_over(link.peer_id)
+        if link.relay is None and self.on_demand.linked(link.peer_id, link.tx_bytes + link.rx_bytes):
+            self.table.set_role(link.peer_id, Role.ON_DEMAND)
+            self.count("on-demand switches")
+            log.info("on-demand link to %s up (%s): traffic moves to it", format_id(link.peer_id), link.kind)
         self._schedule(now)
 
     def _send_hello(self, link: Link, use: int) -> None:
@@ -428,8 +457,9 @@ class Node:
                     link.rtt = now - sent
             elif kind == LinkMsg.NEIGHBOURS:
                 ids, overlay, seq = decode_neighbours(msg)
-                self.maintenance.on_neighbours(link.peer_id, ids, now)
-                self.router.forget_routes()
+                if tuple(i for i in ids if i != link.peer_id) != self.table.neighbours_of(link.peer_id):
+                    self.maintenance.on_neighbours(link.peer_id, ids, now)
+                    self.router.forget_routes()  # lookahead may choose differently now
                 self._hear_beacon(link.peer_id, overlay, seq, now)
             elif kind == LinkMsg.BEACON:
                 self._hear_beacon(link.peer_id, *decode_beacon(msg), now)
@@ -478,6 +508,7 @@ class Node:
                     ("ring", link.peer_id in ring),
                     ("long_out", link.peer_id in long_out),
                     ("long_in", Role.LONG_IN in self.table.role(link.peer_id)),
+                    ("on_demand", bool(self.table.role(link.peer_id) & (Role.ON_DEMAND | Role.PEER_ON_DEMAND))),
                 )
                 if on
             ]

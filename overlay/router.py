@@ -80,6 +80,9 @@ class Router:
         # originated; forgotten with the other caches whenever links or neighbour lists change.
         self.data_routes: dict[int, tuple[int, int, int]] = {}
         self._promise_cache: dict[tuple[int, int, int], Decision] = {}
+        # Bytes of data we originate that leave through another member, per destination (overlay/ondemand.py);
+        # the data path counts its fast-path packets into the same dict.
+        self.relayed: dict[int, int] = {}
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -182,6 +185,8 @@ class Router:
                 flags = (pkt.flags & ~PROMISE_HOPS_MASK) | (decision.promise_hops << PROMISE_HOPS_SHIFT)
                 if came_from is None and pkt.kind in DATA_KINDS and pkt.ttl == DEFAULT_TTL:
                     self.data_routes[pkt.dst] = (decision.next_hop, decision.promise, flags)
+                    if decision.next_hop != pkt.dst:
+                        self.relayed[pkt.dst] = self.relayed.get(pkt.dst, 0) + len(pkt.body)
                 self._pass_on(link, replace(pkt, flags=flags), pkt.ttl - 1, decision.promise)
                 return
             if decision is DROP_PROMISE:
@@ -231,6 +236,8 @@ class Router:
                 return
             if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
                 self.data_routes[pkt.dst] = (decision.next_hop, own, FLAG_EXACT)
+                if decision.next_hop != pkt.dst:
+                    self.relayed[pkt.dst] = self.relayed.get(pkt.dst, 0) + len(pkt.body)
             self._pass_on(link, pkt, pkt.ttl - 1, own)
         elif isinstance(decision, Deliver):
             self.deliver(pkt)

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from overlay.ids import parse_id
-from overlay.routing.ring import SortedRing
 from tests.support.group import Group, missing_prerequisites
+from tests.support.views import one_ring, overlays, statuses
 
 pytestmark = [
     pytest.mark.integration,
@@ -33,43 +32,6 @@ JOIN_S = 30.0
 MERGE_S = 60.0
 # Beacons stop when every anchor is gone; the survivors notice after 30 s (+ up to 10 s of jitter).
 NOTICE_S = 45.0
-
-
-def statuses(g: Group) -> dict[int, dict[str, Any]]:
-    out = {}
-    for m in g.members:
-        if m.running:
-            try:
-                out[m.index] = g.status(m.index)
-            except RuntimeError:
-                pass
-    return out
-
-
-def ring_errors(g: Group, sts: dict[int, dict[str, Any]]) -> list[int]:
-    """Running members whose first successor and predecessor are not the true ones among running members."""
-    ids = {i: parse_id(st["node_id"]) for i, st in sts.items()}
-    ring = SortedRing(ids.values())
-    wrong = []
-    for i, st in sts.items():
-        succ, pred = ring.successors(ids[i], 1), ring.predecessors(ids[i], 1)
-        have_s = [parse_id(x) for x in st["successors"][:1]]
-        have_p = [parse_id(x) for x in st["predecessors"][:1]]
-        if have_s != succ or have_p != pred:
-            wrong.append(i)
-    return wrong
-
-
-def overlays(sts: dict[int, dict[str, Any]]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for i, st in sts.items():
-        out.setdefault(st["overlay"]["id"], []).append(i)
-    return out
-
-
-def one_ring(g: Group) -> bool:
-    sts = statuses(g)
-    return len(overlays(sts)) == 1 and not ring_errors(g, sts)
 
 
 # -- a joiner that cannot reach the anchors ------------------------------------------------------------------

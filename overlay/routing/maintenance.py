@@ -79,6 +79,7 @@ Action = OpenLink | FindLong | CloseLink | Ping | SendNeighbours | TellUse
 USE_LONG = 0x01  # one of our long links: counts against the peer's incoming cap
 USE_RING = 0x02  # the peer is one of our ring neighbours
 USE_ONLY = 0x04  # our only link (we are joining through the peer)
+USE_DEMAND = 0x08  # one of our on-demand links (a pair that talks a lot)
 # Our choice: a long-link search that keeps landing on a ring neighbour (a small group) is accepted after this
 # many tries instead of being drawn again forever.
 RING_HITS_ACCEPTED = 3
@@ -157,6 +158,7 @@ class Maintenance:
         self.table.set_role(peer, Role.LONG_IN, bool(use & USE_LONG))
         self.table.set_role(peer, Role.PEER_RING, bool(use & USE_RING))
         self.table.set_role(peer, Role.BOOTSTRAP, bool(use & USE_ONLY))
+        self.table.set_role(peer, Role.PEER_ON_DEMAND, bool(use & USE_DEMAND))
 
     def link_use(self, peer: int) -> int:
         """USE_* flags: what this node uses its link to `peer` for."""
@@ -166,6 +168,8 @@ class Maintenance:
             use |= USE_RING
         if t.neighbours() == [peer]:
             use |= USE_ONLY
+        if Role.ON_DEMAND in t.role(peer):
+            use |= USE_DEMAND
         return use
 
     def on_attempt_failed(self, peer: int, now: float) -> None:

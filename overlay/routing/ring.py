@@ -24,7 +24,8 @@ class Role(enum.Flag):
     LONG_IN = enum.auto()  # the peer drew us for one of its long links (counted against incoming_cap)
     BOOTSTRAP = enum.auto()  # the peer's only link (it is joining through us): kept until it has others
     PEER_RING = enum.auto()  # the peer keeps us as one of its ring neighbours (its view may differ from ours)
-    ON_DEMAND = enum.auto()  # a direct link opened because a pair talks a lot
+    ON_DEMAND = enum.auto()  # a direct link we opened because we send a lot to the peer (overlay/ondemand.py)
+    PEER_ON_DEMAND = enum.auto()  # the peer keeps this link as one of its on-demand links
 
 
 @dataclass(frozen=True, slots=True)

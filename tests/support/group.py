@@ -123,6 +123,7 @@ class Group:
         placement: Sequence[str | None] | None = None,
         turn: bool = False,
         ice: bool = False,
+        node_extra: str = "",
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError(f"group size {size} must be between 1 and 200")
@@ -137,6 +138,7 @@ class Group:
             raise ValueError("ice=True names the coturn servers: it needs turn=True")
         self.turn = turn
         self.ice = ice
+        self.node_extra = node_extra  # TOML appended to every member's config (e.g. an [overlay] section)
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -257,7 +259,7 @@ class Group:
         )
         member.node_id = self.keygen(directory / "node.key")
         self._write_secrets(directory, PASSWORD)
-        member.config.write_text(self.config_text(host, member.jid, address, member.control))
+        member.config.write_text(self.config_text(host, member.jid, address, member.control, extra=self.node_extra))
         return member
 
     def _create_room(self, name: str, members: list[str]) -> str:

@@ -55,6 +55,7 @@ class MemoryGroup:
     seed: int = 1
     stabilize_interval: float = 0.5
     params: RingParams = field(default_factory=RingParams)
+    on_demand_rate: float = 0.0  # off unless a test is about it: small groups relay through few nodes
     network: MemoryNetwork = field(default_factory=MemoryNetwork)
     nodes: list[Node] = field(default_factory=list)
     taps: list[MemoryTap] = field(default_factory=list)
@@ -67,7 +68,11 @@ class MemoryGroup:
         i = len(self.nodes)
         identity = Identity.from_seed(self.rng.randbytes(32))
         settings = NodeSettings(
-            room=ROOM, address=f"{vaddr(i)}/16", ring=self.params, stabilize_interval=self.stabilize_interval
+            room=ROOM,
+            address=f"{vaddr(i)}/16",
+            ring=self.params,
+            stabilize_interval=self.stabilize_interval,
+            on_demand_rate=self.on_demand_rate,
         )
         boot = MemoryBootstrap(self.room, f"user{i}@example.test/node", f"{identity.node_id:016x}")
         tap = MemoryTap(name=f"mem{i}", mac=bytes([2, 0, 0, 0, i >> 8 & 255, i & 255]))
