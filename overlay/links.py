@@ -274,6 +274,9 @@ class LinkManager:
             log.info("link up: %s %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
             self.count(f"links up: {link.kind}")
             self.callbacks.link_up(link)
+        elif not _same_path(old.path, path):
+            log.info("link %s now over %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
+            self.count("path changes")
 
     # -- closing ------------------------------------------------------------------------------------------------
     def close(self, peer_id: int, reason: str, notify: bool = True) -> None:

@@ -73,6 +73,7 @@ class Attempt:
     offered_at: float = 0.0
     first_init: float | None = None
     tunnel: bool = True  # may end in a tunnel through a neighbour (not for on-demand links: still relayed)
+    restart: bool = False  # a new path for a link we keep: its failure is no failure of the link
 
 
 @dataclass
@@ -128,6 +129,9 @@ class LinkSetup:
         peer_id = node_id_from_public_key(peer_key)
         if peer_id == self._me or peer_id in self.manager.links:
             return
+        responder = self._responders.get(peer_id)
+        if responder is not None and responder.task is not None and not responder.task.done():
+            return  # the peer's own attempt is running its checks with us: its handshake will come
         att = self.attempts.get(peer_id)
         if att is not None:
             if att.signal is None and signal is not None:
@@ -136,7 +140,20 @@ class LinkSetup:
         att = self._new_attempt(peer_id, peer_key, endpoint, contact, signal)
         if endpoint is None and (signal is None or self.agent is None):
             att.stage = "tunnel"
+        log.debug("attempt %d to %016x: %s, %s", att.number, peer_id, endpoint, "signalled" if signal else "no signal")
         self._step(att, self._now())
+
+    def restart(self, peer_key: bytes, signal: Signaller) -> None:
+        """ICE again for a link we have (our addresses changed: a new network, a NAT that mapped us anew). The
+        link keeps its place and its session until the new path's handshake completes; then both move."""
+        peer_id = node_id_from_public_key(peer_key)
+        link = self.manager.links.get(peer_id)
+        if self.agent is None or link is None or peer_id in self.attempts:
+            return
+        att = self._new_attempt(peer_id, peer_key, None, link.contact, signal)
+        att.tunnel, att.restart = False, True
+        self.count("ice restarts")
+        self._start_ice(att, phase=1, now=self._now())
 
     def offer(self, peer_id: int, signal: Signaller, *, xmpp: bool = True) -> Signal | None:
         """An attempt to a peer we know only by ID: the OFFER to send it (None if an attempt is under way).
@@ -226,6 +243,7 @@ class LinkSetup:
                 att.next_try = now + 0.25
                 return
             att.stage, att.tries = "tunnel", 0
+            log.debug("attempt %d to %016x: direct and ICE failed, tunnels next", att.number, att.peer_id)
         if att.stage == "ice":
             if att.tries < HANDSHAKE_TRIES and att.path is not None:
                 self._try(att, att.path, now)
@@ -260,6 +278,9 @@ class LinkSetup:
 
     def _fail(self, att: Attempt, why: str) -> None:
         self._drop(att)
+        if att.restart:
+            self.count("ice restarts failed")
+            return
         self.count("link attempts failed")
         log.debug("link attempt to %016x failed: %s", att.peer_id, why)
         self.manager.callbacks.attempt_failed(att.peer_id)
@@ -280,6 +301,7 @@ class LinkSetup:
         att.ice, att.ice_phase, att.ice_state, att.ice_since = session, phase, "offered", now
         kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
         signal = Signal(kind, att.number, self.contact_source(), session.params())
+        log.debug("attempt %d to %016x: ICE phase %d offered", att.number, att.peer_id, phase)
         self.count(f"ice offers: phase {phase}")
         att.offer, att.offered_at = signal, now
         if send and att.signal is not None:
@@ -287,6 +309,8 @@ class LinkSetup:
         return signal
 
     def _ice_failed(self, att: Attempt, now: float, *, answered: bool) -> None:
+        log.debug("attempt %d to %016x: ICE phase %d failed (%s)", att.number, att.peer_id, att.ice_phase,
+                  "checks" if answered else "no answer")  # fmt: skip
         if att.ice is not None:
             self._spawn(att.ice.close())
             att.ice = None
@@ -324,6 +348,7 @@ class LinkSetup:
             return
         att.ice_state = "done"
         self.count(f"ice pairs: {path.kind}")
+        log.debug("attempt %d to %016x: ICE chose %s (%s)", att.number, att.peer_id, path.describe(), path.kind)
         att.stage, att.path, att.kind, att.tries, att.next_try = "ice", path, path.kind, 0, now
         self._step(att, now)
 
@@ -348,6 +373,7 @@ class LinkSetup:
                 if peer_id not in self.manager.links:  # linked meanwhile (the peer called us back): fine
                     self.count("drop: answer to no attempt")
                 return
+            att.signal = reply  # the way the answer came (through the peer's own first hop) works
             self._on_answer(att, sig)
         elif sig.type in (SignalType.OFFER, SignalType.OFFER_RELAY):
             self._on_offer(peer_id, sig, reply)
@@ -356,8 +382,16 @@ class LinkSetup:
 
     def _on_offer(self, peer_id: int, sig: Signal, reply: Signaller) -> None:
         own = self.attempts.get(peer_id)
-        if own is not None and own.ice_state in ("offered", "checking") and self._me < peer_id:
-            # Both sides offered: the lower ID's offer wins. The peer answers ours and drops its attempt.
+        now = self._now()
+        log.debug("offer %d from %016x (%s, own attempt: %s)", sig.attempt, peer_id, sig.type.name,
+                  own.ice_state if own else None)  # fmt: skip
+        if own is not None and (own.stage == "ice" or own.ice_state == "done"):
+            # We have a path and our initiation is on its way: the peer answers that instead.
+            self.count("ice offers while handshaking")
+            return
+        if own is not None and self._me < peer_id and self._healthy(own, now):
+            # Both sides offered: the lower ID's offer wins, the peer answers ours and drops its attempt. Unless
+            # ours has gone unanswered for a retry interval: then our signals do not reach it, and we answer.
             self.count("ice offer collisions")
             return
         if self.agent is None or sig.ice is None:
@@ -374,6 +408,11 @@ class LinkSetup:
         reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source(), session.params()))
         timeout = RELAY_ICE_TIMEOUT if sig.type == SignalType.OFFER_RELAY else ICE_TIMEOUT
         responder.task = self._spawn(session.establish(sig.ice, timeout + 2.0))
+
+    @staticmethod
+    def _healthy(att: Attempt, now: float) -> bool:
+        """Whether an attempt's ICE is making progress: checking, or offered less than a retry interval ago."""
+        return att.ice_state == "checking" or (att.ice_state == "offered" and now - att.ice_since < OFFER_RETRY)
 
     def _drop_responder(self, peer_id: int) -> None:
         r = self._responders.pop(peer_id, None)

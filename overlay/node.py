@@ -148,6 +148,7 @@ class Node:
         self.ice: IceAgent | None = None
         if settings.ice is not None:
             self.ice = IceAgent(settings.ice, underlay, self.links.on_packet)
+            self.ice.on_address_change = self._on_address_change
             self.links.setup.agent = self.ice
         self.dht = AddressService(self)
         self.datapath.dht = self.dht
@@ -224,6 +225,15 @@ class Node:
         peer = node_id_from_public_key(contact.public_key)
         signal = self.signalling.route(peer, via)
         self.links.setup.connect(contact.public_key, contact.endpoint, contact, signal=signal)
+
+    def _on_address_change(self) -> None:
+        """Our host or server-reflexive addresses changed: the paths ICE chose through them may be dead. Restart
+        ICE on each link that is not a tunnel (the link and its place in the ring stay meanwhile)."""
+        for peer, link in list(self.links.links.items()):
+            if link.relay is None and link.kind != "host":
+                # The link's own path may be dead: signal through a neighbour linked to the peer too.
+                shared = [n for n in self._relay_candidates(peer) if n != peer]
+                self.links.setup.restart(link.peer_key, self.signalling.route(peer, shared[0] if shared else None))
 
     # -- on-demand direct links (overlay/ondemand.py) -----------------------------------------------------------
     def _link_bytes(self, peer: int) -> int | None:
@@ -349,6 +359,10 @@ class Node:
             link = self.links.links.get(action.peer)
             if link is not None:
                 link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
+                if self.ice is not None:
+                    # A link silent for a ping interval (gossip keeps healthy links busier than that): check
+                    # at once whether our addresses changed rather than at the next periodic STUN round.
+                    self.ice.refresh_soon(now)
         elif isinstance(action, SendNeighbours):
             msg = encode_neighbours(list(action.neighbours), self.beacon.overlay, max(0, self.beacon.seq))
             for peer in action.peers:

@@ -48,6 +48,7 @@ class Signalling:
         def send(signal: Signal) -> None:
             dst = via if via is not None else peer
             reply_via = self.first_hop(dst) or 0
+            log.debug("signal %s %d for %016x via %016x", signal.type.name, signal.attempt, peer, dst)
             self.port.send_routed(dst, Kind.SIGNAL, encode_routed_signal(peer, signal, reply_via))
 
         return send
@@ -65,7 +66,10 @@ class Signalling:
         if link is not None:
             link.send(Routed(DEFAULT_TTL - 1, FLAG_EXACT, src, final, FAR, Kind.SIGNAL, body).encode())
         elif not self.xmpp_relay(final, body):
-            self.port.count("drop: signal for a member we cannot reach")
+            # Not linked to it (yet) and it left the room: the ring may know it by now.
+            log.debug("signal for %016x from %016x: routing it on", final, src)
+            self.port.count("signals routed on")
+            self.port.send_routed(final, Kind.SIGNAL, body)
 
     def receive(self, raw: bytes, reply_route: Callable[[int], Signaller]) -> int | None:
         """A signal for us: check it, hand it to link setup; replies go by `reply_route(sender)`. Returns the

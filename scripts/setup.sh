@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-DEBS=(prosody coturn iperf3 iputils-ping iptables iproute2 openssl procps python3 python3-venv python3-pip)
+DEBS=(prosody coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

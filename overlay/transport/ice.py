@@ -313,6 +313,12 @@ class IceAgent:
         self._first_round = set(self.settings.stun) | set(self.allocations)
         self.tick(now)
 
+    def refresh_soon(self, now: float) -> None:
+        """Ask the STUN servers again at the next tick (at most once per HOST_REFRESH)."""
+        if now - self._srflx_at >= HOST_REFRESH:
+            self._srflx_at = -1e18
+            self._host_at = -1e18
+
     def gathering(self, now: float) -> bool:
         """Whether the first round of STUN and TURN requests is still out (for at most GATHER_WAIT): an offer
         made now would lack our server-reflexive and relayed candidates."""

@@ -50,6 +50,8 @@ TURN_PASSWORD_FILE = "turn.pass"
 JOIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 10.0
+# IPOP_LOG_LEVEL=debug makes every node log its link set-up and ICE steps (the logs stay with IPOP_KEEP_WORKDIR).
+LOG_LEVEL = os.environ.get("IPOP_LOG_LEVEL", "info")
 
 
 def cli_argv() -> list[str]:
@@ -327,7 +329,7 @@ class Group:
         need = (1 if others else 0) if min_links is None else min_links
         log = open(m.log, "ab")
         m.process = self.lab.popen(
-            m.host, *cli_argv(), "join", "--config", str(m.config),
+            m.host, *cli_argv(), "--log-level", LOG_LEVEL, "join", "--config", str(m.config),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()

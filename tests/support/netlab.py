@@ -146,6 +146,18 @@ class NetLab:
         self._segments[None] = _Segment(self.hub, BRIDGE, network, iter(network.hosts()), "p")
         self._mtu = mtu
 
+    def remap_nat(self, name: str, ports: tuple[int, int]) -> None:
+        """The cluster's router maps every flow anew from `ports` (as a NAT that rebooted, or a member whose
+        network changed under it): its rule changes and its connection tracking is flushed, so existing
+        mappings are gone and the next datagram out gets a new public port."""
+        cluster = self.clusters[name]
+        masquerade = ["-t", "nat", "-I", "POSTROUTING", "1", "-o", HOST_IFNAME, "-p", "udp", "-j", "MASQUERADE",
+                      "--to-ports", f"{ports[0]}-{ports[1]}"]  # fmt: skip
+        if cluster.kind == "symmetric":
+            masquerade.append("--random-fully")
+        self.run(cluster.router, "iptables", "-w", *masquerade)
+        self.run(cluster.router, "conntrack", "-F", check=False)
+
     def add_cluster(self, name: str, kind: str = "cone", subnet: str | None = None) -> Cluster:
         """A NAT router on the hub with a LAN bridge behind it; `add_host(..., cluster=name)` puts hosts there.
 
