@@ -24,19 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.group import missing_prerequisites
-from tests.support.scale import (
-    Convergence,
-    Idle,
-    Phase,
-    ScaleGroup,
-    ScaleScenario,
-    Usage,
-    median,
-    neighbour_limits,
-    neighbour_table,
-    process_usage,
-    wanted_neighbour_limits,
-)
+from tests.support.hoststats import Usage, neighbour_limits, neighbour_table, process_usage, wanted_neighbour_limits
+from tests.support.scale import Convergence, Idle, Phase, ScaleScenario, median
+from tests.support.scalegroup import ScaleGroup
 
 # Issue 7's targets.
 TARGET_STORM_S = 60.0

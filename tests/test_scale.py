@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.group import missing_prerequisites
-from tests.support.scale import ScaleGroup, ScaleScenario, neighbour_limits
+from tests.support.hoststats import neighbour_limits
+from tests.support.scale import ScaleScenario
+from tests.support.scalegroup import ScaleGroup
 
 pytestmark = [
     pytest.mark.integration,

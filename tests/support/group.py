@@ -327,12 +327,7 @@ class Group:
             raise ValueError(f"node {i} is already running")
         others = sum(1 for x in self.members if x.running)
         need = (1 if others else 0) if min_links is None else min_links
-        log = open(m.log, "ab")
-        m.process = self.lab.popen(
-            m.host, *cli_argv(), "--log-level", LOG_LEVEL, "join", "--config", str(m.config),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
+        self.spawn(i)
 
         def ready() -> bool:
             if not m.running:
@@ -348,6 +343,16 @@ class Group:
             raise RuntimeError(f"node {i} did not reach {need} link(s) within {timeout:.0f} s:\n{self.log_tail(i)}")
         self.say(f"node{i} {m.node_id} joined as {m.address} on {m.host.address}")
         return m
+
+    def spawn(self, i: int) -> subprocess.Popen[bytes]:
+        """Start node `i`'s `ipop-overlay join` process, its output appended to its log, and return at once."""
+        m = self.members[i]
+        with open(m.log, "ab") as log:
+            m.process = self.lab.popen(
+                m.host, *cli_argv(), "--log-level", LOG_LEVEL, "join", "--config", str(m.config),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return m.process
 
     def join_all(self) -> None:
         for i in range(self.size):
@@ -485,7 +490,7 @@ class Group:
     def direct_link(self, status: dict[str, Any], j: int) -> bool:
         """Whether `status` (of some node) shows a direct link (no relay) to node j."""
         peer = self.members[j].node_id
-        return any(_id(row["peer_id"]) == peer and row.get("relay") is None for row in status["links"])
+        return any(printed_id(row["peer_id"]) == peer and row.get("relay") is None for row in status["links"])
 
     def overlay_path(self, statuses: dict[int, dict[str, Any]], src: int, dst: int) -> list[int] | None:
         """The members a packet from `src` to `dst` most likely crosses, read from `status` snapshots.
@@ -500,12 +505,16 @@ class Group:
         path, here = [src], src
         while here != dst:
             rows = statuses[here]["links"]
-            direct = [by_id[_id(r["peer_id"])] for r in rows if r.get("relay") is None and _id(r["peer_id"]) in by_id]
-            tunnels = [r for r in rows if _id(r["peer_id"]) == self.members[dst].node_id and r.get("relay")]
+            direct = [
+                by_id[printed_id(r["peer_id"])]
+                for r in rows
+                if r.get("relay") is None and printed_id(r["peer_id"]) in by_id
+            ]
+            tunnels = [r for r in rows if printed_id(r["peer_id"]) == self.members[dst].node_id and r.get("relay")]
             if dst in direct:
                 step = dst
-            elif tunnels and _id(tunnels[0]["relay"]) in by_id:
-                path.append(by_id[_id(tunnels[0]["relay"])])
+            elif tunnels and printed_id(tunnels[0]["relay"]) in by_id:
+                path.append(by_id[printed_id(tunnels[0]["relay"])])
                 step = dst
             elif two_hop := [n for n in direct if n in statuses and self.direct_link(statuses[n], dst)]:
                 step = two_hop[0]
@@ -585,6 +594,6 @@ class Group:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _id(value: Any) -> str:
+def printed_id(value: Any) -> str:
     """Node IDs as the CLI prints them: 16 lowercase hex digits (status may carry them as ints)."""
     return f"{value:016x}" if isinstance(value, int) else str(value).lower()
