@@ -7,9 +7,10 @@ Pure: fed events and `now`, no I/O.
   older one wins and the younger one's members move into it, one FIND at a time, spreading like an epidemic
   over their links (`wins`, the "migrate" outcome).
 - The overlay's leader (the anchor with the smallest room nick, overlay/membership.py) advances a beacon
-  sequence every BEACON_INTERVAL. Nodes pass a newer sequence on to every link at once (BEACON messages) and in
-  their gossip. A node that hears no newer beacon for ISLAND_AFTER is cut off from the leader: an island, or the
-  leader and every anchor are gone. It goes back to the room to bridge (or to become an anchor itself).
+  sequence every BEACON_INTERVAL; nodes pass the newest they heard on in their gossip (a BEACON message to every
+  link at once only when they move into another ring, so their neighbours follow without waiting). A node that
+  hears no newer beacon for ISLAND_AFTER is cut off from the leader: an island, or the leader and every anchor
+  are gone. It goes back to the room to bridge (or to become an anchor itself).
 - A node that then hears a beacon more than REJOIN_GAP ahead of the last it heard was cut off, and its ring may
   hold only other cut-off nodes: it joins again through the neighbour that brought the beacon ("rejoin"), and
   its own neighbours follow when they hear it from it. Joins route only through neighbours whose own beacon
@@ -21,9 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-BEACON_INTERVAL = 10.0  # our choice: a beacon flood costs ~1 small message per link per interval
-ISLAND_AFTER = 30.0  # three beacons missed; a flood crosses the overlay in a few RTTs
-REJOIN_GAP = 2  # more than this many beacons missed: we were cut off
+BEACON_INTERVAL = 10.0  # our choice: the beacon rides the gossip (every ~5 s per link), so it costs nothing
+ISLAND_AFTER = 45.0  # the gossip carries a beacon ~5 s per hop: ~4 hops of a 100-node overlay plus an interval
+REJOIN_GAP = 3  # more than this many beacons missed: we were cut off
 NO_OVERLAY = 0
 UNKNOWN_SEQ = -1  # entered an overlay from the room: the first beacon heard is current, whatever its number
 

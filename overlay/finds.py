@@ -125,6 +125,9 @@ class Finder:
             port.link_to(contact)
         port.wake()  # the next tick tells the peer it is now one of our long links
 
+    def pending(self) -> bool:
+        return bool(self._finds)
+
     def tick(self, now: float) -> None:
         port = self.port
         for seq, f in list(self._finds.items()):

@@ -84,6 +84,10 @@ class OnDemand:
                 del self._asked[peer]
         return actions
 
+    def active(self) -> bool:
+        """Whether rates are being measured (traffic through relays, or on-demand links to watch)."""
+        return bool(self.relayed or self._hot or self.links)
+
     def linked(self, peer: int, total_bytes: int) -> bool:
         """A direct link to `peer` came up: True when we asked for it (it is now one of our on-demand links)."""
         if self._asked.pop(peer, None) is None:

@@ -40,7 +40,8 @@ LOOKUP_TIMEOUT = 5.0
 QUEUE_PER_ADDRESS = 32  # our choice: a TCP initial window (10 segments) plus retransmits, not a buffer bloat
 EXPIRE_INTERVAL = 5.0  # our choice: records misplaced while the ring formed move home within seconds
 SETTLE_TIME = 3.0
-CHECK_INTERVAL = 10.0  # our choice: an address lost in a storm or a crash resolves again within ~15 s
+CHECK_INTERVAL = 10.0  # our choice: an address lost in a storm or a crash resolves again within ~15 s ...
+SETTLED_CHECK_INTERVAL = 30.0  # ... and, after the first checks, once the ring has settled, every 30 s
 NO_OWNER = "drop: no node owns the address"
 
 
@@ -77,13 +78,20 @@ class AddressService:
         if self._ring_settled(now):
             if now - self._published >= REFRESH_AFTER:
                 self.publish(now)
-            elif now - max(self._published, self._checked) >= CHECK_INTERVAL:
+            elif now - max(self._published, self._checked) >= self._check_interval(now):
                 self._checked = now
                 self._ask(self.node.address)
         if now - self._last_expire >= EXPIRE_INTERVAL:
             self._last_expire = now
             self.store.expire(now)
             self._rehome(now)
+
+    def pending(self) -> bool:
+        """Whether lookups are under way (they retry every LOOKUP_RETRY)."""
+        return bool(self._lookups)
+
+    def _check_interval(self, now: float) -> float:
+        return CHECK_INTERVAL if now - self.node.first_link_at < 4 * CHECK_INTERVAL else SETTLED_CHECK_INTERVAL
 
     # -- our own record --------------------------------------------------------------------------------------
     def publish(self, now: float) -> None:

@@ -160,13 +160,16 @@ class Maintenance:
         self.table.set_role(peer, Role.BOOTSTRAP, bool(use & USE_ONLY))
         self.table.set_role(peer, Role.PEER_ON_DEMAND, bool(use & USE_DEMAND))
 
-    def link_use(self, peer: int) -> int:
-        """USE_* flags: what this node uses its link to `peer` for."""
+    def link_use(self, peer: int, ring: set[int] | None = None, long_peers: set[int] | None = None) -> int:
+        """USE_* flags: what this node uses its link to `peer` for. `ring` (our ring peers and wanted ring
+        peers) and `long_peers` may be passed in when asking for every link at once."""
         t = self.table
-        use = USE_LONG if peer in self.long_link_peers() else 0
-        if peer in t.ring_peers() or peer in t.wanted_ring_peers():
+        if ring is None:
+            ring = t.ring_peers() | set(t.wanted_ring_peers())
+        use = USE_LONG if peer in (long_peers if long_peers is not None else self.long_link_peers()) else 0
+        if peer in ring:
             use |= USE_RING
-        if t.neighbours() == [peer]:
+        if t.link_count() == 1 and t.is_linked(peer):
             use |= USE_ONLY
         if Role.ON_DEMAND in t.role(peer):
             use |= USE_DEMAND
@@ -265,9 +268,10 @@ class Maintenance:
             if peer not in linked:
                 self._surplus_since.pop(peer)
         # Roles: our long links, and what we use each link for, told to the peer when it changes.
+        ring = t.ring_peers() | set(t.wanted_ring_peers())
         for peer in linked:
             t.set_role(peer, Role.LONG_OUT, peer in long_peers)
-            use = self.link_use(peer)
+            use = self.link_use(peer, ring, long_peers)
             if self._use_told.get(peer) != use:
                 self._use_told[peer] = use
                 actions.append(TellUse(peer, use))

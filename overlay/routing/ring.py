@@ -195,6 +195,9 @@ class RingTable:
     def is_linked(self, peer: int) -> bool:
         return peer in self._links
 
+    def link_count(self) -> int:
+        return len(self._links)
+
     def role(self, peer: int) -> Role:
         return self._links.get(peer, Role.NONE)
 
