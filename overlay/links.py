@@ -90,6 +90,9 @@ class Link:
     # uses it (key confirmation, as WireGuard's responder waits for the initiator's first packet), so a lost
     # response cannot leave the two ends on different sessions.
     next_session: Session | None = None
+    # Set when routed or data traffic went out on the link since the last tick (maintenance then watches it
+    # closely: overlay/routing/maintenance.py's fast keepalive).
+    busy: bool = False
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)

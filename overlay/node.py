@@ -78,7 +78,7 @@ from overlay.wire import (
 log = logging.getLogger(__name__)
 
 TIMER_MAX = 1.0  # the longest the node sleeps between ticks while something is under way (lookups retry at 1 s)
-IDLE_TIMER_MAX = 2.5  # ... and when nothing is: maintenance's own deadlines are at least this far apart
+IDLE_TIMER_MAX = 5.0  # ... and when nothing is: maintenance says when it next has work (gossip rounds ~5 s)
 PEER_CLOSED = "peer closed the link"
 
 
@@ -342,6 +342,10 @@ class Node:
         self._timer = None
         now = self.clock()
         deadline = self.links.tick(now)
+        for peer, link in self.links.links.items():
+            if link.busy:
+                link.busy = False
+                self.maintenance.on_busy(peer, now)
         for action in self.maintenance.tick(now):
             self._act(action, now)
         deadline = min(deadline, self.maintenance.next_deadline())

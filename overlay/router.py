@@ -252,6 +252,7 @@ class Router:
 
     def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
         """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
+        link.busy = True
         if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
             header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
             body = memoryview(pkt.body)

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
-from overlay.dht.store import AddressCache, RecordStore, holds_replica, replica_set
+from overlay.dht.store import REPLICAS, AddressCache, RecordStore, holds_replica, replica_set
 from overlay.port import OverlayPort
 from overlay.wire import (
     AddressRecord,
@@ -144,17 +144,17 @@ class AddressService:
         link = self.node.links.links[peer]
         for record in self.store.records():
             key = record_key(self.node.room, record.address)
-            if holds_replica(key, self.node.id, succ, pred) and peer in replica_set(key, self.node.id, succ + pred):
+            near = self.node.table.nearest_known(key, REPLICAS)
+            if holds_replica(key, self.node.id, near) and peer in replica_set(key, self.node.id, succ + pred):
                 link.send(bytes([LinkMsg.REPLICATE]) + record.encode())
 
     def _rehome(self, now: float) -> None:
         """Records we hold but are no longer among the nodes nearest their key (nodes joined nearer, or the
         record arrived while the ring was forming) are routed on toward their key and dropped here."""
         node = self.node
-        succ, pred = node.table.successors(), node.table.predecessors()
         for record in self.store.records():
             key = record_key(node.room, record.address)
-            if not holds_replica(key, node.id, succ, pred):
+            if not holds_replica(key, node.id, node.table.nearest_known(key, REPLICAS)):
                 self.store.remove(record.address)
                 node.send_routed(key, Kind.DHT_PUT, record.encode(), 0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from overlay.dht.records import check_record, record_owner
-from overlay.ids import clockwise, ring_distance
+from overlay.ids import ring_distance
 from overlay.wire import AddressRecord
 
 REPLICAS = 3  # from the issue: at least 3 copies, at the nodes nearest the key
@@ -26,18 +26,13 @@ def replica_set(key: int, self_id: int, ring_peers: list[int], count: int = REPL
     return sorted(cands, key=lambda n: (ring_distance(n, key), n))[:count]
 
 
-def holds_replica(key: int, self_id: int, successors: list[int], predecessors: list[int]) -> bool:
-    """Whether this node is one of the REPLICAS nodes nearest `key`, judged from its own ring neighbours.
-
-    Only a key inside the arc our farthest predecessor..farthest successor can be judged: outside it, nodes we
-    do not see may be nearer. The answer errs towards keeping a copy near the arc's ends, never towards
-    dropping one a replica should hold.
+def holds_replica(key: int, self_id: int, near_key: list[int]) -> bool:
+    """Whether this node is one of the REPLICAS nodes nearest `key`, judged from the nodes it knows nearest the
+    key (`near_key`: its ring neighbours and the neighbours they gossip, RingTable.nearest_known). The key's
+    root judges its replica set from its own ring neighbours; once gossip has converged both views name the
+    same nodes, so a replica the root chose keeps its copy instead of sending it back and forth.
     """
-    if not successors or not predecessors:
-        return True  # a ring of one or two nodes: everyone holds everything
-    if clockwise(predecessors[-1], key) > clockwise(predecessors[-1], successors[-1]):
-        return False
-    return self_id in replica_set(key, self_id, successors + predecessors)
+    return self_id in replica_set(key, self_id, near_key)
 
 
 @dataclass

@@ -11,7 +11,11 @@ Rules:
   size estimate; the node routes a FIND to the point and links to whoever is closest (Symphony, section 3).
   A slot is re-drawn when its link fails, when the found node refuses (incoming cap), or when the size
   estimate has moved by more than a factor of 2 since the draw (Symphony's re-linking rule).
-- Keepalive: a link silent for `ping_interval` is pinged; silent for `dead_after` it is declared dead.
+- Keepalive: a link silent for `ping_interval` is pinged; silent for `dead_after` it is declared dead. That holds
+  for the links failures must be found on quickly: ring links (repair, DHT replicas) and links that carry
+  traffic. An idle long or incoming link is gossiped to every SLOW_FACTOR stabilisation rounds and pinged after
+  SLOW_FACTOR times as long (still inside the ~30 s a NAT keeps an idle mapping): most of a node's links are
+  idle, and on a machine of a hundred nodes their keepalives were most of the idle CPU (bench/scale.py).
 - Links with no role are closed after `surplus_grace` (they may be someone's ring link about to be replaced).
 - Failed attempts back off exponentially, so an unreachable peer is not hammered.
 """
@@ -34,6 +38,7 @@ BACKOFF_MAX = 120.0
 SURPLUS_GRACE = 30.0
 RELINK_FACTOR = 2.0
 LINK_SLACK = 2
+SLOW_FACTOR = 3  # idle non-ring links: gossip every 3rd round, ping after 15 s of silence, dead after 48 s
 DEAD_REASON = "no answer to keepalives"
 
 
@@ -116,6 +121,10 @@ class Maintenance:
     _attempts: dict[int, _Attempt] = field(default_factory=dict)
     _slots: list[_LongSlot] = field(default_factory=list)
     _use_told: dict[int, int] = field(default_factory=dict)
+    _busy: dict[int, float] = field(default_factory=dict)  # peer -> when its link last carried traffic
+    _fast_since: dict[int, float] = field(default_factory=dict)  # peer -> since when on the fast keepalive
+    _rounds: int = 0
+    _gossiped: tuple[int, ...] = ()
     _next_stabilize: float = 0.0
     _deadline: float = 0.0
 
@@ -138,6 +147,8 @@ class Maintenance:
         self._last_ping.pop(peer, None)
         self._surplus_since.pop(peer, None)
         self._use_told.pop(peer, None)
+        self._busy.pop(peer, None)
+        self._fast_since.pop(peer, None)
         for slot in self._slots:
             if slot.peer == peer:
                 slot.peer, slot.target, slot.retry_at = None, None, now
@@ -146,6 +157,10 @@ class Maintenance:
     def relink_now(self, now: float) -> None:
         """Gossip at the next tick: our place changed (we moved into another overlay, or joined again)."""
         self._next_stabilize = min(self._next_stabilize, now)
+
+    def on_busy(self, peer: int, now: float) -> None:
+        """The link to `peer` carried routed or data traffic: find a failure on it quickly."""
+        self._busy[peer] = now
 
     def on_rx(self, peer: int, now: float) -> None:
         self._last_rx[peer] = now
@@ -200,6 +215,18 @@ class Maintenance:
         else:
             s.peer, s.ring_hits = peer, 0
 
+    def _fast_peers(self, linked: list[int], ring: set[int], now: float) -> set[int]:
+        """Links on the fast keepalive: ring links (ours or the peer's) and links busy within `dead_after`."""
+        fast = set()
+        for peer in linked:
+            busy = self._busy.get(peer)
+            if busy is not None and now - busy > self.dead_after:
+                del self._busy[peer]
+                busy = None
+            if peer in ring or busy is not None or self.table.role(peer) & (Role.PEER_RING | Role.BOOTSTRAP):
+                fast.add(peer)
+        return fast
+
     def max_links(self) -> int:
         """The most links this node keeps once its surplus is closed: ring, own long links, incoming cap,
         and LINK_SLACK for links being replaced."""
@@ -217,12 +244,21 @@ class Maintenance:
         t = self.table
         actions: list[Action] = []
         linked = t.neighbours()
+        ring = t.ring_peers() | set(t.wanted_ring_peers())
+        fast = self._fast_peers(linked, ring, now)
         # Keepalive and failure detection.
         for peer in linked:
             last = self._last_rx.setdefault(peer, now)
-            if now - last >= self.dead_after:
+            if peer in fast:
+                # A link that just turned fast was allowed a longer silence: count from then.
+                last = max(last, self._fast_since.setdefault(peer, now) - self.ping_interval)
+                ping, dead = self.ping_interval, self.dead_after
+            else:
+                self._fast_since.pop(peer, None)
+                ping, dead = self.ping_interval * SLOW_FACTOR, self.dead_after * SLOW_FACTOR
+            if now - last >= dead:
                 actions.append(CloseLink(peer, DEAD_REASON))
-            elif now - last >= self.ping_interval and now - self._last_ping.get(peer, -1e18) >= self.ping_interval:
+            elif now - last >= ping and now - self._last_ping.get(peer, -1e18) >= ping:
                 self._last_ping[peer] = now
                 actions.append(Ping(peer))
         # Ring: open links to the nearest successors/predecessors we know of.
@@ -268,17 +304,27 @@ class Maintenance:
             if peer not in linked:
                 self._surplus_since.pop(peer)
         # Roles: our long links, and what we use each link for, told to the peer when it changes.
-        ring = t.ring_peers() | set(t.wanted_ring_peers())
         for peer in linked:
             t.set_role(peer, Role.LONG_OUT, peer in long_peers)
             use = self.link_use(peer, ring, long_peers)
             if self._use_told.get(peer) != use:
                 self._use_told[peer] = use
                 actions.append(TellUse(peer, use))
-        # Gossip neighbour lists.
+        # Gossip neighbour lists: to the fast links every round, to all of them every SLOW_FACTOR rounds or as
+        # soon as the list changed (lookahead reads it).
         if now >= self._next_stabilize:
             self._next_stabilize = now + self.stabilize_interval * (0.75 + 0.5 * self.rng.random())
-            if linked:
-                actions.append(SendNeighbours(tuple(linked), tuple(linked)))
-        self._deadline = min(self._next_stabilize, now + min(self.ping_interval, ATTEMPT_TIMEOUT) / 2)
+            self._rounds += 1
+            current = tuple(linked)
+            if current != self._gossiped or self._rounds % SLOW_FACTOR == 0:
+                self._gossiped = current
+                to = current
+            else:
+                to = tuple(p for p in linked if p in fast)
+            if to:
+                actions.append(SendNeighbours(to, current))
+        # Idle, a node wakes for its gossip rounds (~5 s) and at least every ping interval: keepalive deaths are
+        # then found within dead_after + ping_interval. A finer beat cost a hundred idle nodes most of their CPU
+        # (bench/scale.py), since rx times move all the time and each wake-up finds nothing to do.
+        self._deadline = min(self._next_stabilize, now + self.ping_interval)
         return actions

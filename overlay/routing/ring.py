@@ -256,6 +256,13 @@ class RingTable:
         keep = set(self.wanted_ring_peers()) | self.ring_peers()
         return [p for p, r in self._links.items() if r == Role.NONE and p not in keep]
 
+    def nearest_known(self, point: int, k: int) -> list[int]:
+        """The `k` known peers (linked or heard of) nearest `point`, either way round the ring."""
+        if not len(self._known):
+            return []
+        cands = set(self._known.successors(point, k)) | set(self._known.predecessors(point, k))
+        return sorted(cands, key=lambda n: (ring_distance(n, point), n))[:k]
+
     def closest_known(self, point: int) -> int | None:
         """The known peer (linked or not) nearest `point`, or None when this node knows nobody."""
         return self._known.closest(point) if len(self._known) else None
