@@ -90,8 +90,8 @@ class Link:
     # uses it (key confirmation, as WireGuard's responder waits for the initiator's first packet), so a lost
     # response cannot leave the two ends on different sessions.
     next_session: Session | None = None
-    # Set when routed or data traffic went out on the link since the last tick (maintenance then watches it
-    # closely: overlay/routing/maintenance.py's fast keepalive).
+    # Set when data went out on the link since the last tick (maintenance then watches it closely:
+    # overlay/routing/maintenance.py's busy keepalive).
     busy: bool = False
 
     def send(self, message: bytes) -> None:

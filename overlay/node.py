@@ -67,12 +67,14 @@ from overlay.wire import (
     decode_probe,
     decode_relay,
     decode_routed,
+    decode_suspect,
     decode_token,
     encode_beacon,
     encode_link_request,
     encode_neighbours,
     encode_ping,
     encode_relay,
+    encode_suspect,
 )
 
 log = logging.getLogger(__name__)
@@ -348,6 +350,10 @@ class Node:
                 self.maintenance.on_busy(peer, now)
         for action in self.maintenance.tick(now):
             self._act(action, now)
+        suspects = self.maintenance.suspects(now)
+        if suspects != self.router.avoid:
+            self.router.avoid = suspects
+            self.router.forget_routes()
         deadline = min(deadline, self.maintenance.next_deadline())
         if self.ice is not None:
             self.ice.tick(now)
@@ -358,7 +364,13 @@ class Node:
         self.datapath.tick_probes(now)
         self._tick_on_demand(now)
         # Idle nodes tick less often: a hundred on one machine spend their CPU on ticks (bench/scale.py).
-        busy = self.links.setup.attempts or self.dht.pending() or self.finder.pending() or self.on_demand.active()
+        busy = (
+            self.links.setup.attempts
+            or self.dht.pending()
+            or self.finder.pending()
+            or self.on_demand.active()
+            or self.maintenance.watching(now)
+        )
         self._schedule(min(deadline, now + (TIMER_MAX if busy or self.first_link_at == 0 else IDLE_TIMER_MAX)))
 
     def _act(self, action: Any, now: float) -> None:
@@ -421,13 +433,19 @@ class Node:
 
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
+        was_ring = link.peer_id in self.table.successors() or link.peer_id in self.table.predecessors()
         self.table.remove_link(link.peer_id)
         self.peer_beacons.pop(link.peer_id, None)
         self.datapath.forget_link(link.peer_id)
         gone = reason in (PEER_CLOSED, DEAD_REASON)
         self.maintenance.on_link_down(link.peer_id, now, dead=gone)
+        if reason == DEAD_REASON:
+            msg = encode_suspect(link.peer_id)
+            for other in list(self.links.links.values()):
+                other.send(msg)
         if gone:
             self.dht.cache.evict_node(link.peer_id)
+            self.dht.on_neighbour_lost(link.peer_id, was_ring, now)
         self.router.forget_routes()
         self._schedule(now)
 
@@ -482,6 +500,8 @@ class Node:
                     self.maintenance.on_neighbours(link.peer_id, ids, now)
                     self.router.forget_routes()  # lookahead may choose differently now
                 self._hear_beacon(link.peer_id, overlay, seq, now)
+            elif kind == LinkMsg.SUSPECT:
+                self.maintenance.suspect(decode_suspect(msg), now)
             elif kind == LinkMsg.BEACON:
                 self._hear_beacon(link.peer_id, *decode_beacon(msg), now)
             elif kind == LinkMsg.RELAY:
@@ -567,7 +587,7 @@ class Node:
             "links": links,
             "successors": [format_id(i) for i in self.table.successors()],
             "predecessors": [format_id(i) for i in self.table.predecessors()],
-            "dht": {"stored": len(self.dht.store), "cached": len(self.dht.cache)},
+            "dht": {"stored": len(self.dht.store), "cached": len(self.dht.cache), "held": self.dht.held()},
             "data_in": {"packets": hops[0], "mean_hops": round(hops[1] / max(1, hops[0]), 2)},
             "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),

@@ -72,6 +72,9 @@ class Router:
         self.handlers: dict[int, Handler] = {Kind.NO_ROUTE: self._on_no_route_report}
         # Called with (destination, kind) when a packet we sent cannot reach its exact destination.
         self.on_no_route: Callable[[int, int], None] = lambda dst, kind: None
+        # Links that carried data and have been silent since (maintenance's suspects): routes avoid them until
+        # they answer or are declared dead.
+        self.avoid: frozenset[int] = frozenset()
         # Neighbours a join must not be routed through: not in our overlay, or cut off from its leader
         # (overlay/beacon.py), so a join lands in the main ring.
         self.join_unfit: Callable[[], set[int]] = set
@@ -125,6 +128,8 @@ class Router:
             if cached != -1:
                 return cached
         nbrs = self.table.neighbours()
+        if self.avoid:
+            nbrs = [n for n in nbrs if n not in self.avoid]
         look = self._neighbours_of()
         if exclude is not None:
             nbrs = [n for n in nbrs if n not in exclude]
@@ -165,7 +170,7 @@ class Router:
                 promise=pkt.watermark,
                 promise_hops=hops,
                 ttl=DEFAULT_TTL,  # the packet's own TTL is checked by the caller: the answer is cached
-                neighbours=self.table.neighbours(),
+                neighbours=[n for n in self.table.neighbours() if n not in self.avoid],
                 neighbours_of=self._neighbours_of(),
             )
             self._promise_cache[key] = decision
@@ -252,7 +257,8 @@ class Router:
 
     def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
         """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
-        link.busy = True
+        if pkt.kind in DATA_KINDS:
+            link.busy = True
         if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
             header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
             body = memoryview(pkt.body)

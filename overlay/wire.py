@@ -128,6 +128,7 @@ class LinkMsg(enum.IntEnum):
     PROBE = 0x0B  # token(8), zero padding to PROBE_SIZE: "does a datagram this big reach you?" (IP fragments)
     PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
     BEACON = 0x0D  # overlay(8), sequence(4): a newer beacon of the sender's overlay (overlay/beacon.py)
+    SUSPECT = 0x0E  # peer(8): "my link to this node died": check yours at once (SWIM's suspicion, by gossip)
 
 
 MAX_NEIGHBOURS = 64
@@ -192,6 +193,16 @@ def decode_beacon(data: bytes | memoryview) -> tuple[int, int]:
 
 def encode_relay(kind: LinkMsg, peer: int, packet: bytes) -> bytes:
     return bytes([kind]) + _PEER.pack(peer) + packet
+
+
+def encode_suspect(peer: int) -> bytes:
+    return bytes([LinkMsg.SUSPECT]) + _PEER.pack(peer)
+
+
+def decode_suspect(data: bytes | memoryview) -> int:
+    if len(data) != 1 + _PEER.size:
+        raise DecodeError(f"suspect message of {len(data)} bytes")
+    return int(_PEER.unpack_from(data, 1)[0])
 
 
 def decode_relay(data: bytes | memoryview) -> tuple[int, bytes]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 
 from overlay.routing.maintenance import (
+    BUSY_DEAD,
+    BUSY_PING,
     DEAD_AFTER,
     SURPLUS_GRACE,
+    SUSPECT_AFTER,
     CloseLink,
     FindLong,
     Maintenance,
@@ -95,3 +98,44 @@ def test_failed_attempts_back_off_and_a_peer_is_forgotten_after_three() -> None:
     m.on_attempt_failed(SELF + 5, 8.0)
     m.on_attempt_failed(SELF + 5, 9.0)
     assert SELF + 5 not in m.table.wanted_ring_peers()
+
+
+def test_a_link_that_carried_data_and_went_silent_is_avoided_then_dead_within_seconds() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 100.0)
+    m.on_busy(7, 100.0)  # data sent; nothing comes back (the peer crashed)
+    assert m.suspects(100.0) == frozenset() and m.watching(100.0)
+    assert any(a == Ping(7) for a in m.tick(100.0 + BUSY_PING))
+    assert m.suspects(100.0 + BUSY_PING) == frozenset()  # its ping may still come back
+    assert m.suspects(100.0 + SUSPECT_AFTER) == {7}
+    assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(100.0 + BUSY_DEAD))
+
+
+def test_one_way_data_on_a_healthy_link_is_never_avoided() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    t = 0.0
+    while t < 60.0:
+        m.on_busy(7, t)
+        for a in m.tick(t):
+            assert not isinstance(a, CloseLink)
+            if a == Ping(7):
+                m.on_rx(7, t + 0.05)  # the pong, one round trip later
+        assert 7 not in m.suspects(t)
+        t += 0.1
+    assert m.suspects(t) == frozenset()
+
+
+def test_a_neighbour_reporting_a_peer_dead_makes_our_idle_link_to_it_a_suspect() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 50.0)
+    m.suspect(7, 51.0)
+    assert any(a == Ping(7) for a in m.tick(51.0))
+    assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(51.0 + BUSY_DEAD))
+    m.suspect(9, 51.0)  # not linked: nothing to check
+    assert 9 not in m.suspects(60.0)

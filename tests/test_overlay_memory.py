@@ -200,3 +200,40 @@ def test_data_packets_take_the_route_the_shared_promise_walk_computes_on_the_nod
             await g.stop()
 
     run(scenario())
+
+
+def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() -> None:
+    from overlay.dht.records import record_key
+    from overlay.dht.store import REPLICAS
+    from overlay.ids import ring_distance
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=9)
+        try:
+            for _ in range(12):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            address = g.nodes[0].address
+            key = record_key(g.nodes[0].room, address)
+
+            def holders() -> set[int]:
+                return {i for i, n in enumerate(g.nodes) if not n._stopped and n.dht.store.get(address, n.clock())}
+
+            def nearest_live() -> set[int]:
+                live = [i for i, n in enumerate(g.nodes) if not n._stopped]
+                return set(sorted(live, key=lambda i: ring_distance(g.nodes[i].id, key))[:REPLICAS])
+
+            assert await g.wait_for(lambda: holders() == nearest_live(), 20.0), (holders(), nearest_live())
+            victim = next(i for i in sorted(holders()) if i != 0)
+            dead = g.nodes[victim]
+            dead._stopped = True  # a crash: no CLOSE, the neighbours notice missing keepalives
+            if dead._timer is not None:
+                dead._timer.cancel()
+            dead.underlay.close()
+            # The dead holder's place goes to the next-nearest node: REPLICAS copies again, not two.
+            assert await g.wait_for(lambda: holders() == nearest_live(), 30.0), (holders(), nearest_live())
+            assert victim not in nearest_live()
+        finally:
+            await g.stop()
+
+    run(scenario())

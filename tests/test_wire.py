@@ -31,6 +31,7 @@ DECODERS = [
     wire.decode_dht_value,
     wire.decode_address,
     wire.decode_probe,
+    wire.decode_suspect,
     wire.decode_beacon,
     wire.decode_find,
     wire.decode_signal,
