@@ -113,13 +113,24 @@ def test_an_iperf3_stream_moves_to_an_on_demand_link_within_5_s_and_completes() 
         for i in range(8):
             g.join(i)
         assert g.wait_until(lambda: one_ring(g), 30.0), overlays(statuses(g))
-        sts = statuses(g)
-        a, b = next(
-            (i, j)
-            for i in range(8)
-            for j in range(8)
-            if i != j and not g.direct_link(sts[i], j) and not g.direct_link(sts[j], i)
-        )
+
+        def unlinked_pair() -> tuple[int, int] | None:
+            # Links made while joining close once no end uses them (30 s idle), so a pair apart may take a while.
+            sts = statuses(g)
+            return next(
+                (
+                    (i, j)
+                    for i in range(8)
+                    for j in range(8)
+                    if i != j and not g.direct_link(sts[i], j) and not g.direct_link(sts[j], i)
+                ),
+                None,
+            )
+
+        assert g.wait_until(lambda: unlinked_pair() is not None, 60.0, 1.0), "every pair is linked directly"
+        pair = unlinked_pair()
+        assert pair is not None
+        a, b = pair
         assert g.wait_for_pings([(a, b)], 20.0)[(a, b)] is not None
         server = g.lab.popen(
             g.members[b].host, "iperf3", "-s", "-1", "-p", str(IPERF_PORT),
