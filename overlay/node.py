@@ -378,9 +378,10 @@ class Node:
             link = self.links.links.get(action.peer)
             if link is not None:
                 link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
-                if self.ice is not None:
-                    # A link silent for a ping interval (gossip keeps healthy links busier than that): check
-                    # at once whether our addresses changed rather than at the next periodic STUN round.
+                if self.ice is not None and not action.idle:
+                    # A busy or ring link silent for a ping interval (gossip keeps those busier than that):
+                    # check at once whether our addresses changed rather than at the next periodic STUN round.
+                    # Idle links are pinged on a slow beat as a matter of course: no reason to ask.
                     self.ice.refresh_soon(now)
         elif isinstance(action, SendNeighbours):
             msg = encode_neighbours(list(action.neighbours), self.beacon.overlay, max(0, self.beacon.seq))

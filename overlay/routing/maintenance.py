@@ -72,6 +72,7 @@ class CloseLink:
 @dataclass(frozen=True, slots=True)
 class Ping:
     peer: int
+    idle: bool = False  # the slow keepalive of an idle link: its silence is expected, not a sign of trouble
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +295,7 @@ class Maintenance:
                 actions.append(CloseLink(peer, DEAD_REASON))
             elif now - last >= ping and now - self._last_ping.get(peer, -1e18) >= ping:
                 self._last_ping[peer] = now
-                actions.append(Ping(peer))
+                actions.append(Ping(peer, idle=awaiting is None and peer not in fast))
         # Ring: open links to the nearest successors/predecessors we know of.
         for peer in t.wanted_ring_peers():
             if t.is_linked(peer):
