@@ -229,6 +229,7 @@ def main() -> int:
     parser.add_argument("--restart-timeout", type=float, default=2 * TARGET_RESTART_S)
     parser.add_argument("--ping-timeout", type=float, default=15.0, help="least time pairs get after a phase")
     parser.add_argument("--idle", type=float, default=30.0, help="quiet window for idle CPU and traffic")
+    parser.add_argument("--idle-settle", type=float, default=60.0, help="wait after the restart before it")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (not removed)")
     parser.add_argument("--verbose", action="store_true")
@@ -263,6 +264,7 @@ def main() -> int:
         f"load average before the run {load} (shared machine)",
         flush=True,
     )
+    extra["idle window starts"] = f"{args.idle_settle:.0f} s after the restart phase recovered"
     extra["baseline: imports of one node process (CPU)"] = (
         f"{imports:.2f} s; {args.nodes} nodes on {cores} cores: {args.nodes * imports / cores:.0f} s of all cores"
     )
@@ -280,6 +282,7 @@ def main() -> int:
             restart_timeout=args.restart_timeout,
             ping_timeout=args.ping_timeout,
             idle_window=args.idle,
+            idle_settle=args.idle_settle,
             on_phase=progress,
         )
         server_cpu0 = process_usage(g.server.pid) if g.server and g.server.pid else None

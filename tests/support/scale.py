@@ -211,7 +211,7 @@ class Phase:
 class ScaleScenario:
     """Issue 7's run on a ScaleGroup, one phase at a time, each run once and kept:
     storm (all start within `spread`), kill (10 % SIGKILLed at once), restart (20 % restarted at once),
-    idle (a quiet window). Each phase runs the ones before it first."""
+    idle (a quiet window, `idle_settle` seconds after the restart). Each phase runs the ones before it first."""
 
     def __init__(
         self,
@@ -223,6 +223,7 @@ class ScaleScenario:
         restart_timeout: float,
         ping_timeout: float,
         idle_window: float,
+        idle_settle: float = 0.0,
         kill_fraction: float = 0.10,
         restart_fraction: float = 0.20,
         on_phase: Callable[[Phase], None] | None = None,
@@ -234,6 +235,7 @@ class ScaleScenario:
         self.restart_timeout = restart_timeout
         self.ping_timeout = ping_timeout
         self.idle_window = idle_window
+        self.idle_settle = idle_settle
         self.kill_fraction = kill_fraction
         self.restart_fraction = restart_fraction
         self.on_phase = on_phase
@@ -297,6 +299,9 @@ class ScaleScenario:
     def idle(self) -> Idle:
         if self._idle is None:
             self.restart()
+            # Idle means settled: the restarted nodes' first minute (early record checks, join-time links
+            # closing after 30 s unused) is not what a group costs while nothing happens.
+            time.sleep(self.idle_settle)
             self._idle = idle_cost(self.g, self.idle_window)
         return self._idle
 
