@@ -110,7 +110,9 @@ class DataPath:
             if route is not None:
                 link = self.links.links.get(route[0])
                 if link is not None:
-                    link.busy = True
+                    if not link.busy:
+                        link.busy = True
+                        self.router.on_sent(link, True)
                     if route[0] != dst:
                         relayed = self.router.relayed
                         relayed[dst] = relayed.get(dst, 0) + len(packet)

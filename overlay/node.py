@@ -36,6 +36,7 @@ from overlay.membership import Membership
 from overlay.ondemand import OnDemand, Open
 from overlay.router import DATA_KINDS, Router
 from overlay.routing.maintenance import (
+    BUSY_PING,
     DEAD_REASON,
     CloseLink,
     FindLong,
@@ -158,6 +159,7 @@ class Node:
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
         self.router.on_no_route = self._on_no_route
+        self.router.on_sent = self._on_sent
         for kind, handler in (
             (Kind.DATA, self._deliver_data),
             (Kind.DATA_GSO, self._deliver_data),
@@ -175,6 +177,7 @@ class Node:
             self.attach_tap(tap)
         self.membership = Membership(self, bootstrap, anchors=settings.anchors) if bootstrap is not None else None
         self.first_link_at = 0.0
+        self._timer_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
@@ -337,8 +340,22 @@ class Node:
             return
         if self._timer is not None:
             self._timer.cancel()
-        delay = min(IDLE_TIMER_MAX, max(0.02, when - self.clock()))
+        now = self.clock()
+        delay = min(IDLE_TIMER_MAX, max(0.02, when - now))
         self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer_at = now + delay
+
+    def _on_sent(self, link: Link, data: bool) -> None:
+        """A routed packet went out on `link` (data: the first since our last tick). Watch it for an answer from
+        now, not from our next tick (5 s away when idle): a route through a crashed node's link is then avoided
+        within BUSY_PING + 1 s of the first packet lost on it, control packets (DHT lookups, finds) included."""
+        now = self.clock()
+        if data:
+            self.maintenance.on_busy(link.peer_id, now)
+        else:
+            self.maintenance.on_sent(link.peer_id, now)
+        if self._timer is None or self._timer_at > now + BUSY_PING:
+            self._schedule(now + BUSY_PING)
 
     def _on_timer(self) -> None:
         self._timer = None

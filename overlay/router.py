@@ -72,6 +72,9 @@ class Router:
         self.handlers: dict[int, Handler] = {Kind.NO_ROUTE: self._on_no_route_report}
         # Called with (destination, kind) when a packet we sent cannot reach its exact destination.
         self.on_no_route: Callable[[int, int], None] = lambda dst, kind: None
+        # Called with a link a routed packet went out on (data: only the first since the node's last tick):
+        # the node watches the link for an answer (maintenance's awaiting) from then on.
+        self.on_sent: Callable[[Link, bool], None] = lambda link, data: None
         # Links that carried data and have been silent since (maintenance's suspects): routes avoid them until
         # they answer or are declared dead.
         self.avoid: frozenset[int] = frozenset()
@@ -257,8 +260,11 @@ class Router:
 
     def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
         """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
-        if pkt.kind in DATA_KINDS:
+        if pkt.kind not in DATA_KINDS:
+            self.on_sent(link, False)
+        elif not link.busy:
             link.busy = True
+            self.on_sent(link, True)
         if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
             header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
             body = memoryview(pkt.body)

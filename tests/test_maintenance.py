@@ -139,3 +139,26 @@ def test_a_neighbour_reporting_a_peer_dead_makes_our_idle_link_to_it_a_suspect()
     assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(51.0 + BUSY_DEAD))
     m.suspect(9, 51.0)  # not linked: nothing to check
     assert 9 not in m.suspects(60.0)
+
+
+def test_a_lookup_sent_into_a_dead_idle_link_makes_it_a_suspect_without_the_fast_keepalive() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 100.0)
+    m.on_sent(7, 101.0)  # a routed DHT lookup; the peer crashed
+    assert m.watching(101.0) and m.suspects(101.0) == frozenset()
+    assert any(a == Ping(7) for a in m.tick(101.0 + BUSY_PING))
+    assert m.suspects(101.0 + SUSPECT_AFTER) == {7}
+    assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(101.0 + BUSY_DEAD))
+
+
+def test_a_lookup_on_a_healthy_idle_link_costs_one_ping_at_most() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 100.0)
+    m.on_sent(7, 101.0)
+    m.on_rx(7, 101.5)  # any packet from the peer answers it
+    assert not m.watching(101.5)
+    assert not any(a == Ping(7) for a in m.tick(101.0 + BUSY_PING))

@@ -176,6 +176,11 @@ class Maintenance:
         self._busy[peer] = now
         self._awaiting.setdefault(peer, now)
 
+    def on_sent(self, peer: int, now: float) -> None:
+        """A routed control packet (a lookup, a find, a signal) went out on the link to `peer`: expect to hear
+        from the peer soon, as after data, but without putting the link on the fast keepalive."""
+        self._awaiting.setdefault(peer, now)
+
     def suspect(self, peer: int, now: float) -> None:
         """A neighbour's link to `peer` died: check ours as a busy link (pinged at once, dead after BUSY_DEAD of
         silence from now). Links to a crashed node that carry nothing would otherwise live on for the slow
