@@ -81,7 +81,7 @@ from overlay.wire import (
 log = logging.getLogger(__name__)
 
 TIMER_MAX = 1.0  # the longest the node sleeps between ticks while something is under way (lookups retry at 1 s)
-IDLE_TIMER_MAX = 5.0  # ... and when nothing is: maintenance says when it next has work (gossip rounds ~5 s)
+IDLE_TIMER_MAX = 10.0  # ... and when nothing is: maintenance says when it next has work (gossip rounds ~10 s)
 PEER_CLOSED = "peer closed the link"
 
 
@@ -94,7 +94,7 @@ class NodeSettings:
     ring: RingParams = field(default_factory=RingParams)
     lookahead: bool = True
     promise: bool = True  # data packets follow the promise rule (docs/topology.md: 1.27x vs 1.42x shortest)
-    stabilize_interval: float = 5.0
+    stabilize_interval: float = 10.0  # overlay/routing/maintenance.py STABILIZE_INTERVAL
     ice: IceSettings | None = None  # links are set up with ICE (docs/nat-traversal.md); None: direct and tunnels
     anchors: int = 3  # members that stay in the XMPP room to answer joiners
     on_demand_rate: float = 65536.0  # bytes/s through relays that earns a pair a direct link (0: never)
@@ -476,6 +476,13 @@ class Node:
             return
         if not verify(contact.public_key, contact.signed_part(self.room), contact.signature):
             self.count("drop: contact with a bad signature")
+            return
+        if pkt.src in self.links.links:
+            # The peer asks for a link we think we have: its end is gone (it closed the link or restarted and our
+            # copy of the news was lost), or the request crossed our own. Check ours now, as a busy link, instead
+            # of waiting out the keepalive; once it is dead, the peer's next request is answered.
+            self.maintenance.suspect(pkt.src, self.clock())
+            self._schedule(self.clock())
             return
         self.table.learn([pkt.src])
         self.link_to(contact, via if via != self.id else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from overlay.dht.records import RECORD_TTL, check_record, make_record, record_owner
-from overlay.dht.store import AddressCache, RecordStore, replica_set
+from overlay.dht.store import REPLICAS, AddressCache, RecordStore, replica_set
 from overlay.identity import Identity
 from overlay.ids import ring_distance
 from overlay.wire import AddressRecord
@@ -66,9 +66,10 @@ def test_expire_removes_only_dead_records() -> None:
 def test_replica_set_is_the_nodes_nearest_the_key() -> None:
     key = 1000
     ids = [990, 1003, 1020, 5000, 2**63]
-    got = replica_set(key, 1003, ids)
+    got = replica_set(key, 1003, ids, count=3)
     assert got == sorted(set(ids) | {1003}, key=lambda n: (ring_distance(n, key), n))[:3]
     assert got == [1003, 990, 1020]
+    assert replica_set(key, 1003, ids) == [1003, 990, 1020, 5000][:REPLICAS]
 
 
 def test_cache_entries_expire_with_the_cache_ttl_or_the_record() -> None:

@@ -11,11 +11,13 @@ Rules:
   size estimate; the node routes a FIND to the point and links to whoever is closest (Symphony, section 3).
   A slot is re-drawn when its link fails, when the found node refuses (incoming cap), or when the size
   estimate has moved by more than a factor of 2 since the draw (Symphony's re-linking rule).
-- Keepalive: a link silent for `ping_interval` is pinged; silent for `dead_after` it is declared dead. That holds
-  for the links failures must be found on quickly: ring links (repair, DHT replicas) and links that carry
-  traffic. An idle long or incoming link is gossiped to every SLOW_FACTOR stabilisation rounds and pinged after
-  SLOW_FACTOR times as long (still inside the ~30 s a NAT keeps an idle mapping): most of a node's links are
-  idle, and on a machine of a hundred nodes their keepalives were most of the idle CPU (bench/scale.py).
+- Keepalive: the gossip is the keepalive. A link silent for `ping_interval` (a round and a margin) is pinged
+  every PING_RETRY; DEAD_GRACE after the first ping it is declared dead. That holds for the links failures must
+  be found on quickly: ring links (repair, DHT replicas) and links that carry traffic. An idle long or incoming
+  link is gossiped to every SLOW_FACTOR rounds and pinged after SLOW_FACTOR times as long (still inside the
+  ~30 s a NAT keeps an idle mapping): most of a node's links are idle, and on a machine of a hundred nodes
+  their keepalives were most of the idle CPU (bench/scale.py). A link something was just sent on and that
+  has not answered since is pinged after BUSY_PING and avoided by routes (`suspects`).
 - Links with no role are closed after `surplus_grace` (they may be someone's ring link about to be replaced).
 - Failed attempts back off exponentially, so an unreachable peer is not hammered.
 """
@@ -27,25 +29,32 @@ from dataclasses import dataclass, field
 
 from overlay.routing.ring import RingTable, Role, harmonic_target, stratified_draw
 
-# Our choices, all in seconds. Keepalive: a link is declared dead after three missed pings (~15 s), well
+# Our choices, all in seconds. An idle node's cost is its packets (bench/scale.py: ~0.3 ms of a core per
+# wake-up, most of it Python), so healthy links exchange one gossip each way per round and nothing else; a
+# link silent for longer than a round allows is pinged every PING_RETRY and dead after three unanswered pings.
+# Ring links: gossip every ~10 s (7.5-12.5 s jittered), pinged after 13 s of silence, dead after 19 s, well
 # inside the ~32 s an ICE consent check takes to notice (RFC 7675), so our repair runs first.
-STABILIZE_INTERVAL = 5.0
-PING_INTERVAL = 5.0
-DEAD_AFTER = 16.0
+STABILIZE_INTERVAL = 10.0
+PING_INTERVAL = 13.0  # the longest a jittered round leaves a link silent, and a margin
+PING_RETRY = 2.0
+DEAD_GRACE = 3 * PING_RETRY
+DEAD_AFTER = PING_INTERVAL + DEAD_GRACE
 ATTEMPT_TIMEOUT = 6.0
 BACKOFF_FIRST = 5.0
 BACKOFF_MAX = 120.0
 SURPLUS_GRACE = 30.0
 RELINK_FACTOR = 2.0
 LINK_SLACK = 2
-SLOW_FACTOR = 3  # idle non-ring links: gossip every 3rd round, ping after 15 s of silence, dead after 48 s
+# Idle non-ring links: gossip every 2nd round (15-25 s: a NAT keeps an idle UDP mapping ~30 s, RFC 4787 asks
+# for >= 2 min but home routers do less), pinged after 26 s of silence, dead after 32 s.
+SLOW_FACTOR = 2
 # A link that carried data and has heard nothing since is suspect, like unacknowledged data in TCP: pinged
 # after BUSY_PING, dead after BUSY_DEAD of such silence, however sparse the data. Routes through a crashed
 # node's links then heal in seconds, not at the next keepalive timeout (bench/scale.py: after killing 10 %
 # of 60 nodes, half the sampled pairs failed for 30 s while idle long links to the dead waited out 48 s).
 BUSY_WINDOW = 5.0
-BUSY_PING = 2.0
-BUSY_DEAD = 8.0
+BUSY_PING = PING_RETRY
+BUSY_DEAD = BUSY_PING + DEAD_GRACE
 # Routes avoid a silent busy link only once its ping has had a second to come back: one-way data on a healthy
 # link (pinged every BUSY_PING) must not be rerouted for the ping's round trip.
 SUSPECT_AFTER = BUSY_PING + 1.0
@@ -282,25 +291,31 @@ class Maintenance:
         linked = t.neighbours()
         ring = t.ring_peers() | set(t.wanted_ring_peers())
         fast = self._fast_peers(linked, ring, now)
-        # Keepalive and failure detection.
+        # Keepalive and failure detection: a link silent for longer than its class allows is pinged, again every
+        # PING_RETRY, and dead DEAD_GRACE after the first ping.
+        wake = now + self.ping_interval
         for peer in linked:
             last = self._last_rx.setdefault(peer, now)
             awaiting = self._awaiting.get(peer)
             if awaiting is not None:
-                last = awaiting
-                ping, dead = BUSY_PING, BUSY_DEAD
+                last, quiet = awaiting, BUSY_PING
             elif peer in fast:
                 # A link that just turned fast was allowed a longer silence: count from then.
                 last = max(last, self._fast_since.setdefault(peer, now) - self.ping_interval)
-                ping, dead = self.ping_interval, self.dead_after
+                quiet = self.ping_interval
             else:
                 self._fast_since.pop(peer, None)
-                ping, dead = self.ping_interval * SLOW_FACTOR, self.dead_after * SLOW_FACTOR
-            if now - last >= dead:
+                quiet = self.ping_interval * SLOW_FACTOR
+            silent = now - last
+            if silent >= quiet + (self.dead_after - self.ping_interval):
                 actions.append(CloseLink(peer, DEAD_REASON))
-            elif now - last >= ping and now - self._last_ping.get(peer, -1e18) >= ping:
-                self._last_ping[peer] = now
-                actions.append(Ping(peer, idle=awaiting is None and peer not in fast))
+            elif silent >= quiet:
+                if now - self._last_ping.get(peer, -1e18) >= PING_RETRY:
+                    self._last_ping[peer] = now
+                    actions.append(Ping(peer, idle=awaiting is None and peer not in fast))
+                wake = min(wake, self._last_ping[peer] + PING_RETRY)
+            else:
+                wake = min(wake, last + quiet)
         # Ring: open links to the nearest successors/predecessors we know of.
         for peer in t.wanted_ring_peers():
             if t.is_linked(peer):
@@ -363,8 +378,7 @@ class Maintenance:
                 to = tuple(p for p in linked if p in fast)
             if to:
                 actions.append(SendNeighbours(to, current))
-        # Idle, a node wakes for its gossip rounds (~5 s) and at least every ping interval: keepalive deaths are
-        # then found within dead_after + ping_interval. A finer beat cost a hundred idle nodes most of their CPU
-        # (bench/scale.py), since rx times move all the time and each wake-up finds nothing to do.
-        self._deadline = min(self._next_stabilize, now + self.ping_interval)
+        # Idle, a node wakes for its gossip rounds and when a link's silence runs out (then every PING_RETRY
+        # while it is pinged). A finer beat cost a hundred idle nodes most of their CPU (bench/scale.py).
+        self._deadline = min(self._next_stabilize, wake)
         return actions
