@@ -153,6 +153,7 @@ class LinkSetup:
         att = self._new_attempt(peer_id, peer_key, None, link.contact, signal)
         att.tunnel, att.restart = False, True
         self.count("ice restarts")
+        log.info("ICE restart for %016x: our addresses changed; the link keeps its session meanwhile", peer_id)
         self._start_ice(att, phase=1, now=self._now())
 
     def offer(self, peer_id: int, signal: Signaller, *, xmpp: bool = True) -> Signal | None:

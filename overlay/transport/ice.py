@@ -342,6 +342,7 @@ class IceAgent:
                 self._host = fresh
                 if changed:
                     log.info("host addresses now %s", ", ".join(addresses) or "none")
+                    self.count("address changes")
                     self.on_address_change()
         if self.settings.stun and now - self._srflx_at >= SRFLX_REFRESH:
             self._srflx_at = now
@@ -377,6 +378,7 @@ class IceAgent:
         self._srflx[server] = mapped
         if old is not None and old != mapped:
             log.info("server-reflexive address changed %s:%d -> %s:%d", *old, *mapped)
+            self.count("address changes")
             self.on_address_change()
 
     async def _allocate(self, allocation: TurnAllocation) -> None:
