@@ -347,7 +347,7 @@ class Node:
 
     def _on_sent(self, link: Link, data: bool) -> None:
         """A routed packet went out on `link` (data: the first since our last tick). Watch it for an answer from
-        now, not from our next tick (5 s away when idle): a route through a crashed node's link is then avoided
+        now, not from our next tick (10 s away when idle): a route through a crashed node's link is then avoided
         within BUSY_PING + 1 s of the first packet lost on it, control packets (DHT lookups, finds) included."""
         now = self.clock()
         if data:

@@ -69,7 +69,7 @@ def test_replica_set_is_the_nodes_nearest_the_key() -> None:
     got = replica_set(key, 1003, ids, count=3)
     assert got == sorted(set(ids) | {1003}, key=lambda n: (ring_distance(n, key), n))[:3]
     assert got == [1003, 990, 1020]
-    assert replica_set(key, 1003, ids) == [1003, 990, 1020, 5000][:REPLICAS]
+    assert replica_set(key, 1003, ids) == [1003, 990, 1020, 5000][:REPLICAS]  # REPLICAS is 3: the same
 
 
 def test_cache_entries_expire_with_the_cache_ttl_or_the_record() -> None:

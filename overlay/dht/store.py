@@ -13,10 +13,7 @@ from overlay.dht.records import check_record, record_owner
 from overlay.ids import ring_distance
 from overlay.wire import AddressRecord
 
-# From the issue: at least 3 copies, at the nodes nearest the key. Four, because a record whose every holder dies
-# at once is dark until its owner's next self-check: with 10 % of 100 nodes killed at once, some record loses all
-# 3 holders in ~7 % of such events and all 4 in ~0.5 % (C(10,k)/C(100,k) per record, 100 records).
-REPLICAS = 4
+REPLICAS = 3  # from the issue: at least 3 copies, at the nodes nearest the key (the root and its ring neighbours)
 CACHE_TTL = 60.0  # our choice: a moved address is found again within a minute even without a no-route report
 MAX_RECORDS = 100_000  # our choice: bounds memory a hostile group member can make us spend (~15 MB)
 
