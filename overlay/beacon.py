@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 BEACON_INTERVAL = 10.0  # our choice: the beacon rides the gossip (a round every ~10 s per link), so it costs nothing
 # Beacons are pipelined: however many gossip rounds a node is from the leader, a newer one reaches it about every
-# BEACON_INTERVAL, late by a round (ring links, 7.5-12.5 s) or two (idle links, every 2nd round) when its path
+# BEACON_INTERVAL, late by a round (ring links, ~10 s) or two (idle links, every 2nd round) when its path
 # changes. Six intervals without one is no such hiccup.
 ISLAND_AFTER = 60.0
 REJOIN_GAP = 5  # more than this many beacons skipped (50 s): we were cut off, not just on a slower path

@@ -120,6 +120,7 @@ class LinkCallbacks:
     attempt_failed: Callable[[int], None]
     message: Callable[[Link, bytes], None]
     relay_candidates: Callable[[int], list[int]]
+    attempt_started: Callable[[], None] = lambda: None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,11 +193,14 @@ class LinkSetup:
         att = Attempt(peer_id, peer_key, endpoint, contact, self._now(), signal, number)
         self.attempts[peer_id] = att
         self._numbers[number] = peer_id
+        self.manager.callbacks.attempt_started()
         return att
 
     # -- the clock -----------------------------------------------------------------------------------------
     def tick(self, now: float) -> float:
-        deadline = now + 5.0
+        """Advance the attempts; returns when they next need a tick (never, with none under way: the stale
+        handshakes and responders below are cleared at whatever tick comes next, they only hold memory)."""
+        deadline = math.inf
         for att in list(self.attempts.values()):
             self._step(att, now)
             if att.peer_id in self.attempts:

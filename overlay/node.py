@@ -36,7 +36,6 @@ from overlay.membership import Membership
 from overlay.ondemand import OnDemand, Open
 from overlay.router import DATA_KINDS, Router
 from overlay.routing.maintenance import (
-    BUSY_PING,
     DEAD_REASON,
     CloseLink,
     FindLong,
@@ -55,6 +54,7 @@ from overlay.wire import (
     FLAG_JOIN,
     FLAG_LONG_LINK,
     FLAG_PROMISE,
+    FLAG_QUIET,
     ROUTED_HEADER,
     Contact,
     DecodeError,
@@ -81,8 +81,14 @@ from overlay.wire import (
 log = logging.getLogger(__name__)
 
 TIMER_MAX = 1.0  # the longest the node sleeps between ticks while something is under way (lookups retry at 1 s)
-IDLE_TIMER_MAX = 10.0  # ... and when nothing is: maintenance says when it next has work (gossip rounds ~10 s)
+# ... and when nothing is: maintenance says when it next has work. The longest gossip round (7.5-12.5 s), so an
+# idle node wakes for its rounds only (DHT checks, STUN refreshes and beacons ride on them).
+IDLE_TIMER_MAX = 12.5
+# asyncio runs a timer up to its clock resolution early (BaseEventLoop._clock_resolution): a tick woken exactly at
+# a deadline could find it not yet passed and sleep again for 20 ms (a quarter of an idle node's ticks).
+TIMER_SLACK = 0.002
 PEER_CLOSED = "peer closed the link"
+ACK = bytes([LinkMsg.ACK])
 
 
 @dataclass
@@ -136,6 +142,8 @@ class Node:
                 self._on_attempt_failed,
                 self._on_message,
                 self._relay_candidates,
+                # A link attempt started outside a tick (an XMPP hello, a signal): its retries are the tick's.
+                lambda: self.wake(TIMER_MAX),
             ),
             clock,
         )
@@ -179,6 +187,10 @@ class Node:
         self.first_link_at = 0.0
         self._timer_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # Set by a tick whose timer waits only for a link's silence (maintenance.due_peer): hearing from that
+        # peer moves the timer to the next deadline, up to `_tick_bound` (what the rest of the node needs).
+        self._timer_for_silence = False
+        self._tick_bound = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self.first_link = asyncio.Event()
@@ -224,8 +236,10 @@ class Node:
     def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None:
         self.datapath.host_unreachable(body, kind, now)
 
-    def wake(self) -> None:
-        self._schedule(self.clock())
+    def wake(self, within: float = 0.0) -> None:
+        now = self.clock()
+        if self._timer is None or self._timer_at > now + within:
+            self._schedule(now + within)
 
     def link_to(self, contact: Contact, via: int | None = None) -> None:
         peer = node_id_from_public_key(contact.public_key)
@@ -335,13 +349,14 @@ class Node:
             await self.membership.stop()
 
     # -- timers -------------------------------------------------------------------------------------------------
-    def _schedule(self, when: float) -> None:
+    def _schedule(self, when: float, *, for_silence: bool = False) -> None:
         if self._stopped or self._loop is None:
             return
         if self._timer is not None:
             self._timer.cancel()
+        self._timer_for_silence = for_silence
         now = self.clock()
-        delay = min(IDLE_TIMER_MAX, max(0.02, when - now))
+        delay = min(IDLE_TIMER_MAX, max(0.02, when - now + TIMER_SLACK))
         self._timer = self._loop.call_later(delay, self._on_timer)
         self._timer_at = now + delay
 
@@ -354,8 +369,13 @@ class Node:
             self.maintenance.on_busy(link.peer_id, now)
         else:
             self.maintenance.on_sent(link.peer_id, now)
-        if self._timer is None or self._timer_at > now + BUSY_PING:
-            self._schedule(now + BUSY_PING)
+        self._wake_for_maintenance()
+
+    def _wake_for_maintenance(self) -> None:
+        """A link now needs watching sooner than the timer would wake (its ping, its suspect time)."""
+        when = self.maintenance.next_deadline()
+        if self._timer is None or self._timer_at > when:
+            self._schedule(when, for_silence=True)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -371,7 +391,6 @@ class Node:
         if suspects != self.router.avoid:
             self.router.avoid = suspects
             self.router.forget_routes()
-        deadline = min(deadline, self.maintenance.next_deadline())
         if self.ice is not None:
             self.ice.tick(now)
         self.dht.tick(now)
@@ -381,14 +400,26 @@ class Node:
         self.datapath.tick_probes(now)
         self._tick_on_demand(now)
         # Idle nodes tick less often: a hundred on one machine spend their CPU on ticks (bench/scale.py).
+        deadline = min(deadline, self.dht.next_deadline(now))
         busy = (
             self.links.setup.attempts
+            or not self.links.links  # joining, or alone: membership retries on its own clock
             or self.dht.pending()
             or self.finder.pending()
             or self.on_demand.active()
             or self.maintenance.watching(now)
         )
-        self._schedule(min(deadline, now + (TIMER_MAX if busy or self.first_link_at == 0 else IDLE_TIMER_MAX)))
+        self._tick_bound = min(deadline, now + (TIMER_MAX if busy or self.first_link_at == 0 else IDLE_TIMER_MAX))
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        silence = self.maintenance.next_deadline()
+        self._schedule(min(self._tick_bound, silence), for_silence=silence < self._tick_bound)
+
+    def _heard_from_due_peer(self) -> None:
+        """The link our timer waits on has been heard from: sleep until the next deadline instead."""
+        if self._timer_for_silence and self.maintenance.next_deadline() > self._timer_at + 1.0:
+            self._schedule_tick()
 
     def _act(self, action: Any, now: float) -> None:
         if isinstance(action, Ping):
@@ -503,6 +534,8 @@ class Node:
         kind = msg[0] if msg else 0
         now = self.clock()
         self.maintenance.on_rx(link.peer_id, now)
+        if link.peer_id == self.maintenance.due_peer:
+            self._heard_from_due_peer()
         if kind == LinkMsg.ROUTED and len(msg) >= ROUTED_HEADER.size and msg[ROUTED_HEADER.size - 1] in DATA_KINDS:
             _, ttl, flags, _, dst, watermark, data_kind = ROUTED_HEADER.unpack_from(msg)
             if dst == self.id and (watermark != 0 or flags & FLAG_PROMISE) and not flags & FLAG_JOIN:
@@ -512,7 +545,14 @@ class Node:
                 return
         try:
             if kind == LinkMsg.ROUTED:
-                self.router.on_routed(link, decode_routed(msg))
+                # The sender watches its link until it hears from us (maintenance.on_sent): answer at once, in
+                # this wake-up, rather than with a pong to the ping it would send 2 s from now (three wake-ups;
+                # routed lookups were most of an idle node's pings in bench/scale.py). Data needs none: it
+                # flows both ways or is pinged on the busy link's beat.
+                routed = decode_routed(msg)
+                if not routed.flags & FLAG_QUIET:
+                    link.send(ACK)
+                self.router.on_routed(link, routed)
             elif kind == LinkMsg.PING:
                 link.send(encode_ping(LinkMsg.PONG, decode_token(msg)))
             elif kind == LinkMsg.PONG:
@@ -527,6 +567,9 @@ class Node:
                 self._hear_beacon(link.peer_id, overlay, seq, now)
             elif kind == LinkMsg.SUSPECT:
                 self.maintenance.suspect(decode_suspect(msg), now)
+                self._wake_for_maintenance()
+            elif kind == LinkMsg.ACK:
+                pass  # its arrival is the answer (maintenance.on_rx above)
             elif kind == LinkMsg.BEACON:
                 self._hear_beacon(link.peer_id, *decode_beacon(msg), now)
             elif kind == LinkMsg.RELAY:

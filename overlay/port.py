@@ -62,8 +62,9 @@ class OverlayPort(Protocol):
         first when the member is reachable only through that neighbour of it)."""
         ...
 
-    def wake(self) -> None:
-        """Run the node's timers now (state changed in a way maintenance should act on)."""
+    def wake(self, within: float = 0.0) -> None:
+        """Run the node's timers within `within` seconds (state changed in a way they act on: an idle node
+        otherwise sleeps until its next gossip round)."""
         ...
 
 

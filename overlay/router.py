@@ -36,6 +36,7 @@ from overlay.wire import (
     FLAG_EXACT,
     FLAG_JOIN,
     FLAG_PROMISE,
+    FLAG_QUIET,
     PROMISE_HOPS_MASK,
     PROMISE_HOPS_SHIFT,
     ROUTED_HEADER,
@@ -261,7 +262,8 @@ class Router:
     def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
         """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""
         if pkt.kind not in DATA_KINDS:
-            self.on_sent(link, False)
+            if not pkt.flags & FLAG_QUIET:
+                self.on_sent(link, False)
         elif not link.busy:
             link.busy = True
             self.on_sent(link, True)

@@ -129,6 +129,7 @@ class LinkMsg(enum.IntEnum):
     PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
     BEACON = 0x0D  # overlay(8), sequence(4): a newer beacon of the sender's overlay (overlay/beacon.py)
     SUSPECT = 0x0E  # peer(8): "my link to this node died": check yours at once (SWIM's suspicion, by gossip)
+    ACK = 0x0F  # no body: "your routed control packet arrived" (the sender watches the link until it hears back)
 
 
 MAX_NEIGHBOURS = 64
@@ -242,6 +243,10 @@ FLAG_JOIN = 0x08  # FIND: route to the node nearest the key other than the sende
 FLAG_PROMISE = 0x10  # the watermark is a promise (routing.forwarding.decide_promise), not the sender's distance
 PROMISE_HOPS_SHIFT = 5  # bits 5-6: the promise's hop count (0..3)
 PROMISE_HOPS_MASK = 0x60
+# Background traffic (an owner's periodic check of its own record, and the answer): hops neither watch their
+# link for an answer nor acknowledge it (LinkMsg.ACK); a lost one is sent again at the next check. An idle
+# node's checks were a third of its packets with acknowledgements (bench/scale.py).
+FLAG_QUIET = 0x80
 
 ROUTED_HEADER = struct.Struct("!BBBQQQB")  # LinkMsg.ROUTED, ttl, flags, src, dst, watermark, kind
 

@@ -8,6 +8,7 @@ from overlay.routing.maintenance import (
     BUSY_DEAD,
     BUSY_PING,
     DEAD_AFTER,
+    PING_INTERVAL,
     SURPLUS_GRACE,
     SUSPECT_AFTER,
     CloseLink,
@@ -146,9 +147,12 @@ def test_a_lookup_sent_into_a_dead_idle_link_makes_it_a_suspect_without_the_fast
     m.table.add_link(7)
     m.on_link_up(7, 0.0)
     m.on_rx(7, 100.0)
+    m.tick(100.5)
     m.on_sent(7, 101.0)  # a routed DHT lookup; the peer crashed
-    assert m.watching(101.0) and m.suspects(101.0) == frozenset()
+    assert not m.watching(101.0) and m.suspects(101.0) == frozenset()
+    assert m.next_deadline() == 101.0 + BUSY_PING  # no beat while it waits: a timer at its ping
     assert any(a == Ping(7) for a in m.tick(101.0 + BUSY_PING))
+    assert m.next_deadline() == 101.0 + SUSPECT_AFTER  # ... and at the moment routes should avoid it
     assert m.suspects(101.0 + SUSPECT_AFTER) == {7}
     assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(101.0 + BUSY_DEAD))
 
@@ -162,3 +166,20 @@ def test_a_lookup_on_a_healthy_idle_link_costs_one_ping_at_most() -> None:
     m.on_rx(7, 101.5)  # any packet from the peer answers it
     assert not m.watching(101.5)
     assert not any(a == Ping(7) for a in m.tick(101.0 + BUSY_PING))
+
+
+def test_hearing_from_a_link_moves_the_wake_up_for_its_silence_instead_of_leaving_a_wasted_tick() -> None:
+    m = Maintenance(RingTable(SELF), random.Random(1), stabilize_interval=100.0)  # no gossip round in the way
+    for peer in (7, 9):
+        m.table.add_link(peer)
+        m.on_link_up(peer, 0.0)
+    m.tick(0.0)
+    m.on_rx(7, 1.0)
+    m.on_rx(9, 4.0)
+    m.tick(4.0)
+    assert (m.next_deadline(), m.due_peer) == (1.0 + PING_INTERVAL, 7)
+    m.on_rx(7, 10.0)  # its gossip arrived: wake for 9's silence next, not for 7's old deadline
+    assert (m.next_deadline(), m.due_peer) == (4.0 + PING_INTERVAL, 9)
+    m.on_rx(9, 12.0)
+    assert (m.next_deadline(), m.due_peer) == (10.0 + PING_INTERVAL, 7)
+    assert not any(isinstance(a, Ping) for a in m.tick(10.0 + PING_INTERVAL - 0.1))

@@ -237,3 +237,41 @@ def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() ->
             await g.stop()
 
     run(scenario())
+
+
+def test_a_routed_control_packet_is_acknowledged_by_the_next_hop_so_the_sender_sends_no_ping() -> None:
+    from overlay.wire import LinkMsg
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=5)
+        try:
+            for _ in range(6):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            a = g.nodes[0]
+            acks: list[int] = []
+            for n in g.nodes[1:]:
+                link = n.links.links.get(a.id)
+                if link is not None:
+                    original = link.send
+
+                    def spy(msg: bytes, original=original, peer=n.id) -> None:  # type: ignore[no-untyped-def]
+                        if msg == bytes([LinkMsg.ACK]):
+                            acks.append(peer)
+                        original(msg)
+
+                    link.send = spy  # type: ignore[method-assign]
+            watched = 0
+            for n in g.nodes[1:] * 2:
+                a.dht._ask(n.address)  # a DHT lookup, routed through one of a's links unless a holds the key
+                if not a.maintenance._awaiting:
+                    continue
+                watched += 1
+                # Answered at once, not at the peer's next gossip round (0.375-0.625 s here) nor after a ping (2 s).
+                assert await g.wait_for(lambda: not a.maintenance._awaiting, 0.1, step=0.005)
+            assert watched >= 4 and len(acks) >= watched and set(acks) <= set(a.links.links)
+            assert a.maintenance.suspects(a.clock()) == frozenset()
+        finally:
+            await g.stop()
+
+    run(scenario())

@@ -18,6 +18,7 @@ through the node: routed DHT_PUT / DHT_GET / DHT_VALUE messages and link-local R
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record
 from overlay.dht.store import REPLICAS, AddressCache, RecordStore, holds_replica, replica_set
 from overlay.port import OverlayPort
 from overlay.wire import (
+    FLAG_EXACT,
+    FLAG_QUIET,
     AddressRecord,
     Kind,
     LinkMsg,
@@ -45,6 +48,8 @@ CHECK_INTERVAL = 10.0  # our choice: an address lost in a storm or a crash resol
 # (on_neighbour_lost), so the check is for the loss of every holder at once (~7 % of 10 % kills of 100 nodes lose
 # some record's 3 holders together; its owner then publishes again within 20 s).
 SETTLED_CHECK_INTERVAL = 20.0
+SETTLE_POLL = 1.0  # how often a node that has not published yet looks whether its ring has settled
+MOVING_TIME = 30.0  # our choice: records move home every EXPIRE_INTERVAL for this long after the ring near us changed
 LOST_CHECK_AFTER = 3.0  # our choice: after a ring neighbour dies, the ring repairs within a few seconds
 NO_OWNER = "drop: no node owns the address"
 
@@ -65,6 +70,7 @@ class AddressService:
         self._published = -1e18
         self._checked = -1e18
         self._last_expire = -1e18
+        self._moving_until = -1e18  # ring neighbours changed lately: records may have to move (_rehome)
 
     # -- the clock -----------------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -84,7 +90,7 @@ class AddressService:
                 self.publish(now)
             elif now - max(self._published, self._checked) >= self._check_interval(now):
                 self._checked = now
-                self._ask(self.node.address)
+                self._ask(self.node.address, FLAG_QUIET)
         if now - self._last_expire >= EXPIRE_INTERVAL:
             self._last_expire = now
             self.store.expire(now)
@@ -97,6 +103,21 @@ class AddressService:
     def pending(self) -> bool:
         """Whether lookups are under way (they retry every LOOKUP_RETRY)."""
         return bool(self._lookups)
+
+    def next_deadline(self, now: float) -> float:
+        """When `tick` next has work. An idle node sleeps until its next gossip round or this, so what must not
+        wait for a round says so: the first publication once the ring settles, an owner's check after a
+        holder died, records moving home while the ring near us changes."""
+        if self._lookups:
+            return now + LOOKUP_RETRY
+        if not self.node.links.links:
+            return math.inf
+        if self._published < 0:
+            return now + SETTLE_POLL
+        due = min(self._published + REFRESH_AFTER, max(self._published, self._checked) + self._check_interval(now))
+        if now < self._moving_until:
+            due = min(due, self._last_expire + EXPIRE_INTERVAL)
+        return due
 
     def _check_interval(self, now: float) -> float:
         return CHECK_INTERVAL if now - self.node.first_link_at < 4 * CHECK_INTERVAL else SETTLED_CHECK_INTERVAL
@@ -141,7 +162,8 @@ class AddressService:
     def on_get(self, pkt: Routed) -> None:
         now = self.node.clock()
         address = decode_address(pkt.body)
-        self.node.send_routed(pkt.src, Kind.DHT_VALUE, encode_dht_value(address, self.store.get(address, now)))
+        value = encode_dht_value(address, self.store.get(address, now))
+        self.node.send_routed(pkt.src, Kind.DHT_VALUE, value, FLAG_EXACT | (pkt.flags & FLAG_QUIET))
 
     def hand_over(self, peer: int) -> None:
         """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
@@ -149,6 +171,7 @@ class AddressService:
         succ, pred = table.successors(), table.predecessors()
         if peer not in succ and peer not in pred:
             return
+        self._moving_until = self.node.clock() + MOVING_TIME
         link = self.node.links.links[peer]
         for record in self.store.records():
             key = record_key(self.node.room, record.address)
@@ -162,6 +185,7 @@ class AddressService:
         own record is checked within LOST_CHECK_AFTER: the nodes that held it may have died together."""
         if not was_ring:
             return
+        self._moving_until = now + MOVING_TIME
         table = self.node.table
         peers = table.successors() + table.predecessors()
         for record in self.store.records():
@@ -207,10 +231,11 @@ class AddressService:
         # Queue first: when we hold the record ourselves the answer arrives before send_routed returns.
         self._lookups[address] = _Lookup(deque([(kind, packet)], maxlen=QUEUE_PER_ADDRESS), now, now)
         self._ask(address)
+        node.wake(LOOKUP_RETRY)  # retried on the tick: an idle node's next one may be a gossip round away
 
-    def _ask(self, address: str) -> None:
+    def _ask(self, address: str, flags: int = 0) -> None:
         node = self.node
-        node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, 0)
+        node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, flags)
 
     def on_value(self, pkt: Routed) -> None:
         now = self.node.clock()

@@ -18,12 +18,16 @@ Rules:
   ~30 s a NAT keeps an idle mapping): most of a node's links are idle, and on a machine of a hundred nodes
   their keepalives were most of the idle CPU (bench/scale.py). A link something was just sent on and that
   has not answered since is pinged after BUSY_PING and avoided by routes (`suspects`).
+- The clock: `next_deadline` says when `tick` next has work (a round, a link's silence running out, an attempt
+  or search to retry, a surplus link's grace ending) and moves on as links are heard from, so a driver sleeps
+  through the deadlines that gossip made moot.
 - Links with no role are closed after `surplus_grace` (they may be someone's ring link about to be replaced).
 - Failed attempts back off exponentially, so an unreachable peer is not hammered.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -32,8 +36,8 @@ from overlay.routing.ring import RingTable, Role, harmonic_target, stratified_dr
 # Our choices, all in seconds. An idle node's cost is its packets (bench/scale.py: ~0.3 ms of a core per
 # wake-up, most of it Python), so healthy links exchange one gossip each way per round and nothing else; a
 # link silent for longer than a round allows is pinged every PING_RETRY and dead after three unanswered pings.
-# Ring links: gossip every ~10 s (7.5-12.5 s jittered), pinged after 13 s of silence, dead after 19 s, well
-# inside the ~32 s an ICE consent check takes to notice (RFC 7675), so our repair runs first.
+# Ring links: gossip every ~10 s (7.5-12.5 s jittered, or on the 10 s marks: tick), pinged after 13 s of silence,
+# dead after 19 s, well inside the ~32 s an ICE consent check takes to notice (RFC 7675), so our repair runs first.
 STABILIZE_INTERVAL = 10.0
 PING_INTERVAL = 13.0  # the longest a jittered round leaves a link silent, and a margin
 PING_RETRY = 2.0
@@ -48,6 +52,8 @@ LINK_SLACK = 2
 # Idle non-ring links: gossip every 2nd round (15-25 s: a NAT keeps an idle UDP mapping ~30 s, RFC 4787 asks
 # for >= 2 min but home routers do less), pinged after 26 s of silence, dead after 32 s.
 SLOW_FACTOR = 2
+# Rounds with an unchanged neighbour list after which a node's rounds align with the wall clock (see tick).
+ALIGN_AFTER = 3
 # A link that carried data and has heard nothing since is suspect, like unacknowledged data in TCP: pinged
 # after BUSY_PING, dead after BUSY_DEAD of such silence, however sparse the data. Routes through a crashed
 # node's links then heal in seconds, not at the next keepalive timeout (bench/scale.py: after killing 10 %
@@ -144,10 +150,14 @@ class Maintenance:
     _busy: dict[int, float] = field(default_factory=dict)  # peer -> when its link last carried traffic
     _awaiting: dict[int, float] = field(default_factory=dict)  # peer -> first data sent since its last rx
     _fast_since: dict[int, float] = field(default_factory=dict)  # peer -> since when on the fast keepalive
-    _rounds: int = 0
+    _slow_round: int = -1  # the last round that gossiped to every link
+    _steady: int = 0  # rounds since our neighbour list last changed
     _gossiped: tuple[int, ...] = ()
     _next_stabilize: float = 0.0
-    _deadline: float = 0.0
+    _due: dict[int, float] = field(default_factory=dict)  # peer -> when its link's silence next needs a look
+    _quiet: dict[int, float] = field(default_factory=dict)  # peer -> the silence its class allowed at the last tick
+    _work_at: float = 0.0  # when an attempt, a long-link search or a surplus link next needs a tick
+    due_peer: int | None = None  # the link whose silence `next_deadline` waits for, if any
 
     def __post_init__(self) -> None:
         self._slots = [_LongSlot() for _ in range(self.table.params.long_links)]
@@ -171,6 +181,8 @@ class Maintenance:
         self._busy.pop(peer, None)
         self._awaiting.pop(peer, None)
         self._fast_since.pop(peer, None)
+        self._due.pop(peer, None)
+        self._quiet.pop(peer, None)
         for slot in self._slots:
             if slot.peer == peer:
                 slot.peer, slot.target, slot.retry_at = None, None, now
@@ -183,19 +195,24 @@ class Maintenance:
     def on_busy(self, peer: int, now: float) -> None:
         """The link to `peer` carried data: find a failure on it quickly."""
         self._busy[peer] = now
-        self._awaiting.setdefault(peer, now)
+        self._await(peer, now)
 
     def on_sent(self, peer: int, now: float) -> None:
         """A routed control packet (a lookup, a find, a signal) went out on the link to `peer`: expect to hear
         from the peer soon, as after data, but without putting the link on the fast keepalive."""
-        self._awaiting.setdefault(peer, now)
+        self._await(peer, now)
+
+    def _await(self, peer: int, since: float) -> None:
+        since = self._awaiting.setdefault(peer, since)
+        if peer in self._due:
+            self._due[peer] = min(self._due[peer], since + BUSY_PING)
 
     def suspect(self, peer: int, now: float) -> None:
         """A neighbour's link to `peer` died: check ours as a busy link (pinged at once, dead after BUSY_DEAD of
         silence from now). Links to a crashed node that carry nothing would otherwise live on for the slow
         keepalive's 48 s, and their owners would keep gossiping the dead node as a ring candidate."""
         if self.table.is_linked(peer):
-            self._awaiting.setdefault(peer, now - BUSY_PING)  # ping at the next tick, avoided a second later
+            self._await(peer, now - BUSY_PING)  # ping at the next tick, avoided a second later
             self._busy[peer] = now
 
     def suspects(self, now: float) -> frozenset[int]:
@@ -203,12 +220,17 @@ class Maintenance:
         return frozenset(p for p, t in self._awaiting.items() if now - t >= SUSPECT_AFTER)
 
     def watching(self, now: float) -> bool:
-        """Whether some link carries data or awaits an answer (the node then ticks every second)."""
-        return bool(self._awaiting) or any(now - t <= BUSY_WINDOW for t in self._busy.values())
+        """Whether some link carries data (the node then ticks every second: data marks links busy between
+        ticks). A link that only awaits an answer to a control packet needs no beat: `next_deadline` holds its
+        ping and suspect times (bench/scale.py: a second's beat after each routed lookup was half the ticks of
+        an idle node)."""
+        return any(now - t <= BUSY_WINDOW for t in self._busy.values())
 
     def on_rx(self, peer: int, now: float) -> None:
         self._last_rx[peer] = now
         self._awaiting.pop(peer, None)
+        if peer in self._due:
+            self._due[peer] = now + self._quiet.get(peer, self.ping_interval)
 
     def on_neighbours(self, peer: int, ids: list[int], now: float) -> None:
         self.table.set_neighbours_of(peer, ids)
@@ -239,6 +261,7 @@ class Maintenance:
         a = self._attempts.setdefault(peer, _Attempt(now))
         a.failures += 1
         a.retry_at = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (a.failures - 1))
+        self._work_at = min(self._work_at, a.retry_at)
         # A peer we cannot reach is no ring candidate until someone mentions it again.
         if a.failures >= 3:
             self.table.forget(peer)
@@ -257,6 +280,7 @@ class Maintenance:
             peer = None
         if peer is None or peer == self.table.self_id:
             s.target, s.retry_at = None, now + BACKOFF_FIRST
+            self._work_at = min(self._work_at, s.retry_at)
         else:
             s.peer, s.ring_hits = peer, 0
 
@@ -283,7 +307,15 @@ class Maintenance:
 
     # -- the clock -----------------------------------------------------------------------------------------
     def next_deadline(self) -> float:
-        return self._deadline
+        """When `tick` next has work: the next gossip round, or the first link whose silence runs out. Kept up
+        to date by `on_rx`, so a driver that hears from `due_peer` can sleep on instead of waking for a silence
+        that has ended: an idle node's links are heard from every round, and waking at each one's old deadline
+        was most of its ticks (bench/scale.py: 0.5 ticks per second with ~8 links, 0.1 without them)."""
+        deadline, self.due_peer = min(self._next_stabilize, self._work_at), None
+        for peer, due in self._due.items():
+            if due < deadline:
+                deadline, self.due_peer = due, peer
+        return deadline
 
     def tick(self, now: float) -> list[Action]:
         t = self.table
@@ -293,43 +325,51 @@ class Maintenance:
         fast = self._fast_peers(linked, ring, now)
         # Keepalive and failure detection: a link silent for longer than its class allows is pinged, again every
         # PING_RETRY, and dead DEAD_GRACE after the first ping.
-        wake = now + self.ping_interval
         for peer in linked:
             last = self._last_rx.setdefault(peer, now)
             awaiting = self._awaiting.get(peer)
-            if awaiting is not None:
-                last, quiet = awaiting, BUSY_PING
-            elif peer in fast:
+            if peer in fast:
                 # A link that just turned fast was allowed a longer silence: count from then.
                 last = max(last, self._fast_since.setdefault(peer, now) - self.ping_interval)
-                quiet = self.ping_interval
+                self._quiet[peer] = quiet = self.ping_interval
             else:
                 self._fast_since.pop(peer, None)
-                quiet = self.ping_interval * SLOW_FACTOR
+                self._quiet[peer] = quiet = self.ping_interval * SLOW_FACTOR
+            if awaiting is not None:
+                last, quiet = awaiting, BUSY_PING
             silent = now - last
             if silent >= quiet + (self.dead_after - self.ping_interval):
                 actions.append(CloseLink(peer, DEAD_REASON))
+                self._due.pop(peer, None)
             elif silent >= quiet:
                 if now - self._last_ping.get(peer, -1e18) >= PING_RETRY:
                     self._last_ping[peer] = now
                     actions.append(Ping(peer, idle=awaiting is None and peer not in fast))
-                wake = min(wake, self._last_ping[peer] + PING_RETRY)
+                self._due[peer] = self._last_ping[peer] + PING_RETRY
             else:
-                wake = min(wake, last + quiet)
-        # Ring: open links to the nearest successors/predecessors we know of.
+                self._due[peer] = last + quiet
+            if awaiting is not None and now < awaiting + SUSPECT_AFTER:
+                self._due[peer] = min(self._due[peer], awaiting + SUSPECT_AFTER)  # when `suspects` changes
+        # Ring: open links to the nearest successors/predecessors we know of. `work` is when an attempt, a
+        # long-link search or a surplus link next needs a look (next_deadline: an idle node's timer waits for
+        # it and its rounds only, so a retry must not wait for a round).
+        work = math.inf
         for peer in t.wanted_ring_peers():
             if t.is_linked(peer):
                 continue
             a = self._attempts.get(peer)
             if a is None:
-                self._attempts[peer] = _Attempt(now)
+                a = self._attempts[peer] = _Attempt(now)
                 actions.append(OpenLink(peer))
             elif a.retry_at <= a.started and now - a.started >= ATTEMPT_TIMEOUT:
                 # No link came of it (the request found no route, or the peer is gone): a failure.
                 self.on_attempt_failed(peer, now)
+                a = self._attempts.get(peer, a)
             elif a.started < a.retry_at <= now:
                 a.started = now
                 actions.append(OpenLink(peer))
+            if peer in self._attempts:
+                work = min(work, a.started + ATTEMPT_TIMEOUT if a.retry_at <= a.started else a.retry_at)
         # Long links.
         n = t.size_estimate()
         for i, s in enumerate(self._slots):
@@ -343,6 +383,9 @@ class Maintenance:
                     s.target = harmonic_target(t.self_id, u, n)
                     s.drawn_for, s.searching_since = n, now
                     actions.append(FindLong(i, s.target))
+            if s.peer is None and n >= 2 * t.params.ring_size + 1:
+                searched = s.searching_since + ATTEMPT_TIMEOUT if s.searching_since is not None else 0.0
+                work = min(work, max(s.retry_at, searched))
         # Surplus links: close after a grace period, or at once, oldest surplus first, while the node has
         # more links than its bound (an anchor that many joiners bootstrapped through).
         long_peers = self.long_link_peers()
@@ -355,9 +398,13 @@ class Maintenance:
                 actions.append(CloseLink(peer, "no longer needed"))
                 self._surplus_since.pop(peer)
                 excess -= 1
+        surplus_now = set(surplus)
         for peer in list(self._surplus_since):
-            if peer not in linked:
-                self._surplus_since.pop(peer)
+            if peer not in surplus_now:
+                self._surplus_since.pop(peer)  # closed, or in use again: a later surplus spell starts afresh
+            else:
+                work = min(work, self._surplus_since[peer] + self.surplus_grace)
+        self._work_at = work
         # Roles: our long links, and what we use each link for, told to the peer when it changes.
         for peer in linked:
             t.set_role(peer, Role.LONG_OUT, peer in long_peers)
@@ -368,10 +415,25 @@ class Maintenance:
         # Gossip neighbour lists: to the fast links every round, to all of them every SLOW_FACTOR rounds or as
         # soon as the list changed (lookahead reads it).
         if now >= self._next_stabilize:
-            self._next_stabilize = now + self.stabilize_interval * (0.75 + 0.5 * self.rng.random())
-            self._rounds += 1
             current = tuple(linked)
-            if current != self._gossiped or self._rounds % SLOW_FACTOR == 0:
+            changed = current != self._gossiped
+            self._steady = 0 if changed else self._steady + 1
+            round_no = math.floor(now / self.stabilize_interval)
+            if self._steady >= ALIGN_AFTER:
+                # A settled node's rounds fall on the multiples of the interval on the wall clock that all
+                # members share: its neighbours then gossip to it at the same moment, and it reads their packets
+                # in one or two wake-ups instead of one each (an idle node's cost is its wake-ups: 90 idle nodes
+                # 4.3 -> 2.6 % of a core in bench/scale.py). The packets are small, so the bursts cost nothing
+                # on a wire. While its neighbours change, rounds stay jittered (Floyd and Jacobson, "The
+                # Synchronization of Periodic Routing Messages"): aligned rounds in a join storm of 100 on 2
+                # cores woke every process at once and starved joiners' XMPP logins (ring 56 -> 71 s).
+                self._next_stabilize = (round_no + 1) * self.stabilize_interval
+            else:
+                self._next_stabilize = now + self.stabilize_interval * (0.75 + 0.5 * self.rng.random())
+            slow_round = round_no % SLOW_FACTOR == 0 and round_no != self._slow_round
+            if slow_round:
+                self._slow_round = round_no
+            if changed or slow_round:
                 self._gossiped = current
                 to = current
             else:
@@ -379,6 +441,6 @@ class Maintenance:
             if to:
                 actions.append(SendNeighbours(to, current))
         # Idle, a node wakes for its gossip rounds and when a link's silence runs out (then every PING_RETRY
-        # while it is pinged). A finer beat cost a hundred idle nodes most of their CPU (bench/scale.py).
-        self._deadline = min(self._next_stabilize, wake)
+        # while it is pinged): next_deadline. A finer beat cost a hundred idle nodes most of their CPU
+        # (bench/scale.py).
         return actions
