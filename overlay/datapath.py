@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
-PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 8 KB probe a minute
+PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 60 KB probe a minute
 
 
 class DataPath:
