@@ -240,6 +240,8 @@ class Node:
         now = self.clock()
         if self._timer is None or self._timer_at > now + within:
             self._schedule(now + within)
+        else:
+            self._timer_for_silence = False  # an earlier timer stays, and is no longer put off by gossip
 
     def link_to(self, contact: Contact, via: int | None = None) -> None:
         peer = node_id_from_public_key(contact.public_key)
