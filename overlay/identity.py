@@ -1,7 +1,8 @@
 """Node identity: the Ed25519 key pair a node is known by; its node ID is the hash of the public key.
 
 PyNaCl for keys and signatures (ARCHITECTURE.md: its per-call overhead is fine off the per-packet path).
-The private key never leaves the node: it is read from a 0600 file and only used to sign.
+The private key never leaves the node: it is read from a 0600 file and used to sign and, converted to X25519,
+as the static key of the link handshake (overlay/transport/session.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Identity:
 
     def sign(self, data: bytes) -> bytes:
         return bytes(self._signing_key.sign(data).signature)
+
+    def x25519_private(self) -> bytes:
+        """The X25519 private key this Ed25519 key converts to (libsodium crypto_sign_ed25519_sk_to_curve25519)."""
+        return bytes(self._signing_key.to_curve25519_private_key())
 
     def save(self, path: Path) -> None:
         """Write the private key, readable by its owner only; refuses to overwrite an existing key."""

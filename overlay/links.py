@@ -17,6 +17,7 @@ through signalling when configured, ICE with TURN relays, then tunnels through s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,14 @@ from dataclasses import dataclass, field
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.transport.ice import UdpPath
-from overlay.transport.session import HandshakeError, Handshaker, Session
+from overlay.transport.session import (
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    Credentials,
+    HandshakeError,
+    Handshaker,
+    Session,
+)
 from overlay.transport.turn import TurnPath
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
@@ -43,6 +51,12 @@ from overlay.wire import (
 log = logging.getLogger(__name__)
 
 Underlay = UdpUnderlay | MemoryUnderlay
+
+# WireGuard's REKEY_TIMEOUT: how long a rekeying handshake waits for its response before another try.
+REKEY_TIMEOUT = 5.0
+# A responder whose peer has not rekeyed by then starts the handshake itself (between REKEY_AFTER_TIME and
+# REJECT_AFTER_TIME, leaving the initiator 30 s and the responder's own handshake 30 s).
+RESPONDER_REKEY = REKEY_AFTER_TIME + 30.0
 
 
 class TunnelPath:
@@ -93,6 +107,8 @@ class Link:
     # Set when data went out on the link since the last tick (maintenance then watches it closely:
     # overlay/routing/maintenance.py's busy keepalive).
     busy: bool = False
+    # When we may next start a rekeying handshake (one try per REKEY_TIMEOUT, as WireGuard retries).
+    rekey_try: float = 0.0
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)
@@ -129,6 +145,7 @@ class LinkManager:
     underlay: Underlay
     callbacks: LinkCallbacks
     clock: Callable[[], float] = time.time
+    credentials: Credentials | None = None
     links: dict[int, Link] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
@@ -136,7 +153,7 @@ class LinkManager:
     def __post_init__(self) -> None:
         from overlay.linksetup import LinkSetup  # the stages of opening a link build on this module
 
-        self.handshaker = Handshaker(self.identity)
+        self.handshaker = Handshaker(self.identity, self.credentials)
         self.setup = LinkSetup(self)
 
     def count(self, what: str) -> None:
@@ -148,8 +165,29 @@ class LinkManager:
         self.setup.connect(peer_key, endpoint, contact)
 
     def tick(self, now: float) -> float:
-        """Retry or give up handshakes; returns when to be called again."""
-        return self.setup.tick(now)
+        """Retry or give up handshakes, rekey sessions, close links whose keys are too old; returns when to
+        be called again."""
+        return min(self.setup.tick(now), self._rekey(now))
+
+    def _rekey(self, now: float) -> float:
+        """WireGuard's timers (its paper, section 6.2): the initiator of a session starts a new handshake once
+        it is REKEY_AFTER_TIME old, retrying every REKEY_TIMEOUT; the responder steps in only if none came by
+        RESPONDER_REKEY (a lost initiator); a session REJECT_AFTER_TIME old is no longer used at all."""
+        deadline = math.inf
+        for link in list(self.links.values()):
+            session = link.session
+            if session.expired(now):
+                self.count("links closed: keys too old")
+                self.close(link.peer_id, "session keys expired", notify=False)
+                continue
+            due = session.created + (REKEY_AFTER_TIME if session.initiator else RESPONDER_REKEY)
+            if (now >= due or session.wants_rekey(now)) and now >= link.rekey_try:
+                link.rekey_try = now + REKEY_TIMEOUT
+                self.count("rekeys started")
+                self.setup.send_handshake(link.path, link.peer_id, link.peer_key, now)
+            next_at = max(due, link.rekey_try)
+            deadline = min(deadline, next_at, session.created + REJECT_AFTER_TIME)
+        return deadline
 
     def path_for(self, via: Via, kind: str = "host") -> Path:
         if isinstance(via, int):
@@ -217,7 +255,9 @@ class LinkManager:
         log.info("link %s moved: %s -> %s", format_id(link.peer_id), old, link.describe_endpoint())
 
     def _on_init(self, init: HandshakeInit, via: Via) -> None:
-        peer_id = node_id_from_public_key(init.static)
+        opened = self.handshaker.open_init(init)
+        peer_key = opened.node_key
+        peer_id = node_id_from_public_key(peer_key)
         if peer_id == self.identity.node_id:
             self.count("drop: handshake from ourselves")
             return
@@ -225,12 +265,12 @@ class LinkManager:
             # Both sides are calling each other: the lower ID's call wins, the other side answers it.
             self.count("handshake collisions")
             return
-        session, resp = self.handshaker.respond(init, self._fresh_index())
+        session, resp = self.handshaker.answer(opened, self._fresh_index(), self.clock())
         path = self.path_for(via, self.setup.kind_hint(peer_id, via))
         self.send_on(path, peer_id, resp.encode())
         contact = self.setup.finish(peer_id)
         old = self.links.get(peer_id)
-        if old is not None and old.peer_key == init.static and old.rx_bytes:
+        if old is not None and old.peer_key == peer_key and old.rx_bytes:
             # Keep sending on the working session until the initiator confirms the new one.
             if old.next_session is not None:
                 self._by_index.pop(old.next_session.local_index, None)
@@ -239,7 +279,7 @@ class LinkManager:
             if isinstance(path, TunnelPath) or not _same_path(old.path, path):
                 old.path = path
             return
-        self._install(peer_id, init.static, session, path, contact)
+        self._install(peer_id, peer_key, session, path, contact)
 
     def _on_resp(self, resp: HandshakeResp, via: Via) -> None:
         found = self.setup.pending(resp.receiver_index)
@@ -247,7 +287,7 @@ class LinkManager:
             self.count("drop: response to no handshake")
             return
         pending, peer_id, peer_key, kind = found
-        session = self.handshaker.complete(pending, resp)
+        session = self.handshaker.complete(pending, resp, self.clock())
         contact = self.setup.finish(peer_id)
         self._install(peer_id, peer_key, session, self.path_for(via, kind), contact)
 

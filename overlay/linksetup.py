@@ -272,14 +272,18 @@ class LinkSetup:
 
     def _try(self, att: Attempt, path: Path, now: float) -> None:
         assert att.peer_key is not None
-        index = self.fresh_index()
-        handshake = self.manager.handshaker.initiate(att.peer_key, index, time.time_ns())
-        self._pending[index] = _Pending(handshake, att.peer_id, att.peer_key, path.kind, now)
         att.tries += 1
         att.next_try = now + HANDSHAKE_RETRY
         if att.first_init is None:
             att.first_init = now
-        self.manager.send_on(path, att.peer_id, handshake.init.encode())
+        self.send_handshake(path, att.peer_id, att.peer_key, now)
+
+    def send_handshake(self, path: Path, peer_id: int, peer_key: bytes, now: float) -> None:
+        """Send a handshake initiation on `path`; its response finishes the attempt or rekeys the link."""
+        index = self.fresh_index()
+        handshake = self.manager.handshaker.initiate(peer_key, index, time.time_ns())
+        self._pending[index] = _Pending(handshake, peer_id, peer_key, path.kind, now)
+        self.manager.send_on(path, peer_id, handshake.init.encode())
 
     def _fail(self, att: Attempt, why: str) -> None:
         self._drop(att)

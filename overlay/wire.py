@@ -36,68 +36,48 @@ SIGNATURE_LEN = 64
 KEY_LEN = 32
 AEAD_TAG_LEN = 16
 
-_INIT = struct.Struct("!BI32s32sQ64s")  # type, sender index, ephemeral, static, timestamp (ns), signature
-_RESP = struct.Struct("!BII32s32s64s")  # type, sender index, receiver index, ephemeral, static, signature
+# Handshake packets carry Noise IK messages (overlay/transport/session.py): the initiation is the type byte and
+# message 1 (e, s, payload: 32 + 48 + at least 16 bytes); the response is the type byte, the index of the
+# initiation it answers (so the initiator finds its state) and message 2 (e, payload: 32 + at least 16 bytes).
+# Both fit one unfragmented datagram: 1,200 bytes leaves room for a certificate with a long JID.
+MAX_HANDSHAKE_LEN = 1200
+_MIN_INIT = 1 + 32 + 48 + 16
+_RESP_HEAD = struct.Struct("!BI")  # type, receiver index
+_MIN_RESP = _RESP_HEAD.size + 32 + 16
 TRANSPORT_HEADER = struct.Struct("!BIQ")  # type, receiver index, counter; the AEAD's associated data
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeInit:
-    sender_index: int
-    ephemeral: bytes
-    static: bytes
-    timestamp: int
-    signature: bytes
-
-    def signed_part(self) -> bytes:
-        return self.encode()[:-SIGNATURE_LEN]
+    message: bytes  # Noise message 1
 
     def encode(self) -> bytes:
-        return _INIT.pack(
-            PacketType.HANDSHAKE_INIT,
-            self.sender_index,
-            self.ephemeral,
-            self.static,
-            self.timestamp,
-            self.signature,
-        )
+        return bytes([PacketType.HANDSHAKE_INIT]) + self.message
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeResp:
-    sender_index: int
-    receiver_index: int
-    ephemeral: bytes
-    static: bytes
-    signature: bytes
-
-    def signed_part(self) -> bytes:
-        return self.encode()[:-SIGNATURE_LEN]
+    receiver_index: int  # the initiator's index, from its (encrypted) initiation payload
+    message: bytes  # Noise message 2
 
     def encode(self) -> bytes:
-        return _RESP.pack(
-            PacketType.HANDSHAKE_RESP,
-            self.sender_index,
-            self.receiver_index,
-            self.ephemeral,
-            self.static,
-            self.signature,
-        )
+        return _RESP_HEAD.pack(PacketType.HANDSHAKE_RESP, self.receiver_index) + self.message
 
 
 def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
     if not data:
         raise DecodeError("empty packet")
+    if len(data) > MAX_HANDSHAKE_LEN:
+        raise DecodeError(f"handshake packet of {len(data)} bytes, at most {MAX_HANDSHAKE_LEN}")
     if data[0] == PacketType.HANDSHAKE_INIT:
-        if len(data) != _INIT.size:
-            raise DecodeError(f"handshake initiation of {len(data)} bytes, expected {_INIT.size}")
-        _, idx, eph, static, ts, sig = _INIT.unpack(data)
-        return HandshakeInit(idx, eph, static, ts, sig)
+        if len(data) < _MIN_INIT:
+            raise DecodeError(f"handshake initiation of {len(data)} bytes, at least {_MIN_INIT}")
+        return HandshakeInit(bytes(data[1:]))
     if data[0] == PacketType.HANDSHAKE_RESP:
-        if len(data) != _RESP.size:
-            raise DecodeError(f"handshake response of {len(data)} bytes, expected {_RESP.size}")
-        _, idx, ridx, eph, static, sig = _RESP.unpack(data)
-        return HandshakeResp(idx, ridx, eph, static, sig)
+        if len(data) < _MIN_RESP:
+            raise DecodeError(f"handshake response of {len(data)} bytes, at least {_MIN_RESP}")
+        _, ridx = _RESP_HEAD.unpack_from(data)
+        return HandshakeResp(ridx, bytes(data[_RESP_HEAD.size :]))
     raise DecodeError(f"not a handshake packet (type 0x{data[0]:02x})")
 
 

@@ -40,7 +40,7 @@ def linked_node(tap: MemoryTap | None = None) -> tuple[Node, int]:
         clock=lambda: 1000.0,
     )  # type: ignore[arg-type]
     pending = Handshaker(peer).initiate(me.public_key, 1, 1)
-    session, _ = Handshaker(me).respond(pending.init, 2)
+    session, _ = Handshaker(me).respond(pending.init, 2, now=1000.0)
     node.links._install(peer.node_id, peer.public_key, session, node.links.path_for(("198.19.0.2", 5800)), None)
     return node, peer.node_id
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.identity import Identity
-from overlay.transport.session import REPLAY_WINDOW, HandshakeError, Handshaker, ReplayWindow
-from overlay.wire import DecodeError, HandshakeInit, decode_handshake, decode_transport_header
+from overlay.transport.session import (
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REPLAY_WINDOW,
+    HandshakeError,
+    Handshaker,
+    ReplayWindow,
+)
+from overlay.wire import DecodeError, HandshakeInit, HandshakeResp, decode_handshake, decode_transport_header
 
 
 def pair() -> tuple[Identity, Identity, Handshaker, Handshaker]:
@@ -22,7 +29,9 @@ def handshake() -> tuple:  # type: ignore[type-arg]
     init = decode_handshake(pending.init.encode())
     assert isinstance(init, HandshakeInit)
     sb, resp = hb.respond(init, 22)
-    sa = ha.complete(pending, decode_handshake(resp.encode()))  # type: ignore[arg-type]
+    back = decode_handshake(resp.encode())
+    assert isinstance(back, HandshakeResp) and back.receiver_index == 11
+    sa = ha.complete(pending, back)
     return sa, sb
 
 
@@ -56,11 +65,11 @@ def test_a_flipped_bit_anywhere_fails_authentication_and_does_not_consume_the_co
     assert open_packet(sb, p) == b"payload"
 
 
-def test_initiation_signed_for_another_responder_is_refused() -> None:
+def test_initiation_meant_for_another_responder_is_refused() -> None:
     _, _, ha, hb = pair()
     c = Identity.from_seed(bytes([3]) * 32)
     pending = ha.initiate(c.public_key, 1, 1000)
-    with pytest.raises(HandshakeError, match="bad signature"):
+    with pytest.raises(HandshakeError, match="fails authentication"):
         hb.respond(pending.init, 2)
 
 
@@ -78,15 +87,89 @@ def test_response_from_an_unexpected_key_is_refused() -> None:
     pending = ha.initiate(b.public_key, 1, 1000)
     _, resp = Handshaker(c).respond(Handshaker(a).initiate(c.public_key, 1, 1000).init, 9)
     with pytest.raises(HandshakeError):
-        ha.complete(pending, resp)
+        ha.complete(pending, HandshakeResp(1, resp.message))
+
+
+def test_an_initiation_claiming_another_node_key_is_refused() -> None:
+    """The payload's Ed25519 key must convert to the static key Noise authenticated: a node cannot present
+    someone else's key (and so their certificate) with its own static key."""
+    a, b, _, _ = pair()
+    c = Identity.from_seed(bytes([3]) * 32)
+    liar = Handshaker(c)
+    liar.identity = a  # sends a's node key in the payload, keeps c's static key
+    pending = liar.initiate(b.public_key, 1, 1000)
+    with pytest.raises(HandshakeError, match="does not hold"):
+        Handshaker(b).respond(pending.init, 2)
 
 
 def test_low_order_ephemeral_key_is_refused() -> None:
-    a, b, _, hb = pair()
-    init = HandshakeInit(1, bytes(32), a.public_key, 1000, b"")
-    init = HandshakeInit(1, bytes(32), a.public_key, 1000, a.sign(init.signed_part() + b.public_key))
+    _, b, ha, hb = pair()
+    pending = ha.initiate(b.public_key, 1, 1000)
+    forged = HandshakeInit(bytes(32) + pending.init.message[32:])
     with pytest.raises(HandshakeError):
-        hb.respond(init, 2)
+        hb.respond(forged, 2)
+
+
+class Picky:
+    """Credentials that present a fixed credential and admit only one."""
+
+    def __init__(self, own: bytes, wanted: bytes) -> None:
+        self._own, self._wanted = own, wanted
+        self.seen: list[tuple[bytes, bytes]] = []
+
+    def prologue(self) -> bytes:
+        return b"group-1"
+
+    def own(self) -> bytes:
+        return self._own
+
+    def admit(self, node_key: bytes, credential: bytes) -> None:
+        self.seen.append((node_key, credential))
+        if credential != self._wanted:
+            raise HandshakeError("no certificate we accept")
+
+
+def test_credentials_travel_both_ways_and_are_judged_with_the_authenticated_key() -> None:
+    a, b = Identity.from_seed(bytes([1]) * 32), Identity.from_seed(bytes([2]) * 32)
+    ca, cb = Picky(b"cert-a", b"cert-b"), Picky(b"cert-b", b"cert-a")
+    ha, hb = Handshaker(a, ca), Handshaker(b, cb)
+    pending = ha.initiate(b.public_key, 1, 1000)
+    sb, resp = hb.respond(pending.init, 2, now=50.0)
+    sa = ha.complete(pending, resp, now=50.0)
+    assert cb.seen == [(a.public_key, b"cert-a")] and ca.seen == [(b.public_key, b"cert-b")]
+    assert sa.credential == b"cert-b" and sb.credential == b"cert-a"
+    assert open_packet(sb, sa.seal(b"x")) == b"x"
+
+
+def test_a_refused_credential_or_another_group_gets_no_session() -> None:
+    a, b = Identity.from_seed(bytes([1]) * 32), Identity.from_seed(bytes([2]) * 32)
+    hb = Handshaker(b, Picky(b"cert-b", b"cert-a"))
+    with pytest.raises(HandshakeError, match="no certificate"):
+        hb.respond(Handshaker(a, Picky(b"forged", b"cert-b")).initiate(b.public_key, 1, 1000).init, 2)
+    # A node of another group (a different prologue) cannot even complete the Noise message.
+    with pytest.raises(HandshakeError, match="fails authentication"):
+        hb.respond(Handshaker(a).initiate(b.public_key, 1, 2000).init, 2)
+
+
+def test_rekey_and_reject_timers_follow_wireguard() -> None:
+    sa, sb = handshake()
+    assert sa.initiator and not sb.initiator
+    assert not sa.wants_rekey(REKEY_AFTER_TIME - 1) and sa.wants_rekey(REKEY_AFTER_TIME)
+    assert not sb.wants_rekey(REKEY_AFTER_TIME)  # only the initiator rekeys on time
+    assert not sa.expired(REJECT_AFTER_TIME - 1) and sa.expired(REJECT_AFTER_TIME)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_initiation_bytes_raise_only_handshake_errors(data: bytes) -> None:
+    _, _, _, hb = pair()
+    try:
+        msg = decode_handshake(bytes([0x81]) + data)
+    except DecodeError:
+        return
+    assert isinstance(msg, HandshakeInit)
+    with pytest.raises(HandshakeError):
+        hb.respond(msg, 2)
 
 
 @given(st.lists(st.integers(0, 3 * REPLAY_WINDOW), max_size=200))

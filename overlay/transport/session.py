@@ -1,16 +1,25 @@
-"""Link sessions: a signed ephemeral Diffie-Hellman handshake, then per-packet AEAD with a replay window.
+"""Link sessions: a Noise IK handshake between two members, then per-packet AEAD with a replay window.
 
-Handshake (two messages, SIGMA-style "sign the ephemerals", Krawczyk, CRYPTO 2003):
-  initiator -> responder: index_i, eph_i, static_i, timestamp, Sign_i(that || static_r)
-  responder -> initiator: index_r, index_i, eph_r, static_r, Sign_r(that || eph_i || static_i)
-Both ends are authenticated by their Ed25519 node keys; the session keys come only from the ephemeral X25519
-exchange, so they are forward secret. The signature of the initiation covers the intended responder's key, so
-it cannot be reflected to a third node, and the responder keeps the newest timestamp per initiator so a
-replayed initiation cannot reset a session (the WireGuard rule, section 5.1 of its paper).
+Handshake: Noise_IK_25519_AESGCM_SHA256 (the Noise Protocol Framework, revision 34, overlay/transport/noise.py,
+checked against the cacophony vectors). IK because the initiator always knows whom it calls: every contact,
+hello and signal names the peer's node key. A node's X25519 static key is its Ed25519 node key converted
+(libsodium's crypto_sign_ed25519_*_to_curve25519, RFC 7748 section 4.1's birational map), so the node ID
+(the hash of the Ed25519 key) and the key file stay what they were. The prologue binds the group's public
+key: members of two groups cannot complete a handshake with each other at all.
+  initiator -> responder: msg 1 = e, es, s, ss, payload(index_i, timestamp, node key_i, credential_i)
+  responder -> initiator: index_i, msg 2 = e, ee, se, payload(index_r, credential_r)
+The credential is the member's group certificate (overlay/trust/); `Credentials.admit` decides whether the
+peer's may link. The initiator's node key in the payload must convert to the static key Noise authenticated,
+so a certificate cannot be presented by anyone but the key it names. The session keys are Noise's split():
+forward secret (ee and se use fresh ephemerals). The responder keeps the newest timestamp per initiator, so a
+replayed initiation cannot reset a session (WireGuard's rule, section 5.1 of its paper). Rekeying is a new
+handshake after REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; a session older than REJECT_AFTER_TIME or past
+REJECT_AFTER_MESSAGES is refused (WireGuard's constants, section 6.1 of its paper).
 
-Transport: AES-256-GCM from `cryptography` (measured 906k packets/s per core at 1400 B, ~3x its ChaCha and
-~8x PyNaCl's), nonce = 32 zero bits || 64-bit counter, associated data = the 13-byte packet header. The
-receiver checks a sliding replay window (RFC 6479 style) before and after decryption.
+Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM from `cryptography`
+(measured 906k packets/s per core at 1400 B, ~3x its ChaCha and ~8x PyNaCl's), nonce = 32 zero bits || 64-bit
+counter (Noise section 12.3), associated data = the 13-byte packet header. The receiver checks a sliding replay
+window (RFC 6479 style) before and after decryption.
 """
 
 from __future__ import annotations
@@ -18,16 +27,16 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import nacl.exceptions
-import nacl.public
+import nacl.signing
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from nacl.bindings import crypto_scalarmult
 
-from overlay.identity import Identity, verify
+from overlay.identity import Identity
+from overlay.transport.noise import HandshakeState, NoiseError
 from overlay.wire import (
     AEAD_TAG_LEN,
     TRANSPORT_HEADER,
@@ -39,8 +48,16 @@ from overlay.wire import (
 
 # Our choice: far beyond any reordering a link shows, and a 1024-bit int shift costs ~100 ns.
 REPLAY_WINDOW = 1024
-# From the AES-GCM bound we choose to respect: rekey long before 2^64 messages (here: a fresh handshake).
-MAX_COUNTER = (1 << 60) - 1
+PROTOCOL = "Noise_IK_25519_AESGCM_SHA256"
+# WireGuard's timers and limits (its paper, section 6.1): a session's initiator starts a new handshake after
+# REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; nobody sends or accepts on a session past the REJECT limits.
+REKEY_AFTER_TIME = 120.0
+REJECT_AFTER_TIME = 180.0
+REKEY_AFTER_MESSAGES = 1 << 60
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+MAX_COUNTER = REJECT_AFTER_MESSAGES
+_INIT_PAYLOAD = struct.Struct("!IQ32s")  # sender index, timestamp (ns), Ed25519 node key; then the credential
+_RESP_PAYLOAD = struct.Struct("!I")  # sender index; then the credential
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 
@@ -83,6 +100,8 @@ class Session:
     initiator: bool
     _send: AESGCM
     _recv: AESGCM
+    created: float = 0.0  # the clock's time at the handshake (rekey and reject timers)
+    credential: bytes = b""  # what the peer presented (its certificate's encoding)
     _counter: int = 0
     _window: ReplayWindow = field(default_factory=ReplayWindow)
 
@@ -107,6 +126,13 @@ class Session:
         self._window.mark(counter)
         return plaintext
 
+    def wants_rekey(self, now: float) -> bool:
+        """WireGuard's rule: the session's initiator rekeys on time or message count."""
+        return self.initiator and (now - self.created >= REKEY_AFTER_TIME or self._counter >= REKEY_AFTER_MESSAGES)
+
+    def expired(self, now: float) -> bool:
+        return now - self.created >= REJECT_AFTER_TIME
+
     def newest(self, counter: int) -> bool:
         """Whether `counter`, just opened, is the highest this session has accepted (not a late packet)."""
         return counter >= self._window.top
@@ -116,67 +142,135 @@ class Session:
         return TRANSPORT_HEADER.size + AEAD_TAG_LEN
 
 
+class Credentials(Protocol):
+    """What a member presents in its handshakes and how it judges the peer's (overlay/trust/members.py)."""
+
+    def prologue(self) -> bytes:
+        """Bytes both ends must agree on: the group's public key."""
+        ...
+
+    def own(self) -> bytes:
+        """Our credential (certificate encoding) to send."""
+        ...
+
+    def admit(self, node_key: bytes, credential: bytes) -> None:
+        """Raise HandshakeError with the reason when this peer may not link."""
+        ...
+
+
+class OpenCredentials:
+    """No group key: every peer that completes the handshake is admitted (in-memory tests and simulations)."""
+
+    def prologue(self) -> bytes:
+        return b"open"
+
+    def own(self) -> bytes:
+        return b""
+
+    def admit(self, node_key: bytes, credential: bytes) -> None:
+        return None
+
+
 @dataclass
 class PendingHandshake:
     local_index: int
     peer_key: bytes
-    ephemeral: nacl.public.PrivateKey
+    state: HandshakeState
     init: HandshakeInit
 
 
-def _keys(dh: bytes, eph_i: bytes, eph_r: bytes, static_i: bytes, static_r: bytes) -> tuple[bytes, bytes]:
-    okm = HKDF(hashes.SHA256(), 64, salt=eph_i + eph_r, info=b"ipop-overlay link v1" + static_i + static_r).derive(dh)
-    return okm[:32], okm[32:]
+@dataclass
+class OpenedInit:
+    """An initiation that authenticated, before we answer it."""
+
+    state: HandshakeState
+    sender_index: int
+    timestamp: int
+    node_key: bytes
+    credential: bytes
 
 
-def _dh(private: nacl.public.PrivateKey, public: bytes) -> bytes:
+def x25519_public(node_key: bytes) -> bytes:
+    """The X25519 public key that an Ed25519 node key converts to; HandshakeError for an unusable key."""
     try:
-        return bytes(crypto_scalarmult(bytes(private), public))
-    except (nacl.exceptions.RuntimeError, nacl.exceptions.CryptoError, ValueError, TypeError):
-        # libsodium refuses low-order points (an all-zero shared secret).
-        raise HandshakeError("peer ephemeral key is not usable") from None
+        return bytes(nacl.signing.VerifyKey(node_key).to_curve25519_public_key())
+    except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, ValueError, TypeError):
+        raise HandshakeError("node key is not a usable Ed25519 public key") from None
 
 
 def new_index() -> int:
     return int.from_bytes(os.urandom(4), "big")
 
 
+def _session(state: HandshakeState, local: int, remote: int, peer: bytes, initiator: bool, now: float) -> Session:
+    assert state.cipher_states is not None
+    c1, c2 = state.cipher_states
+    k1, k2 = c1.k, c2.k
+    assert k1 is not None and k2 is not None
+    send, recv = (k1, k2) if initiator else (k2, k1)
+    return Session(local, remote, peer, initiator, AESGCM(send), AESGCM(recv), now)
+
+
 class Handshaker:
     """Makes and checks handshake messages for one node identity."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, credentials: Credentials | None = None) -> None:
         self.identity = identity
+        self.credentials: Credentials = credentials or OpenCredentials()
+        self._static = X25519PrivateKey.from_private_bytes(identity.x25519_private())
         self._last_timestamp: dict[bytes, int] = {}
 
+    def _prologue(self) -> bytes:
+        return b"ipop-overlay link v2\x00" + self.credentials.prologue()
+
     def initiate(self, peer_key: bytes, local_index: int, timestamp_ns: int) -> PendingHandshake:
-        eph = nacl.public.PrivateKey.generate()
-        unsigned = HandshakeInit(local_index, bytes(eph.public_key), self.identity.public_key, timestamp_ns, b"")
-        sig = self.identity.sign(unsigned.signed_part() + peer_key)
-        init = HandshakeInit(local_index, unsigned.ephemeral, unsigned.static, timestamp_ns, sig)
-        return PendingHandshake(local_index, peer_key, eph, init)
+        state = HandshakeState(PROTOCOL, True, self._prologue(), s=self._static, rs=x25519_public(peer_key))
+        payload = _INIT_PAYLOAD.pack(local_index, timestamp_ns, self.identity.public_key) + self.credentials.own()
+        init = HandshakeInit(state.write_message(payload))
+        return PendingHandshake(local_index, peer_key, state, init)
 
-    def respond(self, init: HandshakeInit, local_index: int) -> tuple[Session, HandshakeResp]:
-        if not verify(init.static, init.signed_part() + self.identity.public_key, init.signature):
-            raise HandshakeError("handshake initiation has a bad signature")
-        last = self._last_timestamp.get(init.static, -1)
-        if init.timestamp <= last:
+    def open_init(self, init: HandshakeInit) -> OpenedInit:
+        """Authenticate an initiation and judge its sender; HandshakeError says why it is refused."""
+        state = HandshakeState(PROTOCOL, False, self._prologue(), s=self._static)
+        try:
+            payload = state.read_message(init.message)
+        except NoiseError:
+            raise HandshakeError("handshake initiation fails authentication") from None
+        if len(payload) < _INIT_PAYLOAD.size:
+            raise HandshakeError("handshake initiation payload too short")
+        sender_index, timestamp, node_key = _INIT_PAYLOAD.unpack_from(payload)
+        if state.rs != x25519_public(node_key):
+            raise HandshakeError("handshake initiation names a node key it does not hold")
+        credential = payload[_INIT_PAYLOAD.size :]
+        self.credentials.admit(node_key, credential)
+        if timestamp <= self._last_timestamp.get(node_key, -1):
             raise HandshakeError("handshake initiation is a replay (timestamp not newer)")
-        eph = nacl.public.PrivateKey.generate()
-        dh = _dh(eph, init.ephemeral)
-        self._last_timestamp[init.static] = init.timestamp
-        unsigned = HandshakeResp(local_index, init.sender_index, bytes(eph.public_key), self.identity.public_key, b"")
-        sig = self.identity.sign(unsigned.signed_part() + init.ephemeral + init.static)
-        resp = HandshakeResp(local_index, init.sender_index, unsigned.ephemeral, unsigned.static, sig)
-        k_ir, k_ri = _keys(dh, init.ephemeral, resp.ephemeral, init.static, self.identity.public_key)
-        session = Session(local_index, init.sender_index, init.static, False, AESGCM(k_ri), AESGCM(k_ir))
-        return session, resp
+        return OpenedInit(state, sender_index, timestamp, node_key, credential)
 
-    def complete(self, pending: PendingHandshake, resp: HandshakeResp) -> Session:
-        if resp.static != pending.peer_key:
-            raise HandshakeError("handshake response from a different key than the one we called")
-        signed = resp.signed_part() + pending.init.ephemeral + self.identity.public_key
-        if not verify(resp.static, signed, resp.signature):
-            raise HandshakeError("handshake response has a bad signature")
-        dh = _dh(pending.ephemeral, resp.ephemeral)
-        k_ir, k_ri = _keys(dh, pending.init.ephemeral, resp.ephemeral, self.identity.public_key, resp.static)
-        return Session(pending.local_index, resp.sender_index, resp.static, True, AESGCM(k_ir), AESGCM(k_ri))
+    def answer(self, opened: OpenedInit, local_index: int, now: float = 0.0) -> tuple[Session, HandshakeResp]:
+        """The response to an initiation `open_init` accepted, and the session it starts."""
+        if opened.timestamp <= self._last_timestamp.get(opened.node_key, -1):
+            raise HandshakeError("handshake initiation is a replay (timestamp not newer)")
+        self._last_timestamp[opened.node_key] = opened.timestamp
+        state = opened.state
+        message = state.write_message(_RESP_PAYLOAD.pack(local_index) + self.credentials.own())
+        session = _session(state, local_index, opened.sender_index, opened.node_key, False, now)
+        session.credential = opened.credential
+        return session, HandshakeResp(opened.sender_index, message)
+
+    def respond(self, init: HandshakeInit, local_index: int, now: float = 0.0) -> tuple[Session, HandshakeResp]:
+        return self.answer(self.open_init(init), local_index, now)
+
+    def complete(self, pending: PendingHandshake, resp: HandshakeResp, now: float = 0.0) -> Session:
+        try:
+            payload = pending.state.read_message(resp.message)
+        except NoiseError:
+            raise HandshakeError("handshake response fails authentication") from None
+        if len(payload) < _RESP_PAYLOAD.size:
+            raise HandshakeError("handshake response payload too short")
+        (sender_index,) = _RESP_PAYLOAD.unpack_from(payload)
+        credential = payload[_RESP_PAYLOAD.size :]
+        self.credentials.admit(pending.peer_key, credential)
+        session = _session(pending.state, pending.local_index, sender_index, pending.peer_key, True, now)
+        session.credential = credential
+        return session
