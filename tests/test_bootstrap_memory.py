@@ -1,9 +1,11 @@
-"""MemoryBootstrap follows the XMPP bootstrap's rules; the hello codec survives hostile bytes."""
+"""MemoryBootstrap follows the XMPP bootstrap's rules (tests/test_xmpp_bootstrap.py checks the same against
+Prosody); the hello codec survives hostile bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import pytest
 from hypothesis import given
@@ -85,10 +87,11 @@ def test_room_changes_are_reported_and_anchor_marks_carry_the_overlay() -> None:
         await other.start()
         other.set_anchor(7)
         await other.stop()
+        me = Occupant(jid=MEMBERS[0])  # the room shows us our own real JID, and no one else's
         assert [sorted(c.items()) for c in changes[-3:]] == [
-            [("cc00", Occupant()), ("cc01", Occupant())],
-            [("cc00", Occupant()), ("cc01", Occupant(True, 7))],
-            [("cc00", Occupant())],
+            [("cc00", me), ("cc01", Occupant())],
+            [("cc00", me), ("cc01", Occupant(True, 7))],
+            [("cc00", me)],
         ]
         assert not other.in_room and not other.is_anchor
 
@@ -200,3 +203,118 @@ def test_late_answer_is_not_taken_for_a_request() -> None:
     asyncio.run(node.start())
     assert room.deliver("gg02", "gg01", encode_hello(b"answer nobody waits for"), kind="answer")
     assert asked == [] and node.stats["answers_late"] == 1
+
+
+OWNER = "Owner@Example.test"
+
+
+def test_issuer_mark_is_seen_by_members_and_kept_across_rejoin() -> None:
+    async def body() -> None:
+        room = new_room()
+        issuer = MemoryBootstrap(room, MEMBERS[0], "ab01")
+        other = MemoryBootstrap(room, MEMBERS[1], "ab02")
+        issuer.set_issuer(True)  # before start(): the join carries it
+        await issuer.start()
+        await other.start()
+        assert other.issuers == ["ab01"] and other.occupants["ab01"] == Occupant(issuer=True)
+        assert issuer.issuers == [] and issuer.occupants["ab01"].issuer  # never ourselves
+        issuer.set_anchor(0xABC)
+        assert other.occupants["ab01"] == Occupant(True, 0xABC, True)
+        sent, seen = issuer.stats["stanzas_out"], other.stats["presences_in"]
+        issuer.set_issuer(False)
+        issuer.set_issuer(False)  # no change, no presence
+        assert other.issuers == [] and other.occupants["ab01"] == Occupant(True, 0xABC)
+        assert issuer.stats["stanzas_out"] == sent + 1 and other.stats["presences_in"] == seen + 1
+        issuer.set_issuer(True)
+        await issuer.stop()
+        assert other.issuers == [] and issuer.issuers == []
+        await issuer.start()  # rejoins with the issuer mark, without the anchor mark
+        assert other.occupants["ab01"] == Occupant(issuer=True) and other.issuers == ["ab01"]
+
+    asyncio.run(body())
+
+
+def test_owner_sees_real_jids_and_lists_affiliations() -> None:
+    async def body() -> None:
+        room = MemoryRoom("group@conference.example.test", MEMBERS, owners=[OWNER])
+        assert room.members == {*MEMBERS, "owner@example.test"} and room.owners == {"owner@example.test"}
+        owner = MemoryBootstrap(room, OWNER + "/admin", "ac00")
+        member = MemoryBootstrap(room, MEMBERS[1] + "/laptop", "ac01")
+        twin = MemoryBootstrap(room, MEMBERS[1] + "/phone", "ac02")
+        with pytest.raises(BootstrapError, match="not logged in") as info:
+            await owner.fetch_affiliations()
+        assert info.value.transient
+        for node in (member, owner, twin):
+            await node.start()
+        # An owner sees everyone's bare JID; anyone else only those logged in as its own account.
+        assert owner.occupants == {
+            "ac00": Occupant(jid="owner@example.test"),
+            "ac01": Occupant(jid=MEMBERS[1]),
+            "ac02": Occupant(jid=MEMBERS[1]),
+        }
+        assert member.occupants == {
+            "ac00": Occupant(),
+            "ac01": Occupant(jid=MEMBERS[1]),
+            "ac02": Occupant(jid=MEMBERS[1]),
+        }
+        expected = {"owner@example.test": "owner"} | dict.fromkeys(MEMBERS, "member")
+        assert await owner.fetch_affiliations() == expected
+        with pytest.raises(BootstrapError, match=r"you \(m1@example\.test\) are not an owner/admin of group@") as info:
+            await member.fetch_affiliations()
+        assert not info.value.transient
+
+    asyncio.run(body())
+
+
+def test_a_revoked_member_is_thrown_out_and_cannot_rejoin(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        room = MemoryRoom("group@conference.example.test", MEMBERS, owners=[OWNER])
+        watcher = MemoryBootstrap(room, MEMBERS[0], "ad01")
+        revoked = MemoryBootstrap(room, MEMBERS[2], "ad02")
+        changes: list[bool] = []
+        revoked.on_change = lambda: changes.append(revoked.in_room)
+        seen: list[list[str]] = []
+        watcher.on_change = lambda: seen.append(sorted(watcher.occupants))
+        for node in (watcher, revoked):
+            await node.start()
+        revoked.set_anchor(9)
+        before = watcher.stats["presences_in"]
+        with caplog.at_level(logging.WARNING, logger="xmpp_bootstrap.memory"):
+            room.remove_member(MEMBERS[2].upper())
+        assert MEMBERS[2] not in room.members and list(room.occupants) == ["ad01"]
+        assert not revoked.in_room and not revoked.is_anchor and revoked.occupants == {} and changes[-1] is False
+        assert revoked.removed_from_room == "membership revoked"
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            "removed from room group@conference.example.test: membership revoked"
+        ]
+        assert seen[-1] == ["ad01"] and watcher.stats["presences_in"] == before + 1
+        # The room refuses the next join as any non-member's.
+        with pytest.raises(BootstrapError, match=r"m2@example\.test is not a member of room group@") as info:
+            await revoked.start()
+        assert not info.value.transient and not revoked.in_room and not revoked.logged_in
+        assert revoked.removed_from_room == "membership revoked"
+        # Given back its membership, it joins again and the reason is cleared.
+        room.add_member(MEMBERS[2])
+        await revoked.start()
+        assert revoked.in_room and revoked.removed_from_room is None
+
+    asyncio.run(body())
+
+
+def test_removing_an_owner_takes_its_ownership_too() -> None:
+    async def body() -> None:
+        room = MemoryRoom("group@conference.example.test", MEMBERS, owners=[OWNER])
+        owner = MemoryBootstrap(room, OWNER, "ae00")
+        await owner.start()
+        room.remove_member(OWNER)
+        assert room.owners == set() and "owner@example.test" not in room.members
+        assert not owner.in_room and owner.removed_from_room == "membership revoked"
+        with pytest.raises(BootstrapError, match="not an owner/admin"):
+            await owner.fetch_affiliations()  # still logged in, no longer an owner
+        # A destroyed room is no removal for a reason: removed_from_room stays None.
+        present = MemoryBootstrap(room, MEMBERS[0], "ae01")
+        await present.start()
+        room.destroy()
+        assert not present.in_room and present.removed_from_room is None
+
+    asyncio.run(body())

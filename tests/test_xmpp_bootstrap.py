@@ -1,21 +1,25 @@
-"""XmppBootstrap against a real Prosody on 127.0.0.1: login, membership refusal, errors, hellos, join cost."""
+"""XmppBootstrap against a real Prosody on 127.0.0.1: login, membership refusal, errors, hellos, join cost, the
+issuer mark, real JIDs, affiliations and being thrown out of the room."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.prosody import ProsodyServer
+from tests.support.prosody import ADMIN_PASSWORD, ProsodyServer
 from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings, encode_hello
+from xmpp_bootstrap.admin import MUC_ADMIN_NS, set_affiliation
 from xmpp_bootstrap.protocol import Occupant
 
 pytestmark = [
@@ -42,6 +46,10 @@ class Group:
     async def room(self) -> str:
         self._rooms += 1
         return await self.server.create_room(f"group{self._rooms}", self.members)
+
+    def owner(self, room: str, nick: str) -> XmppSettings:
+        """The room's owner: the admin account that created it (tests/support/prosody.py)."""
+        return self.settings(room, nick, jid=self.server.admin_jid, password=ADMIN_PASSWORD)
 
     def settings(self, room: str, nick: str, **overrides: Any) -> XmppSettings:
         values: dict[str, Any] = {
@@ -86,7 +94,8 @@ def test_member_logs_in_and_joins_room(group: Group) -> None:
         node = XmppBootstrap(group.settings(room, "aa01"))
         await node.start()
         try:
-            assert node.occupants == {"aa01": Occupant()}
+            # The room shows every occupant its own real JID, moderator or not.
+            assert node.occupants == {"aa01": Occupant(jid=group.members[0])}
             assert not node.is_anchor
             assert node.stats["stanzas_in"] > 0 and node.stats["stanzas_out"] > 0
         finally:
@@ -204,7 +213,8 @@ def test_a_node_that_leaves_is_seen_to_go_and_logs_out(group: Group) -> None:
             assert nodes[2]._client is None and not nodes[2].in_room  # logged out of XMPP entirely
             await asyncio.sleep(0.3)
             assert sorted(nodes[0].occupants) == ["cc00", "cc01"]
-            assert nodes[1].occupants["cc00"] == Occupant(True, 5)
+            # Same account: Prosody shows an occupant the real JIDs of its own account's occupants.
+            assert nodes[1].occupants["cc00"] == Occupant(True, 5, jid=group.members[0])
         finally:
             for node in nodes:
                 await node.stop()
@@ -258,3 +268,126 @@ def test_join_cost_does_not_grow_with_the_group(group: Group) -> None:
     assert costs["20 settled"] == costs["10 settled"]
     # A plain room hands the joiner one presence per occupant.
     assert costs["10 in plain room"][0] - costs["2 settled"][0] >= 8
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a presence to arrive: poll `condition` until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert condition()
+
+
+def test_issuer_mark_is_seen_by_members_and_kept_across_rejoin(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        issuer = XmppBootstrap(group.settings(room, "ab01"))
+        other = XmppBootstrap(group.settings(room, "ab02", jid=group.members[1]))
+        try:
+            issuer.set_issuer(True)  # before start(): the join presence carries it
+            await issuer.start()
+            await other.start()
+            assert other.issuers == ["ab01"] and other.occupants["ab01"] == Occupant(issuer=True)
+            assert issuer.issuers == [] and issuer.occupants["ab01"].issuer  # never ourselves
+            issuer.set_anchor(0xABC)  # the anchor mark keeps the issuer mark
+            await until(lambda: other.occupants["ab01"].anchor)
+            assert other.occupants["ab01"] == Occupant(True, 0xABC, True)
+            issuer.set_issuer(False)
+            await until(lambda: other.issuers == [])
+            assert other.occupants["ab01"] == Occupant(True, 0xABC)
+            issuer.set_issuer(True)
+            await until(lambda: other.issuers == ["ab01"])
+            await issuer.stop()
+            await until(lambda: "ab01" not in other.occupants)
+            await issuer.start()  # rejoins with the issuer mark, without the anchor mark
+            await until(lambda: "ab01" in other.occupants)
+            assert other.occupants["ab01"] == Occupant(issuer=True) and other.issuers == ["ab01"]
+        finally:
+            await other.stop()
+            await issuer.stop()
+
+    run(body)
+
+
+def test_owner_sees_real_jids_and_lists_affiliations(group: Group) -> None:
+    async def body() -> None:
+        room = await group.room()
+        owner = XmppBootstrap(group.owner(room, "ac00"))
+        member = XmppBootstrap(group.settings(room, "ac01", jid=group.members[1]))
+        with pytest.raises(BootstrapError, match="not logged in") as info:
+            await owner.fetch_affiliations()
+        assert info.value.transient
+        try:
+            await member.start()
+            await owner.start()
+            await until(lambda: "ac00" in member.occupants)
+            # A moderator sees everyone's bare JID; a member only its own.
+            assert owner.occupants["ac01"].jid == group.members[1]
+            assert owner.occupants["ac00"].jid == group.server.admin_jid
+            assert member.occupants["ac00"].jid is None
+            assert member.occupants["ac01"].jid == group.members[1]
+            expected = {group.server.admin_jid: "owner"} | dict.fromkeys(group.members, "member")
+            assert await owner.fetch_affiliations(timeout=5.0) == expected
+            with pytest.raises(BootstrapError, match=r"not an owner/admin of") as info:
+                await member.fetch_affiliations(timeout=5.0)
+            assert not info.value.transient and group.members[1] in str(info.value)
+        finally:
+            await member.stop()
+            await owner.stop()
+
+    run(body)
+
+
+async def kick(owner: XmppBootstrap, nick: str) -> None:
+    """A moderator's kick (XEP-0045 section 8.2): role none for the occupant `nick`."""
+    assert owner._client is not None
+    iq = owner._client.make_iq_set(ito=owner.settings.room)
+    query = ET.Element(f"{{{MUC_ADMIN_NS}}}query")
+    ET.SubElement(query, f"{{{MUC_ADMIN_NS}}}item", {"nick": nick, "role": "none"})
+    iq.append(query)
+    await iq.send(timeout=5.0)  # type: ignore[no-untyped-call]
+
+
+def test_a_revoked_member_is_thrown_out_and_cannot_rejoin(group: Group, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        room = await group.room()
+        owner = XmppBootstrap(group.owner(room, "ad00"))
+        watcher = XmppBootstrap(group.settings(room, "ad01"))
+        revoked = XmppBootstrap(group.settings(room, "ad02", jid=group.members[2]))
+        changes: list[bool] = []
+        revoked.on_change = lambda: changes.append(revoked.in_room)
+        try:
+            for node in (owner, watcher, revoked):
+                await node.start()
+            revoked.set_anchor(9)
+            await until(lambda: "ad02" in watcher.occupants and "ad02" in owner.occupants)
+            assert owner._client is not None
+            with caplog.at_level(logging.WARNING, logger="xmpp_bootstrap.client"):
+                await set_affiliation(owner._client, room, group.members[2], "none", timeout=5.0)
+                await until(lambda: not revoked.in_room)
+            assert revoked.removed_from_room == "membership revoked"
+            assert not revoked.is_anchor and revoked.occupants == {} and changes[-1] is False
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert warnings == [f"removed from room {room}: membership revoked"]
+            await until(lambda: "ad02" not in watcher.occupants)
+            # The server refuses the next join as any non-member's; nothing is left connected.
+            with pytest.raises(BootstrapError, match="is not a member of room") as info:
+                await revoked.start()
+            assert not info.value.transient and group.members[2] in str(info.value)
+            assert revoked._client is None and not revoked.in_room
+            assert revoked.removed_from_room == "membership revoked"
+            # Given back its membership, it joins again and the reason is cleared.
+            await set_affiliation(owner._client, room, group.members[2], "member", timeout=5.0)
+            await revoked.start()
+            assert revoked.in_room and revoked.removed_from_room is None
+            # A kick (role none) takes it out too; a member may come straight back.
+            await kick(owner, "ad02")
+            await until(lambda: not revoked.in_room)
+            assert revoked.removed_from_room == "kicked"
+            await revoked.start()
+            assert revoked.in_room and revoked.removed_from_room is None
+        finally:
+            for node in (revoked, watcher, owner):
+                await node.stop()
+
+    run(body)

@@ -4,8 +4,9 @@ The server refusing a non-member's join is the membership check. Only a few anch
 joiner sees the anchors' presences (marked with <anchor xmlns='urn:ipop-overlay:bootstrap:0' overlay='HEX'/>),
 sends a hello to each anchor as a MUC private message, collects their answers, and leaves once the overlay has
 a link. So a join costs the same number of stanzas whatever the group size (docs/xmpp-bootstrap.md has the
-numbers). This layer moves bytes and reports the room; what the hellos say and who should be an anchor is the
-node's business (overlay/membership.py).
+numbers). A node that issues the group's certificates stays in the room too and marks its presence with
+<issuer xmlns='urn:ipop-overlay:bootstrap:0'/>. This layer moves bytes and reports the room; what the hellos say
+and who should be an anchor is the node's business (overlay/membership.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import logging
 import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from slixmpp import JID, ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -30,6 +32,7 @@ from xmpp_bootstrap.protocol import (
     ANSWER_ATTR,
     ANSWER_VALUE,
     HELLO_TAG,
+    ISSUER_TAG,
     OVERLAY_ATTR,
     SIGNAL_VALUE,
     HelloHandler,
@@ -38,6 +41,7 @@ from xmpp_bootstrap.protocol import (
     decode_hello,
     encode_hello,
     parse_overlay,
+    removal_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +99,13 @@ class Bootstrap(Protocol):
     - `exchange(hellos, timeout)`: send each nick its hello, return the answers that came within `timeout`.
     - `send_signal(nick, payload)`: a one-way message to an occupant (False when it is not there).
     - `set_anchor(overlay)`: mark our presence as an anchor of `overlay`, or unmark it with None.
+    - `set_issuer(on)`: mark our presence as a certificate issuer's, or unmark it; unlike the anchor mark it is
+      kept across stop() and start(), so every join carries it.
+    - `issuers`: sorted nicks of the other occupants whose presence carries the issuer mark.
+    - `fetch_affiliations(timeout)`: bare JID -> "owner"/"admin"/"member" of the room; BootstrapError unless
+      we are an owner or admin of it.
+    - `removed_from_room`: why the room threw us out (our membership revoked, a kick, a ban), or None; cleared
+      by a successful join. Such a removal leaves us logged in but out of the room (`in_room` False).
     - `stop()`: leave the room and log out; idempotent.
     Callbacks: `on_hello(payload, nick)` answers a request; `on_signal(payload, nick)` takes a one-way
     message; `on_change()` is called after the room view or the session changed.
@@ -106,15 +117,20 @@ class Bootstrap(Protocol):
     on_change: Callable[[], None] | None
     occupants: dict[str, Occupant]
     stats: dict[str, int]
+    removed_from_room: str | None
 
     @property
     def in_room(self) -> bool: ...
     @property
     def is_anchor(self) -> bool: ...
+    @property
+    def issuers(self) -> list[str]: ...
     async def start(self) -> None: ...
     async def exchange(self, hellos: dict[str, bytes], timeout: float = 5.0) -> dict[str, bytes]: ...
     def send_signal(self, nick: str, payload: bytes) -> bool: ...
     def set_anchor(self, overlay: int | None) -> None: ...
+    def set_issuer(self, on: bool) -> None: ...
+    async def fetch_affiliations(self, timeout: float = 10.0) -> dict[str, str]: ...
     async def stop(self) -> None: ...
 
 
@@ -160,6 +176,19 @@ JOIN_REFUSALS = {
 }
 
 
+def _real_jid(pres: Any) -> str | None:
+    """The bare real JID an occupant's presence shows (<x xmlns='...muc#user'><item jid=.../></x>), or None."""
+    item = pres.xml.find(f"{{{MUC_USER_NS}}}x/{{{MUC_USER_NS}}}item")
+    text = item.get("jid") if item is not None else None
+    if not text:
+        return None
+    try:
+        jid = JID(text)
+    except InvalidJID:
+        return None
+    return str(jid.bare) if jid.user and jid.domain else None
+
+
 class XmppBootstrap:
     """Bootstrap through a real XMPP server with slixmpp, run on the caller's asyncio loop."""
 
@@ -176,6 +205,9 @@ class XmppBootstrap:
         self._client: ClientXMPP | None = None
         self._in_room = False
         self._anchor: int | None = None
+        self._issuer = False
+        self.removed_from_room: str | None = None
+        """Why the room threw us out (e.g. "membership revoked"), or None; cleared by a successful join."""
         self._joined: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
 
@@ -186,6 +218,10 @@ class XmppBootstrap:
     @property
     def is_anchor(self) -> bool:
         return self._in_room and self._anchor is not None
+
+    @property
+    def issuers(self) -> list[str]:
+        return sorted(nick for nick, occ in self.occupants.items() if occ.issuer and nick != self.nick)
 
     # -- lifecycle --
 
@@ -209,7 +245,31 @@ class XmppBootstrap:
             return
         self._anchor = overlay
         self._send_presence()
-        self.occupants[self.nick] = Occupant(overlay is not None, overlay)
+        own = self.occupants.get(self.nick, Occupant())
+        self.occupants[self.nick] = replace(own, anchor=overlay is not None, overlay=overlay)
+
+    def set_issuer(self, on: bool) -> None:
+        """Mark (or unmark) our presence as a certificate issuer's. Remembered: every later join carries it."""
+        if on == self._issuer:
+            return
+        self._issuer = on
+        if self._in_room and self._client is not None:
+            self._send_presence()
+            own = self.occupants.get(self.nick, Occupant())
+            self.occupants[self.nick] = replace(own, issuer=on)
+
+    async def fetch_affiliations(self, timeout: float = 10.0) -> dict[str, str]:
+        """Bare JID -> "owner", "admin" or "member" for the room (xmpp_bootstrap.admin.fetch_affiliations over
+        our session; we need not be in the room). Raises BootstrapError when we are not an owner/admin."""
+        from xmpp_bootstrap import admin  # admin builds on this module: import it when first needed
+
+        client = self._client
+        if client is None or not client.is_connected():
+            raise BootstrapError(
+                f"not logged in, so the members of room {self._room.bare} cannot be listed: call start() first",
+                transient=True,
+            )
+        return await admin.fetch_affiliations(client, str(self._room.bare), timeout)
 
     async def stop(self) -> None:
         client, self._client = self._client, None
@@ -439,6 +499,7 @@ class XmppBootstrap:
         finally:
             self._joined = None
         self._in_room = True
+        self.removed_from_room = None
         self._changed()
 
     def _occupant_jid(self) -> JID:
@@ -454,6 +515,8 @@ class XmppBootstrap:
             pres.append(muc)
         if self._anchor is not None:
             pres.append(ET.Element(ANCHOR_TAG, {OVERLAY_ATTR: f"{self._anchor:016x}"}))
+        if self._issuer:
+            pres.append(ET.Element(ISSUER_TAG))
         pres.send()
 
     def _on_presence(self, pres: Any) -> None:
@@ -468,25 +531,42 @@ class XmppBootstrap:
         nick = sender.resource
         if not nick:
             return
-        is_self = any(
-            s.get("code") == SELF_PRESENCE_STATUS
-            for s in pres.xml.iterfind(f"{{{MUC_USER_NS}}}x/{{{MUC_USER_NS}}}status")
-        )
+        codes = {s.get("code") for s in pres.xml.iterfind(f"{{{MUC_USER_NS}}}x/{{{MUC_USER_NS}}}status")}
+        is_self = SELF_PRESENCE_STATUS in codes
         if ptype == "unavailable":
             self.occupants.pop(nick, None)
             if nick == self.nick:
-                # Kicked, or the room was destroyed: we are out of the room but may still be logged in.
-                self._in_room = False
-                self._anchor = None
+                # Kicked, our membership revoked, or the room destroyed: out of the room, still logged in. A
+                # revoked membership makes the next start() fail as a non-member's join does.
+                self._on_removed({c for c in codes if c is not None})
             self._changed()
             return
         anchor = pres.xml.find(ANCHOR_TAG)
         overlay = parse_overlay(anchor.get(OVERLAY_ATTR)) if anchor is not None else None
-        self.occupants[nick] = Occupant(anchor is not None and overlay is not None, overlay)
+        self.occupants[nick] = Occupant(
+            anchor is not None and overlay is not None,
+            overlay,
+            pres.xml.find(ISSUER_TAG) is not None,
+            _real_jid(pres),
+        )
         if is_self and self._joined is not None and not self._joined.done():
             self._joined.set_result(None)
         elif self._in_room:
             self._changed()
+
+    def _on_removed(self, codes: set[str]) -> None:
+        was_in_room = self._in_room
+        self._in_room = False
+        self._anchor = None
+        self.occupants.clear()  # we no longer see the room, as the twin's view shows
+        for future in self._pending.values():  # no answer can reach us outside the room
+            if not future.done():
+                future.set_result(None)
+        self._pending.clear()
+        reason = removal_reason(codes)
+        if reason is not None and was_in_room:
+            self.removed_from_room = reason
+            log.warning("removed from room %s: %s", self._room.bare, reason)
 
     def _on_join_refused(self, pres: Any) -> None:
         # Prosody's refusal lacks the MUC <x/> child, so slixmpp's MUC plugin would not see it; we match the

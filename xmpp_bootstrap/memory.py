@@ -2,16 +2,28 @@
 
 It follows the same rules as XmppBootstrap (the same codec and anchor decisions from protocol.py, the same
 error messages) and counts the stanzas a MUC service would send: a joiner gets one presence per occupant plus
-its own, every occupant gets the joiner's presence, a private message is one stanza each way.
+its own, every occupant gets the joiner's presence, a private message is one stanza each way. Like a
+semi-anonymous room it shows occupants' real JIDs only to its owners (and to each account its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 
 from xmpp_bootstrap.client import JOIN_REFUSALS, BootstrapError, new_stats
-from xmpp_bootstrap.protocol import HelloHandler, Occupant, answer_for, decode_hello, encode_hello
+from xmpp_bootstrap.protocol import (
+    REMOVAL_REASONS,
+    REVOKED_STATUS,
+    HelloHandler,
+    Occupant,
+    answer_for,
+    decode_hello,
+    encode_hello,
+)
+
+log = logging.getLogger(__name__)
 
 
 def _bare(jid: str) -> str:
@@ -19,13 +31,36 @@ def _bare(jid: str) -> str:
 
 
 class MemoryRoom:
-    """A members-only room: its member list (bare JIDs) and the occupants currently in it, by nick."""
+    """A members-only room: its member list and owners (bare JIDs) and the occupants currently in it, by nick.
 
-    def __init__(self, name: str, members: Iterable[str]) -> None:
+    Owners are members too; they see every occupant's real JID and may list the affiliations."""
+
+    def __init__(self, name: str, members: Iterable[str], *, owners: Iterable[str] = ()) -> None:
         self.name = name
-        self.members = {_bare(m) for m in members}
+        self.owners = {_bare(o) for o in owners}
+        self.members = {_bare(m) for m in members} | self.owners
         self.occupants: dict[str, MemoryBootstrap] = {}
         self.exists = True
+
+    def add_member(self, jid: str) -> None:
+        """Make `jid` a member (an owner stays an owner)."""
+        self.members.add(_bare(jid))
+
+    def remove_member(self, jid: str) -> None:
+        """Take `jid` out of the group (affiliation none): its occupants are thrown out of the room with status
+        321, as a members-only room does, and the others see them leave."""
+        bare = _bare(jid)
+        self.members.discard(bare)
+        self.owners.discard(bare)
+        for nick, occupant in list(self.occupants.items()):
+            if _bare(occupant.jid) == bare:
+                del self.occupants[nick]
+                occupant._on_removed(REMOVAL_REASONS[REVOKED_STATUS])
+                self.broadcast_presence(nick)
+
+    def affiliations(self) -> dict[str, str]:
+        """Bare JID -> "owner" or "member", sorted by JID (what an owner's muc#admin queries return)."""
+        return {jid: "owner" if jid in self.owners else "member" for jid in sorted(self.members)}
 
     def destroy(self) -> None:
         """Remove the room: occupants are thrown out, later joins fail with "room does not exist"."""
@@ -37,8 +72,16 @@ class MemoryRoom:
     def anchors(self) -> list[str]:
         return sorted(nick for nick, occ in self.occupants.items() if occ.is_anchor)
 
-    def view(self) -> dict[str, Occupant]:
-        return {nick: Occupant(occ.is_anchor, occ.overlay) for nick, occ in self.occupants.items()}
+    def view(self, viewer: MemoryBootstrap | None = None) -> dict[str, Occupant]:
+        """The room as `viewer` sees it. Real JIDs as Prosody shows them in a semi-anonymous room: an owner sees
+        everyone's, anyone else only those of occupants logged in as its own account (no viewer: none)."""
+        mine = _bare(viewer.jid) if viewer is not None else None
+        sees_all = mine in self.owners
+        view = {}
+        for nick, occ in self.occupants.items():
+            jid = _bare(occ.jid)
+            view[nick] = Occupant(occ.is_anchor, occ.overlay, occ.issuer, jid if sees_all or jid == mine else None)
+        return view
 
     def broadcast_presence(self, nick: str) -> None:
         """Every occupant but `nick` receives `nick`'s presence (available, anchor change or unavailable)."""
@@ -74,6 +117,10 @@ class MemoryBootstrap:
         self.on_change: Callable[[], None] | None = None
         self.stats = new_stats()
         self.overlay: int | None = None
+        self.issuer = False
+        """Whether our presence carries the issuer mark; kept across stop() and start()."""
+        self.removed_from_room: str | None = None
+        """Why the room threw us out (e.g. "membership revoked"), or None; cleared by a successful join."""
         self.logged_in = False
         self._in_room = False
         self._pending: dict[str, bytes | None] = {}
@@ -89,7 +136,13 @@ class MemoryBootstrap:
 
     @property
     def occupants(self) -> dict[str, Occupant]:
-        return self.room.view() if self._in_room else {}
+        return self.room.view(self) if self._in_room else {}
+
+    @property
+    def issuers(self) -> list[str]:
+        if not self._in_room:
+            return []
+        return sorted(nick for nick, occ in self.room.occupants.items() if occ.issuer and nick != self.nick)
 
     # -- lifecycle --
 
@@ -111,6 +164,37 @@ class MemoryBootstrap:
         self.overlay = overlay
         self._count_presence()
         self.room.broadcast_presence(self.nick)
+
+    def set_issuer(self, on: bool) -> None:
+        if on == self.issuer:
+            return
+        self.issuer = on
+        if self._in_room:
+            self.stats["stanzas_out"] += 1
+            self._count_presence()
+            self.room.broadcast_presence(self.nick)
+
+    async def fetch_affiliations(self, timeout: float = 10.0) -> dict[str, str]:
+        jid = _bare(self.jid)
+        if not self.logged_in:
+            raise BootstrapError(
+                f"not logged in, so the members of room {self.room.name} cannot be listed: call start() first",
+                transient=True,
+            )
+        # One muc#admin query per list as the XMPP side asks (members, admins, owners); a member's first is refused.
+        if not self.room.exists:
+            self.stats["stanzas_out"] += 1
+            self.stats["stanzas_in"] += 1
+            raise BootstrapError(f"no such room {self.room.name}: check the room name, or create the group first")
+        if jid not in self.room.owners:
+            self.stats["stanzas_out"] += 1
+            self.stats["stanzas_in"] += 1
+            raise BootstrapError(
+                f"you ({jid}) are not an owner/admin of {self.room.name}: listing its members needs one"
+            )
+        self.stats["stanzas_out"] += 3
+        self.stats["stanzas_in"] += 3
+        return self.room.affiliations()
 
     async def stop(self) -> None:
         self._leave()
@@ -185,6 +269,7 @@ class MemoryBootstrap:
         self._count_presence()
         self.overlay = None
         self._in_room = True
+        self.removed_from_room = None
         self.room.occupants[self.nick] = self
         self.room.broadcast_presence(self.nick)
         self._changed()
@@ -200,10 +285,14 @@ class MemoryBootstrap:
         self.room.broadcast_presence(self.nick)
         self._changed()
 
-    def _on_removed(self) -> None:
+    def _on_removed(self, reason: str | None = None) -> None:
+        """The room threw us out: destroyed (no reason) or our membership revoked; we stay logged in."""
         self._count_presence()
         self._in_room = False
         self.overlay = None
+        if reason is not None:
+            self.removed_from_room = reason
+            log.warning("removed from room %s: %s", self.room.name, reason)
         self._changed()
 
     def _count_presence(self) -> None:

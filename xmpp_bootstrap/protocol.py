@@ -21,6 +21,8 @@ MAX_HELLO_TEXT = 4 * ((MAX_HELLO + 2) // 3)
 NS = "urn:ipop-overlay:bootstrap:0"
 HELLO_TAG = f"{{{NS}}}hello"
 ANCHOR_TAG = f"{{{NS}}}anchor"
+# <issuer/>: the occupant issues the group's certificates and stays in the room, so a joiner can ask it for one.
+ISSUER_TAG = f"{{{NS}}}issuer"
 # An answer carries <hello type='answer'>. Without the mark, an answer that arrives after exchange() gave up
 # would look like a request, be answered, and two nodes could bounce hellos at each other forever. A one-way
 # message (a link signal an anchor passes between a joiner and the overlay) carries <hello type='signal'>.
@@ -31,6 +33,16 @@ SIGNAL_VALUE = "signal"
 OVERLAY_ATTR = "overlay"
 
 DEFAULT_ANCHORS = 3
+
+# XEP-0045 sections 9.1, 8.2, 9.4 and 9.7: the status code of an unavailable self-presence saying why the room
+# threw us out -> the reason as logged and kept in `removed_from_room`.
+REVOKED_STATUS = "321"
+REMOVAL_REASONS = {
+    "301": "banned",
+    "307": "kicked",
+    REVOKED_STATUS: "membership revoked",
+    "322": "the room became members-only",
+}
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +79,15 @@ def decode_hello(text: str | None) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class Occupant:
-    """What a room occupant's presence says: whether it is an anchor, and of which overlay."""
+    """What a room occupant's presence says: whether it is an anchor, and of which overlay; whether it issues
+    the group's certificates; and its real bare JID when the room shows it to us, else None (XEP-0045 section
+    7.2.3: a semi-anonymous room shows real JIDs to moderators, i.e. its owners and admins; Prosody also shows
+    each occupant those of the occupants logged in as the same account, itself included)."""
 
     anchor: bool = False
     overlay: int | None = None
+    issuer: bool = False
+    jid: str | None = None
 
 
 def parse_overlay(text: str | None) -> int | None:
@@ -81,6 +98,15 @@ def parse_overlay(text: str | None) -> int | None:
         return int(text, 16)
     except ValueError:
         return None
+
+
+def removal_reason(codes: Iterable[str]) -> str | None:
+    """Why an unavailable self-presence with these status codes means we were thrown out, or None when it
+    does not (we left, or the room was destroyed)."""
+    for code, reason in REMOVAL_REASONS.items():
+        if code in codes:
+            return reason
+    return None
 
 
 def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) -> bool:
