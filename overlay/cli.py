@@ -12,9 +12,11 @@ import logging
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from overlay import groupcmd
 from overlay.config import ConfigError, NodeConfig, load_config
 from overlay.control import ControlError, ControlServer, query, socket_in_use
 from overlay.identity import Identity, KeyFileError
@@ -23,6 +25,10 @@ from overlay.membership import BACKOFF_FIRST, BACKOFF_MAX
 from overlay.node import Node, NodeSettings
 from overlay.transport.ice import IceSettings
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
+from overlay.trust.enroll import EnrollError, obtain_certificate
+from overlay.trust.groupkey import GroupKey
+from overlay.trust.issuer import Issuer, IssuerError
+from overlay.trust.members import GroupTrust
 
 log = logging.getLogger("ipop-overlay")
 DEFAULT_CONTROL = Path("/run/ipop-overlay/node.sock")
@@ -41,32 +47,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> None:
     """Start everything in an order where each failure leaves nothing behind, run until `stop`, clean up."""
-    from overlay.tap.device import LinuxTap, TapError
     from xmpp_bootstrap import XmppBootstrap, XmppSettings
 
     if socket_in_use(cfg.control_socket):
         raise JoinError(
             f"control socket {cfg.control_socket} is in use: is another node running? set [node] control_socket"
         )
-    ice = None
-    if cfg.ice:
-        ice = IceSettings(
-            stun=cfg.stun,
-            turn=cfg.turn,
-            exclude_interfaces=frozenset({cfg.vnic_name}),
-            exclude_networks=(ipaddress.IPv4Interface(cfg.vnic_address).network,),
-        )
-    settings = NodeSettings(
-        room=cfg.room,
-        address=cfg.vnic_address,
-        ring=cfg.ring,
-        lookahead=cfg.lookahead,
-        promise=cfg.routing == "promise",
-        ice=ice,
-        anchors=cfg.anchors,
-        on_demand_rate=cfg.on_demand_rate,
-        on_demand_idle=cfg.on_demand_idle,
-    )
+    trust, issuer = _trust(cfg, identity)
     bootstrap = XmppBootstrap(
         XmppSettings(
             jid=cfg.jid,
@@ -79,17 +66,87 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         ),
     )
     try:
+        if not await _first_login(bootstrap, stop):
+            return
+        address = cfg.vnic_address
+        if trust is None:
+            log.warning("[group] open = true: any node that reaches this one may join the overlay (no certificates)")
+        else:
+            if issuer is not None:
+                bootstrap.set_issuer(True)
+            wanted = ipaddress.IPv4Interface(address).ip if address else None
+            try:
+                cert = await obtain_certificate(bootstrap, identity, trust, cfg.room, cfg.jid, wanted, issuer, stop)
+            except EnrollError as e:
+                raise JoinError(str(e)) from None
+            if cert is None:
+                return
+            address = str(cert.address)
+        assert address is not None
+        await _run_member(cfg, identity, bootstrap, address, trust, issuer, stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await bootstrap.stop()
+
+
+def _trust(cfg: NodeConfig, identity: Identity) -> tuple[GroupTrust | None, Issuer | None]:
+    """The pinned group key and, on an issuer, the group's signing key and state (KeyFileError if unusable)."""
+    if cfg.group_key is None:
+        return None, None
+    trust = GroupTrust(cfg.group_key, identity.public_key, time.time)
+    if cfg.issuer is None:
+        return trust, None
+    key = GroupKey.load(cfg.issuer.group_key)
+    if key.public_key != cfg.group_key:
+        raise JoinError(f"[issuer] group_key {cfg.issuer.group_key} is not the key of [group] public_key")
+    issuer = Issuer(key, cfg.room, cfg.issuer.subnet, float(cfg.issuer.lifetime), cfg.issuer.state_file)
+    try:
+        issuer.load(time.time())
+    except IssuerError as e:
+        raise JoinError(str(e)) from None
+    return trust, issuer
+
+
+async def _run_member(
+    cfg: NodeConfig,
+    identity: Identity,
+    bootstrap: Any,
+    address: str,
+    trust: GroupTrust | None,
+    issuer: Issuer | None,
+    stop: asyncio.Event,
+) -> None:
+    from overlay.tap.device import LinuxTap, TapError
+
+    ice = None
+    if cfg.ice:
+        ice = IceSettings(
+            stun=cfg.stun,
+            turn=cfg.turn,
+            exclude_interfaces=frozenset({cfg.vnic_name}),
+            exclude_networks=(ipaddress.IPv4Interface(address).network,),
+        )
+    settings = NodeSettings(
+        room=cfg.room,
+        address=address,
+        ring=cfg.ring,
+        lookahead=cfg.lookahead,
+        promise=cfg.routing == "promise",
+        ice=ice,
+        anchors=cfg.anchors,
+        on_demand_rate=cfg.on_demand_rate,
+        on_demand_idle=cfg.on_demand_idle,
+    )
+    try:
         underlay = UdpUnderlay(cfg.listen)
     except UnderlayError as e:
         raise JoinError(str(e)) from None
-    node = Node(identity, settings, underlay, bootstrap=bootstrap, rng=random.Random())
+    node = Node(identity, settings, underlay, bootstrap=bootstrap, rng=random.Random(), trust=trust, issuer=issuer)
     tap = None
     control = ControlServer(cfg.control_socket, {"status": node.status})
     try:
-        if not await _first_login(bootstrap, stop):
-            return
         try:
-            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu, offload=cfg.vnic_offload)
+            tap = await LinuxTap.create(cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload)
         except TapError as e:
             raise JoinError(str(e)) from None
         node.attach_tap(tap)
@@ -101,7 +158,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         # Everything loaded so far (slixmpp, aioice, cryptography, pyroute2: most of the heap) lives as long as
         # the node: keep it out of the collector's full passes, which otherwise scan it again and again.
         gc.freeze()
-        log.info("in room %s as %s (%s); joining the overlay", cfg.room, format_id(node.id), cfg.vnic_address)
+        log.info("in room %s as %s (%s); joining the overlay", cfg.room, format_id(node.id), address)
         await stop.wait()
         log.info("leaving %s", cfg.room)
     finally:
@@ -110,8 +167,6 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
         await control.stop()
         if tap is not None:
             tap.close()
-        with contextlib.suppress(Exception):
-            await bootstrap.stop()
 
 
 async def _first_login(bootstrap: Any, stop: asyncio.Event) -> bool:
@@ -215,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
     s.add_argument("--config", help="read the control socket path from this config file")
+    groupcmd.add_parser(sub)
     sub.add_parser("sim", help="topology simulator (ipop-overlay sim --help)", add_help=False)
     return p
 
@@ -240,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_keygen(args)
         if args.command == "join":
             return cmd_join(args)
+        if args.command == "group":
+            return groupcmd.run(args)
         return cmd_status(args)
-    except (ConfigError, KeyFileError, ControlError, JoinError) as e:
+    except (ConfigError, KeyFileError, ControlError, JoinError, groupcmd.GroupCommandError) as e:
         print(f"ipop-overlay: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ class NodeConfig:
     ca_file: Path | None  # [xmpp] ca_file: trust this CA for the server's certificate (self-signed servers)
     anchors: int  # [xmpp] anchors: how many nodes stay in the room to answer joiners (default 3)
     vnic_name: str  # [vnic] name: the TAP device's name (default "ipop0")
-    vnic_address: str  # [vnic] address: this node's virtual IPv4 address with prefix, "10.254.0.1/16"
+    vnic_address: str | None  # [vnic] address: virtual IPv4 address with prefix; None: the issuer picks one
     vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
     vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true; see docs/design.md)
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
@@ -51,6 +51,16 @@ class NodeConfig:
     ice: bool  # whether an [ice] section is present: links are set up with ICE (docs/nat-traversal.md)
     stun: tuple[Endpoint, ...]  # [ice] stun: STUN servers "host:port", for server-reflexive candidates
     turn: tuple[TurnServer, ...]  # [ice] turn: TURN servers (url, username, password or password_file)
+    group_key: bytes | None = None  # [group] public_key or public_key_file: the pinned group key; None if open
+    issuer: IssuerConfig | None = None  # [issuer]: this node signs the group's certificates
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    group_key: Path  # [issuer] group_key: the group's private key from `ipop-overlay group init` (mode 0600)
+    subnet: ipaddress.IPv4Network  # [issuer] subnet: addresses to hand out (default 10.254.0.0/16)
+    lifetime: int  # [issuer] lifetime: certificate lifetime in seconds (default 86400; members renew at half)
+    state_file: Path  # [issuer] state_file: allocations, member list, revocations (default next to group_key)
 
 
 def _str(value: Any) -> str:
@@ -147,6 +157,13 @@ def _interface(value: Any) -> str:
     return str(iface)
 
 
+def _subnet(value: Any) -> ipaddress.IPv4Network:
+    net = ipaddress.IPv4Network(_str(value), strict=True)
+    if net.prefixlen > 30:
+        raise ValueError("expected a network of /30 or larger, like 10.254.0.0/16")
+    return net
+
+
 def _ifname(value: Any) -> str:
     text = _str(value)
     if len(text) > 15 or "/" in text or " " in text:
@@ -173,7 +190,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "vnic": {
         "name": (_ifname, "ipop0"),
-        "address": (_interface, ...),
+        "address": (_interface, None),
         "mtu": (_int_range(576, 9000), 1400),
         "offload": (_bool, True),
     },
@@ -185,6 +202,17 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "routing": (_choice("promise", "strict"), "promise"),
         "on_demand_rate": (_int_range(0, 1 << 40), 65536),
         "on_demand_idle": (_int_range(5, 86400), 60),
+    },
+    "group": {
+        "public_key": (_str, None),
+        "public_key_file": (_str, None),
+        "open": (_bool, False),
+    },
+    "issuer": {
+        "group_key": (_str, ...),
+        "subnet": (_subnet, ipaddress.IPv4Network("10.254.0.0/16")),
+        "lifetime": (_int_range(600, 365 * 86400), 86400),
+        "state_file": (_str, None),
     },
     "ice": {
         "stun": (_endpoint_list, ()),
@@ -219,6 +247,8 @@ def load_config(path: Path) -> NodeConfig:
             if key not in _SCHEMA[section]:
                 raise ConfigError(f"{path}: unknown key [{section}] {key}{_suggest(key, list(_SCHEMA[section]))}")
     for section, keys in _SCHEMA.items():
+        if section == "issuer" and section not in raw:
+            continue
         table = raw.get(section, {})
         out = values.setdefault(section, {})
         for key, (check, default) in keys.items():
@@ -243,10 +273,7 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path}: set exactly one of [xmpp] password and [xmpp] password_file")
     if x["password_file"] is not None:
         pw_path = rel(x["password_file"])
-        try:
-            password = pw_path.read_text().strip("\r\n")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read [xmpp] password_file {pw_path}: {e.strerror}") from None
+        password = _read_secret(path, "[xmpp] password_file", pw_path)
         if not password:
             raise ConfigError(f"{path}: [xmpp] password_file {pw_path} is empty")
     else:
@@ -256,6 +283,24 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path}: [xmpp] ca_file {ca} does not exist")
     o = values["overlay"]
     turn = _turn_servers(path, values["ice"]["turn"], rel)
+    group_key = _group_key(path, values["group"], rel)
+    issuer = None
+    if "issuer" in values:
+        i = values["issuer"]
+        key_path = rel(i["group_key"])
+        issuer = IssuerConfig(
+            group_key=key_path,
+            subnet=i["subnet"],
+            lifetime=i["lifetime"],
+            state_file=rel(i["state_file"]) if i["state_file"] else key_path.parent / "issuer-state.json",
+        )
+        if group_key is None:
+            raise ConfigError(f"{path}: an [issuer] needs the group's public key in [group] public_key(_file)")
+    address = values["vnic"]["address"]
+    if address is None and group_key is None:
+        raise ConfigError(f"{path}: missing key [vnic] address (only a group with an issuer hands addresses out)")
+    if address is not None and issuer is not None and ipaddress.IPv4Interface(address).ip not in issuer.subnet:
+        raise ConfigError(f"{path}: [vnic] address {address} is outside [issuer] subnet {issuer.subnet}")
     return NodeConfig(
         path=path,
         key=rel(values["node"]["key"]),
@@ -269,7 +314,7 @@ def load_config(path: Path) -> NodeConfig:
         ca_file=ca,
         anchors=x["anchors"],
         vnic_name=values["vnic"]["name"],
-        vnic_address=values["vnic"]["address"],
+        vnic_address=address,
         vnic_mtu=values["vnic"]["mtu"],
         vnic_offload=values["vnic"]["offload"],
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
@@ -280,7 +325,49 @@ def load_config(path: Path) -> NodeConfig:
         ice="ice" in raw,
         stun=values["ice"]["stun"],
         turn=turn,
+        group_key=group_key,
+        issuer=issuer,
     )
+
+
+def _read_secret(path: Path, what: str, secret: Path) -> str:
+    """A password file's text; refused when others may read it (like ssh refuses a readable private key)."""
+    try:
+        mode = secret.stat().st_mode
+        text = secret.read_text().strip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} {secret}: {e.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path}: {what} {secret} is readable by others (mode {mode & 0o777:o}); run 'chmod 600 {secret}'"
+        )
+    return text
+
+
+def _group_key(path: Path, group: dict[str, Any], rel: Callable[[str], Path]) -> bytes | None:
+    from overlay.identity import KeyFileError
+    from overlay.trust.groupkey import load_public_key, parse_public_key
+
+    given = [k for k in ("public_key", "public_key_file") if group[k] is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{path}: set only one of [group] public_key and [group] public_key_file")
+    if not given:
+        if group["open"]:
+            return None
+        raise ConfigError(
+            f"{path}: missing [group] public_key (the group's key from 'ipop-overlay group init'); "
+            "set [group] open = true only for a group without certificates, which admits anyone who can reach it"
+        )
+    if group["open"]:
+        raise ConfigError(f"{path}: [group] open = true and a group public key exclude each other")
+    try:
+        if group["public_key"] is not None:
+            return parse_public_key(group["public_key"])
+        return load_public_key(rel(group["public_key_file"]))
+    except ValueError as e:
+        raise ConfigError(f"{path}: bad value for [group] public_key: {e}") from None
+    except KeyFileError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[TurnServer, ...]:
@@ -302,11 +389,7 @@ def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[T
         if ("password" in entry) == ("password_file" in entry):
             raise ConfigError(f"{where}: set exactly one of password and password_file")
         if "password_file" in entry:
-            pw_path = rel(str(entry["password_file"]))
-            try:
-                password = pw_path.read_text().strip("\r\n")
-            except OSError as e:
-                raise ConfigError(f"{where}: cannot read password_file {pw_path}: {e.strerror}") from None
+            password = _read_secret(path, f"[ice] turn[{i}] password_file", rel(str(entry["password_file"])))
         else:
             password = entry["password"] if isinstance(entry["password"], str) else ""
         if not password:

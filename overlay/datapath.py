@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,17 @@ from overlay.wire import ROUTED_HEADER, Kind, LinkMsg, encode_probe
 
 if TYPE_CHECKING:
     from overlay.dht.service import AddressService
+    from overlay.e2e import EndToEnd
 
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
 PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 60 KB probe a minute
+# Packets from a member whose certificate we have not seen yet wait while its address record is looked up (the
+# record carries the certificate); our choice: a TCP initial window's worth, as the DHT's outbound queue.
+UNVERIFIED_QUEUE = 10
+UNVERIFIED_SENDERS = 64
+SOURCE_DROP = "drop: inner source address is not the sender's"
 
 
 class DataPath:
@@ -62,6 +69,7 @@ class DataPath:
         self.clock = clock
         self.rng = rng
         self.dht: AddressService | None = None  # set by the node once its DHT exists
+        self.e2e: EndToEnd | None = None  # set by the node: data for members we are not linked to
         self.tap: Any = None
         self.vnic: VirtualNic | None = None
         self.hops = [0, 0]  # data packets that arrived over a link for us, and the hops they took
@@ -70,6 +78,10 @@ class DataPath:
         # Fragment probes (LinkMsg.PROBE), by peer: when the next is due and the token of the last one sent.
         self.probe_due: dict[int, float] = {}
         self.probe_token: dict[int, int] = {}
+        # Cryptokey routing (WireGuard's allowed IPs): the address a sender's certificate gives it, by node ID;
+        # None in a group without certificates (then nothing is checked).
+        self.source_of: Callable[[int], int | None] | None = None
+        self._unverified: dict[int, tuple[int, deque[tuple[bytes, int]]]] = {}  # src -> claimed address, packets
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -116,6 +128,8 @@ class DataPath:
                     if route[0] != dst:
                         relayed = self.router.relayed
                         relayed[dst] = relayed.get(dst, 0) + len(packet)
+                        self._send_sealed(link, dst, route, kind, head, packet, now)
+                        return
                     # Exactly what Router.on_routed sends for this packet at its origin (_pass_on, TTL - 1).
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
                         header = ROUTED_HEADER.pack(
@@ -135,6 +149,23 @@ class DataPath:
                     link.send(b"".join((header, head, packet)))
                     return
         self.dht.resolve_and_send(address, head + bytes(packet), kind)
+
+    def _send_sealed(
+        self, link: Link, dst: int, route: tuple[int, int, int], kind: Kind, head: bytes, packet: Bytes, now: float
+    ) -> None:
+        """Data for a member we reach through relays: sealed for it alone (overlay/e2e.py), the routed header
+        exactly what Router.on_routed sends at the origin."""
+        assert self.e2e is not None
+        body = b"".join((head, packet)) if head else packet
+        if kind == Kind.DATA_GSO and (not link.fragments_ok or self.e2e.must_segment(dst, now)):
+            self.e2e.send(dst, kind, body, cut=True)
+            return
+        sealed = self.e2e.seal(dst, kind, body, now)
+        if sealed is not None:
+            header = ROUTED_HEADER.pack(
+                LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], Kind.SEALED
+            )
+            link.send_sealed(header, sealed)
 
     def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None:
         """Tell our kernel that nobody owns the destination of this data body (rate-limited ICMP)."""
@@ -159,7 +190,55 @@ class DataPath:
         """A ROUTED link message carrying data for this node, delivered without decoding it into a Routed."""
         self.hops[0] += 1
         self.hops[1] += DEFAULT_TTL - ttl
-        self.deliver(memoryview(msg)[ROUTED_HEADER.size :], kind)
+        self.deliver_from(int.from_bytes(msg[3:11], "big"), memoryview(msg)[ROUTED_HEADER.size :], kind)
+
+    def deliver_from(self, src: int, body: Bytes, kind: int) -> None:
+        """Data from member `src`: delivered only if its inner IPv4 source is the address in src's certificate."""
+        source_of = self.source_of
+        if source_of is None:
+            self.deliver(body, kind)
+            return
+        at = VNET_HDR_LEN + 12 if kind == Kind.DATA_GSO else 12
+        if len(body) < at + 4:
+            self.count("drop: data too short")
+            return
+        inner = int.from_bytes(body[at : at + 4], "big")
+        allowed = source_of(src)
+        if allowed == inner:
+            self.deliver(body, kind)
+        elif allowed is not None:
+            self.count(SOURCE_DROP)
+        else:
+            self._hold_unverified(src, inner, bytes(body), kind)
+
+    def _hold_unverified(self, src: int, inner: int, body: bytes, kind: int) -> None:
+        """A sender we hold no certificate of: ask the DHT for the record of the address it claims (the record
+        carries its certificate) and keep a few packets until the answer says whether the address is its."""
+        held = self._unverified.get(src)
+        if held is None or held[0] != inner:
+            if len(self._unverified) >= UNVERIFIED_SENDERS:
+                self.count("drop: too many unverified senders")
+                return
+            held = self._unverified[src] = (inner, deque(maxlen=UNVERIFIED_QUEUE))
+            if self.dht is not None:
+                self.dht.look_up(str(ipaddress.IPv4Address(inner)))
+        elif len(held[1]) == UNVERIFIED_QUEUE:
+            self.count(SOURCE_DROP)
+        held[1].append((body, kind))
+
+    def resolved(self, address: int, node_id: int) -> None:
+        """The DHT says (with a certificate it checked) that `address` is `node_id`'s: deliver what `node_id`
+        sent from it; drop what others sent claiming it."""
+        for src, (inner, queue) in list(self._unverified.items()):
+            if inner != address:
+                continue
+            del self._unverified[src]
+            source_of = self.source_of
+            if src == node_id and source_of is not None and source_of(src) == inner:
+                for body, kind in queue:
+                    self.deliver(body, kind)
+            else:
+                self.counters[SOURCE_DROP] = self.counters.get(SOURCE_DROP, 0) + len(queue)
 
     def deliver(self, body: Bytes, kind: int = Kind.DATA) -> None:
         tap, vnic = self.tap, self.vnic

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
+from overlay.tap.frames import Bytes
 from overlay.transport.ice import UdpPath
 from overlay.transport.session import (
     REJECT_AFTER_TIME,
@@ -36,6 +37,8 @@ from overlay.transport.session import (
 from overlay.transport.turn import TurnPath
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
+    SEALED_LINK_PART,
+    TRANSPORT_HEADER,
     Contact,
     DecodeError,
     Endpoint,
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Underlay = UdpUnderlay | MemoryUnderlay
 
+SEALED_OFFSET = TRANSPORT_HEADER.size + SEALED_LINK_PART  # where a SEALED packet's end-to-end packet starts
 # WireGuard's REKEY_TIMEOUT: how long a rekeying handshake waits for its response before another try.
 REKEY_TIMEOUT = 5.0
 # A responder whose peer has not rekeyed by then starts the handshake itself (between REKEY_AFTER_TIME and
@@ -115,6 +119,12 @@ class Link:
         self.tx_bytes += len(packet)
         self.path.send(packet)
 
+    def send_sealed(self, routed_header: bytes, e2e_packet: Bytes) -> None:
+        """A routed packet whose body is sealed end to end: only its header is encrypted for this link."""
+        packet = self.session.seal_header(routed_header, e2e_packet)
+        self.tx_bytes += len(packet)
+        self.path.send(packet)
+
     @property
     def relay(self) -> int | None:
         """The neighbour a tunnelled link goes through; None for a link on a path of its own."""
@@ -137,6 +147,8 @@ class LinkCallbacks:
     message: Callable[[Link, bytes], None]
     relay_candidates: Callable[[int], list[int]]
     attempt_started: Callable[[], None] = lambda: None
+    # A SEALED packet: its routed header (decrypted) and its end-to-end packet (a view, untouched).
+    sealed: Callable[[Link, bytes, memoryview], None] = lambda link, header, payload: None
 
 
 @dataclass
@@ -213,25 +225,34 @@ class LinkManager:
             return
         ptype = data[0]
         try:
-            if ptype == PacketType.TRANSPORT:
+            if ptype == PacketType.TRANSPORT or ptype == PacketType.SEALED:
                 index, counter = decode_transport_header(data)
                 link = self._by_index.get(index)
                 if link is None:
                     self.count("drop: unknown session")
                     return
-                if link.next_session is not None and link.next_session.local_index == index:
-                    plaintext = link.next_session.open(data, counter)
-                    self._by_index.pop(link.session.local_index, None)
-                    link.session, link.next_session = link.next_session, None
+                session = link.session
+                promote = link.next_session is not None and link.next_session.local_index == index
+                if promote:
+                    assert link.next_session is not None
+                    session = link.next_session
+                if ptype == PacketType.TRANSPORT:
+                    plaintext = session.open(data, counter)
                 else:
-                    plaintext = link.session.open(data, counter)
+                    header = session.open_header(data, counter)
+                if promote:
+                    self._by_index.pop(link.session.local_index, None)
+                    link.session, link.next_session = session, None
                 link.rx_bytes += len(data)
                 if not isinstance(via, int) and not _same_path(link.path, via) and link.session.newest(counter):
                     # The peer roamed, a NAT rebound, or the peer moved the link off a tunnel or a relay: the
                     # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
                     # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
                     self._move(link, via)
-                self.callbacks.message(link, plaintext)
+                if ptype == PacketType.TRANSPORT:
+                    self.callbacks.message(link, plaintext)
+                else:
+                    self.callbacks.sealed(link, header, memoryview(data)[SEALED_OFFSET:])
             elif ptype in (PacketType.HANDSHAKE_INIT, PacketType.HANDSHAKE_RESP):
                 msg = decode_handshake(data)
                 if isinstance(msg, HandshakeInit):

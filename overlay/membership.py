@@ -31,6 +31,7 @@ from overlay.beacon import BEACON_INTERVAL, NO_OVERLAY, new_overlay_id, wins
 from overlay.ids import format_id
 from overlay.linksetup import Signaller
 from overlay.port import MemberPort
+from overlay.trust.issuer import REQUEST_MAGIC
 from overlay.wire import DecodeError, Kind, LinkMsg, Signal, decode_routed_signal, decode_signal, encode_routed_signal
 from xmpp_bootstrap.client import BootstrapError
 from xmpp_bootstrap.protocol import DEFAULT_ANCHORS, should_stand_down
@@ -78,6 +79,8 @@ class Membership:
         self._last_recruit = -1e18
         self._joiners: dict[int, tuple[str, float]] = {}  # joiner ID -> (room nick, when its hello came)
         self._room_changed = asyncio.Event()
+        ts = node.trust_service
+        self._issuer = ts is not None and ts.issuer is not None
 
     # -- life cycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,7 +137,7 @@ class Membership:
         self.last_error = why
 
     async def _leave(self) -> None:
-        if not self._want_anchor or not self.bootstrap.in_room:
+        if not (self._want_anchor or self._issuer) or not self.bootstrap.in_room:
             try:
                 await self.bootstrap.stop()
             except Exception:  # already gone: nothing to clean up
@@ -152,8 +155,8 @@ class Membership:
         if self._task is None and now >= self._next_visit:
             if node.beacon.overlay == NO_OVERLAY:
                 self._run(self._visit("join"))
-            elif self._want_anchor and not boot.in_room:
-                self._run(self._visit("anchor"))  # our session dropped: come back as an anchor
+            elif (self._want_anchor or self._issuer) and not boot.in_room:
+                self._run(self._visit("anchor"))  # our session dropped: come back as an anchor (or issuer)
             elif not boot.is_anchor and node.beacon.island(now - self._island_jitter):
                 log.info("no beacon from our overlay's leader for %.0f s: going to the room", now - node.beacon.heard)
                 self._run(self._visit("island"))
@@ -180,7 +183,7 @@ class Membership:
             log.info("standing down as an anchor: %d anchors present", len(ours))
             self._want_anchor = False
             boot.set_anchor(None)
-            if self._task is None:
+            if self._task is None and not self._issuer:
                 self._run(self._leave())
             return
         if len(ours) < self.anchors and node.links.links and now - self._last_recruit >= RECRUIT_INTERVAL:
@@ -278,7 +281,8 @@ class Membership:
         mine = node.beacon.overlay
         if mine == NO_OVERLAY:
             self._fail("could not link to any member of the group yet")
-            await boot.stop()
+            if not self._issuer:
+                await boot.stop()
             return
         if self.state == "joining":
             self.state = "member"
@@ -288,6 +292,8 @@ class Membership:
             boot.set_anchor(mine)
             return
         self._want_anchor = False
+        if self._issuer:
+            return  # an issuer stays in the room: joiners ask it for their first certificate there
         await boot.stop()
 
     async def _room_change(self, timeout: float) -> None:
@@ -318,8 +324,12 @@ class Membership:
         return self.node.signalling.receive(raw, lambda sender: self._xmpp_signaller(nick, sender))
 
     def _on_hello(self, payload: bytes, nick: str) -> bytes | None:
-        """A joiner's hello (its OFFER), seen as an anchor: answer it, call it back, introduce it."""
+        """A joiner's hello (its OFFER), seen as an anchor: answer it, call it back, introduce it. On an
+        issuer, also a certificate request (overlay/trust/enroll.py)."""
         node = self.node
+        if payload.startswith(REQUEST_MAGIC):
+            ts = node.trust_service
+            return ts.answer_hello(payload, nick) if ts is not None else None
         if not self.is_anchor:
             return None
         try:

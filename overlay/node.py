@@ -28,6 +28,7 @@ from typing import Any
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
+from overlay.e2e import TOO_BIG, EndToEnd
 from overlay.finds import Finder
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
@@ -35,6 +36,7 @@ from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
 from overlay.ondemand import OnDemand, Open
 from overlay.router import DATA_KINDS, Router
+from overlay.routing.forwarding import DEFAULT_TTL
 from overlay.routing.maintenance import (
     DEAD_REASON,
     CloseLink,
@@ -49,6 +51,10 @@ from overlay.routing.ring import RingParams, RingTable, Role
 from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
 from overlay.transport.ice import IceAgent, IceSettings
+from overlay.transport.session import Handshaker
+from overlay.trust.issuer import Issuer
+from overlay.trust.members import GroupTrust
+from overlay.trust.service import TrustService
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_JOIN,
@@ -118,8 +124,11 @@ class Node:
         tap: Any = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        trust: GroupTrust | None = None,
+        issuer: Issuer | None = None,
     ) -> None:
         self.identity = identity
+        self.trust = trust
         self.id = identity.node_id
         self.settings = settings
         iface = ipaddress.IPv4Interface(settings.address)
@@ -144,8 +153,10 @@ class Node:
                 self._relay_candidates,
                 # A link attempt started outside a tick (an XMPP hello, a signal): its retries are the tick's.
                 lambda: self.wake(TIMER_MAX),
+                lambda link, header, payload: self._on_sealed(link, header, payload),
             ),
             clock,
+            credentials=trust,
         )
         self.links.setup.contact_source = self.contact
         self.router = Router(
@@ -164,6 +175,25 @@ class Node:
             self.links.setup.agent = self.ice
         self.dht = AddressService(self)
         self.datapath.dht = self.dht
+        # Data for members we are not linked to is sealed end to end (overlay/e2e.py).
+        self.e2e = EndToEnd(
+            Handshaker(identity, trust),
+            lambda dst, kind, body: self.send_routed(dst, kind, body),
+            self._send_sealed,
+            self.counters,
+            clock,
+        )
+        self.e2e.wake = self.wake
+        self.datapath.e2e = self.e2e
+        self.e2e.key_of = self._key_of
+        self.router.on_too_big = self._on_too_big
+        # The group's certificates (overlay/trust/): None in a group without them (then nothing is checked).
+        self.trust_service: TrustService | None = None
+        if trust is not None:
+            self.trust_service = TrustService(self, trust, issuer)
+            self.trust_service.purge_records = self.dht.store.purge
+            self.datapath.source_of = self.trust_service.source_of
+            self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
         self.router.on_no_route = self._on_no_route
@@ -178,6 +208,9 @@ class Node:
             (Kind.DHT_GET, self.dht.on_get),
             (Kind.DHT_VALUE, self.dht.on_value),
             (Kind.SIGNAL, self.signalling.on_routed),
+            (Kind.CERT, self._on_cert),
+            (Kind.SEALED, self._on_sealed_delivered),
+            (Kind.E2E, lambda pkt: self.e2e.on_routed(pkt.src, pkt.body)),
         ):
             self.router.handlers[kind] = handler
         self.tap: Any = None
@@ -228,7 +261,27 @@ class Node:
         self.router.send_routed(dst, kind, body, flags, via)
 
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
-        self.router.send_data(node_id, kind, body)
+        """Data for a member: on our link to it (end to end already), else sealed for it alone."""
+        if node_id in self.links.links or node_id == self.id:
+            self.router.send_data(node_id, kind, body)
+        else:
+            self.e2e.send(node_id, kind, body)
+
+    def _send_sealed(self, dst: int, e2e_packet: bytes) -> None:
+        self.router.send_routed(dst, Kind.SEALED, e2e_packet, FLAG_EXACT | (FLAG_PROMISE if self.router.promise else 0))
+
+    def _key_of(self, node_id: int) -> bytes | None:
+        link = self.links.links.get(node_id)
+        if link is not None:
+            return link.peer_key
+        cert = self.trust.peer(node_id) if self.trust is not None else None
+        return cert.node_key if cert is not None else self.dht.cache.key_of(node_id)
+
+    def _on_too_big(self, origin: int, dst: int) -> None:
+        if origin == self.id:
+            self.e2e.on_routed(self.id, bytes([TOO_BIG]) + dst.to_bytes(8, "big"))
+        else:
+            self.e2e.too_big(origin, dst)
 
     def deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None:
         self.datapath.deliver(body, kind)
@@ -334,6 +387,8 @@ class Node:
         self._schedule(self.clock())
         if self.membership is not None:
             await self.membership.start()
+        if self.trust_service is not None and self.bootstrap is not None:
+            self.trust_service.start_polling(self.bootstrap)
 
     async def stop(self) -> None:
         if self._stopped:
@@ -349,6 +404,8 @@ class Node:
             await self.ice.close()
         if self.membership is not None:
             await self.membership.stop()
+        if self.trust_service is not None:
+            await self.trust_service.stop()
 
     # -- timers -------------------------------------------------------------------------------------------------
     def _schedule(self, when: float, *, for_silence: bool = False) -> None:
@@ -396,6 +453,9 @@ class Node:
         if self.ice is not None:
             self.ice.tick(now)
         self.dht.tick(now)
+        deadline = min(deadline, self.e2e.tick(now))
+        if self.trust_service is not None:
+            deadline = min(deadline, self.trust_service.tick(now))
         if self.membership is not None:
             self.membership.tick(now)
         self.finder.tick(now)
@@ -471,6 +531,8 @@ class Node:
             self.first_link_at = now
             self.finder.join(via=link.peer_id)
         self.dht.hand_over(link.peer_id)
+        if self.trust_service is not None:
+            self.trust_service.on_link_up(link)
         if link.relay is None and self.on_demand.linked(link.peer_id, link.tx_bytes + link.rx_bytes):
             self.table.set_role(link.peer_id, Role.ON_DEMAND)
             self.count("on-demand switches")
@@ -522,7 +584,41 @@ class Node:
 
     # -- routed packets delivered here -----------------------------------------------------------------------
     def _deliver_data(self, pkt: Routed) -> None:
-        self.datapath.deliver(pkt.body, pkt.kind)
+        self.datapath.deliver_from(pkt.src, pkt.body, pkt.kind)
+
+    def _on_sealed(self, link: Link, header: bytes, payload: memoryview) -> None:
+        """A SEALED link packet: its routed header (decrypted by the link) and the end-to-end packet."""
+        now = self.clock()
+        self.maintenance.on_rx(link.peer_id, now)
+        if link.peer_id == self.maintenance.due_peer:
+            self._heard_from_due_peer()
+        if len(header) != ROUTED_HEADER.size:
+            self.count("drop: sealed packet with a bad header")
+            return
+        lm, ttl, flags, src, dst, watermark, kind = ROUTED_HEADER.unpack(header)
+        if lm != LinkMsg.ROUTED or kind != Kind.SEALED:
+            self.count("drop: sealed packet with a bad header")
+            return
+        self.router.on_routed(link, Routed(ttl, flags, src, dst, watermark, Kind.SEALED, payload))  # type: ignore[arg-type]
+
+    def _on_sealed_delivered(self, pkt: Routed) -> None:
+        opened = self.e2e.open(pkt.src, pkt.body)
+        if opened is None:
+            return
+        kind, body = opened
+        if kind not in (Kind.DATA, Kind.DATA_GSO):
+            self.count("drop: sealed packet of an unknown kind")
+            return
+        hops = self.datapath.hops
+        hops[0] += 1
+        hops[1] += DEFAULT_TTL - pkt.ttl
+        self.datapath.deliver_from(pkt.src, body, kind)
+
+    def _on_cert(self, pkt: Routed) -> None:
+        if self.trust_service is None:
+            self.count("drop: certificate message in a group without certificates")
+        else:
+            self.trust_service.on_cert(pkt)
 
     def _on_no_route(self, dst: int, kind: int) -> None:
         if kind == Kind.DATA:
@@ -602,6 +698,9 @@ class Node:
                     self.membership.on_recruited(now)
             elif kind == LinkMsg.CLOSE:
                 self.links.close(link.peer_id, PEER_CLOSED, notify=False)
+            elif kind == LinkMsg.REVOKE:
+                if self.trust_service is not None:
+                    self.trust_service.on_revoke(link, msg[1:])
             else:
                 self.count("drop: unknown link message")
         except DecodeError:
@@ -668,4 +767,6 @@ class Node:
             },
             "membership": self.membership.status() if self.membership is not None else None,
             "ice": ice,
+            "e2e": self.e2e.status(),
+            "trust": self.trust_service.status() if self.trust_service is not None else None,
         }

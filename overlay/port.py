@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # types only: these modules build on this one
     from overlay.finds import Finder
     from overlay.signalling import Signalling
     from overlay.transport.ice import IceAgent
+    from overlay.trust.members import GroupTrust
+    from overlay.trust.service import TrustService
 from overlay.wire import FLAG_EXACT, Contact, Kind
 
 
@@ -34,6 +36,7 @@ class OverlayPort(Protocol):
     rng: random.Random
     first_link: asyncio.Event
     first_link_at: float
+    trust: GroupTrust | None  # the group's certificates and revocations; None in a group without them
 
     def clock(self) -> float: ...
 
@@ -75,6 +78,7 @@ class MemberPort(OverlayPort, Protocol):
     finder: Finder
     signalling: Signalling
     ice: IceAgent | None
+    trust_service: TrustService | None
 
     def flood_beacon(self, seq: int, came_from: int | None) -> None:
         """Tell every link (but `came_from`) our overlay's beacon at `seq`."""

@@ -49,7 +49,10 @@ from overlay.wire import (
     reroute,
 )
 
-DATA_KINDS = (Kind.DATA, Kind.DATA_GSO)
+DATA_KINDS = (Kind.DATA, Kind.DATA_GSO, Kind.SEALED)
+# A sealed body this big is a TCP super-frame (jumbo frames are at most 9,000 bytes): a relay cannot cut it, so
+# on a link that does not pass IP fragments it is dropped and its origin told to cut them (overlay/e2e.py).
+SEALED_SUPERFRAME = 9216
 Handler = Callable[[Routed], None]
 
 
@@ -76,6 +79,8 @@ class Router:
         # Called with a link a routed packet went out on (data: only the first since the node's last tick):
         # the node watches the link for an answer (maintenance's awaiting) from then on.
         self.on_sent: Callable[[Link, bool], None] = lambda link, data: None
+        # Called with (origin, destination) when a sealed super-frame cannot cross the next link.
+        self.on_too_big: Callable[[int, int], None] = lambda origin, dst: None
         # Links that carried data and have been silent since (maintenance's suspects): routes avoid them until
         # they answer or are declared dead.
         self.avoid: frozenset[int] = frozenset()
@@ -267,6 +272,13 @@ class Router:
         elif not link.busy:
             link.busy = True
             self.on_sent(link, True)
+        if pkt.kind == Kind.SEALED:
+            if not link.fragments_ok and len(pkt.body) > SEALED_SUPERFRAME:
+                self.on_too_big(pkt.src, pkt.dst)
+                return
+            header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.SEALED)
+            link.send_sealed(header, pkt.body)
+            return
         if pkt.kind == Kind.DATA_GSO and not link.fragments_ok:
             header = ROUTED_HEADER.pack(LinkMsg.ROUTED, ttl, pkt.flags, pkt.src, pkt.dst, watermark, Kind.DATA)
             body = memoryview(pkt.body)

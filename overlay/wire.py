@@ -30,6 +30,9 @@ class PacketType(enum.IntEnum):
     HANDSHAKE_INIT = 0x81
     HANDSHAKE_RESP = 0x82
     TRANSPORT = 0x83
+    # A routed packet whose body is sealed end to end (overlay/e2e.py): the link encrypts only the routed header
+    # and binds the body through its end-to-end tag, so a relay never touches the body's bytes with a cipher.
+    SEALED = 0x84
 
 
 SIGNATURE_LEN = 64
@@ -45,6 +48,10 @@ _MIN_INIT = 1 + 32 + 48 + 16
 _RESP_HEAD = struct.Struct("!BI")  # type, receiver index
 _MIN_RESP = _RESP_HEAD.size + 32 + 16
 TRANSPORT_HEADER = struct.Struct("!BIQ")  # type, receiver index, counter; the AEAD's associated data
+# SEALED: TRANSPORT_HEADER (type 0x84) | link AEAD of the routed header (29 + 16 bytes) | end-to-end packet.
+# The end-to-end packet is a transport packet of the pair's own session (type 0x83, the receiver's end-to-end
+# index, counter, AEAD(kind byte + data body)), its last 16 bytes the tag.
+MIN_E2E = 13 + 1 + 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +89,14 @@ def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
 
 
 def decode_transport_header(data: bytes | memoryview) -> tuple[int, int]:
-    """(receiver index, counter) of a transport packet; the rest is ciphertext with its tag."""
+    """(receiver index, counter) of a transport or sealed packet; the rest is ciphertext with its tag."""
     if len(data) < TRANSPORT_HEADER.size + AEAD_TAG_LEN:
         raise DecodeError(f"transport packet of {len(data)} bytes is too short")
     ptype, idx, counter = TRANSPORT_HEADER.unpack_from(data)
-    if ptype != PacketType.TRANSPORT:
+    if ptype == PacketType.SEALED:
+        if len(data) < TRANSPORT_HEADER.size + SEALED_LINK_PART + MIN_E2E:
+            raise DecodeError(f"sealed packet of {len(data)} bytes is too short")
+    elif ptype != PacketType.TRANSPORT:
         raise DecodeError(f"not a transport packet (type 0x{ptype:02x})")
     return idx, counter
 
@@ -110,6 +120,7 @@ class LinkMsg(enum.IntEnum):
     BEACON = 0x0D  # overlay(8), sequence(4): a newer beacon of the sender's overlay (overlay/beacon.py)
     SUSPECT = 0x0E  # peer(8): "my link to this node died": check yours at once (SWIM's suspicion, by gossip)
     ACK = 0x0F  # no body: "your routed control packet arrived" (the sender watches the link until it hears back)
+    REVOKE = 0x10  # a list of signed revocations (overlay/trust/revocations.py): flooded, each node passes news on
 
 
 MAX_NEIGHBOURS = 64
@@ -214,6 +225,9 @@ class Kind(enum.IntEnum):
     NO_ROUTE = 0x08  # destination (8), kind (1): the exact destination does not exist
     DATA_GSO = 0x09  # virtio_net_hdr (10, overlay/tap/frames.py) + IPv4 packet, up to a 64 KB TCP super-frame
     SIGNAL = 0x0A  # final destination (8) + Signal: link set-up (ICE offer/answer) between two members
+    CERT = 0x0B  # a certificate request or answer (overlay/trust/issuer.py): renewal through the overlay
+    SEALED = 0x0C  # an end-to-end packet (a transport packet of the pair's session): data between members not linked
+    E2E = 0x0D  # kind (1) + handshake packet or notice: sets up the end-to-end session (overlay/e2e.py)
 
 
 FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else: at the closest node)
@@ -229,6 +243,7 @@ PROMISE_HOPS_MASK = 0x60
 FLAG_QUIET = 0x80
 
 ROUTED_HEADER = struct.Struct("!BBBQQQB")  # LinkMsg.ROUTED, ttl, flags, src, dst, watermark, kind
+SEALED_LINK_PART = ROUTED_HEADER.size + AEAD_TAG_LEN  # a SEALED link packet's encrypted routed header
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,24 +410,30 @@ def decode_find(body: bytes) -> tuple[int, Contact, int | None]:
 # --- address records (the DHT's values) -------------------------------------------------------------------
 
 _RECORD = struct.Struct("!B4s32sQQ64s")  # version, virtual IPv4, public key, issued (ms), expires (ms), signature
-RECORD_VERSION = 1
-RECORD_SIZE = _RECORD.size
+RECORD_VERSION = 2
+RECORD_SIZE = _RECORD.size  # without the credential
+_CRED_LEN = struct.Struct("!H")
+# The credential is the signer's group certificate (overlay/trust/certs.py, ~200 bytes); a holder refuses a
+# record whose certificate does not give the signer that address.
+MAX_CREDENTIAL = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class AddressRecord:
-    """ "Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key."""
+    """ "Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key,
+    with the certificate that gives the key the address (empty in a group without certificates)."""
 
     address: str
     public_key: bytes
     issued_ms: int
     expires_ms: int
     signature: bytes = bytes(SIGNATURE_LEN)
+    credential: bytes = b""
 
     def signed_part(self, room: str) -> bytes:
-        return b"ipop-overlay record v1\x00" + room.encode() + b"\x00" + self.encode()[:-SIGNATURE_LEN]
+        return b"ipop-overlay record v2\x00" + room.encode() + b"\x00" + self._fixed()[:-SIGNATURE_LEN]
 
-    def encode(self) -> bytes:
+    def _fixed(self) -> bytes:
         return _RECORD.pack(
             RECORD_VERSION,
             ipaddress.IPv4Address(self.address).packed,
@@ -422,16 +443,23 @@ class AddressRecord:
             self.signature,
         )
 
+    def encode(self) -> bytes:
+        return self._fixed() + _CRED_LEN.pack(len(self.credential)) + self.credential
+
 
 def decode_record(data: bytes | memoryview) -> AddressRecord:
-    if len(data) != RECORD_SIZE:
-        raise DecodeError(f"address record of {len(data)} bytes, expected {RECORD_SIZE}")
-    version, vip, pk, issued, expires, sig = _RECORD.unpack(bytes(data))
+    data = bytes(data)
+    if len(data) < RECORD_SIZE + _CRED_LEN.size:
+        raise DecodeError(f"address record of {len(data)} bytes, at least {RECORD_SIZE + _CRED_LEN.size}")
+    version, vip, pk, issued, expires, sig = _RECORD.unpack_from(data)
     if version != RECORD_VERSION:
         raise DecodeError(f"address record version {version}, expected {RECORD_VERSION}")
     if expires < issued:
         raise DecodeError("address record expires before it is issued")
-    return AddressRecord(str(ipaddress.IPv4Address(vip)), pk, issued, expires, sig)
+    (clen,) = _CRED_LEN.unpack_from(data, RECORD_SIZE)
+    if clen > MAX_CREDENTIAL or len(data) != RECORD_SIZE + _CRED_LEN.size + clen:
+        raise DecodeError(f"address record of {len(data)} bytes does not hold its {clen}-byte credential")
+    return AddressRecord(str(ipaddress.IPv4Address(vip)), pk, issued, expires, sig, data[RECORD_SIZE + 2 :])
 
 
 def encode_dht_value(address: str, record: AddressRecord | None) -> bytes:
@@ -439,7 +467,7 @@ def encode_dht_value(address: str, record: AddressRecord | None) -> bytes:
 
 
 def decode_dht_value(body: bytes) -> tuple[str, AddressRecord | None]:
-    if len(body) not in (4, 4 + RECORD_SIZE):
+    if len(body) < 4:
         raise DecodeError(f"DHT value of {len(body)} bytes")
     address = str(ipaddress.IPv4Address(body[:4]))
     return address, (decode_record(body[4:]) if len(body) > 4 else None)

@@ -50,7 +50,7 @@ def test_join_with_a_misspelled_key_exits_with_one_line_naming_it(tmp_path: Path
 def test_join_with_a_missing_key_file_says_how_to_make_one(tmp_path: Path) -> None:
     (tmp_path / "n.toml").write_text(
         '[node]\nkey = "missing.key"\n[xmpp]\njid = "a@example.test"\npassword = "x"\n'
-        'room = "g@conference.example.test"\n[vnic]\naddress = "10.254.0.1/16"\n'
+        'room = "g@conference.example.test"\n[vnic]\naddress = "10.254.0.1/16"\n[group]\nopen = true\n'
     )
     r = cli("join", "--config", str(tmp_path / "n.toml"))
     assert r.returncode == 1 and "ipop-overlay keygen" in r.stderr
@@ -62,7 +62,7 @@ def test_a_group_readable_key_is_refused(tmp_path: Path) -> None:
     path.chmod(0o640)
     (tmp_path / "n.toml").write_text(
         '[node]\nkey = "node.key"\n[xmpp]\njid = "a@example.test"\npassword = "x"\n'
-        'room = "g@conference.example.test"\n[vnic]\naddress = "10.254.0.1/16"\n'
+        'room = "g@conference.example.test"\n[vnic]\naddress = "10.254.0.1/16"\n[group]\nopen = true\n'
     )
     r = cli("join", "--config", str(tmp_path / "n.toml"))
     assert r.returncode == 1 and "chmod 600" in r.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from overlay.config import ConfigError, load_config
+from overlay.trust.groupkey import GroupKey, format_public_key, write_public
 
 GOOD = """
 [node]
@@ -23,11 +24,14 @@ room = "group1@conference.example.test"
 name = "ipop0"
 address = "10.254.0.1/16"
 mtu = 1400
+[group]
+open = true
 """
 
 
 def write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "alice.pass").write_text("s3cret\n")
+    (tmp_path / "alice.pass").chmod(0o600)
     p = tmp_path / "node.toml"
     p.write_text(text)
     return p
@@ -83,6 +87,7 @@ turn = [{ url = "turn:198.18.0.2:3478?transport=udp", username = "u", password =
 
 def test_an_ice_section_gives_stun_and_turn_servers_over_udp_and_tcp(tmp_path: Path) -> None:
     (tmp_path / "turn.pass").write_text("from-file\n")
+    (tmp_path / "turn.pass").chmod(0o600)
     cfg = load_config(write(tmp_path, GOOD + ICE))
     assert cfg.ice and cfg.stun == (("198.18.0.2", 3478), ("198.18.0.3", 3478))
     assert [(t.host, t.port, t.transport, t.password) for t in cfg.turn] == [
@@ -112,3 +117,42 @@ def test_bad_ice_settings_are_one_line_naming_them(tmp_path: Path, ice: str, wor
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, GOOD + ice))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_password_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    (tmp_path / "alice.pass").chmod(0o644)
+    with pytest.raises(ConfigError, match=r"alice.pass is readable by others \(mode 644\); run 'chmod 600"):
+        load_config(p)
+
+
+def test_a_group_key_is_required_unless_the_group_is_declared_open(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing \[group\] public_key.*open = true"):
+        load_config(write(tmp_path, GOOD.replace("[group]\nopen = true\n", "")))
+    key = GroupKey.generate()
+    text = GOOD.replace("open = true", f'public_key = "{format_public_key(key.public_key)}"')
+    assert load_config(write(tmp_path, text)).group_key == key.public_key
+    write_public(tmp_path / "group.pub", key.public_key)
+    text = GOOD.replace("open = true", 'public_key_file = "group.pub"')
+    assert load_config(write(tmp_path, text)).group_key == key.public_key
+    with pytest.raises(ConfigError, match=r"\[group\] public_key"):
+        load_config(write(tmp_path, GOOD.replace("open = true", 'public_key = "bm90IGEga2V5"')))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(write(tmp_path, GOOD.replace("open = true", 'open = true\npublic_key_file = "group.pub"')))
+
+
+def test_an_issuer_section_and_an_address_left_to_the_issuer(tmp_path: Path) -> None:
+    key = GroupKey.generate()
+    pinned = GOOD.replace("open = true", f'public_key = "{format_public_key(key.public_key)}"')
+    issuer = pinned + '[issuer]\ngroup_key = "keys/group.key"\nsubnet = "10.254.0.0/16"\n'
+    cfg = load_config(write(tmp_path, issuer))
+    assert cfg.issuer is not None and cfg.issuer.group_key == tmp_path / "keys/group.key"
+    assert cfg.issuer.state_file == tmp_path / "keys/issuer-state.json" and cfg.issuer.lifetime == 86400
+    no_address = pinned.replace('address = "10.254.0.1/16"\n', "")
+    assert load_config(write(tmp_path, no_address)).vnic_address is None
+    with pytest.raises(ConfigError, match=r"missing key \[vnic\] address"):
+        load_config(write(tmp_path, GOOD.replace('address = "10.254.0.1/16"\n', "")))
+    with pytest.raises(ConfigError, match="outside"):
+        load_config(write(tmp_path, issuer.replace('subnet = "10.254.0.0/16"', 'subnet = "10.9.0.0/16"')))
+    with pytest.raises(ConfigError, match=r"\[issuer\] subnet"):
+        load_config(write(tmp_path, issuer.replace('subnet = "10.254.0.0/16"', 'subnet = "10.254.0.1/16"')))

@@ -14,10 +14,13 @@ REFRESH_AFTER = RECORD_TTL / 2
 MAX_CLOCK_SKEW = 120.0
 
 
-def make_record(identity: Identity, room: str, address: str, now: float, ttl: float = RECORD_TTL) -> AddressRecord:
+def make_record(
+    identity: Identity, room: str, address: str, now: float, ttl: float = RECORD_TTL, credential: bytes = b""
+) -> AddressRecord:
+    """Our record for `address`, carrying `credential` (our group certificate) for holders to check."""
     unsigned = AddressRecord(address, identity.public_key, int(now * 1000), int((now + ttl) * 1000))
     sig = identity.sign(unsigned.signed_part(room))
-    return AddressRecord(address, identity.public_key, unsigned.issued_ms, unsigned.expires_ms, sig)
+    return AddressRecord(address, identity.public_key, unsigned.issued_ms, unsigned.expires_ms, sig, credential)
 
 
 def record_key(room: str, address: str) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
@@ -64,13 +65,17 @@ class _Lookup:
 class AddressService:
     def __init__(self, node: OverlayPort) -> None:
         self.node = node
-        self.store = RecordStore(node.room)
+        trust = node.trust
+        self.vouch = (lambda r: trust.record_problem(r.address, r.public_key, r.credential)) if trust else None
+        self.store = RecordStore(node.room, self.vouch)
         self.cache = AddressCache()
         self._lookups: dict[str, _Lookup] = {}
         self._published = -1e18
         self._checked = -1e18
         self._last_expire = -1e18
         self._moving_until = -1e18  # ring neighbours changed lately: records may have to move (_rehome)
+        # Told every answered lookup (address as an int, the node it resolved to), and -1 for one that timed out.
+        self.on_resolved: Callable[[int, int], None] | None = None
 
     # -- the clock -----------------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -78,6 +83,8 @@ class AddressService:
         for address, lookup in list(self._lookups.items()):
             if now - lookup.started >= LOOKUP_TIMEOUT:
                 del self._lookups[address]
+                if self.on_resolved is not None:
+                    self.on_resolved(int(ipaddress.IPv4Address(address)), -1)
                 node.count(NO_OWNER, len(lookup.packets))
                 if lookup.packets:
                     kind, body = lookup.packets[0]
@@ -126,7 +133,8 @@ class AddressService:
     def publish(self, now: float) -> None:
         node = self.node
         self._published = now
-        record = make_record(node.identity, node.room, node.address, now)
+        credential = node.trust.own() if node.trust is not None else b""
+        record = make_record(node.identity, node.room, node.address, now, credential=credential)
         node.send_routed(record_key(node.room, node.address), Kind.DHT_PUT, record.encode(), 0)
 
     def _ring_settled(self, now: float) -> bool:
@@ -233,6 +241,16 @@ class AddressService:
         self._ask(address)
         node.wake(LOOKUP_RETRY)  # retried on the tick: an idle node's next one may be a gossip round away
 
+    def look_up(self, address: str) -> None:
+        """Fetch `address`'s record (and its certificate) without sending anything: the data path checks a
+        sender it has no certificate of (overlay/datapath.py). The answer goes to `on_resolved`."""
+        if address in self._lookups:
+            return
+        now = self.node.clock()
+        self._lookups[address] = _Lookup(deque(maxlen=QUEUE_PER_ADDRESS), now, now)
+        self._ask(address)
+        self.node.wake(LOOKUP_RETRY)
+
     def _ask(self, address: str, flags: int = 0) -> None:
         node = self.node
         node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, flags)
@@ -256,8 +274,10 @@ class AddressService:
         del self._lookups[address]
         for kind, packet in lookup.packets:
             self.node.send_data(entry.node_id, kind, packet)
+        if self.on_resolved is not None:
+            self.on_resolved(int(ipaddress.IPv4Address(address)), entry.node_id)
 
     def _usable(self, record: AddressRecord, address: str, now: float) -> str | None:
         if record.address != address:
             return "for another address"
-        return check_record(record, self.node.room, now)
+        return check_record(record, self.node.room, now) or (self.vouch(record) if self.vouch else None)

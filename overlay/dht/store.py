@@ -7,6 +7,7 @@ is refused and counted, so a node that joins with a duplicate address cannot tak
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overlay.dht.records import check_record, record_owner
@@ -38,6 +39,9 @@ def holds_replica(key: int, self_id: int, near_key: list[int]) -> bool:
 @dataclass
 class RecordStore:
     room: str
+    # The group's check (overlay/trust/members.py record_problem): the record's certificate must give its
+    # signer the address. None in a group without certificates.
+    vouch: Callable[[AddressRecord], str | None] | None = None
     _records: dict[str, AddressRecord] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -47,8 +51,12 @@ class RecordStore:
     def put(self, record: AddressRecord, now: float) -> str | None:
         """Store a record; None when stored (or already held), else why it was refused."""
         why = check_record(record, self.room, now)
+        if why is None and self.vouch is not None:
+            why = self.vouch(record)
         if why is None:
             held = self._records.get(record.address)
+            if held is not None and self.vouch is not None and self.vouch(held) is not None:
+                held = None  # its certificate expired or was revoked: the address is free for the new holder
             if held is not None and held.expires_ms / 1000 > now:
                 if held.public_key != record.public_key:
                     why = "address held by another node"
@@ -79,6 +87,15 @@ class RecordStore:
         for a in dead:
             del self._records[a]
         return len(dead)
+
+    def purge(self) -> int:
+        """Drop records the group no longer vouches for (a revocation arrived); how many went."""
+        if self.vouch is None:
+            return 0
+        gone = [a for a, r in self._records.items() if self.vouch(r) is not None]
+        for address in gone:
+            del self._records[address]
+        return len(gone)
 
     def records(self) -> list[AddressRecord]:
         return list(self._records.values())
@@ -113,6 +130,13 @@ class AddressCache:
 
     def evict(self, address: str) -> None:
         self._entries.pop(address, None)
+
+    def key_of(self, node_id: int) -> bytes | None:
+        """The node key of a member whose address we resolved (an end-to-end session needs it)."""
+        for e in self._entries.values():
+            if e.node_id == node_id:
+                return e.public_key
+        return None
 
     def evict_node(self, node_id: int) -> None:
         for a in [a for a, e in self._entries.items() if e.node_id == node_id]:

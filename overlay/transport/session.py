@@ -36,9 +36,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from overlay.identity import Identity
+from overlay.tap.frames import Bytes
 from overlay.transport.noise import HandshakeState, NoiseError
 from overlay.wire import (
     AEAD_TAG_LEN,
+    SEALED_LINK_PART,
     TRANSPORT_HEADER,
     DecodeError,
     HandshakeInit,
@@ -113,7 +115,7 @@ class Session:
         header = TRANSPORT_HEADER.pack(PacketType.TRANSPORT, self.remote_index, counter)
         return header + self._send.encrypt(_NONCE_PREFIX + _Q.pack(counter), plaintext, header)
 
-    def open(self, packet: bytes, counter: int) -> bytes:
+    def open(self, packet: Bytes, counter: int) -> bytes:
         """Decrypt a transport packet whose header was parsed to `counter`; DecodeError on forgery/replay."""
         if not self._window.fresh(counter):
             raise DecodeError(f"replayed or too old packet (counter {counter})")
@@ -125,6 +127,36 @@ class Session:
             raise DecodeError("transport packet fails authentication") from None
         self._window.mark(counter)
         return plaintext
+
+    def seal_header(self, routed_header: bytes, e2e_packet: Bytes) -> bytes:
+        """A SEALED link packet: the routed header encrypted under the link's key with the end-to-end packet's
+        tag as associated data, then the end-to-end packet as it is (a relay's cost does not grow with size)."""
+        counter = self._counter
+        if counter > MAX_COUNTER:
+            raise HandshakeError("session counter exhausted; a new handshake is needed")
+        self._counter = counter + 1
+        header = TRANSPORT_HEADER.pack(PacketType.SEALED, self.remote_index, counter)
+        tag = bytes(e2e_packet[-AEAD_TAG_LEN:])
+        sealed = self._send.encrypt(_NONCE_PREFIX + _Q.pack(counter), routed_header, header + tag)
+        return b"".join((header, sealed, e2e_packet))
+
+    def open_header(self, packet: bytes, counter: int) -> bytes:
+        """The routed header of a SEALED packet (its end-to-end packet follows SEALED_LINK_PART bytes after the
+        13-byte header); DecodeError on forgery or replay. Changing the end-to-end tag fails here; changing
+        the rest of the end-to-end packet fails at its destination."""
+        if not self._window.fresh(counter):
+            raise DecodeError(f"replayed or too old packet (counter {counter})")
+        hlen = TRANSPORT_HEADER.size
+        try:
+            plain = self._recv.decrypt(
+                _NONCE_PREFIX + _Q.pack(counter),
+                packet[hlen : hlen + SEALED_LINK_PART],
+                packet[:hlen] + packet[-AEAD_TAG_LEN:],
+            )
+        except InvalidTag:
+            raise DecodeError("sealed packet fails authentication") from None
+        self._window.mark(counter)
+        return plain
 
     def wants_rekey(self, now: float) -> bool:
         """WireGuard's rule: the session's initiator rekeys on time or message count."""

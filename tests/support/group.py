@@ -126,6 +126,8 @@ class Group:
         turn: bool = False,
         ice: bool = False,
         node_extra: str = "",
+        trust: bool = False,
+        auto_address: Iterable[int] = (),
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError(f"group size {size} must be between 1 and 200")
@@ -141,6 +143,10 @@ class Group:
         self.turn = turn
         self.ice = ice
         self.node_extra = node_extra  # TOML appended to every member's config (e.g. an [overlay] section)
+        # With certificates: `group init` makes the group key, member 0 owns the room and is the issuer, every
+        # config pins the key; members in `auto_address` leave [vnic] address out and get one from the issuer.
+        self.trust = trust
+        self.auto_address = set(auto_address)
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -189,6 +195,14 @@ class Group:
             self.say(f"NAT cluster {name} ({kind}): LAN {cluster.subnet} behind {cluster.public_address}")
         if self.turn:
             self._start_coturn()
+        if self.trust:
+            out = subprocess.run(
+                [*cli_argv(), "group", "init", "--out", str(self.group_dir)],
+                capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            )  # fmt: skip
+            if out.returncode != 0:
+                raise RuntimeError(f"ipop-overlay group init failed: {out.stderr.strip()}")
+            self.say(f"group key {out.stdout.splitlines()[0]} in {self.group_dir}")
         for i in range(self.size):
             self.members.append(self._make_member(i))
         for i in range(self.spares):
@@ -198,7 +212,8 @@ class Group:
             self.server.register(name, PASSWORD)
         room_members = [f"{m.user}@{self.server.domain}" for m in self.members]
         room_members += [f"spare{i}@{self.server.domain}" for i in range(self.spares)]
-        self.room = self._create_room(ROOM, room_members)
+        owners = [room_members[0]] if self.trust else []
+        self.room = self._create_room(ROOM, room_members, owners)
         self.say(f"{self.size} accounts, members-only room {self.room}")
 
     def _start_coturn(self) -> None:
@@ -264,7 +279,11 @@ class Group:
         member.config.write_text(self.config_text(host, member.jid, address, member.control, extra=self.node_extra))
         return member
 
-    def _create_room(self, name: str, members: list[str]) -> str:
+    @property
+    def group_dir(self) -> Path:
+        return self.workdir / "group"
+
+    def _create_room(self, name: str, members: list[str], owners: list[str]) -> str:
         """Create the room from inside Prosody's namespace: the root namespace has no route to the lab."""
         assert self.server is not None and self.xmpp_host is not None
         s = self.server
@@ -272,7 +291,7 @@ class Group:
             "import asyncio, sys; from pathlib import Path; from tests.support.prosody import ProsodyServer; "
             f"s = ProsodyServer(Path({str(s.workdir)!r}), domain={s.domain!r}, bind={s.host!r}, "
             f"port={s.port}, netns={s.netns!r}); "
-            f"print(asyncio.run(s.create_room({name!r}, {members!r})))"
+            f"print(asyncio.run(s.create_room({name!r}, {members!r}, owners={owners!r})))"
         )
         out = self.lab.run(self.xmpp_host, sys.executable, "-c", script, cwd=REPO, timeout=60)
         return out.stdout.strip().splitlines()[-1]
@@ -313,9 +332,24 @@ class Group:
             f'ca_file = "{self.server.ca_file}"\n'
             "[vnic]\n"
             f'name = "{TAP_NAME}"\n'
-            f'address = "{address}"\n'
-            f"mtu = {VIRTUAL_MTU}\n" + extra
+            + (f'address = "{address}"\n' if address else "")
+            + f"mtu = {VIRTUAL_MTU}\n"
+            + self.group_section(jid)
+            + extra
         )
+
+    def group_section(self, jid: str) -> str:
+        """The config's [group] (and for the issuer, [issuer]) part: this group runs without certificates;
+        tests/test_trust_netns.py's group pins a key and names an issuer."""
+        if not self.trust:
+            return "[group]\nopen = true\n"
+        text = f'[group]\npublic_key_file = "{self.group_dir / "group.pub"}"\n'
+        if jid.startswith("node0@"):
+            text += f'[issuer]\ngroup_key = "{self.group_dir / "group.key"}"\nsubnet = "{VIRTUAL_NET}"\n'
+        return text
+
+    def _auto(self, jid: str) -> bool:
+        return any(jid.startswith(f"node{i}@") for i in self.auto_address)
 
     # -- running nodes --------------------------------------------------------------------------------
 

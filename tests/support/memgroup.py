@@ -21,6 +21,9 @@ from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, ethernet_frame, internet_checksum
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
+from overlay.trust.groupkey import GroupKey
+from overlay.trust.issuer import Issuer, make_request
+from overlay.trust.members import GroupTrust
 from xmpp_bootstrap import MemoryBootstrap, MemoryRoom
 
 ROOM = "group1@conference.example.test"
@@ -59,10 +62,27 @@ class MemoryGroup:
     network: MemoryNetwork = field(default_factory=MemoryNetwork)
     nodes: list[Node] = field(default_factory=list)
     taps: list[MemoryTap] = field(default_factory=list)
+    # A group with certificates: each node gets one from `issuer` (the group key's holder) before it starts;
+    # the XMPP side of issuing is tested with a real server (tests/test_trust_netns.py).
+    group_key: GroupKey | None = None
+    issuer: Issuer | None = None
 
     def __post_init__(self) -> None:
         self.room = MemoryRoom(ROOM, [f"user{i}@example.test" for i in range(100_000)])
         self.rng = random.Random(self.seed)
+        if self.group_key is not None:
+            self.issuer = Issuer(self.group_key, ROOM, ipaddress.IPv4Network("10.254.0.0/16"))
+            self.issuer.set_members({f"user{i}@example.test": "member" for i in range(1000)}, time.time())
+
+    def trust_for(self, identity: Identity, i: int) -> GroupTrust | None:
+        """Node i's trust, with the certificate the issuer gives it for vaddr(i)."""
+        if self.issuer is None:
+            return None
+        assert self.group_key is not None
+        trust = GroupTrust(self.group_key.public_key, identity.public_key, time.time)
+        request = make_request(identity, ROOM, time.time(), ipaddress.IPv4Address(vaddr(i)))
+        trust.set_certificate(self.issuer.issue(request, f"user{i}@example.test", time.time()))
+        return trust
 
     async def add_node(self) -> Node:
         i = len(self.nodes)
@@ -83,6 +103,7 @@ class MemoryGroup:
             bootstrap=boot,
             tap=tap,
             rng=random.Random(self.rng.random()),
+            trust=self.trust_for(identity, i),
         )
         self.nodes.append(node)
         self.taps.append(tap)
@@ -112,9 +133,10 @@ class MemoryGroup:
             await asyncio.sleep(step)
         return bool(predicate())
 
-    def send(self, a: int, b: int, payload: bytes) -> bytes:
-        """Node a's kernel sends a UDP packet to node b's virtual address; returns the packet."""
-        packet = udp_packet(vaddr(a), vaddr(b), payload)
+    def send(self, a: int, b: int, payload: bytes, src: str | None = None) -> bytes:
+        """Node a's kernel sends a UDP packet to node b's virtual address (from `src`, default a's own address:
+        another one is a spoofed source); returns the packet."""
+        packet = udp_packet(src or vaddr(a), vaddr(b), payload)
         self.taps[a].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, self.taps[a].mac, ETH_P_IP, packet))
         return packet
 

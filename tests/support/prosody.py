@@ -418,7 +418,7 @@ class ProsodyServer:
         )
         return f"{user}@{self.domain}"
 
-    async def create_room(self, name: str, members: list[str]) -> str:
+    async def create_room(self, name: str, members: list[str], owners: list[str] | None = None) -> str:
         """Create a persistent members-only room as the admin and add each member, one request each.
 
         Prosody 0.12 applies only the first <item> of a multi-item affiliation change: one IQ per member.
@@ -445,14 +445,14 @@ class ProsodyServer:
         client.connect(self.host, self.port)
         try:
             await asyncio.wait_for(ready, 10)
-            await self._create_room_as(client, room, members)
+            await self._create_room_as(client, room, members, owners or [])
         finally:
             client.cancel_connection_attempt()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), 3)
         return room
 
-    async def _create_room_as(self, client: ClientXMPP, room: str, members: list[str]) -> None:
+    async def _create_room_as(self, client: ClientXMPP, room: str, members: list[str], owners: list[str]) -> None:
         joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def _presence(pres: object) -> None:
@@ -471,7 +471,8 @@ class ProsodyServer:
 
         await self._iq(client, room, MUC_OWNER_NS, _config_form())
         for member in members:
-            item = ET.Element(f"{{{MUC_ADMIN_NS}}}item", {"affiliation": "member", "jid": member})
+            affiliation = "owner" if member in owners else "member"
+            item = ET.Element(f"{{{MUC_ADMIN_NS}}}item", {"affiliation": affiliation, "jid": member})
             await self._iq(client, room, MUC_ADMIN_NS, item)
         leave = client.make_presence(pto=f"{room}/admin", ptype="unavailable")
         leave.send()

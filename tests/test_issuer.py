@@ -1,0 +1,137 @@
+"""The issuer's decisions: who gets a certificate, which address, what a removal revokes, what survives a restart;
+and the request and answer codecs, which read peer bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.identity import Identity
+from overlay.trust.certs import CertError, Certificate, check_certificate
+from overlay.trust.groupkey import GroupKey
+from overlay.trust.issuer import Issuer, decode_answer, decode_request, encode_answer, make_request
+
+ROOM = "g@conference.example.test"
+NOW = 1_800_000_000.0
+KEY = GroupKey.from_seed(bytes([5]) * 32)
+ALICE, BOB, CAROL = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+
+
+def issuer(tmp_path: Path | None = None) -> Issuer:
+    i = Issuer(KEY, ROOM, ipaddress.IPv4Network("10.254.0.0/24"), 3600.0, tmp_path / "state.json" if tmp_path else None)
+    i.set_members({"alice@example.test": "owner", "bob@example.test": "member", "carol@example.test": "member"}, NOW)
+    return i
+
+
+def ask(
+    i: Issuer, who: Identity, jid: str | None, wanted: str | None = None, current: bytes = b""
+) -> Certificate | str:
+    address = ipaddress.IPv4Address(wanted) if wanted else None
+    return decode_answer(i.handle(make_request(who, ROOM, NOW, address, current).encode(), jid, NOW))
+
+
+def test_a_member_gets_a_certificate_for_its_key_with_a_free_address_in_the_subnet() -> None:
+    i = issuer()
+    cert = ask(i, BOB, "bob@example.test")
+    assert isinstance(cert, Certificate)
+    assert cert.node_key == BOB.public_key and cert.jid == "bob@example.test"
+    assert cert.address.ip in ipaddress.IPv4Network("10.254.0.0/24") and cert.address.network.prefixlen == 24
+    assert check_certificate(cert, KEY.public_key, NOW) is None
+    # Asking again gives the same address; another node gets another one.
+    again = ask(i, BOB, "bob@example.test")
+    assert isinstance(again, Certificate) and again.address == cert.address and again.serial != cert.serial
+    other = ask(i, CAROL, "carol@example.test")
+    assert isinstance(other, Certificate) and other.address != cert.address
+
+
+def test_refusals_name_the_reason() -> None:
+    i = issuer()
+    assert ask(i, BOB, "mallory@example.test") == "mallory@example.test is not a member of " + ROOM
+    assert ask(i, BOB, None) == "no JID: a first certificate is asked for through the XMPP room"
+    assert "not a host address" in str(ask(i, BOB, "bob@example.test", "10.9.0.1"))
+    assert isinstance(ask(i, BOB, "bob@example.test", "10.254.0.7"), Certificate)
+    assert ask(i, CAROL, "carol@example.test", "10.254.0.7") == "address 10.254.0.7 belongs to another member"
+    # A request signed by another key than the one it names.
+    req = make_request(BOB, ROOM, NOW)
+    forged = dataclasses.replace(req, node_key=CAROL.public_key)
+    assert "not signed" in str(decode_answer(i.handle(forged.encode(), "carol@example.test", NOW)))
+    # A request for another room, or an old one (replayed), is refused.
+    assert "not signed" in str(
+        decode_answer(i.handle(make_request(BOB, "x@y.z", NOW).encode(), "bob@example.test", NOW))
+    )
+    old = make_request(BOB, ROOM, NOW - 3600).encode()
+    assert "too old" in str(decode_answer(i.handle(old, "bob@example.test", NOW)))
+
+
+def test_renewal_through_the_overlay_needs_the_current_certificate_and_membership() -> None:
+    i = issuer()
+    cert = ask(i, BOB, "bob@example.test")
+    assert isinstance(cert, Certificate)
+    renewed = ask(i, BOB, None, str(cert.address.ip), cert.encode())
+    assert isinstance(renewed, Certificate) and renewed.address == cert.address
+    # Somebody else's certificate does not renew for another key.
+    assert "of another node" in str(ask(i, CAROL, None, None, cert.encode()))
+    # Removed from the room: the certificate is revoked, renewal refused.
+    revs = i.set_members({"alice@example.test": "owner", "carol@example.test": "member"}, NOW + 1)
+    assert [r.jid for r in revs] == ["bob@example.test"]
+    assert "revoked" in str(
+        decode_answer(i.handle(make_request(BOB, ROOM, NOW + 2, None, cert.encode()).encode(), None, NOW + 2))
+    )
+    assert i.revocations.covers(cert) and i.revocations.covers(renewed)
+    # Added back later: a new certificate, issued after the revocation, is not covered.
+    i.set_members({"alice@example.test": "owner", "bob@example.test": "member"}, NOW + 10)
+    fresh = decode_answer(i.handle(make_request(BOB, ROOM, NOW + 11).encode(), "bob@example.test", NOW + 11))
+    assert isinstance(fresh, Certificate) and not i.revocations.covers(fresh)
+
+
+def test_allocations_members_and_revocations_survive_a_restart(tmp_path: Path) -> None:
+    i = issuer(tmp_path)
+    cert = ask(i, BOB, "bob@example.test")
+    assert isinstance(cert, Certificate)
+    i.set_members({"alice@example.test": "owner", "carol@example.test": "member"}, NOW + 1)
+    assert (tmp_path / "state.json").stat().st_mode & 0o077 == 0
+    again = Issuer(KEY, ROOM, ipaddress.IPv4Network("10.254.0.0/24"), 3600.0, tmp_path / "state.json")
+    again.load(NOW + 2)
+    assert again.revocations.covers(cert)
+    assert "bob@example.test" not in again.members
+    # Removed while the issuer was down: noticed against the saved member list on the first poll.
+    revs = again.set_members({"alice@example.test": "owner"}, NOW + 3)
+    assert [r.jid for r in revs] == ["carol@example.test"]
+    (tmp_path / "state.json").write_text("{not json")
+    broken = Issuer(KEY, ROOM, ipaddress.IPv4Network("10.254.0.0/24"), 3600.0, tmp_path / "state.json")
+    with pytest.raises(Exception, match="damaged"):
+        broken.load(NOW)
+
+
+def test_a_full_subnet_is_refused_clearly() -> None:
+    i = Issuer(KEY, ROOM, ipaddress.IPv4Network("10.254.0.0/30"), 3600.0)
+    i.set_members({f"u{k}@example.test": "member" for k in range(4)}, NOW)
+    ids = [Identity.from_seed(bytes([40 + k]) * 32) for k in range(3)]
+    assert isinstance(ask(i, ids[0], "u0@example.test"), Certificate)
+    assert isinstance(ask(i, ids[1], "u1@example.test"), Certificate)
+    assert "no free address" in str(ask(i, ids[2], "u2@example.test"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_request_and_answer_decoders_raise_only_cert_errors(data: bytes) -> None:
+    for decode in (decode_request, decode_answer):
+        for prefix in (b"", b"ipopcsr1", b"ipopcrt1", b"ipopcrt1\x00", b"ipopcrt1\x01"):
+            try:
+                decode(prefix + data)
+            except CertError:
+                pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_the_issuer_answers_any_bytes_with_a_refusal_never_an_exception(data: bytes) -> None:
+    i = issuer()
+    result = decode_answer(i.handle(b"ipopcsr1" + data, "bob@example.test", NOW))
+    assert isinstance(result, str)
+    assert decode_answer(encode_answer(None, "x")) == "x"
