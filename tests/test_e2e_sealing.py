@@ -1,0 +1,184 @@
+"""Data between members that are not linked is sealed for the destination alone: relays forward it on the routed
+header, cannot read it, cannot change it unnoticed, and cannot replay it. Whole nodes in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.node import Node
+from overlay.transport.session import ReplayWindow
+from overlay.trust.groupkey import GroupKey
+from overlay.wire import DecodeError, Kind, LinkMsg, Routed, decode_transport_header
+from tests.support.memgroup import MemoryGroup
+from tests.test_session import handshake
+
+AUTH_DROP = "drop: end-to-end packet fails authentication"
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def relayed_pair(g: MemoryGroup) -> tuple[int, int]:
+    for _ in range(12):
+        await g.add_node()
+    assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+    for a in range(12):
+        for b in range(12):
+            if a != b and g.nodes[b].id not in g.nodes[a].links.links:
+                return a, b
+    raise AssertionError("every pair is linked")
+
+
+def record_everything(nodes: list[Node]) -> list[bytes]:
+    """What every given node decrypts from its links: link messages and sealed packets' visible parts."""
+    seen: list[bytes] = []
+    for n in nodes:
+        cb = n.links.callbacks
+        message, sealed = cb.message, cb.sealed
+
+        def on_message(link: Any, msg: bytes, message: Any = message) -> None:
+            seen.append(bytes(msg))
+            message(link, msg)
+
+        def on_sealed(link: Any, header: bytes, payload: memoryview, sealed: Any = sealed) -> None:
+            seen.append(header + bytes(payload))
+            sealed(link, header, payload)
+
+        cb.message, cb.sealed = on_message, on_sealed
+    return seen
+
+
+def test_relays_see_no_plaintext_of_what_they_forward() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=31, group_key=GroupKey.from_seed(bytes([31]) * 32))
+        try:
+            a, b = await relayed_pair(g)
+            others = [n for i, n in enumerate(g.nodes) if i not in (a, b)]
+            seen = record_everything(others)
+            marker = b"the secret payload 7f3a9c"
+            sent = [g.send(a, b, marker + bytes([k])) for k in range(5)]
+            assert await g.wait_for(lambda: any(g.received(b, p) for p in sent), 10.0)
+            sealed = [m for m in seen if len(m) > 28 and m[0] == LinkMsg.ROUTED and m[27] == Kind.SEALED]
+            assert sealed, "nothing sealed crossed a relay"
+            assert not any(marker in m for m in seen)
+            assert g.nodes[a].e2e.status()["sessions"] == 1
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_a_relay_that_flips_bits_cannot_get_a_changed_payload_accepted() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=32)
+        try:
+            a, b = await relayed_pair(g)
+            assert await g.reach([(a, b)], 10.0) == []
+            tampered = 0
+            for relay in (n for i, n in enumerate(g.nodes) if i not in (a, b)):
+                original = relay.router._pass_on
+
+                def flip(link: Any, pkt: Routed, ttl: int, watermark: int, original: Any = original) -> None:
+                    nonlocal tampered
+                    if pkt.kind == Kind.SEALED:
+                        body = bytearray(pkt.body)
+                        body[len(body) // 2] ^= 0x01  # inside the ciphertext, not the tag: the link check passes
+                        pkt = replace(pkt, body=bytes(body))
+                        tampered += 1
+                    original(link, pkt, ttl, watermark)
+
+                relay.router._pass_on = flip  # type: ignore[method-assign]
+            before = g.nodes[b].counters.get(AUTH_DROP, 0)
+            changed = [g.send(a, b, f"changed in flight {k}".encode()) for k in range(4)]
+            assert await g.wait_for(lambda: g.nodes[b].counters.get(AUTH_DROP, 0) >= before + 4, 10.0)
+            assert tampered >= 4
+            assert not any(g.received(b, p) for p in changed)
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_a_captured_sealed_packet_replayed_by_a_relay_is_dropped() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=33)
+        try:
+            a, b = await relayed_pair(g)
+            captured: list[tuple[Node, Routed]] = []
+            for relay in (n for i, n in enumerate(g.nodes) if i not in (a, b)):
+                original = relay.router._pass_on
+
+                def keep(
+                    link: Any, pkt: Routed, ttl: int, watermark: int, original: Any = original, r: Node = relay
+                ) -> None:
+                    if pkt.kind == Kind.SEALED:
+                        captured.append((r, replace(pkt, body=bytes(pkt.body))))
+                    original(link, pkt, ttl, watermark)
+
+                relay.router._pass_on = keep  # type: ignore[method-assign]
+            p = g.send(a, b, b"only once")
+            assert await g.wait_for(lambda: g.received(b, p), 10.0)
+            assert captured
+            relay, pkt = captured[-1]
+            before = g.nodes[b].counters.get(AUTH_DROP, 0)
+            written = len(g.taps[b].written)
+            relay.router.on_routed(None, pkt)  # sent again, on a fresh link counter: only end to end can tell
+            assert await g.wait_for(lambda: g.nodes[b].counters.get(AUTH_DROP, 0) == before + 1, 5.0)
+            assert len(g.taps[b].written) == written
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_the_link_authenticates_the_header_and_the_end_to_end_tag_and_leaves_the_body_to_the_destination() -> None:
+    link_a, link_b = handshake()
+    e2e_a, e2e_b = handshake()
+    header = bytes(range(28))
+    body = e2e_a.seal(b"\x01" + b"payload" * 20)
+    packet = link_a.seal_header(header, body)
+    _, counter = decode_transport_header(packet)
+    for i in range(len(packet)):
+        bad = bytearray(packet)
+        bad[i] ^= 0x80
+        in_body = 13 + 44 <= i < len(packet) - 16
+        link_b._window = ReplayWindow()  # each try stands alone: an accepted one would make the next a replay
+        try:
+            opened = link_b.open_header(bytes(bad), counter)
+        except DecodeError:
+            assert not in_body, f"byte {i}: the body is the destination's to check, not the link's"
+            continue
+        assert in_body and opened == header, f"byte {i} changed without the link noticing"
+        with pytest.raises(DecodeError):
+            e2e_b.open(bytes(bad)[13 + 44 :], decode_transport_header(bytes(bad)[13 + 44 :])[1])
+    link_b._window = ReplayWindow()
+    assert link_b.open_header(packet, counter) == header
+    with pytest.raises(DecodeError, match="replayed"):
+        link_b.open_header(packet, counter)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_as_an_end_to_end_packet_are_dropped_and_counted(data: bytes) -> None:
+    from overlay.e2e import EndToEnd
+    from overlay.identity import Identity
+    from overlay.transport.session import Handshaker
+
+    counters: dict[str, int] = {}
+    e2e = EndToEnd(
+        Handshaker(Identity.from_seed(bytes([9]) * 32)), lambda *a: None, lambda *a: None, counters, time.time
+    )
+    assert e2e.open(1, data) is None
+    assert sum(counters.values()) == 1
+    try:
+        e2e.on_routed(1, data)
+    except DecodeError:
+        pass
