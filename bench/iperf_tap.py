@@ -83,6 +83,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="iperf3 runs per path (median is reported)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     parser.add_argument("--no-relay", action="store_true", help="skip the relayed path (node0 -> node2 via node1)")
+    parser.add_argument(
+        "--routed",
+        action="store_true",
+        help="also a pair with no link at all (four nodes, one ring neighbour each side): data sealed end to end, "
+        "relays forward on the routed header",
+    )
     args = parser.parse_args()
     problem = missing_prerequisites() or (None if shutil.which("iperf3") else "iperf3 is not installed")
     if problem:
@@ -119,6 +125,8 @@ def main() -> int:
             links = [(r["peer_id"], r["endpoint"], r["rtt_ms"]) for r in g.status(0)["links"]]
         except RuntimeError as exc:
             links = [str(exc)]  # type: ignore[list-item]
+    if args.routed:
+        results["overlay routed"] = routed(args.runs, args.seconds)
     print()
     veth = results["raw veth"]
     for label, mbps in results.items():
@@ -128,6 +136,40 @@ def main() -> int:
     print(f"node0 links: {links}")
     print(f"total {time.monotonic() - started:.0f} s")
     return 0
+
+
+# Four members with one ring neighbour on each side and nothing else: the two members opposite each other on the
+# ring have no link, not even a tunnel, so their data is sealed end to end and crosses a relay (overlay/e2e.py).
+ROUTED_EXTRA = "[overlay]\nring_size = 1\nlong_links = 0\non_demand_rate = 0\n"
+APART_S = 90.0  # links made while joining close once neither end uses them (30 s idle)
+
+
+def routed(runs: int, seconds: float) -> float | None:
+    with Group(4, prefix="ipr", node_extra=ROUTED_EXTRA) as g:
+        g.join_all()
+        pair: list[tuple[int, int]] = []
+
+        def apart() -> bool:
+            sts = {m.index: g.status(m.index) for m in g.members}
+            found = [(i, j) for i in sts for j in sts if i < j and not g.direct_link(sts[i], j)]
+            found = [(i, j) for i, j in found if not g.direct_link(sts[j], i)]
+            pair[:] = found[:1]
+            return bool(found)
+
+        if not g.wait_until(apart, APART_S, 2.0):
+            print("iperf_tap: every pair of the four is still linked; no routed measurement", flush=True)
+            return None
+        i, j = pair[0]
+        late = [p for p, t in g.wait_for_pings([(i, j)], 30.0).items() if t is None]
+        if late:
+            print(f"iperf_tap: no ping reply node{i} -> node{j}; measuring anyway", flush=True)
+        server = g.members[j]
+        g.lab.popen(server.host, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(0.5)
+        path = g.overlay_path({m.index: g.status(m.index) for m in g.members}, i, j)
+        print(f"TAP {g.members[i].ip} -> {server.ip}, no link between them; overlay path {path}", flush=True)
+        return median_mbps(g, "tap routed (sealed)", g.members[i].host, server.ip, runs, seconds)
 
 
 def _fmt(mbps: float | None) -> str:

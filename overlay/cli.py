@@ -76,7 +76,9 @@ async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> 
                 bootstrap.set_issuer(True)
             wanted = ipaddress.IPv4Interface(address).ip if address else None
             try:
-                cert = await obtain_certificate(bootstrap, identity, trust, cfg.room, cfg.jid, wanted, issuer, stop)
+                cert = await obtain_certificate(
+                    bootstrap, identity, trust, cfg.room, cfg.jid, wanted, issuer, stop, cfg.key.with_suffix(".cert")
+                )
             except EnrollError as e:
                 raise JoinError(str(e)) from None
             if cert is None:
@@ -217,6 +219,14 @@ def _status_table(st: dict[str, Any]) -> str:
         f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",
         f"links    {len(st['links'])}",
     ]
+    tr = st.get("trust")
+    if tr:
+        issuer = "  (issuer)" if tr.get("issuer") else ""
+        lines.insert(
+            2,
+            f"member   {tr['jid']} certificate {tr['serial']}, expires in {tr['expires_in_s'] // 3600} h, "
+            f"{tr['revocations']} revocation(s) known{issuer}",
+        )
     ov, ms = st.get("overlay"), st.get("membership")
     if ov:
         lines.insert(4, f"overlay  {ov['id']} beacon {ov['beacon']} ({ov['beacon_age_s']} s ago)")

@@ -133,7 +133,8 @@ class EndToEnd:
         elif len(pair.queue) == QUEUE:
             self.count("drop: queue full while the end-to-end session is set up")
         pair.queue.append((kind, body))
-        if pair.calling is None and pair.unconfirmed is None:
+        if pair.calling is None and (pair.unconfirmed is None or now - pair.unconfirmed.created > RETRY):
+            # An answered handshake whose initiator has not used it within a retry is no reason to wait longer.
             self._call(dst, pair, now)
 
     def _call(self, dst: int, pair: _Pair, now: float) -> None:

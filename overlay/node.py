@@ -261,8 +261,9 @@ class Node:
         self.router.send_routed(dst, kind, body, flags, via)
 
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
-        """Data for a member: on our link to it (end to end already), else sealed for it alone."""
-        if node_id in self.links.links or node_id == self.id:
+        """Data for a member: on our link to it (end to end already) when the route takes it, else sealed for
+        it alone (a link we are avoiding as suspect would otherwise send it in the clear through a relay)."""
+        if node_id == self.id or (node_id in self.links.links and self.router.first_hop(node_id) == node_id):
             self.router.send_data(node_id, kind, body)
         else:
             self.e2e.send(node_id, kind, body)

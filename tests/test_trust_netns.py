@@ -96,6 +96,21 @@ def test_a_node_without_a_certificate_gets_no_link(group: Group) -> None:
         proc.wait(timeout=10)
 
 
+def test_with_the_issuer_down_members_keep_working_and_a_restarted_member_uses_its_saved_certificate(
+    group: Group,
+) -> None:
+    group.stop_node(0)
+    group.stop_node(2)
+    group.restart_node(2)
+    assert "no issuer in the room: using our saved certificate" in group.members[2].log.read_text()
+    back = group.wait_for_pings([(2, 1), (1, 2), (4, 2)], timeout=30.0)
+    assert all(t is not None for t in back.values()), back
+    # The issuer comes back with its state (allocations, member list, revocations) and answers again.
+    group.restart_node(0)
+    assert "issuer" in group.status(0)["trust"]
+    assert group.status(0)["trust"]["address"] == group.members[0].address
+
+
 def test_a_removed_member_is_cut_off_within_a_minute_and_cannot_come_back(group: Group) -> None:
     owner = group.members[0]
     removed = group.members[REMOVED]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from overlay.identity import Identity
-from overlay.trust.certs import CertError, Certificate
+from overlay.trust.certs import CertError, Certificate, decode_certificate
 from overlay.trust.issuer import Issuer, IssuerError, decode_answer, make_request
 from overlay.trust.members import GroupTrust
 
@@ -50,10 +52,63 @@ async def obtain_certificate(
     wanted: ipaddress.IPv4Address | None,
     issuer: Issuer | None,
     stop: asyncio.Event,
+    saved: Path | None = None,
 ) -> Certificate | None:
-    """Our certificate, set on `trust`; None if `stop` was set while we waited."""
+    """Our certificate, set on `trust`; None if `stop` was set while we waited. While no issuer is in the room,
+    a certificate kept in `saved` from an earlier run is used if it is valid for more than a quarter of its
+    life (a member restarts while no issuer is up); a new one is written there."""
+    if issuer is None and not getattr(bootstrap, "issuers", []):
+        cert = _load_saved(saved, trust, wanted, jid)
+        if cert is not None:
+            log.info("no issuer in the room: using our saved certificate (%s as %s)", cert.jid, cert.address)
+            return cert
     if issuer is not None:
-        return await _issue_own(bootstrap, identity, trust, room, jid, wanted, issuer)
+        cert = await _issue_own(bootstrap, identity, trust, room, jid, wanted, issuer)
+    else:
+        cert = await _ask(bootstrap, identity, trust, room, wanted, stop)
+    if cert is not None and saved is not None:
+        _save(saved, cert)
+    return cert
+
+
+def _load_saved(
+    saved: Path | None, trust: GroupTrust, wanted: ipaddress.IPv4Address | None, jid: str
+) -> Certificate | None:
+    if saved is None or not saved.exists():
+        return None
+    try:
+        cert = decode_certificate(saved.read_bytes())
+        trust.set_certificate(cert)
+    except (OSError, CertError, ValueError) as e:
+        log.info("saved certificate %s not used: %s", saved, e)
+        trust.certificate = None
+        return None
+    life = (cert.not_after_ms - cert.issued_ms) / 1000
+    fresh = cert.not_after_ms / 1000 - time.time() > life / 4
+    if not fresh or (wanted is not None and cert.address.ip != wanted) or cert.jid != jid.split("/", 1)[0].lower():
+        trust.certificate = None
+        return None
+    return cert
+
+
+def _save(path: Path, cert: Certificate) -> None:
+    """Write atomically (a certificate is public, but a torn file would cost a restart its certificate)."""
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(cert.encode())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot keep our certificate in %s: %s", path, e.strerror)
+
+
+async def _ask(
+    bootstrap: Any,
+    identity: Identity,
+    trust: GroupTrust,
+    room: str,
+    wanted: ipaddress.IPv4Address | None,
+    stop: asyncio.Event,
+) -> Certificate | None:
     said_waiting = False
     not_member = 0
     while not stop.is_set():
