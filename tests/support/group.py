@@ -332,7 +332,7 @@ class Group:
             f'ca_file = "{self.server.ca_file}"\n'
             "[vnic]\n"
             f'name = "{TAP_NAME}"\n'
-            + (f'address = "{address}"\n' if address else "")
+            + (f'address = "{address}"\n' if address and not self._auto(jid) else "")
             + f"mtu = {VIRTUAL_MTU}\n"
             + self.group_section(jid)
             + extra
