@@ -39,13 +39,17 @@ from overlay.wire import DecodeError, HandshakeInit, HandshakeResp, Kind, decode
 
 log = logging.getLogger(__name__)
 
-INIT, RESP, TOO_BIG = 1, 2, 3  # Kind.E2E subtypes; TOO_BIG: a relay could not pass a sealed super-frame on
+# Kind.E2E subtypes. TOO_BIG: a relay could not pass a sealed super-frame on. UNKNOWN: the destination holds no
+# session with the index a packet named (it restarted): the sender drops that session and calls again.
+INIT, RESP, TOO_BIG, UNKNOWN = 1, 2, 3, 4
+KEEPALIVE = 0  # an empty sealed packet (kind byte 0): the initiator's key confirmation when it has no data
 RETRY = 1.0  # our choice: the handshake crosses ~log N hops, well inside a second
 SETUP_TIMEOUT = 5.0  # as the DHT's lookups (overlay/dht/service.py LOOKUP_TIMEOUT)
 QUEUE = 32  # as the DHT's queue per address: a TCP initial window plus retransmits
 SEGMENT_FOR = 60.0  # after a TOO_BIG: super-frames for that member are cut at the origin for this long
 MAX_RX_SESSIONS = 3  # per peer: the current one, the one before a rekey, a crossing handshake's
 _PEER = struct.Struct("!Q")
+_INDEX = struct.Struct("!I")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class EndToEnd:
         self._pairs: dict[int, _Pair] = {}
         self._by_index: dict[int, tuple[int, Session]] = {}
         self._pending: dict[int, tuple[int, PendingHandshake]] = {}
+        self._told: dict[int, float] = {}  # sender -> when we last told it we hold no such session
 
     def count(self, what: str, n: int = 1) -> None:
         self.counters[what] = self.counters.get(what, 0) + n
@@ -167,6 +172,7 @@ class EndToEnd:
             found = self._by_index.get(index)
             if found is None:
                 self.count("drop: unknown end-to-end session")
+                self._tell_unknown(src, index)
                 return None
             peer, session = found
             if peer != src:
@@ -188,10 +194,34 @@ class EndToEnd:
         view = memoryview(plain)
         return view[0], view[1:]
 
+    def _tell_unknown(self, src: int, index: int) -> None:
+        """A sender uses a session we do not hold (we restarted): say so, at most once per RETRY per sender,
+        or it would keep sending into the void until the session's 180 s are up."""
+        now = self.clock()
+        if now - self._told.get(src, -math.inf) < RETRY:
+            return
+        if len(self._told) > 4096:
+            self._told.clear()
+        self._told[src] = now
+        self.send_routed(src, Kind.E2E, bytes([UNKNOWN]) + _INDEX.pack(index))
+
     def on_routed(self, src: int, body: bytes) -> None:
         """Kind.E2E: a handshake message, or a relay's notice that a super-frame did not fit its next link."""
         if not body:
             raise DecodeError("empty end-to-end message")
+        if body[0] == UNKNOWN:
+            if len(body) != 1 + _INDEX.size:
+                raise DecodeError("unknown-session notice of the wrong size")
+            (index,) = _INDEX.unpack_from(body, 1)
+            pair = self._pairs.get(src)
+            # Only the session we send on with that very index: an old or forged notice changes nothing else
+            # (a forger on the path could drop the packets anyway; this costs a handshake).
+            if pair is not None and pair.send is not None and pair.send.remote_index == index:
+                self.count("end-to-end sessions the peer no longer holds")
+                pair.send = None
+                if pair.calling is None:
+                    self._call(src, pair, self.clock())
+            return
         if body[0] == TOO_BIG:
             if len(body) != 1 + _PEER.size:
                 raise DecodeError("too-big notice of the wrong size")
@@ -234,6 +264,8 @@ class EndToEnd:
         self._accept(peer, pair, session)
         pair.send = session
         self.count("end-to-end sessions up")
+        if not pair.queue:
+            self.send_sealed(peer, session.seal(bytes([KEEPALIVE])))  # the responder may send on it now
         self._flush(peer, pair)
 
     def _accept(self, peer: int, pair: _Pair, session: Session) -> None:

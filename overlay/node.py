@@ -28,7 +28,7 @@ from typing import Any
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
-from overlay.e2e import TOO_BIG, EndToEnd
+from overlay.e2e import KEEPALIVE, TOO_BIG, EndToEnd
 from overlay.finds import Finder
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
@@ -607,6 +607,8 @@ class Node:
         if opened is None:
             return
         kind, body = opened
+        if kind == KEEPALIVE:
+            return
         if kind not in (Kind.DATA, Kind.DATA_GSO):
             self.count("drop: sealed packet of an unknown kind")
             return

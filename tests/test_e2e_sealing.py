@@ -139,6 +139,91 @@ def test_a_captured_sealed_packet_replayed_by_a_relay_is_dropped() -> None:
     run(scenario())
 
 
+def test_a_restarted_member_is_reached_again_at_once_though_its_peers_held_sessions_with_its_old_self() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=34)
+        try:
+            a, b = await relayed_pair(g)
+            assert await g.reach([(a, b), (b, a)], 10.0) == []
+            assert g.nodes[a].e2e.status()["sessions"] == 1
+            await g.restart_node(b)
+            assert await g.wait_for(lambda: g.nodes[b].first_link.is_set(), 10.0)
+            # a still holds a session with b's old process; b says it knows no such session, a calls again.
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            assert await g.reach([(a, b)], 15.0, every=0.5) == []
+            assert loop.time() - start < 10.0
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+class Wire:
+    """Two EndToEnd endpoints whose routed packets reach each other at once (the overlay in between)."""
+
+    def __init__(self) -> None:
+        from overlay.identity import Identity
+
+        a, b = Identity.from_seed(bytes([1]) * 32), Identity.from_seed(bytes([2]) * 32)
+        self.a, self.b = a.node_id, b.node_id
+        self.ids = {a.node_id: a, b.node_id: b}
+        self.delivered: dict[int, list[bytes]] = {self.a: [], self.b: []}
+        self.counters: dict[int, dict[str, int]] = {}
+        self.ends: dict[int, Any] = {}
+        for me in self.ids:
+            self.restart(me)
+
+    def restart(self, me: int) -> None:
+        """A new EndToEnd for `me`: the same key, no sessions (a restarted process)."""
+        from overlay.e2e import EndToEnd
+        from overlay.transport.session import Handshaker
+
+        other = self.b if me == self.a else self.a
+        counters: dict[str, int] = {}
+        self.counters[me] = counters
+        e = EndToEnd(
+            Handshaker(self.ids[me]),
+            lambda dst, kind, body: self.ends[dst].on_routed(me, bytes(body)),
+            lambda dst, packet: self._deliver(dst, me, packet),
+            counters,
+            time.time,
+        )
+        e.key_of = lambda node_id: self.ids[node_id].public_key if node_id == other else None
+        self.ends[me] = e
+
+    def _deliver(self, dst: int, src: int, packet: bytes) -> None:
+        opened = self.ends[dst].open(src, packet)
+        if opened is not None and opened[0] != 0:
+            self.delivered[dst].append(bytes(opened[1]))
+
+
+def test_a_peer_that_lost_its_sessions_says_so_and_the_sender_calls_again() -> None:
+    w = Wire()
+    a, b = w.a, w.b
+    w.ends[a].send(b, Kind.DATA, b"before")
+    assert w.delivered[b] == [b"before"]
+    w.restart(b)  # b forgets every session; a still holds its own
+    w.ends[a].send(b, Kind.DATA, b"lost")
+    assert w.counters[b].get("drop: unknown end-to-end session") == 1
+    assert w.counters[a].get("end-to-end sessions the peer no longer holds") == 1
+    w.ends[a].send(b, Kind.DATA, b"after")
+    assert w.delivered[b] == [b"before", b"after"]
+    # A notice naming an index a does not send on changes nothing (an old one, or a forgery).
+    w.ends[a].on_routed(b, bytes([4]) + (12345).to_bytes(4, "big"))
+    assert w.counters[a].get("end-to-end sessions the peer no longer holds") == 1
+
+
+def test_the_responder_sends_only_once_the_initiator_confirmed_the_keys() -> None:
+    w = Wire()
+    a, b = w.a, w.b
+    w.ends[a].send(b, Kind.DATA, b"hello")
+    assert w.delivered[b] == [b"hello"]
+    w.ends[b].send(a, Kind.DATA, b"reply")  # on the session a started, confirmed by its keepalive
+    assert w.delivered[a] == [b"reply"]
+    assert w.counters[b].get("end-to-end handshakes started") is None
+
+
 def test_the_link_authenticates_the_header_and_the_end_to_end_tag_and_leaves_the_body_to_the_destination() -> None:
     link_a, link_b = handshake()
     e2e_a, e2e_b = handshake()

@@ -228,3 +228,31 @@ def test_a_session_is_rekeyed_by_its_initiator_and_a_link_whose_keys_grow_too_ol
                 await n.stop()
 
     run(scenario())
+
+
+def test_certificates_are_renewed_through_the_overlay_at_half_life() -> None:
+    async def scenario() -> None:
+        lifetime = 8.0
+        g = MemoryGroup(
+            seed=27, group_key=GroupKey.from_seed(bytes([27]) * 32), cert_lifetime=lifetime, issuer_node=0
+        )
+        try:
+            for _ in range(6):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            first = {n.id: n.trust.certificate for n in g.nodes}  # type: ignore[union-attr]
+            # Past half life every member holds a newer certificate for the same address, and links stay up.
+            renewed = lambda: all(  # noqa: E731
+                n.trust.certificate is not None  # type: ignore[union-attr]
+                and n.trust.certificate.serial != first[n.id].serial  # type: ignore[union-attr]
+                for n in g.nodes
+            )
+            assert await g.wait_for(renewed, lifetime), {n.id: n.counters for n in g.nodes}
+            for n in g.nodes:
+                assert n.trust.certificate.address == first[n.id].address  # type: ignore[union-attr]
+            assert sum(n.counters.get("certificate renewals asked", 0) for n in g.nodes[1:]) >= 5
+            assert await g.reach([(1, 4), (5, 2)], 10.0) == []
+        finally:
+            await g.stop()
+
+    run(scenario())

@@ -127,10 +127,11 @@ class GroupTrust:
         self.learn(cert)
         return None
 
-    def revoke(self, rev: Revocation) -> list[int]:
-        """Take a revocation (verified here); the node IDs of known peers it cuts off (empty if not news)."""
+    def revoke(self, rev: Revocation) -> list[int] | None:
+        """Take a revocation (verified here): the node IDs of known peers it cuts off; None if it is not news
+        (already known, superseded, expired, or not the group's)."""
         if not self.revocations.add(rev, self.group_public, self.clock()):
-            return []
+            return None
         self.count("revocations learned")
         cut = [nid for nid, cert in self._peers.items() if self.revocations.covers(cert)]
         for nid in cut:

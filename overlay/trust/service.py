@@ -79,11 +79,10 @@ class TrustService:
         news: list[Revocation] = []
         cut: list[int] = []
         for rev in revs:
-            before = len(self.trust.revocations)
-            digest = self.trust.revocations.digest()
-            cut += self.trust.revoke(rev)
-            if len(self.trust.revocations) != before or self.trust.revocations.digest() != digest:
+            cut_off = self.trust.revoke(rev)
+            if cut_off is not None:
                 news.append(rev)
+                cut += cut_off
         if not news:
             return
         self.node.count("revocations applied", len(news))

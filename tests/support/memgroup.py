@@ -66,12 +66,14 @@ class MemoryGroup:
     # the XMPP side of issuing is tested with a real server (tests/test_trust_netns.py).
     group_key: GroupKey | None = None
     issuer: Issuer | None = None
+    cert_lifetime: float = 3600.0
+    issuer_node: int | None = None  # this node runs the issuer (renewals through the overlay go to it)
 
     def __post_init__(self) -> None:
         self.room = MemoryRoom(ROOM, [f"user{i}@example.test" for i in range(100_000)])
         self.rng = random.Random(self.seed)
         if self.group_key is not None:
-            self.issuer = Issuer(self.group_key, ROOM, ipaddress.IPv4Network("10.254.0.0/16"))
+            self.issuer = Issuer(self.group_key, ROOM, ipaddress.IPv4Network("10.254.0.0/16"), self.cert_lifetime)
             self.issuer.set_members({f"user{i}@example.test": "member" for i in range(1000)}, time.time())
 
     def trust_for(self, identity: Identity, i: int) -> GroupTrust | None:
@@ -82,11 +84,20 @@ class MemoryGroup:
         trust = GroupTrust(self.group_key.public_key, identity.public_key, time.time)
         request = make_request(identity, ROOM, time.time(), ipaddress.IPv4Address(vaddr(i)))
         trust.set_certificate(self.issuer.issue(request, f"user{i}@example.test", time.time()))
+        if self.issuer_node is not None and self.issuer_node < len(self.nodes):
+            trust.issuers.add(self.nodes[self.issuer_node].id)
         return trust
 
     async def add_node(self) -> Node:
-        i = len(self.nodes)
-        identity = Identity.from_seed(self.rng.randbytes(32))
+        return await self._start_node(len(self.nodes), Identity.from_seed(self.rng.randbytes(32)))
+
+    async def restart_node(self, i: int) -> Node:
+        """Stop node i and start a new process of it: same key, same address, nothing else remembered."""
+        await self.nodes[i].stop()
+        self.taps[i].close()
+        return await self._start_node(i, self.nodes[i].identity)
+
+    async def _start_node(self, i: int, identity: Identity) -> Node:
         settings = NodeSettings(
             room=ROOM,
             address=f"{vaddr(i)}/16",
@@ -104,9 +115,13 @@ class MemoryGroup:
             tap=tap,
             rng=random.Random(self.rng.random()),
             trust=self.trust_for(identity, i),
+            issuer=self.issuer if i == self.issuer_node else None,
         )
-        self.nodes.append(node)
-        self.taps.append(tap)
+        if i == len(self.nodes):
+            self.nodes.append(node)
+            self.taps.append(tap)
+        else:
+            self.nodes[i], self.taps[i] = node, tap
         await node.start()
         return node
 
