@@ -233,9 +233,7 @@ def test_a_session_is_rekeyed_by_its_initiator_and_a_link_whose_keys_grow_too_ol
 def test_certificates_are_renewed_through_the_overlay_at_half_life() -> None:
     async def scenario() -> None:
         lifetime = 8.0
-        g = MemoryGroup(
-            seed=27, group_key=GroupKey.from_seed(bytes([27]) * 32), cert_lifetime=lifetime, issuer_node=0
-        )
+        g = MemoryGroup(seed=27, group_key=GroupKey.from_seed(bytes([27]) * 32), cert_lifetime=lifetime, issuer_node=0)
         try:
             for _ in range(6):
                 await g.add_node()
