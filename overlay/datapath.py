@@ -190,7 +190,10 @@ class DataPath:
         """A ROUTED link message carrying data for this node, delivered without decoding it into a Routed."""
         self.hops[0] += 1
         self.hops[1] += DEFAULT_TTL - ttl
-        self.deliver_from(int.from_bytes(msg[3:11], "big"), memoryview(msg)[ROUTED_HEADER.size :], kind)
+        if self.source_of is None:  # a group without certificates: nothing to check (the per-packet path)
+            self.deliver(memoryview(msg)[ROUTED_HEADER.size :], kind)
+        else:
+            self.deliver_from(int.from_bytes(msg[3:11], "big"), memoryview(msg)[ROUTED_HEADER.size :], kind)
 
     def deliver_from(self, src: int, body: Bytes, kind: int) -> None:
         """Data from member `src`: delivered only if its inner IPv4 source is the address in src's certificate."""

@@ -306,10 +306,25 @@ class EndToEnd:
                 del self._pairs[peer]
         return deadline
 
+    def forget(self, peer: int) -> None:
+        """Drop every session with `peer` (its certificate was revoked): nothing more is sealed for or opened
+        from it until a new handshake, which its certificate no longer passes."""
+        pair = self._pairs.pop(peer, None)
+        if pair is None:
+            return
+        for index in pair.rx:
+            self._by_index.pop(index, None)
+        if pair.calling is not None:
+            self._pending.pop(pair.calling, None)
+
     def too_big(self, origin: int, dst: int) -> None:
         """As a relay: a sealed super-frame for `dst` did not fit our next link; tell its origin to cut them."""
         self.count("drop: sealed super-frame on a link without IP fragments")
         self.send_routed(origin, Kind.E2E, bytes([TOO_BIG]) + _PEER.pack(dst))
+
+    def peers(self) -> set[int]:
+        """Members we hold end-to-end state with (sessions, a handshake, waiting data)."""
+        return set(self._pairs)
 
     def status(self) -> dict[str, int]:
         return {

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Underlay = UdpUnderlay | MemoryUnderlay
 
+_TRANSPORT, _SEALED = int(PacketType.TRANSPORT), int(PacketType.SEALED)  # plain ints: compared per packet
 SEALED_OFFSET = TRANSPORT_HEADER.size + SEALED_LINK_PART  # where a SEALED packet's end-to-end packet starts
 # WireGuard's REKEY_TIMEOUT: how long a rekeying handshake waits for its response before another try.
 REKEY_TIMEOUT = 5.0
@@ -225,31 +226,30 @@ class LinkManager:
             return
         ptype = data[0]
         try:
-            if ptype == PacketType.TRANSPORT or ptype == PacketType.SEALED:
+            if ptype == _TRANSPORT or ptype == _SEALED:
                 index, counter = decode_transport_header(data)
                 link = self._by_index.get(index)
                 if link is None:
                     self.count("drop: unknown session")
                     return
                 session = link.session
-                promote = link.next_session is not None and link.next_session.local_index == index
-                if promote:
-                    assert link.next_session is not None
-                    session = link.next_session
-                if ptype == PacketType.TRANSPORT:
+                nxt = link.next_session
+                if nxt is not None and nxt.local_index == index:
+                    session = nxt
+                if ptype == _TRANSPORT:
                     plaintext = session.open(data, counter)
                 else:
                     header = session.open_header(data, counter)
-                if promote:
+                if session is nxt:
                     self._by_index.pop(link.session.local_index, None)
                     link.session, link.next_session = session, None
                 link.rx_bytes += len(data)
-                if not isinstance(via, int) and not _same_path(link.path, via) and link.session.newest(counter):
+                if not isinstance(via, int) and not _same_path(link.path, via) and session.newest(counter):
                     # The peer roamed, a NAT rebound, or the peer moved the link off a tunnel or a relay: the
                     # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
                     # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
                     self._move(link, via)
-                if ptype == PacketType.TRANSPORT:
+                if ptype == _TRANSPORT:
                     self.callbacks.message(link, plaintext)
                 else:
                     self.callbacks.sealed(link, header, memoryview(data)[SEALED_OFFSET:])

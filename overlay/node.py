@@ -192,6 +192,7 @@ class Node:
         if trust is not None:
             self.trust_service = TrustService(self, trust, issuer)
             self.trust_service.purge_records = self.dht.store.purge
+            self.trust_service.forget_node = self._forget_revoked
             self.datapath.source_of = self.trust_service.source_of
             self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
@@ -277,6 +278,10 @@ class Node:
             return link.peer_key
         cert = self.trust.peer(node_id) if self.trust is not None else None
         return cert.node_key if cert is not None else self.dht.cache.key_of(node_id)
+
+    def _forget_revoked(self, node_id: int) -> None:
+        self.e2e.forget(node_id)
+        self.dht.cache.evict_node(node_id)
 
     def _on_too_big(self, origin: int, dst: int) -> None:
         if origin == self.id:

@@ -162,6 +162,7 @@ def test_a_revocation_cuts_the_member_off_everywhere_and_its_certificate_no_long
             took = asyncio.get_running_loop().time() - start
             assert took < 60.0
             assert all(len(n.trust.revocations) == 1 for n in others)  # type: ignore[union-attr]
+            assert all(victim.id not in n.e2e.peers() for n in others)  # its end-to-end sessions are gone too
             # Its packets stop and it cannot link again with the certificate it holds.
             lost = g.send(7, 15, b"after revocation")
             await asyncio.sleep(2.0)

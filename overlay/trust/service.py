@@ -44,8 +44,10 @@ class TrustService:
         self._poll_task: asyncio.Task[None] | None = None
         self.bootstrap: Any = None
         self._poll_event = asyncio.Event()
-        # Set by the node: drops held address records the group no longer vouches for (overlay/dht/store.py).
+        # Set by the node: drops held address records the group no longer vouches for (overlay/dht/store.py),
+        # and forgets a revoked node everywhere else (its end-to-end sessions, its cached address).
         self.purge_records: Callable[[], int] = lambda: 0
+        self.forget_node: Callable[[int], None] = lambda node_id: None
         if issuer is not None:
             for rev in issuer.revocations.items():
                 trust.revoke(rev)
@@ -96,6 +98,7 @@ class TrustService:
             if peer != came_from:
                 link.send(msg)
         for peer in set(cut):
+            self.forget_node(peer)
             if peer in self.node.links.links:
                 log.warning("link to %016x closed: its certificate was revoked", peer)
                 self.node.links.close(peer, "certificate revoked")
