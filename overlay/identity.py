@@ -49,37 +49,52 @@ class Identity:
 
     def save(self, path: Path) -> None:
         """Write the private key, readable by its owner only; refuses to overwrite an existing key."""
-        seed = base64.b64encode(bytes(self._signing_key)).decode()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyFileError(f"key file {path} already exists; remove it or choose another path") from None
-        except OSError as e:
-            raise KeyFileError(f"cannot create key file {path}: {e.strerror}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{_HEADER}\n{seed}\n")
+        write_key_file(path, "key file", _HEADER, bytes(self._signing_key))
 
     @classmethod
     def load(cls, path: Path) -> Identity:
+        seed = read_key_file(path, "key file", _HEADER, f"create it with 'ipop-overlay keygen {path}'", "keygen")
         try:
-            st = path.stat()
-            text = path.read_text()
-        except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist; create it with 'ipop-overlay keygen {path}'") from None
-        except OSError as e:
-            raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
-            )
-        lines = text.split()
-        if len(lines) < 2 or " ".join(lines[:-1]) != _HEADER:
-            raise KeyFileError(f"key file {path} is not an ipop-overlay key (made by 'ipop-overlay keygen')")
-        try:
-            seed = base64.b64decode(lines[-1], validate=True)
             return cls(nacl.signing.SigningKey(seed))
         except (ValueError, nacl.exceptions.CryptoError):
             raise KeyFileError(f"key file {path} holds a damaged key") from None
+
+
+def write_key_file(path: Path, what: str, header: str, secret: bytes, mode: int = 0o600) -> None:
+    """A new key file (`header`, then the base64 of `secret`), mode 0600; never overwrites (one line on error)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise KeyFileError(f"{what} {path} already exists; remove it or choose another path") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot create {what} {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{header}\n{base64.b64encode(secret).decode()}\n")
+
+
+def read_key_file(path: Path, what: str, header: str, missing_hint: str, maker: str) -> bytes:
+    """The secret of a key file written by write_key_file. Refused (KeyFileError, one line) when missing,
+    unreadable, readable by group or others (as ssh refuses such a private key), or not of this kind."""
+    try:
+        st = path.stat()
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {path} does not exist; {missing_hint}") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
+        )
+    lines = text.split()
+    if len(lines) < 2 or " ".join(lines[:-1]) != header:
+        raise KeyFileError(
+            f"{what} {path} is not an ipop-overlay {what.removesuffix(' file')} (made by 'ipop-overlay {maker}')"
+        )
+    try:
+        return base64.b64decode(lines[-1], validate=True)
+    except ValueError:
+        raise KeyFileError(f"{what} {path} holds a damaged key") from None
 
 
 def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import stat
 from pathlib import Path
 
 import nacl.exceptions
 import nacl.signing
 
-from overlay.identity import KeyFileError
+from overlay.identity import KeyFileError, read_key_file, write_key_file
 
 _HEADER = "ipop-overlay group ed25519 v1"
 _PUBLIC_COMMENT = "# ipop-overlay group public key"
@@ -42,37 +41,13 @@ class GroupKey:
 
     def save(self, path: Path) -> None:
         """Write the private key, readable by its owner only; refuses to overwrite an existing key."""
-        seed = base64.b64encode(bytes(self._signing_key)).decode()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyFileError(f"group key file {path} already exists; remove it or choose another path") from None
-        except OSError as e:
-            raise KeyFileError(f"cannot create group key file {path}: {e.strerror}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{_HEADER}\n{seed}\n")
+        write_key_file(path, "group key file", _HEADER, bytes(self._signing_key))
 
     @classmethod
     def load(cls, path: Path) -> GroupKey:
+        hint = "create it with 'ipop-overlay group init --out DIR'"
+        seed = read_key_file(path, "group key file", _HEADER, hint, "group init")
         try:
-            st = path.stat()
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            raise KeyFileError(
-                f"group key file {path} does not exist; create it with 'ipop-overlay group init --out DIR'"
-            ) from None
-        except OSError as e:
-            raise KeyFileError(f"cannot read group key file {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"group key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                f"run 'chmod 600 {path}'"
-            )
-        lines = text.split()
-        if len(lines) < 2 or " ".join(lines[:-1]) != _HEADER:
-            raise KeyFileError(f"{path} is not an ipop-overlay group key (made by 'ipop-overlay group init')")
-        try:
-            seed = base64.b64decode(lines[-1], validate=True)
             return cls(nacl.signing.SigningKey(seed))
         except (ValueError, nacl.exceptions.CryptoError):
             raise KeyFileError(f"group key file {path} holds a damaged key") from None
