@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.prosody import ADMIN_PASSWORD, ProsodyServer
+from tests.support.prosody import ADMIN_PASSWORD, NEEDS_PROSODY, ProsodyServer
 from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings
 from xmpp_bootstrap.admin import (
     AdminSettings,
@@ -25,14 +23,7 @@ from xmpp_bootstrap.admin import (
     set_affiliation,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="runs Prosody as root (run_as_root); run the suite as root"),
-    pytest.mark.skipif(
-        shutil.which("prosody") is None or shutil.which("prosodyctl") is None,
-        reason="prosody is not installed (apt-get install prosody, with services blocked)",
-    ),
-]
+pytestmark = NEEDS_PROSODY
 
 PASSWORD = "member-password"
 

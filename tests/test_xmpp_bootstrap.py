@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -17,19 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.prosody import ADMIN_PASSWORD, ProsodyServer
+from tests.support.prosody import ADMIN_PASSWORD, NEEDS_PROSODY, ProsodyServer
 from xmpp_bootstrap import BootstrapError, XmppBootstrap, XmppSettings, encode_hello
 from xmpp_bootstrap.admin import MUC_ADMIN_NS, set_affiliation
 from xmpp_bootstrap.protocol import Occupant
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="runs Prosody as root (run_as_root); run the suite as root"),
-    pytest.mark.skipif(
-        shutil.which("prosody") is None or shutil.which("prosodyctl") is None,
-        reason="prosody is not installed (apt-get install prosody, with services blocked)",
-    ),
-]
+pytestmark = NEEDS_PROSODY
 
 PASSWORD = "member-password"
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq
@@ -34,6 +36,17 @@ MUC_OWNER_NS = "http://jabber.org/protocol/muc#owner"
 MUC_ADMIN_NS = "http://jabber.org/protocol/muc#admin"
 MUC_NS = "http://jabber.org/protocol/muc"
 DATA_NS = "jabber:x:data"
+
+# What a test module with a real Prosody declares: it is an integration test, and it needs root (Prosody runs
+# with run_as_root) and the prosody binaries.
+NEEDS_PROSODY = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="runs Prosody as root (run_as_root); run the suite as root"),
+    pytest.mark.skipif(
+        shutil.which("prosody") is None or shutil.which("prosodyctl") is None,
+        reason="prosody is not installed (apt-get install prosody, with services blocked)",
+    ),
+]
 
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "admin-password"
