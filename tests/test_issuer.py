@@ -135,3 +135,15 @@ def test_the_issuer_answers_any_bytes_with_a_refusal_never_an_exception(data: by
     result = decode_answer(i.handle(b"ipopcsr1" + data, "bob@example.test", NOW))
     assert isinstance(result, str)
     assert decode_answer(encode_answer(None, "x")) == "x"
+
+
+def test_two_issuers_with_the_same_key_agree_on_a_members_address_and_each_renews_the_others_certificate() -> None:
+    """No single point of failure: issuers that share only the group key (not their state) start a node's
+    address at the same place, and a renewal presents a certificate any of them accepts."""
+    one, two = issuer(), issuer()
+    first = ask(one, BOB, "bob@example.test")
+    again = ask(two, BOB, "bob@example.test")
+    assert isinstance(first, Certificate) and isinstance(again, Certificate)
+    assert first.address == again.address
+    renewed = ask(two, BOB, None, str(first.address.ip), first.encode())
+    assert isinstance(renewed, Certificate) and renewed.address == first.address

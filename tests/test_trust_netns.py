@@ -105,10 +105,29 @@ def test_with_the_issuer_down_members_keep_working_and_a_restarted_member_uses_i
     assert "no issuer in the room: using our saved certificate" in group.members[2].log.read_text()
     back = group.wait_for_pings([(2, 1), (1, 2), (4, 2)], timeout=30.0)
     assert all(t is not None for t in back.values()), back
-    # The issuer comes back with its state (allocations, member list, revocations) and answers again.
-    group.restart_node(0)
-    assert "issuer" in group.status(0)["trust"]
-    assert group.status(0)["trust"]["address"] == group.members[0].address
+    # A joiner that never had a certificate waits, and says why, until an issuer is back.
+    config, control = group.spare_config(0, user="spare0")
+    log = config.parent / "node.log"
+    with open(log, "ab") as out:
+        joiner = group.lab.popen(group.spare_hosts[0], *cli_argv(), "join", "--config", str(config),
+                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert group.wait_until(lambda: "waiting for an issuer of the group" in log.read_text(), 20.0)
+        assert joiner.poll() is None and not control.exists()
+        # The issuer comes back with its state (allocations, member list, revocations) and answers again.
+        group.restart_node(0)
+        assert "issuer" in group.status(0)["trust"]
+        assert group.status(0)["trust"]["address"] == group.members[0].address
+
+        def joined() -> bool:
+            out = group.cli(group.spare_hosts[0], "status", "--json", "--control", str(control))
+            return out.returncode == 0 and bool(json.loads(out.stdout)["links"])
+
+        assert group.wait_until(joined, 40.0), log.read_text()[-2000:]
+        assert "certificate from issuer" in log.read_text()
+    finally:
+        joiner.terminate()
+        joiner.wait(timeout=10)
 
 
 def test_a_removed_member_is_cut_off_within_a_minute_and_cannot_come_back(group: Group) -> None:
