@@ -28,7 +28,6 @@ from typing import Any
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
-from overlay.e2e import KEEPALIVE, TOO_BIG, EndToEnd
 from overlay.finds import Finder
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
@@ -36,7 +35,6 @@ from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
 from overlay.ondemand import OnDemand, Open
 from overlay.router import DATA_KINDS, Router
-from overlay.routing.forwarding import DEFAULT_TTL
 from overlay.routing.maintenance import (
     DEAD_REASON,
     CloseLink,
@@ -48,10 +46,10 @@ from overlay.routing.maintenance import (
     TellUse,
 )
 from overlay.routing.ring import RingParams, RingTable, Role
+from overlay.sealing import Sealing
 from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
 from overlay.transport.ice import IceAgent, IceSettings
-from overlay.transport.session import Handshaker
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
@@ -153,7 +151,7 @@ class Node:
                 self._relay_candidates,
                 # A link attempt started outside a tick (an XMPP hello, a signal): its retries are the tick's.
                 lambda: self.wake(TIMER_MAX),
-                lambda link, header, payload: self._on_sealed(link, header, payload),
+                lambda link, header, payload: self.sealing.on_link_packet(link, header, payload),
             ),
             clock,
             credentials=trust,
@@ -175,24 +173,15 @@ class Node:
             self.links.setup.agent = self.ice
         self.dht = AddressService(self)
         self.datapath.dht = self.dht
-        # Data for members we are not linked to is sealed end to end (overlay/e2e.py).
-        self.e2e = EndToEnd(
-            Handshaker(identity, trust),
-            lambda dst, kind, body: self.send_routed(dst, kind, body),
-            self._send_sealed,
-            self.counters,
-            clock,
-        )
-        self.e2e.wake = self.wake
-        self.datapath.e2e = self.e2e
-        self.e2e.key_of = self._key_of
-        self.router.on_too_big = self._on_too_big
+        # Data for members we are not linked to is sealed end to end (overlay/sealing.py, overlay/e2e.py).
+        self.sealing: Sealing = Sealing(self)
+        self.e2e = self.sealing.e2e
         # The group's certificates (overlay/trust/): None in a group without them (then nothing is checked).
         self.trust_service: TrustService | None = None
         if trust is not None:
             self.trust_service = TrustService(self, trust, issuer)
             self.trust_service.purge_records = self.dht.store.purge
-            self.trust_service.forget_node = self._forget_revoked
+            self.trust_service.forget_node = self.sealing.forget
             self.datapath.source_of = self.trust_service.source_of
             self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
@@ -210,8 +199,6 @@ class Node:
             (Kind.DHT_VALUE, self.dht.on_value),
             (Kind.SIGNAL, self.signalling.on_routed),
             (Kind.CERT, self._on_cert),
-            (Kind.SEALED, self._on_sealed_delivered),
-            (Kind.E2E, lambda pkt: self.e2e.on_routed(pkt.src, pkt.body)),
         ):
             self.router.handlers[kind] = handler
         self.tap: Any = None
@@ -262,32 +249,7 @@ class Node:
         self.router.send_routed(dst, kind, body, flags, via)
 
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
-        """Data for a member: on our link to it (end to end already) when the route takes it, else sealed for
-        it alone (a link we are avoiding as suspect would otherwise send it in the clear through a relay)."""
-        if node_id == self.id or (node_id in self.links.links and self.router.first_hop(node_id) == node_id):
-            self.router.send_data(node_id, kind, body)
-        else:
-            self.e2e.send(node_id, kind, body)
-
-    def _send_sealed(self, dst: int, e2e_packet: bytes) -> None:
-        self.router.send_routed(dst, Kind.SEALED, e2e_packet, FLAG_EXACT | (FLAG_PROMISE if self.router.promise else 0))
-
-    def _key_of(self, node_id: int) -> bytes | None:
-        link = self.links.links.get(node_id)
-        if link is not None:
-            return link.peer_key
-        cert = self.trust.peer(node_id) if self.trust is not None else None
-        return cert.node_key if cert is not None else self.dht.cache.key_of(node_id)
-
-    def _forget_revoked(self, node_id: int) -> None:
-        self.e2e.forget(node_id)
-        self.dht.cache.evict_node(node_id)
-
-    def _on_too_big(self, origin: int, dst: int) -> None:
-        if origin == self.id:
-            self.e2e.on_routed(self.id, bytes([TOO_BIG]) + dst.to_bytes(8, "big"))
-        else:
-            self.e2e.too_big(origin, dst)
+        self.sealing.send_data(node_id, kind, body)
 
     def deliver_data(self, body: Bytes, kind: int = Kind.DATA) -> None:
         self.datapath.deliver(body, kind)
@@ -592,36 +554,6 @@ class Node:
     def _deliver_data(self, pkt: Routed) -> None:
         self.datapath.deliver_from(pkt.src, pkt.body, pkt.kind)
 
-    def _on_sealed(self, link: Link, header: bytes, payload: memoryview) -> None:
-        """A SEALED link packet: its routed header (decrypted by the link) and the end-to-end packet."""
-        now = self.clock()
-        self.maintenance.on_rx(link.peer_id, now)
-        if link.peer_id == self.maintenance.due_peer:
-            self._heard_from_due_peer()
-        if len(header) != ROUTED_HEADER.size:
-            self.count("drop: sealed packet with a bad header")
-            return
-        lm, ttl, flags, src, dst, watermark, kind = ROUTED_HEADER.unpack(header)
-        if lm != LinkMsg.ROUTED or kind != Kind.SEALED:
-            self.count("drop: sealed packet with a bad header")
-            return
-        self.router.on_routed(link, Routed(ttl, flags, src, dst, watermark, Kind.SEALED, payload))  # type: ignore[arg-type]
-
-    def _on_sealed_delivered(self, pkt: Routed) -> None:
-        opened = self.e2e.open(pkt.src, pkt.body)
-        if opened is None:
-            return
-        kind, body = opened
-        if kind == KEEPALIVE:
-            return
-        if kind not in (Kind.DATA, Kind.DATA_GSO):
-            self.count("drop: sealed packet of an unknown kind")
-            return
-        hops = self.datapath.hops
-        hops[0] += 1
-        hops[1] += DEFAULT_TTL - pkt.ttl
-        self.datapath.deliver_from(pkt.src, body, kind)
-
     def _on_cert(self, pkt: Routed) -> None:
         if self.trust_service is None:
             self.count("drop: certificate message in a group without certificates")
@@ -636,12 +568,17 @@ class Node:
             self.links.setup.signal_lost(dst)
 
     # -- link messages -------------------------------------------------------------------------------------------
-    def _on_message(self, link: Link, msg: bytes) -> None:
-        kind = msg[0] if msg else 0
+    def heard(self, link: Link) -> float:
+        """A message came on `link` (maintenance's liveness); returns the time."""
         now = self.clock()
         self.maintenance.on_rx(link.peer_id, now)
         if link.peer_id == self.maintenance.due_peer:
             self._heard_from_due_peer()
+        return now
+
+    def _on_message(self, link: Link, msg: bytes) -> None:
+        kind = msg[0] if msg else 0
+        now = self.heard(link)
         if kind == LinkMsg.ROUTED and len(msg) >= ROUTED_HEADER.size and msg[ROUTED_HEADER.size - 1] in DATA_KINDS:
             _, ttl, flags, _, dst, watermark, data_kind = ROUTED_HEADER.unpack_from(msg)
             if dst == self.id and (watermark != 0 or flags & FLAG_PROMISE) and not flags & FLAG_JOIN:
