@@ -147,3 +147,17 @@ def test_two_issuers_with_the_same_key_agree_on_a_members_address_and_each_renew
     assert first.address == again.address
     renewed = ask(two, BOB, None, str(first.address.ip), first.encode())
     assert isinstance(renewed, Certificate) and renewed.address == first.address
+
+
+def test_a_long_revocation_list_travels_in_messages_that_fit_one_unfragmented_datagram() -> None:
+    from overlay.trust.revocations import RevocationSet
+    from overlay.trust.service import _revoke_messages
+
+    i = issuer()
+    jids = {f"member{k:03d}-with-a-rather-long-name@example.test": "member" for k in range(10)}
+    i.set_members(jids, NOW)
+    revs = i.set_members({}, NOW + 1)
+    msgs = _revoke_messages(revs)
+    assert len(msgs) == 3 and all(len(m) < 1400 for m in msgs)
+    back = [r for m in msgs for r in RevocationSet.decode_list(m[1:])]
+    assert back == revs

@@ -65,8 +65,8 @@ class TrustService:
 
     # -- revocations ------------------------------------------------------------------------------------------
     def on_link_up(self, link: Link) -> None:
-        if len(self.trust.revocations):
-            link.send(bytes([LinkMsg.REVOKE]) + RevocationSet.encode_list(self.trust.revocations.items()))
+        for msg in _revoke_messages(self.trust.revocations.items()):
+            link.send(msg)
 
     def on_revoke(self, link: Link, body: bytes) -> None:
         try:
@@ -93,10 +93,11 @@ class TrustService:
             for rev in news:
                 self.issuer.revocations.add(rev, self.issuer.public_key, self.node.clock())
             self.issuer.save()
-        msg = bytes([LinkMsg.REVOKE]) + RevocationSet.encode_list(news)
+        msgs = _revoke_messages(news)
         for peer, link in list(self.node.links.links.items()):
             if peer != came_from:
-                link.send(msg)
+                for msg in msgs:
+                    link.send(msg)
         for peer in set(cut):
             self.forget_node(peer)
             if peer in self.node.links.links:
@@ -227,3 +228,15 @@ class TrustService:
         if self.issuer is not None:
             st["issuer"] = {"members": len(self.issuer.members), "allocations": len(self.issuer.allocations)}
         return st
+
+
+# A revocation is ~120-400 bytes (its JID's length): 4 per message keep each under a 1,400-byte datagram, so a
+# list crosses links whose paths drop IP fragments, and a long list never exceeds a UDP datagram.
+REVOCATIONS_PER_MESSAGE = 4
+
+
+def _revoke_messages(revs: list[Revocation]) -> list[bytes]:
+    return [
+        bytes([LinkMsg.REVOKE]) + RevocationSet.encode_list(revs[i : i + REVOCATIONS_PER_MESSAGE])
+        for i in range(0, len(revs), REVOCATIONS_PER_MESSAGE)
+    ]
