@@ -51,7 +51,7 @@ TRANSPORT_HEADER = struct.Struct("!BIQ")  # type, receiver index, counter; the A
 # SEALED: TRANSPORT_HEADER (type 0x84) | link AEAD of the routed header (29 + 16 bytes) | end-to-end packet.
 # The end-to-end packet is a transport packet of the pair's own session (type 0x83, the receiver's end-to-end
 # index, counter, AEAD(kind byte + data body)), its last 16 bytes the tag.
-MIN_E2E = 13 + 1 + 16
+MIN_E2E = TRANSPORT_HEADER.size + 1 + AEAD_TAG_LEN  # the smallest end-to-end packet: kind byte only
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
-from overlay.ids import node_id_from_public_key
 from overlay.transport.session import HandshakeError
 from overlay.trust.certs import CertError, Certificate, check_certificate, decode_certificate
 from overlay.trust.revocations import Revocation, RevocationSet
@@ -139,13 +138,6 @@ class GroupTrust:
         if self.certificate is not None and self.revocations.covers(self.certificate):
             log.error("our own certificate (%s) has been revoked: this node is no longer a member", rev.jid)
         return cut
-
-    def is_revoked(self, node_key: bytes) -> bool:
-        cert = self._peers.get(node_id_from_public_key(node_key))
-        return cert is not None and self.revocations.covers(cert)
-
-    def forget(self, node_id: int) -> None:
-        self._peers.pop(node_id, None)
 
     def status(self) -> dict[str, object]:
         cert = self.certificate
