@@ -23,7 +23,7 @@ from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
 from overlay.membership import BACKOFF_FIRST, BACKOFF_MAX
 from overlay.node import Node, NodeSettings
-from overlay.transport.ice import IceSettings
+from overlay.transport.paths import IceSettings
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
 from overlay.trust.enroll import EnrollError, obtain_certificate
 from overlay.trust.groupkey import GroupKey
@@ -157,7 +157,7 @@ async def _run_member(
         except ControlError as e:
             raise JoinError(str(e)) from None
         await node.start()  # the login above is reused: one XMPP session per node
-        # Everything loaded so far (slixmpp, aioice, cryptography, pyroute2: most of the heap) lives as long as
+        # Everything loaded so far (slixmpp, cryptography, our modules: most of the heap) lives as long as
         # the node: keep it out of the collector's full passes, which otherwise scan it again and again.
         gc.freeze()
         log.info("in room %s as %s (%s); joining the overlay", cfg.room, format_id(node.id), address)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.tap.device import MemoryTap, TapError
+from overlay.tap.device import GSO_MAX_SIZE, MemoryTap, TapError
 from tests.support.netlab import NetLab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +118,9 @@ async def main():
         except TapError as e:
             out.setdefault("errors", []).append(str(e))
     out["leftovers"] = [n for n in ("ipt1", "ipt2") if sh("ip", "link", "show", n).returncode == 0]
+    offloaded = await LinuxTap.create("ipt3", "198.19.3.1/24", 1400, offload=True)
+    out["offload_link"] = json.loads(sh("ip", "-d", "-j", "link", "show", "dev", "ipt3").stdout)[0]
+    offloaded.close()
     nic = VirtualNic(ip("198.19.0.1"), 24, tap.mac)
 
     def on_readable():
@@ -174,6 +177,9 @@ def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close()
         assert "not a TAP" in out["errors"][2]
         assert "MTU 65535" in out["errors"][3]
         assert out["leftovers"] == []
+        # With offload the kernel's super-frames are capped so that one, with our headers, fits a datagram.
+        assert out["offload_link"]["gso_max_size"] == GSO_MAX_SIZE
+        assert out["offload_link"]["mtu"] == 1400 and "UP" in out["offload_link"]["flags"]
         # The kernel asked for 198.19.0.2, we answered with the gateway MAC, the echo came through.
         assert out["replies"] >= 1
         assert [n["lladdr"] for n in out["neigh"] if n["dst"] == "198.19.0.2"] == ["02:49:50:4f:50:01"]
