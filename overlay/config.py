@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.routing.ring import RingParams
-from overlay.transport.turn import TurnServer
+from overlay.transport.paths import TurnServer
 from overlay.wire import Endpoint
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.tap.frames import Bytes
-from overlay.transport.ice import UdpPath
+from overlay.transport.paths import TurnPath, UdpPath
 from overlay.transport.session import (
     REJECT_AFTER_TIME,
     REKEY_AFTER_TIME,
@@ -34,7 +34,6 @@ from overlay.transport.session import (
     Handshaker,
     Session,
 )
-from overlay.transport.turn import TurnPath
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
     SEALED_LINK_PART,

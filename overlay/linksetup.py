@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from overlay.ids import node_id_from_public_key
-from overlay.transport.ice import IceAgent, IcePath, IceSession, UdpPath
+from overlay.transport.paths import IcePath, TurnPath, UdpPath
 from overlay.transport.session import PendingHandshake, new_index
-from overlay.transport.turn import TurnPath
 from overlay.wire import Contact, Endpoint, Signal, SignalType
 
 if TYPE_CHECKING:
     from overlay.links import LinkManager, Path, Via
+    from overlay.transport.ice import IceAgent, IceSession
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class LinkSetup:
         assert self.agent is not None
         if att.ice is not None:
             self._spawn(att.ice.close())
-        session = IceSession(self.agent, controlling=True, relay=phase == 2)
+        session = self.agent.session(controlling=True, relay=phase == 2)
         att.ice, att.ice_phase, att.ice_state, att.ice_since = session, phase, "offered", now
         kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
         signal = Signal(kind, att.number, self.contact_source(), session.params())
@@ -412,7 +412,7 @@ class LinkSetup:
             # The peer's attempt runs the checks and the handshake; ours would only race it to a tunnel.
             self._drop(own)
         self._drop_responder(peer_id)
-        session = IceSession(self.agent, controlling=False, relay=sig.type == SignalType.OFFER_RELAY)
+        session = self.agent.session(controlling=False, relay=sig.type == SignalType.OFFER_RELAY)
         responder = self._responders[peer_id] = _Responder(session, self._now())
         reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source(), session.params()))
         timeout = RELAY_ICE_TIMEOUT if sig.type == SignalType.OFFER_RELAY else ICE_TIMEOUT

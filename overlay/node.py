@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
@@ -49,7 +49,7 @@ from overlay.routing.ring import RingParams, RingTable, Role
 from overlay.sealing import Sealing
 from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
-from overlay.transport.ice import IceAgent, IceSettings
+from overlay.transport.paths import IceSettings
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
@@ -81,6 +81,9 @@ from overlay.wire import (
     encode_relay,
     encode_suspect,
 )
+
+if TYPE_CHECKING:
+    from overlay.transport.ice import IceAgent
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,9 @@ class Node:
         self.router.join_unfit = self._join_unfit
         self.ice: IceAgent | None = None
         if settings.ice is not None:
+            # Imported here: aioice (~4 MB resident) loads only in a node that uses ICE (overlay/transport/paths.py).
+            from overlay.transport.ice import IceAgent
+
             self.ice = IceAgent(settings.ice, underlay, self.links.on_packet)
             self.ice.on_address_change = self._on_address_change
             self.links.setup.agent = self.ice

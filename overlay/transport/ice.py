@@ -28,13 +28,14 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import ifaddr
 from aioice import Candidate, Connection, stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
-from overlay.transport.turn import TurnAllocation, TurnPath, TurnServer
+from overlay.transport.paths import DatagramSender, IcePath, IceSettings, TurnPath, UdpPath
+from overlay.transport.turn import TurnAllocation
 from overlay.wire import Endpoint, IceCandidate, IceParams
 
 log = logging.getLogger(__name__)
@@ -49,45 +50,6 @@ _ICE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 def _random_text(n: int) -> str:
     return "".join(secrets.choice(_ICE_ALPHABET) for _ in range(n))
-
-
-@dataclass(frozen=True)
-class IceSettings:
-    """The `[ice]` section, resolved."""
-
-    stun: tuple[Endpoint, ...] = ()
-    turn: tuple[TurnServer, ...] = ()
-    # Never offered as host candidates: our own TAP, and addresses inside the VPN's subnet.
-    exclude_interfaces: frozenset[str] = frozenset()
-    exclude_networks: tuple[ipaddress.IPv4Network, ...] = ()
-
-
-class DatagramSender(Protocol):
-    local_endpoint: Endpoint
-
-    def send(self, data: bytes, endpoint: Endpoint) -> None: ...
-
-
-class UdpPath:
-    """A link's packets go out of the node's underlay socket to `endpoint`; `kind` is the ICE candidate type
-    of the remote end that was chosen (host, srflx, prflx, or relay for a peer's TURN address)."""
-
-    __slots__ = ("endpoint", "kind", "underlay")
-
-    def __init__(self, underlay: DatagramSender, endpoint: Endpoint, kind: str = "host") -> None:
-        self.underlay = underlay
-        self.endpoint = endpoint
-        self.kind = kind
-
-    def send(self, packet: bytes) -> None:
-        self.underlay.send(packet, self.endpoint)
-
-    def describe(self) -> str:
-        host, port = self.endpoint
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-IcePath = UdpPath | TurnPath
 
 
 class _View:
@@ -242,6 +204,10 @@ class IceAgent:
         self._gather_view = _View(self, self._candidate("host", self.local_endpoint[0], self.local_endpoint[1]), None)
         for server in self.settings.turn:
             self.allocations.append(TurnAllocation(server, self.on_relayed_stun, self.on_relay_packet))
+
+    def session(self, controlling: bool, *, relay: bool) -> IceSession:
+        """A new link attempt's ICE session on this agent (its caller need not load this module)."""
+        return IceSession(self, controlling, relay=relay)
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1

@@ -21,12 +21,12 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aioice import stun
 from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel_data
 
+from overlay.transport.paths import TurnPath, TurnServer
 from overlay.wire import Endpoint
 
 log = logging.getLogger(__name__)
@@ -38,35 +38,6 @@ ALLOCATION_LIFETIME = 600  # seconds; RFC 8656 section 7.2 default, refreshed by
 DRAIN_BATCH = 256  # as the underlay: bounds the time one busy socket holds the loop
 SOCKET_BUFFER = 4 << 20
 _CHANNEL_HEADER = struct.Struct("!HH")
-
-
-@dataclass(frozen=True, slots=True)
-class TurnServer:
-    host: str
-    port: int
-    transport: str  # "udp" or "tcp"
-    username: str
-    password: str
-
-    def describe(self) -> str:
-        return f"turn:{self.host}:{self.port}?transport={self.transport}"
-
-
-class TurnPath:
-    """Where a link's packets go when our own relayed candidate was chosen: through `allocation` to `peer`."""
-
-    __slots__ = ("allocation", "kind", "peer")
-
-    def __init__(self, allocation: TurnAllocation, peer: Endpoint) -> None:
-        self.allocation = allocation
-        self.peer = peer
-        self.kind = "relay"
-
-    def send(self, packet: bytes) -> None:
-        self.allocation.send_to_peer(packet, self.peer)
-
-    def describe(self) -> str:
-        return f"{self.peer[0]}:{self.peer[1]} via {self.allocation.server.describe()}"
 
 
 # What an allocation hands up: a STUN message from a peer (an ICE check through the relay), and a link packet.
