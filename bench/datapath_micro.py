@@ -3,17 +3,21 @@
 
 TAP frame -> VirtualNic -> route -> AES-GCM seal -> (underlay handed straight to the peer) -> open ->
 deliver -> TAP write, for 1400-byte IPv4 packets and for 60000-byte TCP super-frames with a virtio_net_hdr
-(what a TAP with TSO hands us). The baseline, measured in the same run, is AES-GCM seal + open of the same
-plaintext with `cryptography` alone: the ratio says how much the node adds around the cipher. A benchmark,
-not a test: it prints numbers and exits 0.
+(what a TAP with TSO hands us), and for 64-byte packets (what `iperf3 -u -l 64` sends: the per-packet cost
+alone). The baseline, measured in the same run, is AES-GCM seal + open of the same plaintext with
+`cryptography` alone: the ratio says how much the node adds around the cipher. `--profile` also prints where
+the time goes per frame (cProfile, both nodes' functions; docs/datapath.md). A benchmark, not a test: it prints
+numbers and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import ipaddress
 import os
+import pstats
 import struct
 import sys
 import time
@@ -79,11 +83,33 @@ def aead_rate(size: int, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def profile(a: Node, tap_a: MemoryTap, tap_b: MemoryTap, frame: bytes, seconds: float) -> None:
+    """The functions that take the most time per frame (their own time, not their callees'), under cProfile.
+
+    cProfile's own cost per call inflates small functions; the shares, not the absolute µs, are the finding."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    frames = node_rate(a, tap_a, tap_b, frame, seconds) * seconds
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+    total = sum(v[2] for _, v in rows)
+    print(f"  profile: {total / frames * 1e6:.1f} µs per frame under cProfile; own time by function:")
+    for (path, line, name), (_, calls, own, _, _) in rows[:12]:
+        where = f"{Path(path).name}:{line}" if line else "C"
+        print(f"    {own / frames * 1e6:6.2f} µs  {own / total:5.1%}  {calls / frames:5.1f}/frame  {name} ({where})")
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    parser.add_argument("--profile", action="store_true", help="also profile each case: µs per frame by function")
     args = parser.parse_args()
-    cases = [("1400 B IPv4", False, 1400, 17), ("60000 B TSO super-frame", True, 60000, 6)]
+    cases = [
+        ("64 B IPv4", False, 64, 17),
+        ("1400 B IPv4", False, 1400, 17),
+        ("60000 B TSO super-frame", True, 60000, 6),
+    ]
     for label, vnet, size, protocol in cases:
         a, b, tap_a, tap_b = await linked_pair_direct(vnet)
         try:
@@ -102,6 +128,8 @@ async def main() -> int:
                 f"{label:<24} node path {rate:9.0f} frames/s {rate * size * 8 / 1e9:6.2f} Gbit/s | "
                 f"AES-GCM seal+open alone {base:9.0f}/s | ratio {rate / base:.3f}"
             )
+            if args.profile:
+                profile(a, tap_a, tap_b, frame, args.seconds)
         finally:
             await a.stop()
             await b.stop()
