@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,24 @@ def stop(processes: list[subprocess.Popen[Any]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=STOP_TIMEOUT_S)
+
+
+def start_hub_first(
+    lab: NetLab,
+    hosts: dict[str, Host],
+    workdir: Path,
+    argv: Callable[[str], Sequence[str]],
+    protocol: str,
+    port: int,
+) -> dict[str, subprocess.Popen[Any]]:
+    """Start each node's daemon, b (the hub) first and listening: a and c dial it at once, and some daemons
+    dial again only after a long back-off."""
+    daemons: dict[str, subprocess.Popen[Any]] = {}
+    for n in ("b", "a", "c"):
+        daemons[n] = start(lab, hosts[n], workdir / f"{n}.log", *argv(n))
+        if n == "b":
+            wait_listening(lab, hosts[n], protocol, port, daemons[n])
+    return daemons
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
@@ -308,11 +326,9 @@ def nebula(workdir: Path) -> Iterator[Deployment]:
                 config["relay"] = {"am_relay": False, "use_relays": True, "relays": [lighthouse]}
             # JSON is YAML: Nebula reads it as written.
             (workdir / f"{n}.yml").write_text(json.dumps(config, indent=1))
-        daemons: dict[str, subprocess.Popen[Any]] = {}
-        for n in ("b", "a", "c"):
-            daemons[n] = start(lab, hosts[n], workdir / f"{n}.log", "nebula", "-config", str(workdir / f"{n}.yml"))
-            if n == "b":
-                wait_listening(lab, hosts[n], "udp", NEBULA_PORT, daemons[n])
+        daemons = start_hub_first(
+            lab, hosts, workdir, lambda n: ("nebula", "-config", str(workdir / f"{n}.yml")), "udp", NEBULA_PORT
+        )
         yield deployment("nebula", lab, hosts, daemons, "neba", workdir)
 
 
@@ -334,12 +350,14 @@ def yggdrasil(workdir: Path) -> Iterator[Deployment]:
             )
             path = secret_file(workdir / f"{n}.json", json.dumps(config, indent=1))
             addresses[n] = tool("yggdrasil", "-useconffile", str(path), "-address").strip()
-        daemons: dict[str, subprocess.Popen[Any]] = {}
-        for n in ("b", "a", "c"):
-            argv = ("yggdrasil", "-useconffile", str(workdir / f"{n}.json"), "-logto", "stdout")
-            daemons[n] = start(lab, hosts[n], workdir / f"{n}.log", *argv)
-            if n == "b":
-                wait_listening(lab, hosts[n], "tcp", YGGDRASIL_PORT, daemons[n])
+        daemons = start_hub_first(
+            lab,
+            hosts,
+            workdir,
+            lambda n: ("yggdrasil", "-useconffile", str(workdir / f"{n}.json"), "-logto", "stdout"),
+            "tcp",
+            YGGDRASIL_PORT,
+        )
         d = deployment("yggdrasil", lab, hosts, daemons, "ygga", workdir, addresses)
         d.notes = {path: ["IfMTU default"] for path in PATHS}
         yield d
@@ -373,11 +391,9 @@ def fastd(workdir: Path) -> Iterator[Deployment]:
                 hub = f"{hosts['b'].address}:{FASTD_PORT}"
                 lines.append(f'peer "b" {{ key "{publics["b"]}"; remote {hub}; }}')
             secret_file(workdir / f"{n}.conf", "\n".join(lines) + "\n")
-        daemons: dict[str, subprocess.Popen[Any]] = {}
-        for n in ("b", "a", "c"):
-            daemons[n] = start(lab, hosts[n], workdir / f"{n}.log", "fastd", "-c", str(workdir / f"{n}.conf"))
-            if n == "b":
-                wait_listening(lab, hosts[n], "udp", FASTD_PORT, daemons[n])
+        daemons = start_hub_first(
+            lab, hosts, workdir, lambda n: ("fastd", "-c", str(workdir / f"{n}.conf")), "udp", FASTD_PORT
+        )
         yield deployment("fastd", lab, hosts, daemons, "fda", workdir)
 
 
@@ -410,12 +426,14 @@ def tinc(workdir: Path) -> Iterator[Deployment]:
             for other in NODES:
                 if other != n:
                     shutil.copy(workdir / other / "hosts" / other, workdir / n / "hosts" / other)
-        daemons: dict[str, subprocess.Popen[Any]] = {}
-        for n in ("b", "a", "c"):
-            argv = ("tincd", "-c", str(workdir / n), "-D", "-d1", f"--pidfile={workdir / n / 'tinc.pid'}")
-            daemons[n] = start(lab, hosts[n], workdir / f"{n}.log", *argv)
-            if n == "b":
-                wait_listening(lab, hosts[n], "tcp", TINC_PORT, daemons[n])
+        daemons = start_hub_first(
+            lab,
+            hosts,
+            workdir,
+            lambda n: ("tincd", "-c", str(workdir / n), "-D", "-d1", f"--pidfile={workdir / n / 'tinc.pid'}"),
+            "tcp",
+            TINC_PORT,
+        )
         yield deployment("tinc", lab, hosts, daemons, "tinca", workdir)
 
 
