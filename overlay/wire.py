@@ -33,6 +33,9 @@ class PacketType(enum.IntEnum):
     # A routed packet whose body is sealed end to end (overlay/e2e.py): the link encrypts only the routed header
     # and binds the body through its end-to-end tag, so a relay never touches the body's bytes with a cipher.
     SEALED = 0x84
+    # A part of a datagram bigger than one path MTU (overlay/transport/chunks.py): the underlay joins the parts
+    # back into the link packet before anything else sees it.
+    CHUNK = 0x85
 
 
 SIGNATURE_LEN = 64

@@ -13,17 +13,25 @@ Contract (both implementations):
 The UDP side reads with `loop.add_reader` and drains up to DRAIN_BATCH datagrams per wakeup (ARCHITECTURE.md:
 1 frame per wakeup gave 0.7-0.9 Gbit/s, 64 per wakeup 1.2-1.6; asyncio DatagramProtocol 0.3-0.4). The socket
 is unconnected: uvloop's add_reader on a connected UDP socket stops after one ICMP error.
+
+A datagram bigger than one 1,500-byte path leaves as chunks in one UDP GSO send and is joined again on arrival,
+coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py); a kernel without UDP GSO, or a route
+whose MTU is too small for a chunk, gets the datagram whole, for IP to fragment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import socket
+import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from overlay.wire import Endpoint
+from overlay.transport.chunks import Reassembly, chunk_size, pieces, split
+from overlay.wire import DecodeError, Endpoint, PacketType
 
 DatagramHandler = Callable[[bytes, Endpoint], None]
 DRAIN_BATCH = 256  # our choice: bounds the time one busy socket holds the loop (~256 x 5 us)
@@ -31,8 +39,17 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20  # our choice: absorbs bursts of TSO-sized writes at multi-Gbit/s
 # From linux/socket.h (not in Python's socket module): send IPv4 UDP with a zero checksum (RFC 768 allows it).
 # Every packet we send is AEAD-authenticated, so the checksum protects nothing more, and a 60 KB datagram
-# that is IP-fragmented cannot have it offloaded: the sender sums it in software, the receiver again.
+# that is IP-fragmented cannot have it offloaded: the sender sums it in software, the receiver again. Only
+# without UDP GSO, which refuses a socket that sends no checksums (and offloads them itself).
 SO_NO_CHECK = 11
+# From linux/udp.h: UDP GSO (per send, a cmsg with the segment size) and GRO (a cmsg with it on receive).
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+_GRO_SPACE = socket.CMSG_SPACE(4)
+_U16 = struct.Struct("=H")  # the cmsg's segment size (native order, as the kernel reads it)
+_INT = struct.Struct("=i")
+_CHUNK = int(PacketType.CHUNK)
 
 
 class UnderlayError(Exception):
@@ -40,14 +57,15 @@ class UnderlayError(Exception):
 
 
 class UdpUnderlay:
-    def __init__(self, listen: Endpoint) -> None:
+    """The node's UDP socket. `gso`/`gro`: use UDP GSO to send and GRO to receive where the kernel has them
+    (False: as a kernel without them would; the tests cover each case)."""
+
+    def __init__(self, listen: Endpoint, *, gso: bool = True, gro: bool = True) -> None:
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            if family == socket.AF_INET:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             self._sock.bind(listen)
         except OSError as e:
             self._sock.close()
@@ -61,6 +79,13 @@ class UdpUnderlay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: DatagramHandler | None = None
         self.on_stun: DatagramHandler = self._no_stun
+        self._chunk = chunk_size(6 if family == socket.AF_INET6 else 4)
+        self._message_id = random.getrandbits(32)
+        self._reassembly = Reassembly(self.counters)
+        self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
+        self.gro = gro and _try_option(self._sock, SOL_UDP, UDP_GRO, 1)
+        if not self.gso and family == socket.AF_INET:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
 
     def _no_stun(self, data: bytes, endpoint: Endpoint) -> None:
         self.counters["stun_dropped"] += 1
@@ -71,6 +96,9 @@ class UdpUnderlay:
         self._loop.add_reader(self._sock.fileno(), self._drain)
 
     def _drain(self) -> None:
+        if self.gro:
+            self._drain_gro()
+            return
         recv = self._sock.recvfrom
         handler = self._handler
         assert handler is not None
@@ -84,11 +112,76 @@ class UdpUnderlay:
                 continue
             if data and data[0] < 0x80:
                 self.on_stun(data, (addr[0], addr[1]))
+            elif data and data[0] == _CHUNK:
+                self._on_chunk(data, (addr[0], addr[1]))
             else:
                 handler(data, (addr[0], addr[1]))
 
+    def _drain_gro(self) -> None:
+        """As _drain, with the kernel's coalesced reads: one read may hold many datagrams of one size."""
+        recv = self._sock.recvmsg
+        handler = self._handler
+        assert handler is not None
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, ancillary, _, addr = recv(MAX_DATAGRAM, _GRO_SPACE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counters["recv_errors"] += 1
+                continue
+            source = (addr[0], addr[1])
+            if ancillary:
+                segment = _gro_segment(ancillary)
+                if segment and segment < len(data):
+                    self._on_coalesced(data, segment, source)
+                    continue
+            if data and data[0] < 0x80:
+                self.on_stun(data, source)
+            elif data and data[0] == _CHUNK:
+                self._on_chunk(data, source)
+            else:
+                handler(data, source)
+
+    def _on_coalesced(self, data: bytes, segment: int, source: Endpoint) -> None:
+        handler = self._handler
+        assert handler is not None
+        if data[0] == _CHUNK:
+            whole = self._reassembly.add_coalesced(data, segment, source, time.monotonic())
+            if whole is not None:
+                handler(whole, source)
+                return
+        for piece in pieces(data, segment):
+            if piece[0] < 0x80:
+                self.on_stun(bytes(piece), source)
+            elif piece[0] == _CHUNK:
+                self._on_chunk(piece, source)
+            else:
+                handler(bytes(piece), source)
+
+    def _on_chunk(self, chunk: bytes | memoryview, source: Endpoint) -> None:
+        try:
+            whole = self._reassembly.add(chunk, source, time.monotonic())
+        except DecodeError:
+            self.counters["chunks: malformed"] = self.counters.get("chunks: malformed", 0) + 1
+            return
+        if whole is not None:
+            assert self._handler is not None
+            self._handler(whole, source)
+
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         try:
+            if self.gso and len(data) > self._chunk:
+                try:
+                    self._message_id += 1
+                    buffer = split(data, self._message_id, self._chunk)
+                    self._sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _U16.pack(self._chunk))], 0, endpoint)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
+                        raise
+                    # The route's MTU is below a chunk (or the device cannot segment): whole, for IP to fragment.
+                    self.counters["chunks: sent whole"] = self.counters.get("chunks: sent whole", 0) + 1
             self._sock.sendto(data, endpoint)
         except OSError:
             self.counters["send_failed"] += 1
@@ -97,6 +190,22 @@ class UdpUnderlay:
         if self._loop is not None and self._sock.fileno() >= 0:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+
+
+def _try_option(sock: socket.socket, level: int, option: int, value: int) -> bool:
+    """Whether this kernel takes the socket option (UDP GSO needs Linux 4.18, GRO 5.0)."""
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
+
+
+def _gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            return int(_INT.unpack_from(value)[0])
+    return 0
 
 
 @dataclass
