@@ -96,7 +96,15 @@ class DataPath:
         tap, vnic = self.tap, self.vnic
         vnet = tap.vnet_hdr
         now = self.clock()
-        for frame in tap.read_batch(TAP_BATCH):
+        underlay = self.links.underlay
+        underlay.hold()  # a batch's datagrams to one peer leave in one send (overlay/transport/underlay.py)
+        try:
+            self._from_tap(tap.read_batch(TAP_BATCH), vnic, vnet, now)
+        finally:
+            underlay.flush()
+
+    def _from_tap(self, frames: list[bytes], vnic: VirtualNic, vnet: bool, now: float) -> None:
+        for frame in frames:
             result = vnic.from_tap(memoryview(frame)[VNET_HDR_LEN:] if vnet else frame)
             if isinstance(result, Outbound):
                 head = frame[:VNET_HDR_LEN] if vnet else b""

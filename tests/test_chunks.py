@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -148,3 +149,59 @@ def test_udp_underlay_carries_every_size_whole_on_loopback(mode: str) -> None:
     assert counters["send_failed"] == 0 and not any("chunks" in k for k in counters), counters
     # Every datagram over one chunk's size crossed as chunks, unless the sender has no GSO.
     assert Watched.joined == (0 if mode == "no gso" else sum(n > SIZE for n in sizes))
+
+
+@pytest.mark.parametrize("gro", [True, False])
+def test_held_datagrams_leave_in_runs_and_arrive_whole_and_in_order(gro: bool) -> None:
+    # A TAP batch as the data path sends it: runs of equal sizes, a shorter one ending a run, a big one between.
+    sizes = [64] * 70 + [1457] * 3 + [900] + [1457] * 2 + [60100] + [100, 100, 40] + [1472] * 40
+
+    async def run() -> tuple[list[bytes], list[bytes], dict[str, int], int]:
+        a = UdpUnderlay(("127.0.0.1", 0))
+        b = UdpUnderlay(("127.0.0.1", 0), gro=gro)
+        got: list[bytes] = []
+        b.start(lambda data, endpoint: got.append(data))
+        a.start(lambda data, endpoint: None)
+        sent = [bytes([0x83]) + os.urandom(n - 1) for n in sizes]
+        sends = 0
+        real_sendmsg, real_sendto = a._sock.sendmsg, a._sock.sendto
+
+        def counted(real: Any) -> Any:
+            def call(*args: Any) -> Any:
+                nonlocal sends
+                sends += 1
+                return real(*args)
+
+            return call
+
+        a._sock = Wrapped(a._sock, sendmsg=counted(real_sendmsg), sendto=counted(real_sendto))
+        a.hold()
+        for m in sent:
+            a.send(m, b.local_endpoint)
+        assert not got  # held until the flush
+        a.flush()
+        for _ in range(50):
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0.02)
+        a.close()
+        b.close()
+        return sent, got, {**a.counters, **b.counters}, sends
+
+    sent, got, counters, sends = asyncio.run(run())
+    assert got == sent, counters
+    assert counters["send_failed"] == 0
+    # 70 x 64 B: two runs (64 at most per send); 1457 x 3 + 900; 1457 x 2, then the big one chunked; 100, 100, 40;
+    # 40 x 1472.
+    assert sends == 7, sends
+
+
+class Wrapped:
+    """A socket with some methods replaced (socket objects do not take new attributes)."""
+
+    def __init__(self, sock: Any, **methods: Any) -> None:
+        self._sock = sock
+        self.__dict__.update(methods)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

@@ -17,6 +17,10 @@ is unconnected: uvloop's add_reader on a connected UDP socket stops after one IC
 A datagram bigger than one 1,500-byte path leaves as chunks in one UDP GSO send and is joined again on arrival,
 coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py); a kernel without UDP GSO, or a route
 whose MTU is too small for a chunk, gets the datagram whole, for IP to fragment.
+
+Between `hold()` and `flush()` (one TAP batch, one drain of the socket) small datagrams wait, and each run of
+equal-sized ones to one endpoint leaves as one GSO send: one syscall instead of dozens, and the receiver's
+kernel hands them over in one read. Each endpoint's datagrams keep their order.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 _GRO_SPACE = socket.CMSG_SPACE(4)
+# UDP GSO takes at most 64 segments (UDP_MAX_SEGMENTS before Linux 6.9) and one IP datagram's worth of bytes.
+MAX_RUN = 64
+MAX_RUN_BYTES = 65000
 _U16 = struct.Struct("=H")  # the cmsg's segment size (native order, as the kernel reads it)
 _INT = struct.Struct("=i")
 _CHUNK = int(PacketType.CHUNK)
@@ -83,6 +90,7 @@ class UdpUnderlay:
         self._message_id = random.getrandbits(32)
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
+        self._held: dict[Endpoint, list[bytes]] | None = None  # by endpoint, between hold() and flush()
         self.gro = gro and _try_option(self._sock, SOL_UDP, UDP_GRO, 1)
         if not self.gso and family == socket.AF_INET:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
@@ -96,9 +104,16 @@ class UdpUnderlay:
         self._loop.add_reader(self._sock.fileno(), self._drain)
 
     def _drain(self) -> None:
-        if self.gro:
-            self._drain_gro()
-            return
+        self.hold()
+        try:
+            if self.gro:
+                self._drain_gro()
+            else:
+                self._drain_plain()
+        finally:
+            self.flush()
+
+    def _drain_plain(self) -> None:
         recv = self._sock.recvfrom
         handler = self._handler
         assert handler is not None
@@ -170,23 +185,76 @@ class UdpUnderlay:
             self._handler(whole, source)
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
+        held = self._held
+        if held is not None:
+            if len(data) <= self._chunk:
+                queue = held.get(endpoint)
+                if queue is None:
+                    held[endpoint] = [data]
+                else:
+                    queue.append(data)
+                return
+            if endpoint in held:
+                self._send_runs(endpoint, held.pop(endpoint))  # what came first leaves first
+        self._send_now(data, endpoint)
+
+    def hold(self) -> None:
+        """Queue small datagrams until flush() (see the module docstring); without GSO there is nothing to gain."""
+        if self.gso and self._held is None:
+            self._held = {}
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            for endpoint, queue in held.items():
+                self._send_runs(endpoint, queue)
+
+    def _send_runs(self, endpoint: Endpoint, queue: list[bytes]) -> None:
+        """Each run of equal-sized datagrams (the last of a run may be shorter) as one GSO send."""
+        i, n = 0, len(queue)
+        while i < n:
+            size = len(queue[i])
+            j, total = i + 1, size
+            while j < n and j - i < MAX_RUN and len(queue[j]) <= size and total + size <= MAX_RUN_BYTES:
+                total += len(queue[j])
+                j += 1
+                if len(queue[j - 1]) < size:
+                    break  # only a run's last datagram may be shorter
+            if j - i == 1:
+                self._send_now(queue[i], endpoint)
+            else:
+                self._send_gso(b"".join(queue[i:j]), size, endpoint, queue[i:j])
+            i = j
+
+    def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
+        if self.gso and len(data) > self._chunk:
+            self._message_id += 1
+            self._send_gso(split(data, self._message_id, self._chunk), self._chunk, endpoint, [data])
+            return
         try:
-            if self.gso and len(data) > self._chunk:
-                try:
-                    self._message_id += 1
-                    buffer = split(data, self._message_id, self._chunk)
-                    self._sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _U16.pack(self._chunk))], 0, endpoint)
-                    return
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
-                        raise
-                    # The route's MTU is below a chunk (or the device cannot segment): whole, for IP to fragment.
-                    self.counters["chunks: sent whole"] = self.counters.get("chunks: sent whole", 0) + 1
             self._sock.sendto(data, endpoint)
         except OSError:
             self.counters["send_failed"] += 1
 
+    def _send_gso(self, buffer: bytes, segment: int, endpoint: Endpoint, fallback: list[bytes]) -> None:
+        """One GSO send of `buffer` cut at `segment` bytes; where the route cannot take it (its MTU is below a
+        segment, or the device cannot segment) the datagrams in `fallback` go one by one, for IP to fragment."""
+        try:
+            self._sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))], 0, endpoint)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
+                self.counters["send_failed"] += len(fallback)
+                return
+        self.counters["gso: sent one by one"] = self.counters.get("gso: sent one by one", 0) + 1
+        for data in fallback:
+            try:
+                self._sock.sendto(data, endpoint)
+            except OSError:
+                self.counters["send_failed"] += 1
+
     def close(self) -> None:
+        self._held = None
         if self._loop is not None and self._sock.fileno() >= 0:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
@@ -280,6 +348,12 @@ class MemoryUnderlay:
             self.on_stun(data, src)
         else:
             self._handler(data, src)
+
+    def hold(self) -> None:
+        """Nothing to batch in memory: datagrams are delivered one by one, as sent."""
+
+    def flush(self) -> None:
+        pass
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         if self._handler is None:
