@@ -29,8 +29,8 @@ CHUNK_HEADER = struct.Struct("!BIBB")  # type, message ID, index, count
 # IPv6's 40-byte header 1452. Ordinary packets (a 1,400-byte TAP MTU plus our 57 bytes) stay below, so only
 # super-frames, tunnelled full-size packets and fragment probes are cut.
 CHUNK_DATAGRAM = {4: 1472, 6: 1452}
-# UDP GSO takes at most 64 segments per buffer before Linux 6.9 (UDP_MAX_SEGMENTS); a 65,535-byte datagram in
-# 1,445-byte parts is 46.
+# UDP GSO takes at most 64 segments per buffer (UDP_MAX_SEGMENTS; newer kernels allow more); a 65,535-byte datagram in
+# 1,445-byte parts (IPv6) is 46.
 MAX_CHUNKS = 64
 MAX_DATAGRAM = 65535
 MAX_CHUNK = max(CHUNK_DATAGRAM.values())  # a longer chunk is not one of ours

@@ -51,7 +51,7 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 _GRO_SPACE = socket.CMSG_SPACE(4)
-# UDP GSO takes at most 64 segments (UDP_MAX_SEGMENTS before Linux 6.9) and one IP datagram's worth of bytes.
+# UDP GSO takes at most 64 segments (UDP_MAX_SEGMENTS; newer kernels allow more) and one IP datagram's worth of bytes.
 MAX_RUN = 64
 MAX_RUN_BYTES = 65000
 _U16 = struct.Struct("=H")  # the cmsg's segment size (native order, as the kernel reads it)
