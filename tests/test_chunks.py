@@ -109,6 +109,32 @@ def test_chunks_that_disagree_stale_messages_and_a_full_table_are_dropped_and_co
         r3.add(CHUNK_HEADER.pack(PacketType.CHUNK, 1, 0, 2) + b"x" * 1500, SOURCE, 0.0)  # longer than ours
 
 
+Carried = tuple[list[bytes], list[bytes]]
+
+
+async def carry(a: UdpUnderlay, b: UdpUnderlay, sizes: list[int], *, held: bool = False) -> Carried:
+    """Send datagrams of these sizes from a to b (between hold() and flush() if `held`); what was sent, and
+    what b's handler got once all arrived or a second passed. Both underlays are closed afterwards."""
+    got: list[bytes] = []
+    b.start(lambda data, endpoint: got.append(data))
+    a.start(lambda data, endpoint: None)
+    sent = [bytes([0x83]) + os.urandom(n - 1) for n in sizes]
+    if held:
+        a.hold()
+    for m in sent:
+        a.send(m, b.local_endpoint)
+    if held:
+        assert not got  # held until the flush
+        a.flush()
+    for _ in range(50):
+        if len(got) == len(sent):
+            break
+        await asyncio.sleep(0.02)
+    a.close()
+    b.close()
+    return sent, got
+
+
 @pytest.mark.parametrize("mode", ["gso+gro", "gso, no gro", "no gso"])
 def test_udp_underlay_carries_every_size_whole_on_loopback(mode: str) -> None:
     sizes = [1, 100, SIZE - 1, SIZE, SIZE + 1, 3000, 30000, 60100, 65000]
@@ -130,18 +156,7 @@ def test_udp_underlay_carries_every_size_whole_on_loopback(mode: str) -> None:
         a = UdpUnderlay(("127.0.0.1", 0), gso=mode != "no gso")
         b = UdpUnderlay(("127.0.0.1", 0), gro=mode == "gso+gro")
         b._reassembly = Watched(b.counters)
-        got: list[bytes] = []
-        b.start(lambda data, endpoint: got.append(data))
-        a.start(lambda data, endpoint: None)
-        sent = [bytes([0x83]) + os.urandom(n - 1) for n in sizes]
-        for m in sent:
-            a.send(m, b.local_endpoint)
-        for _ in range(50):
-            if len(got) == len(sent):
-                break
-            await asyncio.sleep(0.02)
-        a.close()
-        b.close()
+        sent, got = await carry(a, b, sizes)
         return sent, got, {**a.counters, **b.counters}
 
     sent, got, counters = asyncio.run(run())
@@ -159,10 +174,6 @@ def test_held_datagrams_leave_in_runs_and_arrive_whole_and_in_order(gro: bool) -
     async def run() -> tuple[list[bytes], list[bytes], dict[str, int], int]:
         a = UdpUnderlay(("127.0.0.1", 0))
         b = UdpUnderlay(("127.0.0.1", 0), gro=gro)
-        got: list[bytes] = []
-        b.start(lambda data, endpoint: got.append(data))
-        a.start(lambda data, endpoint: None)
-        sent = [bytes([0x83]) + os.urandom(n - 1) for n in sizes]
         sends = 0
         real_sendmsg, real_sendto = a._sock.sendmsg, a._sock.sendto
 
@@ -175,17 +186,7 @@ def test_held_datagrams_leave_in_runs_and_arrive_whole_and_in_order(gro: bool) -
             return call
 
         a._sock = Wrapped(a._sock, sendmsg=counted(real_sendmsg), sendto=counted(real_sendto))
-        a.hold()
-        for m in sent:
-            a.send(m, b.local_endpoint)
-        assert not got  # held until the flush
-        a.flush()
-        for _ in range(50):
-            if len(got) == len(sent):
-                break
-            await asyncio.sleep(0.02)
-        a.close()
-        b.close()
+        sent, got = await carry(a, b, sizes, held=True)
         return sent, got, {**a.counters, **b.counters}, sends
 
     sent, got, counters, sends = asyncio.run(run())

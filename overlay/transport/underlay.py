@@ -91,7 +91,8 @@ class UdpUnderlay:
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
         self._held: dict[Endpoint, list[bytes]] | None = None  # by endpoint, between hold() and flush()
-        self.gro = gro and _try_option(self._sock, SOL_UDP, UDP_GRO, 1)
+        if gro:
+            _try_option(self._sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
         if not self.gso and family == socket.AF_INET:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
 
@@ -104,75 +105,50 @@ class UdpUnderlay:
         self._loop.add_reader(self._sock.fileno(), self._drain)
 
     def _drain(self) -> None:
+        """Up to DRAIN_BATCH reads; with GRO one read may hold many datagrams of one size (its cmsg says which).
+        `recvmsg` whether or not GRO is on: without it the cmsg is empty, at ~0.3 µs more per read than
+        `recvfrom` (measured on loopback), which keeps one receive path."""
+        recv = self._sock.recvmsg
         self.hold()
         try:
-            if self.gro:
-                self._drain_gro()
-            else:
-                self._drain_plain()
+            for _ in range(DRAIN_BATCH):
+                try:
+                    data, ancillary, _, addr = recv(MAX_DATAGRAM, _GRO_SPACE)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    self.counters["recv_errors"] += 1
+                    continue
+                source = (addr[0], addr[1])
+                segment = _gro_segment(ancillary) if ancillary else 0
+                if 0 < segment < len(data):
+                    self._on_coalesced(data, segment, source)
+                else:
+                    self._dispatch(data, source)
         finally:
             self.flush()
 
-    def _drain_plain(self) -> None:
-        recv = self._sock.recvfrom
-        handler = self._handler
-        assert handler is not None
-        for _ in range(DRAIN_BATCH):
-            try:
-                data, addr = recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters["recv_errors"] += 1
-                continue
-            if data and data[0] < 0x80:
-                self.on_stun(data, (addr[0], addr[1]))
-            elif data and data[0] == _CHUNK:
-                self._on_chunk(data, (addr[0], addr[1]))
-            else:
-                handler(data, (addr[0], addr[1]))
-
-    def _drain_gro(self) -> None:
-        """As _drain, with the kernel's coalesced reads: one read may hold many datagrams of one size."""
-        recv = self._sock.recvmsg
-        handler = self._handler
-        assert handler is not None
-        for _ in range(DRAIN_BATCH):
-            try:
-                data, ancillary, _, addr = recv(MAX_DATAGRAM, _GRO_SPACE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters["recv_errors"] += 1
-                continue
-            source = (addr[0], addr[1])
-            if ancillary:
-                segment = _gro_segment(ancillary)
-                if segment and segment < len(data):
-                    self._on_coalesced(data, segment, source)
-                    continue
-            if data and data[0] < 0x80:
-                self.on_stun(data, source)
-            elif data and data[0] == _CHUNK:
-                self._on_chunk(data, source)
-            else:
-                handler(data, source)
+    def _dispatch(self, data: bytes | memoryview, source: Endpoint) -> None:
+        """One datagram: STUN to ICE, a chunk to the reassembly, anything else (an empty one too, which the link
+        layer counts) to the handler."""
+        first = data[0] if data else 0x80
+        if first < 0x80:
+            self.on_stun(bytes(data), source)
+        elif first == _CHUNK:
+            self._on_chunk(data, source)
+        else:
+            assert self._handler is not None
+            self._handler(bytes(data), source)
 
     def _on_coalesced(self, data: bytes, segment: int, source: Endpoint) -> None:
-        handler = self._handler
-        assert handler is not None
         if data[0] == _CHUNK:
             whole = self._reassembly.add_coalesced(data, segment, source, time.monotonic())
             if whole is not None:
-                handler(whole, source)
+                assert self._handler is not None
+                self._handler(whole, source)
                 return
         for piece in pieces(data, segment):
-            if piece[0] < 0x80:
-                self.on_stun(bytes(piece), source)
-            elif piece[0] == _CHUNK:
-                self._on_chunk(piece, source)
-            else:
-                handler(bytes(piece), source)
+            self._dispatch(piece, source)
 
     def _on_chunk(self, chunk: bytes | memoryview, source: Endpoint) -> None:
         try:
