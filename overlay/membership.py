@@ -10,9 +10,10 @@ started): log in, look at the anchors present, and
   reach. Only when the room holds no anchor does a node found an overlay: when it is alone there, or after
   FOUND_GRACE the smallest nick among the occupants (a storm of joiners agrees on one founder). A failed link
   is never a reason to found one.
-- bridge: a node cut off from its overlay's leader (overlay/beacon.py) links to the anchors and joins again
-  through them; a node whose overlay is younger than one present moves into it. With no anchor of its overlay
-  present, a node already in an overlay becomes its anchor.
+- bridge: a node cut off from its overlay's leader (overlay/beacon.py), or left without any link for
+  ALONE_AFTER (an anchor too), links to the other anchors and joins again through them; a node whose
+  overlay is younger than one present moves into it. With no anchor of its overlay present, a node already
+  in an overlay becomes its anchor.
 - anchor: stay in the room marked as an anchor of our overlay while fewer than `anchors` are.
 
 Anchors answer hellos, pass signals between joiners and the overlay, recruit a neighbour through the overlay
@@ -42,7 +43,7 @@ HELLO_TIMEOUT = 5.0  # our choice: anchors answer from memory; XMPP adds a few s
 LINK_WAIT = 8.0  # a link attempt's stages: direct 3 s, ICE 4-10 s; the first of them usually wins in < 1 s
 VISIT_TIME = 30.0  # the longest a joiner stays in the room per visit before leaving and retrying later
 FOUND_GRACE = 2.0  # our choice: joiners that arrive together see each other within a presence round trip
-ALONE_AFTER = 10.0  # a node without links for this long (and not an anchor waiting for joiners) visits
+ALONE_AFTER = 10.0  # a node without links for this long visits the room and links to its overlay's anchors
 RECRUIT_INTERVAL = 10.0  # our choice: a missing anchor is replaced within seconds, XMPP load stays tiny
 BACKOFF_FIRST = 2.0
 BACKOFF_MAX = 60.0
@@ -148,7 +149,7 @@ class Membership:
         node, boot = self.node, self.bootstrap
         self._room_changed.set()
         links = node.links.links
-        if links or boot.is_anchor:
+        if links:
             self._alone_since = None
         elif self._alone_since is None:
             self._alone_since = now
@@ -160,7 +161,11 @@ class Membership:
             elif not boot.is_anchor and node.beacon.island(now - self._island_jitter):
                 log.info("no beacon from our overlay's leader for %.0f s: going to the room", now - node.beacon.heard)
                 self._run(self._visit("island"))
-            elif self._alone_since is not None and now - self._alone_since > ALONE_AFTER and not boot.is_anchor:
+            elif self._alone_since is not None and now - self._alone_since > ALONE_AFTER:
+                # Anchors too: one whose links all died is in no ring and hears no beacon, and the joiners that
+                # would link to it have all joined (a cut-off anchor stayed out for good). A founder waiting for
+                # its first joiner finds no other anchor and stays; at most one such look per ALONE_AFTER.
+                self._alone_since = now
                 self._run(self._visit("alone"))
         if boot.is_anchor:
             self._anchor_duties(now)
@@ -216,7 +221,8 @@ class Membership:
             anchors = {n: o.overlay for n, o in boot.occupants.items() if o.anchor and o.overlay and n != boot.nick}
             if anchors:
                 target = min(anchors.values())
-                bridge = mine == NO_OVERLAY or wins(target, mine) or (reason == "island" and target == mine)
+                rejoin = reason in ("island", "alone") and target == mine  # cut off from our own overlay
+                bridge = mine == NO_OVERLAY or wins(target, mine) or rejoin
                 if not bridge:
                     break  # our overlay is the oldest here: the others come to us
                 nicks = [n for n, o in anchors.items() if o == target and n not in tried]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from overlay.wire import Kind
 from tests.support.memgroup import MemoryGroup
 
@@ -160,6 +162,36 @@ def test_a_departed_anchor_is_replaced_through_the_overlay() -> None:
             # A remaining anchor recruits a neighbour, which joins the room as an anchor.
             assert await g.wait_for(lambda: len(g.room.anchors()) == 3, 10.0), g.room.anchors()
             assert anchor.bootstrap.nick not in g.room.anchors()
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("anchor", [True, False], ids=["anchor", "member"])
+def test_a_node_cut_off_until_its_links_die_gets_back_into_the_ring_when_the_network_heals(anchor: bool) -> None:
+    """Its links die and its table empties; an anchor used to stay out for good (it hears no beacon and every
+    joiner had joined), a member waited a minute for the missing beacon. Both go to the room after ALONE_AFTER."""
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=13)
+        try:
+            for _ in range(8):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct() and len(g.room.anchors()) == 3, 30.0)
+            leader = min(g.room.anchors())
+            x = next(n for n in g.nodes if n.bootstrap.is_anchor == anchor and n.bootstrap.nick != leader)
+            others = [n.underlay.local_endpoint for n in g.nodes if n is not x]
+            for e in others:
+                g.network.block(x.underlay.local_endpoint, e)
+            assert await g.wait_for(lambda: not x.links.links and not x.table.successors(), 60.0)
+            for e in others:
+                g.network.unblock(x.underlay.local_endpoint, e)
+            # ALONE_AFTER (10 s) from the last link's death, then one hello and a join FIND; the beacon's island
+            # rule alone would take 60-70 s.
+            assert await g.wait_for(lambda: not g.ring_correct(), 25.0), g.ring_correct()
+            assert x.membership is not None
+            assert x.membership.state == "member"
         finally:
             await g.stop()
 
