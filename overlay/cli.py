@@ -1,41 +1,28 @@
-"""`ipop-overlay`: keygen, join, status, sim. Every failure is one line on stderr and a non-zero exit."""
+"""`ipop-overlay`: keygen, join, check, status, group, sim. Every failure is one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import gc
-import ipaddress
+import importlib.metadata
 import json
 import logging
-import random
 import signal
 import sys
-import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from overlay import groupcmd
-from overlay.config import ConfigError, NodeConfig, load_config
-from overlay.control import ControlError, ControlServer, query, socket_in_use
+from overlay.check import DEFAULT_TIMEOUT, report_lines, run_checks
+from overlay.config import ConfigError, load_config
+from overlay.control import ControlError, query
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
-from overlay.membership import BACKOFF_FIRST, BACKOFF_MAX
-from overlay.node import Node, NodeSettings
-from overlay.transport.paths import IceSettings
-from overlay.transport.underlay import UdpUnderlay, UnderlayError
-from overlay.trust.enroll import EnrollError, obtain_certificate
-from overlay.trust.groupkey import GroupKey
-from overlay.trust.issuer import Issuer, IssuerError
-from overlay.trust.members import GroupTrust
+from overlay.run import JoinError, run_node
 
 log = logging.getLogger("ipop-overlay")
 DEFAULT_CONTROL = Path("/run/ipop-overlay/node.sock")
-
-
-class JoinError(Exception):
-    """A node that could not start: one line for the person who ran it."""
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -43,156 +30,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     identity.save(Path(args.path))
     print(format_id(identity.node_id))
     return 0
-
-
-async def run_node(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -> None:
-    """Start everything in an order where each failure leaves nothing behind, run until `stop`, clean up."""
-    from xmpp_bootstrap import XmppBootstrap, XmppSettings
-
-    if socket_in_use(cfg.control_socket):
-        raise JoinError(
-            f"control socket {cfg.control_socket} is in use: is another node running? set [node] control_socket"
-        )
-    trust, issuer = _trust(cfg, identity)
-    bootstrap = XmppBootstrap(
-        XmppSettings(
-            jid=cfg.jid,
-            password=cfg.password,
-            room=cfg.room,
-            nick=format_id(identity.node_id),
-            host=cfg.host,
-            port=cfg.port,
-            ca_file=str(cfg.ca_file) if cfg.ca_file else None,
-        ),
-    )
-    try:
-        if not await _first_login(bootstrap, stop):
-            return
-        address = cfg.vnic_address
-        if trust is None:
-            log.warning("[group] open = true: any node that reaches this one may join the overlay (no certificates)")
-        else:
-            if issuer is not None:
-                bootstrap.set_issuer(True)
-            wanted = ipaddress.IPv4Interface(address).ip if address else None
-            try:
-                cert = await obtain_certificate(
-                    bootstrap, identity, trust, cfg.room, cfg.jid, wanted, issuer, stop, cfg.key.with_suffix(".cert")
-                )
-            except EnrollError as e:
-                raise JoinError(str(e)) from None
-            if cert is None:
-                return
-            address = str(cert.address)
-        assert address is not None
-        await _run_member(cfg, identity, bootstrap, address, trust, issuer, stop)
-    finally:
-        with contextlib.suppress(Exception):
-            await bootstrap.stop()
-
-
-def _trust(cfg: NodeConfig, identity: Identity) -> tuple[GroupTrust | None, Issuer | None]:
-    """The pinned group key and, on an issuer, the group's signing key and state (KeyFileError if unusable)."""
-    if cfg.group_key is None:
-        return None, None
-    trust = GroupTrust(cfg.group_key, identity.public_key, time.time)
-    if cfg.issuer is None:
-        return trust, None
-    key = GroupKey.load(cfg.issuer.group_key)
-    if key.public_key != cfg.group_key:
-        raise JoinError(f"[issuer] group_key {cfg.issuer.group_key} is not the key of [group] public_key")
-    issuer = Issuer(key, cfg.room, cfg.issuer.subnet, float(cfg.issuer.lifetime), cfg.issuer.state_file)
-    try:
-        issuer.load(time.time())
-    except IssuerError as e:
-        raise JoinError(str(e)) from None
-    return trust, issuer
-
-
-async def _run_member(
-    cfg: NodeConfig,
-    identity: Identity,
-    bootstrap: Any,
-    address: str,
-    trust: GroupTrust | None,
-    issuer: Issuer | None,
-    stop: asyncio.Event,
-) -> None:
-    from overlay.tap.device import LinuxTap, TapError
-
-    ice = None
-    if cfg.ice:
-        ice = IceSettings(
-            stun=cfg.stun,
-            turn=cfg.turn,
-            exclude_interfaces=frozenset({cfg.vnic_name}),
-            exclude_networks=(ipaddress.IPv4Interface(address).network,),
-        )
-    settings = NodeSettings(
-        room=cfg.room,
-        address=address,
-        ring=cfg.ring,
-        lookahead=cfg.lookahead,
-        promise=cfg.routing == "promise",
-        ice=ice,
-        anchors=cfg.anchors,
-        on_demand_rate=cfg.on_demand_rate,
-        on_demand_idle=cfg.on_demand_idle,
-    )
-    try:
-        underlay = UdpUnderlay(cfg.listen)
-    except UnderlayError as e:
-        raise JoinError(str(e)) from None
-    node = Node(identity, settings, underlay, bootstrap=bootstrap, rng=random.Random(), trust=trust, issuer=issuer)
-    tap = None
-    control = ControlServer(cfg.control_socket, {"status": node.status})
-    try:
-        try:
-            tap = await LinuxTap.create(cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload)
-        except TapError as e:
-            raise JoinError(str(e)) from None
-        node.attach_tap(tap)
-        try:
-            await control.start()
-        except ControlError as e:
-            raise JoinError(str(e)) from None
-        await node.start()  # the login above is reused: one XMPP session per node
-        # Everything loaded so far (slixmpp, cryptography, our modules: most of the heap) lives as long as
-        # the node: keep it out of the collector's full passes, which otherwise scan it again and again.
-        gc.freeze()
-        log.info("in room %s as %s (%s); joining the overlay", cfg.room, format_id(node.id), address)
-        await stop.wait()
-        log.info("leaving %s", cfg.room)
-    finally:
-        await node.stop()
-        underlay.close()
-        await control.stop()
-        if tap is not None:
-            tap.close()
-
-
-async def _first_login(bootstrap: Any, stop: asyncio.Event) -> bool:
-    """Log in and enter the room before anything is set up, so a wrong password, a missing room or a
-    non-member ends `join` with one line and leaves nothing behind. A slow server is waited for (backing off,
-    said once); False if we were asked to stop meanwhile."""
-    from xmpp_bootstrap import BootstrapError
-
-    delay, said = BACKOFF_FIRST, ""
-    while True:
-        try:
-            await bootstrap.start()
-            return True
-        except BootstrapError as e:
-            if not e.transient:
-                raise JoinError(str(e)) from None
-            if str(e) != said:
-                log.warning("%s; retrying (backing off up to %.0f s)", e, BACKOFF_MAX)
-                said = str(e)
-        try:
-            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.75, 1.25))
-            return False
-        except TimeoutError:
-            delay = min(BACKOFF_MAX, delay * 2)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -262,26 +99,164 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 2 for a config that cannot be read at all, 1 when a check failed, 0 when `join` has what it needs."""
+    try:
+        cfg = load_config(Path(args.config))
+    except ConfigError as e:
+        print(f"ipop-overlay: {e}", file=sys.stderr)
+        return 2
+    report = run_checks(cfg, args.timeout)
+    print("\n".join(report_lines(cfg, report)))
+    return 0 if report.ok else 1
+
+
+def package_version() -> str:
+    """The installed distribution's version; in a source tree that was never installed, pyproject.toml's."""
+    try:
+        return importlib.metadata.version("ipop-overlay")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 600")
+    return value
+
+
 def cmd_sim(argv: list[str]) -> int:
     from sims.cli import main as sim_main
 
     return sim_main(argv)
 
 
+# Each subcommand's manual page for `--help`: what it does, what it needs, its exit status; then examples.
+MANUAL: dict[str, tuple[str, str]] = {
+    "keygen": (
+        """\
+Write a new Ed25519 node key to PATH, readable by its owner only (mode 0600), and print
+the node ID derived from it (16 hex digits): the node's place on the overlay's ring.
+
+Needs: a PATH that does not exist yet (an existing key is never overwritten) in a
+directory the caller may write.
+
+Exit status: 0 when the key was written; 1 with one line on stderr when it was not.""",
+        """\
+examples:
+  ipop-overlay keygen /var/lib/ipop-overlay/office/node.key""",
+    ),
+    "join": (
+        """\
+Run a node in the foreground until SIGINT or SIGTERM: log in to the XMPP server with the
+config's [xmpp] account, enter the group's room, get a membership certificate from an
+issuer (unless [group] open = true), create the TAP device, open the UDP listen socket and
+the control socket, and take a place in the overlay. Logs go to stderr. On SIGINT/SIGTERM
+the node tells its neighbours, closes its links and removes its TAP device and socket.
+
+Needs: CAP_NET_ADMIN (root, or the systemd unit in dist/systemd) for the TAP device; the
+node key ([node] key, from 'ipop-overlay keygen'); a config that passes 'ipop-overlay check'.
+A server that does not answer yet is waited for, with backoff.
+
+Exit status: 0 after a clean stop; 1 with one line on stderr when the node cannot start
+(bad config or key file, refused login, no such room, not a member), leaving nothing behind.""",
+        """\
+examples:
+  ipop-overlay join --config /etc/ipop-overlay/node.toml
+  systemctl start ipop-overlay@office     # the same, as a service: /etc/ipop-overlay/office.toml""",
+    ),
+    "check": (
+        """\
+Try what 'join' needs, without joining: read the config and the node key (and on an issuer
+the group key and its state file), open a TCP connection to the XMPP server, send one STUN
+Binding request to every [ice] STUN server and UDP TURN server (a TCP TURN server gets a TCP
+connection), and bind the UDP listen address. No TAP device is created, no login is tried
+and the room is not entered. Prints one line per check, "ok" or "FAIL" and the reason, then
+what 'join' would do with this config.
+
+Needs: the config and the files it names; no root (a listen port below 1024 needs
+CAP_NET_BIND_SERVICE). The password and room membership are only tried by 'join'.
+
+Exit status: 0 when every check passed; 1 when any failed; 2 when the config cannot be
+used (one line on stderr).""",
+        """\
+examples:
+  ipop-overlay check --config /etc/ipop-overlay/office.toml
+  ipop-overlay check --config node.toml --timeout 2""",
+    ),
+    "status": (
+        """\
+Show a running node's state, read from its control socket: node ID, virtual address, room,
+membership certificate, overlay and join state, DHT records, and one row per link (peer,
+kind of path, endpoint, RTT, bytes each way, roles in the ring).
+
+Needs: a running node and permission to open its control socket: --control, or the
+[node] control_socket of --config, or /run/ipop-overlay/node.sock.
+
+Exit status: 0 when the node answered; 1 with one line on stderr when none did.""",
+        """\
+examples:
+  ipop-overlay status
+  ipop-overlay status --config /etc/ipop-overlay/office.toml --json""",
+    ),
+    "group": (
+        """\
+The group's signing key and the room's member list.
+  init --out DIR       write a new group key (DIR/group.key, mode 0600) and DIR/group.pub,
+                       and print the public key every member pins in [group] public_key
+  create|add|remove|list --config FILE [JID ...]
+                       log in with the [xmpp] account of a node config and create the
+                       members-only room or edit or show its member list; an issuer
+                       revokes a removed member's certificate within a minute
+
+Needs: for init, a directory for the key; for the others, a config whose account owns the
+room (or administers it, for add, remove and list).
+
+Exit status: 0 on success; 1 with one line on stderr when the server refused or a file
+cannot be used.""",
+        """\
+examples:
+  ipop-overlay group init --out /var/lib/ipop-overlay/office/group
+  ipop-overlay group add --config owner.toml alice@example.test bob@example.test""",
+    ),
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipop-overlay", description="GroupVPN over a structured overlay.")
+    p.add_argument("--version", action="version", version=f"ipop-overlay {package_version()}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("keygen", help="write a new node key (mode 0600) and print the node ID")
     k.add_argument("path")
     j = sub.add_parser("join", help="run a node in the foreground until SIGINT/SIGTERM")
     j.add_argument("--config", required=True, help="the node's TOML file")
+    c = sub.add_parser("check", help="try what join needs (keys, servers, listen port) without joining")
+    c.add_argument("--config", required=True, help="the node's TOML file")
+    c.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help=f"seconds per server (default {DEFAULT_TIMEOUT:g})"
+    )
     s = sub.add_parser("status", help="show a running node's links and DHT")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
     s.add_argument("--config", help="read the control socket path from this config file")
     groupcmd.add_parser(sub)
     sub.add_parser("sim", help="topology simulator (ipop-overlay sim --help)", add_help=False)
+    # Set here rather than in each add_parser call because `group` is built in groupcmd.py. `sim` has none:
+    # `ipop-overlay sim --help` is the simulator's own parser (sims/cli.py).
+    for name, (description, examples) in MANUAL.items():
+        page = sub.choices[name]
+        page.description, page.epilog = description, examples
+        page.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
@@ -306,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_keygen(args)
         if args.command == "join":
             return cmd_join(args)
+        if args.command == "check":
+            return cmd_check(args)
         if args.command == "group":
             return groupcmd.run(args)
         return cmd_status(args)

@@ -53,6 +53,7 @@ class NodeConfig:
     turn: tuple[TurnServer, ...]  # [ice] turn: TURN servers (url, username, password or password_file)
     group_key: bytes | None = None  # [group] public_key or public_key_file: the pinned group key; None if open
     issuer: IssuerConfig | None = None  # [issuer]: this node signs the group's certificates
+    metrics: Endpoint | None = None  # [metrics] listen: where Prometheus scrapes /metrics; None: off (default)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "lifetime": (_int_range(600, 365 * 86400), 86400),
         "state_file": (_str, None),
     },
+    "metrics": {
+        "listen": (_endpoint, ("127.0.0.1", 9469)),
+    },
     "ice": {
         "stun": (_endpoint_list, ()),
         "turn": (lambda v: v, ()),  # a list of tables, checked by _turn_servers
@@ -327,6 +331,7 @@ def load_config(path: Path) -> NodeConfig:
         turn=turn,
         group_key=group_key,
         issuer=issuer,
+        metrics=values["metrics"]["listen"] if "metrics" in raw else None,
     )
 
 

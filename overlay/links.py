@@ -161,6 +161,7 @@ class LinkManager:
     links: dict[int, Link] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
+    closed_bytes: tuple[int, int] = (0, 0)  # sent and received on links closed since start (metrics)
 
     def __post_init__(self) -> None:
         from overlay.linksetup import LinkSetup  # the stages of opening a link build on this module
@@ -352,6 +353,7 @@ class LinkManager:
                 link.send(bytes([LinkMsg.CLOSE]))
             except HandshakeError:
                 pass
+        self.closed_bytes = (self.closed_bytes[0] + link.tx_bytes, self.closed_bytes[1] + link.rx_bytes)
         self._by_index.pop(link.session.local_index, None)
         if link.next_session is not None:
             self._by_index.pop(link.next_session.local_index, None)

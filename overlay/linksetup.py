@@ -283,6 +283,7 @@ class LinkSetup:
         index = self.fresh_index()
         handshake = self.manager.handshaker.initiate(peer_key, index, time.time_ns())
         self._pending[index] = _Pending(handshake, peer_id, peer_key, path.kind, now)
+        self.count("handshakes sent")
         self.manager.send_on(path, peer_id, handshake.init.encode())
 
     def _fail(self, att: Attempt, why: str) -> None:

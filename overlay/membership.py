@@ -67,7 +67,7 @@ class Membership:
         bootstrap.on_signal = self._on_signal
         bootstrap.on_change = node.wake
         node.signalling.xmpp_relay = self._relay_to_joiner
-        self.state = "starting"  # starting, joining, member, founder
+        self.state = "starting"  # starting, joining, rejoining (without XMPP), member, founder
         self.last_error = ""
         self.visits = 0
         self._task: asyncio.Future[None] | None = None
@@ -80,6 +80,7 @@ class Membership:
         self._last_recruit = -1e18
         self._joiners: dict[int, tuple[str, float]] = {}  # joiner ID -> (room nick, when its hello came)
         self._room_changed = asyncio.Event()
+        self.without_xmpp = False  # started through remembered members while XMPP was unreachable
         ts = node.trust_service
         self._issuer = ts is not None and ts.issuer is not None
 
@@ -90,6 +91,13 @@ class Membership:
         await self.bootstrap.start()
         self.state = "joining"
         self._run(self._visit("join"))
+
+    def start_without_room(self, remembered: int) -> None:
+        """The XMPP server could not be reached at start: the node links to the members it remembers
+        (Node.start) while visits to the room keep being retried with backoff."""
+        self.state = "rejoining"
+        self.without_xmpp = True
+        self._fail(f"XMPP server unreachable at start: rejoining through {remembered} remembered members")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -107,6 +115,7 @@ class Membership:
             "anchor": self.is_anchor,
             "in_room": bool(self.bootstrap.in_room),
             "visits": self.visits,
+            "started_without_xmpp": self.without_xmpp,
             "retry_in_s": round(max(0.0, self._next_visit - now), 1) if self._task is None and self._failures else 0,
             "last_error": self.last_error,
             "xmpp": dict(self.bootstrap.stats),
@@ -151,6 +160,9 @@ class Membership:
         links = node.links.links
         if links:
             self._alone_since = None
+            if self.state == "rejoining" and node.beacon.overlay != NO_OVERLAY:
+                self.state = "member"
+                log.info("rejoined overlay %016x through remembered members, without XMPP", node.beacon.overlay)
         elif self._alone_since is None:
             self._alone_since = now
         if self._task is None and now >= self._next_visit:

@@ -33,7 +33,9 @@ from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
+from overlay.metrics import Histogram
 from overlay.ondemand import OnDemand, Open
+from overlay.remembered import MAX_REMEMBERED, Remembered
 from overlay.router import DATA_KINDS, Router
 from overlay.routing.maintenance import (
     DEAD_REASON,
@@ -49,7 +51,7 @@ from overlay.routing.ring import RingParams, RingTable, Role
 from overlay.sealing import Sealing
 from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
-from overlay.transport.paths import IceSettings
+from overlay.transport.paths import IceSettings, UdpPath
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
@@ -141,6 +143,7 @@ class Node:
         self.clock = clock
         self.rng = rng or random.Random()
         self.counters: dict[str, int] = {}
+        self.rtt_seconds = Histogram()  # link round trips (overlay/metrics.py)
         self.table = RingTable(self.id, settings.ring)
         self.maintenance = Maintenance(self.table, self.rng, stabilize_interval=settings.stabilize_interval)
         self.links = LinkManager(
@@ -347,10 +350,13 @@ class Node:
         self.tap = tap
         self.datapath.attach_tap(tap, ipaddress.IPv4Interface(self.settings.address).network.prefixlen)
 
-    async def start(self) -> None:
+    async def start(self, remembered: list[Remembered] | None = None) -> None:
         """Start the node: sockets, timers, and (with a bootstrap) the XMPP login and room entry, which raise
         BootstrapError for a wrong password, a missing room or a non-member. Joining the overlay then goes on
-        in the background (overlay/membership.py) and never ends the node."""
+        in the background (overlay/membership.py) and never ends the node.
+
+        `remembered` (the XMPP server is unreachable): link to these members instead of entering the room; the
+        first link up runs the join FIND as a link from the room would, and membership keeps trying XMPP."""
         self._loop = asyncio.get_running_loop()
         self.underlay.start(self.links.on_datagram)
         if self.ice is not None:
@@ -359,7 +365,13 @@ class Node:
         if self.tap is not None:
             self._loop.add_reader(self.tap.fileno(), self.datapath.on_tap_readable)
         self._schedule(self.clock())
-        if self.membership is not None:
+        if remembered:
+            for contact in remembered:
+                if contact.public_key != self.identity.public_key:
+                    self.links.connect(contact.public_key, contact.endpoint)
+            if self.membership is not None:
+                self.membership.start_without_room(len(remembered))
+        elif self.membership is not None:
             await self.membership.start()
         if self.trust_service is not None and self.bootstrap is not None:
             self.trust_service.start_polling(self.bootstrap)
@@ -380,6 +392,19 @@ class Node:
             await self.membership.stop()
         if self.trust_service is not None:
             await self.trust_service.stop()
+
+    def remembered(self) -> list[Remembered]:
+        """The members to come back through after a restart (overlay/remembered.py): ring neighbours first, then
+        the rest of our links; the endpoint our packets went to, or for a tunnel or TURN path the one the member
+        announced."""
+        ring = set(self.table.ring_peers())
+        out = []
+        for link in sorted(self.links.links.values(), key=lambda lk: (lk.peer_id not in ring, lk.peer_id)):
+            if isinstance(link.path, UdpPath) and link.path.kind != "relay":
+                out.append(Remembered(link.peer_key, link.path.endpoint))
+            elif link.contact is not None:
+                out.append(Remembered(link.peer_key, link.contact.endpoint))
+        return out[:MAX_REMEMBERED]
 
     # -- timers -------------------------------------------------------------------------------------------------
     def _schedule(self, when: float, *, for_silence: bool = False) -> None:
@@ -608,6 +633,7 @@ class Node:
                 sent = decode_token(msg) / 1e6
                 if 0 <= now - sent < 60:
                     link.rtt = now - sent
+                    self.rtt_seconds.observe(link.rtt)
             elif kind == LinkMsg.NEIGHBOURS:
                 ids, overlay, seq = decode_neighbours(msg)
                 if tuple(i for i in ids if i != link.peer_id) != self.table.neighbours_of(link.peer_id):

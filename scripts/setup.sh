@@ -59,7 +59,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import overlay, slixmpp, aioice, nacl, cryptography, networkx, hypothesis' \
+if ! .venv/bin/python -c 'import overlay, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
      >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'

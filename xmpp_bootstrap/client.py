@@ -61,11 +61,15 @@ class BootstrapError(Exception):
 
     `transient`: the server was slow or the session dropped, so trying again later may succeed; otherwise the
     configuration or the credentials are wrong (a refused login, not a member, no such room, a certificate
-    that does not verify, nothing listening at the address)."""
+    that does not verify, nothing listening at the address).
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    `unreachable`: no session could be opened at all (nothing listening, no answer): the server, not our
+    configuration, may be down, so a node that remembers members from its last run rejoins through them."""
+
+    def __init__(self, message: str, *, transient: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -434,10 +438,13 @@ class XmppBootstrap:
             "failed_all_auth",
             lambda _e: finish(f"login as {jid.bare} was refused: check the password (or the account name)"),
         )
-        client.add_event_handler(
-            "connection_failed",
-            lambda e: finish(f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs"),
-        )
+        refused: list[bool] = []
+
+        def connection_failed(e: object) -> None:
+            refused.append(True)
+            finish(f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs")
+
+        client.add_event_handler("connection_failed", connection_failed)
 
         def tls_failed(error: object) -> None:
             hint = f"is {s.ca_file} the server's CA?" if s.ca_file else "set ca_file for a self-signed server"
@@ -466,7 +473,7 @@ class XmppBootstrap:
             error = f"no XMPP session with {where} within {s.timeout:g} s: check host, port and firewall"
             transient = True
         if error is not None:
-            raise BootstrapError(error, transient=transient)
+            raise BootstrapError(error, transient=transient, unreachable=transient or bool(refused))
 
     async def _check_room(self) -> None:
         """Disco#info the room first: joining a missing room would ask the server to create it."""

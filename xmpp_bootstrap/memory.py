@@ -41,6 +41,7 @@ class MemoryRoom:
         self.members = {_bare(m) for m in members} | self.owners
         self.occupants: dict[str, MemoryBootstrap] = {}
         self.exists = True
+        self.server_up = True  # False: a login fails as with the server unreachable (sessions already in stay)
 
     def add_member(self, jid: str) -> None:
         """Make `jid` a member (an owner stays an owner)."""
@@ -149,6 +150,8 @@ class MemoryBootstrap:
     async def start(self) -> None:
         if not self.logged_in:
             jid = _bare(self.jid)
+            if not self.room.server_up:
+                raise BootstrapError("cannot reach the XMPP server: connection refused", unreachable=True)
             if not self.password_ok:
                 raise BootstrapError(f"login as {jid} was refused: check the password (or the account name)")
             if not self.room.exists:

@@ -253,6 +253,7 @@ class AddressService:
 
     def _ask(self, address: str, flags: int = 0) -> None:
         node = self.node
+        node.count("address lookups sent")  # retries included: a route that needs several is visible
         node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, flags)
 
     def on_value(self, pkt: Routed) -> None:

@@ -58,7 +58,7 @@ async def obtain_certificate(
     a certificate kept in `saved` from an earlier run is used if it is valid for more than a quarter of its
     life (a member restarts while no issuer is up); a new one is written there."""
     if issuer is None and not getattr(bootstrap, "issuers", []):
-        cert = _load_saved(saved, trust, wanted, jid)
+        cert = load_saved(saved, trust, wanted, jid)
         if cert is not None:
             log.info("no issuer in the room: using our saved certificate (%s as %s)", cert.jid, cert.address)
             return cert
@@ -71,9 +71,11 @@ async def obtain_certificate(
     return cert
 
 
-def _load_saved(
+def load_saved(
     saved: Path | None, trust: GroupTrust, wanted: ipaddress.IPv4Address | None, jid: str
 ) -> Certificate | None:
+    """The certificate kept in `saved`, set on `trust`, if it is ours, for `wanted` and valid for more than a
+    quarter of its life; else None."""
     if saved is None or not saved.exists():
         return None
     try:

@@ -160,6 +160,8 @@ class Group:
         self.turn_host: Host | None = None
         self.members: list[Member] = []
         self.spare_hosts: list[Host] = []
+        # After close(): the ERROR, CRITICAL and traceback lines of the members' logs (a normal run has none).
+        self.log_problems: list[str] = []
         self.room = ""
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -624,6 +626,13 @@ class Group:
             self.coturn.stop()
             self.coturn = None
         self.lab.close()
+        self.log_problems = [
+            f"node{m.index}: {line}"
+            for m in self.members
+            if m.log.exists()
+            for line in m.log.read_text(errors="replace").splitlines()
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        ]
         if self._own_workdir and not os.environ.get("IPOP_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
+from overlay.remembered import Remembered
 from overlay.routing.ring import RingParams, SortedRing
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, ethernet_frame, internet_checksum
@@ -91,13 +92,14 @@ class MemoryGroup:
     async def add_node(self) -> Node:
         return await self._start_node(len(self.nodes), Identity.from_seed(self.rng.randbytes(32)))
 
-    async def restart_node(self, i: int) -> Node:
-        """Stop node i and start a new process of it: same key, same address, nothing else remembered."""
+    async def restart_node(self, i: int, remembered: list[Remembered] | None = None) -> Node:
+        """Stop node i and start a new process of it: same key, same address, nothing else remembered but
+        `remembered` (what the CLI passes when the XMPP server is unreachable, overlay/remembered.py)."""
         await self.nodes[i].stop()
         self.taps[i].close()
-        return await self._start_node(i, self.nodes[i].identity)
+        return await self._start_node(i, self.nodes[i].identity, remembered)
 
-    async def _start_node(self, i: int, identity: Identity) -> Node:
+    async def _start_node(self, i: int, identity: Identity, remembered: list[Remembered] | None = None) -> Node:
         settings = NodeSettings(
             room=ROOM,
             address=f"{vaddr(i)}/16",
@@ -122,7 +124,7 @@ class MemoryGroup:
             self.taps.append(tap)
         else:
             self.nodes[i], self.taps[i] = node, tap
-        await node.start()
+        await node.start(remembered)
         return node
 
     def ring_correct(self) -> list[int]:

@@ -1,0 +1,304 @@
+"""`ipop-overlay check`: try what `join` needs from a config, without joining.
+
+It reads the node key (and the group key on an issuer), opens a TCP connection to the XMPP server, asks every
+STUN and UDP TURN server one STUN Binding request, and binds the UDP listen address. It creates no TAP device,
+does not log in and does not enter the room, so it needs no root and changes nothing on the server. Each check
+is a function returning a `Check` record; `run_checks` runs the network ones side by side (each bounded by the
+timeout) and `report_lines` turns the records into what the command prints.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from overlay.config import NodeConfig
+from overlay.control import socket_in_use
+from overlay.identity import Identity, KeyFileError
+from overlay.ids import format_id
+from overlay.trust.groupkey import GroupKey, format_public_key
+from overlay.trust.issuer import Issuer, IssuerError
+from overlay.wire import Endpoint
+
+# From RFC 5389 section 6 (message structure) and 15 (attributes).
+STUN_HEADER_LEN = 20
+STUN_MAGIC_COOKIE = 0x2112A442
+STUN_BINDING_REQUEST = 0x0001
+STUN_BINDING_SUCCESS = 0x0101
+STUN_BINDING_ERROR = 0x0111
+STUN_ATTR_MAPPED_ADDRESS = 0x0001
+STUN_ATTR_ERROR_CODE = 0x0009
+STUN_ATTR_XOR_MAPPED_ADDRESS = 0x0020
+STUN_RTO = 0.5  # RFC 5389 section 7.2.1: first retransmission after 500 ms, doubling each time
+
+# Our choice: long enough for a server across the world and a few lost datagrams, short enough to wait for.
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing `join` needs and whether it is there: `what` names it, `detail` says how it went or why not."""
+
+    ok: bool
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'FAIL':4} {self.what} {self.detail}"
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: tuple[Check, ...]
+    node_id: int | None  # None when the key file is unusable
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+# -- STUN Binding (RFC 5389), just enough to ask a server and read its answer --
+
+
+@dataclass(frozen=True)
+class BindingAnswer:
+    success: bool
+    mapped: Endpoint | None  # where the server saw our request come from
+    error: str | None  # ERROR-CODE of an error response, "401 Unauthorized"
+
+
+def binding_request(transaction_id: bytes) -> bytes:
+    """A Binding request without attributes: type, length 0, magic cookie, 96-bit transaction ID (section 6)."""
+    if len(transaction_id) != 12:
+        raise ValueError(f"a STUN transaction ID is 12 bytes, got {len(transaction_id)}")
+    return struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC_COOKIE) + transaction_id
+
+
+def parse_binding_answer(data: bytes, transaction_id: bytes) -> BindingAnswer | None:
+    """The answer to our request in `data`, or None for anything else (another transaction, not STUN, a
+    truncated or malformed message). The bytes come from the network: every length is checked, nothing raises."""
+    if len(data) < STUN_HEADER_LEN:
+        return None
+    kind, length, cookie = struct.unpack_from("!HHI", data)
+    if (
+        kind not in (STUN_BINDING_SUCCESS, STUN_BINDING_ERROR)
+        or cookie != STUN_MAGIC_COOKIE
+        or data[8:20] != transaction_id
+        or length % 4  # section 6: attributes are padded to 4 bytes, so is the length
+        or STUN_HEADER_LEN + length != len(data)
+    ):
+        return None
+    mapped: Endpoint | None = None
+    error: str | None = None
+    at = STUN_HEADER_LEN
+    while at + 4 <= len(data):
+        attr, size = struct.unpack_from("!HH", data, at)
+        value = data[at + 4 : at + 4 + size]
+        if len(value) < size:
+            return None
+        if attr == STUN_ATTR_XOR_MAPPED_ADDRESS:
+            mapped = _address(value, transaction_id, xor=True) or mapped
+        elif attr == STUN_ATTR_MAPPED_ADDRESS and mapped is None:  # RFC 3489 servers send only this one
+            mapped = _address(value, transaction_id, xor=False)
+        elif attr == STUN_ATTR_ERROR_CODE and size >= 4:
+            # Section 15.6: 21 reserved bits, the hundreds in 3 bits, the rest in 8, then a UTF-8 reason.
+            code = (value[2] & 0x07) * 100 + value[3]
+            error = f"{code} {value[4:].decode('utf-8', 'replace')}".strip()
+        at += 4 + size + (-size % 4)
+    return BindingAnswer(kind == STUN_BINDING_SUCCESS, mapped, error)
+
+
+def _address(value: bytes, transaction_id: bytes, xor: bool) -> Endpoint | None:
+    """(XOR-)MAPPED-ADDRESS (sections 15.1, 15.2): reserved byte, family (1: IPv4, 2: IPv6), port, address;
+    XOR'ed with the magic cookie (and, for IPv6, the transaction ID) so NATs that rewrite addresses miss it."""
+    if len(value) < 4:
+        return None
+    family, port = value[1], struct.unpack_from("!H", value, 2)[0]
+    size = {1: 4, 2: 16}.get(family)
+    if size is None or len(value) != 4 + size:
+        return None
+    address = value[4:]
+    if xor:
+        port ^= STUN_MAGIC_COOKIE >> 16
+        key = struct.pack("!I", STUN_MAGIC_COOKIE) + transaction_id
+        address = bytes(a ^ k for a, k in zip(address, key, strict=False))
+    return str(ipaddress.ip_address(address)), port
+
+
+# -- the checks --
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ms(start: float) -> str:
+    return f"{(time.monotonic() - start) * 1000:.0f} ms"
+
+
+def check_node_key(path: Path) -> tuple[Check, int | None]:
+    try:
+        identity = Identity.load(path)
+    except KeyFileError as e:
+        return Check(False, "node key", str(e)), None
+    return Check(True, "node key", f"{path} (node {format_id(identity.node_id)})"), identity.node_id
+
+
+def check_issuer(cfg: NodeConfig) -> Check:
+    """What `join` loads on an issuer: the group's private key, which must match the pinned public key, and the
+    state file (allocations, members, revocations) when there is one."""
+    assert cfg.issuer is not None
+    what = f"issuer group key {cfg.issuer.group_key}"
+    try:
+        key = GroupKey.load(cfg.issuer.group_key)
+    except KeyFileError as e:
+        return Check(False, "issuer group key", str(e))
+    if key.public_key != cfg.group_key:
+        return Check(False, what, "is not the key of [group] public_key: check both come from the same 'group init'")
+    issuer = Issuer(key, cfg.room, cfg.issuer.subnet, float(cfg.issuer.lifetime), cfg.issuer.state_file)
+    try:
+        issuer.load(time.time())
+    except IssuerError as e:
+        return Check(False, what, str(e))
+    state = f"state {cfg.issuer.state_file}" if cfg.issuer.state_file.exists() else "no state file yet"
+    return Check(True, what, f"matches [group] public_key ({state})")
+
+
+def check_control_socket(path: Path) -> Check:
+    what = f"control socket {path}"
+    if socket_in_use(path):
+        return Check(False, what, "is in use: is another node running with this config? set [node] control_socket")
+    return Check(True, what, "is free")
+
+
+def check_listen(listen: Endpoint) -> Check:
+    """Bind the underlay UDP address as `join` will (overlay/transport/underlay.py), then let it go."""
+    host, port = listen
+    what = f"udp listen address {_where(host, port)}"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind(listen)
+    except OSError as e:
+        hint = "is a node already running?" if e.errno == errno.EADDRINUSE else "check [node] listen"
+        return Check(False, what, f"cannot be bound: {e.strerror}; {hint}")
+    return Check(True, what, "can be bound")
+
+
+def check_tcp(what: str, host: str, port: int, timeout: float) -> Check:
+    """A TCP connection that opens within `timeout`: the server's address resolves, something listens."""
+    what = f"{what} {_where(host, port)}"
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as e:
+        return Check(False, what, f"unreachable: cannot resolve {host} ({e.strerror})")
+    except TimeoutError:
+        return Check(False, what, f"unreachable: no answer within {timeout:g} s (down, or a firewall drops it)")
+    except ConnectionRefusedError:
+        return Check(False, what, f"unreachable: connection refused (nothing listens on tcp port {port})")
+    except OSError as e:
+        return Check(False, what, f"unreachable: {e.strerror or e}")
+    return Check(True, what, f"reachable ({_ms(start)})")
+
+
+def check_stun(what: str, server: Endpoint, timeout: float) -> Check:
+    """One Binding transaction over UDP, retransmitted on RFC 5389's schedule until `timeout`. TURN servers
+    answer Binding requests too (RFC 5766 section 2: a TURN server is a STUN server), without credentials."""
+    host, port = server
+    what = f"{what} {_where(host, port)}"
+    transaction_id = os.urandom(12)
+    request = binding_request(transaction_id)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    start = time.monotonic()
+    deadline, resend, rto = start + timeout, start, STUN_RTO
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            # Connected, so an ICMP port unreachable comes back as ConnectionRefusedError.
+            sock.connect(server)
+            while (now := time.monotonic()) < deadline:
+                if now >= resend:
+                    sock.send(request)
+                    resend, rto = now + rto, rto * 2
+                # Never 0: a zero timeout makes the socket non-blocking and recv raise BlockingIOError.
+                sock.settimeout(max(0.001, min(resend, deadline) - now))
+                try:
+                    data = sock.recv(2048)
+                except TimeoutError:
+                    continue
+                answer = parse_binding_answer(data, transaction_id)
+                if answer is None:
+                    continue
+                if not answer.success:
+                    return Check(False, what, f"answered the STUN Binding request with error {answer.error or '?'}")
+                seen = f", sees us as {_where(*answer.mapped)}" if answer.mapped else ""
+                return Check(True, what, f"answered ({_ms(start)}){seen}")
+    except ConnectionRefusedError:
+        return Check(False, what, f"unreachable: port unreachable (nothing listens on udp port {port})")
+    except OSError as e:
+        return Check(False, what, f"unreachable: {e.strerror or e}")
+    return Check(False, what, f"no STUN answer within {timeout:g} s (down, UDP blocked, or not a STUN server)")
+
+
+def xmpp_host(cfg: NodeConfig) -> str:
+    """Where `join` connects: [xmpp] host, or the JID's domain (xmpp_bootstrap/client.py)."""
+    return cfg.host or cfg.jid.partition("@")[2].split("/")[0]
+
+
+def run_checks(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Report:
+    key, node_id = check_node_key(cfg.key)
+    local = [key]
+    if cfg.issuer is not None:
+        local.append(check_issuer(cfg))
+    local += [check_control_socket(cfg.control_socket), check_listen(cfg.listen)]
+    probes: list[Callable[[], Check]] = [partial(check_tcp, "xmpp server", xmpp_host(cfg), cfg.port, timeout)]
+    probes += [partial(check_stun, "stun server", server, timeout) for server in cfg.stun]
+    for turn in cfg.turn:
+        if turn.transport == "tcp":
+            probes.append(partial(check_tcp, "turn server (tcp)", turn.host, turn.port, timeout))
+        else:
+            probes.append(partial(check_stun, "turn server (udp)", (turn.host, turn.port), timeout))
+    # Side by side, so a config with several unreachable servers takes one timeout, not one per server.
+    with ThreadPoolExecutor(max_workers=len(probes)) as pool:
+        remote = list(pool.map(lambda probe: probe(), probes))
+    return Report(tuple(local + remote), node_id)
+
+
+def report_lines(cfg: NodeConfig, report: Report) -> list[str]:
+    """One line per check, then what `join` would do with this config."""
+    lines = [c.line() for c in report.checks]
+    node = format_id(report.node_id) if report.node_id is not None else "? (the key file is unusable)"
+    if cfg.vnic_address:
+        vnic = f"{cfg.vnic_name} with {cfg.vnic_address}"
+    else:
+        vnic = f"{cfg.vnic_name} with an address from the issuer"
+    if cfg.group_key is None:
+        group = "admit anyone who reaches it ([group] open = true: no certificates)"
+    else:
+        role = " (this node is an issuer: it signs them)" if cfg.issuer else ""
+        group = f"prove membership with a certificate from group key {format_public_key(cfg.group_key)}{role}"
+    if cfg.ice:
+        ice = f"on ({len(cfg.stun)} STUN, {len(cfg.turn)} TURN server(s))"
+    else:
+        ice = "off (direct links and tunnels only)"
+    lines += [
+        "",
+        "join would:",
+        f"  log in to {_where(xmpp_host(cfg), cfg.port)} as {cfg.jid} and enter room {cfg.room}",
+        f"  run as node {node}",
+        f"  {group}",
+        f"  create TAP device {vnic} (mtu {cfg.vnic_mtu})",
+        f"  listen for tunnels on udp {_where(*cfg.listen)}, ICE {ice}",
+        f"  answer 'ipop-overlay status' on {cfg.control_socket}",
+    ]
+    return lines
