@@ -1,4 +1,5 @@
-"""`ipop-overlay`: keygen, join, check, status, group, sim. Every failure is one line on stderr and a non-zero exit."""
+"""`ipop-overlay`: keygen, join, check, status, graph, group, sim. Every failure is one line on stderr and a
+non-zero exit."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any
 from overlay import groupcmd
 from overlay.check import DEFAULT_TIMEOUT, report_lines, run_checks
 from overlay.config import ConfigError, load_config
-from overlay.control import ControlError, query
+from overlay.control import ControlError, query, stream
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
+from overlay.manual import MANUAL
 from overlay.run import JoinError, run_node
 
 log = logging.getLogger("ipop-overlay")
@@ -91,11 +93,44 @@ def _status_table(st: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = Path(args.control) if args.control else DEFAULT_CONTROL
-    if args.config and not args.control:
-        path = load_config(Path(args.config)).control_socket
-    st = query(path)
+    st = query(_control_path(args))
     print(json.dumps(st, indent=2) if args.json else _status_table(st))
+    return 0
+
+
+def _control_path(args: argparse.Namespace) -> Path:
+    if args.config and not args.control:
+        return load_config(Path(args.config)).control_socket
+    return Path(args.control) if args.control else DEFAULT_CONTROL
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from overlay.graphfile import FORMATS, write
+
+    out = Path(args.out)
+    if out.suffix.lower() not in FORMATS:
+        raise ControlError(f"--out {out}: write .graphml, .dot (.gv) or .png")
+    bar = sys.stderr.isatty()
+    result: dict[str, Any] | None = None
+    for part in stream(_control_path(args), {"cmd": "graph", "timeout": args.timeout}, timeout=args.timeout + 10):
+        if "progress" in part and bar:
+            done, known = part["progress"]
+            filled = int(30 * done / max(known, 1))
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{known} members", end="", file=sys.stderr)
+        result = part.get("result", result)
+    if bar:
+        print(file=sys.stderr)
+    if result is None:
+        raise ControlError("the node ended the collection without a result")
+    try:
+        g = write(result, out)
+    except (ValueError, OSError) as e:
+        raise ControlError(str(e)) from None
+    print(f"{out}: {g.number_of_nodes()} members, {g.number_of_edges()} links")
+    if not result["complete"]:
+        silent = result["unanswered"]
+        print(f"PARTIAL: {len(silent)} members did not answer within {args.timeout:g} s: {', '.join(silent)}")
+        return 1
     return 0
 
 
@@ -140,97 +175,6 @@ def cmd_sim(argv: list[str]) -> int:
     return sim_main(argv)
 
 
-# Each subcommand's manual page for `--help`: what it does, what it needs, its exit status; then examples.
-MANUAL: dict[str, tuple[str, str]] = {
-    "keygen": (
-        """\
-Write a new Ed25519 node key to PATH, readable by its owner only (mode 0600), and print
-the node ID derived from it (16 hex digits): the node's place on the overlay's ring.
-
-Needs: a PATH that does not exist yet (an existing key is never overwritten) in a
-directory the caller may write.
-
-Exit status: 0 when the key was written; 1 with one line on stderr when it was not.""",
-        """\
-examples:
-  ipop-overlay keygen /var/lib/ipop-overlay/office/node.key""",
-    ),
-    "join": (
-        """\
-Run a node in the foreground until SIGINT or SIGTERM: log in to the XMPP server with the
-config's [xmpp] account, enter the group's room, get a membership certificate from an
-issuer (unless [group] open = true), create the TAP device, open the UDP listen socket and
-the control socket, and take a place in the overlay. Logs go to stderr. On SIGINT/SIGTERM
-the node tells its neighbours, closes its links and removes its TAP device and socket.
-
-Needs: CAP_NET_ADMIN (root, or the systemd unit in dist/systemd) for the TAP device; the
-node key ([node] key, from 'ipop-overlay keygen'); a config that passes 'ipop-overlay check'.
-A server that does not answer yet is waited for, with backoff.
-
-Exit status: 0 after a clean stop; 1 with one line on stderr when the node cannot start
-(bad config or key file, refused login, no such room, not a member), leaving nothing behind.""",
-        """\
-examples:
-  ipop-overlay join --config /etc/ipop-overlay/node.toml
-  systemctl start ipop-overlay@office     # the same, as a service: /etc/ipop-overlay/office.toml""",
-    ),
-    "check": (
-        """\
-Try what 'join' needs, without joining: read the config and the node key (and on an issuer
-the group key and its state file), open a TCP connection to the XMPP server, send one STUN
-Binding request to every [ice] STUN server and UDP TURN server (a TCP TURN server gets a TCP
-connection), and bind the UDP listen address. No TAP device is created, no login is tried
-and the room is not entered. Prints one line per check, "ok" or "FAIL" and the reason, then
-what 'join' would do with this config.
-
-Needs: the config and the files it names; no root (a listen port below 1024 needs
-CAP_NET_BIND_SERVICE). The password and room membership are only tried by 'join'.
-
-Exit status: 0 when every check passed; 1 when any failed; 2 when the config cannot be
-used (one line on stderr).""",
-        """\
-examples:
-  ipop-overlay check --config /etc/ipop-overlay/office.toml
-  ipop-overlay check --config node.toml --timeout 2""",
-    ),
-    "status": (
-        """\
-Show a running node's state, read from its control socket: node ID, virtual address, room,
-membership certificate, overlay and join state, DHT records, and one row per link (peer,
-kind of path, endpoint, RTT, bytes each way, roles in the ring).
-
-Needs: a running node and permission to open its control socket: --control, or the
-[node] control_socket of --config, or /run/ipop-overlay/node.sock.
-
-Exit status: 0 when the node answered; 1 with one line on stderr when none did.""",
-        """\
-examples:
-  ipop-overlay status
-  ipop-overlay status --config /etc/ipop-overlay/office.toml --json""",
-    ),
-    "group": (
-        """\
-The group's signing key and the room's member list.
-  init --out DIR       write a new group key (DIR/group.key, mode 0600) and DIR/group.pub,
-                       and print the public key every member pins in [group] public_key
-  create|add|remove|list --config FILE [JID ...]
-                       log in with the [xmpp] account of a node config and create the
-                       members-only room or edit or show its member list; an issuer
-                       revokes a removed member's certificate within a minute
-
-Needs: for init, a directory for the key; for the others, a config whose account owns the
-room (or administers it, for add, remove and list).
-
-Exit status: 0 on success; 1 with one line on stderr when the server refused or a file
-cannot be used.""",
-        """\
-examples:
-  ipop-overlay group init --out /var/lib/ipop-overlay/office/group
-  ipop-overlay group add --config owner.toml alice@example.test bob@example.test""",
-    ),
-}
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipop-overlay", description="GroupVPN over a structured overlay.")
     p.add_argument("--version", action="version", version=f"ipop-overlay {package_version()}")
@@ -245,6 +189,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help=f"seconds per server (default {DEFAULT_TIMEOUT:g})"
     )
+    g = sub.add_parser("graph", help="collect every member's links through the overlay; write GraphML, DOT or PNG")
+    g.add_argument("--out", default="overlay.graphml", help="file to write: .graphml, .dot or .png")
+    g.add_argument("--timeout", type=_seconds, default=30.0, help="seconds before a partial result (default 30)")
+    g.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
+    g.add_argument("--config", help="read the control socket path from this config file")
     s = sub.add_parser("status", help="show a running node's links and DHT")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
@@ -283,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_join(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "graph":
+            return cmd_graph(args)
         if args.command == "group":
             return groupcmd.run(args)
         return cmd_status(args)

@@ -1,7 +1,9 @@
 """The control socket: a Unix stream socket where `ipop-overlay status` asks the running node about itself.
 
 Protocol: one JSON object per line each way, {"cmd": "status"} -> the node's status object (or
-{"error": "..."}). The socket file is mode 0600 (status shows peers and endpoints) and is removed on exit.
+{"error": "..."}). A streamed command ({"cmd": "graph", "timeout": 30}) answers with several lines, progress
+first, the last one holding "result". The socket file is mode 0600 (status shows peers and endpoints) and is
+removed on exit.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,19 @@ def socket_in_use(path: Path) -> bool:
         s.close()
 
 
+Stream = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+
+
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Callable[[], dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Callable[[], dict[str, Any]]],
+        streams: dict[str, Stream] | None = None,
+    ) -> None:
         self.path = path
         self.handlers = handlers
+        self.streams = streams or {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -63,10 +74,17 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), timeout=5.0)
             try:
                 request = json.loads(line[:MAX_REQUEST])
-                handler = self.handlers[request["cmd"]]
-                reply = handler()
+                cmd = request["cmd"]
+                stream = self.streams.get(cmd)
+                if stream is not None:
+                    async for part in stream(request):
+                        writer.write(json.dumps(part).encode() + b"\n")
+                        await writer.drain()
+                    return
+                reply = self.handlers[cmd]()
             except (ValueError, KeyError, TypeError):
-                reply = {"error": f"unknown request; known: {', '.join(sorted(self.handlers))}"}
+                known = sorted([*self.handlers, *self.streams])
+                reply = {"error": f"unknown request; known: {', '.join(known)}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -85,30 +103,52 @@ class ControlServer:
 
 
 def query(path: Path, cmd: str = "status", timeout: float = 5.0) -> dict[str, Any]:
+    """One request, one answer."""
+    for reply in stream(path, {"cmd": cmd}, timeout):
+        return reply
+    raise ControlError(f"the node at {path} closed the connection without an answer")
+
+
+def stream(path: Path, request: dict[str, Any], timeout: float = 5.0) -> Iterator[dict[str, Any]]:
+    """The answers to `request`, one JSON object per line, as they come (`timeout` bounds each wait)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(str(path))
-        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
+        try:
+            s.connect(str(path))
+            s.sendall(json.dumps(request).encode() + b"\n")
+        except FileNotFoundError:
+            raise ControlError(
+                f"no node is running with control socket {path} (start one with "
+                f"'ipop-overlay join --config FILE', or pass --control PATH)"
+            ) from None
+        except OSError as e:
+            raise ControlError(f"cannot talk to the node at {path}: {e.strerror or e}") from None
+        buffer = b""
+        while True:
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield _reply(path, line)
+            try:
+                chunk = s.recv(65536)
+            except OSError as e:
+                raise ControlError(f"cannot talk to the node at {path}: {e.strerror or e}") from None
             if not chunk:
-                break
-            data += chunk
-    except FileNotFoundError:
-        raise ControlError(
-            f"no node is running with control socket {path} (start one with "
-            f"'ipop-overlay join --config FILE', or pass --control PATH)"
-        ) from None
-    except OSError as e:
-        raise ControlError(f"cannot talk to the node at {path}: {e.strerror or e}") from None
+                if buffer.strip():
+                    yield _reply(path, buffer)
+                return
+            buffer += chunk
     finally:
         s.close()
+
+
+def _reply(path: Path, line: bytes) -> dict[str, Any]:
     try:
-        reply: dict[str, Any] = json.loads(data)
+        reply = json.loads(line)
     except ValueError:
         raise ControlError(f"the node at {path} sent an unreadable answer") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"the node at {path} sent an unreadable answer")
     if "error" in reply:
         raise ControlError(f"the node at {path} says: {reply['error']}")
     return reply

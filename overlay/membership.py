@@ -137,6 +137,7 @@ class Membership:
                 self.node.wake()
 
         self._task = asyncio.ensure_future(guarded())
+        self._task.add_done_callback(lambda _: work.close())  # cancelled before it began (a stop): no warning
 
     def _fail(self, why: str) -> None:
         self._failures += 1

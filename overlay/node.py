@@ -29,6 +29,7 @@ from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
 from overlay.finds import Finder
+from overlay.graph import GraphService, NodeView, own_view
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
@@ -196,6 +197,7 @@ class Node:
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
         self.router.on_no_route = self._on_no_route
+        self.graph = GraphService(self, self._graph_view)
         self.router.on_sent = self._on_sent
         for kind, handler in (
             (Kind.DATA, self._deliver_data),
@@ -208,6 +210,8 @@ class Node:
             (Kind.DHT_VALUE, self.dht.on_value),
             (Kind.SIGNAL, self.signalling.on_routed),
             (Kind.CERT, self._on_cert),
+            (Kind.GRAPH_GET, self.graph.on_get),
+            (Kind.GRAPH, self.graph.on_answer),
         ):
             self.router.handlers[kind] = handler
         self.tap: Any = None
@@ -392,6 +396,13 @@ class Node:
             await self.membership.stop()
         if self.trust_service is not None:
             await self.trust_service.stop()
+
+    def _graph_view(self) -> NodeView:
+        ring = set(self.table.ring_peers())
+        return own_view(
+            self.address,
+            ((p, lk.kind, self.table.role(p), p in ring) for p, lk in self.links.links.items()),
+        )
 
     def remembered(self) -> list[Remembered]:
         """The members to come back through after a restart (overlay/remembered.py): ring neighbours first, then

@@ -157,7 +157,7 @@ async def _run_member(
     tap = None
     metrics: Any = None
     keeper: asyncio.Future[None] | None = None
-    control = ControlServer(cfg.control_socket, {"status": node.status})
+    control = ControlServer(cfg.control_socket, {"status": node.status}, {"graph": node.graph.request})
     try:
         try:
             tap = await LinuxTap.create(cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload)

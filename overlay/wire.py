@@ -231,6 +231,8 @@ class Kind(enum.IntEnum):
     CERT = 0x0B  # a certificate request or answer (overlay/trust/issuer.py): renewal through the overlay
     SEALED = 0x0C  # an end-to-end packet (a transport packet of the pair's session): data between members not linked
     E2E = 0x0D  # kind (1) + handshake packet or notice: sets up the end-to-end session (overlay/e2e.py)
+    GRAPH_GET = 0x0E  # token (4): "your links, please" (overlay/graph.py, `ipop-overlay graph`)
+    GRAPH = 0x0F  # token (4), address (4), links: the answer
 
 
 FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else: at the closest node)

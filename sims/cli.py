@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     p.add_argument("--plot", metavar="FILE.png", help="hop distribution histogram")
     p.add_argument("--graphml", metavar="FILE", help="write the built overlay as GraphML (small N)")
+    p.add_argument(
+        "--load", metavar="FILE", help="route over this GraphML picture (from `ipop-overlay graph`) instead of building"
+    )
     churn = p.add_argument_group("churn (virtual clock, the node's maintenance rules)")
     churn.add_argument("--churn", action="store_true", help="run nodes joining and leaving instead")
     churn.add_argument("--duration", type=float, default=1800.0, help="virtual seconds of churn")
@@ -96,6 +99,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         pairs=args.pairs,
         bfs_sources=args.bfs_sources,
         seed=args.seed,
+        load=args.load,
     )
 
 

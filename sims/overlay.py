@@ -135,7 +135,7 @@ def plane_positions(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.random((n, 2))
 
 
-def _csr(n: int, src: np.ndarray, dst: np.ndarray, undirected: bool) -> tuple[np.ndarray, np.ndarray]:
+def csr(n: int, src: np.ndarray, dst: np.ndarray, undirected: bool) -> tuple[np.ndarray, np.ndarray]:
     if undirected:
         src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     keep = src != dst
@@ -243,11 +243,11 @@ def build_symphony(
     has = lo_dst >= 0
     lo_src, lo_dst = lo_src[has], lo_dst[has]
     if links == "both":
-        indptr, indices = _csr(n, np.concatenate([rs, lo_src]), np.concatenate([rd, lo_dst]), True)
+        indptr, indices = csr(n, np.concatenate([rs, lo_src]), np.concatenate([rd, lo_dst]), True)
     elif links == "outgoing":
         src = np.concatenate([rs, rd, lo_src])
         dst = np.concatenate([rd, rs, lo_dst])
-        indptr, indices = _csr(n, src, dst, False)
+        indptr, indices = csr(n, src, dst, False)
     else:
         raise ValueError(f"links must be 'both' or 'outgoing', got {links!r}")
     return Overlay(ids, indptr, indices, long_out, params, "symphony", metric, positions, _ids_list=ids_list)
@@ -275,7 +275,7 @@ def build_kademlia(n: int, *, seed: int = 1, latency: str = "none") -> Overlay:
         src_parts.append(i[has])
         dst_parts.append(pick)
         per_node.append(has)
-    indptr, indices = _csr(n, np.concatenate(src_parts), np.concatenate(dst_parts), True)
+    indptr, indices = csr(n, np.concatenate(src_parts), np.concatenate(dst_parts), True)
     long_out = np.full((n, 1), -1, dtype=np.int32)
     buckets = sum(1 for has in per_node if has.any())
     params = RingParams(ring_size=0, long_links=buckets, incoming_cap=n)

@@ -51,6 +51,7 @@ class SimConfig:
     pairs: int = 10_000
     bfs_sources: int = 32  # sampled sources for the true shortest-path mean (0: skip)
     seed: int = 1
+    load: str | None = None  # a GraphML picture (`ipop-overlay graph`) to route over instead of building one
 
     def params(self) -> RingParams:
         cap = 2 * self.long_links if self.incoming_cap is None else self.incoming_cap
@@ -66,6 +67,10 @@ class SimConfig:
 
 
 def build(cfg: SimConfig, progress: Progress | None = None) -> Overlay:
+    if cfg.load is not None:
+        from sims.export import read_graphml
+
+        return read_graphml(cfg.load, cfg.params())
     if cfg.topology == "kademlia":
         return build_kademlia(cfg.nodes, seed=cfg.seed, latency=cfg.latency)
     if cfg.topology != "symphony":
