@@ -10,10 +10,8 @@ timeout) and `report_lines` turns the records into what the command prints.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +27,6 @@ from overlay.trust.groupkey import GroupKey, format_public_key
 from overlay.trust.issuer import Issuer, IssuerError
 from overlay.wire import Endpoint
 
-# From RFC 5389 section 6 (message structure) and 15 (attributes).
-STUN_HEADER_LEN = 20
-STUN_MAGIC_COOKIE = 0x2112A442
-STUN_BINDING_REQUEST = 0x0001
-STUN_BINDING_SUCCESS = 0x0101
-STUN_BINDING_ERROR = 0x0111
-STUN_ATTR_MAPPED_ADDRESS = 0x0001
-STUN_ATTR_ERROR_CODE = 0x0009
-STUN_ATTR_XOR_MAPPED_ADDRESS = 0x0020
 STUN_RTO = 0.5  # RFC 5389 section 7.2.1: first retransmission after 500 ms, doubling each time
 
 # Our choice: long enough for a server across the world and a few lost datagrams, short enough to wait for.
@@ -77,61 +66,37 @@ class BindingAnswer:
 
 
 def binding_request(transaction_id: bytes) -> bytes:
-    """A Binding request without attributes: type, length 0, magic cookie, 96-bit transaction ID (section 6)."""
+    """A Binding request without attributes (RFC 5389 section 6), made by aioice's STUN codec as the node's
+    ICE agent makes its own (overlay/transport/ice.py)."""
+    from aioice import stun
+
     if len(transaction_id) != 12:
         raise ValueError(f"a STUN transaction ID is 12 bytes, got {len(transaction_id)}")
-    return struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC_COOKIE) + transaction_id
+    return bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST, transaction_id=transaction_id))
 
 
 def parse_binding_answer(data: bytes, transaction_id: bytes) -> BindingAnswer | None:
     """The answer to our request in `data`, or None for anything else (another transaction, not STUN, a
-    truncated or malformed message). The bytes come from the network: every length is checked, nothing raises."""
-    if len(data) < STUN_HEADER_LEN:
+    truncated or malformed message): the bytes come from the network, nothing raises."""
+    from aioice import stun
+
+    try:
+        message = stun.parse_message(data)
+    except Exception:  # aioice's parser raises several types on hostile bytes; all mean "not an answer"
         return None
-    kind, length, cookie = struct.unpack_from("!HHI", data)
     if (
-        kind not in (STUN_BINDING_SUCCESS, STUN_BINDING_ERROR)
-        or cookie != STUN_MAGIC_COOKIE
-        or data[8:20] != transaction_id
-        or length % 4  # section 6: attributes are padded to 4 bytes, so is the length
-        or STUN_HEADER_LEN + length != len(data)
+        message.message_method != stun.Method.BINDING
+        or message.message_class not in (stun.Class.RESPONSE, stun.Class.ERROR)
+        or message.transaction_id != transaction_id
     ):
         return None
-    mapped: Endpoint | None = None
-    error: str | None = None
-    at = STUN_HEADER_LEN
-    while at + 4 <= len(data):
-        attr, size = struct.unpack_from("!HH", data, at)
-        value = data[at + 4 : at + 4 + size]
-        if len(value) < size:
-            return None
-        if attr == STUN_ATTR_XOR_MAPPED_ADDRESS:
-            mapped = _address(value, transaction_id, xor=True) or mapped
-        elif attr == STUN_ATTR_MAPPED_ADDRESS and mapped is None:  # RFC 3489 servers send only this one
-            mapped = _address(value, transaction_id, xor=False)
-        elif attr == STUN_ATTR_ERROR_CODE and size >= 4:
-            # Section 15.6: 21 reserved bits, the hundreds in 3 bits, the rest in 8, then a UTF-8 reason.
-            code = (value[2] & 0x07) * 100 + value[3]
-            error = f"{code} {value[4:].decode('utf-8', 'replace')}".strip()
-        at += 4 + size + (-size % 4)
-    return BindingAnswer(kind == STUN_BINDING_SUCCESS, mapped, error)
-
-
-def _address(value: bytes, transaction_id: bytes, xor: bool) -> Endpoint | None:
-    """(XOR-)MAPPED-ADDRESS (sections 15.1, 15.2): reserved byte, family (1: IPv4, 2: IPv6), port, address;
-    XOR'ed with the magic cookie (and, for IPv6, the transaction ID) so NATs that rewrite addresses miss it."""
-    if len(value) < 4:
-        return None
-    family, port = value[1], struct.unpack_from("!H", value, 2)[0]
-    size = {1: 4, 2: 16}.get(family)
-    if size is None or len(value) != 4 + size:
-        return None
-    address = value[4:]
-    if xor:
-        port ^= STUN_MAGIC_COOKIE >> 16
-        key = struct.pack("!I", STUN_MAGIC_COOKIE) + transaction_id
-        address = bytes(a ^ k for a, k in zip(address, key, strict=False))
-    return str(ipaddress.ip_address(address)), port
+    # RFC 3489 servers send only MAPPED-ADDRESS.
+    mapped = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get("MAPPED-ADDRESS")
+    code = message.attributes.get("ERROR-CODE")
+    error = f"{code[0]} {code[1]}".strip() if code else None
+    return BindingAnswer(
+        message.message_class == stun.Class.RESPONSE, (str(mapped[0]), int(mapped[1])) if mapped else None, error
+    )
 
 
 # -- the checks --
