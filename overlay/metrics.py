@@ -107,9 +107,10 @@ class NodeCollector:
             for what in ("bytes", "packets"):
                 vnic = CounterMetricFamily(f"ipop_vnic_{what}", f"{what.capitalize()} through the virtual NIC",
                                            labels=["direction"])  # fmt: skip
-                # The TAP's tx is what the node wrote to it: traffic that came in from the overlay.
-                vnic.add_metric(["in"], tap[f"tx_{what}"])
-                vnic.add_metric(["out"], tap[f"rx_{what}"])
+                # The kernel's view of the device: it transmits on the TAP what the machine sends into the VPN
+                # (the node reads it) and receives what the node writes, traffic that came from the overlay.
+                vnic.add_metric(["in"], tap[f"rx_{what}"])
+                vnic.add_metric(["out"], tap[f"tx_{what}"])
                 yield vnic
         data = CounterMetricFamily("ipop_data_packets_received", "Data packets delivered to this node")
         data.add_metric([], status["data_in"]["packets"])
