@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ipop-overlay needs on a fresh Debian machine (as root) and the project itself into
-# .venv. Idempotent: a second run only checks. Starts no service: Prosody and coturn are only ever started by
-# the tests and the demo, with explicit options, inside network namespaces they create.
+# .venv. Idempotent: a second run only checks. Starts no service: Prosody, ejabberd and coturn are only ever
+# started by the tests and the demo, with explicit options, inside network namespaces they create.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,14 +10,15 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-DEBS=(prosody coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip)
+# ejabberd pulls in erlang-base, which ships epmd (the tests start their own, inside a namespace).
+DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
-  # Debian's prosody and coturn packages start system-wide servers listening on every address of the root
+  # Debian's prosody, ejabberd and coturn packages start system-wide servers listening on every address of the root
   # namespace unless service starts are refused while they install: refuse them (a policy-rc.d that exits
   # 101, see invoke-rc.d(8)), whatever policy was there before, and put the old policy back afterwards.
   policy=/usr/sbin/policy-rc.d
@@ -38,9 +39,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   restore_policy
   trap - EXIT
 fi
-# Never leave a packaged system service enabled or running: our Prosody and coturn always run with explicit
-# options inside test namespaces. (Stopping goes through the service manager, never by process name.)
-for service in prosody coturn; do
+# Never leave a packaged system service enabled or running: our Prosody, ejabberd and coturn always run with
+# explicit options inside test namespaces. (Stopping goes through the service manager, never by process name.)
+# epmd.socket/epmd.service come with erlang-base: socket activation would start a system epmd on port 4369.
+for service in prosody ejabberd epmd.socket epmd coturn; do
   if command -v systemctl >/dev/null 2>&1; then
     if systemctl is-enabled "$service" >/dev/null 2>&1; then
       systemctl disable "$service" >/dev/null 2>&1 || true

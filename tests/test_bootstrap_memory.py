@@ -318,3 +318,14 @@ def test_removing_an_owner_takes_its_ownership_too() -> None:
         assert not present.in_room and present.removed_from_room is None
 
     asyncio.run(body())
+
+
+def test_room_settings_a_group_should_not_have_are_named_one_line_each() -> None:
+    from xmpp_bootstrap.protocol import room_config_problems
+
+    # What `group create` leaves (XEP-0045 disco#info features of a members-only, hidden, unmoderated room).
+    room = "g@conference.example.test"
+    assert room_config_problems(room, ["muc_membersonly", "muc_hidden", "muc_unmoderated"]) == []
+    lines = room_config_problems(room, ["muc_open", "muc_public", "muc_moderated", "muc_temporary"])
+    assert len(lines) == 3 and all(line.startswith(f"room {room} is ") for line in lines)
+    assert any("members-only" in line for line in lines) and any("public" in line for line in lines)

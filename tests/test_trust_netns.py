@@ -133,6 +133,7 @@ def test_with_the_issuer_down_members_keep_working_and_a_restarted_member_uses_i
 def test_a_removed_member_is_cut_off_within_a_minute_and_cannot_come_back(group: Group) -> None:
     owner = group.members[0]
     removed = group.members[REMOVED]
+    group.expected_errors.append("has been revoked")  # the removed member's own log says so, as it should
     assert group.ping(1, REMOVED, count=3)
     out = group.cli(
         owner.host, "group", "remove", "--config", str(owner.config), f"node{REMOVED}@{group.server.domain}"

@@ -12,12 +12,16 @@ What Prosody 0.12 answers, checked against a real server (tests/test_group_admin
 - any request to a room that does not exist: item-not-found;
 - only the first <item> of a multi-item change is applied, so every change is its own IQ;
 - a syntactically invalid JID is stored as given, so JIDs are checked here before anything is sent.
+ejabberd 23.01 differs where it matters here: a join that would create a room the account may not create is
+refused with forbidden (Prosody: not-allowed), and new rooms are public, moderated and capped at 200 occupants
+until their owner configures them, which create_room does and then checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +44,9 @@ from xmpp_bootstrap.client import (
     XmppSettings,
     _stanza_error,
 )
+from xmpp_bootstrap.protocol import room_config_problems
+
+log = logging.getLogger(__name__)
 
 MUC_ADMIN_NS = "http://jabber.org/protocol/muc#admin"
 MUC_OWNER_NS = "http://jabber.org/protocol/muc#owner"
@@ -211,16 +218,36 @@ async def _add_members(client: ClientXMPP, room: str, jids: list[str], timeout: 
 # -- creating and configuring the room --
 
 
-async def _room_exists(client: ClientXMPP, room: str, timeout: float) -> bool:
-    """Disco#info the room (XEP-0045 section 6.4): a join would create a missing room, so look first."""
+async def _room_features(client: ClientXMPP, room: str, timeout: float) -> set[str] | None:
+    """Disco#info the room (XEP-0045 section 6.4): the features it advertises, or None when it does not exist.
+    A join would create a missing room, so look first."""
     what = "a room lookup"
     try:
-        await _request(client, room, "get", DISCO_INFO_NS, None, timeout, what)
+        query = await _request(client, room, "get", DISCO_INFO_NS, None, timeout, what)
     except IqError as exc:
         if exc.condition == "item-not-found":
-            return False
+            return None
         raise _refusal(exc, room, str(client.boundjid.bare), what) from None
-    return True
+    return {f.get("var", "") for f in query.iterfind(f"{{{DISCO_INFO_NS}}}feature")}
+
+
+async def _room_exists(client: ClientXMPP, room: str, timeout: float) -> bool:
+    return await _room_features(client, room, timeout) is not None
+
+
+async def _check_configured(client: ClientXMPP, room: str, timeout: float) -> None:
+    """Read back what the room advertises after our config: not members-only is an error (the membership check
+    would be gone); public or moderated (a server whose form lacks the field) is a warning."""
+    features = await _room_features(client, room, timeout)
+    if features is None:
+        raise BootstrapError(f"room {room} disappeared while it was configured: try again", transient=True)
+    if "muc_open" in features:
+        raise BootstrapError(
+            f"room {room} is still open after configuring it members-only: the server ignored the setting, "
+            "so it cannot hold a group"
+        )
+    for problem in room_config_problems(room, features):
+        log.warning("%s, even after configuring it: the server's form has no field for that", problem)
 
 
 async def _join(client: ClientXMPP, room: str, nick: str, timeout: float) -> bool:
@@ -235,9 +262,11 @@ async def _join(client: ClientXMPP, room: str, nick: str, timeout: float) -> boo
         if pres["type"] == "error":
             # Prosody's refusal lacks the MUC <x/> child, so it is matched by the room's JID (as client.py does).
             condition = _stanza_error(pres)
-            if condition in ("registration-required", "forbidden"):
+            # We join only a room that did not exist: a members-only room made meanwhile refuses us with
+            # registration-required, and a refused creation is not-allowed (Prosody) or forbidden (ejabberd).
+            if condition == "registration-required":
                 message = f"{room} exists and {account} is not its owner"
-            elif condition == "not-allowed":
+            elif condition in ("not-allowed", "forbidden"):
                 message = f"room {room} does not exist and {account} may not create rooms: ask the server's admin"
             elif condition == "conflict":
                 message = f"nick {nick} is already in use in {room}: is another group admin running?"
@@ -312,16 +341,19 @@ async def _configure(client: ClientXMPP, room: str, timeout: float) -> None:
 
 async def create_room(client: ClientXMPP, room: str, nick: str, members: list[str], timeout: float = 10.0) -> None:
     """Make `room` a group: create it if missing (joining as `nick`, then leaving), configure it members-only,
-    persistent and hidden, and add each member. A room we already own is reconfigured and gets the members."""
+    persistent, hidden and unmoderated with the loosest occupant cap, check that it took, and add each member.
+    A room we already own is reconfigured and gets the members."""
     room = bare_jid(room, "room")
     jids = _bare_jids(members)
     if await _room_exists(client, room, timeout):
         await _configure(client, room, timeout)
+        await _check_configured(client, room, timeout)
         await _add_members(client, room, jids, timeout)
         return
     await _join(client, room, nick, timeout)
     try:
         await _configure(client, room, timeout)
+        await _check_configured(client, room, timeout)
         await _add_members(client, room, jids, timeout)
     finally:
         client.make_presence(pto=JID(f"{room}/{nick}"), ptype="unavailable").send()

@@ -42,6 +42,7 @@ from xmpp_bootstrap.protocol import (
     encode_hello,
     parse_overlay,
     removal_reason,
+    room_config_problems,
 )
 
 log = logging.getLogger(__name__)
@@ -168,13 +169,25 @@ def _stanza_error(stanza: Any) -> str:
     return ""
 
 
-# Why Prosody (0.12) refuses a join, as XEP-0045 section 7.2 defines the conditions, with what to do.
+def _stanza_error_text(stanza: Any) -> str:
+    """The server's own words in a stanza error's <text/> (RFC 6120 section 8.3.2), on one line, or ''."""
+    text = stanza.xml.find(f"{{jabber:client}}error/{{{STANZA_ERROR_NS}}}text")
+    return " ".join((text.text or "").split()) if text is not None else ""
+
+
+# Why a server refuses a join, as XEP-0045 section 7.2 defines the conditions, with what to do. `forbidden` is
+# a ban (outcast) on Prosody 0.12 and ejabberd 23.01, but ejabberd also answers it when the room is gone and the
+# account may not create rooms: the server's own text ({said}) tells the two apart.
 JOIN_REFUSALS = {
     "registration-required": "{jid} is not a member of room {room}: ask the room owner to add it as a member",
-    "forbidden": "{jid} is banned from room {room}: ask the room owner",
+    "forbidden": "room {room} refused {jid} (forbidden{said}): a ban, or a room that no longer exists; ask its owner",
     "conflict": "nick {nick} is already in use in room {room}: is this node running twice?",
     "not-authorized": "room {room} needs a room password, which groups do not use: check the room config",
     "service-unavailable": "room {room} is full: raise its occupant limit",
+    # ejabberd 23.01's answer to a full room ("Too many users in this conference") and to an account in too many
+    # rooms ("You have joined too many conferences"): XEP-0045 section 7.2.10 names service-unavailable instead.
+    "resource-constraint": "room {room} refused {jid} at a server limit (resource-constraint{said}): "
+    "raise the room's occupant cap or the server's limits",
     "not-allowed": "room {room} does not exist and {jid} may not create it: check the room name",
     "item-not-found": "room {room} does not exist: check the room name",
 }
@@ -214,6 +227,7 @@ class XmppBootstrap:
         """Why the room threw us out (e.g. "membership revoked"), or None; cleared by a successful join."""
         self._joined: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
+        self._room_warnings: set[str] = set()  # what _check_room has logged about the room's settings
 
     @property
     def in_room(self) -> bool:
@@ -480,7 +494,7 @@ class XmppBootstrap:
         assert self._client is not None
         iq = self._client.make_iq_get(queryxmlns=DISCO_INFO_NS, ito=self._room.bare)
         try:
-            await iq.send(timeout=self.settings.timeout)  # type: ignore[no-untyped-call]
+            result: Any = await iq.send(timeout=self.settings.timeout)  # type: ignore[no-untyped-call]
         except IqError as exc:
             condition = exc.condition
             if condition == "item-not-found":
@@ -492,6 +506,14 @@ class XmppBootstrap:
             raise BootstrapError(
                 f"room {self._room.bare} did not answer within {self.settings.timeout:g} s", transient=True
             ) from None
+        # A room set up otherwise still works (a member still enters and talks), so this only warns, once per
+        # problem: ejabberd's rooms are public and moderated unless their owner changed them.
+        feature_path = f"{{{DISCO_INFO_NS}}}query/{{{DISCO_INFO_NS}}}feature"
+        features = (f.get("var", "") for f in result.xml.iterfind(feature_path))
+        for problem in room_config_problems(str(self._room.bare), features):
+            if problem not in self._room_warnings:
+                self._room_warnings.add(problem)
+                log.warning("%s; its owner fixes that with `ipop-overlay group create`", problem)
 
     async def _join(self) -> None:
         self._joined = asyncio.get_running_loop().create_future()
@@ -582,11 +604,13 @@ class XmppBootstrap:
             return
         condition = _stanza_error(pres)
         template = JOIN_REFUSALS.get(condition, "joining room {room} was refused ({condition})")
+        said = _stanza_error_text(pres)
         message = template.format(
             jid=JID(self.settings.jid).bare,
             room=self._room.bare,
             nick=self.settings.nick,
             condition=condition,
+            said=f": {said}" if said else "",
         )
         self._joined.set_exception(BootstrapError(message))
 

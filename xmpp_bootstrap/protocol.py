@@ -44,6 +44,15 @@ REMOVAL_REASONS = {
     "322": "the room became members-only",
 }
 
+# XEP-0045 section 6.4 and its disco registry (section 15.3): a feature a room advertises that a group's room must
+# not have -> the room config field that sets it and what it costs the group. Prosody and ejabberd both advertise
+# these; ejabberd's new rooms are public and moderated unless their owner says otherwise.
+ROOM_FEATURE_PROBLEMS = {
+    "muc_open": ("not members-only (muc#roomconfig_membersonly off)", "any account of the server can enter it"),
+    "muc_public": ("public (muc#roomconfig_publicroom on)", "the server lists it in its room directory"),
+    "muc_moderated": ("moderated (muc#roomconfig_moderatedroom on)", "a moderator can take a member's voice"),
+}
+
 log = logging.getLogger(__name__)
 
 # Whitespace XML tools may add around or inside base64 text (RFC 4648 section 3.3 lets a decoder skip it).
@@ -107,6 +116,17 @@ def removal_reason(codes: Iterable[str]) -> str | None:
         if code in codes:
             return reason
     return None
+
+
+def room_config_problems(room: str, features: Iterable[str]) -> list[str]:
+    """One line per setting of `room` (from the features of its disco#info answer) that a group's room should
+    not have, naming the config field and what it costs; [] for a room set up as `group create` does."""
+    have = set(features)
+    return [
+        f"room {room} is {setting}: {cost}"
+        for feature, (setting, cost) in ROOM_FEATURE_PROBLEMS.items()
+        if feature in have
+    ]
 
 
 def should_stand_down(own_nick: str, anchor_nicks: Iterable[str], anchors: int) -> bool:

@@ -1,6 +1,7 @@
 """A group of overlay nodes, each running the real `ipop-overlay` CLI in its own network namespace.
 
-One lab (tests/support/netlab.py): a hub bridge, a namespace for Prosody, one namespace per node and,
+One lab (tests/support/netlab.py): a hub bridge, a namespace for the XMPP server (Prosody, or ejabberd with
+`server="ejabberd"`: tests/support/prosody.py, tests/support/ejabberd.py), one namespace per node and,
 on request, spare namespaces for nodes that are expected to fail. Accounts, the members-only room,
 keys, passwords and configs are made here; nodes start one at a time so each one finds a running
 group. Used by tests/test_e2e.py, scripts/demo.py and bench/iperf_tap.py. On exit every process this
@@ -31,6 +32,7 @@ from typing import Any
 
 from overlay.ids import parse_id, ring_distance
 from tests.support.coturn import CoturnServer
+from tests.support.ejabberd import EjabberdServer, missing_ejabberd
 from tests.support.netlab import Host, NetLab
 from tests.support.prosody import ProsodyServer
 
@@ -52,6 +54,8 @@ STOP_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 10.0
 # IPOP_LOG_LEVEL=debug makes every node log its link set-up and ICE steps (the logs stay with IPOP_KEEP_WORKDIR).
 LOG_LEVEL = os.environ.get("IPOP_LOG_LEVEL", "info")
+# The XMPP servers a group can run on, by the name Group(server=...) takes.
+SERVERS: dict[str, type[ProsodyServer] | type[EjabberdServer]] = {"prosody": ProsodyServer, "ejabberd": EjabberdServer}
 
 
 def cli_argv() -> list[str]:
@@ -63,8 +67,8 @@ def cli_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "overlay.cli"]
 
 
-def missing_prerequisites() -> str | None:
-    """Why a group cannot run on this machine, or None when it can."""
+def missing_prerequisites(server: str = "prosody") -> str | None:
+    """Why a group on `server` cannot run on this machine, or None when it can."""
     if os.geteuid() != 0:
         return "network namespaces, TAP devices and Prosody (run_as_root) need root"
     for tool in ("prosody", "prosodyctl", "turnserver", "ip", "iptables", "ping", "openssl"):
@@ -72,6 +76,8 @@ def missing_prerequisites() -> str | None:
             return f"{tool} is not installed (see the install scripts)"
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing: TAP devices are unavailable"
+    if server == "ejabberd":
+        return missing_ejabberd()
     return None
 
 
@@ -101,7 +107,9 @@ class Member:
 
 
 class Group:
-    """Context manager: Prosody and `size` member nodes (not yet started) in namespaces on one bridge.
+    """Context manager: an XMPP server and `size` member nodes (not yet started) in namespaces on one bridge.
+
+    `server` picks the XMPP server: "prosody" (the default) or "ejabberd".
 
     `spares` extra namespaces, each with a registered member account, are for configs that should fail
     (`spare_config`, `run_join`); `outsiders` names accounts that exist but are not in the room.
@@ -128,7 +136,11 @@ class Group:
         node_extra: str = "",
         trust: bool = False,
         auto_address: Iterable[int] = (),
+        server: str = "prosody",
     ) -> None:
+        if server not in SERVERS:
+            raise ValueError(f"server {server!r} is not one of {', '.join(SERVERS)}")
+        self.server_kind = server
         if not 1 <= size <= 200:
             raise ValueError(f"group size {size} must be between 1 and 200")
         self.clusters = dict(clusters or {})
@@ -154,14 +166,17 @@ class Group:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ipop-group-")).resolve()
         self.lab = NetLab(prefix)
-        self.server: ProsodyServer | None = None
+        self.server: ProsodyServer | EjabberdServer | None = None
         self.xmpp_host: Host | None = None
         self.coturn: CoturnServer | None = None
         self.turn_host: Host | None = None
         self.members: list[Member] = []
         self.spare_hosts: list[Host] = []
-        # After close(): the ERROR, CRITICAL and traceback lines of the members' logs (a normal run has none).
+        # After close(): the ERROR, CRITICAL and traceback lines of the members' logs. A normal run has none;
+        # leaving the group without an exception fails on any line not matching `expected_errors` (substrings a
+        # test that provokes an error names, e.g. a revoked member's own report).
         self.log_problems: list[str] = []
+        self.expected_errors: list[str] = []
         self.room = ""
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -178,6 +193,9 @@ class Group:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+        if exc_type is None:
+            unexpected = [line for line in self.log_problems if not any(e in line for e in self.expected_errors)]
+            assert not unexpected, "errors in node logs:\n" + "\n".join(unexpected[:20])
 
     def say(self, line: str) -> None:
         if self.verbose:
@@ -187,9 +205,9 @@ class Group:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.lab.add_hub()
         self.xmpp_host = self.lab.add_host("xmpp")
-        self.say(f"lab {self.lab.tag}: hub bridge, Prosody at {self.xmpp_host.address}:{XMPP_PORT}")
-        self.server = ProsodyServer(
-            self.workdir / "prosody", bind=self.xmpp_host.address, port=XMPP_PORT, netns=self.xmpp_host.netns
+        self.say(f"lab {self.lab.tag}: hub bridge, {self.server_kind} at {self.xmpp_host.address}:{XMPP_PORT}")
+        self.server = SERVERS[self.server_kind](
+            self.workdir / self.server_kind, bind=self.xmpp_host.address, port=XMPP_PORT, netns=self.xmpp_host.netns
         )
         self.server.start()
         for name, kind in self.clusters.items():
@@ -286,12 +304,13 @@ class Group:
         return self.workdir / "group"
 
     def _create_room(self, name: str, members: list[str], owners: list[str]) -> str:
-        """Create the room from inside Prosody's namespace: the root namespace has no route to the lab."""
+        """Create the room from inside the server's namespace: the root namespace has no route to the lab."""
         assert self.server is not None and self.xmpp_host is not None
         s = self.server
+        cls = type(s)
         script = (
-            "import asyncio, sys; from pathlib import Path; from tests.support.prosody import ProsodyServer; "
-            f"s = ProsodyServer(Path({str(s.workdir)!r}), domain={s.domain!r}, bind={s.host!r}, "
+            f"import asyncio, sys; from pathlib import Path; from {cls.__module__} import {cls.__name__}; "
+            f"s = {cls.__name__}(Path({str(s.workdir)!r}), domain={s.domain!r}, bind={s.host!r}, "
             f"port={s.port}, netns={s.netns!r}); "
             f"print(asyncio.run(s.create_room({name!r}, {members!r}, owners={owners!r})))"
         )
@@ -607,8 +626,9 @@ class Group:
             time.sleep(interval)
 
     def close(self) -> None:
-        """Stop nodes, Prosody and coturn (by PID), delete the namespaces and the work directory; idempotent."""
-        # Nodes first (they leave the room while Prosody still runs), then Prosody and coturn, then the namespaces.
+        """Stop nodes, the XMPP server and coturn (by PID), delete the namespaces and the work directory;
+        idempotent."""
+        # Nodes first (they leave the room while the server still runs), then it and coturn, then the namespaces.
         running = [m.process for m in self.members if m.running and m.process is not None]
         for p in running:
             with contextlib.suppress(ProcessLookupError):

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,6 +258,37 @@ def _run(cmd: list[str], *, cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
 
 
+@contextlib.asynccontextmanager
+async def admin_session(host: str, port: int, jid: str, password: str, ca_file: str) -> AsyncIterator[ClientXMPP]:
+    """A logged-in slixmpp client for the fixture's own set-up (rooms, affiliations), disconnected on exit."""
+    client = ClientXMPP(jid, password)
+    client.enable_direct_tls = False
+    client.auto_authorize = False
+    client.auto_subscribe = False
+    client.ca_certs = ca_file
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _done(_: object = None) -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    def _failed(reason: object = None) -> None:
+        if not ready.done():
+            ready.set_exception(RuntimeError(f"admin login to {host}:{port} failed: {reason}"))
+
+    client.add_event_handler("session_start", _done)
+    client.add_event_handler("failed_all_auth", _failed)
+    client.add_event_handler("connection_failed", _failed)
+    client.connect(host, port)
+    try:
+        await asyncio.wait_for(ready, 10)
+        yield client
+    finally:
+        client.cancel_connection_attempt()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 3)
+
+
 class ProsodyServer:
     """One Prosody process with a private CA, a VirtualHost `domain` and a MUC component."""
 
@@ -437,32 +469,8 @@ class ProsodyServer:
         Prosody 0.12 applies only the first <item> of a multi-item affiliation change: one IQ per member.
         """
         room = f"{name}@{self.muc_domain}"
-        client = ClientXMPP(self.admin_jid, ADMIN_PASSWORD)
-        client.enable_direct_tls = False
-        client.auto_authorize = False
-        client.auto_subscribe = False
-        client.ca_certs = self.ca_file
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def _done(_: object = None) -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        def _failed(reason: object = None) -> None:
-            if not ready.done():
-                ready.set_exception(RuntimeError(f"admin login to {self.host}:{self.port} failed: {reason}"))
-
-        client.add_event_handler("session_start", _done)
-        client.add_event_handler("failed_all_auth", _failed)
-        client.add_event_handler("connection_failed", _failed)
-        client.connect(self.host, self.port)
-        try:
-            await asyncio.wait_for(ready, 10)
+        async with admin_session(self.host, self.port, self.admin_jid, ADMIN_PASSWORD, self.ca_file) as client:
             await self._create_room_as(client, room, members, owners or [])
-        finally:
-            client.cancel_connection_attempt()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 3)
         return room
 
     async def _create_room_as(self, client: ClientXMPP, room: str, members: list[str], owners: list[str]) -> None:
