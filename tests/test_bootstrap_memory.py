@@ -329,3 +329,39 @@ def test_room_settings_a_group_should_not_have_are_named_one_line_each() -> None
     lines = room_config_problems(room, ["muc_open", "muc_public", "muc_moderated", "muc_temporary"])
     assert len(lines) == 3 and all(line.startswith(f"room {room} is ") for line in lines)
     assert any("members-only" in line for line in lines) and any("public" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("condition", "transient", "words"),
+    [
+        ("resource-constraint", True, "occupant cap"),  # ejabberd 23.01's full room
+        ("service-unavailable", True, "full"),  # XEP-0045 section 7.2.10's full room
+        ("forbidden", False, "a ban, or a room that no longer exists"),
+        ("registration-required", False, "not a member"),
+    ],
+)
+def test_a_refused_join_names_the_condition_and_only_a_full_room_is_retried(
+    condition: str, transient: bool, words: str
+) -> None:
+    import xml.etree.ElementTree as ET
+    from types import SimpleNamespace
+
+    from xmpp_bootstrap import XmppBootstrap, XmppSettings
+
+    async def scenario() -> BootstrapError:
+        boot = XmppBootstrap(XmppSettings(jid="a@example.test/n", password="p", room="g@conference.example.test",
+                                          nick="0123456789abcdef"))  # fmt: skip
+        boot._joined = asyncio.get_running_loop().create_future()
+        xml = ET.fromstring(
+            "<presence xmlns='jabber:client' type='error'><error type='cancel'>"
+            f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+            "<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>said by the server</text></error></presence>"
+        )
+        boot._on_join_refused(SimpleNamespace(xml=xml))
+        with pytest.raises(BootstrapError) as refused:
+            await boot._joined
+        return refused.value
+
+    error = asyncio.run(scenario())
+    assert error.transient is transient and words in str(error)
+    assert "g@conference.example.test" in str(error)

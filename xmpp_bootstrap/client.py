@@ -192,6 +192,8 @@ JOIN_REFUSALS = {
     "item-not-found": "room {room} does not exist: check the room name",
 }
 
+ROOM_FULL = frozenset({"service-unavailable", "resource-constraint"})
+
 
 def _real_jid(pres: Any) -> str | None:
     """The bare real JID an occupant's presence shows (<x xmlns='...muc#user'><item jid=.../></x>), or None."""
@@ -612,7 +614,8 @@ class XmppBootstrap:
             condition=condition,
             said=f": {said}" if said else "",
         )
-        self._joined.set_exception(BootstrapError(message))
+        # A full room is a state, not a mistake: in a restart storm it empties again, so it is retried with backoff.
+        self._joined.set_exception(BootstrapError(message, transient=condition in ROOM_FULL))
 
     def _on_disconnected(self, client: ClientXMPP) -> None:
         if client is not self._client:
