@@ -21,7 +21,6 @@ from overlay.control import ControlError, query, stream
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
 from overlay.manual import MANUAL
-from overlay.run import JoinError, run_node
 
 log = logging.getLogger("ipop-overlay")
 DEFAULT_CONTROL = Path("/run/ipop-overlay/node.sock")
@@ -35,6 +34,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    # Imported here: the node (slixmpp, cryptography, ...) is half a second of start-up that `status`, `graph`
+    # and `check` do not need.
+    from overlay.run import JoinError, run_node
+
     cfg = load_config(Path(args.config))
     identity = Identity.load(cfg.key)
 
@@ -45,7 +48,11 @@ def cmd_join(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_node(cfg, identity, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except JoinError as e:
+        print(f"ipop-overlay: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "group":
             return groupcmd.run(args)
         return cmd_status(args)
-    except (ConfigError, KeyFileError, ControlError, JoinError, groupcmd.GroupCommandError) as e:
+    except (ConfigError, KeyFileError, ControlError, groupcmd.GroupCommandError) as e:
         print(f"ipop-overlay: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
