@@ -75,16 +75,26 @@ class ControlServer:
             try:
                 request = json.loads(line[:MAX_REQUEST])
                 cmd = request["cmd"]
-                stream = self.streams.get(cmd)
-                if stream is not None:
-                    async for part in stream(request):
-                        writer.write(json.dumps(part).encode() + b"\n")
-                        await writer.drain()
-                    return
-                reply = self.handlers[cmd]()
+                stream, handler = self.streams.get(cmd), self.handlers.get(cmd)
+                if stream is None and handler is None:
+                    raise KeyError(cmd)
             except (ValueError, KeyError, TypeError):
                 known = sorted([*self.handlers, *self.streams])
                 reply = {"error": f"unknown request; known: {', '.join(known)}"}
+            else:
+                if stream is not None:
+                    try:
+                        parts = stream(request)
+                    except ValueError as e:  # the request's parameters, named by the command
+                        reply = {"error": str(e)}
+                    else:
+                        async for part in parts:
+                            writer.write(json.dumps(part).encode() + b"\n")
+                            await writer.drain()
+                        return
+                else:
+                    assert handler is not None
+                    reply = handler()
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):

@@ -203,3 +203,31 @@ def test_a_partial_result_is_marked_in_every_file(tmp_path: Path) -> None:
         write(result, tmp_path / "p.svg")
     with pytest.raises(ValueError, match="GraphML"):
         read_graphml(str(tmp_path / "nothing.graphml"), RingParams())
+
+
+def test_the_control_socket_streams_a_collection_and_names_a_bad_timeout(tmp_path: Path) -> None:
+    from overlay.control import ControlError, ControlServer, stream
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=8)
+        try:
+            for _ in range(3):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            server = ControlServer(
+                tmp_path / "node.sock", {"status": g.nodes[0].status}, {"graph": g.nodes[0].graph.request}
+            )
+            await server.start()
+            parts = await asyncio.to_thread(
+                lambda: list(stream(tmp_path / "node.sock", {"cmd": "graph", "timeout": 5}))
+            )
+            assert "progress" in parts[0] and parts[-1]["result"]["complete"] and len(parts[-1]["result"]["nodes"]) == 3
+            with pytest.raises(ControlError, match="1 to 600 seconds"):
+                await asyncio.to_thread(lambda: list(stream(tmp_path / "node.sock", {"cmd": "graph", "timeout": 0})))
+            with pytest.raises(ControlError, match="unknown request; known: graph, status"):
+                await asyncio.to_thread(lambda: list(stream(tmp_path / "node.sock", {"cmd": "nothing"})))
+            await server.stop()
+        finally:
+            await g.stop()
+
+    run(scenario())
