@@ -245,6 +245,7 @@ def test_xmpp_outage_does_not_take_the_network_down(group: Group) -> None:
     failed = [p for p, t in answered.items() if t is None]
     assert not failed, f"without XMPP, after restarting {restarted}: " + describe(group, failed)
     for i in restarted:
-        membership = group.status(i)["membership"]
-        assert membership["started_without_xmpp"] and membership["state"] == "member", membership
+        # "rejoining" until the first gossip round brings the overlay's beacon (one round, 10 s when steady).
+        assert group.wait_until(lambda i=i: group.status(i)["membership"]["state"] == "member", 15.0)
+        assert group.status(i)["membership"]["started_without_xmpp"]
         assert "remembered members" in group.members[i].log.read_text()
