@@ -23,8 +23,8 @@ from overlay.config import NodeConfig
 from overlay.control import socket_in_use
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
-from overlay.trust.groupkey import GroupKey, format_public_key
-from overlay.trust.issuer import Issuer, IssuerError
+from overlay.trust.groupkey import format_public_key
+from overlay.trust.issuer import IssuerError, open_issuer
 from overlay.wire import Endpoint
 
 STUN_RTO = 0.5  # RFC 5389 section 7.2.1: first retransmission after 500 ms, doubling each time
@@ -122,16 +122,12 @@ def check_issuer(cfg: NodeConfig) -> Check:
     """What `join` loads on an issuer: the group's private key, which must match the pinned public key, and the
     state file (allocations, members, revocations) when there is one."""
     assert cfg.issuer is not None
-    what = f"issuer group key {cfg.issuer.group_key}"
+    c, what = cfg.issuer, f"issuer group key {cfg.issuer.group_key}"
+    assert cfg.group_key is not None  # load_config refuses an [issuer] without it
     try:
-        key = GroupKey.load(cfg.issuer.group_key)
+        open_issuer(c.group_key, cfg.group_key, cfg.room, c.subnet, float(c.lifetime), c.state_file, time.time())
     except KeyFileError as e:
         return Check(False, "issuer group key", str(e))
-    if key.public_key != cfg.group_key:
-        return Check(False, what, "is not the key of [group] public_key: check both come from the same 'group init'")
-    issuer = Issuer(key, cfg.room, cfg.issuer.subnet, float(cfg.issuer.lifetime), cfg.issuer.state_file)
-    try:
-        issuer.load(time.time())
     except IssuerError as e:
         return Check(False, what, str(e))
     state = f"state {cfg.issuer.state_file}" if cfg.issuer.state_file.exists() else "no state file yet"

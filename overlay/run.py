@@ -26,8 +26,7 @@ from overlay.remembered import save as save_remembered
 from overlay.transport.paths import IceSettings
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
 from overlay.trust.enroll import EnrollError, load_saved, obtain_certificate
-from overlay.trust.groupkey import GroupKey
-from overlay.trust.issuer import Issuer, IssuerError
+from overlay.trust.issuer import Issuer, IssuerError, open_issuer
 from overlay.trust.members import GroupTrust
 
 log = logging.getLogger("ipop-overlay")
@@ -106,12 +105,11 @@ def _trust(cfg: NodeConfig, identity: Identity) -> tuple[GroupTrust | None, Issu
     trust = GroupTrust(cfg.group_key, identity.public_key, time.time)
     if cfg.issuer is None:
         return trust, None
-    key = GroupKey.load(cfg.issuer.group_key)
-    if key.public_key != cfg.group_key:
-        raise JoinError(f"[issuer] group_key {cfg.issuer.group_key} is not the key of [group] public_key")
-    issuer = Issuer(key, cfg.room, cfg.issuer.subnet, float(cfg.issuer.lifetime), cfg.issuer.state_file)
+    c = cfg.issuer
     try:
-        issuer.load(time.time())
+        issuer = open_issuer(
+            c.group_key, cfg.group_key, cfg.room, c.subnet, float(c.lifetime), c.state_file, time.time()
+        )
     except IssuerError as e:
         raise JoinError(str(e)) from None
     return trust, issuer

@@ -268,3 +268,24 @@ class Issuer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise IssuerError(f"issuer state {self.state_file} is damaged ({e}); restore it from a backup") from None
         self.members_known = True
+
+
+def open_issuer(
+    group_key: Path,
+    pinned: bytes,
+    room: str,
+    subnet: ipaddress.IPv4Network,
+    lifetime: float,
+    state_file: Path,
+    now: float,
+) -> Issuer:
+    """An [issuer] as `join` runs it and `check` tries it: the group's private key (KeyFileError if unusable),
+    which must be the pinned public key's, and its state file; IssuerError names what is wrong."""
+    key = GroupKey.load(group_key)
+    if key.public_key != pinned:
+        raise IssuerError(
+            f"[issuer] group_key {group_key} is not the key of [group] public_key: do both come from one 'group init'?"
+        )
+    issuer = Issuer(key, room, subnet, lifetime, state_file)
+    issuer.load(now)
+    return issuer
