@@ -32,7 +32,7 @@ from overlay.tap.frames import (
     FrameError,
     complete_checksum,
     parse_vnet_header,
-    segment_tcp4,
+    segment_tcp,
 )
 from overlay.transport.session import HandshakeError, Handshaker, PendingHandshake, Session, new_index
 from overlay.wire import DecodeError, HandshakeInit, HandshakeResp, Kind, decode_handshake, decode_transport_header
@@ -124,7 +124,7 @@ class EndToEnd:
         try:
             packet = view[VNET_HDR_LEN:]
             offload = parse_vnet_header(view[:VNET_HDR_LEN], ETH_HEADER_LEN + len(packet))
-            return segment_tcp4(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+            return segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
         except FrameError:
             self.count("drop: TCP super-frame that cannot be segmented")
             return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from overlay.links import Link
-from overlay.tap.frames import ETH_HEADER_LEN, Bytes, FrameError, complete_checksum, parse_vnet_header, segment_tcp4
+from overlay.tap.frames import ETH_HEADER_LEN, Bytes, FrameError, complete_checksum, parse_vnet_header, segment_tcp
 
 SEGMENT_DROP = "drop: TCP super-frame that cannot be segmented"
 
@@ -22,7 +22,7 @@ def send_unfragmented(link: Link, header: bytes, head: Bytes, packet: Bytes, cou
     routed header to put in front, kind DATA. A frame that cannot be cut is counted and dropped."""
     try:
         offload = parse_vnet_header(head, ETH_HEADER_LEN + len(packet))
-        packets = segment_tcp4(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+        packets = segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
     except FrameError:
         count(SEGMENT_DROP)
         return

@@ -30,7 +30,7 @@ from overlay.tap.frames import (
     ethernet_frame,
     internet_checksum,
     parse_vnet_header,
-    segment_tcp4,
+    segment_tcp,
 )
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.underlay import MemoryNetwork
@@ -177,21 +177,21 @@ def test_complete_checksum_fills_in_what_checksum_offload_left_undone() -> None:
     assert udp_checksum_ok(done) and done[:26] == packet[:26] and done[28:] == packet[28:]
 
 
-def test_segment_tcp4_cuts_a_super_frame_as_the_kernel_would() -> None:
+def test_segment_tcp_cuts_a_super_frame_as_the_kernel_would() -> None:
     options = b"\x01\x01\x08\x0a" + struct.pack("!II", 123456, 654321)  # NOP NOP timestamps
     packet = tcp4_super_frame(
         os.urandom(60001), seq=0xFFFFF000, ip_id=0xFFFE, flags=CWR | ACK | PSH | FIN, options=options
     )
-    segments = segment_tcp4(packet, tso_header(1348, 32))
+    segments = segment_tcp(packet, tso_header(1348, 32))
     assert len(segments) == 45 and all(len(s) <= 1400 for s in segments)
     check_segments(packet, segments, 1348)
     assert segments[0][33] == CWR | ACK and segments[-1][33] == ACK | PSH | FIN  # flags: the checks, spelt out
     assert struct.unpack_from("!H", segments[2], 4)[0] == 0  # IP ID wraps
 
 
-def test_segment_tcp4_of_a_frame_that_fits_one_segment_just_completes_it() -> None:
+def test_segment_tcp_of_a_frame_that_fits_one_segment_just_completes_it() -> None:
     packet = tcp4_super_frame(b"x" * 100, seq=5, ip_id=9, flags=ACK | PSH)
-    [only] = segment_tcp4(packet, tso_header(1360))
+    [only] = segment_tcp(packet, tso_header(1360))
     assert only[:16] == packet[:16] and only[20:] != packet[20:] and tcp4_checksums_ok(only)
 
 
@@ -207,14 +207,14 @@ def test_segment_tcp4_of_a_frame_that_fits_one_segment_just_completes_it() -> No
         ((2, 0xFF), tso_header(1360)),  # IPv4 total length beyond the bytes present
     ],
 )
-def test_segment_tcp4_refuses_a_super_frame_that_does_not_add_up(
+def test_segment_tcp_refuses_a_super_frame_that_does_not_add_up(
     change: tuple[int, int] | None, header: VnetHeader
 ) -> None:
     packet = bytearray(tcp4_super_frame(b"0123456789", seq=1, ip_id=1, flags=ACK))
     if change is not None:
         packet[change[0]] = change[1]
     with pytest.raises(FrameError):
-        segment_tcp4(bytes(packet), header)
+        segment_tcp(bytes(packet), header)
 
 
 @settings(max_examples=300, deadline=None)
@@ -230,7 +230,7 @@ def test_segment_tcp4_refuses_a_super_frame_that_does_not_add_up(
     st.one_of(st.just(34), st.integers(0, 80)),
     st.one_of(st.just(16), st.integers(0, 40)),
 )
-def test_segment_tcp4_of_any_frame_gives_valid_segments_or_frame_error(
+def test_segment_tcp_of_any_frame_gives_valid_segments_or_frame_error(
     payload: bytes,
     flags: int,
     options: bytes,
@@ -248,18 +248,18 @@ def test_segment_tcp4_of_any_frame_gives_valid_segments_or_frame_error(
             packet[where] = value
     header = VnetHeader(VNET_F_NEEDS_CSUM, gso_type, 0, mss, csum_start, csum_offset)
     try:
-        segments = segment_tcp4(bytes(packet), header)
+        segments = segment_tcp(bytes(packet), header)
     except FrameError:
         return
     check_segments(bytes(packet), segments, mss)
 
 
-def test_segment_tcp4_of_arbitrary_bytes_raises_only_frame_error() -> None:
+def test_segment_tcp_of_arbitrary_bytes_raises_only_frame_error() -> None:
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=200), st.integers(0, 2**16 - 1))
     def fuzz(data: bytes, mss: int) -> None:
         try:
-            segment_tcp4(data, tso_header(mss))
+            segment_tcp(data, tso_header(mss))
         except FrameError:
             pass
 

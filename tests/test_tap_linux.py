@@ -90,6 +90,14 @@ def ip(text):
 def sh(*argv):
     return subprocess.run(argv, capture_output=True, text=True, timeout=10)
 
+def echo6_reply(request):
+    # Swapped addresses, type 129 (RFC 4443 §4.2); the pseudo-header's sum is the same either way round.
+    icmp = bytearray(request[40:])
+    icmp[0], icmp[2:4] = 129, b"\x00\x00"
+    pseudo = request[8:40] + len(icmp).to_bytes(4, "big") + bytes([0, 0, 0, 58])
+    icmp[2:4] = internet_checksum(pseudo + bytes(icmp)).to_bytes(2, "big")
+    return request[:8] + request[24:40] + request[8:24] + bytes(icmp)
+
 def echo_reply(request):
     header_len = (request[0] & 0x0F) * 4
     # Swapping source and destination leaves the IPv4 header checksum unchanged.
@@ -101,7 +109,7 @@ def echo_reply(request):
 
 async def main():
     out = {"replies": 0, "echo_requests": 0, "batches": []}
-    tap = await LinuxTap.create("ipt0", "198.19.0.1/24", 1400)
+    tap = await LinuxTap.create("ipt0", "198.19.0.1/24", 1400, address6="fd00:99::1/64")
     out["mac"] = tap.mac.hex()
     out["addr"] = json.loads(sh("ip", "-j", "addr", "show", "dev", "ipt0").stdout)
     # Taken name; bad prefix; a non-TAP device's name; an MTU the kernel refuses after the device exists
@@ -117,11 +125,16 @@ async def main():
             await LinuxTap.create(name, address, mtu)
         except TapError as e:
             out.setdefault("errors", []).append(str(e))
+    try:
+        await LinuxTap.create("ipt4", "198.19.9.1/24", 1200, address6="fd00:99::1/64")
+    except TapError as e:
+        out.setdefault("errors", []).append(str(e))
     out["leftovers"] = [n for n in ("ipt1", "ipt2") if sh("ip", "link", "show", n).returncode == 0]
     offloaded = await LinuxTap.create("ipt3", "198.19.3.1/24", 1400, offload=True)
     out["offload_link"] = json.loads(sh("ip", "-d", "-j", "link", "show", "dev", "ipt3").stdout)[0]
     offloaded.close()
-    nic = VirtualNic(ip("198.19.0.1"), 24, tap.mac)
+    nic = VirtualNic(ip("198.19.0.1"), 24, tap.mac, address6=int(ipaddress.IPv6Address("fd00:99::1")))
+    out["echo6_requests"] = 0
 
     def on_readable():
         frames = tap.read_batch()
@@ -131,6 +144,10 @@ async def main():
             if isinstance(result, Reply):
                 out["replies"] += 1
                 tap.write(result.frame)
+            elif isinstance(result, Outbound) and result.packet[0] >> 4 == 6:
+                if result.packet[6] == 58 and result.packet[40] == 128:
+                    out["echo6_requests"] += 1
+                    tap.write(nic.to_tap(echo6_reply(bytes(result.packet))))
             elif isinstance(result, Outbound) and result.packet[9] == 1 and result.packet[20] == 8:
                 out["echo_requests"] += 1
                 out["echo_dst"] = result.dst_ip
@@ -142,8 +159,13 @@ async def main():
         "ping", "-c", "2", "-i", "0.2", "-W", "3", "198.19.0.2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     ping_out, _ = await asyncio.wait_for(ping.communicate(), 15)
+    ping6 = await asyncio.create_subprocess_exec(
+        "ping", "-6", "-c", "2", "-i", "0.2", "-W", "3", "fd00:99::2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    ping6_out, _ = await asyncio.wait_for(ping6.communicate(), 15)
     loop.remove_reader(tap.fileno())
     out["ping_rc"], out["ping_out"] = ping.returncode, ping_out.decode()
+    out["ping6_rc"], out["ping6_out"] = ping6.returncode, ping6_out.decode()
     out["neigh"] = json.loads(sh("ip", "-j", "neigh", "show", "dev", "ipt0").stdout)
     out["learnt_mac"] = nic.tap_mac.hex()
     tap.close()
@@ -158,7 +180,7 @@ asyncio.run(main())
 
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="TAP devices and namespaces need root")
-def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close() -> None:
+def test_linux_tap_in_namespace_answers_arp_and_neighbour_discovery_carries_ping_and_vanishes_on_close() -> None:
     with NetLab() as lab:
         lab.add_hub()
         host = lab.add_host("tap")
@@ -171,11 +193,16 @@ def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close()
             {"local": a["local"], "prefixlen": a["prefixlen"]} for a in link["addr_info"] if a["family"] == "inet"
         ]
         assert link["address"].replace(":", "") == out["mac"]
-        assert len(out["errors"]) == 4, out
+        # The IPv6 address is there at once: no duplicate address detection ("tentative") to wait for.
+        (inet6,) = [a for a in link["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"]
+        assert (inet6["local"], inet6["prefixlen"]) == ("fd00:99::1", 64)
+        assert not inet6.get("tentative") and inet6.get("nodad")
+        assert len(out["errors"]) == 5, out
         assert "already in use" in out["errors"][0]
         assert "198.19.9.1/33" in out["errors"][1]
         assert "not a TAP" in out["errors"][2]
         assert "MTU 65535" in out["errors"][3]
+        assert "below IPv6's minimum of 1280" in out["errors"][4]
         assert out["leftovers"] == []
         # With offload the kernel's super-frames are capped so that one, with our headers, fits a datagram.
         assert out["offload_link"]["gso_max_size"] == GSO_MAX_SIZE
@@ -187,5 +214,9 @@ def test_linux_tap_in_namespace_answers_arp_carries_ping_and_vanishes_on_close()
         assert out["echo_requests"] == 2
         assert out["echo_dst"] == 0xC6130002
         assert out["ping_rc"] == 0, out["ping_out"]
+        # The same over IPv6: the kernel's solicitation answered with the gateway MAC, the echo came through.
+        assert [n["lladdr"] for n in out["neigh"] if n["dst"] == "fd00:99::2"] == ["02:49:50:4f:50:01"]
+        assert out["echo6_requests"] == 2
+        assert out["ping6_rc"] == 0, out["ping6_out"]
         assert not out["exists_after_close"]
         assert out["read_after_close"] == []

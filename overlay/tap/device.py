@@ -22,6 +22,7 @@ import struct
 from typing import Protocol
 
 from overlay.tap.frames import VNET_HDR_LEN, Bytes
+from overlay.tap.ndp import IPV6_MIN_MTU
 
 # From linux/if_tun.h.
 TUNSETIFF = 0x400454CA
@@ -50,6 +51,16 @@ SIOCGIFHWADDR = 0x8927
 SIOCGIFINDEX = 0x8933
 # From linux/netlink.h and linux/rtnetlink.h / if_link.h: the one attribute no ioctl sets.
 RTM_NEWLINK = 16
+RTM_NEWADDR = 20
+NLM_F_REPLACE = 0x100
+NLM_F_CREATE = 0x400
+# linux/if_addr.h: the address attribute, its flags attribute, and "no duplicate address detection": the
+# address is usable at once instead of after DAD's ~1 s (RFC 4862 §5.4); the overlay, not the link, is
+# what makes addresses unique (each is derived from a key or checked against the DHT).
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_FLAGS = 8
+IFA_F_NODAD = 0x02
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -57,6 +68,8 @@ IFLA_GSO_MAX_SIZE = 41
 _NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _RTATTR_U32 = struct.Struct("=HHI")  # length, type, value
+_RTATTR_IN6 = struct.Struct("=HH16s")  # length, type, IPv6 address
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 # Ethernet header plus one 802.1Q tag: a read buffer of MTU + this never truncates a frame.
 FRAME_OVERHEAD = 18
 # RFC 791: every IPv4 host must accept 68-byte datagrams unfragmented; 65535 is the IPv4 maximum.
@@ -138,8 +151,11 @@ class LinuxTap:
         self._read_size = VNET_HDR_LEN + MAX_MTU + FRAME_OVERHEAD if vnet_hdr else mtu + FRAME_OVERHEAD
 
     @classmethod
-    async def create(cls, name: str, address: str, mtu: int, *, offload: bool = False) -> LinuxTap:
-        """Create TAP `name`, give it `address` ("10.254.0.1/16") and `mtu`, and bring it up.
+    async def create(
+        cls, name: str, address: str, mtu: int, *, offload: bool = False, address6: str | None = None
+    ) -> LinuxTap:
+        """Create TAP `name`, give it `address` ("10.254.0.1/16"), `address6` if any ("fd00:1::5/64") and `mtu`,
+        and bring it up.
 
         `offload`: TSO/checksum offload with a virtio_net_hdr on every frame (see the class docstring)."""
         _check_name(name)
@@ -151,9 +167,15 @@ class LinuxTap:
             raise TapError(f"TAP address {address!r} has no prefix length: write it like 10.254.0.1/16")
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise TapError(f"TAP MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}")
+        try:
+            interface6 = ipaddress.IPv6Interface(address6) if address6 is not None else None
+        except ValueError as e:
+            raise TapError(f"TAP address {address6!r} is not IPv6/prefix: write it like fd00:1::5/64") from e
+        if interface6 is not None and mtu < IPV6_MIN_MTU:
+            raise TapError(f"TAP MTU {mtu} is below IPv6's minimum of {IPV6_MIN_MTU} (RFC 8200 §5)")
         fd = _open_tap(name, offload)
         try:
-            mac = _configure(name, interface, mtu, GSO_MAX_SIZE if offload else None)
+            mac = _configure(name, interface, mtu, GSO_MAX_SIZE if offload else None, interface6)
         except BaseException:
             os.close(fd)  # the device goes with its only fd
             raise
@@ -224,8 +246,15 @@ def _open_tap(name: str, offload: bool = False) -> int:
     return fd
 
 
-def _configure(name: str, interface: ipaddress.IPv4Interface, mtu: int, gso_max_size: int | None) -> bytes:
-    """Set MTU, address and up in the current namespace (netdevice(7) ioctls); return the device's MAC."""
+def _configure(
+    name: str,
+    interface: ipaddress.IPv4Interface,
+    mtu: int,
+    gso_max_size: int | None,
+    interface6: ipaddress.IPv6Interface | None = None,
+) -> bytes:
+    """Set MTU, addresses and up in the current namespace (netdevice(7) ioctls, rtnetlink for what they cannot
+    say); return the device's MAC."""
     request = name.encode("ascii")
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -246,10 +275,43 @@ def _configure(name: str, interface: ipaddress.IPv4Interface, mtu: int, gso_max_
             answer = fcntl.ioctl(fd, SIOCGIFFLAGS, struct.pack(f"{IFNAMSIZ}s{IFREQ_UNION}x", request))
             flags = struct.unpack_from("H", answer, IFNAMSIZ)[0]
             fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack(f"{IFNAMSIZ}sH22x", request, flags | IFF_UP))
+            if interface6 is not None:
+                _add_address6(name, index, interface6)
             answer = fcntl.ioctl(fd, SIOCGIFHWADDR, struct.pack(f"{IFNAMSIZ}s{IFREQ_UNION}x", request))
     except OSError as e:
         raise TapError(f"configuring TAP {name} with {interface} and MTU {mtu} failed: {e.strerror}") from e
     return bytes(answer[IFNAMSIZ + 2 : IFNAMSIZ + 8])  # struct sockaddr: family, then the 6-byte MAC
+
+
+def _add_address6(name: str, index: int, interface: ipaddress.IPv6Interface) -> None:
+    """Give the device its IPv6 address without duplicate address detection (one RTM_NEWADDR message)."""
+    packed = interface.ip.packed
+    body = (
+        _IFADDRMSG.pack(socket.AF_INET6, interface.network.prefixlen, IFA_F_NODAD, 0, index)
+        + _RTATTR_IN6.pack(_RTATTR_IN6.size, IFA_LOCAL, packed)
+        + _RTATTR_IN6.pack(_RTATTR_IN6.size, IFA_ADDRESS, packed)
+        + _RTATTR_U32.pack(_RTATTR_U32.size, IFA_FLAGS, IFA_F_NODAD)
+    )
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    code = _rtnetlink(_NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), RTM_NEWADDR, flags, 1, 0) + body)
+    if code == errno.EACCES:
+        raise TapError(
+            f"adding {interface} to TAP {name} was refused: IPv6 is disabled here "
+            "(sysctl net.ipv6.conf.default.disable_ipv6=1); enable it or leave [vnic] address6 out"
+        )
+    if code:
+        raise TapError(f"adding {interface} to TAP {name} failed: {os.strerror(code)}")
+
+
+def _rtnetlink(message: bytes) -> int:
+    """Send one rtnetlink request and return the errno of its acknowledgement (0: done)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5.0)  # the kernel answers at once; a bound keeps a broken netlink from hanging the start
+        nl.send(message)
+        answer = nl.recv(65536)
+    if len(answer) < _NLMSG_HEADER.size + 4 or _NLMSG_HEADER.unpack_from(answer)[1] != NLMSG_ERROR:
+        raise OSError(errno.EPROTO, "unexpected rtnetlink answer")
+    return -int(struct.unpack_from("=i", answer, _NLMSG_HEADER.size)[0])
 
 
 def _set_gso_max_size(index: int, size: int) -> None:
@@ -260,13 +322,7 @@ def _set_gso_max_size(index: int, size: int) -> None:
     attribute = _RTATTR_U32.pack(_RTATTR_U32.size, IFLA_GSO_MAX_SIZE, size)
     body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0) + attribute
     message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-        nl.settimeout(5.0)  # the kernel answers at once; a bound keeps a broken netlink from hanging the start
-        nl.send(message)
-        answer = nl.recv(65536)
-    # The ack is an NLMSG_ERROR carrying 0 (done) or a negative errno; both mean carry on (see above).
-    if len(answer) < _NLMSG_HEADER.size + 4 or _NLMSG_HEADER.unpack_from(answer)[1] != NLMSG_ERROR:
-        raise OSError(errno.EPROTO, "unexpected rtnetlink answer")
+    _rtnetlink(message)  # 0 (done) or an errno: both mean carry on (see above)
 
 
 class MemoryTap:

@@ -1,4 +1,5 @@
-"""Codecs for the bytes a TAP device carries: Ethernet II frames, ARP for IPv4, IPv4 headers, ICMP errors.
+"""Codecs for the bytes a TAP device carries: Ethernet II frames, ARP for IPv4, IPv4 and IPv6 headers, ICMP
+errors, offload headers and software TCP segmentation (IPv6 neighbour discovery: overlay/tap/ndp.py).
 
 Every decoder here treats its input as hostile and raises exactly one error, `FrameError`, on bad bytes;
 anything else escaping a decoder is a bug (the property tests feed arbitrary bytes to check that). Misuse
@@ -31,6 +32,8 @@ ARP_LEN = 28
 # RFC 791.
 IPV4_MIN_HEADER = 20
 IPPROTO_ICMP = 1
+# RFC 8200.
+IPV6_HEADER_LEN = 40
 
 # RFC 792: type 3 = destination unreachable; code 1 = host unreachable.
 ICMP_ECHO_REPLY = 0
@@ -150,6 +153,22 @@ def ipv4_addresses(packet: Bytes) -> tuple[int, int]:
     """(src, dst) of a validated IPv4 packet, as integers."""
     src, dst, _, _ = ipv4_header(packet)
     return src, dst
+
+
+def ipv6_header(packet: Bytes) -> tuple[int, int, int]:
+    """Validate a fixed IPv6 header (RFC 8200 §3) and return (src, dst, total_len): total_len is the header
+    and its payload length; bytes past it are padding. A jumbogram (payload length 0, RFC 2675) is refused:
+    no link of ours carries one."""
+    if len(packet) < IPV6_HEADER_LEN:
+        raise FrameError(f"IPv6 packet of {len(packet)} bytes is shorter than the 40-byte header")
+    if packet[0] >> 4 != 6:
+        raise FrameError(f"IP version {packet[0] >> 4} is not 6")
+    total_len = IPV6_HEADER_LEN + ((packet[4] << 8) | packet[5])
+    if total_len > len(packet):
+        raise FrameError(f"IPv6 payload length {total_len - IPV6_HEADER_LEN} exceeds the {len(packet)} bytes present")
+    src = int.from_bytes(packet[8:24], "big")
+    dst = int.from_bytes(packet[24:40], "big")
+    return src, dst, total_len
 
 
 def _word_sum(data: Bytes) -> int:
@@ -298,26 +317,36 @@ _TCP_CWR = 0x80
 _IP_MF_AND_OFFSET = 0x3FFF  # RFC 791: More Fragments flag and fragment offset
 
 
-def segment_tcp4(packet: Bytes, header: VnetHeader) -> list[bytes]:
-    """Cut an IPv4/TCP super-frame (TSO, virtio_net_hdr `header`) into the packets a NIC would have sent.
+def segment_tcp(packet: Bytes, header: VnetHeader) -> list[bytes]:
+    """Cut an IPv4/TCP or IPv6/TCP super-frame (TSO, virtio_net_hdr `header`) into the packets a NIC would
+    have sent.
 
-    As Linux's tcp_gso_segment/inet_gso_segment: the payload is cut into `gso_size` pieces; each segment
-    gets its own IPv4 total length, an IP ID one more than the previous, a fresh header checksum, a sequence
-    number advanced by the bytes before it, and a full TCP checksum over the pseudo-header (RFC 793 §3.1,
-    RFC 1071). FIN and PSH stay on the last segment only, CWR on the first only (RFC 3168 §6.1.2: CWR is
-    set once per window reduction). Anything that does not add up raises FrameError: the super-frame may
-    come from a peer.
+    As Linux's tcp_gso_segment/inet_gso_segment/ipv6_gso_segment: the payload is cut into `gso_size` pieces;
+    each segment gets its own IPv4 total length (IPv6 payload length), for IPv4 an IP ID one more than the
+    previous and a fresh header checksum, a sequence number advanced by the bytes before it, and a full TCP
+    checksum over the pseudo-header (RFC 793 §3.1, RFC 8200 §8.1, RFC 1071). FIN and PSH stay on the last
+    segment only, CWR on the first only (RFC 3168 §6.1.2: CWR is set once per window reduction). IPv6
+    extension headers are refused (Linux's TCP sends none). Anything that does not add up raises FrameError:
+    the super-frame may come from a peer.
     """
-    if header.gso_type & ~VNET_GSO_ECN != VNET_GSO_TCPV4:
-        raise FrameError(f"GSO type {header.gso_type:#04x} is not TCPv4 segmentation")
+    gso_type = header.gso_type & ~VNET_GSO_ECN
+    if gso_type not in (VNET_GSO_TCPV4, VNET_GSO_TCPV6):
+        raise FrameError(f"GSO type {header.gso_type:#04x} is not TCP segmentation")
     mss = header.gso_size
     if mss < MIN_GSO_SIZE:
         raise FrameError(f"TCP segment size {mss} is below {MIN_GSO_SIZE}")
-    _, _, ip_len, total_len = ipv4_header(packet)
-    if packet[9] != IPPROTO_TCP:
-        raise FrameError(f"IP protocol {packet[9]} is not TCP in a TCP super-frame")
-    if ((packet[6] << 8) | packet[7]) & _IP_MF_AND_OFFSET:
-        raise FrameError("a TCP super-frame cannot be an IP fragment")
+    v6 = gso_type == VNET_GSO_TCPV6
+    if v6:
+        _, _, total_len = ipv6_header(packet)
+        ip_len = IPV6_HEADER_LEN
+        if packet[6] != IPPROTO_TCP:
+            raise FrameError(f"IPv6 next header {packet[6]} is not TCP in a TCP super-frame")
+    else:
+        _, _, ip_len, total_len = ipv4_header(packet)
+        if packet[9] != IPPROTO_TCP:
+            raise FrameError(f"IP protocol {packet[9]} is not TCP in a TCP super-frame")
+        if ((packet[6] << 8) | packet[7]) & _IP_MF_AND_OFFSET:
+            raise FrameError("a TCP super-frame cannot be an IP fragment")
     if (
         not header.flags & VNET_F_NEEDS_CSUM
         or header.csum_start != ETH_HEADER_LEN + ip_len
@@ -328,7 +357,7 @@ def segment_tcp4(packet: Bytes, header: VnetHeader) -> list[bytes]:
             f"at {ETH_HEADER_LEN + ip_len}+{TCP_CSUM_OFFSET}"
         )
     if total_len < ip_len + TCP_MIN_HEADER:
-        raise FrameError(f"IPv4 packet of {total_len} bytes has no room for a TCP header")
+        raise FrameError(f"IP packet of {total_len} bytes has no room for a TCP header")
     tcp_len = (packet[ip_len + 12] >> 4) * 4
     data_start = ip_len + tcp_len
     if tcp_len < TCP_MIN_HEADER or data_start > total_len:
@@ -337,18 +366,22 @@ def segment_tcp4(packet: Bytes, header: VnetHeader) -> list[bytes]:
 
     ip_head = bytearray(packet[:ip_len])
     tcp_head = bytearray(packet[ip_len:data_start])
-    ip_id = (ip_head[4] << 8) | ip_head[5]
+    ip_id = 0 if v6 else (ip_head[4] << 8) | ip_head[5]
     seq = int.from_bytes(tcp_head[4:8], "big")
     flags = tcp_head[13]
     # The fields that change per segment are zeroed in the templates and added to their sums per segment.
-    ip_head[2:6] = b"\x00\x00\x00\x00"
-    ip_head[10:12] = b"\x00\x00"
+    if v6:
+        ip_head[4:6] = b"\x00\x00"
+    else:
+        ip_head[2:6] = b"\x00\x00\x00\x00"
+        ip_head[10:12] = b"\x00\x00"
     tcp_head[4:8] = b"\x00\x00\x00\x00"
     tcp_head[13] = 0
     tcp_head[16:18] = b"\x00\x00"
     ip_base = _word_sum(ip_head)
-    # Pseudo-header (RFC 793 §3.1): source, destination, zero + protocol, TCP length (added per segment).
-    tcp_base = _word_sum(packet[12:20]) + IPPROTO_TCP + _word_sum(tcp_head)
+    # Pseudo-header: source, destination, protocol, TCP length (added per segment). RFC 793 §3.1 for IPv4
+    # (addresses at 12..20), RFC 8200 §8.1 for IPv6 (addresses at 8..40).
+    tcp_base = _word_sum(packet[8:40] if v6 else packet[12:20]) + IPPROTO_TCP + _word_sum(tcp_head)
 
     count = max(1, -(-len(payload) // mss))
     segments = []
@@ -363,9 +396,12 @@ def segment_tcp4(packet: Bytes, header: VnetHeader) -> list[bytes]:
         struct.pack_into("!I", tcp_head, 4, seg_seq)
         tcp_head[13] = seg_flags
         struct.pack_into("!H", tcp_head, 16, ~_fold(tcp_sum) & 0xFFFF)
-        seg_total = ip_len + seg_tcp_len
-        seg_id = (ip_id + i) & 0xFFFF
-        struct.pack_into("!HH", ip_head, 2, seg_total, seg_id)
-        struct.pack_into("!H", ip_head, 10, ~_fold(ip_base + seg_total + seg_id) & 0xFFFF)
+        if v6:
+            struct.pack_into("!H", ip_head, 4, seg_tcp_len)
+        else:
+            seg_total = ip_len + seg_tcp_len
+            seg_id = (ip_id + i) & 0xFFFF
+            struct.pack_into("!HH", ip_head, 2, seg_total, seg_id)
+            struct.pack_into("!H", ip_head, 10, ~_fold(ip_base + seg_total + seg_id) & 0xFFFF)
         segments.append(b"".join((ip_head, tcp_head, chunk)))
     return segments
