@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from overlay.config import NodeConfig
+from overlay.config import NodeConfig, resolve_address6
 from overlay.control import socket_in_use
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
@@ -243,6 +243,10 @@ def report_lines(cfg: NodeConfig, report: Report) -> list[str]:
         vnic = f"{cfg.vnic_name} with {cfg.vnic_address}"
     else:
         vnic = f"{cfg.vnic_name} with an address from the issuer"
+    if cfg.vnic_address6 and report.node_id is not None:
+        vnic += f" and {resolve_address6(cfg.vnic_address6, report.node_id)}"
+    elif cfg.vnic_address6:
+        vnic += f" and an address in {cfg.vnic_address6}"
     if cfg.group_key is None:
         group = "admit anyone who reaches it ([group] open = true: no certificates)"
     else:

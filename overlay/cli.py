@@ -59,7 +59,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 def _status_table(st: dict[str, Any]) -> str:
     lines = [
         f"node     {st['node_id']}{'  (anchor)' if st.get('anchor') else ''}",
-        f"address  {st['address']}",
+        f"address  {st['address']}" + (f"  {st['address6']}" if st.get("address6") else ""),
         f"room     {st['room']}",
         f"endpoint {st.get('endpoint', '')}",
         f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",

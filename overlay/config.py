@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from overlay.ids import derived_address6
 from overlay.routing.ring import RingParams
+from overlay.tap.vnic import check_address6
 from overlay.transport.paths import TurnServer
 from overlay.wire import Endpoint
 
@@ -41,6 +43,9 @@ class NodeConfig:
     anchors: int  # [xmpp] anchors: how many nodes stay in the room to answer joiners (default 3)
     vnic_name: str  # [vnic] name: the TAP device's name (default "ipop0")
     vnic_address: str | None  # [vnic] address: virtual IPv4 address with prefix; None: the issuer picks one
+    # [vnic] address6: optional IPv6 inside the VPN. A prefix ("fd12:3456:789a:1::/64", host bits zero): the
+    # node's address is the prefix and its node ID (resolve_address6); a host address: that address.
+    vnic_address6: str | None
     vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
     vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true; see docs/design.md)
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
@@ -158,6 +163,35 @@ def _interface(value: Any) -> str:
     return str(iface)
 
 
+def _interface6(value: Any) -> str:
+    iface = ipaddress.IPv6Interface(_str(value))
+    try:
+        if is_prefix6(str(iface)):
+            if iface.network.prefixlen > 64:
+                raise ValueError("a prefix to derive the address from must be /64 or shorter")
+            check_address6(derived_address6(int(iface.ip), 1), iface.network.prefixlen)
+        else:
+            check_address6(int(iface.ip), iface.network.prefixlen)
+    except ValueError as e:
+        raise ValueError(f'{e}; expected a prefix like "fd12:3456:789a:1::/64" or a host address in one') from None
+    return str(iface)
+
+
+def is_prefix6(text: str) -> bool:
+    """Whether [vnic] address6 `text` is a prefix (host bits zero) rather than a host address."""
+    iface = ipaddress.IPv6Interface(text)
+    return int(iface.ip) & int(iface.network.hostmask) == 0
+
+
+def resolve_address6(text: str, node_id: int) -> str:
+    """The node's IPv6 interface ("addr/len") for [vnic] address6 `text`: a prefix gets the node ID as its
+    interface ID (overlay/ids.py derived_address6); a host address stays as written."""
+    iface = ipaddress.IPv6Interface(text)
+    if not is_prefix6(text):
+        return str(iface)
+    return f"{ipaddress.IPv6Address(derived_address6(int(iface.ip), node_id))}/{iface.network.prefixlen}"
+
+
 def _subnet(value: Any) -> ipaddress.IPv4Network:
     net = ipaddress.IPv4Network(_str(value), strict=True)
     if net.prefixlen > 30:
@@ -192,6 +226,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "vnic": {
         "name": (_ifname, "ipop0"),
         "address": (_interface, None),
+        "address6": (_interface6, None),
         "mtu": (_int_range(576, 9000), 1400),
         "offload": (_bool, True),
     },
@@ -305,6 +340,12 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path}: missing key [vnic] address (only a group with an issuer hands addresses out)")
     if address is not None and issuer is not None and ipaddress.IPv4Interface(address).ip not in issuer.subnet:
         raise ConfigError(f"{path}: [vnic] address {address} is outside [issuer] subnet {issuer.subnet}")
+    address6 = values["vnic"]["address6"]
+    if address6 is not None and group_key is not None and not is_prefix6(address6):
+        raise ConfigError(
+            f"{path}: [vnic] address6 {address6} is a host address; in a group with certificates write the prefix "
+            'alone (like "fd12:3456:789a:1::/64"): each node\'s address is derived from its key'
+        )
     return NodeConfig(
         path=path,
         key=rel(values["node"]["key"]),
@@ -319,6 +360,7 @@ def load_config(path: Path) -> NodeConfig:
         anchors=x["anchors"],
         vnic_name=values["vnic"]["name"],
         vnic_address=address,
+        vnic_address6=address6,
         vnic_mtu=values["vnic"]["mtu"],
         vnic_offload=values["vnic"]["offload"],
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),

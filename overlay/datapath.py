@@ -1,7 +1,8 @@
 """The data path: frames from the TAP to the overlay and back, and the fragment probes that decide how TCP
 super-frames cross each link.
 
-Outbound: the virtual NIC turns a frame into an IPv4 packet (or answers ARP itself); the destination address is
+Outbound: the virtual NIC turns a frame into an IPv4 or IPv6 packet (or answers ARP or neighbour discovery
+itself); the destination address is
 resolved through the DHT cache, and the packet goes out on the cached data route (overlay/router.py) or is
 handed to the DHT to resolve. Inbound: a DATA body is written to the TAP with an Ethernet header; a DATA_GSO
 super-frame keeps its virtio_net_hdr for a TAP with offload, or is segmented in software for one without.
@@ -31,8 +32,9 @@ from overlay.tap.frames import (
     icmp_error_allowed,
     icmp_unreachable,
     parse_vnet_header,
-    segment_tcp4,
+    segment_tcp,
 )
+from overlay.tap.ndp import icmpv6_error_allowed, icmpv6_unreachable
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.wire import ROUTED_HEADER, Kind, LinkMsg, encode_probe
 
@@ -63,6 +65,10 @@ class DataPath:
     ) -> None:
         self.address = address
         self._address_int = int(ipaddress.IPv4Address(address))
+        self._address6_int: int | None = None
+        # The upper 64 bits of our IPv6 address: with certificates, a member's IPv6 address is this prefix and
+        # its node ID (overlay/ids.py derived_address6), so its inner IPv6 source is checked without a lookup.
+        self._prefix6: int | None = None
         self.router = router
         self.links = links
         self.counters = counters
@@ -86,9 +92,18 @@ class DataPath:
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
-    def attach_tap(self, tap: Any, prefix_len: int) -> None:
+    def attach_tap(
+        self, tap: Any, prefix_len: int, address6: str | None = None, network6: ipaddress.IPv6Network | None = None
+    ) -> None:
         self.tap = tap
-        self.vnic = VirtualNic(self._address_int, prefix_len, tap.mac)
+        if address6 is not None and network6 is not None:
+            self._address6_int = int(ipaddress.IPv6Address(address6))
+            self._prefix6 = self._address6_int >> 64 << 64
+            self.vnic = VirtualNic(
+                self._address_int, prefix_len, tap.mac, address6=self._address6_int, prefix6_len=network6.prefixlen
+            )
+        else:
+            self.vnic = VirtualNic(self._address_int, prefix_len, tap.mac)
 
     # -- outbound ------------------------------------------------------------------------------------------------
     def on_tap_readable(self) -> None:
@@ -122,7 +137,7 @@ class DataPath:
         if address is None:
             if len(self._address_text) >= ADDRESS_TEXT_LIMIT:
                 self._address_text.clear()
-            address = self._address_text[dst_ip] = str(ipaddress.IPv4Address(dst_ip))
+            address = self._address_text[dst_ip] = str(ipaddress.ip_address(dst_ip))
         entry = self.dht.cache.get(address, now)
         if entry is not None:
             dst = entry.node_id
@@ -178,12 +193,18 @@ class DataPath:
     def host_unreachable(self, body: bytes, kind: Kind, now: float) -> None:
         """Tell our kernel that nobody owns the destination of this data body (rate-limited ICMP)."""
         packet = body[VNET_HDR_LEN:] if kind == Kind.DATA_GSO else body
-        if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL:
+        if self.vnic is None or self.tap is None or now - self._last_icmp < ICMP_INTERVAL or not packet:
             return
-        if not icmp_error_allowed(packet):
-            return
+        if packet[0] >> 4 == 6:
+            if self._address6_int is None or not icmpv6_error_allowed(packet):
+                return
+            error = icmpv6_unreachable(packet, self._address6_int)
+        else:
+            if not icmp_error_allowed(packet):
+                return
+            error = icmp_unreachable(packet, self._address_int)
         self._last_icmp = now
-        self.write_own_frame(self.vnic.to_tap(icmp_unreachable(packet, self._address_int)))
+        self.write_own_frame(self.vnic.to_tap(error))
 
     def write_own_frame(self, frame: bytes) -> None:
         """A frame we made ourselves (ARP reply, ICMP error): no offload work for the kernel to do."""
@@ -204,18 +225,29 @@ class DataPath:
             self.deliver_from(int.from_bytes(msg[3:11], "big"), memoryview(msg)[ROUTED_HEADER.size :], kind)
 
     def deliver_from(self, src: int, body: Bytes, kind: int) -> None:
-        """Data from member `src`: delivered only if its inner IPv4 source is the address in src's certificate."""
+        """Data from member `src`: delivered only if its inner source is src's address: for IPv4 the one in
+        src's certificate, for IPv6 our prefix with src's node ID (and src must hold a certificate)."""
         source_of = self.source_of
         if source_of is None:
             self.deliver(body, kind)
             return
-        at = VNET_HDR_LEN + 12 if kind == Kind.DATA_GSO else 12
-        if len(body) < at + 4:
+        base = VNET_HDR_LEN if kind == Kind.DATA_GSO else 0
+        v6 = len(body) > base and body[base] >> 4 == 6
+        at = base + (8 if v6 else 12)
+        width = 16 if v6 else 4
+        if len(body) < at + width:
             self.count("drop: data too short")
             return
-        inner = int.from_bytes(body[at : at + 4], "big")
+        inner = int.from_bytes(body[at : at + width], "big")
         allowed = source_of(src)
-        if allowed == inner:
+        if v6:
+            if self._prefix6 is None or inner != self._prefix6 | src:
+                self.count(SOURCE_DROP)
+            elif allowed is not None:
+                self.deliver(body, kind)
+            else:
+                self._hold_unverified(src, inner, bytes(body), kind)
+        elif allowed == inner:
             self.deliver(body, kind)
         elif allowed is not None:
             self.count(SOURCE_DROP)
@@ -232,7 +264,7 @@ class DataPath:
                 return
             held = self._unverified[src] = (inner, deque(maxlen=UNVERIFIED_QUEUE))
             if self.dht is not None:
-                self.dht.look_up(str(ipaddress.IPv4Address(inner)))
+                self.dht.look_up(str(ipaddress.ip_address(inner)))
         elif len(held[1]) == UNVERIFIED_QUEUE:
             self.count(SOURCE_DROP)
         held[1].append((body, kind))
@@ -245,7 +277,9 @@ class DataPath:
                 continue
             del self._unverified[src]
             source_of = self.source_of
-            if src == node_id and source_of is not None and source_of(src) == inner:
+            allowed = source_of(src) if source_of is not None else None
+            # An IPv6 source (above 2**32) was checked against src's node ID before it was held.
+            if src == node_id and allowed is not None and (inner > 0xFFFFFFFF or allowed == inner):
                 for body, kind in queue:
                     self.deliver(body, kind)
             else:
@@ -265,7 +299,7 @@ class DataPath:
                 elif offload.is_gso:
                     # The TAP cannot take a super-frame: hand it the segments its kernel would have cut.
                     try:
-                        segments = segment_tcp4(packet, offload)
+                        segments = segment_tcp(packet, offload)
                     except FrameError:
                         self.count(SEGMENT_DROP)
                         return

@@ -60,3 +60,17 @@ def parse_id(text: str) -> int:
     if not 0 <= value < RING_SIZE or len(text) > 16:
         raise ValueError(f"not a node ID (16 hex digits): {text!r}")
     return value
+
+
+def derived_address6(prefix: int, node_id: int) -> int:
+    """A node's IPv6 address in a prefix of /64 or shorter: the prefix's upper 64 bits and the node ID as the
+    interface ID. Like a cryptographically generated address (RFC 3972), it names its key: a member's inner
+    IPv6 source and its address records are checked against its node ID, with no certificate field for it."""
+    if not 0 <= node_id < RING_SIZE:
+        raise ValueError(f"node ID {node_id} is outside 0..2**64-1")
+    return (prefix >> 64 << 64) | node_id
+
+
+def is_derived_address6(address: int, node_id: int) -> bool:
+    """Whether `address`'s interface ID (its lower 64 bits) is `node_id`."""
+    return address & RING_MASK == node_id

@@ -107,6 +107,7 @@ class NodeSettings:
 
     room: str
     address: str  # virtual IPv4 with prefix, "10.254.0.1/16"
+    address6: str | None = None  # virtual IPv6 with prefix, "fd00:1::5/64" (config.resolve_address6); None: none
     ring: RingParams = field(default_factory=RingParams)
     lookahead: bool = True
     promise: bool = True  # data packets follow the promise rule (docs/topology.md: 1.27x vs 1.42x shortest)
@@ -138,6 +139,9 @@ class Node:
         iface = ipaddress.IPv4Interface(settings.address)
         self.address = str(iface.ip)
         self.network = iface.network
+        iface6 = ipaddress.IPv6Interface(settings.address6) if settings.address6 else None
+        self.address6: str | None = str(iface6.ip) if iface6 else None
+        self.network6 = iface6.network if iface6 else None
         self.room = settings.room
         self.underlay = underlay
         self.bootstrap = bootstrap
@@ -208,6 +212,7 @@ class Node:
             (Kind.DHT_PUT, self.dht.on_put),
             (Kind.DHT_GET, self.dht.on_get),
             (Kind.DHT_VALUE, self.dht.on_value),
+            (Kind.DHT_VALUE6, self.dht.on_value),
             (Kind.SIGNAL, self.signalling.on_routed),
             (Kind.CERT, self._on_cert),
             (Kind.GRAPH_GET, self.graph.on_get),
@@ -352,7 +357,7 @@ class Node:
     def attach_tap(self, tap: Any) -> None:
         """The virtual NIC, once it exists (it is made after XMPP accepted us, so a refusal leaves none)."""
         self.tap = tap
-        self.datapath.attach_tap(tap, ipaddress.IPv4Interface(self.settings.address).network.prefixlen)
+        self.datapath.attach_tap(tap, self.network.prefixlen, self.address6, self.network6)
 
     async def start(self, remembered: list[Remembered] | None = None) -> None:
         """Start the node: sockets, timers, and (with a bootstrap) the XMPP login and room entry, which raise
@@ -739,6 +744,7 @@ class Node:
         return {
             "node_id": format_id(self.id),
             "address": f"{self.address}/{self.network.prefixlen}",
+            "address6": f"{self.address6}/{self.network6.prefixlen}" if self.network6 else None,
             "room": self.room,
             "endpoint": f"{self.underlay.local_endpoint[0]}:{self.underlay.local_endpoint[1]}",
             "links": links,

@@ -31,6 +31,7 @@ class OverlayPort(Protocol):
     identity: Identity
     room: str
     address: str  # our virtual IPv4 address, without prefix
+    address6: str | None  # our virtual IPv6 address, without prefix; None without one
     table: RingTable
     links: LinkManager
     rng: random.Random

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from overlay.config import NodeConfig
+from overlay.config import NodeConfig, resolve_address6
 from overlay.control import ControlError, ControlServer, socket_in_use
 from overlay.identity import Identity
 from overlay.ids import format_id
@@ -139,6 +139,7 @@ async def _run_member(
     settings = NodeSettings(
         room=cfg.room,
         address=address,
+        address6=resolve_address6(cfg.vnic_address6, identity.node_id) if cfg.vnic_address6 else None,
         ring=cfg.ring,
         lookahead=cfg.lookahead,
         promise=cfg.routing == "promise",
@@ -158,7 +159,9 @@ async def _run_member(
     control = ControlServer(cfg.control_socket, {"status": node.status}, {"graph": node.graph.request})
     try:
         try:
-            tap = await LinuxTap.create(cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload)
+            tap = await LinuxTap.create(
+                cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload, address6=settings.address6
+            )
         except TapError as e:
             raise JoinError(str(e)) from None
         node.attach_tap(tap)

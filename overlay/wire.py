@@ -223,7 +223,7 @@ class Kind(enum.IntEnum):
     FIND = 0x03  # contact: "who is closest to this key?" (join, long links); flags say if a long link is wanted
     FOUND = 0x04  # contact + neighbour IDs of the node closest to the key
     DHT_PUT = 0x05  # address record, routed to the key's closest node
-    DHT_GET = 0x06  # virtual IPv4 (4), routed to the key's closest node
+    DHT_GET = 0x06  # virtual IPv4 (4) or IPv6 (16), routed to the key's closest node
     DHT_VALUE = 0x07  # virtual IPv4 (4), then an address record or nothing
     NO_ROUTE = 0x08  # destination (8), kind (1): the exact destination does not exist
     DATA_GSO = 0x09  # virtio_net_hdr (10, overlay/tap/frames.py) + IPv4 packet, up to a 64 KB TCP super-frame
@@ -233,6 +233,9 @@ class Kind(enum.IntEnum):
     E2E = 0x0D  # kind (1) + handshake packet or notice: sets up the end-to-end session (overlay/e2e.py)
     GRAPH_GET = 0x0E  # token (4): "your links, please" (overlay/graph.py, `ipop-overlay graph`)
     GRAPH = 0x0F  # token (4), address (4), links: the answer
+    # Virtual IPv6 (16), then an IPv6 address record or nothing: a kind of its own, as a DHT_VALUE's parts are
+    # told apart by the address's length, and 4 + record and 16 + record cannot be told apart by length.
+    DHT_VALUE6 = 0x10
 
 
 FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else: at the closest node)
@@ -415,7 +418,9 @@ def decode_find(body: bytes) -> tuple[int, Contact, int | None]:
 # --- address records (the DHT's values) -------------------------------------------------------------------
 
 _RECORD = struct.Struct("!B4s32sQQ64s")  # version, virtual IPv4, public key, issued (ms), expires (ms), signature
+_RECORD6 = struct.Struct("!B16s32sQQ64s")  # the same for a virtual IPv6 address
 RECORD_VERSION = 2
+RECORD6_VERSION = 3  # the version byte names the address family, so the signed bytes do too
 RECORD_SIZE = _RECORD.size  # without the credential
 _CRED_LEN = struct.Struct("!H")
 # The credential is the signer's group certificate (overlay/trust/certs.py, ~200 bytes); a holder refuses a
@@ -423,10 +428,14 @@ _CRED_LEN = struct.Struct("!H")
 MAX_CREDENTIAL = 1024
 
 
+def _packed_address(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
 @dataclass(frozen=True, slots=True)
 class AddressRecord:
-    """ "Virtual IP -> node": which node key answers for a virtual address, until when, signed by that key,
-    with the certificate that gives the key the address (empty in a group without certificates)."""
+    """ "Virtual IP -> node": which node key answers for a virtual address (IPv4 or IPv6), until when, signed
+    by that key, with the certificate that gives the key the address (empty in a group without certificates)."""
 
     address: str
     public_key: bytes
@@ -439,14 +448,9 @@ class AddressRecord:
         return b"ipop-overlay record v2\x00" + room.encode() + b"\x00" + self._fixed()[:-SIGNATURE_LEN]
 
     def _fixed(self) -> bytes:
-        return _RECORD.pack(
-            RECORD_VERSION,
-            ipaddress.IPv4Address(self.address).packed,
-            self.public_key,
-            self.issued_ms,
-            self.expires_ms,
-            self.signature,
-        )
+        packed = _packed_address(self.address)
+        layout, version = (_RECORD, RECORD_VERSION) if len(packed) == 4 else (_RECORD6, RECORD6_VERSION)
+        return layout.pack(version, packed, self.public_key, self.issued_ms, self.expires_ms, self.signature)
 
     def encode(self) -> bytes:
         return self._fixed() + _CRED_LEN.pack(len(self.credential)) + self.credential
@@ -454,34 +458,51 @@ class AddressRecord:
 
 def decode_record(data: bytes | memoryview) -> AddressRecord:
     data = bytes(data)
-    if len(data) < RECORD_SIZE + _CRED_LEN.size:
-        raise DecodeError(f"address record of {len(data)} bytes, at least {RECORD_SIZE + _CRED_LEN.size}")
-    version, vip, pk, issued, expires, sig = _RECORD.unpack_from(data)
-    if version != RECORD_VERSION:
-        raise DecodeError(f"address record version {version}, expected {RECORD_VERSION}")
+    if not data:
+        raise DecodeError("empty address record")
+    if data[0] == RECORD_VERSION:
+        layout = _RECORD
+    elif data[0] == RECORD6_VERSION:
+        layout = _RECORD6
+    else:
+        raise DecodeError(f"address record version {data[0]}, expected {RECORD_VERSION} or {RECORD6_VERSION}")
+    size = layout.size
+    if len(data) < size + _CRED_LEN.size:
+        raise DecodeError(f"address record of {len(data)} bytes, at least {size + _CRED_LEN.size}")
+    _, vip, pk, issued, expires, sig = layout.unpack_from(data)
     if expires < issued:
         raise DecodeError("address record expires before it is issued")
-    (clen,) = _CRED_LEN.unpack_from(data, RECORD_SIZE)
-    if clen > MAX_CREDENTIAL or len(data) != RECORD_SIZE + _CRED_LEN.size + clen:
+    (clen,) = _CRED_LEN.unpack_from(data, size)
+    if clen > MAX_CREDENTIAL or len(data) != size + _CRED_LEN.size + clen:
         raise DecodeError(f"address record of {len(data)} bytes does not hold its {clen}-byte credential")
-    return AddressRecord(str(ipaddress.IPv4Address(vip)), pk, issued, expires, sig, data[RECORD_SIZE + 2 :])
+    return AddressRecord(str(ipaddress.ip_address(vip)), pk, issued, expires, sig, data[size + _CRED_LEN.size :])
+
+
+def value_kind(address: str) -> Kind:
+    """The routed kind that answers a DHT_GET for `address` (Kind.DHT_VALUE6 says why there are two)."""
+    return Kind.DHT_VALUE if ipaddress.ip_address(address).version == 4 else Kind.DHT_VALUE6
 
 
 def encode_dht_value(address: str, record: AddressRecord | None) -> bytes:
-    return ipaddress.IPv4Address(address).packed + (record.encode() if record else b"")
+    return _packed_address(address) + (record.encode() if record else b"")
 
 
-def decode_dht_value(body: bytes) -> tuple[str, AddressRecord | None]:
-    if len(body) < 4:
+def decode_dht_value(body: bytes, kind: int = Kind.DHT_VALUE) -> tuple[str, AddressRecord | None]:
+    """A DHT_VALUE (IPv4) or DHT_VALUE6 body: the address asked for and its record, if any."""
+    size = 16 if kind == Kind.DHT_VALUE6 else 4
+    if len(body) < size:
         raise DecodeError(f"DHT value of {len(body)} bytes")
-    address = str(ipaddress.IPv4Address(body[:4]))
-    return address, (decode_record(body[4:]) if len(body) > 4 else None)
+    address = str(ipaddress.ip_address(bytes(body[:size])))
+    record = decode_record(body[size:]) if len(body) > size else None
+    if record is not None and ipaddress.ip_address(record.address).version != ipaddress.ip_address(address).version:
+        raise DecodeError(f"DHT value for {address} holds a record for {record.address}")
+    return address, record
 
 
 def decode_address(body: bytes) -> str:
-    if len(body) != 4:
+    if len(body) not in (4, 16):
         raise DecodeError(f"virtual address of {len(body)} bytes")
-    return str(ipaddress.IPv4Address(body))
+    return str(ipaddress.ip_address(bytes(body)))
 
 
 # --- link signalling: ICE offers and answers --------------------------------------------------------------

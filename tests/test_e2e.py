@@ -1,6 +1,7 @@
 """The whole system, end to end: six `ipop-overlay join` processes in six namespaces, a real XMPP server (the
 module runs once on Prosody and once on ejabberd), real TAP devices, `ping` between virtual addresses, and UDP
-blocked between some pairs so their packets must cross a relay. Then one node leaves and the rest must still
+blocked between some pairs so their packets must cross a relay; every member also has an IPv6 address of its
+choice inside the VPN, and `ping -6` crosses the same paths. Then one node leaves and the rest must still
 reach each other; and configs that are wrong in three ways must fail at once, say why in one line, and leave the
 running group alone.
 """
@@ -31,6 +32,7 @@ SIZE = 6
 # pairs of one node: each of them keeps direct paths to nodes 0 and 1 and to one other, so the group
 # stays connected while these four pairs must go through a relay.
 BLOCKED = [(2, 3), (2, 4), (3, 5), (4, 5)]
+PREFIX6 = "fd00:e2e::/64"  # member i configures fd00:e2e::<i + 1>/64 (a group without certificates)
 # Our choice: here all 30 pairs answered within 1-2 s of the last join; 60 s leaves room for a loaded box.
 WARM_UP_S = 60.0
 # From the requirement: after a node leaves, the others reach each other again within 10 s.
@@ -54,7 +56,9 @@ def group(request: pytest.FixtureRequest) -> Iterator[Group]:
             pytest.fail(f"{server} integration tests cannot run: {why}")
         pytest.skip(why)
     prefix = PREFIXES[server]
-    with Group(SIZE, spares=1, outsiders=["outsider"], prefix=prefix, node_extra="[metrics]\n", server=server) as g:
+    with Group(
+        SIZE, spares=1, outsiders=["outsider"], prefix=prefix, node_extra="[metrics]\n", server=server, address6=PREFIX6
+    ) as g:
         for i, j in BLOCKED:
             g.block_udp(i, j)
         g.join_all()
@@ -96,6 +100,19 @@ def test_every_node_reaches_every_other_and_blocked_pairs_go_through_a_relay(gro
     assert relayed, "every pair has a direct link, so no packet crossed a relay"
     for i, j in BLOCKED:
         assert (i, j) in relayed and (j, i) in relayed, f"UDP is blocked between {i} and {j}: {statuses[i]}"
+
+
+def test_every_node_reaches_every_other_over_ipv6(group: Group) -> None:
+    """IPv6 addresses chosen in each config: neighbour discovery answered by the node, the address resolved
+    through its DHT record, blocked pairs through a relay."""
+    pairs = group.running_pairs()
+    answered = group.wait_for_pings(pairs, WARM_UP_S, v6=True)
+    failed = [p for p, t in answered.items() if t is None]
+    assert not failed, describe(group, failed)
+    for m in group.members:
+        status = group.status(m.index)
+        assert status["address6"] == f"{m.ip6}/64"
+        assert status["counters"].get("drop: no node owns the address", 0) == 0
 
 
 SCRAPE = (

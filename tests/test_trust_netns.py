@@ -1,5 +1,6 @@
 """A group with certificates, end to end: `ipop-overlay group init`, the room owner's node as the issuer, members
-that get their certificates (and one its address) from it over a real Prosody, pings across, a node without a
+that get their certificates (and one its address) from it over a real Prosody, pings across (IPv4 and IPv6, whose
+addresses each node derives from its key), TCP over IPv6 direct and relayed, a node without a
 certificate that gets no link, and a member removed with `ipop-overlay group remove` who is cut off everywhere
 within 60 s and cannot come back with its old certificate.
 """
@@ -29,11 +30,14 @@ REMOVED = 3
 BLOCKED = [(1, 2)]  # their pings must cross a relay
 # From the issue: every node cuts a removed member within 60 s.
 REVOKE_S = 60.0
+PREFIX6 = "fd00:1:2:3::/64"
+IPERF_PORT = 5201
+IPERF_S = 3  # seconds per iperf3 run: enough for TCP to leave slow start, short for the suite's budget
 
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(SIZE, spares=1, prefix="ipt", trust=True, auto_address=[AUTO]) as g:
+    with Group(SIZE, spares=1, prefix="ipt", trust=True, auto_address=[AUTO], address6=PREFIX6) as g:
         for i, j in BLOCKED:
             g.block_udp(i, j)
         g.join_all()
@@ -67,6 +71,46 @@ def test_members_ping_each_other_directly_and_through_a_relay(group: Group) -> N
     pairs = [(i, j) for i in range(SIZE) for j in range(SIZE) if i != j]
     failed = [p for p, t in group.wait_for_pings(pairs, timeout=60.0).items() if t is None]
     assert failed == [], f"no reply: {failed}"
+
+
+def test_members_ping6_each_other_at_addresses_derived_from_their_keys(group: Group) -> None:
+    """IPv6 inside the VPN: each node's address is the configured prefix and its node ID; every pair answers
+    ping -6, the blocked pair through a relay."""
+    for i in range(SIZE):
+        iface = ipaddress.IPv6Interface(group.status(i)["address6"])
+        assert iface.network == ipaddress.IPv6Network(PREFIX6)
+        assert iface.ip.packed[8:] == bytes.fromhex(group.members[i].node_id)
+    pairs = [(i, j) for i in range(SIZE) for j in range(SIZE) if i != j]
+    failed = [p for p, t in group.wait_for_pings(pairs, timeout=60.0, v6=True).items() if t is None]
+    assert failed == [], f"no IPv6 reply: {failed}"
+
+
+@pytest.mark.parametrize("a, b", [(0, 2), BLOCKED[0]], ids=["direct", "relayed"])
+def test_tcp_over_ipv6_crosses_the_vpn(group: Group, a: int, b: int) -> None:
+    relayed = (a, b) in BLOCKED
+    assert group.direct_link(group.status(a), b) is not relayed
+    server = group.lab.popen(
+        group.members[b].host, "iperf3", "-s", "-1", "-p", str(IPERF_PORT),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        target = group.members[b].ip6
+        assert target is not None
+        client = group.lab.popen(
+            group.members[a].host, "iperf3", "-6", "-c", target, "-p", str(IPERF_PORT), "-t", str(IPERF_S), "-J",
+            "--connect-timeout", "3000", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, err = client.communicate(timeout=IPERF_S + 30)
+        assert client.returncode == 0, f"iperf3 -6 node{a} -> node{b}: {err or out[-500:]}"
+        report = json.loads(out)
+        received = report["end"]["sum_received"]
+        assert received["bytes"] > 1_000_000, report["end"]
+        print(f"TCP over IPv6 node{a} -> node{b} ({'relayed' if relayed else 'direct'}): "
+              f"{received['bits_per_second'] / 1e6:.0f} Mbit/s")  # fmt: skip
+        assert report["start"]["connected"][0]["remote_host"] == target
+    finally:
+        server.wait(timeout=10)
 
 
 def test_a_node_without_a_certificate_gets_no_link(group: Group) -> None:

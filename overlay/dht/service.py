@@ -37,6 +37,7 @@ from overlay.wire import (
     decode_dht_value,
     decode_record,
     encode_dht_value,
+    value_kind,
 )
 
 LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
@@ -84,7 +85,7 @@ class AddressService:
             if now - lookup.started >= LOOKUP_TIMEOUT:
                 del self._lookups[address]
                 if self.on_resolved is not None:
-                    self.on_resolved(int(ipaddress.IPv4Address(address)), -1)
+                    self.on_resolved(int(ipaddress.ip_address(address)), -1)
                 node.count(NO_OWNER, len(lookup.packets))
                 if lookup.packets:
                     kind, body = lookup.packets[0]
@@ -97,7 +98,8 @@ class AddressService:
                 self.publish(now)
             elif now - max(self._published, self._checked) >= self._check_interval(now):
                 self._checked = now
-                self._ask(self.node.address, FLAG_QUIET)
+                for address in self.own_addresses():
+                    self._ask(address, FLAG_QUIET)
         if now - self._last_expire >= EXPIRE_INTERVAL:
             self._last_expire = now
             self.store.expire(now)
@@ -129,13 +131,19 @@ class AddressService:
     def _check_interval(self, now: float) -> float:
         return CHECK_INTERVAL if now - self.node.first_link_at < 4 * CHECK_INTERVAL else SETTLED_CHECK_INTERVAL
 
-    # -- our own record --------------------------------------------------------------------------------------
+    # -- our own records -------------------------------------------------------------------------------------
+    def own_addresses(self) -> list[str]:
+        """Our virtual IPv4 address, and IPv6 address when we have one: each has its own record."""
+        node = self.node
+        return [node.address] if node.address6 is None else [node.address, node.address6]
+
     def publish(self, now: float) -> None:
         node = self.node
         self._published = now
         credential = node.trust.own() if node.trust is not None else b""
-        record = make_record(node.identity, node.room, node.address, now, credential=credential)
-        node.send_routed(record_key(node.room, node.address), Kind.DHT_PUT, record.encode(), 0)
+        for address in self.own_addresses():
+            record = make_record(node.identity, node.room, address, now, credential=credential)
+            node.send_routed(record_key(node.room, address), Kind.DHT_PUT, record.encode(), 0)
 
     def _ring_settled(self, now: float) -> bool:
         """Publish only once our ring place is known (or a few seconds have passed): a record routed from a
@@ -171,7 +179,7 @@ class AddressService:
         now = self.node.clock()
         address = decode_address(pkt.body)
         value = encode_dht_value(address, self.store.get(address, now))
-        self.node.send_routed(pkt.src, Kind.DHT_VALUE, value, FLAG_EXACT | (pkt.flags & FLAG_QUIET))
+        self.node.send_routed(pkt.src, value_kind(address), value, FLAG_EXACT | (pkt.flags & FLAG_QUIET))
 
     def hand_over(self, peer: int) -> None:
         """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
@@ -223,7 +231,7 @@ class AddressService:
         owns `address`, looking the address up in the DHT first when it is not cached."""
         node = self.node
         now = node.clock()
-        if address == node.address:
+        if address in self.own_addresses():
             node.deliver_data(packet, kind)
             return
         entry = self.cache.get(address, now)
@@ -254,12 +262,12 @@ class AddressService:
     def _ask(self, address: str, flags: int = 0) -> None:
         node = self.node
         node.count("address lookups sent")  # retries included: a route that needs several is visible
-        node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.IPv4Address(address).packed, flags)
+        node.send_routed(record_key(node.room, address), Kind.DHT_GET, ipaddress.ip_address(address).packed, flags)
 
     def on_value(self, pkt: Routed) -> None:
         now = self.node.clock()
-        address, record = decode_dht_value(pkt.body)
-        if address == self.node.address:
+        address, record = decode_dht_value(pkt.body, pkt.kind)
+        if address in self.own_addresses():
             if record is None or record.public_key != self.node.identity.public_key:
                 self.node.count("own record missing: published again")
                 self.publish(now)
@@ -276,7 +284,7 @@ class AddressService:
         for kind, packet in lookup.packets:
             self.node.send_data(entry.node_id, kind, packet)
         if self.on_resolved is not None:
-            self.on_resolved(int(ipaddress.IPv4Address(address)), entry.node_id)
+            self.on_resolved(int(ipaddress.ip_address(address)), entry.node_id)
 
     def _usable(self, record: AddressRecord, address: str, now: float) -> str | None:
         if record.address != address:

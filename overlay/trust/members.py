@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
+from overlay.ids import is_derived_address6, node_id_from_public_key
 from overlay.transport.session import HandshakeError
 from overlay.trust.certs import CertError, Certificate, check_certificate, decode_certificate
 from overlay.trust.revocations import Revocation, RevocationSet
@@ -111,14 +112,18 @@ class GroupTrust:
 
     def record_problem(self, address: str, node_key: bytes, credential: bytes) -> str | None:
         """Why an address record for `address` signed by `node_key` must be refused, or None: it must carry
-        that node's valid certificate holding that address."""
+        that node's valid certificate holding that address (for an IPv6 address: one derived from the key)."""
         try:
             cert = decode_certificate(credential)
         except CertError:
             return "no valid certificate"
         if cert.node_key != node_key:
             return "certificate of another node"
-        if str(cert.address.ip) != address:
+        if ":" in address:
+            # IPv6: the certificate holds no IPv6 address; the address itself names the key (ids.derived_address6).
+            if not is_derived_address6(int(ipaddress.IPv6Address(address)), node_id_from_public_key(node_key)):
+                return "IPv6 address not derived from the signer's key"
+        elif str(cert.address.ip) != address:
             return "address not in the signer's certificate"
         problem = check_certificate(cert, self.group_public, self.clock(), self.revocations)
         if problem is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from overlay.config import resolve_address6
 from overlay.ids import parse_id, ring_distance
 from tests.support.coturn import CoturnServer
 from tests.support.ejabberd import EjabberdServer, missing_ejabberd
@@ -95,6 +96,7 @@ class Member:
     control: Path
     log: Path
     node_id: str = ""
+    ip6: str | None = None  # virtual IPv6 address, without prefix (a group built with `address6`)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -137,6 +139,7 @@ class Group:
         trust: bool = False,
         auto_address: Iterable[int] = (),
         server: str = "prosody",
+        address6: str | None = None,
     ) -> None:
         if server not in SERVERS:
             raise ValueError(f"server {server!r} is not one of {', '.join(SERVERS)}")
@@ -159,6 +162,9 @@ class Group:
         # config pins the key; members in `auto_address` leave [vnic] address out and get one from the issuer.
         self.trust = trust
         self.auto_address = set(auto_address)
+        # An IPv6 prefix ("fd00:ab::/64") gives every member IPv6 inside the VPN: with certificates each config
+        # names the prefix (the address is derived from the node's key), without them member i gets host i + 1.
+        self.address6 = ipaddress.IPv6Network(address6) if address6 else None
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -295,9 +301,17 @@ class Group:
             log=directory / "node.log",
         )
         member.node_id = self.keygen(directory / "node.key")
+        if self.address6 is not None:
+            member.ip6 = resolve_address6(self._address6_setting(i), int(member.node_id, 16)).split("/")[0]
         self._write_secrets(directory, PASSWORD)
         member.config.write_text(self.config_text(host, member.jid, address, member.control, extra=self.node_extra))
         return member
+
+    def _address6_setting(self, i: int) -> str:
+        assert self.address6 is not None
+        if self.trust:
+            return str(self.address6)
+        return f"{self.address6.network_address + i + 1}/{self.address6.prefixlen}"
 
     @property
     def group_dir(self) -> Path:
@@ -354,6 +368,7 @@ class Group:
             "[vnic]\n"
             f'name = "{TAP_NAME}"\n'
             + (f'address = "{address}"\n' if address and not self._auto(jid) else "")
+            + (f'address6 = "{self._address6_setting(self._index(jid))}"\n' if self.address6 is not None else "")
             + f"mtu = {VIRTUAL_MTU}\n"
             + self.group_section(jid)
             + extra
@@ -368,6 +383,13 @@ class Group:
         if jid.startswith("node0@"):
             text += f'[issuer]\ngroup_key = "{self.group_dir / "group.key"}"\nsubnet = "{VIRTUAL_NET}"\n'
         return text
+
+    @staticmethod
+    def _index(jid: str) -> int:
+        """Member i's account is node<i>; any other account (a spare's) gets 100 + the digits in its name."""
+        user = jid.split("@")[0]
+        digits = "".join(c for c in user if c.isdigit())
+        return (0 if user.startswith("node") else 100) + int(digits or 0)
 
     def _auto(self, jid: str) -> bool:
         return any(jid.startswith(f"node{i}@") for i in self.auto_address)
@@ -487,18 +509,20 @@ class Group:
             if j != i:
                 self.block_udp(i, j)
 
-    def ping(self, i: int, j: int, *, count: int = 1, timeout: float = 2.0) -> bool:
-        """Ping node j's virtual address from node i's namespace; True when any reply came back."""
-        return self.ping_many([(i, j)], count=count, timeout=timeout)[(i, j)]
+    def ping(self, i: int, j: int, *, count: int = 1, timeout: float = 2.0, v6: bool = False) -> bool:
+        """Ping node j's virtual address (IPv6 with `v6`) from node i's namespace; True when any reply came back."""
+        return self.ping_many([(i, j)], count=count, timeout=timeout, v6=v6)[(i, j)]
 
     def ping_many(
-        self, pairs: Iterable[tuple[int, int]], *, count: int = 1, timeout: float = 2.0
+        self, pairs: Iterable[tuple[int, int]], *, count: int = 1, timeout: float = 2.0, v6: bool = False
     ) -> dict[tuple[int, int], bool]:
         """Ping several pairs at once (one `ping` process each); bounded by count and timeout."""
         procs = {}
         for i, j in pairs:
-            target = self.members[j].ip
-            argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", target]
+            target = self.members[j].ip6 if v6 else self.members[j].ip
+            assert target is not None, f"node{j} has no IPv6 address: build the group with address6"
+            family = ["-6"] if v6 else []
+            argv = ["ping", *family, "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", target]
             procs[(i, j)] = subprocess.Popen(
                 ["ip", "netns", "exec", self.members[i].host.netns, *argv],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -515,7 +539,7 @@ class Group:
         return results
 
     def wait_for_pings(
-        self, pairs: Iterable[tuple[int, int]], timeout: float, *, attempt_timeout: float = 1.0
+        self, pairs: Iterable[tuple[int, int]], timeout: float, *, attempt_timeout: float = 1.0, v6: bool = False
     ) -> dict[tuple[int, int], float | None]:
         """Ping every pair until each has answered once or `timeout` passes.
 
@@ -528,7 +552,7 @@ class Group:
             left = start + timeout - time.monotonic()
             if left <= 0:
                 break
-            results = self.ping_many(waiting, count=1, timeout=min(attempt_timeout, max(left, 0.2)))
+            results = self.ping_many(waiting, count=1, timeout=min(attempt_timeout, max(left, 0.2)), v6=v6)
             now = time.monotonic() - start
             for pair, ok in results.items():
                 if ok:

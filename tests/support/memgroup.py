@@ -13,13 +13,14 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from overlay.config import resolve_address6
 from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
 from overlay.remembered import Remembered
 from overlay.routing.ring import RingParams, SortedRing
 from overlay.tap.device import MemoryTap
-from overlay.tap.frames import ETH_P_IP, ethernet_frame, internet_checksum
+from overlay.tap.frames import ETH_P_IP, ETH_P_IPV6, ethernet_frame, internet_checksum
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
 from overlay.trust.groupkey import GroupKey
@@ -50,6 +51,16 @@ def udp_packet(src: str, dst: str, payload: bytes) -> bytes:
     return header + struct.pack("!HHHH", 4000, 4000, 8 + len(payload), 0) + payload
 
 
+def udp6_packet(src: str, dst: str, payload: bytes) -> bytes:
+    """A valid IPv6/UDP packet (UDP checksum over the RFC 8200 §8.1 pseudo-header) as the kernel would send it."""
+    addresses = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+    length = 8 + len(payload)
+    udp = struct.pack("!HHHH", 4000, 4000, length, 0) + payload
+    checksum = internet_checksum(addresses + struct.pack("!I3xB", length, 17) + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", checksum) + udp[8:]
+    return struct.pack("!IHBB", 6 << 28, length, 17, 64) + addresses + udp
+
+
 def vaddr(i: int) -> str:
     return str(ipaddress.IPv4Address("10.254.0.1") + i)
 
@@ -69,6 +80,7 @@ class MemoryGroup:
     issuer: Issuer | None = None
     cert_lifetime: float = 3600.0
     issuer_node: int | None = None  # this node runs the issuer (renewals through the overlay go to it)
+    address6: str | None = None  # an IPv6 prefix ("fd00:1::/64"): each node's address is derived from its key
 
     def __post_init__(self) -> None:
         self.room = MemoryRoom(ROOM, [f"user{i}@example.test" for i in range(100_000)])
@@ -103,6 +115,7 @@ class MemoryGroup:
         settings = NodeSettings(
             room=ROOM,
             address=f"{vaddr(i)}/16",
+            address6=resolve_address6(self.address6, identity.node_id) if self.address6 else None,
             ring=self.params,
             stabilize_interval=self.stabilize_interval,
             on_demand_rate=self.on_demand_rate,
@@ -157,12 +170,26 @@ class MemoryGroup:
         self.taps[a].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, self.taps[a].mac, ETH_P_IP, packet))
         return packet
 
+    def vaddr6(self, i: int) -> str:
+        address = self.nodes[i].address6
+        assert address is not None, "build the group with address6"
+        return address
+
+    def send6(self, a: int, b: int, payload: bytes, src: str | None = None) -> bytes:
+        """`send` over IPv6: node a's kernel sends a UDP packet to node b's IPv6 address."""
+        packet = udp6_packet(src or self.vaddr6(a), self.vaddr6(b), payload)
+        self.taps[a].inject(ethernet_frame(DEFAULT_GATEWAY_MAC, self.taps[a].mac, ETH_P_IPV6, packet))
+        return packet
+
     def received(self, b: int, packet: bytes) -> bool:
         return any(frame[14:] == packet for frame in self.taps[b].written)
 
-    async def reach(self, pairs: list[tuple[int, int]], timeout: float, every: float = 2.0) -> list[tuple[int, int]]:
+    async def reach(
+        self, pairs: list[tuple[int, int]], timeout: float, every: float = 2.0, v6: bool = False
+    ) -> list[tuple[int, int]]:
         """Send a packet for each pair every `every` seconds until each has arrived once, as an application
         retransmits while addresses resolve; the pairs that never got through within `timeout`."""
+        send = self.send6 if v6 else self.send
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         sent: dict[tuple[int, int], list[bytes]] = {pair: [] for pair in pairs}
@@ -171,7 +198,7 @@ class MemoryGroup:
             if not waiting or loop.time() >= end:
                 return waiting
             for a, b in waiting:
-                sent[(a, b)].append(self.send(a, b, f"reach {a}->{b} {len(sent[(a, b)])}".encode()))
+                sent[(a, b)].append(send(a, b, f"reach {a}->{b} {len(sent[(a, b)])}".encode()))
             await asyncio.sleep(every)
 
     async def stop(self) -> None:
