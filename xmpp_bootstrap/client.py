@@ -208,6 +208,88 @@ def _real_jid(pres: Any) -> str | None:
     return str(jid.bare) if jid.user and jid.domain else None
 
 
+def new_client(jid: str, password: str, ca_file: str | None) -> ClientXMPP:
+    """A slixmpp client as every session of ours makes it: STARTTLS on the client port, never plaintext, the
+    server's certificate verified (against `ca_file` when given), whitespace keepalives."""
+    client = ClientXMPP(jid, password)
+    client.enable_direct_tls = False  # port 5222 speaks STARTTLS; direct TLS first would only cost a try
+    client.enable_plaintext = False
+    client.whitespace_keepalive = True
+    if ca_file is not None:
+        client.ca_certs = Path(ca_file)
+    return client
+
+
+async def log_in(client: ClientXMPP, host: str, port: int, ca_file: str | None, timeout: float) -> None:
+    """Connect `client` to `host`:`port` and wait for its session; raise BootstrapError with one line a person
+    can act on (wrong password, unreachable server, certificate that does not verify, timeout)."""
+    jid = JID(client.requested_jid)
+    outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    def finish(result: str | None) -> None:
+        if not outcome.done():
+            outcome.set_result(result)
+
+    where = f"{host}:{port}"
+
+    def started(_e: object) -> None:
+        finish(None)
+
+    def auth_failed(_e: object) -> None:
+        finish(f"login as {jid.bare} was refused: check the password (or the account name)")
+
+    def stream_error(e: Any) -> None:
+        finish(f"server {where} closed the stream: {e['condition']} ({e['text']})")
+
+    client.add_event_handler("session_start", started)
+    client.add_event_handler("failed_all_auth", auth_failed)
+    refused: list[bool] = []
+
+    def connection_failed(e: object) -> None:
+        refused.append(True)
+        finish(f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs")
+
+    client.add_event_handler("connection_failed", connection_failed)
+
+    def tls_failed(error: object) -> None:
+        hint = f"is {ca_file} the server's CA?" if ca_file else "set ca_file for a self-signed server"
+        finish(f"TLS certificate of {where} for {jid.domain} did not verify ({error}): {hint}")
+
+    def disconnected(reason: object) -> None:
+        if isinstance(reason, ssl.SSLError):
+            tls_failed(reason)
+            return
+        # A failed TLS handshake closes the transport before slixmpp reports ssl_invalid_chain: give that
+        # report a moment to arrive so the person is told about the certificate, not a closed connection.
+        loop.call_later(0.2, finish, f"server {where} closed the connection during login ({reason})")
+
+    loop = asyncio.get_running_loop()
+    client.add_event_handler("ssl_invalid_chain", tls_failed)
+    client.add_event_handler("stream_error", stream_error)
+    client.add_event_handler("disconnected", disconnected)
+    client.connect(host, port)
+    transient = False
+    try:
+        error = await asyncio.wait_for(outcome, timeout)
+    except TimeoutError:
+        error = f"no XMPP session with {where} within {timeout:g} s: check host, port and firewall"
+        transient = True
+    finally:
+        # Each login adds its own handlers: a session logged in again (overlay/social/run.py) must not pile them up.
+        handlers: tuple[tuple[str, Callable[..., None]], ...] = (
+            ("session_start", started),
+            ("failed_all_auth", auth_failed),
+            ("connection_failed", connection_failed),
+            ("ssl_invalid_chain", tls_failed),
+            ("stream_error", stream_error),
+            ("disconnected", disconnected),
+        )
+        for event, handler in handlers:
+            client.del_event_handler(event, handler)
+    if error is not None:
+        raise BootstrapError(error, transient=transient, unreachable=transient or bool(refused))
+
+
 class XmppBootstrap:
     """Bootstrap through a real XMPP server with slixmpp, run on the caller's asyncio loop."""
 
@@ -405,14 +487,9 @@ class XmppBootstrap:
     # -- connection --
 
     def _make_client(self) -> ClientXMPP:
-        client = ClientXMPP(self.settings.jid, self.settings.password)
-        client.enable_direct_tls = False  # port 5222 speaks STARTTLS; direct TLS first would only cost a try
-        client.enable_plaintext = False
+        client = new_client(self.settings.jid, self.settings.password, self.settings.ca_file)
         client.auto_authorize = False  # a bootstrap account accepts no subscriptions
         client.auto_subscribe = False
-        client.whitespace_keepalive = True
-        if self.settings.ca_file is not None:
-            client.ca_certs = Path(self.settings.ca_file)
         client.add_filter("in", self._count_in)
         client.add_filter("out", self._count_out)
         client.register_handler(
@@ -440,56 +517,8 @@ class XmppBootstrap:
             raise BootstrapError(f"JID {s.jid!r} is not user@domain: fix `jid` in the config")
         if not self._room.user or not self._room.domain:
             raise BootstrapError(f"room {s.room!r} is not room@conference.domain: fix `room` in the config")
-        host = s.host or jid.domain
-        client = self._client = self._make_client()
-        outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-
-        def finish(result: str | None) -> None:
-            if not outcome.done():
-                outcome.set_result(result)
-
-        where = f"{host}:{s.port}"
-        client.add_event_handler("session_start", lambda _e: finish(None))
-        client.add_event_handler(
-            "failed_all_auth",
-            lambda _e: finish(f"login as {jid.bare} was refused: check the password (or the account name)"),
-        )
-        refused: list[bool] = []
-
-        def connection_failed(e: object) -> None:
-            refused.append(True)
-            finish(f"cannot reach the XMPP server at {where} ({e}): check host, port and that it runs")
-
-        client.add_event_handler("connection_failed", connection_failed)
-
-        def tls_failed(error: object) -> None:
-            hint = f"is {s.ca_file} the server's CA?" if s.ca_file else "set ca_file for a self-signed server"
-            finish(f"TLS certificate of {where} for {jid.domain} did not verify ({error}): {hint}")
-
-        def disconnected(reason: object) -> None:
-            if isinstance(reason, ssl.SSLError):
-                tls_failed(reason)
-                return
-            # A failed TLS handshake closes the transport before slixmpp reports ssl_invalid_chain: give that
-            # report a moment to arrive so the person is told about the certificate, not a closed connection.
-            loop.call_later(0.2, finish, f"server {where} closed the connection during login ({reason})")
-
-        loop = asyncio.get_running_loop()
-        client.add_event_handler("ssl_invalid_chain", tls_failed)
-        client.add_event_handler(
-            "stream_error",
-            lambda e: finish(f"server {where} closed the stream: {e['condition']} ({e['text']})"),
-        )
-        client.add_event_handler("disconnected", disconnected)
-        client.connect(host, s.port)
-        transient = False
-        try:
-            error = await asyncio.wait_for(outcome, s.timeout)
-        except TimeoutError:
-            error = f"no XMPP session with {where} within {s.timeout:g} s: check host, port and firewall"
-            transient = True
-        if error is not None:
-            raise BootstrapError(error, transient=transient, unreachable=transient or bool(refused))
+        self._client = self._make_client()
+        await log_in(self._client, s.host or jid.domain, s.port, s.ca_file, s.timeout)
 
     async def _check_room(self) -> None:
         """Disco#info the room first: joining a missing room would ask the server to create it."""
