@@ -18,7 +18,7 @@ from typing import Any
 from overlay.ids import derived_address6
 from overlay.routing.ring import RingParams
 from overlay.tap.vnic import check_address6
-from overlay.transport.paths import TurnServer
+from overlay.transport.paths import IceSettings, TurnServer
 from overlay.wire import Endpoint
 
 
@@ -47,7 +47,7 @@ class NodeConfig:
     # node's address is the prefix and its node ID (resolve_address6); a host address: that address.
     vnic_address6: str | None
     vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
-    vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true; see docs/design.md)
+    vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true, off for [social]; docs/design.md)
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
     routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
@@ -59,6 +59,16 @@ class NodeConfig:
     group_key: bytes | None = None  # [group] public_key or public_key_file: the pinned group key; None if open
     issuer: IssuerConfig | None = None  # [issuer]: this node signs the group's certificates
     metrics: Endpoint | None = None  # [metrics] listen: where Prometheus scrapes /metrics; None: off (default)
+    social: SocialConfig | None = None  # [social]: a SocialVPN node (friends, no room); None: GroupVPN
+
+
+@dataclass(frozen=True)
+class SocialConfig:
+    """[social]: the node links to its XMPP friends' devices and places them in its own subnet (docs/socialvpn.md)."""
+
+    subnet: ipaddress.IPv4Network  # [social] subnet: where friends' devices get addresses (default 172.31.0.0/16)
+    domain: str  # [social] domain: names <user>.<domain> and <resource>.<user>.<domain> (default "ipop")
+    dns: ipaddress.IPv4Address  # [social] dns: where the node answers DNS for those names (default: last host)
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,13 @@ def _subnet(value: Any) -> ipaddress.IPv4Network:
     return net
 
 
+def _domain(value: Any) -> str:
+    text = _str(value).strip(".").lower()
+    if not all(label.isascii() and label.replace("-", "").isalnum() for label in text.split(".")):
+        raise ValueError('expected a DNS name of letters, digits and hyphens, like "ipop"')
+    return text
+
+
 def _ifname(value: Any) -> str:
     text = _str(value)
     if len(text) > 15 or "/" in text or " " in text:
@@ -244,6 +261,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "public_key_file": (_str, None),
         "open": (_bool, False),
     },
+    "social": {
+        "subnet": (_subnet, ipaddress.IPv4Network("172.31.0.0/16")),
+        "domain": (_domain, "ipop"),
+        "dns": (lambda v: ipaddress.IPv4Address(_str(v)), None),
+    },
     "issuer": {
         "group_key": (_str, ...),
         "subnet": (_subnet, ipaddress.IPv4Network("10.254.0.0/16")),
@@ -286,15 +308,15 @@ def load_config(path: Path) -> NodeConfig:
             if key not in _SCHEMA[section]:
                 raise ConfigError(f"{path}: unknown key [{section}] {key}{_suggest(key, list(_SCHEMA[section]))}")
     for section, keys in _SCHEMA.items():
-        if section == "issuer" and section not in raw:
+        if section in ("issuer", "social") and section not in raw:
             continue
         table = raw.get(section, {})
         out = values.setdefault(section, {})
         for key, (check, default) in keys.items():
             if key not in table:
-                if default is ...:
+                if default is ... and not (section == "xmpp" and key == "room" and "social" in raw):
                     raise ConfigError(f"{path}: missing key [{section}] {key}")
-                out[key] = default
+                out[key] = default if default is not ... else None
                 continue
             try:
                 out[key] = check(table[key])
@@ -322,7 +344,8 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path}: [xmpp] ca_file {ca} does not exist")
     o = values["overlay"]
     turn = _turn_servers(path, values["ice"]["turn"], rel)
-    group_key = _group_key(path, values["group"], rel)
+    social = _social_section(path, raw, values) if "social" in values else None
+    group_key = _group_key(path, values["group"], rel) if social is None else None
     issuer = None
     if "issuer" in values:
         i = values["issuer"]
@@ -335,7 +358,7 @@ def load_config(path: Path) -> NodeConfig:
         )
         if group_key is None:
             raise ConfigError(f"{path}: an [issuer] needs the group's public key in [group] public_key(_file)")
-    address = values["vnic"]["address"]
+    address = values["vnic"]["address"] if social is None else social[1]
     if address is None and group_key is None:
         raise ConfigError(f"{path}: missing key [vnic] address (only a group with an issuer hands addresses out)")
     if address is not None and issuer is not None and ipaddress.IPv4Interface(address).ip not in issuer.subnet:
@@ -355,14 +378,16 @@ def load_config(path: Path) -> NodeConfig:
         password=password,
         host=x["host"],
         port=x["port"],
-        room=x["room"],
+        room=x["room"] or "",
         ca_file=ca,
         anchors=x["anchors"],
         vnic_name=values["vnic"]["name"],
         vnic_address=address,
         vnic_address6=address6,
         vnic_mtu=values["vnic"]["mtu"],
-        vnic_offload=values["vnic"]["offload"],
+        # A social node translates addresses (overlay/social/translate.py), which needs final checksums: the
+        # kernel's partial checksums and super-frames would have to be completed first, so its TAP has no offload.
+        vnic_offload=values["vnic"]["offload"] and social is None,
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],
@@ -374,6 +399,39 @@ def load_config(path: Path) -> NodeConfig:
         group_key=group_key,
         issuer=issuer,
         metrics=values["metrics"]["listen"] if "metrics" in raw else None,
+        social=social[0] if social is not None else None,
+    )
+
+
+def _social_section(path: Path, raw: dict[str, Any], values: dict[str, dict[str, Any]]) -> tuple[SocialConfig, str]:
+    """A SocialVPN node's [social] settings and its own TAP address: [social] replaces the room, the group and the
+    overlay's settings."""
+    for section in ("group", "issuer", "overlay"):
+        if section in raw:
+            raise ConfigError(f"{path}: [{section}] belongs to a group; a [social] node has friends instead: remove it")
+    if "room" in raw.get("xmpp", {}):
+        raise ConfigError(f"{path}: [xmpp] room and [social] are two modes: keep the room for a group, or [social]")
+    if values["vnic"]["address6"] is not None:
+        raise ConfigError(f"{path}: [vnic] address6 is not supported by a [social] node yet: remove it")
+    social = values["social"]
+    subnet: ipaddress.IPv4Network = social["subnet"]
+    address = values["vnic"]["address"] or f"{subnet.network_address + 1}/{subnet.prefixlen}"
+    if ipaddress.IPv4Interface(address).network != subnet:
+        raise ConfigError(f"{path}: [vnic] address {address} is not a host of [social] subnet {subnet}")
+    dns = social["dns"] or subnet.broadcast_address - 1
+    own = ipaddress.IPv4Interface(address).ip
+    if dns not in subnet or dns in (subnet.network_address, subnet.broadcast_address, own):
+        raise ConfigError(f"{path}: [social] dns {dns} must be a host of {subnet} other than the node's own address")
+    return SocialConfig(subnet, social["domain"], dns), address
+
+
+def ice_settings(cfg: NodeConfig, inside: ipaddress.IPv4Network) -> IceSettings | None:
+    """The node's ICE settings ([ice]), or None without that section: never a candidate on our own TAP or inside
+    the VPN's addresses `inside` (docs/nat-traversal.md)."""
+    if not cfg.ice:
+        return None
+    return IceSettings(
+        stun=cfg.stun, turn=cfg.turn, exclude_interfaces=frozenset({cfg.vnic_name}), exclude_networks=(inside,)
     )
 
 

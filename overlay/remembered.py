@@ -88,12 +88,16 @@ def load(path: Path) -> list[Remembered]:
 
 
 def save(path: Path, contacts: list[Remembered]) -> None:
+    write_private(path, encode(contacts))
+
+
+def write_private(path: Path, data: bytes) -> None:
     """Write atomically: a temporary file (0600) in the same directory, flushed, then renamed over `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(encode(contacts))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask and ignored for an existing file

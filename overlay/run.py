@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from overlay.config import NodeConfig, resolve_address6
+from overlay.config import NodeConfig, ice_settings, resolve_address6
 from overlay.control import ControlError, ControlServer, socket_in_use
 from overlay.identity import Identity
 from overlay.ids import format_id
@@ -23,7 +23,6 @@ from overlay.node import Node, NodeSettings
 from overlay.remembered import SAVE_FIRST, SAVE_INTERVAL, Remembered, state_path
 from overlay.remembered import load as load_remembered
 from overlay.remembered import save as save_remembered
-from overlay.transport.paths import IceSettings
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
 from overlay.trust.enroll import EnrollError, load_saved, obtain_certificate
 from overlay.trust.issuer import Issuer, IssuerError, open_issuer
@@ -128,14 +127,7 @@ async def _run_member(
     """The node itself; `remembered`: the XMPP server was unreachable, so rejoin through these members."""
     from overlay.tap.device import LinuxTap, TapError
 
-    ice = None
-    if cfg.ice:
-        ice = IceSettings(
-            stun=cfg.stun,
-            turn=cfg.turn,
-            exclude_interfaces=frozenset({cfg.vnic_name}),
-            exclude_networks=(ipaddress.IPv4Interface(address).network,),
-        )
+    ice = ice_settings(cfg, ipaddress.IPv4Interface(address).network)
     settings = NodeSettings(
         room=cfg.room,
         address=address,

@@ -124,6 +124,9 @@ class LinkMsg(enum.IntEnum):
     SUSPECT = 0x0E  # peer(8): "my link to this node died": check yours at once (SWIM's suspicion, by gossip)
     ACK = 0x0F  # no body: "your routed control packet arrived" (the sender watches the link until it hears back)
     REVOKE = 0x10  # a list of signed revocations (overlay/trust/revocations.py): flooded, each node passes news on
+    # Between SocialVPN friends (overlay/social/node.py), who link directly and forward nothing:
+    DATA = 0x11  # an IPv4 packet, already in the receiver's view of the addresses (overlay/social/translate.py)
+    PLACES = 0x12  # the sender's own address (4), where the sender placed the receiver in its subnet (4)
 
 
 MAX_NEIGHBOURS = 64
