@@ -21,6 +21,7 @@ from overlay.control import ControlError, query, stream
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
 from overlay.manual import MANUAL
+from overlay.social import friendcmd
 
 log = logging.getLogger("ipop-overlay")
 DEFAULT_CONTROL = Path("/run/ipop-overlay/node.sock")
@@ -41,16 +42,21 @@ def cmd_join(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     identity = Identity.load(cfg.key)
 
+    from overlay.social.run import SocialJoinError, run_social
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_node(cfg, identity, stop)
+        if cfg.social is not None:
+            await run_social(cfg, identity, stop)
+        else:
+            await run_node(cfg, identity, stop)
 
     try:
         asyncio.run(main())
-    except JoinError as e:
+    except (JoinError, SocialJoinError) as e:
         print(f"ipop-overlay: {e}", file=sys.stderr)
         return 1
     return 0
@@ -101,8 +107,34 @@ def _status_table(st: dict[str, Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = query(_control_path(args))
-    print(json.dumps(st, indent=2) if args.json else _status_table(st))
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(_social_table(st) if st.get("mode") == "social" else _status_table(st))
     return 0
+
+
+def _social_table(st: dict[str, Any]) -> str:
+    """A SocialVPN node's status: each friend, its devices with the address and names they have here."""
+    lines = [
+        f"node     {st['node_id']}  {st['jid']}",
+        f"address  {st['address']}  (names under .{st['domain']} answered at {st['dns']})",
+        f"endpoint {st['endpoint']}",
+    ]
+    lines += [f"WARNING  {w}" for w in st["warnings"]]
+    if st["requests"]:
+        lines.append(f"requests {', '.join(st['requests'])}  ('ipop-overlay friend accept JID')")
+    lines.append(f"friends  {len(st['friends'])}")
+    for friend in st["friends"]:
+        lines.append(f"  {friend['jid']}" + ("" if friend["devices"] else "  (no device online)"))
+        for d in friend["devices"]:
+            rtt = f"{d['rtt_ms']:.2f} ms" if d["rtt_ms"] is not None else "-"
+            link = d["link"] or ("not linked: key changed" if d["warning"] else "not linked yet")
+            lines.append(
+                f"    {d['device']:30} {d['address']:15} {' '.join(d['names']) or '-':28} {link:8} {rtt:>9} "
+                f"{d['tx_bytes']}/{d['rx_bytes']} B"
+            )
+    return "\n".join(lines)
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -206,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
     s.add_argument("--config", help="read the control socket path from this config file")
     groupcmd.add_parser(sub)
+    friendcmd.add_parser(sub)
     sub.add_parser("sim", help="topology simulator (ipop-overlay sim --help)", add_help=False)
     # Set here rather than in each add_parser call because `group` is built in groupcmd.py. `sim` has none:
     # `ipop-overlay sim --help` is the simulator's own parser (sims/cli.py).
@@ -243,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_graph(args)
         if args.command == "group":
             return groupcmd.run(args)
+        if args.command == "friend":
+            return friendcmd.run(args)
         return cmd_status(args)
-    except (ConfigError, KeyFileError, ControlError, groupcmd.GroupCommandError) as e:
+    except (ConfigError, KeyFileError, ControlError, groupcmd.GroupCommandError, friendcmd.FriendCommandError) as e:
         print(f"ipop-overlay: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

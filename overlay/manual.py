@@ -111,4 +111,24 @@ examples:
   ipop-overlay group init --out /var/lib/ipop-overlay/office/group
   ipop-overlay group add --config owner.toml alice@example.test bob@example.test""",
     ),
+    "friend": (
+        """\
+A SocialVPN node's friends: XMPP contacts with a mutual subscription, as Pidgin makes them too.
+  add JID              ask JID to be a friend (and approve its request when it asks back)
+  accept JID           approve JID's request, and ask back
+  remove JID           end the friendship (both subscriptions), or decline a request
+  list                 friends, and requests both ways
+  forget JID/RESOURCE  drop the key the running node pinned for that friend device, after
+                       its owner confirmed the new key it presents (status shows a warning)
+
+Needs: --config FILE, a config with a [social] section; add, accept, remove and list log in
+with its [xmpp] account under a resource of their own; forget asks the running node.
+
+Exit status: 0 on success; 1 with one line on stderr when the server refused, the node is
+not running (forget) or the config cannot be used.""",
+        """\
+examples:
+  ipop-overlay friend add --config alice.toml bob@example.test
+  ipop-overlay friend forget --config alice.toml bob@example.test/laptop""",
+    ),
 }
