@@ -1,4 +1,5 @@
-"""SocialVPN end to end: Alice, Bob, Carol and Dave on a real Prosody, Alice and Carol behind NATs, friendships
+"""SocialVPN end to end: Alice, Bob, Carol and Dave on a real Prosody (and again on ejabberd), Alice and Carol
+behind NATs, friendships
 made with `ipop-overlay friend`, each device running `ipop-overlay join` with a [social] config.
 
 Alice-Bob and Bob-Carol are friends, Alice and Carol are not; Alice-Dave are friends until Alice removes Dave.
@@ -10,13 +11,14 @@ resource name.
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.group import cli_argv, missing_prerequisites
+from tests.support.group import SERVERS, cli_argv, missing_prerequisites
 from tests.support.sociallab import Device, SocialLab
 
 pytestmark = [
@@ -29,9 +31,19 @@ LINK_S = 30.0  # ICE through NATs and coturn: seconds for a friend link to come 
 UNFRIEND_S = 10.0  # from the requirement: an unfriend cuts the link within 10 s
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[SocialLab]:
-    with SocialLab(clusters={"home": "cone", "cafe": "cone"}) as lab:
+PREFIXES = {"prosody": "isv", "ejabberd": "isj"}
+assert set(PREFIXES) == set(SERVERS)
+
+
+@pytest.fixture(scope="module", params=list(PREFIXES), ids=list(PREFIXES))
+def lab(request: pytest.FixtureRequest) -> Iterator[SocialLab]:
+    server: str = request.param
+    why = missing_prerequisites(server)
+    if why is not None:
+        if os.environ.get("IPOP_REQUIRE_INTEGRATION") == "1":
+            pytest.fail(f"{server} integration tests cannot run: {why}")
+        pytest.skip(why)
+    with SocialLab(PREFIXES[server], clusters={"home": "cone", "cafe": "cone"}, server=server) as lab:
         people = {name: lab.account(name) for name in ("alice", "bob", "carol", "dave")}
         lab.add_device("alice", "laptop", "172.31.0.0/16", cluster="home")
         lab.add_device("bob", "desk", "10.77.0.0/16")

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.coturn import CoturnServer
-from tests.support.group import CLI_TIMEOUT_S, PASSWORD, TURN_PASSWORD, TURN_USERNAME, cli_argv
+from tests.support.ejabberd import EjabberdServer
+from tests.support.group import CLI_TIMEOUT_S, PASSWORD, SERVERS, TURN_PASSWORD, TURN_USERNAME, cli_argv
 from tests.support.netlab import Host, NetLab
 from tests.support.prosody import ProsodyServer
 
@@ -61,12 +62,13 @@ class Device:
 
 
 class SocialLab:
-    def __init__(self, prefix: str = "isv", clusters: dict[str, str] | None = None) -> None:
+    def __init__(self, prefix: str = "isv", clusters: dict[str, str] | None = None, server: str = "prosody") -> None:
+        self.server_kind = server
         self.lab = NetLab(prefix)
         self.workdir = Path(tempfile.mkdtemp(prefix="ipop-social-"))
         self.clusters = clusters or {}
         self.devices: dict[str, Device] = {}
-        self.server: ProsodyServer | None = None
+        self.server: ProsodyServer | EjabberdServer | None = None
         self.coturn: CoturnServer | None = None
         self._resolv: list[Path] = []
 
@@ -74,7 +76,9 @@ class SocialLab:
         try:
             self.lab.add_hub()
             xmpp = self.lab.add_host("xmpp")
-            self.server = ProsodyServer(self.workdir / "prosody", bind=xmpp.address, port=XMPP_PORT, netns=xmpp.netns)
+            self.server = SERVERS[self.server_kind](
+                self.workdir / self.server_kind, bind=xmpp.address, port=XMPP_PORT, netns=xmpp.netns
+            )
             self.server.start()
             for name, kind in self.clusters.items():
                 self.lab.add_cluster(name, kind)
