@@ -411,6 +411,8 @@ def _social_section(path: Path, raw: dict[str, Any], values: dict[str, dict[str,
             raise ConfigError(f"{path}: [{section}] belongs to a group; a [social] node has friends instead: remove it")
     if "room" in raw.get("xmpp", {}):
         raise ConfigError(f"{path}: [xmpp] room and [social] are two modes: keep the room for a group, or [social]")
+    if "metrics" in raw:
+        raise ConfigError(f"{path}: [metrics] is not served by a [social] node yet: remove it (status has its numbers)")
     if values["vnic"]["address6"] is not None:
         raise ConfigError(f"{path}: [vnic] address6 is not supported by a [social] node yet: remove it")
     social = values["social"]

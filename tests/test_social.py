@@ -132,6 +132,7 @@ def test_a_social_config_needs_no_room_and_defaults_its_addresses(tmp_path: Path
         ("", 'dns = "172.31.0.1"', "", "must be a host of"),
         ("", "", '[vnic]\naddress = "10.1.0.1/16"', "not a host of"),
         ("", "", '[vnic]\naddress6 = "fd00::/64"', "address6 is not supported"),
+        ("", "", "[metrics]", r"\[metrics\] is not served"),
     ],
 )
 def test_a_social_config_refuses_what_does_not_fit(
@@ -150,6 +151,7 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
         "dns": "172.31.255.254",
         "domain": "ipop",
         "endpoint": "198.18.0.2:5800",
+        "xmpp": "reconnecting",
         "warnings": ["bob@example.test/phone presents a new node key"],
         "requests": ["dave@example.test"],
         "friends": [
@@ -165,3 +167,4 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
     assert "dave@example.test" in text and "friend accept" in text
     assert "172.31.7.9" in text and "desk.bob.ipop" in text and "srflx" in text and "1.50 ms" in text
     assert "carol@example.test  (no device online)" in text
+    assert "xmpp     reconnecting  (links stay" in text

@@ -120,10 +120,13 @@ def test_an_unfriend_cuts_the_link_within_10_s(lab: SocialLab) -> None:
     assert not lab.ping(dave, "alice.ipop", timeout=1.0)
 
 
-def test_a_friend_device_that_crashes_loses_its_link_within_10_s_and_gets_it_back(lab: SocialLab) -> None:
+def test_a_friend_device_that_crashes_loses_its_link_within_10_s_and_comes_back_at_the_same_address(
+    lab: SocialLab,
+) -> None:
     """Killed: no unavailable presence, no goodbye on the link; the link's silence is noticed instead."""
     bob, carol = device_of(lab, "bob"), device_of(lab, "carol")
-    assert lab.wait_until(lambda: lab.linked(bob, carol) is not None, LINK_S)
+    assert lab.wait_until(lambda: lab.linked(bob, carol) is not None and lab.linked(carol, bob) is not None, LINK_S)
+    bob_at_carol = lab.linked(carol, bob)
     assert carol.process is not None
     carol.process.kill()
     carol.process.wait(timeout=10)
@@ -133,6 +136,7 @@ def test_a_friend_device_that_crashes_loses_its_link_within_10_s_and_gets_it_bac
     carol.control.unlink(missing_ok=True)
     lab.start(carol)
     assert lab.wait_until(lambda: lab.linked(bob, carol) is not None and lab.linked(carol, bob) is not None, LINK_S)
+    assert lab.linked(carol, bob) == bob_at_carol  # Carol's address for Bob survived her restart (social.state)
     assert lab.wait_until(lambda: lab.ping(carol, "bob.ipop"), 20.0)
 
 
@@ -187,3 +191,20 @@ c = socket.create_connection((sys.argv[1], 7007), timeout=10)
 c.sendall(b"hello over the social vpn")
 print(c.recv(100).decode())
 """
+
+
+def test_links_to_friends_survive_an_xmpp_outage(lab: SocialLab) -> None:
+    """XMPP is for friendships and link set-up: with the server gone, linked friends keep reaching each other
+    (past the 9 s a silent link is given), by name too. Last in the module: the server stays down."""
+    alice, bob = device_of(lab, "alice"), device_of(lab, "bob", "desk")
+    assert lab.wait_until(lambda: lab.linked(alice, bob) is not None and lab.linked(bob, alice) is not None, LINK_S)
+    assert lab.server is not None
+    lab.server.stop()
+    assert lab.wait_until(lambda: lab.status(alice)["xmpp"] == "reconnecting", 10.0)
+    start = time.monotonic()
+    while time.monotonic() - start < 15.0:
+        assert lab.ping(alice, "bob.ipop", timeout=2.0), lab.log_tail(alice)
+        time.sleep(1.0)
+    assert lab.ping(bob, "alice.ipop")
+    assert lab.linked(alice, bob) is not None and lab.linked(bob, alice) is not None
+    assert lab.status(alice)["counters"].get("friend devices offline in XMPP, link kept", 0) >= 1

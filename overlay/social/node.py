@@ -63,10 +63,10 @@ log = logging.getLogger(__name__)
 SOCIAL_CONTEXT = "ipop-overlay social"
 SIGNAL_TAG = f"{{{SOCIAL_NS}}}signal"
 TICK = 1.0  # our choice: link attempts, pings and retries are all on a seconds scale
-# Our choice: an idle friend link is pinged every 3 s and closed after 9 s of silence (three pings lost), so a
-# device that crashed (no unavailable presence, no CLOSE) loses its link within 10 s; set up again while online.
-PING_INTERVAL = 3.0
-DEAD_AFTER = 9.0
+# Our choice: an idle friend link is pinged every 2.5 s and closed after 7.5 s of silence (three pings lost), so a
+# device that vanished without a word (no CLOSE on the link) loses its link within 10 s, our tick included.
+PING_INTERVAL = 2.5
+DEAD_AFTER = 7.5
 RETRY_INTERVAL = 5.0  # our choice: a failed link attempt to an online device is tried again after 5 s
 DNS_PORT = 53
 _PLACES = struct.Struct("!BII")  # LinkMsg.PLACES, the sender's address, where the sender placed the receiver
@@ -75,7 +75,7 @@ _UDP = struct.Struct("!HHHH")
 
 @dataclass
 class FriendLink:
-    """One online friend device as this node sees it."""
+    """A friend device this node knows: online in XMPP, or offline there with its link still answering."""
 
     jid: str  # full JID
     friend: str
@@ -85,6 +85,9 @@ class FriendLink:
     local: int  # the address we gave it in our subnet
     last_seen: float
     warning: str | None = None  # why it is not linked (a changed key)
+    # Its presence says it is online. An unavailable presence ends only its XMPP session (or ours, or the
+    # server's): a link that still answers stays until the device closes it or goes silent.
+    online: bool = True
     remote: int | None = None  # its own TAP address, once it told us (LinkMsg.PLACES)
     remote_view: int | None = None  # where it placed us
     last_try: float = -1e18
@@ -224,6 +227,9 @@ class SocialNode:
         if device.warning is not None:
             return
         link = self.links.links.get(device.peer_id)
+        if link is None and not device.online:
+            self._device_offline(device.jid, "offline, and its link is gone")
+            return
         if link is not None:
             if now - device.last_heard > DEAD_AFTER:
                 self.links.close(device.peer_id, "friend device silent")
@@ -247,15 +253,31 @@ class SocialNode:
                 event.device.jid, event.device.friend, event.device.resource, event.device.statement, now
             )
         elif isinstance(event, DeviceOffline):
-            self._device_offline(event.device.jid, "friend device went offline")
+            device = self.devices.get(event.device.jid)
+            if device is not None and device.peer_id in self.links.links:
+                # Its XMPP session ended (or ours did, or the server went down): the link needs no XMPP and
+                # stays while it answers; a device that stopped says so on the link (CLOSE).
+                device.online = False
+                self.count("friend devices offline in XMPP, link kept")
+                log.info("friend device %s is offline in XMPP; its link stays while it answers", device.jid)
+            else:
+                self._device_offline(event.device.jid, "friend device went offline")
         elif isinstance(event, FriendAdded):
             log.info("%s is a friend now", event.friend)
         elif isinstance(event, FriendRemoved):
+            for jid in [d.jid for d in self.devices.values() if d.friend == event.friend]:
+                self._device_offline(jid, "no longer a friend")
             log.info("%s is no longer a friend", event.friend)
         elif isinstance(event, FriendRequest) and not event.expected:
             log.info("%s asks to be a friend: 'ipop-overlay friend accept %s' says yes", event.jid, event.jid)
 
     def _device_online(self, jid: str, friend: str, resource: str, said: bytes, now: float) -> None:
+        known = self.devices.get(jid)
+        if known is not None and known.said == said:
+            known.online, known.last_seen = True, now  # seen again (a session came back): link and state stay
+            return
+        if known is not None:
+            self._device_offline(jid, "friend device presents another key statement")
         key = statement_key(said, jid)
         if key is None:
             self.count("friend devices without a valid key statement")
@@ -504,6 +526,7 @@ class SocialNode:
                     "tx_bytes": link.tx_bytes if link is not None else 0,
                     "rx_bytes": link.rx_bytes if link is not None else 0,
                     "warning": device.warning,
+                    "online": device.online,
                 }
             )
         return {
@@ -514,6 +537,7 @@ class SocialNode:
             "dns": str(ipaddress.IPv4Address(self.dns)),
             "domain": self.settings.domain,
             "endpoint": f"{self.underlay.local_endpoint[0]}:{self.underlay.local_endpoint[1]}",
+            "xmpp": "online" if self.watch.started else "reconnecting",
             "friends": [{"jid": f, "devices": d} for f, d in sorted(friends.items())],
             "requests": self.watch.roster.requests(),
             "warnings": list(self.warnings),

@@ -106,7 +106,7 @@ class _Reconnect:
 
     def _on_disconnected(self, _reason: object) -> None:
         if not self._cancelled and (self._task is None or self._task.done()):
-            log.warning("XMPP session lost: logging in again (friends' devices are unreachable meanwhile)")
+            log.warning("XMPP session lost: logging in again; links to friends stay, new ones wait for the session")
             self._task = asyncio.ensure_future(self._again())
 
     async def _again(self) -> None:
