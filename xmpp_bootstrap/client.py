@@ -287,6 +287,9 @@ async def log_in(client: ClientXMPP, host: str, port: int, ca_file: str | None, 
         for event, handler in handlers:
             client.del_event_handler(event, handler)
     if error is not None:
+        # slixmpp retries a failed connection by itself, with its own backoff: a session that connects later,
+        # behind our back, would log in beside the next attempt and one would replace the other ("conflict").
+        client.cancel_connection_attempt()
         raise BootstrapError(error, transient=transient, unreachable=transient or bool(refused))
 
 

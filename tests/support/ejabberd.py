@@ -160,6 +160,7 @@ class EjabberdServer:
         # In its own namespace epmd's usual port is free; in the root namespace a system epmd may hold it.
         self.epmd_port = EPMD_PORT if netns else 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
         self._epmd: subprocess.Popen[bytes] | None = None
         self._ctl_count = 0
         self.startup_s: float | None = None
@@ -279,7 +280,9 @@ class EjabberdServer:
                 )
             time.sleep(0.2)
         self.startup_s = time.monotonic() - started
-        self.register(ADMIN_USER, ADMIN_PASSWORD)
+        if not self._started_once:  # the spool keeps accounts across a restart (a test that restarts the server)
+            self.register(ADMIN_USER, ADMIN_PASSWORD)
+        self._started_once = True
 
     def stop(self) -> None:
         """SIGTERM ejabberd (the VM shuts down cleanly on it), then its epmd; each by PID, SIGKILL if slow."""
