@@ -247,7 +247,12 @@ def report_lines(cfg: NodeConfig, report: Report) -> list[str]:
         vnic += f" and {resolve_address6(cfg.vnic_address6, report.node_id)}"
     elif cfg.vnic_address6:
         vnic += f" and an address in {cfg.vnic_address6}"
-    if cfg.group_key is None:
+    if cfg.social is not None:
+        group = (
+            "link only to its friends' devices, each key pinned on first use (social.state next to the key); "
+            f"names under .{cfg.social.domain} answered at {cfg.social.dns}"
+        )
+    elif cfg.group_key is None:
         group = "admit anyone who reaches it ([group] open = true: no certificates)"
     else:
         role = " (this node is an issuer: it signs them)" if cfg.issuer else ""
@@ -255,11 +260,12 @@ def report_lines(cfg: NodeConfig, report: Report) -> list[str]:
     if cfg.ice:
         ice = f"on ({len(cfg.stun)} STUN, {len(cfg.turn)} TURN server(s))"
     else:
-        ice = "off (direct links and tunnels only)"
+        ice = "off (direct links and tunnels only)" if cfg.social is None else "off (direct links only)"
     lines += [
         "",
         "join would:",
-        f"  log in to {_where(xmpp_host(cfg), cfg.port)} as {cfg.jid} and enter room {cfg.room}",
+        f"  log in to {_where(xmpp_host(cfg), cfg.port)} as {cfg.jid} and "
+        + (f"enter room {cfg.room}" if cfg.social is None else "watch its friends (the roster: mutual subscriptions)"),
         f"  run as node {node}",
         f"  {group}",
         f"  create TAP device {vnic} (mtu {cfg.vnic_mtu})",

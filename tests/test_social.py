@@ -168,3 +168,12 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
     assert "172.31.7.9" in text and "desk.bob.ipop" in text and "srflx" in text and "1.50 ms" in text
     assert "carol@example.test  (no device online)" in text
     assert "xmpp     reconnecting  (links stay" in text
+
+
+def test_check_says_what_a_social_node_would_do(tmp_path: Path) -> None:
+    from overlay.check import Report, report_lines
+
+    text = "\n".join(report_lines(load_config(write(tmp_path)), Report((), 0xAB)))
+    assert "watch its friends" in text and "enter room" not in text
+    assert "pinned on first use" in text and "names under .ipop answered at 172.31.255.254" in text
+    assert "admit anyone" not in text and "172.31.0.1/16" in text
