@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # Contacts (overlay/wire.py) are signed over a group name; friends share none, so they sign over this.
 SOCIAL_CONTEXT = "ipop-overlay social"
 SIGNAL_TAG = f"{{{SOCIAL_NS}}}signal"
+NO_STORE_TAG = "{urn:xmpp:hints}no-store"
 TICK = 1.0  # our choice: link attempts, pings and retries are all on a seconds scale
 # Our choice: an idle friend link is pinged every 2.5 s and closed after 7.5 s of silence (three pings lost), so a
 # device that vanished without a word (no CLOSE on the link) loses its link within 10 s, our tick included.
@@ -357,6 +358,8 @@ class SocialNode:
         element = ET.Element(SIGNAL_TAG)
         element.text = base64.b64encode(sig.encode()).decode()
         message.append(element)
+        # A signal is for the device online now: no server should keep it for later (XEP-0334 hints).
+        message.append(ET.Element(NO_STORE_TAG))
         message.send()
         self.count("signals sent")
 
