@@ -425,12 +425,16 @@ class SocialNode:
             except ValueError as e:
                 self.count("drop: unusable places")
                 log.warning("friend device %s: %s", device.jid, e)
-        elif kind == LinkMsg.PING:
-            link.send(encode_ping(LinkMsg.PONG, decode_token(msg)))
-        elif kind == LinkMsg.PONG:
-            sent = decode_token(msg) / 1e6
-            if 0 <= now - sent < 60:
-                link.rtt = now - sent
+        elif kind in (LinkMsg.PING, LinkMsg.PONG):
+            try:
+                token = decode_token(msg)
+            except DecodeError:
+                self.count("drop: malformed ping")
+                return
+            if kind == LinkMsg.PING:
+                link.send(encode_ping(LinkMsg.PONG, token))
+            elif 0 <= now - token / 1e6 < 60:
+                link.rtt = now - token / 1e6
         elif kind == LinkMsg.CLOSE:
             self.links.close(link.peer_id, "friend device closed the link", notify=False)
         else:
