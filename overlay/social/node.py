@@ -41,7 +41,7 @@ from overlay.remembered import write_private
 from overlay.social.devices import NamedDevice, Pins, names, statement, statement_key
 from overlay.social.names import answer_query
 from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull, ToFriend
-from overlay.tap.frames import FrameError, internet_checksum, ipv4_header
+from overlay.tap.frames import FrameError, internet_checksum, ipv4_header, ipv4_packet
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
@@ -70,6 +70,7 @@ PING_INTERVAL = 2.5
 DEAD_AFTER = 7.5
 RETRY_INTERVAL = 5.0  # our choice: a failed link attempt to an online device is tried again after 5 s
 DNS_PORT = 53
+DNS_TTL = 64  # our choice: the IP TTL of DNS answers the node makes (Linux's default ip_default_ttl)
 _PLACES = struct.Struct("!BII")  # LinkMsg.PLACES, the sender's address, where the sender placed the receiver
 _UDP = struct.Struct("!HHHH")
 
@@ -567,6 +568,4 @@ def udp_packet(src: int, dst: int, sport: int, dport: int, payload: bytes) -> by
     udp = _UDP.pack(sport, dport, length, 0) + payload
     checksum = internet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", checksum) + udp[8:]
-    header = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, src, dst)
-    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
-    return header + udp
+    return ipv4_packet(src, dst, 17, DNS_TTL, udp)

@@ -192,7 +192,8 @@ def internet_checksum(data: Bytes) -> int:
     return ~_fold(_word_sum(data)) & 0xFFFF
 
 
-def _ipv4_packet(src: int, dst: int, protocol: int, ttl: int, payload: bytes) -> bytes:
+def ipv4_packet(src: int, dst: int, protocol: int, ttl: int, payload: bytes) -> bytes:
+    """An IPv4 packet (20-byte header, checksummed) carrying `payload`: for packets the node makes itself."""
     total_len = IPV4_MIN_HEADER + len(payload)
     header = struct.pack("!BBHHHBBHII", 0x45, 0, total_len, 0, 0, ttl, protocol, 0, src, dst)
     checksum = internet_checksum(header)
@@ -229,7 +230,7 @@ def icmp_unreachable(original: Bytes, from_ip: int, code: int = ICMP_HOST_UNREAC
     body = struct.pack("!BBHI", ICMP_UNREACHABLE, code, 0, 0) + quoted
     checksum = internet_checksum(body)
     icmp = body[:2] + struct.pack("!H", checksum) + body[4:]
-    return _ipv4_packet(from_ip, src, IPPROTO_ICMP, ICMP_ERROR_TTL, icmp)
+    return ipv4_packet(from_ip, src, IPPROTO_ICMP, ICMP_ERROR_TTL, icmp)
 
 
 # --- virtio_net_hdr: the offload header a TAP opened with IFF_VNET_HDR puts in front of every frame ---------
