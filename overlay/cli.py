@@ -35,7 +35,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    # Imported here: the node (slixmpp, cryptography, ...) is half a second of start-up that `status`, `graph`
+    # Imported here: the node (slixmpp, PyNaCl, ...) is half a second of start-up that `status`, `graph`
     # and `check` do not need.
     from overlay.run import JoinError, run_node
 

@@ -48,6 +48,9 @@ class NodeConfig:
     vnic_address6: str | None
     vnic_mtu: int  # [vnic] mtu (default 1400: fits a 1500-byte underlay with our headers)
     vnic_offload: bool  # [vnic] offload: TSO super-frames from the TAP (default true, off for [social]; docs/design.md)
+    # [vnic] fast_path: data on established links in compiled code on a thread of its own (default true;
+    # docs/datapath.md); false sends every packet through the Python path.
+    vnic_fast_path: bool
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
     routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
@@ -246,6 +249,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "address6": (_interface6, None),
         "mtu": (_int_range(576, 9000), 1400),
         "offload": (_bool, True),
+        "fast_path": (_bool, True),
     },
     "overlay": {
         "ring_size": (_int_range(1, 8), RingParams().ring_size),
@@ -388,6 +392,7 @@ def load_config(path: Path) -> NodeConfig:
         # A social node translates addresses (overlay/social/translate.py), which needs final checksums: the
         # kernel's partial checksums and super-frames would have to be completed first, so its TAP has no offload.
         vnic_offload=values["vnic"]["offload"] and social is None,
+        vnic_fast_path=values["vnic"]["fast_path"],
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],

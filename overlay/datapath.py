@@ -64,7 +64,7 @@ class DataPath:
         rng: random.Random,
     ) -> None:
         self.address = address
-        self._address_int = int(ipaddress.IPv4Address(address))
+        self.address_int = int(ipaddress.IPv4Address(address))
         self._address6_int: int | None = None
         # The upper 64 bits of our IPv6 address: with certificates, a member's IPv6 address is this prefix and
         # its node ID (overlay/ids.py derived_address6), so its inner IPv6 source is checked without a lookup.
@@ -88,6 +88,9 @@ class DataPath:
         # None in a group without certificates (then nothing is checked).
         self.source_of: Callable[[int], int | None] | None = None
         self._unverified: dict[int, tuple[int, deque[tuple[bytes, int]]]] = {}  # src -> claimed address, packets
+        # The compiled data path (overlay/fastpath.py), when the node runs one: told each destination address
+        # this path sent to over a link to its owner, so it sends the next packets there itself.
+        self.fast: Any = None
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -100,23 +103,25 @@ class DataPath:
             self._address6_int = int(ipaddress.IPv6Address(address6))
             self._prefix6 = self._address6_int >> 64 << 64
             self.vnic = VirtualNic(
-                self._address_int, prefix_len, tap.mac, address6=self._address6_int, prefix6_len=network6.prefixlen
+                self.address_int, prefix_len, tap.mac, address6=self._address6_int, prefix6_len=network6.prefixlen
             )
         else:
-            self.vnic = VirtualNic(self._address_int, prefix_len, tap.mac)
+            self.vnic = VirtualNic(self.address_int, prefix_len, tap.mac)
 
     # -- outbound ------------------------------------------------------------------------------------------------
     def on_tap_readable(self) -> None:
-        assert self.tap is not None and self.vnic is not None
-        tap, vnic = self.tap, self.vnic
-        vnet = tap.vnet_hdr
-        now = self.clock()
+        assert self.tap is not None
         underlay = self.links.underlay
         underlay.hold()  # a batch's datagrams to one peer leave in one send (overlay/transport/underlay.py)
         try:
-            self._from_tap(tap.read_batch(TAP_BATCH), vnic, vnet, now)
+            self.from_tap(self.tap.read_batch(TAP_BATCH))
         finally:
             underlay.flush()
+
+    def from_tap(self, frames: list[bytes]) -> None:
+        """Frames the kernel wrote to the TAP (read here, or passed up by the compiled data path)."""
+        assert self.tap is not None and self.vnic is not None
+        self._from_tap(frames, self.vnic, self.tap.vnet_hdr, self.clock())
 
     def _from_tap(self, frames: list[bytes], vnic: VirtualNic, vnet: bool, now: float) -> None:
         for frame in frames:
@@ -153,6 +158,11 @@ class DataPath:
                         relayed[dst] = relayed.get(dst, 0) + len(packet)
                         self._send_sealed(link, dst, route, kind, head, packet, now)
                         return
+                    header = ROUTED_HEADER.pack(
+                        LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], kind
+                    )
+                    if self.fast is not None and dst_ip <= 0xFFFFFFFF:
+                        self.fast.set_flow(dst_ip, dst, header)
                     # Exactly what Router.on_routed sends for this packet at its origin (_pass_on, TTL - 1).
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
                         header = ROUTED_HEADER.pack(
@@ -166,12 +176,24 @@ class DataPath:
                         )
                         send_unfragmented(link, header, head, packet, self.count)
                         return
-                    header = ROUTED_HEADER.pack(
-                        LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], kind
-                    )
                     link.send(b"".join((header, head, packet)))
                     return
         self.dht.resolve_and_send(address, head + bytes(packet), kind)
+
+    def flow(self, dst_ip: int) -> tuple[int, bytes] | None:
+        """(peer, routed header) for the data to an IPv4 address whose owner we have a link to and route to
+        directly, as _send would send it now; None when _send would do anything else."""
+        if self.dht is None:
+            return None
+        entry = self.dht.cache.get(str(ipaddress.IPv4Address(dst_ip)), self.clock())
+        if entry is None:
+            return None
+        dst = entry.node_id
+        route = self.router.data_routes.get(dst)
+        if route is None or route[0] != dst or dst not in self.links.links:
+            return None
+        header = ROUTED_HEADER.pack(LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], Kind.DATA)
+        return dst, header
 
     def _send_sealed(
         self, link: Link, dst: int, route: tuple[int, int, int], kind: Kind, head: bytes, packet: Bytes, now: float
@@ -202,7 +224,7 @@ class DataPath:
         else:
             if not icmp_error_allowed(packet):
                 return
-            error = icmp_unreachable(packet, self._address_int)
+            error = icmp_unreachable(packet, self.address_int)
         self._last_icmp = now
         self.write_own_frame(self.vnic.to_tap(error))
 
@@ -335,6 +357,7 @@ class DataPath:
             return
         del self.probe_token[link.peer_id]
         link.fragments_ok = True
+        self.links.on_change(link.peer_id)
 
     def forget_link(self, peer: int) -> None:
         self.probe_due.pop(peer, None)

@@ -162,6 +162,9 @@ class LinkManager:
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
     closed_bytes: tuple[int, int] = (0, 0)  # sent and received on links closed since start (metrics)
+    # Told the peer ID whenever a link comes, goes, or changes its session, path or fragments_ok: the compiled
+    # data path (overlay/fastpath.py) mirrors the links it can serve.
+    on_change: Callable[[int], None] = lambda peer: None
 
     def __post_init__(self) -> None:
         from overlay.linksetup import LinkSetup  # the stages of opening a link build on this module
@@ -243,6 +246,7 @@ class LinkManager:
                 if session is nxt:
                     self._by_index.pop(link.session.local_index, None)
                     link.session, link.next_session = session, None
+                    self.on_change(link.peer_id)
                 link.rx_bytes += len(data)
                 if not isinstance(via, int) and not _same_path(link.path, via) and session.newest(counter):
                     # The peer roamed, a NAT rebound, or the peer moved the link off a tunnel or a relay: the
@@ -274,6 +278,7 @@ class LinkManager:
             link.path.peer = link.peer_id
         self.count("path changes")
         log.info("link %s moved: %s -> %s", format_id(link.peer_id), old, link.describe_endpoint())
+        self.on_change(link.peer_id)
 
     def _on_init(self, init: HandshakeInit, via: Via) -> None:
         opened = self.handshaker.open_init(init)
@@ -299,6 +304,7 @@ class LinkManager:
             self._by_index[session.local_index] = old
             if isinstance(path, TunnelPath) or not _same_path(old.path, path):
                 old.path = path
+                self.on_change(peer_id)
             return
         self._install(peer_id, peer_key, session, path, contact)
 
@@ -335,6 +341,7 @@ class LinkManager:
             link.fragments_ok = old.fragments_ok and _same_path(old.path, path)
         self.links[peer_id] = link
         self._by_index[session.local_index] = link
+        self.on_change(peer_id)
         if old is None:
             log.info("link up: %s %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
             self.count(f"links up: {link.kind}")
@@ -357,6 +364,7 @@ class LinkManager:
         self._by_index.pop(link.session.local_index, None)
         if link.next_session is not None:
             self._by_index.pop(link.next_session.local_index, None)
+        self.on_change(peer_id)
         if isinstance(link.path, TurnPath):
             link.path.allocation.forget_peer(link.path.peer)
         log.info("link down: %s (%s)", format_id(peer_id), reason)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
+from overlay.fastpath import FastPath
 from overlay.finds import Finder
 from overlay.graph import GraphService, NodeView, own_view
 from overlay.identity import Identity, verify
@@ -53,6 +54,7 @@ from overlay.sealing import Sealing
 from overlay.signalling import Signalling
 from overlay.tap.frames import Bytes
 from overlay.transport.paths import IceSettings, UdpPath
+from overlay.transport.underlay import UdpUnderlay
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
@@ -127,6 +129,7 @@ class Node:
         *,
         bootstrap: Any = None,
         tap: Any = None,
+        fast_path: bool = False,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         trust: GroupTrust | None = None,
@@ -220,6 +223,10 @@ class Node:
         ):
             self.router.handlers[kind] = handler
         self.tap: Any = None
+        # The compiled data path (overlay/fastpath.py): asked for, with a TAP and a UDP socket, it starts with
+        # the node; None otherwise (in-memory underlays, tests of the Python path).
+        self.want_fast_path = fast_path
+        self.fast: FastPath | None = None
         if tap is not None:
             self.attach_tap(tap)
         self.membership = Membership(self, bootstrap, anchors=settings.anchors) if bootstrap is not None else None
@@ -372,7 +379,13 @@ class Node:
             self.underlay.on_stun = self.ice.on_stun
             self.ice.start(self.clock())
         if self.tap is not None:
-            self._loop.add_reader(self.tap.fileno(), self.datapath.on_tap_readable)
+            if self.want_fast_path and isinstance(self.underlay, UdpUnderlay):
+                self.fast = FastPath(
+                    self.links, self.datapath, self.router, self.underlay, self.heard, self.id, self.network.prefixlen
+                )
+                self.fast.start()
+            else:
+                self._loop.add_reader(self.tap.fileno(), self.datapath.on_tap_readable)
         self._schedule(self.clock())
         if remembered:
             for contact in remembered:
@@ -392,7 +405,9 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
         self.links.close_all()
-        if self.tap is not None and self._loop is not None:
+        if self.fast is not None:
+            self.fast.stop()
+        elif self.tap is not None and self._loop is not None:
             self._loop.remove_reader(self.tap.fileno())
         self.underlay.close()
         if self.ice is not None:
@@ -453,6 +468,8 @@ class Node:
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self.fast is not None:
+            self.fast.sync()
         now = self.clock()
         deadline = self.links.tick(now)
         for peer, link in self.links.links.items():
@@ -699,8 +716,13 @@ class Node:
         except DecodeError:
             self.count("drop: malformed link message")
 
+    def _fast_counters(self) -> dict[str, int]:
+        return self.fast.counters() if self.fast is not None else {}
+
     # -- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        if self.fast is not None:
+            self.fast.sync()
         links = []
         ring = self.table.ring_peers()
         long_out = self.maintenance.long_link_peers()
@@ -752,7 +774,7 @@ class Node:
             "predecessors": [format_id(i) for i in self.table.predecessors()],
             "dht": {"stored": len(self.dht.store), "cached": len(self.dht.cache), "held": self.dht.held()},
             "data_in": {"packets": hops[0], "mean_hops": round(hops[1] / max(1, hops[0]), 2)},
-            "counters": dict(sorted({**self.counters, **self.links.counters}.items())),
+            "counters": dict(sorted({**self.counters, **self.links.counters, **self._fast_counters()}.items())),
             "anchor": bool(getattr(self.bootstrap, "is_anchor", False)),
             "overlay": {
                 "id": f"{self.beacon.overlay:016x}",

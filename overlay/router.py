@@ -91,6 +91,8 @@ class Router:
         # Destination node -> (next hop, watermark, flags): what _on_routed sent for a DATA packet we
         # originated; forgotten with the other caches whenever links or neighbour lists change.
         self.data_routes: dict[int, tuple[int, int, int]] = {}
+        # Told whenever the caches above are forgotten (the compiled data path's flows go with them).
+        self.routes_changed: Callable[[], None] = lambda: None
         self._promise_cache: dict[tuple[int, int, int], Decision] = {}
         # Bytes of data we originate that leave through another member, per destination (overlay/ondemand.py);
         # the data path counts its fast-path packets into the same dict.
@@ -103,6 +105,7 @@ class Router:
         self._route_cache.clear()
         self._promise_cache.clear()
         self.data_routes.clear()
+        self.routes_changed()
 
     # -- originating -------------------------------------------------------------------------------------------
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:

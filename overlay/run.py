@@ -144,7 +144,16 @@ async def _run_member(
         underlay = UdpUnderlay(cfg.listen)
     except UnderlayError as e:
         raise JoinError(str(e)) from None
-    node = Node(identity, settings, underlay, bootstrap=bootstrap, rng=random.Random(), trust=trust, issuer=issuer)
+    node = Node(
+        identity,
+        settings,
+        underlay,
+        bootstrap=bootstrap,
+        rng=random.Random(),
+        trust=trust,
+        issuer=issuer,
+        fast_path=cfg.vnic_fast_path,
+    )
     tap = None
     metrics: Any = None
     keeper: asyncio.Future[None] | None = None
@@ -171,7 +180,7 @@ async def _run_member(
                 await metrics.start()
             except OSError as e:
                 raise JoinError(f"[metrics] listen {cfg.metrics[0]}:{cfg.metrics[1]}: {e.strerror or e}") from None
-        # Everything loaded so far (slixmpp, cryptography, our modules: most of the heap) lives as long as
+        # Everything loaded so far (slixmpp, PyNaCl, our modules: most of the heap) lives as long as
         # the node: keep it out of the collector's full passes, which otherwise scan it again and again.
         gc.freeze()
         if remembered:

@@ -11,7 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ejabberd pulls in erlang-base, which ships epmd (the tests start their own, inside a namespace).
-DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip)
+# gcc, python3-dev and libssl-dev build the compiled data path (overlay/_fast.c) against OpenSSL's libcrypto.
+DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip
+      gcc python3-dev libssl-dev)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,8 +63,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import overlay, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
-     >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ]; then
+if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
+     >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ overlay/_fast.c -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +15,11 @@ from overlay.transport.noise import (
     MAX_NONCE,
     CipherState,
     HandshakeState,
+    KeyPair,
     NoiseError,
     Suite,
     SymmetricState,
-    public_bytes,
+    dh,
 )
 
 VECTORS_FILE = Path(__file__).parent / "vectors" / "noise_cacophony_ik_xx.json"
@@ -30,8 +30,8 @@ SUITES = [
 PROLOGUE = b"ipop-overlay test"
 
 
-def _key(hex_or_none: str | None) -> X25519PrivateKey | None:
-    return None if hex_or_none is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(hex_or_none))
+def _key(hex_or_none: str | None) -> KeyPair | None:
+    return None if hex_or_none is None else KeyPair(bytes.fromhex(hex_or_none))
 
 
 def _pub(hex_or_none: str | None) -> bytes | None:
@@ -79,9 +79,9 @@ def test_cacophony_vector(vector: dict[str, Any]) -> None:
         assert receiver.cipher_states[which].decrypt_with_ad(b"", ciphertext) == payload
 
 
-def parties(name: str) -> tuple[HandshakeState, HandshakeState, X25519PrivateKey, X25519PrivateKey]:
-    si, sr = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-    rs = public_bytes(sr) if "_IK_" in name else None
+def parties(name: str) -> tuple[HandshakeState, HandshakeState, KeyPair, KeyPair]:
+    si, sr = KeyPair.generate(), KeyPair.generate()
+    rs = sr.public if "_IK_" in name else None
     return HandshakeState(name, True, PROLOGUE, s=si, rs=rs), HandshakeState(name, False, PROLOGUE, s=sr), si, sr
 
 
@@ -105,8 +105,8 @@ def test_round_trip(name: str) -> None:
     sent = run(init, resp)
     assert len(sent) == (2 if "_IK_" in name else 3)
     assert init.handshake_hash == resp.handshake_hash
-    assert resp.rs == public_bytes(si)
-    assert init.rs == public_bytes(sr)
+    assert resp.rs == si.public
+    assert init.rs == sr.public
     assert init.cipher_states is not None and resp.cipher_states is not None
     (i1, i2), (r1, r2) = init.cipher_states, resp.cipher_states
     assert i1.k == r1.k and i2.k == r2.k and i1.k != i2.k
@@ -117,18 +117,16 @@ def test_round_trip(name: str) -> None:
 
 def test_ik_initiator_addressing_another_key_fails() -> None:
     name = "Noise_IK_25519_AESGCM_SHA256"
-    init = HandshakeState(
-        name, True, PROLOGUE, s=X25519PrivateKey.generate(), rs=public_bytes(X25519PrivateKey.generate())
-    )
-    resp = HandshakeState(name, False, PROLOGUE, s=X25519PrivateKey.generate())
+    init = HandshakeState(name, True, PROLOGUE, s=KeyPair.generate(), rs=KeyPair.generate().public)
+    resp = HandshakeState(name, False, PROLOGUE, s=KeyPair.generate())
     with pytest.raises(NoiseError):
         resp.read_message(init.write_message(b""))
 
 
 def test_different_prologues_fail() -> None:
     name = "Noise_XX_25519_ChaChaPoly_BLAKE2s"
-    init = HandshakeState(name, True, b"one", s=X25519PrivateKey.generate())
-    resp = HandshakeState(name, False, b"two", s=X25519PrivateKey.generate())
+    init = HandshakeState(name, True, b"one", s=KeyPair.generate())
+    resp = HandshakeState(name, False, b"two", s=KeyPair.generate())
     resp.read_message(init.write_message(b""))  # "-> e" carries nothing authenticated yet
     with pytest.raises(NoiseError):
         init.read_message(resp.write_message(b""))
@@ -203,12 +201,12 @@ def test_constructor_checks_the_keys_the_pattern_needs() -> None:
     with pytest.raises(ValueError, match="needs the local static"):
         HandshakeState("Noise_XX_25519_AESGCM_SHA256", True)
     with pytest.raises(ValueError, match="pre-messages"):
-        HandshakeState("Noise_IK_25519_AESGCM_SHA256", True, s=X25519PrivateKey.generate())
+        HandshakeState("Noise_IK_25519_AESGCM_SHA256", True, s=KeyPair.generate())
     with pytest.raises(ValueError, match="pre-messages"):
-        HandshakeState("Noise_XX_25519_AESGCM_SHA256", True, s=X25519PrivateKey.generate(), rs=bytes(32))
+        HandshakeState("Noise_XX_25519_AESGCM_SHA256", True, s=KeyPair.generate(), rs=bytes(32))
     for bad in ("Noise_NN_25519_AESGCM_SHA256", "Noise_XX_448_AESGCM_SHA256", "Noise_XX_25519_AESGCM_SHA512", "XX"):
         with pytest.raises(ValueError, match="unsupported"):
-            HandshakeState(bad, True, s=X25519PrivateKey.generate())
+            HandshakeState(bad, True, s=KeyPair.generate())
 
 
 def _responder_after(name: str, messages: int) -> tuple[HandshakeState, HandshakeState]:
@@ -264,6 +262,20 @@ def test_nonce_layout_matches_the_cipher() -> None:
         cs.set_nonce(5)
         aead = AESGCM(key) if cipher == "AESGCM" else ChaCha20Poly1305(key)
         assert cs.encrypt_with_ad(b"ad", b"msg") == aead.encrypt(expected_nonce, b"msg", b"ad")
+
+
+def test_key_pair_and_dh_match_an_independent_x25519() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    a, b = KeyPair.generate(), KeyPair.generate()
+    ref_a = X25519PrivateKey.from_private_bytes(a.private)
+    assert a.public == ref_a.public_key().public_bytes_raw()
+    assert dh(a, b.public) == dh(b, a.public) == ref_a.exchange(X25519PublicKey.from_public_bytes(b.public))
+    assert a.private.hex() not in repr(a)
+    with pytest.raises(NoiseError):
+        dh(a, bytes(32))  # a low-order point: the all-zero output is refused (section 4.1)
+    with pytest.raises(ValueError):
+        KeyPair(bytes(31))
 
 
 def test_transport_forgery_leaves_the_cipher_state_usable() -> None:

@@ -1,12 +1,16 @@
 """The Noise Protocol Framework handshake (revision 34, https://noiseprotocol.org/noise.html), IK and XX only.
 
-The link layer's SIGMA handshake (overlay/transport/session.py) is to be replaced by Noise, whose patterns come
-with a published analysis and cross-implementation test vectors. This module is the pure state machine: no
+The link layer's handshake (overlay/transport/session.py) is Noise IK: its patterns come with a published
+analysis and cross-implementation test vectors. This module is the pure state machine: no
 sockets, no indices, no clocks. Its objects follow the spec's section 5 one to one (CipherState,
 SymmetricState, HandshakeState) so a reader can check them against the text line by line.
 
 Suites: Noise_{IK,XX}_25519_{AESGCM,ChaChaPoly}_{SHA256,BLAKE2s}. Both hashes have HASHLEN 32, so no key
 truncation (section 5.2) is ever needed; the 64-byte hashes are left out rather than carried untested.
+
+Primitives: AES-256-GCM is OpenSSL's libcrypto through overlay/_fast.c (the compiled module the data path
+already loads); ChaCha20-Poly1305 and X25519 are libsodium through PyNaCl (already loaded for Ed25519);
+SHA256, BLAKE2s and HMAC are the standard library's. So a node needs no `cryptography` package at run time.
 
 Failure rule: every error that input or misuse can cause is a NoiseError (a ValueError). A HandshakeState that
 raised once is poisoned: it refuses every later call, because a half-processed message may already have
@@ -19,13 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+import nacl.bindings
+import nacl.exceptions
+
+from overlay._fast import Forged, aesgcm_open, aesgcm_seal
 
 DHLEN = 32  # section 12.1, Curve25519
 HASHLEN = 32  # SHA256 and BLAKE2s (sections 12.5 and 12.7)
@@ -41,10 +47,40 @@ class NoiseError(ValueError):
     """A Noise message that is malformed, fails authentication, comes out of turn, or exhausts a nonce."""
 
 
-# Sections 12.3 and 12.4: the two ciphers differ only in the byte order of the counter in the 96-bit nonce.
-_CIPHERS: dict[str, tuple[Callable[[bytes], AESGCM | ChaCha20Poly1305], struct.Struct]] = {
-    "AESGCM": (AESGCM, _BE_Q),
-    "ChaChaPoly": (ChaCha20Poly1305, _LE_Q),
+def _aesgcm_encrypt(k: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
+    """Section 12.3: the nonce is 32 zero bits || n as a 64-bit big-endian integer."""
+    return aesgcm_seal(k, b"\x00\x00\x00\x00" + _BE_Q.pack(n), ad, plaintext)
+
+
+def _aesgcm_decrypt(k: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
+    try:
+        return aesgcm_open(k, b"\x00\x00\x00\x00" + _BE_Q.pack(n), ad, ciphertext)
+    except Forged:
+        raise NoiseError("ciphertext fails authentication") from None
+
+
+def _chachapoly_encrypt(k: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
+    """Section 12.4: the nonce is 32 zero bits || n as a 64-bit little-endian integer (RFC 8439's IETF form)."""
+    return nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+        plaintext, ad, b"\x00\x00\x00\x00" + _LE_Q.pack(n), k
+    )
+
+
+def _chachapoly_decrypt(k: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
+    try:
+        return nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+            ciphertext, ad, b"\x00\x00\x00\x00" + _LE_Q.pack(n), k
+        )
+    except nacl.exceptions.CryptoError:
+        raise NoiseError("ciphertext fails authentication") from None
+
+
+# Section 4.2's ENCRYPT(k, n, ad, plaintext) and DECRYPT(k, n, ad, ciphertext) per cipher name (section 12).
+# DECRYPT raises NoiseError on authentication failure.
+_Aead = Callable[[bytes, int, bytes, bytes], bytes]
+_CIPHERS: dict[str, tuple[_Aead, _Aead]] = {
+    "AESGCM": (_aesgcm_encrypt, _aesgcm_decrypt),
+    "ChaChaPoly": (_chachapoly_encrypt, _chachapoly_decrypt),
 }
 _HASHES = {"SHA256": "sha256", "BLAKE2s": "blake2s"}
 
@@ -95,30 +131,50 @@ class Suite:
         return out
 
 
-def dh(private: X25519PrivateKey, public: bytes) -> bytes:
+class KeyPair:
+    """A Curve25519 key pair (section 12.1) as raw 32-byte strings; libsodium clamps the private key in use."""
+
+    __slots__ = ("private", "public")
+
+    def __init__(self, private: bytes) -> None:
+        if len(private) != DHLEN:
+            raise ValueError(f"an X25519 private key is {DHLEN} bytes")
+        self.private = bytes(private)
+        self.public: bytes = nacl.bindings.crypto_scalarmult_base(self.private)
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        """Section 4.1 GENERATE_KEYPAIR: any 32 random bytes are an X25519 private key (RFC 7748 section 5)."""
+        return cls(os.urandom(DHLEN))
+
+    def __repr__(self) -> str:  # the private half stays out of logs and tracebacks
+        return f"KeyPair(public={self.public.hex()})"
+
+
+def dh(key_pair: KeyPair, public: bytes) -> bytes:
     """Section 4.1 DH over X25519 (12.1); a low-order public key (all-zero result) is refused, as 4.1 allows."""
     try:
-        return private.exchange(X25519PublicKey.from_public_bytes(public))
-    except ValueError:
+        # libsodium itself fails on an all-zero result; the check below keeps the rule independent of that.
+        shared = nacl.bindings.crypto_scalarmult(key_pair.private, public)
+    except nacl.exceptions.CryptoError:
         raise NoiseError("remote X25519 key is not usable") from None
-
-
-def public_bytes(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes_raw()
+    if hmac.compare_digest(shared, bytes(DHLEN)):
+        raise NoiseError("remote X25519 key is not usable")
+    return shared
 
 
 class CipherState:
     """Section 5.1: a key k (None is the spec's "empty") and a 64-bit nonce counter n."""
 
     def __init__(self, cipher: str) -> None:
-        self._make, self._counter = _CIPHERS[cipher]
+        self._encrypt, self._decrypt = _CIPHERS[cipher]
         self.k: bytes | None = None
-        self._aead: AESGCM | ChaCha20Poly1305 | None = None
         self.n = 0
 
     def initialize_key(self, key: bytes | None) -> None:
+        if key is not None and len(key) != 32:
+            raise ValueError("a Noise cipher key is 32 bytes")  # section 4.2
         self.k = key
-        self._aead = None if key is None else self._make(key)
         self.n = 0
 
     def has_key(self) -> bool:
@@ -129,37 +185,31 @@ class CipherState:
             raise ValueError("a Noise nonce is a 64-bit unsigned integer")
         self.n = nonce
 
-    def _nonce(self, n: int) -> bytes:
-        return b"\x00\x00\x00\x00" + self._counter.pack(n)  # 12.3/12.4: 32 zero bits || 64-bit counter
-
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
-        if self._aead is None:
+        if self.k is None:
             return plaintext
         if self.n >= MAX_NONCE:
             raise NoiseError("nonce exhausted: this CipherState must not encrypt again")
-        ciphertext = self._aead.encrypt(self._nonce(self.n), plaintext, ad)
+        ciphertext = self._encrypt(self.k, self.n, ad, plaintext)
         self.n += 1
         return ciphertext
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
-        if self._aead is None:
+        if self.k is None:
             return ciphertext
         if self.n >= MAX_NONCE:
             raise NoiseError("nonce exhausted: this CipherState must not decrypt again")
         if len(ciphertext) < TAG_LEN:
             raise NoiseError("ciphertext shorter than its authentication tag")
-        try:
-            plaintext = self._aead.decrypt(self._nonce(self.n), ciphertext, ad)
-        except InvalidTag:
-            raise NoiseError("ciphertext fails authentication") from None
+        plaintext = self._decrypt(self.k, self.n, ad, ciphertext)
         self.n += 1  # only on success: a forged message leaves the state as it was
         return plaintext
 
     def rekey(self) -> None:
         """Section 4.2 REKEY: the first 32 bytes of ENCRYPT(k, 2^64-1, empty, 32 zero bytes); n is kept."""
-        if self._aead is None:
+        if self.k is None:
             raise NoiseError("cannot rekey a CipherState without a key")
-        key = self._aead.encrypt(self._nonce(MAX_NONCE), bytes(32), b"")[:32]
+        key = self._encrypt(self.k, MAX_NONCE, b"", bytes(32))[:32]
         n = self.n
         self.initialize_key(key)
         self.n = n
@@ -214,7 +264,7 @@ class SymmetricState:
 class HandshakeState:
     """Section 5.3: one party's side of a handshake.
 
-    `s` is the local static key pair, `rs` the remote static public key (required where the pattern has it
+    `s` is the local static KeyPair, `rs` the remote static public key (required where the pattern has it
     as a pre-message: the initiator's rs in IK). `e` injects the local ephemeral: for test vectors only,
     since an ephemeral must never be reused; left None, a fresh one is generated per section 5.3's "e" token.
     `re` exists for patterns with an ephemeral pre-message; IK and XX have none, so it must stay None.
@@ -225,8 +275,8 @@ class HandshakeState:
         protocol_name: str,
         initiator: bool,
         prologue: bytes = b"",
-        s: X25519PrivateKey | None = None,
-        e: X25519PrivateKey | None = None,
+        s: KeyPair | None = None,
+        e: KeyPair | None = None,
         rs: bytes | None = None,
         re: bytes | None = None,
     ) -> None:
@@ -271,8 +321,8 @@ class HandshakeState:
             for token in self._messages[self._next]:
                 if token == "e":
                     if self.e is None:
-                        self.e = X25519PrivateKey.generate()
-                    e_pub = public_bytes(self.e)
+                        self.e = KeyPair.generate()
+                    e_pub = self.e.public
                     out += e_pub
                     self.symmetric.mix_hash(e_pub)
                 elif token == "s":
@@ -329,14 +379,14 @@ class HandshakeState:
         if self._next == len(self._messages):
             self.cipher_states = self.symmetric.split()
 
-    def _local(self, token: str) -> X25519PrivateKey:
+    def _local(self, token: str) -> KeyPair:
         key = self.e if token == "e" else self.s
         if key is None:  # unreachable for IK and XX, whose keys are checked at construction
             raise NoiseError(f"local {token} key missing")
         return key
 
     def _local_public(self, token: str) -> bytes:
-        return public_bytes(self._local(token))
+        return self._local(token).public
 
     def _remote(self, token: str) -> bytes:
         key = self.re if token == "e" else self.rs

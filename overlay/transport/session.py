@@ -16,28 +16,27 @@ replayed initiation cannot reset a session (WireGuard's rule, section 5.1 of its
 handshake after REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; a session older than REJECT_AFTER_TIME or past
 REJECT_AFTER_MESSAGES is refused (WireGuard's constants, section 6.1 of its paper).
 
-Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM from `cryptography`
-(measured 906k packets/s per core at 1400 B, ~3x its ChaCha and ~8x PyNaCl's), nonce = 32 zero bits || 64-bit
-counter (Noise section 12.3), associated data = the 13-byte packet header. The receiver checks a sliding replay
-window (RFC 6479 style) before and after decryption.
+Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM (OpenSSL's libcrypto
+through overlay/_fast.c, which the compiled data path shares), nonce = 32 zero bits || 64-bit counter (Noise
+section 12.3), associated data = the 13-byte packet header. The receiver checks a sliding replay window
+(RFC 6479 style) before decryption and marks it after.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import nacl.exceptions
 import nacl.signing
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from overlay._fast import REPLAY_WINDOW as FAST_REPLAY_WINDOW
+from overlay._fast import Exhausted, Forged, Keys, Replayed
 from overlay.identity import Identity
 from overlay.tap.frames import Bytes
-from overlay.transport.noise import HandshakeState, NoiseError
+from overlay.transport.noise import HandshakeState, KeyPair, NoiseError
 from overlay.wire import (
     AEAD_TAG_LEN,
     SEALED_LINK_PART,
@@ -48,8 +47,8 @@ from overlay.wire import (
     PacketType,
 )
 
-# Our choice: far beyond any reordering a link shows, and a 1024-bit int shift costs ~100 ns.
-REPLAY_WINDOW = 1024
+# Our choice (overlay/_fast.c): far beyond any reordering a link shows.
+REPLAY_WINDOW = FAST_REPLAY_WINDOW
 PROTOCOL = "Noise_IK_25519_AESGCM_SHA256"
 # WireGuard's timers and limits (its paper, section 6.1): a session's initiator starts a new handshake after
 # REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; nobody sends or accepts on a session past the REJECT limits.
@@ -60,114 +59,67 @@ REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 MAX_COUNTER = REJECT_AFTER_MESSAGES
 _INIT_PAYLOAD = struct.Struct("!IQ32s")  # sender index, timestamp (ns), Ed25519 node key; then the credential
 _RESP_PAYLOAD = struct.Struct("!I")  # sender index; then the credential
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_Q = struct.Struct("!Q")
+_TRANSPORT = int(PacketType.TRANSPORT)
 
 
 class HandshakeError(Exception):
     """A handshake message that fails verification (bad signature, wrong key, replay, stale)."""
 
 
-class ReplayWindow:
-    """Which counters have been accepted: the highest one and a bitmap of the REPLAY_WINDOW below it."""
-
-    __slots__ = ("bits", "top")
-
-    def __init__(self) -> None:
-        self.top = -1
-        self.bits = 0
-
-    def fresh(self, counter: int) -> bool:
-        if counter > self.top:
-            return True
-        offset = self.top - counter
-        return offset < REPLAY_WINDOW and not (self.bits >> offset) & 1
-
-    def mark(self, counter: int) -> None:
-        if counter > self.top:
-            shift = counter - self.top
-            self.bits = ((self.bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
-            self.top = counter
-        else:
-            self.bits |= 1 << (self.top - counter)
-
-
 @dataclass
 class Session:
-    """One direction pair of keys between two node keys, named by the index each side chose."""
+    """One direction pair of keys between two node keys, named by the index each side chose. The keys, the send
+    counter and the replay window live in a compiled `Keys` (overlay/_fast.c), shared with the compiled data
+    path's thread: a counter is never sent twice and a packet never accepted twice, whichever side handles it."""
 
     local_index: int
     remote_index: int
     peer_key: bytes
     initiator: bool
-    _send: AESGCM
-    _recv: AESGCM
+    keys: Keys
     created: float = 0.0  # the clock's time at the handshake (rekey and reject timers)
     credential: bytes = b""  # what the peer presented (its certificate's encoding)
-    _counter: int = 0
-    _window: ReplayWindow = field(default_factory=ReplayWindow)
 
-    def seal(self, plaintext: bytes) -> bytes:
-        counter = self._counter
-        if counter > MAX_COUNTER:
-            raise HandshakeError("session counter exhausted; a new handshake is needed")
-        self._counter = counter + 1
-        header = TRANSPORT_HEADER.pack(PacketType.TRANSPORT, self.remote_index, counter)
-        return header + self._send.encrypt(_NONCE_PREFIX + _Q.pack(counter), plaintext, header)
+    def seal(self, plaintext: Bytes) -> bytes:
+        try:
+            return self.keys.seal(_TRANSPORT, self.remote_index, plaintext)
+        except Exhausted:
+            raise HandshakeError("session counter exhausted; a new handshake is needed") from None
 
     def open(self, packet: Bytes, counter: int) -> bytes:
         """Decrypt a transport packet whose header was parsed to `counter`; DecodeError on forgery/replay."""
-        if not self._window.fresh(counter):
-            raise DecodeError(f"replayed or too old packet (counter {counter})")
-        hlen = TRANSPORT_HEADER.size
         try:
-            # A view, not a slice: a TCP super-frame is ~64 KB and this is the receive path's hottest copy.
-            plaintext = self._recv.decrypt(_NONCE_PREFIX + _Q.pack(counter), memoryview(packet)[hlen:], packet[:hlen])
-        except InvalidTag:
-            raise DecodeError("transport packet fails authentication") from None
-        self._window.mark(counter)
-        return plaintext
+            return self.keys.open(packet, counter)
+        except (Replayed, Forged) as e:
+            raise DecodeError(str(e)) from None
 
     def seal_header(self, routed_header: bytes, e2e_packet: Bytes) -> bytes:
         """A SEALED link packet: the routed header encrypted under the link's key with the end-to-end packet's
         tag as associated data, then the end-to-end packet as it is (a relay's cost does not grow with size)."""
-        counter = self._counter
-        if counter > MAX_COUNTER:
-            raise HandshakeError("session counter exhausted; a new handshake is needed")
-        self._counter = counter + 1
-        header = TRANSPORT_HEADER.pack(PacketType.SEALED, self.remote_index, counter)
-        tag = bytes(e2e_packet[-AEAD_TAG_LEN:])
-        sealed = self._send.encrypt(_NONCE_PREFIX + _Q.pack(counter), routed_header, header + tag)
-        return b"".join((header, sealed, e2e_packet))
+        try:
+            return self.keys.seal_header(self.remote_index, routed_header, e2e_packet)
+        except Exhausted:
+            raise HandshakeError("session counter exhausted; a new handshake is needed") from None
 
     def open_header(self, packet: bytes, counter: int) -> bytes:
         """The routed header of a SEALED packet (its end-to-end packet follows SEALED_LINK_PART bytes after the
         13-byte header); DecodeError on forgery or replay. Changing the end-to-end tag fails here; changing
         the rest of the end-to-end packet fails at its destination."""
-        if not self._window.fresh(counter):
-            raise DecodeError(f"replayed or too old packet (counter {counter})")
-        hlen = TRANSPORT_HEADER.size
         try:
-            plain = self._recv.decrypt(
-                _NONCE_PREFIX + _Q.pack(counter),
-                packet[hlen : hlen + SEALED_LINK_PART],
-                packet[:hlen] + packet[-AEAD_TAG_LEN:],
-            )
-        except InvalidTag:
-            raise DecodeError("sealed packet fails authentication") from None
-        self._window.mark(counter)
-        return plain
+            return self.keys.open_header(packet, counter, SEALED_LINK_PART)
+        except (Replayed, Forged) as e:
+            raise DecodeError(str(e)) from None
 
     def wants_rekey(self, now: float) -> bool:
         """WireGuard's rule: the session's initiator rekeys on time or message count."""
-        return self.initiator and (now - self.created >= REKEY_AFTER_TIME or self._counter >= REKEY_AFTER_MESSAGES)
+        return self.initiator and (now - self.created >= REKEY_AFTER_TIME or self.keys.counter >= REKEY_AFTER_MESSAGES)
 
     def expired(self, now: float) -> bool:
         return now - self.created >= REJECT_AFTER_TIME
 
     def newest(self, counter: int) -> bool:
         """Whether `counter`, just opened, is the highest this session has accepted (not a late packet)."""
-        return counter >= self._window.top
+        return self.keys.newest(counter)
 
     @property
     def overhead(self) -> int:
@@ -240,7 +192,7 @@ def _session(state: HandshakeState, local: int, remote: int, peer: bytes, initia
     k1, k2 = c1.k, c2.k
     assert k1 is not None and k2 is not None
     send, recv = (k1, k2) if initiator else (k2, k1)
-    return Session(local, remote, peer, initiator, AESGCM(send), AESGCM(recv), now)
+    return Session(local, remote, peer, initiator, Keys(send, recv), now)
 
 
 class Handshaker:
@@ -249,7 +201,7 @@ class Handshaker:
     def __init__(self, identity: Identity, credentials: Credentials | None = None) -> None:
         self.identity = identity
         self.credentials: Credentials = credentials or OpenCredentials()
-        self._static = X25519PrivateKey.from_private_bytes(identity.x25519_private())
+        self._static = KeyPair(identity.x25519_private())
         self._last_timestamp: dict[bytes, int] = {}
 
     def _prologue(self) -> bytes:

@@ -104,6 +104,24 @@ class UdpUnderlay:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._drain)
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def chunk(self) -> int:
+        """The size of a chunk (overlay/transport/chunks.py) on this socket's paths."""
+        return self._chunk
+
+    def hand_over_reads(self) -> None:
+        """The compiled data path (overlay/fastpath.py) reads the socket from now on; what it does not handle
+        itself comes back through `deliver`."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+
+    def deliver(self, data: bytes, source: Endpoint) -> None:
+        """A datagram read by someone else, handled as one this socket read."""
+        self._dispatch(data, source)
+
     def _drain(self) -> None:
         """Up to DRAIN_BATCH reads; with GRO one read may hold many datagrams of one size (its cmsg says which).
         `recvmsg` whether or not GRO is on: without it the cmsg is empty, at ~0.3 µs more per read than

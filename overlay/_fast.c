@@ -1,0 +1,1352 @@
+/* overlay._fast: the per-packet work of established links, compiled.
+ *
+ * Two types (docs/datapath.md says why and what it measured):
+ *
+ * Keys: one link session's AES-256-GCM keys, its send counter and its replay window. Every session of the
+ *   node (overlay/transport/session.py) seals and opens through it, from Python and from the Engine's thread,
+ *   so a counter is never used twice and a packet is never accepted twice, whichever side handles it.
+ *   Wire format (overlay/wire.py): type (1) | receiver index (4) | counter (8) | AES-GCM(plaintext) | tag (16);
+ *   nonce = 32 zero bits || counter (Noise section 12.3); associated data = the 13-byte header. The replay
+ *   window holds the newest counter and the REPLAY_WINDOW below it (RFC 6479's sliding window).
+ *
+ * Engine: a thread of its own that owns the TAP fd and the UDP socket's reads. Data between this node and
+ *   a member it has a link to (direct, or a tunnel through a neighbour) is read, sealed, sent, received,
+ *   opened, checked and written without entering Python; a neighbour's RELAY is passed on the same way.
+ *   Everything else (ARP, IPv6, handshakes, control messages, STUN, unknown senders, roaming peers, data that
+ *   needs a lookup) goes up to the asyncio side unchanged, through a SOCK_SEQPACKET socketpair, and is handled
+ *   there exactly as without the Engine. The Engine marks a replay window only for packets it handled, so a
+ *   packet it passes up is opened by Python as if the Engine did not exist.
+ *   Python keeps the tables current: links (session, path, whether 60 KB datagrams pass, the sender's
+ *   allowed source address) and flows (destination address -> link and routed header), which expire after a
+ *   TTL so the slow path looks again (DHT cache, routes) on a regular beat.
+ *
+ * Threads and locks: the Engine thread never takes the GIL. `tab` guards the tables; a Keys' send and recv
+ * locks guard its cipher contexts, counter and window. Order: tab, then keys. Python changes the tables with
+ * the GIL held and drops references only after releasing `tab`, so the thread never sees freed Keys.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define REPLAY_WINDOW 1024
+#define WINDOW_WORDS (REPLAY_WINDOW / 64)
+#define HDR 13
+#define TAG 16
+#define MAX_COUNTER (UINT64_MAX - (1ULL << 13) - 1) /* REJECT_AFTER_MESSAGES, session.py */
+
+#define PT_TRANSPORT 0x83
+#define PT_SEALED 0x84
+#define PT_CHUNK 0x85
+#define MSG_ROUTED 0x04
+#define MSG_RELAY 0x05
+#define MSG_RELAYED 0x06
+#define KIND_DATA 0x01
+#define KIND_DATA_GSO 0x09
+#define FLAG_JOIN 0x08
+#define FLAG_PROMISE 0x10
+#define ROUTED_LEN 28
+#define VNET_LEN 10
+#define ETH_LEN 14
+#define DEFAULT_TTL 64
+
+#define CHUNK_HDR 7
+#define MAX_CHUNKS 64
+#define MAX_CHUNK 1472
+#define MAX_RUN 64
+#define MAX_RUN_BYTES 65000
+#define BATCH 64
+#define BUF (65536 + 512)
+#define SOL_UDP_ 17
+#define UDP_SEGMENT_ 103
+#define UDP_GRO_ 104
+
+#define MAX_LINKS 4096
+#define FLOW_SLOTS 4096 /* direct-mapped: a collision evicts, the slow path puts it back */
+
+#define UP_DATAGRAM 1
+#define UP_FRAME 2
+#define UP_NOTE 3
+#define UP_FLOW 4
+#define UP_HDR 20
+/* Our choice: Python hears about link activity at most every 250 ms (maintenance waits BUSY_PING = 2 s for an
+ * answer on a busy link before it pings: overlay/routing/maintenance.py). */
+#define NOTE_NS 500000000LL
+
+static PyObject *Replayed, *Forged, *Exhausted;
+
+static inline uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
+static inline void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
+static inline void put64(uint8_t *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, (uint32_t)v); }
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Keys                                                                                                         */
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *enc, *dec;
+    pthread_mutex_t send_lock, recv_lock;
+    uint64_t counter; /* the next to send */
+    int64_t top;      /* the newest accepted, -1 before any */
+    uint64_t bits[WINDOW_WORDS]; /* bit (c % REPLAY_WINDOW): counter c, for c in (top - REPLAY_WINDOW, top] */
+} Keys;
+
+static int window_fresh(const Keys *k, uint64_t c) {
+    if (k->top < 0 || c > (uint64_t)k->top) return 1;
+    if ((uint64_t)k->top - c >= REPLAY_WINDOW) return 0;
+    return !(k->bits[(c % REPLAY_WINDOW) / 64] >> (c % 64) & 1);
+}
+
+static void window_mark(Keys *k, uint64_t c) {
+    if (k->top < 0 || c > (uint64_t)k->top) {
+        uint64_t gap = k->top < 0 ? REPLAY_WINDOW : c - (uint64_t)k->top;
+        if (gap >= REPLAY_WINDOW) {
+            memset(k->bits, 0, sizeof k->bits);
+        } else {
+            for (uint64_t x = (uint64_t)k->top + 1; x < c; x++) k->bits[(x % REPLAY_WINDOW) / 64] &= ~(1ULL << (x % 64));
+        }
+        k->top = (int64_t)c;
+    }
+    k->bits[(c % REPLAY_WINDOW) / 64] |= 1ULL << (c % 64);
+}
+
+static void nonce_of(uint8_t nonce[12], uint64_t counter) {
+    memset(nonce, 0, 4);
+    put64(nonce + 4, counter);
+}
+
+/* Seal the concatenation of `n` plaintext pieces under `nonce` into out (ciphertext, then the tag). */
+static int gcm_seal_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
+                          const uint8_t *aad2, int aad2len, const struct iovec *pieces, int n, uint8_t *out,
+                          size_t *outlen) {
+    int len;
+    size_t total = 0;
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aadlen && EVP_EncryptUpdate(ctx, NULL, &len, aad, aadlen) != 1) return -1;
+    if (aad2len && EVP_EncryptUpdate(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
+    for (int i = 0; i < n; i++) {
+        if (!pieces[i].iov_len) continue;
+        if (EVP_EncryptUpdate(ctx, out + total, &len, pieces[i].iov_base, (int)pieces[i].iov_len) != 1) return -1;
+        total += (size_t)len;
+    }
+    if (EVP_EncryptFinal_ex(ctx, out + total, &len) != 1) return -1;
+    total += (size_t)len;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + total) != 1) return -1;
+    *outlen = total + TAG;
+    return 0;
+}
+
+static int gcm_seal(EVP_CIPHER_CTX *ctx, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
+                    const struct iovec *pieces, int n, uint8_t *out, size_t *outlen) {
+    uint8_t nonce[12];
+    nonce_of(nonce, c);
+    return gcm_seal_nonce(ctx, nonce, aad, aadlen, aad2, aad2len, pieces, n, out, outlen);
+}
+
+static int gcm_open_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
+                          const uint8_t *aad2, int aad2len, const uint8_t *ct, size_t ctlen, const uint8_t *tag,
+                          uint8_t *out) {
+    int len;
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aadlen && EVP_DecryptUpdate(ctx, NULL, &len, aad, aadlen) != 1) return -1;
+    if (aad2len && EVP_DecryptUpdate(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
+    if (ctlen && EVP_DecryptUpdate(ctx, out, &len, ct, (int)ctlen) != 1) return -1;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)tag) != 1) return -1;
+    return EVP_DecryptFinal_ex(ctx, out + ctlen, &len) == 1 ? 0 : -1;
+}
+
+static int gcm_open(EVP_CIPHER_CTX *ctx, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
+                    const uint8_t *ct, size_t ctlen, const uint8_t *tag, uint8_t *out) {
+    uint8_t nonce[12];
+    nonce_of(nonce, c);
+    return gcm_open_nonce(ctx, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
+}
+
+/* Seal a transport packet (header + AEAD) of the pieces into out; the caller holds no lock. -1: exhausted. */
+static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec *pieces, int n, uint8_t *out,
+                     size_t *outlen) {
+    int rc = -1;
+    pthread_mutex_lock(&k->send_lock);
+    uint64_t c = k->counter;
+    if (c <= MAX_COUNTER) {
+        k->counter = c + 1;
+        out[0] = ptype;
+        put32(out + 1, remote);
+        put64(out + 5, c);
+        size_t len;
+        if (gcm_seal(k->enc, c, out, HDR, NULL, 0, pieces, n, out + HDR, &len) == 0) {
+            *outlen = HDR + len;
+            rc = 0;
+        } else {
+            rc = -2;
+        }
+    }
+    pthread_mutex_unlock(&k->send_lock);
+    return rc;
+}
+
+/* Open a transport packet into out (len - HDR - TAG bytes). mark: accept it in the window now.
+ * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
+static int keys_open(Keys *k, const uint8_t *pkt, size_t len, uint8_t *out, int mark) {
+    uint64_t c = be64(pkt + 5);
+    int rc;
+    pthread_mutex_lock(&k->recv_lock);
+    if (!window_fresh(k, c)) {
+        rc = 1;
+    } else if (gcm_open(k->dec, c, pkt, HDR, NULL, 0, pkt + HDR, len - HDR - TAG, pkt + len - TAG, out) != 0) {
+        rc = 2;
+    } else {
+        if (mark) window_mark(k, c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&k->recv_lock);
+    return rc;
+}
+
+/* Accept counter c (opened earlier with mark=0) unless something accepted it meanwhile. */
+static int keys_mark(Keys *k, uint64_t c) {
+    int ok;
+    pthread_mutex_lock(&k->recv_lock);
+    ok = window_fresh(k, c);
+    if (ok) window_mark(k, c);
+    pthread_mutex_unlock(&k->recv_lock);
+    return ok;
+}
+
+static EVP_CIPHER_CTX *gcm_ctx(const uint8_t *key, int encrypt) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (!ctx) return NULL;
+    int ok = encrypt ? EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL)
+                     : EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL);
+    if (ok != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+static int Keys_init(Keys *self, PyObject *args, PyObject *kw) {
+    Py_buffer send, recv;
+    static char *names[] = {"send_key", "recv_key", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*", names, &send, &recv)) return -1;
+    int rc = -1;
+    if (send.len != 32 || recv.len != 32) {
+        PyErr_SetString(PyExc_ValueError, "AES-256-GCM keys are 32 bytes");
+    } else if (self->enc) {
+        PyErr_SetString(PyExc_RuntimeError, "Keys are set once");
+    } else {
+        self->enc = gcm_ctx(send.buf, 1);
+        self->dec = gcm_ctx(recv.buf, 0);
+        if (!self->enc || !self->dec) PyErr_SetString(PyExc_RuntimeError, "OpenSSL cannot make an AES-256-GCM context");
+        else rc = 0;
+    }
+    PyBuffer_Release(&send);
+    PyBuffer_Release(&recv);
+    return rc;
+}
+
+static PyObject *Keys_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Keys *self = (Keys *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    pthread_mutex_init(&self->send_lock, NULL);
+    pthread_mutex_init(&self->recv_lock, NULL);
+    self->top = -1;
+    return (PyObject *)self;
+}
+
+static void Keys_dealloc(Keys *self) {
+    if (self->enc) EVP_CIPHER_CTX_free(self->enc);
+    if (self->dec) EVP_CIPHER_CTX_free(self->dec);
+    pthread_mutex_destroy(&self->send_lock);
+    pthread_mutex_destroy(&self->recv_lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int keys_ready(Keys *self) {
+    if (!self->enc) {
+        PyErr_SetString(PyExc_RuntimeError, "Keys were not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *Keys_seal(Keys *self, PyObject *args) {
+    unsigned char ptype;
+    unsigned int remote;
+    Py_buffer plain;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "bIy*", &ptype, &remote, &plain)) return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, HDR + plain.len + TAG);
+    if (out) {
+        struct iovec piece = {plain.buf, (size_t)plain.len};
+        size_t len;
+        int rc = keys_seal(self, ptype, remote, &piece, 1, (uint8_t *)PyBytes_AS_STRING(out), &len);
+        if (rc) {
+            Py_CLEAR(out);
+            PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
+                            rc == -1 ? "session counter exhausted; a new handshake is needed" : "AES-GCM failed");
+        }
+    }
+    PyBuffer_Release(&plain);
+    return out;
+}
+
+static PyObject *Keys_open(Keys *self, PyObject *args) {
+    Py_buffer pkt;
+    unsigned long long counter;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "y*K", &pkt, &counter)) return NULL;
+    PyObject *out = NULL;
+    if (pkt.len < HDR + TAG || be64((uint8_t *)pkt.buf + 5) != counter) {
+        PyErr_SetString(Forged, "transport packet too short or counter not its own");
+    } else if ((out = PyBytes_FromStringAndSize(NULL, pkt.len - HDR - TAG))) {
+        int rc = keys_open(self, pkt.buf, (size_t)pkt.len, (uint8_t *)PyBytes_AS_STRING(out), 1);
+        if (rc) {
+            Py_CLEAR(out);
+            if (rc == 1) PyErr_Format(Replayed, "replayed or too old packet (counter %llu)", counter);
+            else PyErr_SetString(Forged, "transport packet fails authentication");
+        }
+    }
+    PyBuffer_Release(&pkt);
+    return out;
+}
+
+/* SEALED: the routed header encrypted with the end-to-end packet's tag as more associated data. */
+static PyObject *Keys_seal_header(Keys *self, PyObject *args) {
+    unsigned int remote;
+    Py_buffer header, e2e;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*", &remote, &header, &e2e)) return NULL;
+    PyObject *out = NULL;
+    if (e2e.len < TAG) {
+        PyErr_SetString(PyExc_ValueError, "end-to-end packet shorter than its tag");
+    } else if ((out = PyBytes_FromStringAndSize(NULL, HDR + header.len + TAG + e2e.len))) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint8_t *tag = (const uint8_t *)e2e.buf + e2e.len - TAG;
+        int rc = -1;
+        pthread_mutex_lock(&self->send_lock);
+        uint64_t c = self->counter;
+        if (c <= MAX_COUNTER) {
+            self->counter = c + 1;
+            o[0] = PT_SEALED;
+            put32(o + 1, remote);
+            put64(o + 5, c);
+            struct iovec piece = {header.buf, (size_t)header.len};
+            size_t len;
+            rc = gcm_seal(self->enc, c, o, HDR, tag, TAG, &piece, 1, o + HDR, &len) ? -2 : 0;
+        }
+        pthread_mutex_unlock(&self->send_lock);
+        if (rc) {
+            Py_CLEAR(out);
+            PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
+                            rc == -1 ? "session counter exhausted; a new handshake is needed" : "AES-GCM failed");
+        } else {
+            memcpy(o + HDR + header.len + TAG, e2e.buf, (size_t)e2e.len);
+        }
+    }
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&e2e);
+    return out;
+}
+
+static PyObject *Keys_open_header(Keys *self, PyObject *args) {
+    Py_buffer pkt;
+    unsigned long long counter;
+    Py_ssize_t part;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "y*Kn", &pkt, &counter, &part)) return NULL;
+    PyObject *out = NULL;
+    if (part < TAG || pkt.len < HDR + part + TAG || be64((uint8_t *)pkt.buf + 5) != counter) {
+        PyErr_SetString(Forged, "sealed packet too short or counter not its own");
+    } else if ((out = PyBytes_FromStringAndSize(NULL, part - TAG))) {
+        const uint8_t *p = pkt.buf;
+        int rc;
+        pthread_mutex_lock(&self->recv_lock);
+        if (!window_fresh(self, counter)) {
+            rc = 1;
+        } else if (gcm_open(self->dec, counter, p, HDR, p + pkt.len - TAG, TAG, p + HDR, (size_t)(part - TAG),
+                            p + HDR + part - TAG, (uint8_t *)PyBytes_AS_STRING(out))) {
+            rc = 2;
+        } else {
+            window_mark(self, counter);
+            rc = 0;
+        }
+        pthread_mutex_unlock(&self->recv_lock);
+        if (rc) {
+            Py_CLEAR(out);
+            if (rc == 1) PyErr_Format(Replayed, "replayed or too old packet (counter %llu)", counter);
+            else PyErr_SetString(Forged, "sealed packet fails authentication");
+        }
+    }
+    PyBuffer_Release(&pkt);
+    return out;
+}
+
+static PyObject *Keys_newest(Keys *self, PyObject *arg) {
+    unsigned long long c = PyLong_AsUnsignedLongLong(arg);
+    if (c == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&self->recv_lock);
+    int newest = self->top >= 0 && c >= (uint64_t)self->top;
+    pthread_mutex_unlock(&self->recv_lock);
+    return PyBool_FromLong(newest);
+}
+
+static PyObject *Keys_get_counter(Keys *self, void *closure) {
+    pthread_mutex_lock(&self->send_lock);
+    uint64_t c = self->counter;
+    pthread_mutex_unlock(&self->send_lock);
+    return PyLong_FromUnsignedLongLong(c);
+}
+
+static int Keys_set_counter(Keys *self, PyObject *value, void *closure) {
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "counter cannot be deleted");
+        return -1;
+    }
+    unsigned long long c = PyLong_AsUnsignedLongLong(value);
+    if (c == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    pthread_mutex_lock(&self->send_lock);
+    self->counter = c;
+    pthread_mutex_unlock(&self->send_lock);
+    return 0;
+}
+
+static PyObject *Keys_get_top(Keys *self, void *closure) {
+    pthread_mutex_lock(&self->recv_lock);
+    int64_t top = self->top;
+    pthread_mutex_unlock(&self->recv_lock);
+    return PyLong_FromLongLong(top);
+}
+
+static PyMethodDef Keys_methods[] = {
+    {"seal", (PyCFunction)Keys_seal, METH_VARARGS, "seal(type, remote_index, plaintext) -> transport packet"},
+    {"open", (PyCFunction)Keys_open, METH_VARARGS, "open(packet, counter) -> plaintext; Replayed or Forged"},
+    {"seal_header", (PyCFunction)Keys_seal_header, METH_VARARGS,
+     "seal_header(remote_index, routed_header, e2e_packet) -> SEALED packet"},
+    {"open_header", (PyCFunction)Keys_open_header, METH_VARARGS,
+     "open_header(packet, counter, part) -> routed header; Replayed or Forged"},
+    {"newest", (PyCFunction)Keys_newest, METH_O, "whether counter is the newest accepted"},
+    {NULL}};
+
+static PyGetSetDef Keys_getset[] = {
+    {"counter", (getter)Keys_get_counter, (setter)Keys_set_counter, "the next counter to send", NULL},
+    {"top", (getter)Keys_get_top, NULL, "the newest counter accepted, -1 before any", NULL},
+    {NULL}};
+
+static PyTypeObject KeysType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlay._fast.Keys",
+    .tp_basicsize = sizeof(Keys),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One link session's AES-256-GCM keys, send counter and replay window.",
+    .tp_new = Keys_new,
+    .tp_init = (initproc)Keys_init,
+    .tp_dealloc = (destructor)Keys_dealloc,
+    .tp_methods = Keys_methods,
+    .tp_getset = Keys_getset,
+};
+
+/* AES-256-GCM with any key, nonce and associated data: the handshake's cipher (overlay/transport/noise.py). */
+static PyObject *aesgcm(PyObject *args, int encrypt) {
+    Py_buffer key, nonce, ad, data;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*", &key, &nonce, &ad, &data)) return NULL;
+    PyObject *out = NULL;
+    EVP_CIPHER_CTX *ctx = NULL;
+    if (key.len != 32 || nonce.len != 12) {
+        PyErr_SetString(PyExc_ValueError, "AES-256-GCM takes a 32-byte key and a 12-byte nonce");
+    } else if (!encrypt && data.len < TAG) {
+        PyErr_SetString(Forged, "ciphertext shorter than its tag");
+    } else if (!(ctx = gcm_ctx(key.buf, encrypt))) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL cannot make an AES-256-GCM context");
+    } else if ((out = PyBytes_FromStringAndSize(NULL, encrypt ? data.len + TAG : data.len - TAG))) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        int rc;
+        if (encrypt) {
+            struct iovec piece = {data.buf, (size_t)data.len};
+            size_t len;
+            rc = gcm_seal_nonce(ctx, nonce.buf, ad.buf, (int)ad.len, NULL, 0, &piece, 1, o, &len);
+        } else {
+            const uint8_t *d = data.buf;
+            rc = gcm_open_nonce(ctx, nonce.buf, ad.buf, (int)ad.len, NULL, 0, d, (size_t)(data.len - TAG),
+                                d + data.len - TAG, o);
+        }
+        if (rc) {
+            Py_CLEAR(out);
+            PyErr_SetString(encrypt ? PyExc_RuntimeError : Forged,
+                            encrypt ? "AES-GCM failed" : "ciphertext fails authentication");
+        }
+    }
+    if (ctx) EVP_CIPHER_CTX_free(ctx);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&nonce);
+    PyBuffer_Release(&ad);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyObject *aesgcm_seal(PyObject *m, PyObject *args) { return aesgcm(args, 1); }
+static PyObject *aesgcm_open(PyObject *m, PyObject *args) { return aesgcm(args, 0); }
+
+static PyMethodDef module_methods[] = {
+    {"aesgcm_seal", aesgcm_seal, METH_VARARGS, "aesgcm_seal(key, nonce, ad, plaintext) -> ciphertext + tag"},
+    {"aesgcm_open", aesgcm_open, METH_VARARGS, "aesgcm_open(key, nonce, ad, ciphertext + tag) -> plaintext; Forged"},
+    {NULL}};
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Engine                                                                                                       */
+
+typedef struct {
+    struct sockaddr_storage sa;
+    socklen_t len;
+} Addr;
+
+typedef struct {
+    uint64_t peer;
+    Keys *keys;       /* strong reference */
+    uint32_t local;   /* our receiver index of the session */
+    uint32_t remote;  /* the peer's */
+    int direct;       /* 1: UDP to `ep`; 0: a tunnel through `relay` */
+    Addr ep;
+    uint64_t relay;
+    int big_ok;       /* 60 KB datagrams cross this link (the fragment probe was answered) */
+    int has_src;      /* cryptokey routing: data from this peer must come from `src` */
+    uint32_t src;
+    uint64_t tx, rx, delivered, hops;
+    int tx_seen, rx_seen;
+} FLink;
+
+/* A flow is used until `expires`; the first packet after it asks Python to look again (UP_FLOW) and the flow
+ * stays in use while Python answers, until `hard`: a refresh costs the packets nothing. */
+typedef struct {
+    uint32_t ip;
+    int checking;
+    uint64_t peer;
+    int64_t expires, hard;
+    uint8_t header[ROUTED_LEN];
+} Flow;
+
+typedef struct {
+    PyObject_HEAD
+    int tap, udp, up, stop_fd, epfd;
+    int vnet, gso, chunk, check_sources;
+    uint64_t id;
+    uint32_t ip, mask, net, bcast;
+    uint8_t eth[ETH_LEN]; /* the frame header for what we deliver: kernel's MAC, gateway MAC, IPv4 */
+    pthread_mutex_t tab;
+    FLink *links;
+    int nlinks;
+    Flow *flows;
+    pthread_t thread;
+    int running;
+    uint32_t message_id;
+    atomic_int note_pending;
+    int64_t last_note;
+    /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
+    uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
+        c_tap_failed, c_gso_fallback;
+    /* buffers of the thread */
+    uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run;
+    size_t run_len, run_seg;
+    int run_count;
+    Addr run_to;
+} Engine;
+
+static FLink *link_by_peer(Engine *e, uint64_t peer) {
+    for (int i = 0; i < e->nlinks; i++)
+        if (e->links[i].peer == peer) return &e->links[i];
+    return NULL;
+}
+
+static FLink *link_by_index(Engine *e, uint32_t index) {
+    for (int i = 0; i < e->nlinks; i++)
+        if (e->links[i].local == index) return &e->links[i];
+    return NULL;
+}
+
+static int addr_eq(const Addr *a, const struct sockaddr_storage *b) {
+    if (a->sa.ss_family != b->ss_family) return 0;
+    if (b->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)&a->sa, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)&a->sa, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, 16);
+}
+
+static int addr_same(const Addr *a, const Addr *b) { return addr_eq(a, &b->sa); }
+
+/* -- up to Python ------------------------------------------------------------------------------------------- */
+
+static void up(Engine *e, int type, const struct sockaddr_storage *from, const uint8_t *data, size_t len) {
+    uint8_t head[UP_HDR] = {0};
+    head[0] = (uint8_t)type;
+    if (from && from->ss_family == AF_INET) {
+        const struct sockaddr_in *s = (const void *)from;
+        head[1] = 4;
+        memcpy(head + 2, &s->sin_port, 2);
+        memcpy(head + 4, &s->sin_addr, 4);
+    } else if (from && from->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s = (const void *)from;
+        head[1] = 6;
+        memcpy(head + 2, &s->sin6_port, 2);
+        memcpy(head + 4, &s->sin6_addr, 16);
+    }
+    struct iovec iov[2] = {{head, UP_HDR}, {(void *)data, len}};
+    struct msghdr m = {.msg_iov = iov, .msg_iovlen = len ? 2 : 1};
+    if (sendmsg(e->up, &m, MSG_DONTWAIT) < 0) e->c_up_dropped++;
+    if (type == UP_FRAME) e->c_frames_up++;
+    else if (type == UP_DATAGRAM) e->c_datagrams_up++;
+}
+
+static void note(Engine *e) {
+    if (atomic_load(&e->note_pending)) return;
+    int64_t now = now_ns();
+    if (now - e->last_note < NOTE_NS) return;
+    e->last_note = now;
+    atomic_store(&e->note_pending, 1);
+    up(e, UP_NOTE, NULL, NULL, 0);
+}
+
+/* -- sending ------------------------------------------------------------------------------------------------ */
+
+static void send_one(Engine *e, const uint8_t *data, size_t len, const Addr *to) {
+    if (sendto(e->udp, data, len, 0, (const struct sockaddr *)&to->sa, to->len) < 0) e->c_send_failed++;
+}
+
+static int send_gso(Engine *e, struct iovec *iov, int n, size_t segment, const Addr *to) {
+    char control[CMSG_SPACE(sizeof(uint16_t))];
+    memset(control, 0, sizeof control);
+    struct msghdr m = {.msg_name = (void *)&to->sa, .msg_namelen = to->len, .msg_iov = iov, .msg_iovlen = (size_t)n,
+                       .msg_control = control, .msg_controllen = sizeof control};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_UDP_;
+    cm->cmsg_type = UDP_SEGMENT_;
+    cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    uint16_t seg = (uint16_t)segment;
+    memcpy(CMSG_DATA(cm), &seg, sizeof seg);
+    if (sendmsg(e->udp, &m, 0) >= 0) return 0;
+    if (errno == EINVAL || errno == EMSGSIZE || errno == EIO) return 1; /* the route cannot take it */
+    e->c_send_failed++;
+    return -1;
+}
+
+static void flush_run(Engine *e) {
+    if (!e->run_count) return;
+    if (e->run_count == 1) {
+        send_one(e, e->run, e->run_len, &e->run_to);
+    } else {
+        struct iovec iov = {e->run, e->run_len};
+        if (send_gso(e, &iov, 1, e->run_seg, &e->run_to) == 1) {
+            e->c_gso_fallback++;
+            for (size_t off = 0; off < e->run_len; off += e->run_seg) {
+                size_t n = e->run_len - off < e->run_seg ? e->run_len - off : e->run_seg;
+                send_one(e, e->run + off, n, &e->run_to);
+            }
+        }
+    }
+    e->run_count = 0;
+    e->run_len = 0;
+}
+
+/* Where the next datagram of `len` bytes to `to` goes: the end of the current run if it can join it (equal
+ * sizes; the run's last may be shorter), else a fresh run. Datagrams bigger than a chunk go to e->sealed. */
+static uint8_t *slot_for(Engine *e, size_t len, const Addr *to) {
+    if (!e->gso || len > (size_t)e->chunk) {
+        flush_run(e);
+        return e->sealed;
+    }
+    if (e->run_count && (!addr_same(&e->run_to, to) || len > e->run_seg || e->run_count >= MAX_RUN ||
+                         e->run_len + len > MAX_RUN_BYTES || e->run_len % e->run_seg))
+        flush_run(e);
+    if (!e->run_count) {
+        e->run_to = *to;
+        e->run_seg = len;
+    }
+    return e->run + e->run_len;
+}
+
+/* The datagram just sealed at `at` (from slot_for) of `len` bytes leaves (or waits in its run). */
+static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
+    if (at != e->sealed) {
+        e->run_len += len;
+        e->run_count++;
+        return;
+    }
+    if (e->gso && len > (size_t)e->chunk) {
+        size_t part = (size_t)e->chunk - CHUNK_HDR;
+        int count = (int)((len + part - 1) / part);
+        if (count <= MAX_CHUNKS) {
+            uint8_t heads[MAX_CHUNKS][CHUNK_HDR];
+            struct iovec iov[2 * MAX_CHUNKS];
+            uint32_t id = ++e->message_id;
+            for (int i = 0; i < count; i++) {
+                heads[i][0] = PT_CHUNK;
+                put32(heads[i] + 1, id);
+                heads[i][5] = (uint8_t)i;
+                heads[i][6] = (uint8_t)count;
+                size_t off = (size_t)i * part, n = len - off < part ? len - off : part;
+                iov[2 * i] = (struct iovec){heads[i], CHUNK_HDR};
+                iov[2 * i + 1] = (struct iovec){at + off, n};
+            }
+            int rc = send_gso(e, iov, 2 * count, (size_t)e->chunk, to);
+            if (rc <= 0) return;
+            e->c_gso_fallback++;
+        }
+    }
+    send_one(e, at, len, to);
+}
+
+/* Seal `msg` (pieces) for link L and send it: on L's own path, or through its relay's link. Caller holds tab.
+ * 0: sent (or waiting in a run); -1: cannot (no usable path), nothing sent. */
+static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_t msglen) {
+    FLink *R = NULL;
+    if (!L->direct) {
+        R = link_by_peer(e, L->relay);
+        if (!R || !R->direct) return -1;
+    }
+    size_t inner_len = HDR + msglen + TAG;
+    size_t len = R ? HDR + 9 + inner_len + TAG : inner_len;
+    if (len > BUF - 64) return -1;
+    const Addr *to = R ? &R->ep : &L->ep;
+    uint8_t *at = slot_for(e, len, to);
+    size_t out;
+    if (!R) {
+        if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
+        L->tx += out;
+    } else {
+        size_t inner;
+        if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
+        uint8_t head[9];
+        head[0] = MSG_RELAY;
+        put64(head + 1, L->peer);
+        struct iovec outer[2] = {{head, 9}, {e->inner, inner}};
+        if (keys_seal(R->keys, PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
+        R->tx += out;
+        L->tx += inner;
+    }
+    L->tx_seen = 1;
+    emit(e, at, out, to);
+    return 0;
+}
+
+/* -- from the TAP ------------------------------------------------------------------------------------------- */
+
+static const uint8_t zero_vnet[VNET_LEN];
+
+static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
+    size_t off = e->vnet ? VNET_LEN : 0;
+    if (n < off + ETH_LEN + 20) goto slow;
+    const uint8_t *eth = frame + off, *ip = eth + ETH_LEN;
+    size_t iplen = n - off - ETH_LEN;
+    if (eth[12] != 0x08 || eth[13] != 0x00 || ip[0] >> 4 != 4) goto slow;
+    size_t ihl = (size_t)(ip[0] & 15) * 4, total = (size_t)ip[2] << 8 | ip[3];
+    if (ihl < 20 || total < ihl || total > iplen) goto slow;
+    uint32_t dst = be32(ip + 16);
+    /* What VirtualNic ignores (multicast, broadcast, our own, off-subnet) it also counts: Python's business. */
+    if (dst >> 28 == 0xE || dst == 0xFFFFFFFFu || dst == e->bcast || dst == e->net || dst == e->ip ||
+        (dst & e->mask) != e->net)
+        goto slow;
+    int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
+    pthread_mutex_lock(&e->tab);
+    Flow *f = &e->flows[dst % FLOW_SLOTS];
+    FLink *L;
+    int64_t now = now_ns();
+    if (f->ip != dst || f->hard < now || !(L = link_by_peer(e, f->peer)) || (gso && !L->big_ok)) {
+        pthread_mutex_unlock(&e->tab);
+        goto slow;
+    }
+    int check = f->expires < now && !f->checking;
+    if (check) f->checking = 1;
+    uint8_t header[ROUTED_LEN];
+    memcpy(header, f->header, ROUTED_LEN);
+    header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
+    struct iovec pieces[3] = {{header, ROUTED_LEN}, {(void *)frame, gso ? VNET_LEN : 0}, {(void *)ip, total}};
+    int rc = send_on(e, L, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total);
+    pthread_mutex_unlock(&e->tab);
+    if (check) {
+        uint8_t ip_be[4];
+        put32(ip_be, dst);
+        up(e, UP_FLOW, NULL, ip_be, 4);
+    }
+    if (rc == 0) {
+        e->c_frames++;
+        note(e);
+        return;
+    }
+slow:
+    up(e, UP_FRAME, NULL, frame, n);
+}
+
+static void drain_tap(Engine *e) {
+    for (int i = 0; i < BATCH; i++) {
+        ssize_t n = read(e->tap, e->rbuf, BUF);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EINTR) e->c_tap_failed++;
+            break;
+        }
+        on_frame(e, e->rbuf, (size_t)n);
+    }
+    flush_run(e);
+}
+
+/* -- from the UDP socket ------------------------------------------------------------------------------------ */
+
+/* A virtio_net_hdr from a peer, checked as overlay/tap/frames.py parse_vnet_header does: TCP segmentation and
+ * checksum offload only, every offset inside the frame. */
+static int vnet_ok(const uint8_t *h, size_t frame_len) {
+    unsigned flags = h[0], type = h[1] & ~0x80u, hdr_len = h[2] | h[3] << 8, gso_size = h[4] | h[5] << 8;
+    unsigned start = h[6] | h[7] << 8, offset = h[8] | h[9] << 8;
+    if (flags & ~3u || (type != 0 && type != 1 && type != 4)) return 0;
+    if (type != 0 && (gso_size < 48 || !(flags & 1))) return 0;
+    if (flags & 1 && !(ETH_LEN <= start && (size_t)start + offset + 2 <= frame_len)) return 0;
+    return hdr_len <= frame_len;
+}
+
+/* Data for us in plaintext `msg` (a ROUTED message) from link L: write it to the TAP. Caller holds tab and
+ * has NOT marked the packet yet. Returns 0 when it is ours to deliver (and fills iov/niov), -1 to pass up. */
+static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, struct iovec *iov, int *niov,
+                       uint8_t *eth_out) {
+    if (len < ROUTED_LEN + 20 || msg[0] != MSG_ROUTED) return -1;
+    uint8_t flags = msg[2], kind = msg[ROUTED_LEN - 1];
+    if (kind != KIND_DATA && kind != KIND_DATA_GSO) return -1;
+    if (be64(msg + 11) != e->id || be64(msg + 3) != L->peer) return -1;
+    if ((be64(msg + 19) == 0 && !(flags & FLAG_PROMISE)) || (flags & FLAG_JOIN)) return -1;
+    size_t base = ROUTED_LEN + (kind == KIND_DATA_GSO ? VNET_LEN : 0);
+    if (kind == KIND_DATA_GSO && !e->vnet) return -1; /* a TAP without offload: Python cuts the segments */
+    if (len < base + 20) return -1;
+    const uint8_t *ip = msg + base;
+    if (ip[0] >> 4 != 4) return -1;
+    size_t total = (size_t)ip[2] << 8 | ip[3];
+    if (total < 20 || total > len - base || be32(ip + 16) != e->ip) return -1;
+    if (e->check_sources && (!L->has_src || be32(ip + 12) != L->src)) return -1;
+    if (kind == KIND_DATA_GSO && !vnet_ok(msg + ROUTED_LEN, ETH_LEN + total)) return -1;
+    memcpy(eth_out, e->eth, ETH_LEN);
+    int n = 0;
+    if (e->vnet) iov[n++] = (struct iovec){kind == KIND_DATA_GSO ? (void *)(msg + ROUTED_LEN) : (void *)zero_vnet,
+                                          VNET_LEN};
+    iov[n++] = (struct iovec){eth_out, ETH_LEN};
+    iov[n++] = (struct iovec){(void *)ip, total};
+    *niov = n;
+    L->delivered++;
+    L->hops += DEFAULT_TTL - msg[1];
+    return 0;
+}
+
+/* A transport packet: 1 handled here, 0 pass it up untouched. */
+static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct sockaddr_storage *from) {
+    if (len < HDR + TAG + 1) return 0;
+    struct iovec iov[3];
+    int niov = 0;
+    uint8_t eth[ETH_LEN];
+    int handled = 0, relay = 0;
+    Addr relay_to;
+    size_t relay_len = 0;
+    uint8_t *relay_at = NULL;
+    pthread_mutex_lock(&e->tab);
+    FLink *L = link_by_index(e, be32(pkt + 1));
+    /* Only from where the link's path points: a packet from elsewhere may move the link (Python decides). */
+    if (!L || !L->direct || !addr_eq(&L->ep, from)) goto out;
+    uint8_t *msg = e->plain;
+    size_t mlen = len - HDR - TAG;
+    uint64_t c = be64(pkt + 5);
+    if (keys_open(L->keys, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
+    if (msg[0] == MSG_ROUTED) {
+        if (data_for_us(e, L, msg, mlen, iov, &niov, eth) || !keys_mark(L->keys, c)) goto out;
+        L->rx += len;
+        L->rx_seen = 1;
+        handled = 1;
+    } else if (msg[0] == MSG_RELAY && mlen > 9 + HDR + TAG) {
+        FLink *T = link_by_peer(e, be64(msg + 1));
+        if (!T || !T->direct || T == L) goto out;
+        size_t out_len = HDR + mlen + TAG;
+        relay_at = slot_for(e, out_len, &T->ep);
+        uint8_t head[9];
+        head[0] = MSG_RELAYED;
+        put64(head + 1, L->peer);
+        struct iovec pieces[2] = {{head, 9}, {msg + 9, mlen - 9}};
+        if (!keys_mark(L->keys, c)) goto out;
+        if (keys_seal(T->keys, PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
+        L->rx += len;
+        L->rx_seen = 1;
+        T->tx += relay_len;
+        relay_to = T->ep;
+        relay = handled = 1;
+    } else if (msg[0] == MSG_RELAYED && mlen > 9 + HDR + TAG && msg[9] == PT_TRANSPORT) {
+        /* Out of a tunnel through L: the inner packet is a session of ours with the tunnel's far end. */
+        const uint8_t *in = msg + 9;
+        size_t inlen = mlen - 9;
+        FLink *M = link_by_index(e, be32(in + 1));
+        if (!M || M == L || M->peer != be64(msg + 1)) goto out;
+        uint8_t *inner = e->plain2;
+        uint64_t ic = be64(in + 5);
+        if (keys_open(M->keys, in, inlen, inner, 0)) goto out;
+        if (data_for_us(e, M, inner, inlen - HDR - TAG, iov, &niov, eth)) goto out;
+        if (!keys_mark(L->keys, c)) goto out;
+        if (!keys_mark(M->keys, ic)) goto out; /* the outer is spent; Python would drop this replay too */
+        L->rx += len;
+        L->rx_seen = 1;
+        M->rx += inlen;
+        M->rx_seen = 1;
+        handled = 1;
+    }
+out:
+    pthread_mutex_unlock(&e->tab);
+    if (relay) {
+        emit(e, relay_at, relay_len, &relay_to);
+        e->c_relayed++;
+    } else if (handled) {
+        if (writev(e->tap, iov, niov) < 0) e->c_tap_failed++;
+    }
+    if (handled) {
+        e->c_datagrams++;
+        note(e);
+    }
+    return handled;
+}
+
+static void on_datagram(Engine *e, const uint8_t *d, size_t len, const struct sockaddr_storage *from) {
+    if (len && d[0] == PT_TRANSPORT && on_transport(e, d, len, from)) return;
+    up(e, UP_DATAGRAM, from, d, len);
+}
+
+/* What UDP GRO made of one GSO send of chunks: joined into e->joined; its length, or 0 if it is not that. */
+static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg) {
+    if (seg <= CHUNK_HDR || seg > MAX_CHUNK || size <= seg || buf[0] != PT_CHUNK || buf[5] != 0) return 0;
+    size_t count = (size + seg - 1) / seg;
+    if (buf[6] != count || count > MAX_CHUNKS) return 0;
+    const uint8_t *last = buf + (count - 1) * seg;
+    if (last[0] != PT_CHUNK || memcmp(last + 1, buf + 1, 4) || last[5] != count - 1 || last[6] != count) return 0;
+    size_t out = 0;
+    for (size_t o = 0; o < size; o += seg) {
+        size_t n = (size - o < seg ? size - o : seg) - CHUNK_HDR;
+        memcpy(e->joined + out, buf + o + CHUNK_HDR, n);
+        out += n;
+    }
+    return out;
+}
+
+static void drain_udp(Engine *e) {
+    for (int i = 0; i < BATCH; i++) {
+        struct sockaddr_storage from;
+        char control[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = {e->rbuf, BUF};
+        struct msghdr m = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov, .msg_iovlen = 1,
+                           .msg_control = control, .msg_controllen = sizeof control};
+        ssize_t n = recvmsg(e->udp, &m, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            continue; /* Python counts receive errors on its own reads; ICMP errors are not queued here */
+        }
+        int seg = 0;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+            if (cm->cmsg_level == SOL_UDP_ && cm->cmsg_type == UDP_GRO_) memcpy(&seg, CMSG_DATA(cm), sizeof seg);
+        size_t size = (size_t)n;
+        if (seg > 0 && (size_t)seg < size) {
+            size_t whole = e->rbuf[0] == PT_CHUNK ? join_chunks(e, e->rbuf, size, (size_t)seg) : 0;
+            if (whole) {
+                on_datagram(e, e->joined, whole, &from);
+            } else {
+                for (size_t o = 0; o < size; o += (size_t)seg)
+                    on_datagram(e, e->rbuf + o, size - o < (size_t)seg ? size - o : (size_t)seg, &from);
+            }
+        } else {
+            on_datagram(e, e->rbuf, size, &from);
+        }
+    }
+    flush_run(e);
+}
+
+/* After a packet the thread polls for SPIN_NS before it sleeps, yielding the CPU to anything runnable: the
+ * answer to what it just sent (a ping's reply, a TCP ACK) usually comes within that, and is then taken without
+ * a wake-up (each one 10-100 us on a virtual machine, four per round trip). An idle node never spins. */
+#define SPIN_NS 300000LL
+
+static void *engine_main(void *arg) {
+    Engine *e = arg;
+    struct epoll_event evs[4];
+    int64_t spin_until = 0;
+    for (;;) {
+        int n = epoll_wait(e->epfd, evs, 4, spin_until ? 0 : -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return NULL;
+        }
+        if (n == 0) {
+            if (now_ns() < spin_until) sched_yield();
+            else spin_until = 0;
+            continue;
+        }
+        spin_until = now_ns() + SPIN_NS;
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == e->stop_fd) return NULL;
+            if (fd == e->tap) drain_tap(e);
+            else if (fd == e->udp) drain_udp(e);
+        }
+    }
+}
+
+/* -- the Python side ---------------------------------------------------------------------------------------- */
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (!e) return NULL;
+    e->tap = e->udp = e->up = e->stop_fd = e->epfd = -1;
+    pthread_mutex_init(&e->tab, NULL);
+    return (PyObject *)e;
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
+    static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
+                            "prefix_len", "check_sources", NULL};
+    int tap, vnet, udp, upfd, gso, chunk, prefix, check;
+    unsigned long long id;
+    unsigned int address;
+    if (e->links) {
+        PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip", names, &tap, &vnet, &udp, &upfd, &gso, &chunk, &id,
+                                     &address, &prefix, &check))
+        return -1;
+    if (prefix < 1 || prefix > 30 || chunk <= CHUNK_HDR || chunk > MAX_CHUNK) {
+        PyErr_SetString(PyExc_ValueError, "prefix length or chunk size out of range");
+        return -1;
+    }
+    e->tap = tap, e->vnet = vnet, e->udp = udp, e->up = upfd, e->gso = gso, e->chunk = chunk, e->id = id;
+    e->check_sources = check;
+    e->ip = address;
+    e->mask = 0xFFFFFFFFu << (32 - prefix);
+    e->net = address & e->mask;
+    e->bcast = e->net | ~e->mask;
+    e->eth[12] = 0x08;
+    e->links = PyMem_Calloc(MAX_LINKS, sizeof(FLink));
+    e->flows = PyMem_Calloc(FLOW_SLOTS, sizeof(Flow));
+    uint8_t **bufs[] = {&e->rbuf, &e->plain, &e->plain2, &e->sealed, &e->inner, &e->joined, &e->run};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) *bufs[i] = PyMem_Malloc(BUF);
+    if (!e->links || !e->flows || !e->rbuf || !e->plain || !e->plain2 || !e->sealed || !e->inner || !e->joined ||
+        !e->run) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    e->message_id = (uint32_t)now_ns() | 0x80000000u; /* apart from the Python underlay's IDs in practice */
+    return 0;
+}
+
+static PyObject *Engine_start(Engine *e, PyObject *unused) {
+    if (e->running || !e->links) {
+        PyErr_SetString(PyExc_RuntimeError, e->running ? "the Engine runs already" : "the Engine was not set up");
+        return NULL;
+    }
+    e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->stop_fd < 0 || e->epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    int fds[3] = {e->stop_fd, e->tap, e->udp};
+    for (int i = 0; i < 3; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+        if (fds[i] >= 0 && epoll_ctl(e->epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int rc = pthread_create(&e->thread, NULL, engine_main, e);
+    if (rc) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    e->running = 1;
+    Py_RETURN_NONE;
+}
+
+static void engine_stop(Engine *e) {
+    if (e->running) {
+        uint64_t one = 1;
+        if (write(e->stop_fd, &one, sizeof one) < 0) { /* an eventfd write cannot fail here */
+        }
+        Py_BEGIN_ALLOW_THREADS pthread_join(e->thread, NULL);
+        Py_END_ALLOW_THREADS e->running = 0;
+    }
+    if (e->stop_fd >= 0) close(e->stop_fd);
+    if (e->epfd >= 0) close(e->epfd);
+    e->stop_fd = e->epfd = -1;
+}
+
+static PyObject *Engine_stop(Engine *e, PyObject *unused) {
+    engine_stop(e);
+    Py_RETURN_NONE;
+}
+
+static void lock_tab(Engine *e) {
+    if (pthread_mutex_trylock(&e->tab) == 0) return;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->tab);
+    Py_END_ALLOW_THREADS
+}
+
+static int parse_addr(PyObject *endpoint, Addr *out) {
+    /* endpoint: (family 4 or 6, packed address, port) */
+    int family, port;
+    Py_buffer packed;
+    if (!PyArg_ParseTuple(endpoint, "iy*i", &family, &packed, &port)) return -1;
+    memset(out, 0, sizeof *out);
+    int ok = 0;
+    if (family == 4 && packed.len == 4) {
+        struct sockaddr_in *s = (void *)&out->sa;
+        s->sin_family = AF_INET;
+        s->sin_port = htons((uint16_t)port);
+        memcpy(&s->sin_addr, packed.buf, 4);
+        out->len = sizeof *s;
+        ok = 1;
+    } else if (family == 6 && packed.len == 16) {
+        struct sockaddr_in6 *s = (void *)&out->sa;
+        s->sin6_family = AF_INET6;
+        s->sin6_port = htons((uint16_t)port);
+        memcpy(&s->sin6_addr, packed.buf, 16);
+        out->len = sizeof *s;
+        ok = 1;
+    }
+    PyBuffer_Release(&packed);
+    if (!ok) PyErr_SetString(PyExc_ValueError, "endpoint must be (4, 4 bytes, port) or (6, 16 bytes, port)");
+    return ok ? 0 : -1;
+}
+
+/* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1) */
+static PyObject *Engine_set_link(Engine *e, PyObject *args) {
+    unsigned long long peer, relay;
+    PyObject *keys, *endpoint;
+    unsigned int local, remote;
+    int big_ok;
+    long long source;
+    if (!e->links) {
+        PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "KO!IIOKpL", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay, &big_ok,
+                          &source))
+        return NULL;
+    if (!keys_ready((Keys *)keys)) return NULL;
+    Addr ep = {0};
+    int direct = endpoint != Py_None;
+    if (direct && parse_addr(endpoint, &ep) < 0) return NULL;
+    Py_INCREF(keys);
+    PyObject *old = NULL;
+    lock_tab(e);
+    FLink *L = link_by_peer(e, peer);
+    if (!L && e->nlinks < MAX_LINKS) {
+        L = &e->links[e->nlinks++];
+        memset(L, 0, sizeof *L);
+        L->peer = peer;
+    }
+    if (L) {
+        old = (PyObject *)L->keys;
+        L->keys = (Keys *)keys;
+        L->local = local, L->remote = remote, L->direct = direct, L->ep = ep, L->relay = relay;
+        L->big_ok = big_ok;
+        L->has_src = source >= 0;
+        L->src = source >= 0 ? (uint32_t)source : 0;
+    }
+    pthread_mutex_unlock(&e->tab);
+    if (!L) {
+        Py_DECREF(keys);
+        PyErr_SetString(PyExc_OverflowError, "the Engine's link table is full");
+        return NULL;
+    }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
+    unsigned long long peer = PyLong_AsUnsignedLongLong(arg);
+    if (peer == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    PyObject *old = NULL;
+    lock_tab(e);
+    FLink *L = e->links ? link_by_peer(e, peer) : NULL;
+    if (L) {
+        old = (PyObject *)L->keys;
+        *L = e->links[--e->nlinks];
+    }
+    pthread_mutex_unlock(&e->tab);
+    Py_XDECREF(old);
+    return PyBool_FromLong(L != NULL);
+}
+
+/* set_flow(address, peer, routed_header (28 bytes), ttl seconds) */
+static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
+    unsigned int ip;
+    unsigned long long peer;
+    Py_buffer header;
+    double ttl;
+    if (!e->flows) {
+        PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "IKy*d", &ip, &peer, &header, &ttl)) return NULL;
+    if (header.len != ROUTED_LEN) {
+        PyBuffer_Release(&header);
+        PyErr_SetString(PyExc_ValueError, "a routed header is 28 bytes");
+        return NULL;
+    }
+    lock_tab(e);
+    Flow *f = &e->flows[ip % FLOW_SLOTS];
+    f->ip = ip;
+    f->peer = peer;
+    f->expires = now_ns() + (int64_t)(ttl * 1e9);
+    f->hard = f->expires + (int64_t)(ttl * 1e9);
+    f->checking = 0;
+    memcpy(f->header, header.buf, ROUTED_LEN);
+    pthread_mutex_unlock(&e->tab);
+    PyBuffer_Release(&header);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_drop_flow(Engine *e, PyObject *arg) {
+    unsigned long ip = PyLong_AsUnsignedLong(arg);
+    if (ip == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (e->flows) {
+        lock_tab(e);
+        Flow *f = &e->flows[ip % FLOW_SLOTS];
+        if (f->ip == ip) memset(f, 0, sizeof *f);
+        pthread_mutex_unlock(&e->tab);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_flush_flows(Engine *e, PyObject *unused) {
+    if (e->flows) {
+        lock_tab(e);
+        memset(e->flows, 0, FLOW_SLOTS * sizeof(Flow));
+        pthread_mutex_unlock(&e->tab);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_macs(Engine *e, PyObject *args) {
+    Py_buffer tap_mac, gateway_mac;
+    if (!PyArg_ParseTuple(args, "y*y*", &tap_mac, &gateway_mac)) return NULL;
+    int ok = tap_mac.len == 6 && gateway_mac.len == 6;
+    if (ok) {
+        lock_tab(e);
+        memcpy(e->eth, tap_mac.buf, 6);
+        memcpy(e->eth + 6, gateway_mac.buf, 6);
+        pthread_mutex_unlock(&e->tab);
+    }
+    PyBuffer_Release(&tap_mac);
+    PyBuffer_Release(&gateway_mac);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "MAC addresses are 6 bytes");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* take() -> [(peer, tx bytes, rx bytes, data packets delivered, hops of those, sent, received)] since the last
+ * take, for links that did anything; and the note it answers is done. */
+static PyObject *Engine_take(Engine *e, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (!out || !e->links) return out;
+    atomic_store(&e->note_pending, 0);
+    lock_tab(e);
+    for (int i = 0; i < e->nlinks; i++) {
+        FLink *L = &e->links[i];
+        if (!L->tx && !L->rx && !L->tx_seen && !L->rx_seen) continue;
+        PyObject *t = Py_BuildValue("(KKKKKii)", L->peer, L->tx, L->rx, L->delivered, L->hops, L->tx_seen,
+                                    L->rx_seen);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(t);
+        L->tx = L->rx = L->delivered = L->hops = 0;
+        L->tx_seen = L->rx_seen = 0;
+    }
+    pthread_mutex_unlock(&e->tab);
+    return out;
+}
+
+static PyObject *Engine_counters(Engine *e, PyObject *unused) {
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
+                         "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
+                         "relayed", e->c_relayed, "dropped: Python busy", e->c_up_dropped, "send failed",
+                         e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback);
+}
+
+static void Engine_dealloc(Engine *e) {
+    engine_stop(e);
+    if (e->links) {
+        for (int i = 0; i < e->nlinks; i++) Py_XDECREF((PyObject *)e->links[i].keys);
+        PyMem_Free(e->links);
+    }
+    PyMem_Free(e->flows);
+    uint8_t *bufs[] = {e->rbuf, e->plain, e->plain2, e->sealed, e->inner, e->joined, e->run};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]);
+    pthread_mutex_destroy(&e->tab);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *Engine_get_links(Engine *e, void *closure) { return PyLong_FromLong(e->nlinks); }
+
+static PyMethodDef Engine_methods[] = {
+    {"start", (PyCFunction)Engine_start, METH_NOARGS, "start the thread"},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "stop the thread and wait for it"},
+    {"set_link", (PyCFunction)Engine_set_link, METH_VARARGS,
+     "set_link(peer, keys, local_index, remote_index, endpoint|None, relay, big_ok, source|-1)"},
+    {"drop_link", (PyCFunction)Engine_drop_link, METH_O, "drop_link(peer) -> whether it was there"},
+    {"set_flow", (PyCFunction)Engine_set_flow, METH_VARARGS, "set_flow(address, peer, routed_header, ttl)"},
+    {"drop_flow", (PyCFunction)Engine_drop_flow, METH_O, "drop_flow(address): forget its flow"},
+    {"flush_flows", (PyCFunction)Engine_flush_flows, METH_NOARGS, "forget every flow"},
+    {"set_macs", (PyCFunction)Engine_set_macs, METH_VARARGS, "set_macs(tap_mac, gateway_mac)"},
+    {"take", (PyCFunction)Engine_take, METH_NOARGS, "per-link activity since the last take"},
+    {"counters", (PyCFunction)Engine_counters, METH_NOARGS, "what the thread did"},
+    {NULL}};
+
+static PyGetSetDef Engine_getset[] = {{"links", (getter)Engine_get_links, NULL, "links in the table", NULL}, {NULL}};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlay._fast.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The data path of established links on a thread of its own (overlay/fastpath.py drives it).",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "overlay._fast",
+                                    "The compiled data path: link session keys and the packet engine.", -1,
+                                    module_methods};
+
+PyMODINIT_FUNC PyInit__fast(void) {
+    if (PyType_Ready(&KeysType) < 0 || PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Replayed = PyErr_NewException("overlay._fast.Replayed", PyExc_ValueError, NULL);
+    Forged = PyErr_NewException("overlay._fast.Forged", PyExc_ValueError, NULL);
+    Exhausted = PyErr_NewException("overlay._fast.Exhausted", PyExc_OverflowError, NULL);
+    Py_INCREF(&KeysType);
+    Py_INCREF(&EngineType);
+    if (!Replayed || !Forged || !Exhausted || PyModule_AddObject(m, "Keys", (PyObject *)&KeysType) < 0 ||
+        PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "Replayed", Replayed) < 0 || PyModule_AddObject(m, "Forged", Forged) < 0 ||
+        PyModule_AddObject(m, "Exhausted", Exhausted) < 0 ||
+        PyModule_AddIntConstant(m, "REPLAY_WINDOW", REPLAY_WINDOW) < 0 ||
+        PyModule_AddIntConstant(m, "UP_HEADER", UP_HDR) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,212 @@
+"""The compiled data path's driver: keeps overlay._fast.Engine's tables current and takes what it passes up.
+
+The Engine (overlay/_fast.c) runs on a thread of its own: it reads the TAP and the UDP socket, and handles data
+between this node and the members it has links to (direct, or tunnelled through a neighbour) and a neighbour's
+RELAY, without entering Python. Everything else comes up here through a SOCK_SEQPACKET socketpair, one message
+per frame or datagram, and goes where the node's own reads would have sent it (DataPath.from_tap,
+UdpUnderlay.deliver). This side:
+- mirrors each link the Engine can serve (its session's Keys, its path: a UDP endpoint or the neighbour a
+  tunnel goes through, whether 60 KB datagrams cross it, the address the sender's certificate gives it);
+- tells it, for each destination address the Python path just sent to over a link to its owner, to send the
+  next packets there itself; a flow FLOW_TTL old is checked again (DataPath.flow) while the Engine goes on using
+  it; routes that change (Router.forget_routes) forget every flow;
+- folds what the Engine carried into the links (bytes, liveness for maintenance, "busy" for the busy
+  keepalive) when the Engine says something happened (at most every 100 ms), and on each tick.
+docs/datapath.md has the measurements behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from overlay._fast import UP_HEADER, Engine
+from overlay.links import Link, LinkManager, TunnelPath
+from overlay.transport.paths import UdpPath
+from overlay.transport.underlay import UdpUnderlay
+from overlay.wire import Endpoint
+
+# Our choice: how long the Engine sends to an address on its own before the Python path looks again (DHT
+# cache, routes, link), without holding up the packets: one check a second per active destination.
+FLOW_TTL = 2.0
+UP_BATCH = 256  # messages per wake-up of the loop, as the underlay's DRAIN_BATCH
+UP_BUFFER = 8 << 20  # our choice: absorbs a burst of passed-up super-frames while the loop is busy
+UP_MAX = UP_HEADER + 65536 + 512
+_UP_DATAGRAM, _UP_FRAME, _UP_NOTE, _UP_FLOW = 1, 2, 3, 4
+_HEAD = struct.Struct("!BBH16s")  # type, family (4/6, 0 for none), port, address
+
+
+class FastPath:
+    def __init__(
+        self,
+        links: LinkManager,
+        datapath: Any,
+        router: Any,
+        underlay: UdpUnderlay,
+        heard: Callable[[Link], float],
+        node_id: int,
+        prefix_len: int,
+    ) -> None:
+        tap = datapath.tap
+        self._links, self._datapath, self._router = links, datapath, router
+        self._underlay, self._heard = underlay, heard
+        self._up, self._engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock, option in ((self._up, socket.SO_RCVBUF), (self._engine_end, socket.SO_SNDBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, UP_BUFFER)
+            sock.setblocking(False)
+        self._check_sources = datapath.source_of is not None
+        self.engine = Engine(
+            tap_fd=tap.fileno(),
+            vnet_hdr=tap.vnet_hdr,
+            udp_fd=underlay.fileno(),
+            up_fd=self._engine_end.fileno(),
+            gso=underlay.gso,
+            chunk=underlay.chunk,
+            node_id=node_id,
+            address=datapath.address_int,
+            prefix_len=prefix_len,
+            check_sources=self._check_sources,
+        )
+        self._pushed: dict[int, tuple[Any, ...]] = {}
+        self._macs = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._underlay.hand_over_reads()
+        self._loop.add_reader(self._up.fileno(), self._drain)
+        self._links.on_change = self.link_changed
+        self._datapath.fast = self
+        self._router.routes_changed = self.engine.flush_flows
+        self._sync_macs()
+        for peer in list(self._links.links):
+            self.link_changed(peer)
+        self.engine.start()
+
+    def stop(self) -> None:
+        """Stop the thread (before the UDP socket and the TAP close: it uses both)."""
+        self.engine.stop()
+        if self._loop is not None:
+            self._loop.remove_reader(self._up.fileno())
+        self._links.on_change = lambda peer: None
+        self._datapath.fast = None
+        self._router.routes_changed = lambda: None
+        self._up.close()
+        self._engine_end.close()
+
+    # -- the tables ----------------------------------------------------------------------------------------------
+    def link_changed(self, peer: int) -> None:
+        link = self._links.links.get(peer)
+        state = None if link is None else self._state(link)
+        if state is None:
+            if self._pushed.pop(peer, None) is not None:
+                self.engine.drop_link(peer)
+            return
+        if self._pushed.get(peer) != state:
+            self._pushed[peer] = state
+            self.engine.set_link(peer, *state)
+
+    def _state(self, link: Link) -> tuple[Any, ...] | None:
+        path = link.path
+        endpoint: tuple[int, bytes, int] | None
+        if isinstance(path, UdpPath):
+            endpoint, relay = _packed(path.endpoint), 0
+        elif isinstance(path, TunnelPath):
+            endpoint, relay = None, path.relay
+        else:
+            return None  # through our TURN allocation: the Python path's
+        source = -1
+        if self._check_sources:
+            allowed = self._datapath.source_of(link.peer_id)
+            source = -1 if allowed is None else allowed
+        session = link.session
+        return (session.keys, session.local_index, session.remote_index, endpoint, relay, link.fragments_ok, source)
+
+    def set_flow(self, address: int, peer: int, header: bytes) -> None:
+        self.engine.set_flow(address, peer, header, FLOW_TTL)
+
+    def _recheck(self, address: int) -> None:
+        """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
+        flow = self._datapath.flow(address)
+        if flow is None:
+            self.engine.drop_flow(address)
+        else:
+            self.set_flow(address, *flow)
+
+    def _sync_macs(self) -> None:
+        vnic = self._datapath.vnic
+        macs = vnic.tap_mac + vnic.gateway_mac
+        if macs != self._macs:
+            self._macs = macs
+            self.engine.set_macs(vnic.tap_mac, vnic.gateway_mac)
+
+    # -- what the Engine did -------------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Fold what the Engine carried since the last call into the links, as the Python path would have."""
+        hops = self._datapath.hops
+        links = self._links.links
+        for peer, tx, rx, delivered, hop_sum, sent, received in self.engine.take():
+            hops[0] += delivered
+            hops[1] += hop_sum
+            link = links.get(peer)
+            if link is None:
+                continue
+            link.tx_bytes += tx
+            link.rx_bytes += rx
+            if sent and not link.busy:
+                link.busy = True
+                self._router.on_sent(link, True)
+            if received:  # after on_sent: what arrived since answers what went out
+                self._heard(link)
+        if self._check_sources:
+            # A sender whose certificate we learn later (from its address record) may use the Engine from then on.
+            for peer, state in list(self._pushed.items()):
+                if state[-1] == -1:
+                    self.link_changed(peer)
+        self._sync_macs()
+
+    def counters(self) -> dict[str, int]:
+        return {f"fast path: {k}": v for k, v in self.engine.counters().items() if v}
+
+    def _drain(self) -> None:
+        recv = self._up.recv
+        frames: list[bytes] = []
+        underlay = self._underlay
+        underlay.hold()
+        try:
+            for _ in range(UP_BATCH):
+                try:
+                    msg = recv(UP_MAX)
+                except BlockingIOError:
+                    break
+                kind = msg[0]
+                if kind == _UP_FRAME:
+                    frames.append(msg[UP_HEADER:])
+                elif kind == _UP_DATAGRAM:
+                    underlay.deliver(msg[UP_HEADER:], _source(msg))
+                elif kind == _UP_FLOW:
+                    self._recheck(int.from_bytes(msg[UP_HEADER : UP_HEADER + 4], "big"))
+                else:
+                    self.sync()
+            if frames:
+                self._datapath.from_tap(frames)
+        finally:
+            underlay.flush()
+
+
+def _packed(endpoint: Endpoint) -> tuple[int, bytes, int]:
+    host, port = endpoint
+    host = host.split("%", 1)[0]
+    if ":" in host:
+        return (6, socket.inet_pton(socket.AF_INET6, host), port)
+    return (4, socket.inet_pton(socket.AF_INET, host), port)
+
+
+def _source(msg: bytes) -> Endpoint:
+    _, family, port, address = _HEAD.unpack_from(msg)
+    if family == 4:
+        return (socket.inet_ntop(socket.AF_INET, address[:4]), port)
+    return (socket.inet_ntop(socket.AF_INET6, address), port)
