@@ -35,6 +35,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    # slixmpp colours its XML debug output with pygments whenever pygments can be imported
+    # (slixmpp/xmlstream/tostring.py); a node never prints that, and the import holds ~1.5 MB of every node.
+    sys.modules.setdefault("pygments", None)  # type: ignore[arg-type]
     # Imported here: the node (slixmpp, PyNaCl, ...) is half a second of start-up that `status`, `graph`
     # and `check` do not need.
     from overlay.run import JoinError, run_node

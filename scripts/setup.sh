@@ -69,4 +69,7 @@ if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptogra
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed
 fi
+# Byte-code for our own packages, as pip writes it for an installed package: without it every node compiles
+# them again at start, and the compiler's leftovers stay in its heap (~1.3 MB resident per node, measured).
+.venv/bin/python -m compileall -q -j 0 overlay xmpp_bootstrap >/dev/null
 echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/ipop-overlay --help >/dev/null && echo ipop-overlay ok))"
