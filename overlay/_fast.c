@@ -560,6 +560,7 @@ typedef struct {
     uint32_t message_id;
     atomic_int note_pending;
     int64_t last_note;
+    int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
         c_tap_failed, c_gso_fallback;
@@ -619,9 +620,8 @@ static void up(Engine *e, int type, const struct sockaddr_storage *from, const u
 
 static void note(Engine *e) {
     if (atomic_load(&e->note_pending)) return;
-    int64_t now = now_ns();
-    if (now - e->last_note < NOTE_NS) return;
-    e->last_note = now;
+    if (e->now - e->last_note < NOTE_NS) return;
+    e->last_note = e->now;
     atomic_store(&e->note_pending, 1);
     up(e, UP_NOTE, NULL, NULL, 0);
 }
@@ -769,7 +769,7 @@ static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
     pthread_mutex_lock(&e->tab);
     Flow *f = &e->flows[dst % FLOW_SLOTS];
     FLink *L;
-    int64_t now = now_ns();
+    int64_t now = e->now;
     if (f->ip != dst || f->hard < now || !(L = link_by_peer(e, f->peer)) || (gso && !L->big_ok)) {
         pthread_mutex_unlock(&e->tab);
         goto slow;
@@ -798,6 +798,7 @@ slow:
 
 static void drain_tap(Engine *e) {
     size_t bytes = 0;
+    e->now = now_ns();
     for (int i = 0; i < BATCH && bytes < BATCH_BYTES; i++) {
         ssize_t n = read(e->tap, e->rbuf, BUF);
         if (n < 0) {
@@ -948,6 +949,7 @@ static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg
 
 static void drain_udp(Engine *e) {
     size_t bytes = 0;
+    e->now = now_ns();
     for (int i = 0; i < BATCH && bytes < BATCH_BYTES; i++) {
         struct sockaddr_storage from;
         char control[CMSG_SPACE(sizeof(int))];
@@ -979,9 +981,10 @@ static void drain_udp(Engine *e) {
     flush_run(e);
 }
 
-/* After a packet the thread polls for SPIN_NS before it sleeps, yielding the CPU to anything runnable: the
- * answer to what it just sent (a ping's reply, a TCP ACK) usually comes within that, and is then taken without
- * a wake-up (each one 10-100 us on a virtual machine, four per round trip). An idle node never spins. */
+/* After data it carried itself the thread polls for SPIN_NS before it sleeps, yielding the CPU to anything
+ * runnable: the answer to what it just sent (a ping's reply, a TCP ACK) usually comes within that, and is then
+ * taken without a wake-up (each one 10-100 us on a virtual machine, four per round trip). Control traffic
+ * (passed up to Python) does not make it spin: a hundred idle nodes on one machine stay idle. */
 #define SPIN_NS 300000LL
 
 static void *engine_main(void *arg) {
@@ -999,13 +1002,14 @@ static void *engine_main(void *arg) {
             else spin_until = 0;
             continue;
         }
-        spin_until = now_ns() + SPIN_NS;
+        uint64_t carried = e->c_frames + e->c_datagrams;
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             if (fd == e->stop_fd) return NULL;
             if (fd == e->tap) drain_tap(e);
             else if (fd == e->udp) drain_udp(e);
         }
+        if (e->c_frames + e->c_datagrams != carried) spin_until = now_ns() + SPIN_NS;
     }
 }
 
