@@ -1,6 +1,7 @@
 """A group with certificates, end to end: `ipop-overlay group init`, the room owner's node as the issuer, members
 that get their certificates (and one its address) from it over a real Prosody, pings across (IPv4 and IPv6, whose
-addresses each node derives from its key), TCP over IPv6 direct and relayed, a node without a
+addresses each node derives from its key), TCP over IPv4 and IPv6 direct and relayed between members on the
+compiled data path and one on the Python path (each checking the other's inner sources), a node without a
 certificate that gets no link, and a member removed with `ipop-overlay group remove` who is cut off everywhere
 within 60 s and cannot come back with its old certificate.
 """
@@ -28,6 +29,9 @@ SIZE = 5
 AUTO = 4  # this member's config has no [vnic] address: the issuer picks one
 REMOVED = 3
 BLOCKED = [(1, 2)]  # their pings must cross a relay
+# This member runs the Python data path only ([vnic] fast_path = false); the others the compiled one: the two
+# must carry each other's data, direct and through a tunnel.
+PYTHON_PATH = 2
 # From the issue: every node cuts a removed member within 60 s.
 REVOKE_S = 60.0
 PREFIX6 = "fd00:1:2:3::/64"
@@ -37,7 +41,9 @@ IPERF_S = 3  # seconds per iperf3 run: enough for TCP to leave slow start, short
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(SIZE, spares=1, prefix="ipt", trust=True, auto_address=[AUTO], address6=PREFIX6) as g:
+    with Group(
+        SIZE, spares=1, prefix="ipt", trust=True, auto_address=[AUTO], address6=PREFIX6, python_path=[PYTHON_PATH]
+    ) as g:
         for i, j in BLOCKED:
             g.block_udp(i, j)
         g.join_all()
@@ -85,8 +91,12 @@ def test_members_ping6_each_other_at_addresses_derived_from_their_keys(group: Gr
     assert failed == [], f"no IPv6 reply: {failed}"
 
 
-@pytest.mark.parametrize("a, b", [(0, 2), BLOCKED[0]], ids=["direct", "relayed"])
-def test_tcp_over_ipv6_crosses_the_vpn(group: Group, a: int, b: int) -> None:
+@pytest.mark.parametrize(
+    "v6, a, b",
+    [(True, 0, 2), (True, *BLOCKED[0]), (False, 0, 1), (False, 0, 2), (False, 2, 0), (False, *BLOCKED[0])],
+    ids=["v6-direct", "v6-relayed", "compiled-compiled", "compiled-python", "python-compiled", "relayed-to-python"],
+)
+def test_tcp_crosses_the_vpn(group: Group, v6: bool, a: int, b: int) -> None:
     relayed = (a, b) in BLOCKED
     assert group.direct_link(group.status(a), b) is not relayed
     server = group.lab.popen(
@@ -95,22 +105,33 @@ def test_tcp_over_ipv6_crosses_the_vpn(group: Group, a: int, b: int) -> None:
     )  # fmt: skip
     try:
         time.sleep(0.5)
-        target = group.members[b].ip6
+        target = group.members[b].ip6 if v6 else group.members[b].ip
         assert target is not None
         client = group.lab.popen(
-            group.members[a].host, "iperf3", "-6", "-c", target, "-p", str(IPERF_PORT), "-t", str(IPERF_S), "-J",
-            "--connect-timeout", "3000", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            group.members[a].host, "iperf3", "-6" if v6 else "-4", "-c", target, "-p", str(IPERF_PORT),
+            "-t", str(IPERF_S), "-J", "--connect-timeout", "3000",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         out, err = client.communicate(timeout=IPERF_S + 30)
-        assert client.returncode == 0, f"iperf3 -6 node{a} -> node{b}: {err or out[-500:]}"
+        assert client.returncode == 0, f"iperf3 node{a} -> node{b}: {err or out[-500:]}"
         report = json.loads(out)
         received = report["end"]["sum_received"]
         assert received["bytes"] > 1_000_000, report["end"]
-        print(f"TCP over IPv6 node{a} -> node{b} ({'relayed' if relayed else 'direct'}): "
+        print(f"TCP over IPv{6 if v6 else 4} node{a} -> node{b} ({'relayed' if relayed else 'direct'}): "
               f"{received['bits_per_second'] / 1e6:.0f} Mbit/s")  # fmt: skip
         assert report["start"]["connected"][0]["remote_host"] == target
     finally:
         server.wait(timeout=10)
+
+
+def test_the_compiled_data_path_carried_the_data_and_the_python_only_member_has_none(group: Group) -> None:
+    """After the TCP runs above: the members with the compiled path sent and received data through it (with
+    certificates, so it checked every inner source), and the member configured without it shows none."""
+    for i in (0, 1):
+        counters = group.status(i)["counters"]
+        assert counters.get("fast path: frames sent", 0) > 1000, counters
+        assert counters.get("fast path: datagrams handled", 0) > 1000, counters
+    assert not [k for k in group.status(PYTHON_PATH)["counters"] if k.startswith("fast path")]
 
 
 def test_a_node_without_a_certificate_gets_no_link(group: Group) -> None:

@@ -140,6 +140,7 @@ class Group:
         auto_address: Iterable[int] = (),
         server: str = "prosody",
         address6: str | None = None,
+        python_path: Iterable[int] = (),
     ) -> None:
         if server not in SERVERS:
             raise ValueError(f"server {server!r} is not one of {', '.join(SERVERS)}")
@@ -165,6 +166,8 @@ class Group:
         # An IPv6 prefix ("fd00:ab::/64") gives every member IPv6 inside the VPN: with certificates each config
         # names the prefix (the address is derived from the node's key), without them member i gets host i + 1.
         self.address6 = ipaddress.IPv6Network(address6) if address6 else None
+        # Members whose data path is Python only ([vnic] fast_path = false): the compiled one's peers.
+        self.python_path = set(python_path)
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -370,6 +373,7 @@ class Group:
             + (f'address = "{address}"\n' if address and not self._auto(jid) else "")
             + (f'address6 = "{self._address6_setting(self._index(jid))}"\n' if self.address6 is not None else "")
             + f"mtu = {VIRTUAL_MTU}\n"
+            + ("fast_path = false\n" if self._index(jid) in self.python_path else "")
             + self.group_section(jid)
             + extra
         )
