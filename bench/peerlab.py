@@ -223,13 +223,16 @@ def deployment(
     )
 
 
+PYTHON_PATH = "ipop-python"  # ipop-overlay with its Python data path only: a baseline, not a peer
+
 # -- the systems --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def ipop_overlay(workdir: Path) -> Iterator[Deployment]:
-    """Three `ipop-overlay join` processes with Prosody on a fourth host, as bench/iperf_tap.py runs them."""
-    with Group(3, prefix=LAB_PREFIX, workdir=workdir) as g:
+def ipop_overlay(workdir: Path, python_path: bool = False) -> Iterator[Deployment]:
+    """Three `ipop-overlay join` processes with Prosody on a fourth host, as bench/iperf_tap.py runs them;
+    `python_path`: with `[vnic] fast_path = false` (the data path before the compiled one, as a baseline)."""
+    with Group(3, prefix=LAB_PREFIX, workdir=workdir, python_path=range(3) if python_path else ()) as g:
         a, b, c = g.members
         for m in g.members:
             forwarding(g.lab, m.host, on=False)
@@ -243,7 +246,7 @@ def ipop_overlay(workdir: Path) -> Iterator[Deployment]:
             if not exe.startswith("python"):
                 raise RuntimeError(f"PID {pid} is {exe}, not the node's Python process: CPU and RSS would be wrong")
         yield Deployment(
-            "ipop-overlay",
+            PYTHON_PATH if python_path else "ipop-overlay",
             g.lab,
             a.host,
             {"direct": (b.host, b.ip), "relayed": (c.host, c.ip)},
@@ -454,6 +457,7 @@ SYSTEMS = {
     s.name: s
     for s in (
         System("ipop-overlay", ipop_overlay, prerequisites=missing_prerequisites),
+        System(PYTHON_PATH, lambda workdir: ipop_overlay(workdir, True), prerequisites=missing_prerequisites),
         System("wireguard-go", wireguard_go, ("wireguard-go", "wg"), ("wireguard-go", "wireguard-tools")),
         System("nebula", nebula, ("nebula", "nebula-cert"), ("nebula",)),
         System("yggdrasil", yggdrasil, ("yggdrasil",), ("yggdrasil",)),

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmark: ipop-overlay side by side with peer VPNs (wireguard-go, Nebula, Yggdrasil, fastd, tinc) and a plain
-veth, on one lab shape, direct (a->b) and relayed (a->c across b); one table, and our ratio to the best peer.
+"""Benchmark: ipop-overlay side by side with peer VPNs (wireguard-go, Nebula, Yggdrasil, fastd, tinc), a plain veth
+and, as a baseline, ipop-overlay on its Python data path only (ipop-python), on one lab shape, direct (a->b) and
+relayed (a->c across b); one table, and our ratio to the best peer.
 
 Run as root: `sudo .venv/bin/python bench/peers.py`. Missing peers are installed from Debian first, with service
 starts refused while apt runs. Each system then gets a fresh lab (bench/peerlab.py, removed before the next) and is
@@ -35,13 +36,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peerlab import PATHS, SYSTEMS, Deployment, System, stop, wait_listening
+from bench.peerlab import PATHS, PYTHON_PATH, SYSTEMS, Deployment, System, stop, wait_listening
 from tests.support.hoststats import process_usage
 
 Reading = Callable[[dict[str, Any]], float]  # one number from an iperf3 JSON report
 
 OURS = "ipop-overlay"
 REFERENCE = "veth"  # not a peer: the underlay without any VPN
+NOT_PEERS = (OURS, REFERENCE, PYTHON_PATH)  # PYTHON_PATH: ours without the compiled data path, a baseline
 PATH_LABELS = {"direct": "a->b", "relayed": "a->c via b"}
 IPERF_PORT = 5201
 # Our choices: iperf3 seconds beyond -t before a run counts as hung (connect, warm-up, report); the ping probe
@@ -486,7 +488,7 @@ def best_peers(results: list[SystemResult], path: str) -> dict[str, tuple[float,
         candidates = [
             (value, r.system)
             for r in results
-            if r.system not in (OURS, REFERENCE) and (value := getattr(r.paths[path], column.key)) is not None
+            if r.system not in NOT_PEERS and (value := getattr(r.paths[path], column.key)) is not None
         ]
         if candidates:
             best[column.key] = (max if column.higher_is_better else min)(candidates)
