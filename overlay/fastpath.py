@@ -126,7 +126,8 @@ class FastPath:
         return (session.keys, session.local_index, session.remote_index, endpoint, relay, link.fragments_ok, source)
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
-        self.engine.set_flow(address, peer, header, FLOW_TTL)
+        if peer in self._pushed:  # a link the Engine cannot serve (TURN) would only send every packet back up
+            self.engine.set_flow(address, peer, header, FLOW_TTL)
 
     def _recheck(self, address: int) -> None:
         """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
