@@ -380,3 +380,75 @@ def test_any_bytes_from_a_peer_or_the_tap_go_up_or_are_dropped_and_the_engine_ke
     a.kernel.send(frame(A_IP, B_IP, b"still alive"))
     wire_a.send_to(b, wire_b.recv())
     assert b.kernel.recv(70000)[14:] == frame(A_IP, B_IP, b"still alive")[14:]
+
+
+# A TCPv4 segmentation header as the kernel writes one: NEEDS_CSUM, TCPV4, headers 54 bytes, MSS 1400, the TCP
+# checksum at 34 + 16 (after the Ethernet and IPv4 headers).
+VNET_TSO = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
+
+
+def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_header() -> None:
+    """Sender and receiver both Engines, the receiver's socket with UDP GRO: the chunks of one GSO send arrive
+    coalesced, are joined, opened and written to the TAP as one frame with the sender's virtio_net_hdr."""
+    a, b = Node(A_ID, A_IP, vnet=True), Node(B_ID, B_IP, vnet=True)
+    b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
+    ka, kb = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, (4, socket.inet_aton("127.0.0.1"), b.port), 0, True, -1)
+    b.engine.set_link(A_ID, kb, 22, 11, (4, socket.inet_aton("127.0.0.1"), a.port), 0, True, -1)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0)
+    a.engine.start()
+    b.engine.start()
+    try:
+        for size in (1000, 20_000, 59_000):
+            payload = bytes(i % 251 for i in range(size))
+            vnet = VNET_TSO
+            f = frame(A_IP, B_IP, payload, vnet=vnet)
+            a.kernel.send(f)
+            got = b.kernel.recv(70000)
+            assert got[:10] == vnet and got[10:] == TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00" + f[10 + 14 :]
+        assert not [m for m in b.up_messages(0.1) if m[0] == 1]  # nothing needed the Python path
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_super_frame_for_a_tap_without_offload_goes_up_for_python_to_segment() -> None:
+    b = Node(B_ID, B_IP, vnet=False)
+    wire_a = Wire()
+    ka, kb = session_pair()
+    b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
+    b.engine.start()
+    try:
+        body = ipv4_packet(A_IP, B_IP, 6, 64, bytes(3000))
+        sent = ka.seal(0x83, 22, header(A_ID, B_ID, kind=Kind.DATA_GSO) + VNET_TSO + body)
+        wire_a.send_to(b, sent)
+        assert [m[1] for m in b.up_messages() if m[0] == 1] == [sent]
+    finally:
+        b.close()
+        wire_a.sock.close()
+
+
+@pytest.mark.parametrize(
+    "vnet",
+    [
+        struct.pack("<BBHHHH", 4, 1, 54, 1400, 34, 16),  # a flag that is not NEEDS_CSUM/DATA_VALID
+        struct.pack("<BBHHHH", 1, 3, 54, 1400, 34, 16),  # UDP fragmentation offload: not ours to accept
+        struct.pack("<BBHHHH", 0, 1, 54, 1400, 0, 0),  # segmentation without a checksum to complete
+        struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 60_000),  # checksum offset outside the frame
+    ],
+    ids=["flags", "gso-type", "no-checksum", "offset"],
+)
+def test_a_virtio_header_the_kernel_would_refuse_goes_up_for_python_to_count(vnet: bytes) -> None:
+    b = Node(B_ID, B_IP, vnet=True)
+    wire_a = Wire()
+    ka, kb = session_pair()
+    b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
+    b.engine.start()
+    try:
+        body = ipv4_packet(A_IP, B_IP, 6, 64, bytes(3000))
+        sent = ka.seal(0x83, 22, header(A_ID, B_ID, kind=Kind.DATA_GSO) + vnet + body)
+        wire_a.send_to(b, sent)
+        assert [m[1] for m in b.up_messages() if m[0] == 1] == [sent]
+    finally:
+        b.close()
+        wire_a.sock.close()
