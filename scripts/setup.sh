@@ -64,7 +64,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
-     >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ overlay/_fast.c -nt .venv/.installed ]; then
+     >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
+     || [ overlay/_fast.c -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed
