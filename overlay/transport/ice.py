@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 SRFLX_REFRESH = 25.0  # our choice: also keeps the NAT mapping toward the STUN servers (RFC 4787: >= 2 min idle)
 HOST_REFRESH = 10.0  # our choice: how soon a new or lost interface address is noticed
+# Our choice: a link gone silent asks the STUN servers at once, at most this often. It must come well before
+# the link is given up (overlay/routing/maintenance.py BUSY_DEAD, 8 s): a NAT that mapped us anew is then
+# noticed while the links it broke still stand, and ICE restarts them in place.
+SRFLX_RECHECK = 2.0
+ALLOCATION_CHECK_TIMEOUT = 4.0  # our choice: three tries of a Refresh (0.5, 1, 2 s RTO) and a margin
 TURN_RETRY = 30.0  # our choice: a failed allocation is tried again this often
 STUN_TIMEOUT_TRIES = 3  # retransmissions of a gathering request (0.5, 1, 2 s: RFC 8489 section 6.2.1 RTO)
 GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss our srflx and relay candidates
@@ -197,6 +202,8 @@ class IceAgent:
     _turn_retry: dict[int, float] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _started: float | None = None
+    _now: float = 0.0  # the clock of the latest tick
+    _checking: set[int] = field(default_factory=set)  # allocations whose Refresh check is out
     _first_round: set[Any] = field(default_factory=set)  # STUN servers and TURN allocations not answered yet
 
     def __post_init__(self) -> None:
@@ -280,8 +287,8 @@ class IceAgent:
         self.tick(now)
 
     def refresh_soon(self, now: float) -> None:
-        """Ask the STUN servers again at the next tick (at most once per HOST_REFRESH)."""
-        if now - self._srflx_at >= HOST_REFRESH:
+        """Ask the STUN servers and look at our interfaces again at the next tick (at most every SRFLX_RECHECK)."""
+        if now - self._srflx_at >= SRFLX_RECHECK:
             self._srflx_at = -1e18
             self._host_at = -1e18
 
@@ -298,6 +305,7 @@ class IceAgent:
 
     def tick(self, now: float) -> None:
         """Refresh host and server-reflexive candidates, keep TURN allocations and channels up."""
+        self._now = now
         if now - self._host_at >= HOST_REFRESH:
             self._host_at = now
             addresses = self._host_addresses()
@@ -308,8 +316,7 @@ class IceAgent:
                 self._host = fresh
                 if changed:
                     log.info("host addresses now %s", ", ".join(addresses) or "none")
-                    self.count("address changes")
-                    self.on_address_change()
+                    self._addresses_changed()
         if self.settings.stun and now - self._srflx_at >= SRFLX_REFRESH:
             self._srflx_at = now
             for server in self.settings.stun:
@@ -344,8 +351,31 @@ class IceAgent:
         self._srflx[server] = mapped
         if old is not None and old != mapped:
             log.info("server-reflexive address changed %s:%d -> %s:%d", *old, *mapped)
-            self.count("address changes")
-            self.on_address_change()
+            self._addresses_changed()
+
+    def _addresses_changed(self) -> None:
+        self.count("address changes")
+        # Whatever moved our underlay socket's mapping may have moved our TURN sockets' too: an allocation is
+        # bound to the 5-tuple it was made from (RFC 8656 section 2.2), and aioice would notice only at its next
+        # refresh, 500 s on. Check each now, so the relayed candidates the ICE restarts offer are alive.
+        for i, allocation in enumerate(self.allocations):
+            if allocation.ready and i not in self._checking:
+                self._checking.add(i)
+                self._spawn(self._check_allocation(i, allocation))
+        self.on_address_change()
+
+    async def _check_allocation(self, i: int, allocation: TurnAllocation) -> None:
+        try:
+            if await allocation.still_ours(ALLOCATION_CHECK_TIMEOUT) or not allocation.ready:
+                return
+            self.count("turn allocations lost")
+            log.info("TURN allocation at %s no longer reaches us (our mapping changed): allocating anew",
+                     allocation.server.describe())  # fmt: skip
+            self._turn_retry[i] = self._now + TURN_RETRY  # so the tick starts no second allocation meanwhile
+            await allocation.close()
+            await self._allocate(allocation)
+        finally:
+            self._checking.discard(i)
 
     async def _allocate(self, allocation: TurnAllocation) -> None:
         try:

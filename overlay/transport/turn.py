@@ -161,10 +161,32 @@ class TurnAllocation:
         self.mapped = (mapped[0], mapped[1]) if mapped else None
         return self.relayed
 
+    async def still_ours(self, timeout: float) -> bool:
+        """Whether the server still knows this allocation by our address and port: a Refresh it accepts. A NAT
+        that mapped our socket anew (a rebooted router, a roaming member) leaves the allocation bound to the old
+        5-tuple, so the server answers 437 Allocation Mismatch (RFC 8656 section 7.3) or our old mapping gets
+        the answer; either way nothing relayed reaches us until we allocate again."""
+        proto = self._proto
+        if proto is None or not self.ready:
+            return False
+        request = stun.Message(message_method=stun.Method.REFRESH, message_class=stun.Class.REQUEST)
+        request.attributes["LIFETIME"] = ALLOCATION_LIFETIME
+        try:
+            await asyncio.wait_for(proto.request_with_retry(request), timeout)
+        except (TimeoutError, OSError, ConnectionError, stun.TransactionError):
+            return False
+        return True
+
     async def close(self) -> None:
         for task in self._binding.values():
             task.cancel()
         self._binding.clear()
+        # Channels belong to the allocation: a new one (allocate() again) binds its own.
+        self._peer_channel.clear()
+        self._channel_peer.clear()
+        self._bound_at.clear()
+        self._queued.clear()
+        self._next_channel = CHANNEL_FIRST
         proto, self._proto = self._proto, None
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
