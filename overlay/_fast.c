@@ -52,6 +52,10 @@
 #define PT_TRANSPORT 0x83
 #define PT_SEALED 0x84
 #define PT_CHUNK 0x85
+#define PT_TUNNEL 0x86
+#define RELAY_HEAD 9                      /* RELAY or RELAYED, peer(8) */
+#define TUNNEL_PART (RELAY_HEAD + TAG)    /* a TUNNEL packet's encrypted relay head */
+#define TUNNEL_OFF (HDR + TUNNEL_PART)    /* where its inner link packet starts */
 #define MSG_ROUTED 0x04
 #define MSG_RELAY 0x05
 #define MSG_RELAYED 0x06
@@ -209,6 +213,44 @@ static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec
     return rc;
 }
 
+/* SEALED and TUNNEL packets: `head` encrypted under the link key, with the last TAG bytes of the packet that
+ * follows it (an end-to-end or tunnel packet, authenticated by its own key) as more associated data, so the
+ * link never runs a cipher over that packet's bytes. Writes HDR + headlen + TAG bytes to out. */
+static int keys_seal_head(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t *head, size_t headlen,
+                          const uint8_t *tail_tag, uint8_t *out) {
+    int rc = -1;
+    pthread_mutex_lock(&k->send_lock);
+    uint64_t c = k->counter;
+    if (c <= MAX_COUNTER) {
+        k->counter = c + 1;
+        out[0] = ptype;
+        put32(out + 1, remote);
+        put64(out + 5, c);
+        struct iovec piece = {(void *)head, headlen};
+        size_t len;
+        rc = gcm_seal(k->enc, c, out, HDR, tail_tag, TAG, &piece, 1, out + HDR, &len) ? -2 : 0;
+    }
+    pthread_mutex_unlock(&k->send_lock);
+    return rc;
+}
+
+/* The head (part - TAG bytes, into out) of a SEALED or TUNNEL packet of len bytes. Returns as keys_open. */
+static int keys_open_head(Keys *k, const uint8_t *p, size_t len, size_t part, uint8_t *out, int mark) {
+    uint64_t c = be64(p + 5);
+    int rc;
+    pthread_mutex_lock(&k->recv_lock);
+    if (!window_fresh(k, c)) {
+        rc = 1;
+    } else if (gcm_open(k->dec, c, p, HDR, p + len - TAG, TAG, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
+        rc = 2;
+    } else {
+        if (mark) window_mark(k, c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&k->recv_lock);
+    return rc;
+}
+
 /* Open a transport packet into out (len - HDR - TAG bytes). mark: accept it in the window now.
  * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
 static int keys_open(Keys *k, const uint8_t *pkt, size_t len, uint8_t *out, int mark) {
@@ -333,30 +375,19 @@ static PyObject *Keys_open(Keys *self, PyObject *args) {
     return out;
 }
 
-/* SEALED: the routed header encrypted with the end-to-end packet's tag as more associated data. */
+/* SEALED and TUNNEL packets (keys_seal_head), the packet that follows the head given whole. */
 static PyObject *Keys_seal_header(Keys *self, PyObject *args) {
     unsigned int remote;
     Py_buffer header, e2e;
-    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*", &remote, &header, &e2e)) return NULL;
+    unsigned char ptype = PT_SEALED;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*|b", &remote, &header, &e2e, &ptype)) return NULL;
     PyObject *out = NULL;
     if (e2e.len < TAG) {
         PyErr_SetString(PyExc_ValueError, "end-to-end packet shorter than its tag");
     } else if ((out = PyBytes_FromStringAndSize(NULL, HDR + header.len + TAG + e2e.len))) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *tag = (const uint8_t *)e2e.buf + e2e.len - TAG;
-        int rc = -1;
-        pthread_mutex_lock(&self->send_lock);
-        uint64_t c = self->counter;
-        if (c <= MAX_COUNTER) {
-            self->counter = c + 1;
-            o[0] = PT_SEALED;
-            put32(o + 1, remote);
-            put64(o + 5, c);
-            struct iovec piece = {header.buf, (size_t)header.len};
-            size_t len;
-            rc = gcm_seal(self->enc, c, o, HDR, tag, TAG, &piece, 1, o + HDR, &len) ? -2 : 0;
-        }
-        pthread_mutex_unlock(&self->send_lock);
+        int rc = keys_seal_head(self, ptype, remote, header.buf, (size_t)header.len, tag, o);
         if (rc) {
             Py_CLEAR(out);
             PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
@@ -379,19 +410,7 @@ static PyObject *Keys_open_header(Keys *self, PyObject *args) {
     if (part < TAG || pkt.len < HDR + part + TAG || be64((uint8_t *)pkt.buf + 5) != counter) {
         PyErr_SetString(Forged, "sealed packet too short or counter not its own");
     } else if ((out = PyBytes_FromStringAndSize(NULL, part - TAG))) {
-        const uint8_t *p = pkt.buf;
-        int rc;
-        pthread_mutex_lock(&self->recv_lock);
-        if (!window_fresh(self, counter)) {
-            rc = 1;
-        } else if (gcm_open(self->dec, counter, p, HDR, p + pkt.len - TAG, TAG, p + HDR, (size_t)(part - TAG),
-                            p + HDR + part - TAG, (uint8_t *)PyBytes_AS_STRING(out))) {
-            rc = 2;
-        } else {
-            window_mark(self, counter);
-            rc = 0;
-        }
-        pthread_mutex_unlock(&self->recv_lock);
+        int rc = keys_open_head(self, pkt.buf, (size_t)pkt.len, (size_t)part, (uint8_t *)PyBytes_AS_STRING(out), 1);
         if (rc) {
             Py_CLEAR(out);
             if (rc == 1) PyErr_Format(Replayed, "replayed or too old packet (counter %llu)", counter);
@@ -442,7 +461,7 @@ static PyMethodDef Keys_methods[] = {
     {"seal", (PyCFunction)Keys_seal, METH_VARARGS, "seal(type, remote_index, plaintext) -> transport packet"},
     {"open", (PyCFunction)Keys_open, METH_VARARGS, "open(packet, counter) -> plaintext; Replayed or Forged"},
     {"seal_header", (PyCFunction)Keys_seal_header, METH_VARARGS,
-     "seal_header(remote_index, routed_header, e2e_packet) -> SEALED packet"},
+     "seal_header(remote_index, header, packet, type=SEALED) -> SEALED or TUNNEL packet"},
     {"open_header", (PyCFunction)Keys_open_header, METH_VARARGS,
      "open_header(packet, counter, part) -> routed header; Replayed or Forged"},
     {"newest", (PyCFunction)Keys_newest, METH_O, "whether counter is the newest accepted"},
@@ -528,6 +547,7 @@ typedef struct {
     Addr ep;
     uint64_t relay;
     int big_ok;       /* 60 KB datagrams cross this link (the fragment probe was answered) */
+    int tunnel_ok;    /* the peer takes tunnelled packets as TUNNEL packets (its HELLO said so) */
     int has_src;      /* cryptokey routing: data from this peer must come from `src` */
     uint32_t src;
     uint64_t tx, rx, delivered, hops;
@@ -724,7 +744,8 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
         if (!R || !R->direct) return -1;
     }
     size_t inner_len = HDR + msglen + TAG;
-    size_t len = R ? HDR + 9 + inner_len + TAG : inner_len;
+    /* Through a relay that takes TUNNEL packets only the relay head is sealed for it; else the whole packet. */
+    size_t len = !R ? inner_len : R->tunnel_ok ? TUNNEL_OFF + inner_len : HDR + RELAY_HEAD + inner_len + TAG;
     if (len > BUF - 64) return -1;
     const Addr *to = R ? &R->ep : &L->ep;
     uint8_t *at = slot_for(e, len, to);
@@ -733,13 +754,20 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
         if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
         L->tx += out;
     } else {
-        size_t inner;
-        if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
-        uint8_t head[9];
+        uint8_t head[RELAY_HEAD];
         head[0] = MSG_RELAY;
         put64(head + 1, L->peer);
-        struct iovec outer[2] = {{head, 9}, {e->inner, inner}};
-        if (keys_seal(R->keys, PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
+        size_t inner;
+        if (R->tunnel_ok) {
+            if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, at + TUNNEL_OFF, &inner)) return -1;
+            if (keys_seal_head(R->keys, PT_TUNNEL, R->remote, head, RELAY_HEAD, at + TUNNEL_OFF + inner - TAG, at))
+                return -1;
+            out = TUNNEL_OFF + inner;
+        } else {
+            if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
+            struct iovec outer[2] = {{head, RELAY_HEAD}, {e->inner, inner}};
+            if (keys_seal(R->keys, PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
+        }
         R->tx += out;
         L->tx += inner;
     }
@@ -854,9 +882,10 @@ static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, stru
     return 0;
 }
 
-/* A transport packet: 1 handled here, 0 pass it up untouched. */
+/* A transport or TUNNEL packet: 1 handled here, 0 pass it up untouched. */
 static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct sockaddr_storage *from) {
-    if (len < HDR + TAG + 1) return 0;
+    int tunnel = pkt[0] == PT_TUNNEL;
+    if (len < (tunnel ? TUNNEL_OFF + HDR + TAG + 1 : HDR + TAG + 1)) return 0;
     struct iovec iov[3];
     int niov = 0;
     uint8_t eth[ETH_LEN];
@@ -869,36 +898,55 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
     /* Only from where the link's path points: a packet from elsewhere may move the link (Python decides). */
     if (!L || !L->direct || !addr_eq(&L->ep, from)) goto out;
     uint8_t *msg = e->plain;
-    size_t mlen = len - HDR - TAG;
     uint64_t c = be64(pkt + 5);
-    if (keys_open(L->keys, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
-    if (msg[0] == MSG_ROUTED) {
+    /* The relay head and the link packet it carries: inside the plaintext of a transport packet, or the
+     * opened head of a TUNNEL packet and the packet after it, untouched. */
+    const uint8_t *head = msg, *in;
+    size_t mlen, inlen;
+    if (tunnel) {
+        if (keys_open_head(L->keys, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
+        mlen = RELAY_HEAD;
+        in = pkt + TUNNEL_OFF, inlen = len - TUNNEL_OFF;
+        if (msg[0] != MSG_RELAY && msg[0] != MSG_RELAYED) goto out;
+    } else {
+        if (keys_open(L->keys, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
+        mlen = len - HDR - TAG;
+        in = msg + RELAY_HEAD, inlen = mlen > RELAY_HEAD ? mlen - RELAY_HEAD : 0;
+    }
+    if (!tunnel && msg[0] == MSG_ROUTED) {
         if (data_for_us(e, L, msg, mlen, iov, &niov, eth) || !keys_mark(L->keys, c)) goto out;
         L->rx += len;
         L->rx_seen = 1;
         handled = 1;
-    } else if (msg[0] == MSG_RELAY && mlen > 9 + HDR + TAG) {
-        FLink *T = link_by_peer(e, be64(msg + 1));
+    } else if (head[0] == MSG_RELAY && mlen >= RELAY_HEAD && inlen > HDR + TAG) {
+        FLink *T = link_by_peer(e, be64(head + 1));
         if (!T || !T->direct || T == L) goto out;
-        size_t out_len = HDR + mlen + TAG;
+        /* A transport packet onward as a TUNNEL packet if the next hop takes them; anything else whole. */
+        int onward_tunnel = T->tunnel_ok && in[0] == PT_TRANSPORT;
+        size_t out_len = onward_tunnel ? TUNNEL_OFF + inlen : HDR + RELAY_HEAD + inlen + TAG;
         relay_at = slot_for(e, out_len, &T->ep);
-        uint8_t head[9];
-        head[0] = MSG_RELAYED;
-        put64(head + 1, L->peer);
-        struct iovec pieces[2] = {{head, 9}, {msg + 9, mlen - 9}};
+        uint8_t onward[RELAY_HEAD];
+        onward[0] = MSG_RELAYED;
+        put64(onward + 1, L->peer);
         if (!keys_mark(L->keys, c)) goto out;
-        if (keys_seal(T->keys, PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
+        if (onward_tunnel) {
+            memmove(relay_at + TUNNEL_OFF, in, inlen);
+            if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, in + inlen - TAG, relay_at))
+                goto out;
+            relay_len = out_len;
+        } else {
+            struct iovec pieces[2] = {{onward, RELAY_HEAD}, {(void *)in, inlen}};
+            if (keys_seal(T->keys, PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
+        }
         L->rx += len;
         L->rx_seen = 1;
         T->tx += relay_len;
         relay_to = T->ep;
         relay = handled = 1;
-    } else if (msg[0] == MSG_RELAYED && mlen > 9 + HDR + TAG && msg[9] == PT_TRANSPORT) {
+    } else if (head[0] == MSG_RELAYED && mlen >= RELAY_HEAD && inlen > HDR + TAG && in[0] == PT_TRANSPORT) {
         /* Out of a tunnel through L: the inner packet is a session of ours with the tunnel's far end. */
-        const uint8_t *in = msg + 9;
-        size_t inlen = mlen - 9;
         FLink *M = link_by_index(e, be32(in + 1));
-        if (!M || M == L || M->peer != be64(msg + 1)) goto out;
+        if (!M || M == L || M->peer != be64(head + 1)) goto out;
         uint8_t *inner = e->plain2;
         uint64_t ic = be64(in + 5);
         if (keys_open(M->keys, in, inlen, inner, 0)) goto out;
@@ -927,7 +975,7 @@ out:
 }
 
 static void on_datagram(Engine *e, const uint8_t *d, size_t len, const struct sockaddr_storage *from) {
-    if (len && d[0] == PT_TRANSPORT && on_transport(e, d, len, from)) return;
+    if (len && (d[0] == PT_TRANSPORT || d[0] == PT_TUNNEL) && on_transport(e, d, len, from)) return;
     up(e, UP_DATAGRAM, from, d, len);
 }
 
@@ -1133,19 +1181,19 @@ static int parse_addr(PyObject *endpoint, Addr *out) {
     return ok ? 0 : -1;
 }
 
-/* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1) */
+/* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1, tunnel_ok) */
 static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     unsigned long long peer, relay;
     PyObject *keys, *endpoint;
     unsigned int local, remote;
-    int big_ok;
+    int big_ok, tunnel_ok = 0;
     long long source;
     if (!e->links) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!IIOKpL", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay, &big_ok,
-                          &source))
+    if (!PyArg_ParseTuple(args, "KO!IIOKpL|p", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay, &big_ok,
+                          &source, &tunnel_ok))
         return NULL;
     if (!keys_ready((Keys *)keys)) return NULL;
     Addr ep = {0};
@@ -1165,6 +1213,7 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
         L->keys = (Keys *)keys;
         L->local = local, L->remote = remote, L->direct = direct, L->ep = ep, L->relay = relay;
         L->big_ok = big_ok;
+        L->tunnel_ok = tunnel_ok;
         L->has_src = source >= 0;
         L->src = source >= 0 ? (uint32_t)source : 0;
     }

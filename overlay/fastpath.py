@@ -123,7 +123,16 @@ class FastPath:
             allowed = self._datapath.source_of(link.peer_id)
             source = -1 if allowed is None else allowed
         session = link.session
-        return (session.keys, session.local_index, session.remote_index, endpoint, relay, link.fragments_ok, source)
+        return (
+            session.keys,
+            session.local_index,
+            session.remote_index,
+            endpoint,
+            relay,
+            link.fragments_ok,
+            source,
+            link.tunnels_ok,
+        )
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
         if peer in self._pushed:  # a link the Engine cannot serve (TURN) would only send every packet back up

@@ -36,8 +36,10 @@ from overlay.transport.session import (
 )
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
+    MIN_E2E,
     SEALED_LINK_PART,
     TRANSPORT_HEADER,
+    TUNNEL_LINK_PART,
     Contact,
     DecodeError,
     Endpoint,
@@ -48,14 +50,17 @@ from overlay.wire import (
     decode_handshake,
     decode_transport_header,
     encode_relay,
+    relay_head,
 )
 
 log = logging.getLogger(__name__)
 
 Underlay = UdpUnderlay | MemoryUnderlay
 
-_TRANSPORT, _SEALED = int(PacketType.TRANSPORT), int(PacketType.SEALED)  # plain ints: compared per packet
+# Plain ints: compared per packet.
+_TRANSPORT, _SEALED, _TUNNEL = int(PacketType.TRANSPORT), int(PacketType.SEALED), int(PacketType.TUNNEL)
 SEALED_OFFSET = TRANSPORT_HEADER.size + SEALED_LINK_PART  # where a SEALED packet's end-to-end packet starts
+TUNNEL_OFFSET = TRANSPORT_HEADER.size + TUNNEL_LINK_PART  # where a TUNNEL packet's inner packet starts
 # WireGuard's REKEY_TIMEOUT: how long a rekeying handshake waits for its response before another try.
 REKEY_TIMEOUT = 5.0
 # A responder whose peer has not rekeyed by then starts the handshake itself (between REKEY_AFTER_TIME and
@@ -79,7 +84,7 @@ class TunnelPath:
         if hop is None or not isinstance(hop.path, UdpPath | TurnPath):
             self.manager.count("drop: relay link gone")
             return
-        hop.send(encode_relay(LinkMsg.RELAY, self.peer, packet))
+        hop.send_relay(LinkMsg.RELAY, self.peer, packet)
 
     def describe(self) -> str:
         return f"via {format_id(self.relay)}"
@@ -113,6 +118,8 @@ class Link:
     busy: bool = False
     # When we may next start a rekeying handshake (one try per REKEY_TIMEOUT, as WireGuard retries).
     rekey_try: float = 0.0
+    # The peer's HELLO said it opens and passes on TUNNEL packets (overlay/wire.py HELLO_TUNNEL).
+    tunnels_ok: bool = False
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)
@@ -124,6 +131,16 @@ class Link:
         packet = self.session.seal_header(routed_header, e2e_packet)
         self.tx_bytes += len(packet)
         self.path.send(packet)
+
+    def send_relay(self, kind: LinkMsg, peer: int, packet: bytes) -> None:
+        """A tunnel's link packet to (RELAY) or from (RELAYED) `peer` through this link: a TUNNEL packet if the
+        peer takes them and it is a transport packet (handshakes are not), else a relay message sealed whole."""
+        if self.tunnels_ok and len(packet) >= MIN_E2E and packet[0] == _TRANSPORT:
+            sealed = self.session.seal_header(relay_head(kind, peer), packet, _TUNNEL)
+            self.tx_bytes += len(sealed)
+            self.path.send(sealed)
+        else:
+            self.send(encode_relay(kind, peer, packet))
 
     @property
     def relay(self) -> int | None:
@@ -229,7 +246,7 @@ class LinkManager:
             return
         ptype = data[0]
         try:
-            if ptype == _TRANSPORT or ptype == _SEALED:
+            if ptype == _TRANSPORT or ptype == _SEALED or ptype == _TUNNEL:
                 index, counter = decode_transport_header(data)
                 link = self._by_index.get(index)
                 if link is None:
@@ -241,8 +258,13 @@ class LinkManager:
                     session = nxt
                 if ptype == _TRANSPORT:
                     plaintext = session.open(data, counter)
-                else:
+                elif ptype == _SEALED:
                     header = session.open_header(data, counter)
+                else:
+                    head = session.open_header(data, counter, TUNNEL_LINK_PART)
+                    if head[0] != LinkMsg.RELAY and head[0] != LinkMsg.RELAYED:
+                        raise DecodeError(f"tunnel packet with a head of kind {head[0]}")
+                    plaintext = head + data[TUNNEL_OFFSET:]  # the relay message it stands for
                 if session is nxt:
                     self._by_index.pop(link.session.local_index, None)
                     link.session, link.next_session = session, None
@@ -253,10 +275,10 @@ class LinkManager:
                     # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
                     # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
                     self._move(link, via)
-                if ptype == _TRANSPORT:
-                    self.callbacks.message(link, plaintext)
-                else:
+                if ptype == _SEALED:
                     self.callbacks.sealed(link, header, memoryview(data)[SEALED_OFFSET:])
+                else:
+                    self.callbacks.message(link, plaintext)
             elif ptype in (PacketType.HANDSHAKE_INIT, PacketType.HANDSHAKE_RESP):
                 msg = decode_handshake(data)
                 if isinstance(msg, HandshakeInit):

@@ -64,6 +64,7 @@ from overlay.wire import (
     FLAG_LONG_LINK,
     FLAG_PROMISE,
     FLAG_QUIET,
+    HELLO_TUNNEL,
     ROUTED_HEADER,
     Contact,
     DecodeError,
@@ -83,7 +84,6 @@ from overlay.wire import (
     encode_link_request,
     encode_neighbours,
     encode_ping,
-    encode_relay,
     encode_suspect,
 )
 
@@ -572,9 +572,9 @@ class Node:
         self._schedule(now)
 
     def _send_hello(self, link: Link, use: int) -> None:
-        """Our contact, and what we use the link for (maintenance USE_* flags): the peer keeps a link either
-        end uses."""
-        link.send(bytes([LinkMsg.HELLO, use]) + self.contact().encode())
+        """Our contact, what we use the link for (maintenance USE_* flags: the peer keeps a link either end
+        uses), and that we take TUNNEL packets."""
+        link.send(bytes([LinkMsg.HELLO, use | HELLO_TUNNEL]) + self.contact().encode())
 
     def _on_link_down(self, link: Link, reason: str) -> None:
         now = self.clock()
@@ -686,7 +686,7 @@ class Node:
                 if onward is None or onward.relay is not None:
                     self.count("drop: relay target not a direct link")
                 else:
-                    onward.send(encode_relay(LinkMsg.RELAYED, link.peer_id, packet))
+                    onward.send_relay(LinkMsg.RELAYED, link.peer_id, packet)
             elif kind == LinkMsg.RELAYED:
                 peer, packet = decode_relay(msg)
                 self.links.on_packet(packet, link.peer_id)
@@ -696,7 +696,11 @@ class Node:
                 contact = self.check_contact(msg[2:])
                 if contact is not None and contact.public_key == link.peer_key:
                     link.contact = contact
-                    self.maintenance.on_peer_use(link.peer_id, msg[1])
+                    self.maintenance.on_peer_use(link.peer_id, msg[1] & ~HELLO_TUNNEL)
+                    tunnels_ok = bool(msg[1] & HELLO_TUNNEL)
+                    if link.tunnels_ok != tunnels_ok:
+                        link.tunnels_ok = tunnels_ok
+                        self.links.on_change(link.peer_id)
             elif kind == LinkMsg.REPLICATE:
                 self.dht.on_replica(msg[1:], now)
             elif kind == LinkMsg.PROBE:

@@ -36,6 +36,10 @@ class PacketType(enum.IntEnum):
     # A part of a datagram bigger than one path MTU (overlay/transport/chunks.py): the underlay joins the parts
     # back into the link packet before anything else sees it.
     CHUNK = 0x85
+    # A link packet of a tunnel (RELAY/RELAYED): as SEALED, the link encrypts only the 9-byte relay head and
+    # binds the tunnel's own transport packet through its tag, so the relay runs no cipher over the data and
+    # the ends one each. Sent only to a neighbour whose HELLO carried HELLO_TUNNEL.
+    TUNNEL = 0x86
 
 
 SIGNATURE_LEN = 64
@@ -55,6 +59,11 @@ TRANSPORT_HEADER = struct.Struct("!BIQ")  # type, receiver index, counter; the A
 # The end-to-end packet is a transport packet of the pair's own session (type 0x83, the receiver's end-to-end
 # index, counter, AEAD(kind byte + data body)), its last 16 bytes the tag.
 MIN_E2E = TRANSPORT_HEADER.size + 1 + AEAD_TAG_LEN  # the smallest end-to-end packet: kind byte only
+# TUNNEL: TRANSPORT_HEADER (type 0x86) | link AEAD of the relay head (RELAY or RELAYED, peer: 9 + 16 bytes) with
+# the inner packet's tag as more associated data | the inner packet: a transport packet (0x83) of the tunnel's
+# own session, at least MIN_E2E bytes. What a relay learns is what it learnt from RELAY: who talks to whom.
+RELAY_HEAD = 9
+TUNNEL_LINK_PART = RELAY_HEAD + AEAD_TAG_LEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +101,18 @@ def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
 
 
 def decode_transport_header(data: bytes | memoryview) -> tuple[int, int]:
-    """(receiver index, counter) of a transport or sealed packet; the rest is ciphertext with its tag."""
+    """(receiver index, counter) of a transport, sealed or tunnel packet; the rest is ciphertext with its tag."""
     if len(data) < TRANSPORT_HEADER.size + AEAD_TAG_LEN:
         raise DecodeError(f"transport packet of {len(data)} bytes is too short")
     ptype, idx, counter = TRANSPORT_HEADER.unpack_from(data)
     if ptype == PacketType.SEALED:
         if len(data) < TRANSPORT_HEADER.size + SEALED_LINK_PART + MIN_E2E:
             raise DecodeError(f"sealed packet of {len(data)} bytes is too short")
+    elif ptype == PacketType.TUNNEL:
+        if len(data) < TRANSPORT_HEADER.size + TUNNEL_LINK_PART + MIN_E2E:
+            raise DecodeError(f"tunnel packet of {len(data)} bytes is too short")
+        if data[TRANSPORT_HEADER.size + TUNNEL_LINK_PART] != PacketType.TRANSPORT:
+            raise DecodeError("tunnel packet around something other than a transport packet")
     elif ptype != PacketType.TRANSPORT:
         raise DecodeError(f"not a transport packet (type 0x{ptype:02x})")
     return idx, counter
@@ -116,7 +130,7 @@ class LinkMsg(enum.IntEnum):
     RELAYED = 0x06  # peer(8), link packet: "peer sent you this through me"
     CLOSE = 0x07  # the peer closes the link on purpose (no failure to repair around... yet)
     REPLICATE = 0x08  # an address record to hold as a replica
-    HELLO = 0x09  # use(1), the sender's signed contact; `use` = overlay.routing.maintenance USE_* flags
+    HELLO = 0x09  # flags(1), the sender's signed contact; flags = overlay.routing.maintenance USE_* | HELLO_TUNNEL
     ANCHOR = 0x0A  # "please become an anchor": an anchor that sees too few anchors in the room recruits one
     PROBE = 0x0B  # token(8), zero padding to PROBE_SIZE: "does a datagram this big reach you?" (IP fragments)
     PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
@@ -127,6 +141,11 @@ class LinkMsg(enum.IntEnum):
     # Between SocialVPN friends (overlay/social/node.py), who link directly and forward nothing:
     DATA = 0x11  # an IPv4 packet, already in the receiver's view of the addresses (overlay/social/translate.py)
     PLACES = 0x12  # the sender's own address (4), where the sender placed the receiver in its subnet (4)
+
+
+# In HELLO's flags byte, beside what the sender uses the link for: it opens and passes on TUNNEL packets. A
+# capability rather than a use: nodes from before TUNNEL ignore the bit and are sent RELAY messages as before.
+HELLO_TUNNEL = 0x80
 
 
 MAX_NEIGHBOURS = 64
@@ -191,8 +210,13 @@ def decode_beacon(data: bytes | memoryview) -> tuple[int, int]:
     return int(overlay), int(seq)
 
 
+def relay_head(kind: LinkMsg, peer: int) -> bytes:
+    """RELAY or RELAYED and the peer: a relay message's first RELAY_HEAD bytes, or a TUNNEL packet's head."""
+    return bytes([kind]) + _PEER.pack(peer)
+
+
 def encode_relay(kind: LinkMsg, peer: int, packet: bytes) -> bytes:
-    return bytes([kind]) + _PEER.pack(peer) + packet
+    return relay_head(kind, peer) + packet
 
 
 def encode_suspect(peer: int) -> bytes:

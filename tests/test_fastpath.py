@@ -18,10 +18,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
+from overlay.links import TUNNEL_OFFSET
 from overlay.tap.frames import ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import Reassembly
-from overlay.wire import ROUTED_HEADER, Kind, LinkMsg, decode_transport_header, encode_relay
+from overlay.wire import (
+    RELAY_HEAD,
+    ROUTED_HEADER,
+    TUNNEL_LINK_PART,
+    Kind,
+    LinkMsg,
+    PacketType,
+    decode_transport_header,
+    encode_relay,
+    relay_head,
+)
 
 A_ID, B_ID, C_ID = 0xA1A1A1A1A1A1A1A1, 0xB2B2B2B2B2B2B2B2, 0xC3C3C3C3C3C3C3C3
 A_IP, B_IP, C_IP = 0x0A090001, 0x0A090002, 0x0A090003  # 10.9.0.1-3/24
@@ -232,33 +243,52 @@ def test_cryptokey_routing_delivers_only_the_certified_source() -> None:
         wire_a.sock.close()
 
 
-def test_a_tunnel_through_a_relay_engine_carries_data_sealed_twice() -> None:
-    """A -> B -> C: A's link to C is a tunnel through B. B's Engine passes the RELAY on as RELAYED; C's
-    Engine opens both layers and delivers. The wire sees only outer packets."""
+@pytest.mark.parametrize(
+    ("a_to_b", "b_to_c"),
+    [(False, False), (True, True), (True, False), (False, True)],
+    ids=["relay-messages", "tunnel-packets", "tunnel-then-relay", "relay-then-tunnel"],
+)
+def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b_to_c: bool) -> None:
+    """A -> B -> C: A's link to C is a tunnel through B. Each hop whose receiver takes TUNNEL packets carries
+    one (only the relay head sealed for the hop; the tunnel's own packet crosses untouched); any other hop a
+    relay message sealed whole. B's Engine passes the packet on in the form C takes; C's Engine opens both
+    layers and delivers. The wire sees only outer packets."""
     a, b, c = Node(A_ID, A_IP), Node(B_ID, B_IP), Node(C_ID, C_IP)
     w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()  # w_xy: where x's link to y points
     ab, ba = session_pair()
     bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
     ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
-    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1)
+    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1, a_to_b)
     a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1)
     b.engine.set_link(A_ID, ba, 2, 1, w_ba.endpoint, 0, True, -1)
-    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1)
+    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, b_to_c)
     c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1)
     c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
     a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0)
     for n in (a, b, c):
         n.engine.start()
+    reader_bc = Keys(bytes([1]) * 32, bytes(32))  # C's receive key of the B-C link, for the test to look
     try:
         f = frame(A_IP, C_IP, b"through the tunnel" * 10)
         a.kernel.send(f)
         outer = w_ab.recv()
+        assert outer[0] == (PacketType.TUNNEL if a_to_b else PacketType.TRANSPORT)
         assert decode_transport_header(outer)[0] == 2
         w_ba.send_to(b, outer)
         onward = w_bc.recv()
-        assert decode_transport_header(onward)[0] == 4
-        inner_msg = Keys(bytes([1]) * 32, bytes(32)).open(onward, decode_transport_header(onward)[1])
-        assert inner_msg[0] == LinkMsg.RELAYED and inner_msg[1:9] == A_ID.to_bytes(8, "big")
+        assert onward[0] == (PacketType.TUNNEL if b_to_c else PacketType.TRANSPORT)
+        index, counter = decode_transport_header(onward)
+        assert index == 4
+        if b_to_c:
+            assert reader_bc.open_header(onward, counter, TUNNEL_LINK_PART) == relay_head(LinkMsg.RELAYED, A_ID)
+            inner = onward[TUNNEL_OFFSET:]
+        else:
+            opened = reader_bc.open(onward, counter)
+            assert opened[:RELAY_HEAD] == relay_head(LinkMsg.RELAYED, A_ID)
+            inner = opened[RELAY_HEAD:]
+        if a_to_b:
+            assert inner == outer[TUNNEL_OFFSET:]  # B ran no cipher over the tunnel's packet
+        assert inner[0] == PacketType.TRANSPORT and decode_transport_header(inner)[0] == 6
         w_cb.send_to(c, onward)
         assert c.kernel.recv(70000)[14:] == f[14:]
         assert ca.top == 0 and cb.top == 0
@@ -268,6 +298,24 @@ def test_a_tunnel_through_a_relay_engine_carries_data_sealed_twice() -> None:
             n.close()
         for w in (w_ab, w_ba, w_bc, w_cb):
             w.sock.close()
+
+
+def test_a_tunnel_packet_whose_inner_packet_or_head_was_changed_is_not_delivered_and_goes_up(pair) -> None:  # type: ignore[no-untyped-def]
+    """The relay head is bound to the inner packet's tag: a changed tag fails the head; a changed body passes
+    the head (the tag is intact) but fails the tunnel's own key. Either way nothing reaches the TAP, and the
+    packet goes up for Python to count."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    kc = Keys(bytes([4]) * 32, bytes([5]) * 32)
+    b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, None, A_ID, True, -1)
+    inner = kc.seal(0x83, 33, header(C_ID, B_ID) + ipv4_packet(C_IP, B_IP, 17, 64, b"x" * 40))
+    for changed in (inner[:-1] + bytes([inner[-1] ^ 1]), inner[:20] + bytes([inner[20] ^ 1]) + inner[21:]):
+        d = ka.seal_header(22, relay_head(LinkMsg.RELAYED, C_ID), changed, PacketType.TUNNEL)
+        wire_a.send_to(b, d)
+        assert [m[1] for m in b.up_messages() if m[0] == 1] == [d]
+    good = ka.seal_header(22, relay_head(LinkMsg.RELAYED, C_ID), inner, PacketType.TUNNEL)
+    wire_a.send_to(b, good)
+    assert b.kernel.recv(70000)[14:] == ipv4_packet(C_IP, B_IP, 17, 64, b"x" * 40)
+    assert all(m[0] != 1 for m in b.up_messages())  # delivered by the Engine, not passed up
 
 
 def test_a_relay_to_a_peer_without_a_direct_link_goes_up(pair) -> None:  # type: ignore[no-untyped-def]
@@ -365,9 +413,14 @@ def test_any_bytes_from_a_peer_or_the_tap_go_up_or_are_dropped_and_the_engine_ke
 ) -> None:
     a, b, wire_a, wire_b, ka, _kb = pair
     for d in datagrams:
-        # Raw bytes, and the same bytes sealed as a message of the link (past the authentication).
+        # Raw bytes, and the same bytes sealed as a message of the link and as a TUNNEL packet's head and inner
+        # packet (past the authentication).
         wire_a.send_to(b, d)
         wire_a.send_to(b, ka.seal(0x83, 22, d))
+        if len(d) >= 16:
+            wire_a.send_to(b, ka.seal_header(22, d[:RELAY_HEAD], d[RELAY_HEAD:] + d, PacketType.TUNNEL))
+            kind = LinkMsg.RELAY if d[0] & 1 else LinkMsg.RELAYED
+            wire_a.send_to(b, ka.seal_header(22, relay_head(kind, A_ID), b"\x83" + d, PacketType.TUNNEL))
     if junk_frame:
         b.kernel.send(junk_frame)
     b.kernel.settimeout(0.05)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 
-from overlay.wire import Kind
+import pytest
+
+from overlay.wire import Endpoint, Kind, PacketType
 from tests.support.memgroup import MemoryGroup
 
 
@@ -78,7 +81,16 @@ def test_ring_repairs_after_a_node_crashes_without_saying_goodbye() -> None:
     run(scenario())
 
 
-def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel() -> None:
+@pytest.mark.parametrize("announced", [True, False], ids=["tunnel-packets", "relay-messages"])
+def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel(
+    announced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes that announce HELLO_TUNNEL carry the tunnel's data as TUNNEL packets (the relay seals only their
+    head); nodes that do not, as nodes from before TUNNEL, get relay messages sealed whole, and the tunnel
+    works the same."""
+    if not announced:
+        monkeypatch.setattr("overlay.node.HELLO_TUNNEL", 0)
+
     async def scenario() -> None:
         g = MemoryGroup(seed=3)
         try:
@@ -92,8 +104,19 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel() ->
             g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
             a.links.close(b.id, "test")
             assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
+            relay = a.links.links[b.id].relay
+            assert a.links.links[relay].tunnels_ok is announced and b.links.links[relay].tunnels_ok is announced
+            types: collections.Counter[int] = collections.Counter()
+            carry = g.network._carry
+
+            def watch(data: bytes, src: Endpoint, dst: Endpoint) -> None:
+                types[data[0]] += 1
+                carry(data, src, dst)
+
+            g.network._carry = watch  # type: ignore[method-assign]
             p = g.send(g.nodes.index(a), g.nodes.index(b), b"through the tunnel")
             assert await g.wait_for(lambda: g.received(g.nodes.index(b), p), 10.0)
+            assert (types[PacketType.TUNNEL] >= 2) is announced, types  # a to the relay, the relay to b
         finally:
             await g.stop()
 

@@ -210,3 +210,31 @@ def test_keys_are_aes_256_gcm_as_the_wire_format_says(plain: bytes, remote: int,
     assert keys.open(theirs, counter) == plain
     with pytest.raises(Replayed):
         keys.open(theirs, counter)
+
+
+@given(
+    st.sampled_from([0x84, 0x86]),
+    st.binary(min_size=1, max_size=64),
+    st.binary(min_size=16, max_size=2000),
+    st.integers(0, 2**62),
+)
+def test_header_sealing_is_aes_256_gcm_of_the_head_bound_to_the_packet_after_it(
+    ptype: int, head: bytes, packet: bytes, counter: int
+) -> None:
+    """SEALED and TUNNEL packets: the head encrypted with the 13-byte header and the bound packet's tag (its
+    last 16 bytes) as associated data, the packet after it as it is."""
+    send, recv = bytes(range(32)), bytes(range(32, 64))
+    keys = Keys(send, recv)
+    keys.counter = counter
+    out = keys.seal_header(7, head, packet, ptype)
+    header = out[:13]
+    assert header == bytes([ptype]) + (7).to_bytes(4, "big") + counter.to_bytes(8, "big")
+    part = len(head) + 16
+    assert out[13 + part :] == packet
+    nonce = bytes(4) + counter.to_bytes(8, "big")
+    assert AESGCM(send).decrypt(nonce, out[13 : 13 + part], header + packet[-16:]) == head
+    receiver = Keys(recv, send)
+    retagged = out[:-1] + bytes([out[-1] ^ 1])
+    with pytest.raises(Forged):  # another packet's tag: the head no longer opens, and the counter is not used up
+        receiver.open_header(retagged, counter, part)
+    assert receiver.open_header(out, counter, part) == head

@@ -176,3 +176,13 @@ def test_no_link_packet_can_be_mistaken_for_stun() -> None:
     # RFC 8489 section 5: the top two bits of every STUN message are zero.
     for t in wire.PacketType:
         assert t >> 6 != 0
+
+
+def test_a_tunnel_packet_must_carry_a_whole_transport_packet() -> None:
+    head = wire.TRANSPORT_HEADER.pack(wire.PacketType.TUNNEL, 5, 9) + bytes(wire.TUNNEL_LINK_PART)
+    inner = wire.TRANSPORT_HEADER.pack(wire.PacketType.TRANSPORT, 6, 1) + bytes(1 + wire.AEAD_TAG_LEN)
+    assert wire.decode_transport_header(head + inner) == (5, 9)
+    with pytest.raises(wire.DecodeError, match="too short"):
+        wire.decode_transport_header(head + inner[:-1])
+    with pytest.raises(wire.DecodeError, match="other than a transport packet"):
+        wire.decode_transport_header(head + bytes([wire.PacketType.SEALED]) + inner[1:])

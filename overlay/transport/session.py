@@ -59,7 +59,7 @@ REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 MAX_COUNTER = REJECT_AFTER_MESSAGES
 _INIT_PAYLOAD = struct.Struct("!IQ32s")  # sender index, timestamp (ns), Ed25519 node key; then the credential
 _RESP_PAYLOAD = struct.Struct("!I")  # sender index; then the credential
-_TRANSPORT = int(PacketType.TRANSPORT)
+_TRANSPORT, _SEALED = int(PacketType.TRANSPORT), int(PacketType.SEALED)
 
 
 class HandshakeError(Exception):
@@ -93,20 +93,21 @@ class Session:
         except (Replayed, Forged) as e:
             raise DecodeError(str(e)) from None
 
-    def seal_header(self, routed_header: bytes, e2e_packet: Bytes) -> bytes:
-        """A SEALED link packet: the routed header encrypted under the link's key with the end-to-end packet's
-        tag as associated data, then the end-to-end packet as it is (a relay's cost does not grow with size)."""
+    def seal_header(self, header: bytes, packet: Bytes, ptype: int = _SEALED) -> bytes:
+        """A SEALED (routed header, end-to-end packet) or TUNNEL (relay head, the tunnel's transport packet)
+        link packet: the header encrypted under the link's key with the packet's tag as associated data, then
+        the packet as it is (a relay's cost does not grow with size)."""
         try:
-            return self.keys.seal_header(self.remote_index, routed_header, e2e_packet)
+            return self.keys.seal_header(self.remote_index, header, packet, ptype)
         except Exhausted:
             raise HandshakeError("session counter exhausted; a new handshake is needed") from None
 
-    def open_header(self, packet: bytes, counter: int) -> bytes:
-        """The routed header of a SEALED packet (its end-to-end packet follows SEALED_LINK_PART bytes after the
-        13-byte header); DecodeError on forgery or replay. Changing the end-to-end tag fails here; changing
-        the rest of the end-to-end packet fails at its destination."""
+    def open_header(self, packet: bytes, counter: int, part: int = SEALED_LINK_PART) -> bytes:
+        """The header of a SEALED or TUNNEL packet, `part` bytes after the 13-byte header with its tag (the
+        packet it binds follows); DecodeError on forgery or replay. Changing the bound packet's tag fails here;
+        changing the rest of it fails where its own key opens it."""
         try:
-            return self.keys.open_header(packet, counter, SEALED_LINK_PART)
+            return self.keys.open_header(packet, counter, part)
         except (Replayed, Forged) as e:
             raise DecodeError(str(e)) from None
 
