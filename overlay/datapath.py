@@ -158,22 +158,11 @@ class DataPath:
                         relayed[dst] = relayed.get(dst, 0) + len(packet)
                         self._send_sealed(link, dst, route, kind, head, packet, now)
                         return
-                    header = ROUTED_HEADER.pack(
-                        LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], kind
-                    )
+                    header = self._direct_header(dst, route, kind)
                     if self.fast is not None and dst_ip <= 0xFFFFFFFF:
                         self.fast.set_flow(dst_ip, dst, header)
-                    # Exactly what Router.on_routed sends for this packet at its origin (_pass_on, TTL - 1).
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
-                        header = ROUTED_HEADER.pack(
-                            LinkMsg.ROUTED,
-                            DEFAULT_TTL - 1,
-                            route[2],
-                            self.router.id,
-                            entry.node_id,
-                            route[1],
-                            Kind.DATA,
-                        )
+                        header = self._direct_header(dst, route, Kind.DATA)
                         send_unfragmented(link, header, head, packet, self.count)
                         return
                     link.send(b"".join((header, head, packet)))
@@ -192,8 +181,12 @@ class DataPath:
         route = self.router.data_routes.get(dst)
         if route is None or route[0] != dst or dst not in self.links.links:
             return None
-        header = ROUTED_HEADER.pack(LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], Kind.DATA)
-        return dst, header
+        return dst, self._direct_header(dst, route, Kind.DATA)
+
+    def _direct_header(self, dst: int, route: tuple[int, int, int], kind: Kind) -> bytes:
+        """The routed header of data to `dst` on our link to it: exactly what Router.on_routed sends for the
+        packet at its origin (_pass_on, TTL - 1)."""
+        return ROUTED_HEADER.pack(LinkMsg.ROUTED, DEFAULT_TTL - 1, route[2], self.router.id, dst, route[1], kind)
 
     def _send_sealed(
         self, link: Link, dst: int, route: tuple[int, int, int], kind: Kind, head: bytes, packet: Bytes, now: float
