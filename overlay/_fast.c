@@ -904,9 +904,11 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
     const uint8_t *head = msg, *in;
     size_t mlen, inlen;
     if (tunnel) {
-        if (keys_open_head(L->keys, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
         mlen = RELAY_HEAD;
         in = pkt + TUNNEL_OFF, inlen = len - TUNNEL_OFF;
+        /* What decode_transport_header and LinkManager refuse is Python's to count, not ours to pass on. */
+        if (in[0] != PT_TRANSPORT) goto out;
+        if (keys_open_head(L->keys, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
         if (msg[0] != MSG_RELAY && msg[0] != MSG_RELAYED) goto out;
     } else {
         if (keys_open(L->keys, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */

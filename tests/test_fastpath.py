@@ -318,6 +318,26 @@ def test_a_tunnel_packet_whose_inner_packet_or_head_was_changed_is_not_delivered
     assert all(m[0] != 1 for m in b.up_messages())  # delivered by the Engine, not passed up
 
 
+def test_a_tunnel_packet_around_anything_but_a_transport_packet_is_not_passed_on(pair) -> None:  # type: ignore[no-untyped-def]
+    """As decode_transport_header refuses it: the Engine passes it up for Python to count, and C hears nothing."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    wire_c = Wire()
+    try:
+        b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, wire_c.endpoint, 0, True, -1, True)
+        inner = Keys(bytes([4]) * 32, bytes([5]) * 32).seal(0x83, 44, b"for c" * 10)
+        good = ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), inner, PacketType.TUNNEL)
+        wire_a.send_to(b, good)
+        assert wire_c.recv()[TUNNEL_OFFSET:] == inner
+        odd = ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), bytes([0x84]) + inner[1:], PacketType.TUNNEL)
+        wire_a.send_to(b, odd)
+        assert [m[1] for m in b.up_messages() if m[0] == 1] == [odd]
+        wire_c.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            wire_c.recv()
+    finally:
+        wire_c.sock.close()
+
+
 def test_a_relay_to_a_peer_without_a_direct_link_goes_up(pair) -> None:  # type: ignore[no-untyped-def]
     _a, b, wire_a, _wire_b, ka, _kb = pair
     msg = encode_relay(LinkMsg.RELAY, C_ID, ka.seal(0x83, 9, b"inner"))
