@@ -190,9 +190,10 @@ static int gcm_open(EVP_CIPHER_CTX *ctx, uint64_t c, const uint8_t *aad, int aad
     return gcm_open_nonce(ctx, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
 }
 
-/* Seal a transport packet (header + AEAD) of the pieces into out; the caller holds no lock. -1: exhausted. */
-static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec *pieces, int n, uint8_t *out,
-                     size_t *outlen) {
+/* Seal a packet (header, then the AEAD of the pieces) into out under the next counter; the caller holds no lock.
+ * aad2: more associated data after the header (a bound packet's tag), or NULL. 0, or -1: exhausted. */
+static int keys_seal_aad(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t *aad2, const struct iovec *pieces,
+                         int n, uint8_t *out, size_t *outlen) {
     int rc = -1;
     pthread_mutex_lock(&k->send_lock);
     uint64_t c = k->counter;
@@ -202,15 +203,17 @@ static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec
         put32(out + 1, remote);
         put64(out + 5, c);
         size_t len;
-        if (gcm_seal(k->enc, c, out, HDR, NULL, 0, pieces, n, out + HDR, &len) == 0) {
-            *outlen = HDR + len;
-            rc = 0;
-        } else {
-            rc = -2;
-        }
+        rc = gcm_seal(k->enc, c, out, HDR, aad2, aad2 ? TAG : 0, pieces, n, out + HDR, &len) ? -2 : 0;
+        if (!rc) *outlen = HDR + len;
     }
     pthread_mutex_unlock(&k->send_lock);
     return rc;
+}
+
+/* A transport packet of the pieces. */
+static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec *pieces, int n, uint8_t *out,
+                     size_t *outlen) {
+    return keys_seal_aad(k, ptype, remote, NULL, pieces, n, out, outlen);
 }
 
 /* SEALED and TUNNEL packets: `head` encrypted under the link key, with the last TAG bytes of the packet that
@@ -218,30 +221,21 @@ static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec
  * link never runs a cipher over that packet's bytes. Writes HDR + headlen + TAG bytes to out. */
 static int keys_seal_head(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t *head, size_t headlen,
                           const uint8_t *tail_tag, uint8_t *out) {
-    int rc = -1;
-    pthread_mutex_lock(&k->send_lock);
-    uint64_t c = k->counter;
-    if (c <= MAX_COUNTER) {
-        k->counter = c + 1;
-        out[0] = ptype;
-        put32(out + 1, remote);
-        put64(out + 5, c);
-        struct iovec piece = {(void *)head, headlen};
-        size_t len;
-        rc = gcm_seal(k->enc, c, out, HDR, tail_tag, TAG, &piece, 1, out + HDR, &len) ? -2 : 0;
-    }
-    pthread_mutex_unlock(&k->send_lock);
-    return rc;
+    struct iovec piece = {(void *)head, headlen};
+    size_t len;
+    return keys_seal_aad(k, ptype, remote, tail_tag, &piece, 1, out, &len);
 }
 
-/* The head (part - TAG bytes, into out) of a SEALED or TUNNEL packet of len bytes. Returns as keys_open. */
-static int keys_open_head(Keys *k, const uint8_t *p, size_t len, size_t part, uint8_t *out, int mark) {
+/* Open `part` bytes (ciphertext, then its tag) after the header of the packet at p into out (part - TAG bytes).
+ * aad2 as for keys_seal_aad. mark: accept the counter in the window now.
+ * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
+static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t *aad2, uint8_t *out, int mark) {
     uint64_t c = be64(p + 5);
     int rc;
     pthread_mutex_lock(&k->recv_lock);
     if (!window_fresh(k, c)) {
         rc = 1;
-    } else if (gcm_open(k->dec, c, p, HDR, p + len - TAG, TAG, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
+    } else if (gcm_open(k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
         rc = 2;
     } else {
         if (mark) window_mark(k, c);
@@ -251,22 +245,14 @@ static int keys_open_head(Keys *k, const uint8_t *p, size_t len, size_t part, ui
     return rc;
 }
 
-/* Open a transport packet into out (len - HDR - TAG bytes). mark: accept it in the window now.
- * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
+/* A transport packet of len bytes (len - HDR - TAG bytes into out). */
 static int keys_open(Keys *k, const uint8_t *pkt, size_t len, uint8_t *out, int mark) {
-    uint64_t c = be64(pkt + 5);
-    int rc;
-    pthread_mutex_lock(&k->recv_lock);
-    if (!window_fresh(k, c)) {
-        rc = 1;
-    } else if (gcm_open(k->dec, c, pkt, HDR, NULL, 0, pkt + HDR, len - HDR - TAG, pkt + len - TAG, out) != 0) {
-        rc = 2;
-    } else {
-        if (mark) window_mark(k, c);
-        rc = 0;
-    }
-    pthread_mutex_unlock(&k->recv_lock);
-    return rc;
+    return keys_open_part(k, pkt, len - HDR, NULL, out, mark);
+}
+
+/* The head (part - TAG bytes) of a SEALED or TUNNEL packet of len bytes, bound to the packet's last TAG bytes. */
+static int keys_open_head(Keys *k, const uint8_t *p, size_t len, size_t part, uint8_t *out, int mark) {
+    return keys_open_part(k, p, part, p + len - TAG, out, mark);
 }
 
 /* Accept counter c (opened earlier with mark=0) unless something accepted it meanwhile. */
