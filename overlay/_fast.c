@@ -78,6 +78,11 @@
  * other direction waits behind at most ~2 super-frames (~100 us) rather than 64 (~3 ms: the RTT under load). */
 #define BATCH_BYTES (64 * 1024)
 #define BUF (65536 + 512)
+/* Datagrams in one joined TAP write (to_tap): a batch's worth, half the kernel's UDP_MAX_SEGMENTS (128). */
+#define JOIN_MAX 64
+#define JOIN_HDR (20 + 8) /* the IPv4 header without options, and the UDP header */
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_UDP_L4 5 /* linux/virtio_net.h, accepted from a TAP since Linux 6.2 */
 #define SOL_UDP_ 17
 #define UDP_SEGMENT_ 103
 #define UDP_GRO_ 104
@@ -569,12 +574,19 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
-        c_tap_failed, c_gso_fallback;
+        c_tap_failed, c_gso_fallback, c_tap_joined, c_join_refused;
     /* buffers of the thread */
-    uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run;
+    uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
     int run_count;
     Addr run_to;
+    /* UDP datagrams of one flow waiting to be written to the TAP as one (to_tap): each one's virtio header and
+     * IPv4 and UDP headers as they came, and their payloads one after another in `tap_run` */
+    int uso; /* 1 until the TAP refuses a joined write */
+    int tap_count, tap_closed;
+    size_t tap_len, tap_seg;
+    uint8_t tap_eth[ETH_LEN];
+    uint8_t tap_heads[JOIN_MAX][VNET_LEN + JOIN_HDR];
 } Engine;
 
 static FLink *link_by_peer(Engine *e, uint64_t peer) {
@@ -838,10 +850,17 @@ static int vnet_ok(const uint8_t *h, size_t frame_len) {
     return hdr_len <= frame_len;
 }
 
+/* What data_for_us found to write to the TAP: the virtio header (NULL for a TAP without one), the frame
+ * header, and the IPv4 packet inside the plaintext. */
+typedef struct {
+    const uint8_t *vnet, *ip;
+    size_t total;
+    uint8_t eth[ETH_LEN];
+} Delivery;
+
 /* Data for us in plaintext `msg` (a ROUTED message) from link L: write it to the TAP. Caller holds tab and
- * has NOT marked the packet yet. Returns 0 when it is ours to deliver (and fills iov/niov), -1 to pass up. */
-static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, struct iovec *iov, int *niov,
-                       uint8_t *eth_out) {
+ * has NOT marked the packet yet. Returns 0 when it is ours to deliver (and fills d), -1 to pass up. */
+static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Delivery *d) {
     if (len < ROUTED_LEN + 20 || msg[0] != MSG_ROUTED) return -1;
     uint8_t flags = msg[2], kind = msg[ROUTED_LEN - 1];
     if (kind != KIND_DATA && kind != KIND_DATA_GSO) return -1;
@@ -856,25 +875,165 @@ static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, stru
     if (total < 20 || total > len - base || be32(ip + 16) != e->ip) return -1;
     if (e->check_sources && (!L->has_src || be32(ip + 12) != L->src)) return -1;
     if (kind == KIND_DATA_GSO && !vnet_ok(msg + ROUTED_LEN, ETH_LEN + total)) return -1;
-    memcpy(eth_out, e->eth, ETH_LEN);
-    int n = 0;
-    if (e->vnet) iov[n++] = (struct iovec){kind == KIND_DATA_GSO ? (void *)(msg + ROUTED_LEN) : (void *)zero_vnet,
-                                          VNET_LEN};
-    iov[n++] = (struct iovec){eth_out, ETH_LEN};
-    iov[n++] = (struct iovec){(void *)ip, total};
-    *niov = n;
+    memcpy(d->eth, e->eth, ETH_LEN);
+    d->vnet = !e->vnet ? NULL : kind == KIND_DATA_GSO ? msg + ROUTED_LEN : zero_vnet;
+    d->ip = ip;
+    d->total = total;
     L->delivered++;
     L->hops += DEFAULT_TTL - msg[1];
     return 0;
+}
+
+/* -- to the TAP --------------------------------------------------------------------------------------------- */
+
+/* UDP datagrams of one flow that arrive in one batch are written to the TAP as one USO super-frame (virtio_net_hdr
+ * GSO_UDP_L4, Linux 6.2): the kernel cuts it into the same datagrams after one write, one netif_rx and one pass
+ * of IP input and netfilter, where each datagram alone took all of them. That is most of a small packet's cost
+ * at the receiver (docs/datapath.md has the profile); the datagrams and their boundaries are unchanged. What
+ * changes is what GRO also changes: the IPv4 IDs (the kernel numbers the segments from the first one's ID, so
+ * only datagrams with DF set join: their IDs mean nothing, RFC 6864 section 4.1) and the UDP checksums, which
+ * the kernel completes; a datagram whose own checksum is wrong is written alone, for the kernel to drop. */
+
+/* s plus the RFC 1071 sum of n bytes as big-endian 16-bit words (unfolded). Eight bytes at a time in the
+ * machine's order, swapped once at the end: the sum does not depend on byte order (RFC 1071 section 2(B)). */
+static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
+    uint64_t acc = 0;
+    for (; n >= 8; p += 8, n -= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        acc += (w & 0xFFFFFFFFu) + (w >> 32);
+    }
+    for (; n >= 2; p += 2, n -= 2) {
+        uint16_t w;
+        memcpy(&w, p, 2);
+        acc += w;
+    }
+    uint8_t last[2] = {n ? p[0] : 0, 0};
+    uint16_t w;
+    memcpy(&w, last, 2);
+    acc += w;
+    while (acc >> 16) acc = (acc & 0xFFFF) + (acc >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    acc = (acc >> 8 | acc << 8) & 0xFFFF;
+#endif
+    return s + (uint32_t)acc;
+}
+
+static uint16_t fold16(uint32_t s) {
+    while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+    return (uint16_t)s;
+}
+
+static inline unsigned le16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 8; }
+
+static inline void put_le16(uint8_t *p, size_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+
+/* The payload length of the UDP datagram in d if it may join others, else 0: IPv4 without options, DF and not a
+ * fragment, a UDP length that matches, and a checksum that is either left to complete (NEEDS_CSUM, where a UDP
+ * checksum is) or right. */
+static size_t joinable(const Delivery *d) {
+    const uint8_t *ip = d->ip, *v = d->vnet, *udp = ip + 20;
+    size_t total = d->total;
+    if (!v || total <= JOIN_HDR || ip[0] != 0x45 || ip[9] != 17 || ip[6] != 0x40 || ip[7] != 0) return 0;
+    if (((size_t)udp[4] << 8 | udp[5]) != total - 20 || v[1] != 0) return 0;
+    if (v[0] == VNET_F_NEEDS_CSUM) return le16(v + 6) == ETH_LEN + 20 && le16(v + 8) == 6 ? total - JOIN_HDR : 0;
+    if (v[0] != 0) return 0;
+    if ((udp[6] | udp[7]) && fold16(sum16(udp, total - 20, sum16(ip + 12, 8, 17 + (uint32_t)(total - 20)))) != 0xFFFF)
+        return 0;
+    return total - JOIN_HDR;
+}
+
+static void write_tap(Engine *e, const struct iovec *iov, int n) {
+    if (writev(e->tap, iov, n) < 0) e->c_tap_failed++;
+}
+
+/* Write the waiting datagrams: as one super-frame if there are several and the TAP takes them, else each as it
+ * came. */
+static void flush_tap_run(Engine *e) {
+    int count = e->tap_count;
+    if (!count) return;
+    e->tap_count = 0;
+    if (count > 1 && e->uso) {
+        uint8_t head[VNET_LEN + ETH_LEN + JOIN_HDR];
+        uint8_t *ip = head + VNET_LEN + ETH_LEN, *udp = ip + 20;
+        size_t total = JOIN_HDR + e->tap_len, ulen = total - 20;
+        head[0] = VNET_F_NEEDS_CSUM;
+        head[1] = VNET_GSO_UDP_L4;
+        put_le16(head + 2, ETH_LEN + JOIN_HDR);
+        put_le16(head + 4, e->tap_seg);
+        put_le16(head + 6, ETH_LEN + 20);
+        put_le16(head + 8, 6);
+        memcpy(head + VNET_LEN, e->tap_eth, ETH_LEN);
+        memcpy(ip, e->tap_heads[0] + VNET_LEN, JOIN_HDR);
+        ip[2] = (uint8_t)(total >> 8), ip[3] = (uint8_t)total;
+        ip[10] = ip[11] = 0;
+        uint16_t c = (uint16_t)~fold16(sum16(ip, 20, 0));
+        ip[10] = (uint8_t)(c >> 8), ip[11] = (uint8_t)c;
+        udp[4] = (uint8_t)(ulen >> 8), udp[5] = (uint8_t)ulen;
+        /* NEEDS_CSUM: the pseudo-header's sum, which the kernel adjusts to each datagram's length and completes */
+        uint16_t p = fold16(sum16(ip + 12, 8, 17 + (uint32_t)ulen));
+        udp[6] = (uint8_t)(p >> 8), udp[7] = (uint8_t)p;
+        struct iovec iov[2] = {{head, sizeof head}, {e->tap_run, e->tap_len}};
+        if (writev(e->tap, iov, 2) >= 0) {
+            e->c_tap_joined += (uint64_t)count;
+            return;
+        }
+        if (errno != EINVAL) {
+            e->c_tap_failed++;
+            return;
+        }
+        e->uso = 0; /* a kernel before 6.2: one by one from now on */
+        e->c_join_refused++;
+    }
+    size_t off = 0;
+    for (int i = 0; i < count; i++) {
+        size_t n = i < count - 1 ? e->tap_seg : e->tap_len - off;
+        struct iovec iov[4] = {{e->tap_heads[i], VNET_LEN}, {e->tap_eth, ETH_LEN},
+                               {e->tap_heads[i] + VNET_LEN, JOIN_HDR}, {e->tap_run + off, n}};
+        write_tap(e, iov, 4);
+        off += n;
+    }
+}
+
+/* Deliver d: joined to the waiting datagrams if it can be (the same addresses, ports, TOS and TTL, and no longer
+ * than the first: only the last may be shorter), else after them. */
+static void to_tap(Engine *e, const Delivery *d) {
+    size_t n = e->uso ? joinable(d) : 0;
+    if (e->tap_count) {
+        const uint8_t *first = e->tap_heads[0] + VNET_LEN;
+        if (!n || e->tap_closed || n > e->tap_seg || e->tap_count >= JOIN_MAX ||
+            JOIN_HDR + e->tap_len + n > 65535 || memcmp(d->ip + 12, first + 12, 12) || d->ip[1] != first[1] ||
+            d->ip[8] != first[8] || memcmp(d->eth, e->tap_eth, ETH_LEN))
+            flush_tap_run(e);
+    }
+    if (!n) {
+        struct iovec iov[3];
+        int k = 0;
+        if (d->vnet) iov[k++] = (struct iovec){(void *)d->vnet, VNET_LEN};
+        iov[k++] = (struct iovec){(void *)d->eth, ETH_LEN};
+        iov[k++] = (struct iovec){(void *)d->ip, d->total};
+        write_tap(e, iov, k);
+        return;
+    }
+    if (!e->tap_count) {
+        e->tap_len = 0;
+        e->tap_seg = n;
+        e->tap_closed = 0;
+        memcpy(e->tap_eth, d->eth, ETH_LEN);
+    }
+    memcpy(e->tap_heads[e->tap_count], d->vnet, VNET_LEN);
+    memcpy(e->tap_heads[e->tap_count] + VNET_LEN, d->ip, JOIN_HDR);
+    memcpy(e->tap_run + e->tap_len, d->ip + JOIN_HDR, n);
+    e->tap_len += n;
+    e->tap_count++;
+    e->tap_closed = n < e->tap_seg;
 }
 
 /* A transport or TUNNEL packet: 1 handled here, 0 pass it up untouched. */
 static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct sockaddr_storage *from) {
     int tunnel = pkt[0] == PT_TUNNEL;
     if (len < (tunnel ? TUNNEL_OFF + HDR + TAG + 1 : HDR + TAG + 1)) return 0;
-    struct iovec iov[3];
-    int niov = 0;
-    uint8_t eth[ETH_LEN];
+    Delivery d;
     int handled = 0, relay = 0;
     Addr relay_to;
     size_t relay_len = 0;
@@ -902,7 +1061,7 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         in = msg + RELAY_HEAD, inlen = mlen > RELAY_HEAD ? mlen - RELAY_HEAD : 0;
     }
     if (!tunnel && msg[0] == MSG_ROUTED) {
-        if (data_for_us(e, L, msg, mlen, iov, &niov, eth) || !keys_mark(L->keys, c)) goto out;
+        if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(L->keys, c)) goto out;
         L->rx += len;
         L->rx_seen = 1;
         handled = 1;
@@ -938,7 +1097,7 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         uint8_t *inner = e->plain2;
         uint64_t ic = be64(in + 5);
         if (keys_open(M->keys, in, inlen, inner, 0)) goto out;
-        if (data_for_us(e, M, inner, inlen - HDR - TAG, iov, &niov, eth)) goto out;
+        if (data_for_us(e, M, inner, inlen - HDR - TAG, &d)) goto out;
         if (!keys_mark(L->keys, c)) goto out;
         if (!keys_mark(M->keys, ic)) goto out; /* the outer is spent; Python would drop this replay too */
         L->rx += len;
@@ -953,7 +1112,7 @@ out:
         emit(e, relay_at, relay_len, &relay_to);
         e->c_relayed++;
     } else if (handled) {
-        if (writev(e->tap, iov, niov) < 0) e->c_tap_failed++;
+        to_tap(e, &d);
     }
     if (handled) {
         e->c_datagrams++;
@@ -1014,6 +1173,7 @@ static void drain_udp(Engine *e) {
             on_datagram(e, e->rbuf, size, &from);
         }
     }
+    flush_tap_run(e);
     flush_run(e);
 }
 
@@ -1078,6 +1238,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     }
     e->tap = tap, e->vnet = vnet, e->udp = udp, e->up = upfd, e->gso = gso, e->chunk = chunk, e->id = id;
     e->check_sources = check;
+    e->uso = vnet;
     e->ip = address;
     e->mask = 0xFFFFFFFFu << (32 - prefix);
     e->net = address & e->mask;
@@ -1085,10 +1246,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->eth[12] = 0x08;
     e->links = PyMem_Calloc(MAX_LINKS, sizeof(FLink));
     e->flows = PyMem_Calloc(FLOW_SLOTS, sizeof(Flow));
-    uint8_t **bufs[] = {&e->rbuf, &e->plain, &e->plain2, &e->sealed, &e->inner, &e->joined, &e->run};
+    uint8_t **bufs[] = {&e->rbuf, &e->plain, &e->plain2, &e->sealed, &e->inner, &e->joined, &e->run, &e->tap_run};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) *bufs[i] = PyMem_Malloc(BUF);
     if (!e->links || !e->flows || !e->rbuf || !e->plain || !e->plain2 || !e->sealed || !e->inner || !e->joined ||
-        !e->run) {
+        !e->run || !e->tap_run) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1325,10 +1486,12 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
                          "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "dropped: Python busy", e->c_up_dropped, "send failed",
-                         e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback);
+                         e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
+                         "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
+                         e->c_join_refused);
 }
 
 static void Engine_dealloc(Engine *e) {
@@ -1338,7 +1501,7 @@ static void Engine_dealloc(Engine *e) {
         PyMem_Free(e->links);
     }
     PyMem_Free(e->flows);
-    uint8_t *bufs[] = {e->rbuf, e->plain, e->plain2, e->sealed, e->inner, e->joined, e->run};
+    uint8_t *bufs[] = {e->rbuf, e->plain, e->plain2, e->sealed, e->inner, e->joined, e->run, e->tap_run};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]);
     pthread_mutex_destroy(&e->tab);
     Py_TYPE(e)->tp_free((PyObject *)e);

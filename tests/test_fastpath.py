@@ -512,3 +512,144 @@ def test_a_super_frame_the_engine_cannot_write_whole_goes_up_for_python(tap_offl
     finally:
         b.close()
         wire_a.sock.close()
+
+
+# -- small UDP datagrams joined into one TAP write (USO) ------------------------------------------------------
+
+
+def checksum16(data: bytes) -> int:
+    """The 16-bit ones' complement sum of data, folded (RFC 1071), not inverted."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def udp_datagram(
+    src: int, dst: int, payload: bytes, *, sport: int = 4000, dport: int = 5000, df: bool = True, good: bool = True
+) -> bytes:
+    """An IPv4 UDP datagram with a right (or, good=False, wrong) UDP checksum."""
+    ulen = 8 + len(payload)
+    pseudo = struct.pack("!IIBBH", src, dst, 0, 17, ulen)
+    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+    check = (0xFFFF - checksum16(pseudo + udp)) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", check if good else check ^ 0x0101) + udp[8:]
+    ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + ulen, 77, 0x4000 if df else 0, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - checksum16(ip)) + ip[12:]
+    return ip + udp
+
+
+def segments(written: bytes) -> list[bytes]:
+    """What the kernel makes of a TAP write: one datagram (after its virtio header and frame header), or the
+    datagrams of a USO super-frame, cut at gso_size, each with its own length and the checksum completed (what
+    __udp_gso_segment and a checksum-completing device do)."""
+    flags, gso_type, hdr_len, gso_size, start, offset = struct.unpack("<BBHHHH", written[:10])
+    packet = written[10 + 14 :]
+    if gso_type == 0:
+        return [packet]
+    assert (flags, gso_type, hdr_len, start, offset) == (1, 5, 14 + 28, 14 + 20, 6)
+    ip, udp, body = packet[:20], packet[20:28], packet[28:]
+    assert checksum16(ip) == 0xFFFF and struct.unpack("!H", ip[2:4])[0] == len(packet)
+    src, dst = struct.unpack("!II", ip[12:20])
+    # The check field holds the pseudo-header's sum for the whole length: the kernel swaps in each length.
+    assert struct.unpack("!H", udp[6:8])[0] == checksum16(struct.pack("!IIBBH", src, dst, 0, 17, 8 + len(body)))
+    out = []
+    for ident, at in enumerate(range(0, len(body), gso_size)):
+        part = body[at : at + gso_size]
+        ulen = 8 + len(part)
+        u = udp[:4] + struct.pack("!HH", ulen, 0) + part
+        check = (0xFFFF - checksum16(struct.pack("!IIBBH", src, dst, 0, 17, ulen) + u)) or 0xFFFF
+        u = u[:6] + struct.pack("!H", check) + u[8:]
+        h = ip[:2] + struct.pack("!HH", 20 + ulen, (struct.unpack("!H", ip[4:6])[0] + ident) & 0xFFFF) + ip[6:10]
+        h += b"\0\0" + ip[12:]
+        out.append(h[:10] + struct.pack("!H", 0xFFFF - checksum16(h)) + h[12:] + u)
+    return out
+
+
+def without_id(datagram: bytes) -> bytes:
+    """The datagram with its IPv4 ID and header checksum zeroed: what joining may change (DF is set)."""
+    return datagram[:4] + b"\0\0" + datagram[6:10] + b"\0\0" + datagram[12:]
+
+
+def deliver_queued(datagrams: list[bytes], *, vnet: bool = True) -> tuple[list[bytes], dict[str, int]]:
+    """Seal each datagram for B as A's link would, queue them all at B's UDP socket, then start B's Engine so it
+    takes them in one batch; return what B wrote to its TAP, one entry per write, and B's counters."""
+    b = Node(B_ID, B_IP, vnet=vnet)
+    wire_a = Wire()
+    ka, kb = session_pair()
+    b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
+    try:
+        for d in datagrams:
+            wire_a.send_to(b, ka.seal(0x83, 22, header(A_ID, B_ID) + d))
+        time.sleep(0.05)
+        b.engine.start()
+        writes: list[bytes] = []
+        count = 0
+        try:
+            while count < len(datagrams):
+                writes.append(b.kernel.recv(70000))
+                count += len(segments(writes[-1])) if vnet else 1
+            b.kernel.settimeout(0.05)
+            writes.append(b.kernel.recv(70000))  # nothing more may come
+        except TimeoutError:
+            pass
+        return writes, b.engine.counters()
+    finally:
+        b.close()
+        wire_a.sock.close()
+
+
+def test_small_udp_datagrams_of_one_flow_are_written_to_the_tap_as_one_uso_frame() -> None:
+    """Ten datagrams of one flow (the last shorter) that arrive together leave in one TAP write, a USO super-frame
+    the kernel cuts back into the same ten: the same payloads, ports and boundaries; only the IPv4 ID may differ."""
+    sent = [udp_datagram(A_IP, B_IP, bytes([i]) * 41) for i in range(9)] + [udp_datagram(A_IP, B_IP, b"end")]
+    writes, counters = deliver_queued(sent)
+    assert len(writes) == 1
+    assert writes[0][10:24] == TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00"
+    assert struct.unpack("<H", writes[0][4:6])[0] == 41  # gso_size: the first datagram's payload
+    assert [without_id(d) for d in segments(writes[0])] == [without_id(d) for d in sent]
+    assert counters["TAP: datagrams written joined"] == 10 and counters["TAP errors"] == 0
+
+
+def test_what_may_not_join_is_written_as_it_came_and_splits_the_run() -> None:
+    """Runs break at another flow, a longer datagram, a datagram after a shorter one; a datagram without DF, with a
+    wrong checksum or alone is written exactly as it came. Order is kept throughout."""
+    d = lambda payload, **kw: udp_datagram(A_IP, B_IP, payload, **kw)  # noqa: E731
+    sent = [
+        d(b"a" * 30), d(b"b" * 30),  # a run of two
+        d(b"c" * 30, dport=5001),  # another flow: alone
+        d(b"d" * 30), d(b"e" * 20), d(b"f" * 20),  # a run ends at a shorter datagram: f starts the next
+        d(b"g" * 40),  # longer than the run's first
+        d(b"h" * 30, df=False), d(b"i" * 30, good=False), d(b"j" * 30),
+    ]  # fmt: skip
+    writes, counters = deliver_queued(sent)
+    got = [segments(w) for w in writes]
+    assert [len(g) for g in got] == [2, 1, 2, 1, 1, 1, 1, 1]
+    assert [without_id(x) for g in got for x in g] == [without_id(x) for x in sent]
+    alone = [w[10 + 14 :] for w, g in zip(writes, got, strict=True) if len(g) == 1]
+    assert alone == [sent[i] for i in (2, 5, 6, 7, 8, 9)]  # byte for byte, IDs and checksums too
+    assert counters["TAP: datagrams written joined"] == 4
+
+
+def test_a_tap_without_a_virtio_header_gets_each_datagram_alone() -> None:
+    sent = [udp_datagram(A_IP, B_IP, bytes([i]) * 40) for i in range(5)]
+    writes, counters = deliver_queued(sent, vnet=False)
+    assert [w[14:] for w in writes] == sent
+    assert "TAP: datagrams written joined" not in {k for k, v in counters.items() if v}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.integers(1, 1400), st.booleans(), st.booleans()), min_size=1, max_size=70)
+)
+def test_any_mix_of_datagrams_arrives_whole_and_in_order(mix: list[tuple[int, int, bool, bool]]) -> None:
+    """Flows, sizes, DF and checksums at random: whatever was joined, the kernel's cut gives back every datagram
+    in order."""
+    sent = [
+        udp_datagram(A_IP, B_IP, bytes([n % 251]) * size, dport=5000 + flow, df=df, good=good)
+        for n, (flow, size, df, good) in enumerate(mix)
+    ]
+    writes, _ = deliver_queued(sent)
+    assert [without_id(x) for w in writes for x in segments(w)] == [without_id(x) for x in sent]
