@@ -31,6 +31,11 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
+#include <openssl/opensslv.h>
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -148,15 +153,58 @@ static void nonce_of(uint8_t nonce[12], uint64_t counter) {
     put64(nonce + 4, counter);
 }
 
+/* Each EVP call costs 50-100 ns on top of the cipher (OpenSSL 3.0's provider dispatch and its parameter
+ * lookups), as much as AES-GCM itself on a 100-byte packet: small pieces are gathered into one buffer and fed in
+ * one call, the two parts of the associated data too, and the tag goes through EVP_CIPHER_CTX_get_params and
+ * set_params rather than EVP_CIPHER_CTX_ctrl, which builds the same parameters on each call. Measured alone
+ * (2026-12-03), a 120-byte seal in two pieces took 825-950 ns in a loop on a loaded host and 614-717 ns this way. */
+#define GATHER_MAX 2048
+
+/* Feed the associated data aad, then aad2 (either may be empty), in one call when they are small. */
+static int gcm_aad(EVP_CIPHER_CTX *ctx, int encrypt, const uint8_t *aad, int aadlen, const uint8_t *aad2,
+                   int aad2len) {
+    uint8_t joined[64];
+    int len;
+    if (aadlen && aad2len && aadlen + aad2len <= (int)sizeof joined) {
+        memcpy(joined, aad, (size_t)aadlen);
+        memcpy(joined + aadlen, aad2, (size_t)aad2len);
+        aad = joined, aadlen += aad2len, aad2len = 0;
+    }
+    int (*update)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int) =
+        encrypt ? EVP_EncryptUpdate : EVP_DecryptUpdate;
+    if (aadlen && update(ctx, NULL, &len, aad, aadlen) != 1) return -1;
+    if (aad2len && update(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
+    return 0;
+}
+
+static int gcm_tag(EVP_CIPHER_CTX *ctx, int get, uint8_t *tag) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    OSSL_PARAM p[2] = {OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, TAG), OSSL_PARAM_END};
+    return (get ? EVP_CIPHER_CTX_get_params(ctx, p) : EVP_CIPHER_CTX_set_params(ctx, p)) == 1 ? 0 : -1;
+#else
+    return EVP_CIPHER_CTX_ctrl(ctx, get ? EVP_CTRL_GCM_GET_TAG : EVP_CTRL_GCM_SET_TAG, TAG, tag) == 1 ? 0 : -1;
+#endif
+}
+
 /* Seal the concatenation of `n` plaintext pieces under `nonce` into out (ciphertext, then the tag). */
 static int gcm_seal_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
                           const uint8_t *aad2, int aad2len, const struct iovec *pieces, int n, uint8_t *out,
                           size_t *outlen) {
     int len;
-    size_t total = 0;
+    size_t total = 0, sum = 0;
+    uint8_t gathered[GATHER_MAX];
+    struct iovec one;
+    for (int i = 0; i < n; i++) sum += pieces[i].iov_len;
+    if (n > 1 && sum <= sizeof gathered) {
+        for (int i = 0; i < n; i++) {
+            memcpy(gathered + total, pieces[i].iov_base, pieces[i].iov_len);
+            total += pieces[i].iov_len;
+        }
+        one = (struct iovec){gathered, total};
+        pieces = &one, n = 1, total = 0;
+    }
     if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (aadlen && EVP_EncryptUpdate(ctx, NULL, &len, aad, aadlen) != 1) return -1;
-    if (aad2len && EVP_EncryptUpdate(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
+    if (gcm_aad(ctx, 1, aad, aadlen, aad2, aad2len)) return -1;
     for (int i = 0; i < n; i++) {
         if (!pieces[i].iov_len) continue;
         if (EVP_EncryptUpdate(ctx, out + total, &len, pieces[i].iov_base, (int)pieces[i].iov_len) != 1) return -1;
@@ -164,7 +212,7 @@ static int gcm_seal_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const ui
     }
     if (EVP_EncryptFinal_ex(ctx, out + total, &len) != 1) return -1;
     total += (size_t)len;
-    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + total) != 1) return -1;
+    if (gcm_tag(ctx, 1, out + total)) return -1;
     *outlen = total + TAG;
     return 0;
 }
@@ -180,11 +228,12 @@ static int gcm_open_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const ui
                           const uint8_t *aad2, int aad2len, const uint8_t *ct, size_t ctlen, const uint8_t *tag,
                           uint8_t *out) {
     int len;
+    uint8_t expected[TAG];
+    memcpy(expected, tag, TAG); /* set_params takes a writable buffer; the packet's stays untouched */
     if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (aadlen && EVP_DecryptUpdate(ctx, NULL, &len, aad, aadlen) != 1) return -1;
-    if (aad2len && EVP_DecryptUpdate(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
+    if (gcm_aad(ctx, 0, aad, aadlen, aad2, aad2len)) return -1;
     if (ctlen && EVP_DecryptUpdate(ctx, out, &len, ct, (int)ctlen) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)tag) != 1) return -1;
+    if (gcm_tag(ctx, 0, expected)) return -1;
     return EVP_DecryptFinal_ex(ctx, out + ctlen, &len) == 1 ? 0 : -1;
 }
 
