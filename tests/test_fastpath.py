@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
 from overlay.links import TUNNEL_OFFSET
-from overlay.tap.frames import ipv4_packet
+from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import Reassembly
 from overlay.wire import (
@@ -517,16 +517,6 @@ def test_a_super_frame_the_engine_cannot_write_whole_goes_up_for_python(tap_offl
 # -- small UDP datagrams joined into one TAP write (USO) ------------------------------------------------------
 
 
-def checksum16(data: bytes) -> int:
-    """The 16-bit ones' complement sum of data, folded (RFC 1071), not inverted."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def udp_datagram(
     src: int, dst: int, payload: bytes, *, sport: int = 4000, dport: int = 5000, df: bool = True, good: bool = True
 ) -> bytes:
@@ -534,10 +524,10 @@ def udp_datagram(
     ulen = 8 + len(payload)
     pseudo = struct.pack("!IIBBH", src, dst, 0, 17, ulen)
     udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-    check = (0xFFFF - checksum16(pseudo + udp)) or 0xFFFF
+    check = internet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", check if good else check ^ 0x0101) + udp[8:]
     ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + ulen, 77, 0x4000 if df else 0, 64, 17, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", 0xFFFF - checksum16(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return ip + udp
 
 
@@ -551,20 +541,21 @@ def segments(written: bytes) -> list[bytes]:
         return [packet]
     assert (flags, gso_type, hdr_len, start, offset) == (1, 5, 14 + 28, 14 + 20, 6)
     ip, udp, body = packet[:20], packet[20:28], packet[28:]
-    assert checksum16(ip) == 0xFFFF and struct.unpack("!H", ip[2:4])[0] == len(packet)
+    assert internet_checksum(ip) == 0 and struct.unpack("!H", ip[2:4])[0] == len(packet)
     src, dst = struct.unpack("!II", ip[12:20])
-    # The check field holds the pseudo-header's sum for the whole length: the kernel swaps in each length.
-    assert struct.unpack("!H", udp[6:8])[0] == checksum16(struct.pack("!IIBBH", src, dst, 0, 17, 8 + len(body)))
+    # The check field holds the pseudo-header's sum (not inverted) for the whole length: the kernel swaps in each.
+    pseudo = struct.pack("!IIBBH", src, dst, 0, 17, 8 + len(body))
+    assert struct.unpack("!H", udp[6:8])[0] == 0xFFFF - internet_checksum(pseudo)
     out = []
     for ident, at in enumerate(range(0, len(body), gso_size)):
         part = body[at : at + gso_size]
         ulen = 8 + len(part)
         u = udp[:4] + struct.pack("!HH", ulen, 0) + part
-        check = (0xFFFF - checksum16(struct.pack("!IIBBH", src, dst, 0, 17, ulen) + u)) or 0xFFFF
+        check = internet_checksum(struct.pack("!IIBBH", src, dst, 0, 17, ulen) + u) or 0xFFFF
         u = u[:6] + struct.pack("!H", check) + u[8:]
         h = ip[:2] + struct.pack("!HH", 20 + ulen, (struct.unpack("!H", ip[4:6])[0] + ident) & 0xFFFF) + ip[6:10]
         h += b"\0\0" + ip[12:]
-        out.append(h[:10] + struct.pack("!H", 0xFFFF - checksum16(h)) + h[12:] + u)
+        out.append(h[:10] + struct.pack("!H", internet_checksum(h)) + h[12:] + u)
     return out
 
 
