@@ -100,6 +100,13 @@
 #define UP_NOTE 3
 #define UP_FLOW 4
 #define UP_HDR 20
+/* Frames held while a flow waits for Python to send what went up before it (Engine_set_flow). Our choices:
+ * as many frames as WireGuard-go stages for a peer without a session (QueueStagedSize, 128) times two, at most
+ * 1 MB; a flow Python has not caught up with in 50 ms (the default hold_limit; Python drains what went up in
+ * well under a millisecond a batch) is given back to Python. */
+#define STAGE_MAX 256
+#define STAGE_BYTES (1 << 20)
+#define STAGE_NS 50000000LL
 /* Our choice: Python hears about link activity at most every 250 ms (maintenance waits BUSY_PING = 2 s for an
  * answer on a busy link before it pings: overlay/routing/maintenance.py). */
 #define NOTE_NS 500000000LL
@@ -602,7 +609,16 @@ typedef struct {
     uint64_t peer;
     int64_t expires, hard;
     uint8_t header[ROUTED_LEN];
+    /* Set while frames to `ip` that went up (the last numbered `wait`) may not yet have left through Python:
+     * this flow's frames are held (stage) until Python says it got that far (Engine_sent), from `since`. */
+    int pending;
+    uint32_t wait;
+    int64_t since;
 } Flow;
+
+typedef struct {
+    uint32_t off, len;
+} Staged;
 
 typedef struct {
     PyObject_HEAD
@@ -615,6 +631,19 @@ typedef struct {
     FLink *links;
     int nlinks;
     Flow *flows;
+    /* Ordered hand-over (Engine_set_flow): frames passed up are numbered, and each flow slot keeps the number
+     * of the last frame to its address(es) that went up; written under `tab`, never cleared. */
+    uint32_t up_seq, *up_last;
+    atomic_uint py_sent;  /* the number of the last frame passed up that Python has sent (Engine_sent) */
+    atomic_int staging;   /* frames are held: Python's Engine_sent wakes the thread (wake_fd) */
+    int wake_fd;
+    int64_t stage_ns; /* STAGE_NS unless the constructor says otherwise (hold_limit) */
+    /* Frames held, in order, one after another in `stage_buf` (the thread's alone). While any is held, every
+     * frame to a member goes behind them, so that none overtakes another of its flow. */
+    Staged stage[STAGE_MAX];
+    int stage_n;
+    size_t stage_len;
+    uint8_t *stage_buf;
     pthread_t thread;
     int running;
     uint32_t message_id;
@@ -623,7 +652,7 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
-        c_tap_failed, c_gso_fallback, c_tap_joined, c_join_refused;
+        c_tap_failed, c_gso_fallback, c_tap_joined, c_join_refused, c_flow_pending, c_staged, c_stage_dropped;
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
@@ -664,9 +693,13 @@ static int addr_same(const Addr *a, const Addr *b) { return addr_eq(a, &b->sa); 
 
 /* -- up to Python ------------------------------------------------------------------------------------------- */
 
-static void up(Engine *e, int type, const struct sockaddr_storage *from, const uint8_t *data, size_t len) {
+/* One message to Python: type, then for a datagram its source (family, port, address), for a frame its number
+ * (`seq`, big-endian at 4: see Engine_set_flow). */
+static void up(Engine *e, int type, const struct sockaddr_storage *from, const uint8_t *data, size_t len,
+               uint32_t seq) {
     uint8_t head[UP_HDR] = {0};
     head[0] = (uint8_t)type;
+    if (type == UP_FRAME) put32(head + 4, seq);
     if (from && from->ss_family == AF_INET) {
         const struct sockaddr_in *s = (const void *)from;
         head[1] = 4;
@@ -690,7 +723,7 @@ static void note(Engine *e) {
     if (e->now - e->last_note < NOTE_NS) return;
     e->last_note = e->now;
     atomic_store(&e->note_pending, 1);
-    up(e, UP_NOTE, NULL, NULL, 0);
+    up(e, UP_NOTE, NULL, NULL, 0, 0);
 }
 
 /* -- sending ------------------------------------------------------------------------------------------------ */
@@ -827,48 +860,133 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
 
 static const uint8_t zero_vnet[VNET_LEN];
 
-static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
+/* An IPv4 frame to another member of our subnet: its destination and packet; 0 for anything else (ARP, IPv6,
+ * multicast, broadcast, our own, off-subnet: what VirtualNic ignores it also counts, Python's business). */
+static int member_frame(Engine *e, const uint8_t *frame, size_t n, uint32_t *dst, const uint8_t **ip,
+                        size_t *total) {
     size_t off = e->vnet ? VNET_LEN : 0;
-    if (n < off + ETH_LEN + 20) goto slow;
-    const uint8_t *eth = frame + off, *ip = eth + ETH_LEN;
+    if (n < off + ETH_LEN + 20) return 0;
+    const uint8_t *eth = frame + off;
+    const uint8_t *p = eth + ETH_LEN;
     size_t iplen = n - off - ETH_LEN;
-    if (eth[12] != 0x08 || eth[13] != 0x00 || ip[0] >> 4 != 4) goto slow;
-    size_t ihl = (size_t)(ip[0] & 15) * 4, total = (size_t)ip[2] << 8 | ip[3];
-    if (ihl < 20 || total < ihl || total > iplen) goto slow;
-    uint32_t dst = be32(ip + 16);
-    /* What VirtualNic ignores (multicast, broadcast, our own, off-subnet) it also counts: Python's business. */
-    if (dst >> 28 == 0xE || dst == 0xFFFFFFFFu || dst == e->bcast || dst == e->net || dst == e->ip ||
-        (dst & e->mask) != e->net)
-        goto slow;
-    int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
-    pthread_mutex_lock(&e->tab);
+    if (eth[12] != 0x08 || eth[13] != 0x00 || p[0] >> 4 != 4) return 0;
+    size_t ihl = (size_t)(p[0] & 15) * 4, len = (size_t)p[2] << 8 | p[3];
+    if (ihl < 20 || len < ihl || len > iplen) return 0;
+    uint32_t d = be32(p + 16);
+    if (d >> 28 == 0xE || d == 0xFFFFFFFFu || d == e->bcast || d == e->net || d == e->ip || (d & e->mask) != e->net)
+        return 0;
+    *dst = d, *ip = p, *total = len;
+    return 1;
+}
+
+enum { FRAME_SENT, FRAME_UP, FRAME_WAIT };
+
+/* Under `tab`: send a member frame on its flow, or say it goes up (numbered in *seq) or waits for Python
+ * (pending flow; `sent` is Python's Engine_sent, read once per batch). *check: ask Python about the flow. */
+static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint8_t *ip, size_t total,
+                       uint32_t sent, uint32_t *seq, int *check) {
     Flow *f = &e->flows[dst % FLOW_SLOTS];
     FLink *L;
     int64_t now = e->now;
-    if (f->ip != dst || f->hard < now || !(L = link_by_peer(e, f->peer)) || (gso && !L->big_ok)) {
-        pthread_mutex_unlock(&e->tab);
-        goto slow;
+    int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
+    *check = 0;
+    if (f->ip != dst || f->hard < now || !(L = link_by_peer(e, f->peer)) || (gso && !L->big_ok)) goto up;
+    if (f->pending) {
+        if ((int32_t)(sent - f->wait) < 0) {
+            if (now - f->since < e->stage_ns) return FRAME_WAIT;
+            memset(f, 0, sizeof *f); /* Python did not get that far (a frame it never saw?): its flow again */
+            goto up;
+        }
+        f->pending = 0;
     }
-    int check = f->expires < now && !f->checking;
-    if (check) f->checking = 1;
+    *check = f->expires < now && !f->checking;
+    if (*check) f->checking = 1;
     uint8_t header[ROUTED_LEN];
     memcpy(header, f->header, ROUTED_LEN);
     header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
     struct iovec pieces[3] = {{header, ROUTED_LEN}, {(void *)frame, gso ? VNET_LEN : 0}, {(void *)ip, total}};
-    int rc = send_on(e, L, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total);
-    pthread_mutex_unlock(&e->tab);
+    if (send_on(e, L, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
+up:
+    /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
+     * this frame went up after what Python has sent. */
+    *seq = e->up_last[dst % FLOW_SLOTS] = ++e->up_seq;
+    return FRAME_UP;
+}
+
+static void frame_done(Engine *e, int r, uint32_t dst, const uint8_t *frame, size_t n, uint32_t seq, int check) {
     if (check) {
         uint8_t ip_be[4];
         put32(ip_be, dst);
-        up(e, UP_FLOW, NULL, ip_be, 4);
+        up(e, UP_FLOW, NULL, ip_be, 4, 0);
     }
-    if (rc == 0) {
+    if (r == FRAME_SENT) {
         e->c_frames++;
         note(e);
+    } else {
+        up(e, UP_FRAME, NULL, frame, n, seq);
+    }
+}
+
+static void stage(Engine *e, const uint8_t *frame, size_t n) {
+    if (e->stage_n == STAGE_MAX || e->stage_len + n > STAGE_BYTES) {
+        e->c_stage_dropped++; /* a full queue drops, as a router's does; going up would overtake the held */
         return;
     }
-slow:
-    up(e, UP_FRAME, NULL, frame, n);
+    memcpy(e->stage_buf + e->stage_len, frame, n);
+    e->stage[e->stage_n++] = (Staged){(uint32_t)e->stage_len, (uint32_t)n};
+    e->stage_len += n;
+    e->c_staged++;
+    atomic_store(&e->staging, 1);
+}
+
+static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
+    uint32_t dst, seq = 0;
+    const uint8_t *ip;
+    size_t total;
+    int check;
+    if (!member_frame(e, frame, n, &dst, &ip, &total)) {
+        up(e, UP_FRAME, NULL, frame, n, ++e->up_seq);
+        return;
+    }
+    if (e->stage_n) { /* behind what is held, whatever its flow: released in order (release_staged) */
+        stage(e, frame, n);
+        return;
+    }
+    pthread_mutex_lock(&e->tab);
+    int r = route_frame(e, frame, dst, ip, total, atomic_load(&e->py_sent), &seq, &check);
+    pthread_mutex_unlock(&e->tab);
+    if (r == FRAME_WAIT) stage(e, frame, n);
+    else frame_done(e, r, dst, frame, n, seq, check);
+}
+
+/* The held frames, in order, once more: those whose flow Python has caught up with leave on it, those whose
+ * flow is gone go up, the others stay held. One pass under `tab` and one reading of Python's progress, so that
+ * every frame of one flow meets the same state. */
+static void release_staged(Engine *e) {
+    uint32_t sent = atomic_load(&e->py_sent), dst, seq = 0;
+    const uint8_t *ip;
+    size_t total, w = 0;
+    int keep = 0, check;
+    e->now = now_ns();
+    pthread_mutex_lock(&e->tab);
+    for (int i = 0; i < e->stage_n; i++) {
+        Staged st = e->stage[i];
+        uint8_t *frame = e->stage_buf + st.off;
+        member_frame(e, frame, st.len, &dst, &ip, &total); /* held frames are member frames */
+        int r = route_frame(e, frame, dst, ip, total, sent, &seq, &check);
+        if (r == FRAME_WAIT) {
+            memmove(e->stage_buf + w, frame, st.len);
+            e->stage[keep++] = (Staged){(uint32_t)w, st.len};
+            w += st.len;
+        } else {
+            frame_done(e, r, dst, frame, st.len, seq, check);
+        }
+    }
+    pthread_mutex_unlock(&e->tab);
+    e->stage_n = keep;
+    e->stage_len = w;
+    atomic_store(&e->staging, keep > 0);
+    flush_run(e);
 }
 
 static void drain_tap(Engine *e) {
@@ -1172,7 +1290,7 @@ out:
 
 static void on_datagram(Engine *e, const uint8_t *d, size_t len, const struct sockaddr_storage *from) {
     if (len && (d[0] == PT_TRANSPORT || d[0] == PT_TUNNEL) && on_transport(e, d, len, from)) return;
-    up(e, UP_DATAGRAM, from, d, len);
+    up(e, UP_DATAGRAM, from, d, len, 0);
 }
 
 /* What UDP GRO made of one GSO send of chunks: joined into e->joined; its length, or 0 if it is not that. */
@@ -1237,7 +1355,9 @@ static void *engine_main(void *arg) {
     struct epoll_event evs[4];
     int64_t spin_until = 0;
     for (;;) {
-        int n = epoll_wait(e->epfd, evs, 4, spin_until ? 0 : -1);
+        if (e->stage_n) release_staged(e);
+        /* While frames are held, look again every 10 ms: a flow Python never catches up with lets go (STAGE_NS). */
+        int n = epoll_wait(e->epfd, evs, 4, spin_until ? 0 : e->stage_n ? 10 : -1);
         if (n < 0) {
             if (errno == EINTR) continue;
             return NULL;
@@ -1251,6 +1371,11 @@ static void *engine_main(void *arg) {
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             if (fd == e->stop_fd) return NULL;
+            if (fd == e->wake_fd) {
+                uint64_t count;
+                if (read(e->wake_fd, &count, sizeof count) < 0) { /* EAGAIN: another read took it */
+                }
+            }
             if (fd == e->tap) drain_tap(e);
             else if (fd == e->udp) drain_udp(e);
         }
@@ -1263,24 +1388,30 @@ static void *engine_main(void *arg) {
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (!e) return NULL;
-    e->tap = e->udp = e->up = e->stop_fd = e->epfd = -1;
+    e->tap = e->udp = e->up = e->stop_fd = e->wake_fd = e->epfd = -1;
     pthread_mutex_init(&e->tab, NULL);
     return (PyObject *)e;
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
-                            "prefix_len", "check_sources", NULL};
+                            "prefix_len", "check_sources", "hold_limit", NULL};
     int tap, vnet, udp, upfd, gso, chunk, prefix, check;
+    double hold = STAGE_NS / 1e9;
     unsigned long long id;
     unsigned int address;
     if (e->links) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip", names, &tap, &vnet, &udp, &upfd, &gso, &chunk, &id,
-                                     &address, &prefix, &check))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$d", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+                                     &id, &address, &prefix, &check, &hold))
         return -1;
+    if (!(hold > 0 && hold < 60)) {
+        PyErr_SetString(PyExc_ValueError, "hold_limit is seconds, above 0 and below 60");
+        return -1;
+    }
+    e->stage_ns = (int64_t)(hold * 1e9);
     if (prefix < 1 || prefix > 30 || chunk <= CHUNK_HDR || chunk > MAX_CHUNK) {
         PyErr_SetString(PyExc_ValueError, "prefix length or chunk size out of range");
         return -1;
@@ -1295,9 +1426,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->eth[12] = 0x08;
     e->links = PyMem_Calloc(MAX_LINKS, sizeof(FLink));
     e->flows = PyMem_Calloc(FLOW_SLOTS, sizeof(Flow));
+    e->up_last = PyMem_Calloc(FLOW_SLOTS, sizeof(uint32_t));
+    e->stage_buf = PyMem_Malloc(STAGE_BYTES); /* untouched pages are not resident: costs nothing until used */
     uint8_t **bufs[] = {&e->rbuf, &e->plain, &e->plain2, &e->sealed, &e->inner, &e->joined, &e->run, &e->tap_run};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) *bufs[i] = PyMem_Malloc(BUF);
-    if (!e->links || !e->flows || !e->rbuf || !e->plain || !e->plain2 || !e->sealed || !e->inner || !e->joined ||
+    if (!e->links || !e->flows || !e->up_last || !e->stage_buf || !e->rbuf || !e->plain || !e->plain2 || !e->sealed || !e->inner || !e->joined ||
         !e->run || !e->tap_run) {
         PyErr_NoMemory();
         return -1;
@@ -1312,10 +1445,11 @@ static PyObject *Engine_start(Engine *e, PyObject *unused) {
         return NULL;
     }
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (e->stop_fd < 0 || e->epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
-    int fds[3] = {e->stop_fd, e->tap, e->udp};
-    for (int i = 0; i < 3; i++) {
+    if (e->stop_fd < 0 || e->wake_fd < 0 || e->epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    int fds[4] = {e->stop_fd, e->wake_fd, e->tap, e->udp};
+    for (int i = 0; i < 4; i++) {
         struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
         if (fds[i] >= 0 && epoll_ctl(e->epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1337,8 +1471,9 @@ static void engine_stop(Engine *e) {
         Py_END_ALLOW_THREADS e->running = 0;
     }
     if (e->stop_fd >= 0) close(e->stop_fd);
+    if (e->wake_fd >= 0) close(e->wake_fd);
     if (e->epfd >= 0) close(e->epfd);
-    e->stop_fd = e->epfd = -1;
+    e->stop_fd = e->wake_fd = e->epfd = -1;
 }
 
 static PyObject *Engine_stop(Engine *e, PyObject *unused) {
@@ -1440,9 +1575,15 @@ static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
     return PyBool_FromLong(L != NULL);
 }
 
-/* set_flow(address, peer, routed_header (28 bytes), ttl seconds) */
+/* set_flow(address, peer, routed_header (28 bytes), ttl seconds, sent) -> whether the flow is in use at once.
+ *
+ * `sent` is the number of the last frame passed up that Python has sent on (or dropped). If a later frame to
+ * an address of this slot went up, it is still on its way through Python, and sending the next frames here
+ * would overtake it: the flow starts pending (False), its frames are held in order, and they leave once
+ * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
+ * that follow them. */
 static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
-    unsigned int ip;
+    unsigned int ip, sent;
     unsigned long long peer;
     Py_buffer header;
     double ttl;
@@ -1450,22 +1591,49 @@ static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "IKy*d", &ip, &peer, &header, &ttl)) return NULL;
+    if (!PyArg_ParseTuple(args, "IKy*dI", &ip, &peer, &header, &ttl, &sent)) return NULL;
     if (header.len != ROUTED_LEN) {
         PyBuffer_Release(&header);
         PyErr_SetString(PyExc_ValueError, "a routed header is 28 bytes");
         return NULL;
     }
+    int64_t now = now_ns();
     lock_tab(e);
     Flow *f = &e->flows[ip % FLOW_SLOTS];
+    uint32_t last = e->up_last[ip % FLOW_SLOTS];
+    /* Already pending: stays so, and only the thread (which holds its frames) lets it go. */
+    int was_pending = f->ip == ip && f->pending && f->hard >= now;
+    int pending = was_pending || (int32_t)(last - sent) > 0;
+    if (pending && !was_pending) {
+        f->since = now;
+        e->c_flow_pending++;
+    }
     f->ip = ip;
     f->peer = peer;
-    f->expires = now_ns() + (int64_t)(ttl * 1e9);
+    f->expires = now + (int64_t)(ttl * 1e9);
     f->hard = f->expires + (int64_t)(ttl * 1e9);
     f->checking = 0;
+    f->pending = pending;
+    f->wait = last;
     memcpy(f->header, header.buf, ROUTED_LEN);
     pthread_mutex_unlock(&e->tab);
     PyBuffer_Release(&header);
+    return PyBool_FromLong(!pending);
+}
+
+static void wake(Engine *e) {
+    uint64_t one = 1;
+    if (atomic_load(&e->staging) && e->wake_fd >= 0 && write(e->wake_fd, &one, sizeof one) < 0) {
+        /* the counter is at its maximum: the thread is woken already */
+    }
+}
+
+/* sent(number): Python has sent (or dropped) every frame passed up to this one (see Engine_set_flow). */
+static PyObject *Engine_sent(Engine *e, PyObject *arg) {
+    unsigned long v = PyLong_AsUnsignedLong(arg);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    atomic_store(&e->py_sent, (unsigned int)v);
+    wake(e);
     Py_RETURN_NONE;
 }
 
@@ -1477,6 +1645,7 @@ static PyObject *Engine_drop_flow(Engine *e, PyObject *arg) {
         Flow *f = &e->flows[ip % FLOW_SLOTS];
         if (f->ip == ip) memset(f, 0, sizeof *f);
         pthread_mutex_unlock(&e->tab);
+        wake(e); /* what it held goes up */
     }
     Py_RETURN_NONE;
 }
@@ -1486,6 +1655,7 @@ static PyObject *Engine_flush_flows(Engine *e, PyObject *unused) {
         lock_tab(e);
         memset(e->flows, 0, FLOW_SLOTS * sizeof(Flow));
         pthread_mutex_unlock(&e->tab);
+        wake(e);
     }
     Py_RETURN_NONE;
 }
@@ -1535,12 +1705,13 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
                          "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "dropped: Python busy", e->c_up_dropped, "send failed",
                          e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
-                         e->c_join_refused);
+                         e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "frames held for order",
+                         e->c_staged, "dropped: held frames full", e->c_stage_dropped);
 }
 
 static void Engine_dealloc(Engine *e) {
@@ -1550,6 +1721,8 @@ static void Engine_dealloc(Engine *e) {
         PyMem_Free(e->links);
     }
     PyMem_Free(e->flows);
+    PyMem_Free(e->up_last);
+    PyMem_Free(e->stage_buf);
     uint8_t *bufs[] = {e->rbuf, e->plain, e->plain2, e->sealed, e->inner, e->joined, e->run, e->tap_run};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]);
     pthread_mutex_destroy(&e->tab);
@@ -1564,7 +1737,8 @@ static PyMethodDef Engine_methods[] = {
     {"set_link", (PyCFunction)Engine_set_link, METH_VARARGS,
      "set_link(peer, keys, local_index, remote_index, endpoint|None, relay, big_ok, source|-1)"},
     {"drop_link", (PyCFunction)Engine_drop_link, METH_O, "drop_link(peer) -> whether it was there"},
-    {"set_flow", (PyCFunction)Engine_set_flow, METH_VARARGS, "set_flow(address, peer, routed_header, ttl)"},
+    {"set_flow", (PyCFunction)Engine_set_flow, METH_VARARGS, "set_flow(address, peer, routed_header, ttl, sent) -> bool"},
+    {"sent", (PyCFunction)Engine_sent, METH_O, "sent(number): Python sent every frame passed up to this one"},
     {"drop_flow", (PyCFunction)Engine_drop_flow, METH_O, "drop_flow(address): forget its flow"},
     {"flush_flows", (PyCFunction)Engine_flush_flows, METH_NOARGS, "forget every flow"},
     {"set_macs", (PyCFunction)Engine_set_macs, METH_VARARGS, "set_macs(tap_mac, gateway_mac)"},

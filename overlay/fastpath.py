@@ -9,7 +9,10 @@ UdpUnderlay.deliver). This side:
   tunnel goes through, whether 60 KB datagrams cross it, the address the sender's certificate gives it);
 - tells it, for each destination address the Python path just sent to over a link to its owner, to send the
   next packets there itself; a flow FLOW_TTL old is checked again (DataPath.flow) while the Engine goes on using
-  it; routes that change (Router.forget_routes) forget every flow;
+  it; routes that change (Router.forget_routes) forget every flow. A flow is handed over after the batch's
+  flush, when what this side sent has left; if frames to that address are still on their way up, the Engine
+  holds the flow's next frames until this side says (Engine.sent) it has sent those: the Engine's packets
+  never overtake the ones sent from here;
 - folds what the Engine carried into the links (bytes, liveness for maintenance, "busy" for the busy
   keepalive) when the Engine says something happened (at most every 100 ms), and on each tick.
 docs/datapath.md has the measurements behind it.
@@ -37,6 +40,7 @@ UP_BUFFER = 8 << 20  # our choice: absorbs a burst of passed-up super-frames whi
 UP_MAX = UP_HEADER + 65536 + 512
 _UP_DATAGRAM, _UP_FRAME, _UP_NOTE, _UP_FLOW = 1, 2, 3, 4
 _HEAD = struct.Struct("!BBH16s")  # type, family (4/6, 0 for none), port, address
+_SEQ = struct.Struct("!I")  # a frame's number, at 4
 
 
 class FastPath:
@@ -71,6 +75,10 @@ class FastPath:
             check_sources=self._check_sources,
         )
         self._pushed: dict[int, tuple[Any, ...]] = {}
+        # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
+        # frame this side has taken from the Engine (its UP_HEADER, bytes 4-8).
+        self._flows: dict[int, tuple[int, bytes]] = {}
+        self._sent = 0
         self._macs = b""
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -135,8 +143,15 @@ class FastPath:
         )
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
+        """The Python path just sent to `address` on its link to `peer`: the Engine takes the next packets, from
+        the end of this batch (_hand_over)."""
         if peer in self._pushed:  # a link the Engine cannot serve (TURN) would only send every packet back up
-            self.engine.set_flow(address, peer, header, FLOW_TTL)
+            self._flows[address] = (peer, header)
+
+    def _hand_over(self) -> None:
+        flows, self._flows = self._flows, {}
+        for address, (peer, header) in flows.items():
+            self.engine.set_flow(address, peer, header, FLOW_TTL, self._sent)
 
     def _recheck(self, address: int) -> None:
         """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
@@ -195,6 +210,7 @@ class FastPath:
                 kind = msg[0]
                 if kind == _UP_FRAME:
                     frames.append(msg[UP_HEADER:])
+                    self._sent = _SEQ.unpack_from(msg, 4)[0]
                 elif kind == _UP_DATAGRAM:
                     underlay.deliver(msg[UP_HEADER:], _source(msg))
                 elif kind == _UP_FLOW:
@@ -205,6 +221,8 @@ class FastPath:
                 self._datapath.from_tap(frames)
         finally:
             underlay.flush()
+            self._hand_over()
+            self.engine.sent(self._sent)
 
 
 def _packed(endpoint: Endpoint) -> tuple[int, bytes, int]:

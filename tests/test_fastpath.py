@@ -8,16 +8,20 @@ to Python unchanged; what it handles must be exactly what the Python path would 
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
+from overlay.fastpath import FastPath
 from overlay.links import TUNNEL_OFFSET
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
@@ -53,7 +57,9 @@ def header(src: int, dst: int, kind: int = Kind.DATA, ttl: int = 63) -> bytes:
 class Node:
     """One Engine with its TAP (a socketpair: `kernel` is the kernel's end), its UDP socket, its up channel."""
 
-    def __init__(self, node_id: int, address: int, *, vnet: bool = False, check: bool = False) -> None:
+    def __init__(
+        self, node_id: int, address: int, *, vnet: bool = False, check: bool = False, hold_limit: float = 0.05
+    ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.up, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -77,6 +83,7 @@ class Node:
             address=address,
             prefix_len=24,
             check_sources=check,
+            hold_limit=hold_limit,
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 
@@ -125,8 +132,8 @@ def pair() -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
     ka, kb = session_pair()
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
     b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0)
-    b.engine.set_flow(A_IP, A_ID, header(B_ID, A_ID), 30.0)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+    b.engine.set_flow(A_IP, A_ID, header(B_ID, A_ID), 30.0, 0)
     a.engine.start()
     b.engine.start()
     yield a, b, wire_a, wire_b, ka, kb
@@ -264,7 +271,7 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
     b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, b_to_c)
     c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1)
     c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
-    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0)
+    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
     for n in (a, b, c):
         n.engine.start()
     reader_bc = Keys(bytes([1]) * 32, bytes(32))  # C's receive key of the B-C link, for the test to look
@@ -353,7 +360,7 @@ def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them() ->
     wire_b = Wire()
     ka, _kb = session_pair()
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
     a.engine.start()
     try:
         vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
@@ -406,7 +413,7 @@ def test_an_old_flow_is_used_while_python_is_asked_to_check_it() -> None:
     wire_b = Wire()
     ka, _ = session_pair()
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 0.5)  # checked after 0.5 s, used without an answer to 1 s
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 0.5, 0)  # checked after 0.5 s, used without an answer to 1 s
     a.engine.start()
     try:
         time.sleep(0.6)
@@ -422,6 +429,191 @@ def test_an_old_flow_is_used_while_python_is_asked_to_check_it() -> None:
     finally:
         a.close()
         wire_b.sock.close()
+
+
+def frames_up(node: Node, timeout: float = 0.3) -> list[tuple[int, bytes]]:
+    """The frames the Engine passed up since the last call: (number, frame)."""
+    out: list[tuple[int, bytes]] = []
+    node.up.settimeout(timeout)
+    try:
+        while True:
+            msg = node.up.recv(70000)
+            if msg[0] == 2:
+                out.append((int.from_bytes(msg[4:8], "big"), msg[UP_HEADER:]))
+    except TimeoutError:
+        return out
+
+
+def test_a_flow_set_while_its_frames_are_on_their_way_up_holds_the_next_ones_until_python_sent_those() -> None:
+    """Python sets a flow after sending a frame that went up; frames to that address that went up after it are
+    still on their way through Python: the Engine holds the next ones, in order, until Python says it has sent
+    those. Another member's flow is not held up by it."""
+    a = Node(A_ID, A_IP, hold_limit=30.0)  # the test's pauses must not reach it
+    wire_b, wire_c = Wire(), Wire()
+    ka, _ = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+    a.engine.set_link(C_ID, Keys(bytes(32), bytes(32)), 12, 23, wire_c.endpoint, 0, True, -1)
+    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+    a.engine.start()
+    opener = Keys(bytes(range(100, 132)), bytes(range(32)))
+
+    def payload(datagram: bytes) -> bytes:
+        """The IPv4 packet's payload in a datagram the Engine sent to B."""
+        return opener.open(datagram, decode_transport_header(datagram)[1])[ROUTED_HEADER.size + 20 :]
+
+    try:
+        for i in range(3):
+            a.kernel.send(frame(A_IP, B_IP, bytes([i]) * 32))
+        up = frames_up(a)
+        assert [f for _, f in up] == [frame(A_IP, B_IP, bytes([i]) * 32) for i in range(3)]
+        seqs = [q for q, _ in up]
+        assert seqs == sorted(set(seqs))
+        # Python has sent the first only: the flow waits.
+        assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, seqs[0]) is False
+        for i in range(3, 6):
+            a.kernel.send(frame(A_IP, B_IP, bytes([i]) * 32))
+        a.kernel.send(frame(A_IP, C_IP))  # another member's flow, in use
+        assert wire_c.recv()
+        a.engine.sent(seqs[1])  # not yet far enough
+        wire_b.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            wire_b.recv()
+        assert frames_up(a, 0.05) == []
+        a.engine.sent(seqs[2])  # Python sent what went up: the held frames leave, in order
+        wire_b.sock.settimeout(TIMEOUT)
+        assert [payload(wire_b.recv()) for _ in range(3)] == [bytes([i]) * 32 for i in range(3, 6)]
+        a.kernel.send(frame(A_IP, B_IP, b"\x06" * 32))  # and the flow is in use
+        assert payload(wire_b.recv()) == b"\x06" * 32
+        assert frames_up(a, 0.1) == []
+        counters = a.engine.counters()
+        assert counters["flows waiting for Python"] == 1 and counters["frames held for order"] == 4
+        # Nothing on its way up: a flow set now is in use at once.
+        assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, seqs[2]) is True
+    finally:
+        a.close()
+        wire_b.sock.close()
+        wire_c.sock.close()
+
+
+def test_frames_held_for_a_flow_that_is_dropped_or_never_caught_up_with_go_up_in_order() -> None:
+    a = Node(A_ID, A_IP)
+    wire_b = Wire()
+    ka, _ = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+    a.engine.start()
+    try:
+        for drop in (True, False):
+            a.kernel.send(frame(A_IP, B_IP, b"\x00" * 32))
+            ((first, _),) = frames_up(a)
+            assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, first - 1) is False
+            held = [frame(A_IP, B_IP, bytes([i]) * 32) for i in range(1, 4)]
+            for f in held:
+                a.kernel.send(f)
+            if drop:
+                a.engine.drop_flow(B_IP)  # as a route change would: back to Python, behind the first
+            # else: Python never says it sent `first`; after the hold limit (50 ms) they go up all the same
+            assert [f for _, f in frames_up(a)] == held
+            a.engine.drop_flow(B_IP)
+        wire_b.sock.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            wire_b.recv()
+    finally:
+        a.close()
+        wire_b.sock.close()
+
+
+class PythonSide:
+    """What overlay/fastpath.py drives, reduced to the data path's outbound half: each frame passed up is
+    "sent" (plain, marked) through an underlay that holds what it sends until flush(), as the real one does
+    with GSO, and the flow to its address is handed to the Engine as DataPath._send does."""
+
+    def __init__(self, tap: socket.socket, udp: socket.socket, to: tuple[str, int]) -> None:
+        self.tap = SimpleNamespace(fileno=tap.fileno, vnet_hdr=False)
+        self.udp, self.to = udp, to
+        self.source_of, self.address_int = None, A_IP
+        self.vnic, self.hops = SimpleNamespace(tap_mac=TAP_MAC, gateway_mac=DEFAULT_GATEWAY_MAC), [0, 0]
+        self.gso, self.chunk = True, CHUNK
+        self.held: list[bytes] | None = None
+        self.fast: FastPath | None = None
+
+    def fileno(self) -> int:
+        return self.udp.fileno()
+
+    def hold(self) -> None:
+        self.held = []
+
+    def flush(self) -> None:
+        for d in self.held or []:
+            self.udp.sendto(d, self.to)
+        self.held = None
+
+    def from_tap(self, frames: list[bytes]) -> None:
+        assert self.fast is not None and self.held is not None
+        for f in frames:
+            self.held.append(b"PY" + f[14:])
+            self.fast.set_flow(B_IP, B_ID, header(A_ID, B_ID))
+        time.sleep(0.001)  # the Python path is slower than the Engine: more frames go up meanwhile
+
+
+def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_their_flow_over() -> None:
+    """Frames stream into the TAP while the driver hands a new flow to the Engine: every packet must leave in
+    the order it was written, whichever side sent it."""
+    kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    tap.setblocking(False)
+    udp.setblocking(False)
+    wire_b = Wire()
+    wire_b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    side = PythonSide(tap, udp, wire_b.sock.getsockname())
+    fast = side.fast = FastPath(SimpleNamespace(links={}), side, None, side, lambda link: 0.0, A_ID, 24)  # type: ignore[arg-type]
+    fast._sync_macs()
+    ka, _ = session_pair()
+    fast.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+    fast._pushed[B_ID] = ("a link the Engine serves",)
+    fast.engine.start()
+    opener = Keys(bytes(range(100, 132)), bytes(range(32)))
+    count = 3000
+
+    def write() -> None:
+        for i in range(count):
+            kernel.send(frame(A_IP, B_IP, i.to_bytes(4, "big") * 8))
+            if i % 10 == 9:
+                time.sleep(0.001)
+
+    kernel.settimeout(5.0)
+    writer = threading.Thread(target=write)
+    writer.start()
+    order, by_python = [], 0
+    try:
+        deadline, next_drop = time.monotonic() + 20, time.monotonic()
+        while len(order) < count and time.monotonic() < deadline:
+            if select.select([fast._up], [], [], 0.01)[0]:
+                fast._drain()
+            if time.monotonic() > next_drop:
+                fast.engine.drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
+                next_drop += 0.02
+            wire_b.sock.settimeout(0)
+            try:
+                while True:
+                    d = wire_b.sock.recv(70000)
+                    if d.startswith(b"PY"):
+                        by_python += 1
+                        packet = d[2:]
+                    else:
+                        packet = opener.open(d, decode_transport_header(d)[1])[len(header(A_ID, B_ID)) :]
+                    order.append(int.from_bytes(packet[28:32], "big"))
+            except BlockingIOError:
+                pass
+    finally:
+        writer.join()
+        held = fast.engine.counters()
+        fast.engine.stop()
+        for s in (kernel, tap, udp, wire_b.sock, fast._up, fast._engine_end):
+            s.close()
+    assert order == list(range(count))
+    assert 0 < by_python < count  # both sides sent: the flow was handed over while frames kept coming
+    assert held["flows waiting for Python"] > 0  # and at times while frames to it were on their way up
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -468,7 +660,7 @@ def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_
     ka, kb = session_pair()
     a.engine.set_link(B_ID, ka, 11, 22, (4, socket.inet_aton("127.0.0.1"), b.port), 0, True, -1)
     b.engine.set_link(A_ID, kb, 22, 11, (4, socket.inet_aton("127.0.0.1"), a.port), 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
     a.engine.start()
     b.engine.start()
     try:
