@@ -599,6 +599,10 @@ typedef struct {
     uint32_t src;
     uint64_t tx, rx, delivered, hops;
     int tx_seen, rx_seen;
+    /* The session before the last rekey, still accepted (never sent on) so that what the peer sent before it
+     * moved to the new one is not lost; NULL when there is none. */
+    Keys *prev_keys;
+    uint32_t prev_local;
 } FLink;
 
 /* A flow is used until `expires`; the first packet after it asks Python to look again (UP_FLOW) and the flow
@@ -673,9 +677,19 @@ static FLink *link_by_peer(Engine *e, uint64_t peer) {
     return NULL;
 }
 
-static FLink *link_by_index(Engine *e, uint32_t index) {
-    for (int i = 0; i < e->nlinks; i++)
-        if (e->links[i].local == index) return &e->links[i];
+/* The link a session index of ours belongs to, and the keys of that session (*k: current or previous). */
+static FLink *link_by_index(Engine *e, uint32_t index, Keys **k) {
+    for (int i = 0; i < e->nlinks; i++) {
+        FLink *L = &e->links[i];
+        if (L->local == index) {
+            *k = L->keys;
+            return L;
+        }
+        if (L->prev_keys && L->prev_local == index) {
+            *k = L->prev_keys;
+            return L;
+        }
+    }
     return NULL;
 }
 
@@ -1206,7 +1220,8 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
     size_t relay_len = 0;
     uint8_t *relay_at = NULL;
     pthread_mutex_lock(&e->tab);
-    FLink *L = link_by_index(e, be32(pkt + 1));
+    Keys *K, *MK;
+    FLink *L = link_by_index(e, be32(pkt + 1), &K);
     /* Only from where the link's path points: a packet from elsewhere may move the link (Python decides). */
     if (!L || !L->direct || !addr_eq(&L->ep, from)) goto out;
     uint8_t *msg = e->plain;
@@ -1220,15 +1235,15 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         in = pkt + TUNNEL_OFF, inlen = len - TUNNEL_OFF;
         /* What decode_transport_header and LinkManager refuse is Python's to count, not ours to pass on. */
         if (in[0] != PT_TRANSPORT) goto out;
-        if (keys_open_head(L->keys, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
+        if (keys_open_head(K, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
         if (msg[0] != MSG_RELAY && msg[0] != MSG_RELAYED) goto out;
     } else {
-        if (keys_open(L->keys, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
+        if (keys_open(K, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
         mlen = len - HDR - TAG;
         in = msg + RELAY_HEAD, inlen = mlen > RELAY_HEAD ? mlen - RELAY_HEAD : 0;
     }
     if (!tunnel && msg[0] == MSG_ROUTED) {
-        if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(L->keys, c)) goto out;
+        if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(K, c)) goto out;
         L->rx += len;
         L->rx_seen = 1;
         handled = 1;
@@ -1242,7 +1257,7 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         uint8_t onward[RELAY_HEAD];
         onward[0] = MSG_RELAYED;
         put64(onward + 1, L->peer);
-        if (!keys_mark(L->keys, c)) goto out;
+        if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
             memmove(relay_at + TUNNEL_OFF, in, inlen);
             if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, in + inlen - TAG, relay_at))
@@ -1259,14 +1274,14 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         relay = handled = 1;
     } else if (head[0] == MSG_RELAYED && mlen >= RELAY_HEAD && inlen > HDR + TAG && in[0] == PT_TRANSPORT) {
         /* Out of a tunnel through L: the inner packet is a session of ours with the tunnel's far end. */
-        FLink *M = link_by_index(e, be32(in + 1));
+        FLink *M = link_by_index(e, be32(in + 1), &MK);
         if (!M || M == L || M->peer != be64(head + 1)) goto out;
         uint8_t *inner = e->plain2;
         uint64_t ic = be64(in + 5);
-        if (keys_open(M->keys, in, inlen, inner, 0)) goto out;
+        if (keys_open(MK, in, inlen, inner, 0)) goto out;
         if (data_for_us(e, M, inner, inlen - HDR - TAG, &d)) goto out;
-        if (!keys_mark(L->keys, c)) goto out;
-        if (!keys_mark(M->keys, ic)) goto out; /* the outer is spent; Python would drop this replay too */
+        if (!keys_mark(K, c)) goto out;
+        if (!keys_mark(MK, ic)) goto out; /* the outer is spent; Python would drop this replay too */
         L->rx += len;
         L->rx_seen = 1;
         M->rx += inlen;
@@ -1517,23 +1532,34 @@ static int parse_addr(PyObject *endpoint, Addr *out) {
 /* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1, tunnel_ok) */
 static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     unsigned long long peer, relay;
-    PyObject *keys, *endpoint;
-    unsigned int local, remote;
+    PyObject *keys, *endpoint, *previous = Py_None, *prev_keys = NULL;
+    unsigned int local, remote, prev_local = 0;
     int big_ok, tunnel_ok = 0;
     long long source;
     if (!e->links) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!IIOKpL|p", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay, &big_ok,
-                          &source, &tunnel_ok))
+    if (!PyArg_ParseTuple(args, "KO!IIOKpL|pO", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay,
+                          &big_ok, &source, &tunnel_ok, &previous))
         return NULL;
     if (!keys_ready((Keys *)keys)) return NULL;
+    if (previous != Py_None) {
+        if (!PyArg_ParseTuple(previous, "O!I;previous is None or (Keys, local index)", &KeysType, &prev_keys,
+                              &prev_local))
+            return NULL;
+        if (!keys_ready((Keys *)prev_keys)) return NULL;
+        if (prev_local == local) {
+            PyErr_SetString(PyExc_ValueError, "the previous session has the current one's index");
+            return NULL;
+        }
+    }
     Addr ep = {0};
     int direct = endpoint != Py_None;
     if (direct && parse_addr(endpoint, &ep) < 0) return NULL;
     Py_INCREF(keys);
-    PyObject *old = NULL;
+    Py_XINCREF(prev_keys);
+    PyObject *old = NULL, *old_prev = NULL;
     lock_tab(e);
     FLink *L = link_by_peer(e, peer);
     if (!L && e->nlinks < MAX_LINKS) {
@@ -1543,7 +1569,10 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     }
     if (L) {
         old = (PyObject *)L->keys;
+        old_prev = (PyObject *)L->prev_keys;
         L->keys = (Keys *)keys;
+        L->prev_keys = (Keys *)prev_keys;
+        L->prev_local = prev_local;
         L->local = local, L->remote = remote, L->direct = direct, L->ep = ep, L->relay = relay;
         L->big_ok = big_ok;
         L->tunnel_ok = tunnel_ok;
@@ -1553,25 +1582,29 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     pthread_mutex_unlock(&e->tab);
     if (!L) {
         Py_DECREF(keys);
+        Py_XDECREF(prev_keys);
         PyErr_SetString(PyExc_OverflowError, "the Engine's link table is full");
         return NULL;
     }
     Py_XDECREF(old);
+    Py_XDECREF(old_prev);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
     unsigned long long peer = PyLong_AsUnsignedLongLong(arg);
     if (peer == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    PyObject *old = NULL;
+    PyObject *old = NULL, *old_prev = NULL;
     lock_tab(e);
     FLink *L = e->links ? link_by_peer(e, peer) : NULL;
     if (L) {
         old = (PyObject *)L->keys;
+        old_prev = (PyObject *)L->prev_keys;
         *L = e->links[--e->nlinks];
     }
     pthread_mutex_unlock(&e->tab);
     Py_XDECREF(old);
+    Py_XDECREF(old_prev);
     return PyBool_FromLong(L != NULL);
 }
 
@@ -1717,7 +1750,10 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
 static void Engine_dealloc(Engine *e) {
     engine_stop(e);
     if (e->links) {
-        for (int i = 0; i < e->nlinks; i++) Py_XDECREF((PyObject *)e->links[i].keys);
+        for (int i = 0; i < e->nlinks; i++) {
+            Py_XDECREF((PyObject *)e->links[i].keys);
+            Py_XDECREF((PyObject *)e->links[i].prev_keys);
+        }
         PyMem_Free(e->links);
     }
     PyMem_Free(e->flows);

@@ -54,6 +54,7 @@ class Engine:
         big_ok: bool,
         source: int,
         tunnel_ok: bool = ...,
+        previous: tuple[Keys, int] | None = ...,
         /,
     ) -> None: ...
     def drop_link(self, peer: int, /) -> bool: ...

@@ -5,8 +5,9 @@ between this node and the members it has links to (direct, or tunnelled through 
 RELAY, without entering Python. Everything else comes up here through a SOCK_SEQPACKET socketpair, one message
 per frame or datagram, and goes where the node's own reads would have sent it (DataPath.from_tap,
 UdpUnderlay.deliver). This side:
-- mirrors each link the Engine can serve (its session's Keys, its path: a UDP endpoint or the neighbour a
-  tunnel goes through, whether 60 KB datagrams cross it, the address the sender's certificate gives it);
+- mirrors each link the Engine can serve (its session's Keys, and the previous session's, still opened after a
+  rekey; its path: a UDP endpoint or the neighbour a tunnel goes through, whether 60 KB datagrams cross it,
+  the address the sender's certificate gives it);
 - tells it, for each destination address the Python path just sent to over a link to its owner, to send the
   next packets there itself; a flow FLOW_TTL old is checked again (DataPath.flow) while the Engine goes on using
   it; routes that change (Router.forget_routes) forget every flow. A flow is handed over after the batch's
@@ -24,9 +25,9 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from overlay._fast import UP_HEADER, Engine
+from overlay._fast import UP_HEADER, Engine, Keys
 from overlay.links import Link, LinkManager, TunnelPath
 from overlay.transport.paths import UdpPath
 from overlay.transport.underlay import UdpUnderlay
@@ -41,6 +42,20 @@ UP_MAX = UP_HEADER + 65536 + 512
 _UP_DATAGRAM, _UP_FRAME, _UP_NOTE, _UP_FLOW = 1, 2, 3, 4
 _HEAD = struct.Struct("!BBH16s")  # type, family (4/6, 0 for none), port, address
 _SEQ = struct.Struct("!I")  # a frame's number, at 4
+
+
+class LinkState(NamedTuple):
+    """A link as the Engine sees it: Engine.set_link's arguments after the peer."""
+
+    keys: Keys
+    local_index: int
+    remote_index: int
+    endpoint: tuple[int, bytes, int] | None  # family, packed address, port; None for a tunnel
+    relay: int  # the neighbour a tunnel goes through (0 for none)
+    big_ok: bool
+    source: int  # the address the peer's certificate gives it; -1 not known (yet), and nothing is checked
+    tunnel_ok: bool
+    previous: tuple[Keys, int] | None  # the session before the last rekey: its Keys and local index
 
 
 class FastPath:
@@ -74,7 +89,7 @@ class FastPath:
             prefix_len=prefix_len,
             check_sources=self._check_sources,
         )
-        self._pushed: dict[int, tuple[Any, ...]] = {}
+        self._pushed: dict[int, LinkState] = {}
         # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
         # frame this side has taken from the Engine (its UP_HEADER, bytes 4-8).
         self._flows: dict[int, tuple[int, bytes]] = {}
@@ -117,7 +132,7 @@ class FastPath:
             self._pushed[peer] = state
             self.engine.set_link(peer, *state)
 
-    def _state(self, link: Link) -> tuple[Any, ...] | None:
+    def _state(self, link: Link) -> LinkState | None:
         path = link.path
         endpoint: tuple[int, bytes, int] | None
         if isinstance(path, UdpPath):
@@ -130,8 +145,8 @@ class FastPath:
         if self._check_sources:
             allowed = self._datapath.source_of(link.peer_id)
             source = -1 if allowed is None else allowed
-        session = link.session
-        return (
+        session, previous = link.session, link.previous
+        return LinkState(
             session.keys,
             session.local_index,
             session.remote_index,
@@ -140,6 +155,7 @@ class FastPath:
             link.fragments_ok,
             source,
             link.tunnels_ok,
+            None if previous is None else (previous.keys, previous.local_index),
         )
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
@@ -189,7 +205,7 @@ class FastPath:
         if self._check_sources:
             # A sender whose certificate we learn later (from its address record) may use the Engine from then on.
             for peer, state in list(self._pushed.items()):
-                if state[-1] == -1:
+                if state.source == -1:
                     self.link_changed(peer)
         self._sync_macs()
 

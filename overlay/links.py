@@ -113,6 +113,10 @@ class Link:
     # uses it (key confirmation, as WireGuard's responder waits for the initiator's first packet), so a lost
     # response cannot leave the two ends on different sessions.
     next_session: Session | None = None
+    # The session before the last rekey: still opened, never sent on, so that packets the peer sent on it
+    # before it moved (in flight, or sent until our first packet on the new one reached it) are not lost, as
+    # WireGuard keeps its previous keypair. Dropped at the next rekey or when it is REJECT_AFTER_TIME old.
+    previous: Session | None = None
     # Set when data went out on the link since the last tick (maintenance then watches it closely:
     # overlay/routing/maintenance.py's busy keepalive).
     busy: bool = False
@@ -209,6 +213,10 @@ class LinkManager:
         deadline = math.inf
         for link in list(self.links.values()):
             session = link.session
+            if link.previous is not None and link.previous.expired(now):
+                self._by_index.pop(link.previous.local_index, None)
+                link.previous = None
+                self.on_change(link.peer_id)
             if session.expired(now):
                 self.count("links closed: keys too old")
                 self.close(link.peer_id, "session keys expired", notify=False)
@@ -256,6 +264,8 @@ class LinkManager:
                 nxt = link.next_session
                 if nxt is not None and nxt.local_index == index:
                     session = nxt
+                elif link.previous is not None and link.previous.local_index == index:
+                    session = link.previous
                 if ptype == _TRANSPORT:
                     plaintext = session.open(data, counter)
                 elif ptype == _SEALED:
@@ -266,11 +276,16 @@ class LinkManager:
                         raise DecodeError(f"tunnel packet with a head of kind {head[0]}")
                     plaintext = head + data[TUNNEL_OFFSET:]  # the relay message it stands for
                 if session is nxt:
-                    self._by_index.pop(link.session.local_index, None)
+                    self._retire(link, link.session)
                     link.session, link.next_session = session, None
                     self.on_change(link.peer_id)
                 link.rx_bytes += len(data)
-                if not isinstance(via, int) and not _same_path(link.path, via) and session.newest(counter):
+                if (
+                    not isinstance(via, int)
+                    and session is not link.previous  # a late packet says nothing of where the peer is now
+                    and not _same_path(link.path, via)
+                    and session.newest(counter)
+                ):
                     # The peer roamed, a NAT rebound, or the peer moved the link off a tunnel or a relay: the
                     # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
                     # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
@@ -291,6 +306,12 @@ class LinkManager:
             self.count("drop: malformed or unauthentic packet")
         except HandshakeError as e:
             self.count(f"drop: handshake: {e}")
+
+    def _retire(self, link: Link, session: Session) -> None:
+        """`session` stops being the link's current one: it becomes the previous (the one before is dropped)."""
+        if link.previous is not None:
+            self._by_index.pop(link.previous.local_index, None)
+        link.previous = session
 
     def _move(self, link: Link, via: Via) -> None:
         kind = link.path.kind if isinstance(link.path, UdpPath) else "prflx"
@@ -351,13 +372,21 @@ class LinkManager:
             path.peer = peer_id
         old = self.links.get(peer_id)
         if old is not None:
-            # A new handshake from a known peer (it restarted, or rekeyed): the new session replaces the old.
-            self._by_index.pop(old.session.local_index, None)
+            # A new handshake from a known peer (it restarted, or rekeyed): the new session replaces the old,
+            # which stays open for what the peer sent before it saw the new one (a restarted peer's, for
+            # nothing).
+            if old.previous is not None:
+                self._by_index.pop(old.previous.local_index, None)
             if old.next_session is not None:
                 self._by_index.pop(old.next_session.local_index, None)
             contact = contact or old.contact
         link = Link(peer_id, peer_key, session, path, self.clock(), contact)
         if old is not None:
+            if old.peer_key == peer_key:
+                link.previous = old.session
+                self._by_index[old.session.local_index] = link
+            else:
+                self._by_index.pop(old.session.local_index, None)
             link.tx_bytes, link.rx_bytes, link.rtt = old.tx_bytes, old.rx_bytes, old.rtt
             # Same path, new keys: what the fragment probe learned still holds.
             link.fragments_ok = old.fragments_ok and _same_path(old.path, path)
@@ -383,9 +412,9 @@ class LinkManager:
             except HandshakeError:
                 pass
         self.closed_bytes = (self.closed_bytes[0] + link.tx_bytes, self.closed_bytes[1] + link.rx_bytes)
-        self._by_index.pop(link.session.local_index, None)
-        if link.next_session is not None:
-            self._by_index.pop(link.next_session.local_index, None)
+        for session in (link.session, link.next_session, link.previous):
+            if session is not None:
+                self._by_index.pop(session.local_index, None)
         self.on_change(peer_id)
         if isinstance(link.path, TurnPath):
             link.path.allocation.forget_peer(link.path.peer)

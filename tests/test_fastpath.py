@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
-from overlay.fastpath import FastPath
+from overlay.fastpath import FastPath, LinkState
 from overlay.links import TUNNEL_OFFSET
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
@@ -226,6 +226,36 @@ def test_data_not_for_this_node_or_from_another_source_goes_up(pair) -> None:  #
         wire_a.send_to(b, d)
     assert [m[1] for m in b.up_messages() if m[0] == 1] == sent
     assert kb.top == -1
+
+
+def test_after_a_rekey_what_the_peer_sent_on_the_previous_session_is_still_delivered(pair) -> None:  # type: ignore[no-untyped-def]
+    _a, b, wire_a, _wire_b, ka, kb = pair
+    old_a, old_b = (
+        Keys(bytes(range(40, 72)), bytes(range(140, 172))),
+        Keys(bytes(range(140, 172)), bytes(range(40, 72))),
+    )
+    new_a, new_b = (
+        Keys(bytes(range(50, 82)), bytes(range(150, 182))),
+        Keys(bytes(range(150, 182)), bytes(range(50, 82))),
+    )
+    body = header(A_ID, B_ID) + frame(A_IP, B_IP)[14:]
+    # B rekeyed: its new session is index 23, the one before (index 22, the pair's) stays open.
+    b.engine.set_link(A_ID, new_b, 23, 11, wire_a.endpoint, 0, True, -1, False, (kb, 22))
+    for keys, index in ((ka, 22), (new_a, 23), (ka, 22)):  # late, new, and late again
+        wire_a.send_to(b, keys.seal(0x83, index, body))
+        assert b.kernel.recv(70000)[14:] == body[ROUTED_HEADER.size :]
+    assert kb.top == 1 and new_b.top == 0  # each session's replay window marked
+    # The next rekey: the previous one is now the pair's second session; the first is closed.
+    b.engine.set_link(A_ID, old_b, 24, 11, wire_a.endpoint, 0, True, -1, False, (new_b, 23))
+    late = ka.seal(0x83, 22, body)
+    wire_a.send_to(b, late)
+    wire_a.send_to(b, old_a.seal(0x83, 24, body))
+    assert b.kernel.recv(70000)[14:] == body[ROUTED_HEADER.size :]
+    assert [m[1] for m in b.up_messages() if m[0] == 1] == [late]  # for Python to count
+    with pytest.raises(ValueError):
+        b.engine.set_link(A_ID, old_b, 24, 11, wire_a.endpoint, 0, True, -1, False, (new_b, 24))
+    with pytest.raises(TypeError):
+        b.engine.set_link(A_ID, old_b, 24, 11, wire_a.endpoint, 0, True, -1, False, (b"not keys", 23))
 
 
 def test_cryptokey_routing_delivers_only_the_certified_source() -> None:
@@ -569,8 +599,8 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     fast = side.fast = FastPath(SimpleNamespace(links={}), side, None, side, lambda link: 0.0, A_ID, 24)  # type: ignore[arg-type]
     fast._sync_macs()
     ka, _ = session_pair()
-    fast.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    fast._pushed[B_ID] = ("a link the Engine serves",)
+    state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None)
+    fast.engine.set_link(B_ID, *state)
     fast.engine.start()
     opener = Keys(bytes(range(100, 132)), bytes(range(32)))
     count = 3000

@@ -232,6 +232,65 @@ def test_a_session_is_rekeyed_by_its_initiator_and_a_link_whose_keys_grow_too_ol
     run(scenario())
 
 
+def test_what_either_end_sent_on_the_old_session_while_a_rekey_completes_is_not_lost() -> None:
+    """The initiator moves to the new session at the response, the responder at the initiator's first packet on
+    it: until then, and for packets already on their way, each end gets packets on the old session. Both keep
+    accepting them (never sending on it) until the next rekey or REJECT_AFTER_TIME."""
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=28, group_key=GroupKey.from_seed(bytes([28]) * 32))
+        clock = [time.time()]
+        nodes = []
+        for i in range(2):
+            identity = Identity.from_seed(bytes([70 + i]) * 32)
+            node = Node(
+                identity,
+                NodeSettings(room=ROOM, address=f"{vaddr(i)}/16"),
+                MemoryUnderlay(g.network),
+                clock=lambda: clock[0],
+                trust=g.trust_for(identity, i),
+            )
+            await node.start()
+            nodes.append(node)
+        a, b = nodes
+        try:
+            a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
+            assert await g.wait_for(lambda: b.id in a.links.links and a.id in b.links.links, 3.0)
+            first = a.links.links[b.id].session
+            clock[0] += REKEY_AFTER_TIME + 1
+            a.links.tick(clock[0])
+            assert await g.wait_for(lambda: a.links.links[b.id].session is not first, 3.0)
+            link_a, link_b = a.links.links[b.id], b.links.links[a.id]
+            assert link_b.session.local_index == first.remote_index  # B has not seen the new one used yet
+            ping = encode_ping(LinkMsg.PING, 1)
+            # B still sends on the old session: A takes it.
+            before = link_a.rx_bytes
+            link_b.send(ping)
+            assert await g.wait_for(lambda: a.links.links[b.id].rx_bytes > before, 3.0)
+            # A's first packet on the new session moves B; a late one of A's on the old session still arrives.
+            late = first.seal(ping)
+            link_a.send(ping)
+            assert await g.wait_for(lambda: b.links.links[a.id].session.local_index == link_a.session.remote_index, 3.0)
+            before = b.links.links[a.id].rx_bytes
+            link_a.path.send(late)
+            assert await g.wait_for(lambda: b.links.links[a.id].rx_bytes > before, 3.0)
+            assert a.links.counters.get("drop: unknown session", 0) == 0
+            assert b.links.counters.get("drop: unknown session", 0) == 0
+            # Past REJECT_AFTER_TIME the old session is closed: a packet on it is dropped.
+            clock[0] = first.created + REJECT_AFTER_TIME + 1
+            a.links.tick(clock[0])
+            assert a.links.links[b.id].previous is None
+            old_b = b.links.links[a.id].previous
+            assert old_b is not None
+            b.links.links[a.id].path.send(old_b.seal(ping))
+            assert await g.wait_for(lambda: a.links.counters.get("drop: unknown session", 0) == 1, 3.0)
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    run(scenario())
+
+
 def test_certificates_are_renewed_through_the_overlay_at_half_life() -> None:
     async def scenario() -> None:
         lifetime = 8.0
