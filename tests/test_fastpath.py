@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
 from overlay.fastpath import FastPath, LinkState
-from overlay.links import TUNNEL_OFFSET
+from overlay.links import TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import Reassembly
+from overlay.transport.paths import UdpPath
+from overlay.transport.session import Session
 from overlay.wire import (
     RELAY_HEAD,
     ROUTED_HEADER,
@@ -644,6 +646,46 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     assert order == list(range(count))
     assert 0 < by_python < count  # both sides sent: the flow was handed over while frames kept coming
     assert held["flows waiting for Python"] > 0  # and at times while frames to it were on their way up
+
+
+def test_a_link_whose_senders_certificate_is_learnt_later_moves_to_the_engine_at_the_next_sync() -> None:
+    """In a group with certificates the Engine delivers a peer's data only once it knows the address the peer's
+    certificate gives it; until then the data goes up. The driver pushes the link again when it learns it."""
+    kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    for s in (tap, udp):
+        s.setblocking(False)
+    kernel.settimeout(TIMEOUT)
+    wire_a = Wire()
+    side = PythonSide(tap, udp, wire_a.sock.getsockname())
+    side.address_int = B_IP
+    certified: dict[int, int] = {}
+    side.source_of = certified.get  # type: ignore[assignment]
+    ka, kb = session_pair()
+    session = Session(22, 11, b"a" * 32, False, kb)
+    link = Link(A_ID, b"a" * 32, session, UdpPath(side, wire_a.sock.getsockname()), 0.0)  # type: ignore[arg-type]
+    links = SimpleNamespace(links={A_ID: link})
+    router = SimpleNamespace(on_sent=lambda link, busy: None)
+    fast = FastPath(links, side, router, side, lambda link: 0.0, B_ID, 24)  # type: ignore[arg-type]
+    fast._sync_macs()
+    fast.link_changed(A_ID)
+    fast.engine.start()
+    up = fast._up
+    up.setblocking(True)
+    up.settimeout(TIMEOUT)
+    body = header(A_ID, B_ID) + frame(A_IP, B_IP)[14:]
+    try:
+        wire_a.sock.sendto(ka.seal(0x83, 22, body), udp.getsockname())
+        assert up.recv(70000)[0] == 1  # up: the Engine cannot check the source yet
+        certified[A_ID] = A_IP
+        fast.sync()
+        wire_a.sock.sendto(ka.seal(0x83, 22, body), udp.getsockname())
+        assert kernel.recv(70000)[14:] == body[ROUTED_HEADER.size :]
+    finally:
+        fast.engine.stop()
+        for s in (kernel, tap, udp, wire_a.sock, fast._up, fast._engine_end):
+            s.close()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
