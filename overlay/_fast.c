@@ -603,6 +603,11 @@ typedef struct {
      * moved to the new one is not lost; NULL when there is none. */
     Keys *prev_keys;
     uint32_t prev_local;
+    /* A responder's session for a rekey the peer started: opened here from its first packet, and `next_used`
+     * tells Python (take()) to move the link over, as it does for a packet it opens itself. */
+    Keys *next_keys;
+    uint32_t next_local;
+    int next_used;
 } FLink;
 
 /* A flow is used until `expires`; the first packet after it asks Python to look again (UP_FLOW) and the flow
@@ -677,7 +682,7 @@ static FLink *link_by_peer(Engine *e, uint64_t peer) {
     return NULL;
 }
 
-/* The link a session index of ours belongs to, and the keys of that session (*k: current or previous). */
+/* The link a session index of ours belongs to, and the keys of that session (*k: current, previous or next). */
 static FLink *link_by_index(Engine *e, uint32_t index, Keys **k) {
     for (int i = 0; i < e->nlinks; i++) {
         FLink *L = &e->links[i];
@@ -687,6 +692,10 @@ static FLink *link_by_index(Engine *e, uint32_t index, Keys **k) {
         }
         if (L->prev_keys && L->prev_local == index) {
             *k = L->prev_keys;
+            return L;
+        }
+        if (L->next_keys && L->next_local == index) {
+            *k = L->next_keys;
             return L;
         }
     }
@@ -1220,7 +1229,8 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
     size_t relay_len = 0;
     uint8_t *relay_at = NULL;
     pthread_mutex_lock(&e->tab);
-    Keys *K, *MK;
+    Keys *K = NULL, *MK = NULL;
+    FLink *M_used = NULL;
     FLink *L = link_by_index(e, be32(pkt + 1), &K);
     /* Only from where the link's path points: a packet from elsewhere may move the link (Python decides). */
     if (!L || !L->direct || !addr_eq(&L->ep, from)) goto out;
@@ -1286,9 +1296,14 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         L->rx_seen = 1;
         M->rx += inlen;
         M->rx_seen = 1;
+        M_used = M;
         handled = 1;
     }
 out:
+    if (handled) {
+        if (K == L->next_keys) L->next_used = 1;
+        if (M_used && M_used->next_keys == MK) M_used->next_used = 1;
+    }
     pthread_mutex_unlock(&e->tab);
     if (relay) {
         emit(e, relay_at, relay_len, &relay_to);
@@ -1532,16 +1547,16 @@ static int parse_addr(PyObject *endpoint, Addr *out) {
 /* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1, tunnel_ok) */
 static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     unsigned long long peer, relay;
-    PyObject *keys, *endpoint, *previous = Py_None, *prev_keys = NULL;
-    unsigned int local, remote, prev_local = 0;
+    PyObject *keys, *endpoint, *previous = Py_None, *prev_keys = NULL, *next = Py_None, *next_keys = NULL;
+    unsigned int local, remote, prev_local = 0, next_local = 0;
     int big_ok, tunnel_ok = 0;
     long long source;
     if (!e->links) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!IIOKpL|pO", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay,
-                          &big_ok, &source, &tunnel_ok, &previous))
+    if (!PyArg_ParseTuple(args, "KO!IIOKpL|pOO", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay,
+                          &big_ok, &source, &tunnel_ok, &previous, &next))
         return NULL;
     if (!keys_ready((Keys *)keys)) return NULL;
     if (previous != Py_None) {
@@ -1554,12 +1569,22 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
             return NULL;
         }
     }
+    if (next != Py_None) {
+        if (!PyArg_ParseTuple(next, "O!I;next is None or (Keys, local index)", &KeysType, &next_keys, &next_local))
+            return NULL;
+        if (!keys_ready((Keys *)next_keys)) return NULL;
+        if (next_local == local || (prev_keys && next_local == prev_local)) {
+            PyErr_SetString(PyExc_ValueError, "the next session has the index of another");
+            return NULL;
+        }
+    }
     Addr ep = {0};
     int direct = endpoint != Py_None;
     if (direct && parse_addr(endpoint, &ep) < 0) return NULL;
     Py_INCREF(keys);
     Py_XINCREF(prev_keys);
-    PyObject *old = NULL, *old_prev = NULL;
+    Py_XINCREF(next_keys);
+    PyObject *old = NULL, *old_prev = NULL, *old_next = NULL;
     lock_tab(e);
     FLink *L = link_by_peer(e, peer);
     if (!L && e->nlinks < MAX_LINKS) {
@@ -1570,9 +1595,13 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     if (L) {
         old = (PyObject *)L->keys;
         old_prev = (PyObject *)L->prev_keys;
+        old_next = (PyObject *)L->next_keys;
         L->keys = (Keys *)keys;
         L->prev_keys = (Keys *)prev_keys;
         L->prev_local = prev_local;
+        if ((PyObject *)L->next_keys != next_keys) L->next_used = 0;
+        L->next_keys = (Keys *)next_keys;
+        L->next_local = next_local;
         L->local = local, L->remote = remote, L->direct = direct, L->ep = ep, L->relay = relay;
         L->big_ok = big_ok;
         L->tunnel_ok = tunnel_ok;
@@ -1583,28 +1612,32 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     if (!L) {
         Py_DECREF(keys);
         Py_XDECREF(prev_keys);
+        Py_XDECREF(next_keys);
         PyErr_SetString(PyExc_OverflowError, "the Engine's link table is full");
         return NULL;
     }
     Py_XDECREF(old);
     Py_XDECREF(old_prev);
+    Py_XDECREF(old_next);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
     unsigned long long peer = PyLong_AsUnsignedLongLong(arg);
     if (peer == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    PyObject *old = NULL, *old_prev = NULL;
+    PyObject *old = NULL, *old_prev = NULL, *old_next = NULL;
     lock_tab(e);
     FLink *L = e->links ? link_by_peer(e, peer) : NULL;
     if (L) {
         old = (PyObject *)L->keys;
         old_prev = (PyObject *)L->prev_keys;
+        old_next = (PyObject *)L->next_keys;
         *L = e->links[--e->nlinks];
     }
     pthread_mutex_unlock(&e->tab);
     Py_XDECREF(old);
     Py_XDECREF(old_prev);
+    Py_XDECREF(old_next);
     return PyBool_FromLong(L != NULL);
 }
 
@@ -1721,9 +1754,9 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
     lock_tab(e);
     for (int i = 0; i < e->nlinks; i++) {
         FLink *L = &e->links[i];
-        if (!L->tx && !L->rx && !L->tx_seen && !L->rx_seen) continue;
-        PyObject *t = Py_BuildValue("(KKKKKii)", L->peer, L->tx, L->rx, L->delivered, L->hops, L->tx_seen,
-                                    L->rx_seen);
+        if (!L->tx && !L->rx && !L->tx_seen && !L->rx_seen && !L->next_used) continue;
+        PyObject *t = Py_BuildValue("(KKKKKiii)", L->peer, L->tx, L->rx, L->delivered, L->hops, L->tx_seen,
+                                    L->rx_seen, L->next_used);
         if (!t || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_CLEAR(out);
@@ -1731,7 +1764,7 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
         }
         Py_DECREF(t);
         L->tx = L->rx = L->delivered = L->hops = 0;
-        L->tx_seen = L->rx_seen = 0;
+        L->tx_seen = L->rx_seen = L->next_used = 0;
     }
     pthread_mutex_unlock(&e->tab);
     return out;
@@ -1753,6 +1786,7 @@ static void Engine_dealloc(Engine *e) {
         for (int i = 0; i < e->nlinks; i++) {
             Py_XDECREF((PyObject *)e->links[i].keys);
             Py_XDECREF((PyObject *)e->links[i].prev_keys);
+            Py_XDECREF((PyObject *)e->links[i].next_keys);
         }
         PyMem_Free(e->links);
     }

@@ -5,9 +5,10 @@ between this node and the members it has links to (direct, or tunnelled through 
 RELAY, without entering Python. Everything else comes up here through a SOCK_SEQPACKET socketpair, one message
 per frame or datagram, and goes where the node's own reads would have sent it (DataPath.from_tap,
 UdpUnderlay.deliver). This side:
-- mirrors each link the Engine can serve (its session's Keys, and the previous session's, still opened after a
-  rekey; its path: a UDP endpoint or the neighbour a tunnel goes through, whether 60 KB datagrams cross it,
-  the address the sender's certificate gives it);
+- mirrors each link the Engine can serve: its session's Keys; the previous session's, still opened after a
+  rekey; the next one's, which the peer's first packet on it makes current (the Engine says so, take()), as
+  on the Python path; its path (a UDP endpoint or the neighbour a tunnel goes through), whether 60 KB
+  datagrams cross it, the address the sender's certificate gives it;
 - tells it, for each destination address the Python path just sent to over a link to its owner, to send the
   next packets there itself; a flow FLOW_TTL old is checked again (DataPath.flow) while the Engine goes on using
   it; routes that change (Router.forget_routes) forget every flow. A flow is handed over after the batch's
@@ -56,6 +57,7 @@ class LinkState(NamedTuple):
     source: int  # the address the peer's certificate gives it; -1 not known (yet), and nothing is checked
     tunnel_ok: bool
     previous: tuple[Keys, int] | None  # the session before the last rekey: its Keys and local index
+    next: tuple[Keys, int] | None  # the session we answered the peer's rekey with, until the peer uses it
 
 
 class FastPath:
@@ -145,7 +147,7 @@ class FastPath:
         if self._check_sources:
             allowed = self._datapath.source_of(link.peer_id)
             source = -1 if allowed is None else allowed
-        session, previous = link.session, link.previous
+        session, previous, nxt = link.session, link.previous, link.next_session
         return LinkState(
             session.keys,
             session.local_index,
@@ -156,6 +158,7 @@ class FastPath:
             source,
             link.tunnels_ok,
             None if previous is None else (previous.keys, previous.local_index),
+            None if nxt is None else (nxt.keys, nxt.local_index),
         )
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
@@ -189,7 +192,7 @@ class FastPath:
         """Fold what the Engine carried since the last call into the links, as the Python path would have."""
         hops = self._datapath.hops
         links = self._links.links
-        for peer, tx, rx, delivered, hop_sum, sent, received in self.engine.take():
+        for peer, tx, rx, delivered, hop_sum, sent, received, next_used in self.engine.take():
             hops[0] += delivered
             hops[1] += hop_sum
             link = links.get(peer)
@@ -202,6 +205,8 @@ class FastPath:
                 self._router.on_sent(link, True)
             if received:  # after on_sent: what arrived since answers what went out
                 self._heard(link)
+            if next_used:
+                self._links.next_used(peer)
         if self._check_sources:
             # A sender whose certificate we learn later (from its address record) may use the Engine from then on.
             for peer, state in list(self._pushed.items()):

@@ -276,9 +276,7 @@ class LinkManager:
                         raise DecodeError(f"tunnel packet with a head of kind {head[0]}")
                     plaintext = head + data[TUNNEL_OFFSET:]  # the relay message it stands for
                 if session is nxt:
-                    self._retire(link, link.session)
-                    link.session, link.next_session = session, None
-                    self.on_change(link.peer_id)
+                    self.next_used(link.peer_id)
                 link.rx_bytes += len(data)
                 if (
                     not isinstance(via, int)
@@ -312,6 +310,16 @@ class LinkManager:
         if link.previous is not None:
             self._by_index.pop(link.previous.local_index, None)
         link.previous = session
+
+    def next_used(self, peer_id: int) -> None:
+        """The peer sent on the session we answered its rekey with (we opened it, or the compiled data path
+        did): that session becomes the link's current one."""
+        link = self.links.get(peer_id)
+        if link is None or link.next_session is None:
+            return
+        self._retire(link, link.session)
+        link.session, link.next_session = link.next_session, None
+        self.on_change(peer_id)
 
     def _move(self, link: Link, via: Via) -> None:
         kind = link.path.kind if isinstance(link.path, UdpPath) else "prflx"
@@ -347,7 +355,7 @@ class LinkManager:
             self._by_index[session.local_index] = old
             if isinstance(path, TunnelPath) or not _same_path(old.path, path):
                 old.path = path
-                self.on_change(peer_id)
+            self.on_change(peer_id)  # the compiled data path opens the next session too
             return
         self._install(peer_id, peer_key, session, path, contact)
 

@@ -601,7 +601,7 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     fast = side.fast = FastPath(SimpleNamespace(links={}), side, None, side, lambda link: 0.0, A_ID, 24)  # type: ignore[arg-type]
     fast._sync_macs()
     ka, _ = session_pair()
-    state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None)
+    state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None)
     fast.engine.set_link(B_ID, *state)
     fast.engine.start()
     opener = Keys(bytes(range(100, 132)), bytes(range(32)))
@@ -648,44 +648,89 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     assert held["flows waiting for Python"] > 0  # and at times while frames to it were on their way up
 
 
-def test_a_link_whose_senders_certificate_is_learnt_later_moves_to_the_engine_at_the_next_sync() -> None:
+class Driven:
+    """B's Engine under its driver (overlay/fastpath.py), with one link: to A, at the test socket `wire_a`, in a
+    group with certificates (`certified`: the address each peer's certificate gives it, as learnt)."""
+
+    def __init__(self) -> None:
+        self.kernel, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        for s in (self.tap, self.udp):
+            s.setblocking(False)
+        self.kernel.settimeout(TIMEOUT)
+        self.wire_a = Wire()
+        side = PythonSide(self.tap, self.udp, self.wire_a.sock.getsockname())
+        side.address_int = B_IP
+        self.certified: dict[int, int] = {}
+        side.source_of = self.certified.get  # type: ignore[assignment]
+        self.ka, kb = session_pair()
+        session = Session(22, 11, b"a" * 32, False, kb)
+        path = UdpPath(side, self.wire_a.sock.getsockname())  # type: ignore[arg-type]
+        self.link = Link(A_ID, b"a" * 32, session, path, 0.0)
+        self.switched: list[int] = []
+        links = SimpleNamespace(links={A_ID: self.link}, next_used=self.switched.append)
+        router = SimpleNamespace(on_sent=lambda link, busy: None)
+        self.fast = FastPath(links, side, router, side, lambda link: 0.0, B_ID, 24)  # type: ignore[arg-type]
+        self.fast._sync_macs()
+        self.fast.link_changed(A_ID)
+        self.fast.engine.start()
+        self.up = self.fast._up
+        self.up.setblocking(True)
+        self.up.settimeout(TIMEOUT)
+
+    def send_from_a(self, keys: Keys, index: int, body: bytes) -> None:
+        self.wire_a.sock.sendto(keys.seal(0x83, index, body), self.udp.getsockname())
+
+    def close(self) -> None:
+        self.fast.engine.stop()
+        for s in (self.kernel, self.tap, self.udp, self.wire_a.sock, self.fast._up, self.fast._engine_end):
+            s.close()
+
+
+@pytest.fixture
+def driven() -> Iterator[Driven]:
+    d = Driven()
+    yield d
+    d.close()
+
+
+BODY_A_TO_B = header(A_ID, B_ID) + frame(A_IP, B_IP)[14:]
+
+
+def test_a_link_whose_senders_certificate_is_learnt_later_moves_to_the_engine_at_the_next_sync(
+    driven: Driven,
+) -> None:
     """In a group with certificates the Engine delivers a peer's data only once it knows the address the peer's
     certificate gives it; until then the data goes up. The driver pushes the link again when it learns it."""
-    kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    for s in (tap, udp):
-        s.setblocking(False)
-    kernel.settimeout(TIMEOUT)
-    wire_a = Wire()
-    side = PythonSide(tap, udp, wire_a.sock.getsockname())
-    side.address_int = B_IP
-    certified: dict[int, int] = {}
-    side.source_of = certified.get  # type: ignore[assignment]
-    ka, kb = session_pair()
-    session = Session(22, 11, b"a" * 32, False, kb)
-    link = Link(A_ID, b"a" * 32, session, UdpPath(side, wire_a.sock.getsockname()), 0.0)  # type: ignore[arg-type]
-    links = SimpleNamespace(links={A_ID: link})
-    router = SimpleNamespace(on_sent=lambda link, busy: None)
-    fast = FastPath(links, side, router, side, lambda link: 0.0, B_ID, 24)  # type: ignore[arg-type]
-    fast._sync_macs()
-    fast.link_changed(A_ID)
-    fast.engine.start()
-    up = fast._up
-    up.setblocking(True)
-    up.settimeout(TIMEOUT)
-    body = header(A_ID, B_ID) + frame(A_IP, B_IP)[14:]
-    try:
-        wire_a.sock.sendto(ka.seal(0x83, 22, body), udp.getsockname())
-        assert up.recv(70000)[0] == 1  # up: the Engine cannot check the source yet
-        certified[A_ID] = A_IP
-        fast.sync()
-        wire_a.sock.sendto(ka.seal(0x83, 22, body), udp.getsockname())
-        assert kernel.recv(70000)[14:] == body[ROUTED_HEADER.size :]
-    finally:
-        fast.engine.stop()
-        for s in (kernel, tap, udp, wire_a.sock, fast._up, fast._engine_end):
-            s.close()
+    driven.send_from_a(driven.ka, 22, BODY_A_TO_B)
+    assert driven.up.recv(70000)[0] == 1  # up: the Engine cannot check the source yet
+    driven.certified[A_ID] = A_IP
+    driven.fast.sync()
+    driven.send_from_a(driven.ka, 22, BODY_A_TO_B)
+    assert driven.kernel.recv(70000)[14:] == BODY_A_TO_B[ROUTED_HEADER.size :]
+
+
+def test_the_peers_first_packet_on_the_session_we_answered_its_rekey_with_moves_the_link_over(
+    driven: Driven,
+) -> None:
+    """The responder's Engine opens the next session itself (its packets are not passed up to be overtaken by
+    the ones after them), and tells the driver, which moves the link to it as the Python path would."""
+    driven.certified[A_ID] = A_IP
+    new_a = Keys(bytes(range(50, 82)), bytes(range(150, 182)))
+    new_b = Keys(bytes(range(150, 182)), bytes(range(50, 82)))
+    driven.link.next_session = Session(23, 12, b"a" * 32, False, new_b)
+    driven.fast.link_changed(A_ID)
+    assert driven.fast._pushed[A_ID].next == (new_b, 23)
+    driven.fast.sync()
+    assert driven.switched == []  # nothing on it yet
+    for keys, index in ((driven.ka, 22), (new_a, 23)):
+        driven.send_from_a(keys, index, BODY_A_TO_B)
+        assert driven.kernel.recv(70000)[14:] == BODY_A_TO_B[ROUTED_HEADER.size :]
+    driven.fast.sync()
+    assert driven.switched == [A_ID]
+    driven.fast.sync()
+    assert driven.switched == [A_ID]  # said once
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
