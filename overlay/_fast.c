@@ -102,8 +102,8 @@
 #define UP_HDR 20
 /* Frames held while a flow waits for Python to send what went up before it (Engine_set_flow). Our choices:
  * as many frames as WireGuard-go stages for a peer without a session (QueueStagedSize, 128) times two, at most
- * 1 MB; a flow Python has not caught up with in 50 ms (the default hold_limit; Python drains what went up in
- * well under a millisecond a batch) is given back to Python. */
+ * 1 MB; a flow Python has not caught up with in 50 ms (the default hold_limit: Python normally answers within
+ * one turn of its event loop) is given back to Python. */
 #define STAGE_MAX 256
 #define STAGE_BYTES (1 << 20)
 #define STAGE_NS 50000000LL
@@ -1386,7 +1386,7 @@ static void *engine_main(void *arg) {
     int64_t spin_until = 0;
     for (;;) {
         if (e->stage_n) release_staged(e);
-        /* While frames are held, look again every 10 ms: a flow Python never catches up with lets go (STAGE_NS). */
+        /* While frames are held, look again every 10 ms: a flow Python never catches up with lets go (hold_limit). */
         int n = epoll_wait(e->epfd, evs, 4, spin_until ? 0 : e->stage_n ? 10 : -1);
         if (n < 0) {
             if (errno == EINTR) continue;
