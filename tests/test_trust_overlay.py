@@ -190,26 +190,36 @@ def test_a_revocation_cuts_the_member_off_everywhere_and_its_certificate_no_long
     run(scenario())
 
 
+async def linked_pair(seed: int) -> tuple[MemoryGroup, list[float], list[Node]]:
+    """Two members of a group with certificates on a clock the test moves (clock[0]), A linked to B."""
+    g = MemoryGroup(seed=seed, group_key=GroupKey.from_seed(bytes([seed]) * 32))
+    clock = [time.time()]
+    nodes = []
+    for i in range(2):
+        identity = Identity.from_seed(bytes([seed * 2 + i]) * 32)
+        node = Node(
+            identity,
+            NodeSettings(room=ROOM, address=f"{vaddr(i)}/16"),
+            MemoryUnderlay(g.network),
+            clock=lambda: clock[0],
+            trust=g.trust_for(identity, i),
+        )
+        await node.start()
+        nodes.append(node)
+    a, b = nodes
+    a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
+    if not await g.wait_for(lambda: b.id in a.links.links and a.id in b.links.links, 3.0):
+        for n in nodes:
+            await n.stop()
+        raise AssertionError("the two members did not link")
+    return g, clock, nodes
+
+
 def test_a_session_is_rekeyed_by_its_initiator_and_a_link_whose_keys_grow_too_old_is_closed() -> None:
     async def scenario() -> None:
-        g = MemoryGroup(seed=26, group_key=GroupKey.from_seed(bytes([26]) * 32))
-        clock = [time.time()]
-        nodes = []
-        for i in range(2):
-            identity = Identity.from_seed(bytes([60 + i]) * 32)
-            node = Node(
-                identity,
-                NodeSettings(room=ROOM, address=f"{vaddr(i)}/16"),
-                MemoryUnderlay(g.network),
-                clock=lambda: clock[0],
-                trust=g.trust_for(identity, i),
-            )
-            await node.start()
-            nodes.append(node)
+        g, clock, nodes = await linked_pair(26)
         a, b = nodes
         try:
-            a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
-            assert await g.wait_for(lambda: b.id in a.links.links and a.id in b.links.links, 3.0)
             first = a.links.links[b.id].session
             assert first.initiator
             clock[0] += REKEY_AFTER_TIME + 1
@@ -238,24 +248,9 @@ def test_what_either_end_sent_on_the_old_session_while_a_rekey_completes_is_not_
     accepting them (never sending on it) until the next rekey or REJECT_AFTER_TIME."""
 
     async def scenario() -> None:
-        g = MemoryGroup(seed=28, group_key=GroupKey.from_seed(bytes([28]) * 32))
-        clock = [time.time()]
-        nodes = []
-        for i in range(2):
-            identity = Identity.from_seed(bytes([70 + i]) * 32)
-            node = Node(
-                identity,
-                NodeSettings(room=ROOM, address=f"{vaddr(i)}/16"),
-                MemoryUnderlay(g.network),
-                clock=lambda: clock[0],
-                trust=g.trust_for(identity, i),
-            )
-            await node.start()
-            nodes.append(node)
+        g, clock, nodes = await linked_pair(28)
         a, b = nodes
         try:
-            a.links.connect(b.identity.public_key, b.underlay.local_endpoint)
-            assert await g.wait_for(lambda: b.id in a.links.links and a.id in b.links.links, 3.0)
             first = a.links.links[b.id].session
             clock[0] += REKEY_AFTER_TIME + 1
             a.links.tick(clock[0])
