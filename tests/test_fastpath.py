@@ -534,13 +534,17 @@ def test_frames_held_for_a_flow_that_is_dropped_or_never_caught_up_with_go_up_in
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
     a.engine.start()
     try:
-        for drop in (True, False):
+        for n, drop in enumerate((True, False), 1):
             a.kernel.send(frame(A_IP, B_IP, b"\x00" * 32))
             ((first, _),) = frames_up(a)
             assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, first - 1) is False
             held = [frame(A_IP, B_IP, bytes([i]) * 32) for i in range(1, 4)]
             for f in held:
                 a.kernel.send(f)
+            deadline = time.monotonic() + TIMEOUT
+            while a.engine.counters()["frames held for order"] < 3 * n and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert a.engine.counters()["frames held for order"] == 3 * n
             if drop:
                 a.engine.drop_flow(B_IP)  # as a route change would: back to Python, behind the first
             # else: Python never says it sent `first`; after the hold limit (50 ms) they go up all the same
