@@ -6,8 +6,9 @@ relayed (a->c across b); one table, and our ratio to the best peer.
 Run as root: `sudo .venv/bin/python bench/peers.py`. Missing peers are installed from Debian first, with service
 starts refused while apt runs. Each system then gets a fresh lab (bench/peerlab.py, removed before the next) and is
 measured from a: iperf3 TCP with 1 and 4 streams and both directions at once, 64-byte UDP packets per second
-received and their loss, ping RTT (median) idle and under one TCP stream, the three daemons' CPU seconds per GB
-carried (during the 1-stream run) and the largest daemon's resident memory when idle. A benchmark, not a test: it
+received, their loss and how many reached the server's socket at all, ping RTT (median) idle and under one TCP
+stream, the three daemons' CPU seconds per GB carried (during the 1-stream run) and the largest daemon's resident
+memory when idle. A benchmark, not a test: it
 exits 0 whatever the numbers (2 when it cannot run at all). Every iperf3 and ping is bounded in time; a failed
 measurement prints why and shows as "-".
 """
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,7 @@ PING_WAIT_S = 2.0
 LOAD_RAMP_S = 1.0
 UP_TIMEOUT_S = {"direct": 30.0, "relayed": 60.0}
 UDP_PAYLOAD = 64
+DROPS_POLL_S = 0.05  # how often the server's socket drops are read during a 64-byte run (the last 50 ms are missed)
 # Debian packages every run needs (the peers' own are in bench/peerlab.py), and the policy-rc.d protocol that
 # refuses service starts while they install (invoke-rc.d(8)).
 TOOL_PACKAGES = ("iperf3", "iputils-ping")
@@ -79,6 +82,7 @@ class PathResult:
     bidir: float | None = None  # both directions together
     kpps: float | None = None  # 64-byte UDP datagrams received per second, thousands
     loss: float | None = None  # % of those sent
+    arrived: float | None = None  # thousands per second that reached the server's socket (received or dropped there)
     rtt_idle: float | None = None  # ms, median
     rtt_loaded: float | None = None
     cpu_s_per_gb: float | None = None  # daemon CPU seconds (all three) per GB received, 1-stream TCP
@@ -109,6 +113,7 @@ COLUMNS = (
     Column("bidir", "bidir", "Mbit/s", True, 0),
     Column("kpps", "64B kpps", "1000 datagrams/s", True, 1),
     Column("loss", "loss %", "%", False, 1),
+    Column("arrived", "64B in", "1000 datagrams/s", True, 1),
     Column("rtt_idle", "RTT idle", "ms", False, 3),
     Column("rtt_loaded", "RTT load", "ms", False, 2),
     Column("cpu_s_per_gb", "CPU s/GB", "CPU s per GB", False, 1),
@@ -328,20 +333,25 @@ class Bench:
         return rtt
 
     def small_packets(self, path: str, row: PathResult) -> None:
-        """64-byte UDP as fast as the sender can (-b 0): datagrams received per second and the share lost. With
-        several runs, both numbers come from the run with the median rate (the lower middle one of an even count):
-        they belong together."""
-        pairs = []
+        """64-byte UDP as fast as the sender can (-b 0): datagrams received per second, the share lost, and how
+        many per second reached the iperf3 server's socket, kept or dropped there because the server did not read
+        them in time (the rest were lost on the way). With several runs, all three come from the run with the
+        median rate (the lower middle one of an even count): they belong together."""
+        runs = []
         for n in range(self.runs):
-            report = self.iperf(path, "-u", "-l", str(UDP_PAYLOAD), "-b", "0")
+            with socket_drops(self.servers[path].pid, IPERF_PORT) as drops:
+                report = self.iperf(path, "-u", "-l", str(UDP_PAYLOAD), "-b", "0")
             kpps = None if report is None else _number(received_kpps, report, "64B kpps")
             loss = None if report is None else _number(lost_percent, report, "64B loss")
+            seconds = None if report is None else _number(received_seconds, report, "64B seconds")
+            arrived = None if kpps is None or drops[0] is None or not seconds else kpps + drops[0] / seconds / 1e3
             if kpps is not None and loss is not None:
-                pairs.append((kpps, loss))
+                runs.append((kpps, loss, arrived))
             count = f" run {n + 1}/{self.runs}" if self.runs > 1 else ""
-            say(f"    64-byte UDP{count}: {_fmt(kpps, 1)} kpps received, {_fmt(loss, 1)} % lost")
-        if pairs:
-            row.kpps, row.loss = sorted(pairs)[(len(pairs) - 1) // 2]
+            say(f"    64-byte UDP{count}: {_fmt(kpps, 1)} kpps received, {_fmt(loss, 1)} % lost; "
+                f"{_fmt(arrived, 1)} kpps reached the server's socket")  # fmt: skip
+        if runs:
+            row.kpps, row.loss, row.arrived = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
 
     def path(self, path: str, row: PathResult) -> None:
         say(f"  {path} {PATH_LABELS[path]} ({self.d.destinations[path][1]})")
@@ -372,6 +382,40 @@ def received_kpps(report: dict[str, Any]) -> float:
     """Datagrams that reached the server per second (iperf3 counts the lost ones by sequence gaps)."""
     s = report["end"]["sum_received"]
     return (int(s["packets"]) - int(s["lost_packets"])) / float(s["seconds"]) / 1e3
+
+
+def received_seconds(report: dict[str, Any]) -> float:
+    return float(report["end"]["sum_received"]["seconds"])
+
+
+@contextlib.contextmanager
+def socket_drops(pid: int, port: int) -> Iterator[list[int | None]]:
+    """While the block runs, the datagrams dropped by the UDP sockets on `port` in `pid`'s network namespace
+    (the last column of /proc/net/udp and udp6): the receiver's buffer overflowing. iperf3 closes the test's socket when
+    the test ends, so it is read every DROPS_POLL_S until then; [None] if it was never seen."""
+    found: list[int | None] = [None]
+    done = threading.Event()
+    # iperf3's server listens on IPv6 (v4-mapped for IPv4 clients): its sockets are in udp6.
+    tables = [Path(f"/proc/{pid}/net/{name}") for name in ("udp", "udp6")]
+    local = f":{port:04X}"
+
+    def poll() -> None:
+        while not done.wait(DROPS_POLL_S):
+            try:
+                rows = [line.split() for t in tables for line in t.read_text().splitlines()[1:]]
+            except OSError:
+                return
+            counts = [int(r[-1]) for r in rows if len(r) > 2 and r[1].endswith(local)]
+            if counts and sum(counts) >= (found[0] or 0):
+                found[0] = sum(counts)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield found
+    finally:
+        done.set()
+        watcher.join()
 
 
 def lost_percent(report: dict[str, Any]) -> float:
@@ -595,10 +639,13 @@ def main() -> int:
     say("")
     say(f"peers  {datetime.now():%Y-%m-%d %H:%M}  kernel {platform.release()}  nproc {len(os.sched_getaffinity(0))}  "
         f"{args.seconds:g} s per measurement ({runs})  total {wall / 60:.1f} min")  # fmt: skip
-    say("Mbit/s received (bidir: both directions added); 64-byte UDP sent as fast as iperf3 can: kpps received and "
-        "% lost; RTT in ms (median of the replies), idle and under one TCP stream; CPU: the three daemons' seconds "
-        "per GB received (1 stream); RSS: the largest daemon idle, MiB. Ratios: ours / the best peer's value (the "
-        "best: the highest throughput and pps, the lowest loss, RTT, CPU and RSS).")  # fmt: skip
+    say(
+        "Mbit/s received (bidir: both directions added); 64-byte UDP sent as fast as iperf3 can: kpps received, "
+        '% lost, and kpps that reached the server\'s socket ("64B in"; the difference was dropped there, the '
+        "server not reading fast enough); RTT in ms (median of the replies), idle and under one TCP stream; CPU: "
+        "the three daemons' seconds per GB received (1 stream); RSS: the largest daemon idle, MiB. Ratios: ours / "
+        "the best peer's value (the best: the highest throughput and pps, the lowest loss, RTT, CPU and RSS)."
+    )
     say("")
     for line in table(results):
         say(line)
