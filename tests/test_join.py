@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from overlay.beacon import NO_OVERLAY
 from tests.support.group import Group, missing_prerequisites
 from tests.support.views import one_ring, overlays, statuses
 
@@ -32,6 +33,7 @@ JOIN_S = 30.0
 MERGE_S = 60.0
 # Beacons stop when every anchor is gone; the survivors notice after 60 s (+ up to 10 s of jitter).
 NOTICE_S = 75.0
+NO_OVERLAY_ID = f"{NO_OVERLAY:016x}"  # what status says before a node has taken an overlay's ID
 
 
 # -- a joiner that cannot reach the anchors ------------------------------------------------------------------
@@ -90,6 +92,8 @@ def test_two_overlays_formed_apart_merge_into_one_ring() -> None:
         g.join(5, min_links=0)  # finds no anchor in the room and founds a second overlay
         g.join(6)
         g.join(7)
+        # A joiner takes its overlay's ID from the first beacon after its first link: wait until every node has one.
+        assert g.wait_until(lambda: NO_OVERLAY_ID not in overlays(statuses(g)), JOIN_S), overlays(statuses(g))
         apart = overlays(statuses(g))
         assert len(apart) == 2 and old in apart, f"expected two overlays: {apart}"
         # The survivors of the first overlay notice the beacon has stopped, go back to the room and find the
