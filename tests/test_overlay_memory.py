@@ -11,6 +11,10 @@ import pytest
 from overlay.wire import Endpoint, Kind, PacketType
 from tests.support.memgroup import MemoryGroup
 
+# For the tests about noticing dead links: a link silent for two of MemoryGroup's 0.5 s rounds is pinged (idle
+# ones after four), and dead DEAD_GRACE (6 s, three pings) later, instead of after production's 19-32 s.
+PING_INTERVAL = 1.0
+
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
@@ -64,7 +68,7 @@ def test_ring_repairs_after_a_node_leaves_and_traffic_flows_again() -> None:
 
 def test_ring_repairs_after_a_node_crashes_without_saying_goodbye() -> None:
     async def scenario() -> None:
-        g = MemoryGroup(seed=5)
+        g = MemoryGroup(seed=5, ping_interval=PING_INTERVAL)
         try:
             for _ in range(12):
                 await g.add_node()
@@ -194,7 +198,7 @@ def test_an_anchor_and_a_member_cut_off_until_their_links_die_get_back_into_the_
     joiner had joined), a member waited a minute for the missing beacon. Both go to the room after ALONE_AFTER."""
 
     async def scenario() -> None:
-        g = MemoryGroup(seed=13)
+        g = MemoryGroup(seed=13, ping_interval=PING_INTERVAL)
         try:
             for _ in range(8):
                 await g.add_node()
@@ -263,7 +267,7 @@ def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() ->
     from overlay.ids import ring_distance
 
     async def scenario() -> None:
-        g = MemoryGroup(seed=9)
+        g = MemoryGroup(seed=9, ping_interval=PING_INTERVAL)
         try:
             for _ in range(12):
                 await g.add_node()

@@ -18,6 +18,7 @@ from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
 from overlay.remembered import Remembered
+from overlay.routing.maintenance import DEAD_GRACE
 from overlay.routing.ring import RingParams, SortedRing
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, ETH_P_IPV6, ethernet_frame, internet_checksum
@@ -69,6 +70,10 @@ def vaddr(i: int) -> str:
 class MemoryGroup:
     seed: int = 1
     stabilize_interval: float = 0.5
+    # A link silent this long is pinged (overlay/routing/maintenance.py PING_INTERVAL) and declared dead DEAD_GRACE
+    # later; None: the production timers, scaled for 10 s rounds. Tests about failure detection pass a value
+    # that fits the rounds above, so a crash or a cut is noticed in seconds rather than 19-32 s.
+    ping_interval: float | None = None
     params: RingParams = field(default_factory=RingParams)
     on_demand_rate: float = 0.0  # off unless a test is about it: small groups relay through few nodes
     network: MemoryNetwork = field(default_factory=MemoryNetwork)
@@ -132,6 +137,9 @@ class MemoryGroup:
             trust=self.trust_for(identity, i),
             issuer=self.issuer if i == self.issuer_node else None,
         )
+        if self.ping_interval is not None:
+            node.maintenance.ping_interval = self.ping_interval
+            node.maintenance.dead_after = self.ping_interval + DEAD_GRACE
         if i == len(self.nodes):
             self.nodes.append(node)
             self.taps.append(tap)
