@@ -31,7 +31,8 @@ from typing import Any
 
 from overlay.config import resolve_address6
 from overlay.control import ControlError, query
-from overlay.ids import parse_id, ring_distance
+from overlay.identity import Identity
+from overlay.ids import format_id, parse_id, ring_distance
 from tests.support.coturn import CoturnServer
 from tests.support.ejabberd import EjabberdServer, missing_ejabberd
 from tests.support.netlab import Host, NetLab
@@ -335,11 +336,11 @@ class Group:
         return out.stdout.strip().splitlines()[-1]
 
     def keygen(self, path: Path) -> str:
-        out = subprocess.run([*cli_argv(), "keygen", str(path)], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-        if out.returncode != 0:
-            raise RuntimeError(f"ipop-overlay keygen {path} exited {out.returncode}: {out.stderr.strip()}")
-        node_id = out.stdout.strip().split()[-1]
-        return node_id
+        """The key `ipop-overlay keygen` writes (same code, overlay.identity: tests/test_cli.py runs the command),
+        without a process per member."""
+        identity = Identity.generate()
+        identity.save(path)
+        return format_id(identity.node_id)
 
     def config_text(
         self,
