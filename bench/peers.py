@@ -8,9 +8,8 @@ starts refused while apt runs. Each system then gets a fresh lab (bench/peerlab.
 measured from a: iperf3 TCP with 1 and 4 streams and both directions at once, 64-byte UDP packets per second
 received, their loss and how many reached the server's socket at all, ping RTT (median) idle and under one TCP
 stream, the three daemons' CPU seconds per GB carried (during the 1-stream run) and the largest daemon's resident
-memory when idle. A benchmark, not a test: it
-exits 0 whatever the numbers (2 when it cannot run at all). Every iperf3 and ping is bounded in time; a failed
-measurement prints why and shows as "-".
+memory when idle. A benchmark, not a test: it exits 0 whatever the numbers (2 when it cannot run at all). Every
+iperf3 and ping is bounded in time; a failed measurement prints why and shows as "-".
 """
 
 from __future__ import annotations
@@ -391,8 +390,8 @@ def received_seconds(report: dict[str, Any]) -> float:
 @contextlib.contextmanager
 def socket_drops(pid: int, port: int) -> Iterator[list[int | None]]:
     """While the block runs, the datagrams dropped by the UDP sockets on `port` in `pid`'s network namespace
-    (the last column of /proc/net/udp and udp6): the receiver's buffer overflowing. iperf3 closes the test's socket when
-    the test ends, so it is read every DROPS_POLL_S until then; [None] if it was never seen."""
+    (the last column of /proc/net/udp and udp6): the receiver's buffer overflowing. iperf3 closes the test's
+    socket when the test ends, so it is read every DROPS_POLL_S until then; [None] if it was never seen."""
     found: list[int | None] = [None]
     done = threading.Event()
     # iperf3's server listens on IPv6 (v4-mapped for IPv4 clients): its sockets are in udp6.
