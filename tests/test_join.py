@@ -161,11 +161,13 @@ def test_a_joiner_costs_the_same_stanzas_with_10_and_30_members_and_later_links_
     by_id = {m.node_id: m.index for m in g.members}
     deadline = time.monotonic() + 240
     while links_up(g.status(31)) < links_up(before) + 10 and time.monotonic() < deadline:
+        up = links_up(g.status(31))
         peers = [by_id[row["peer_id"]] for row in g.status(31)["links"] if by_id.get(row["peer_id"], 0) > 2]
         if peers:
             g.stop_node(peers[0])
             g.restart_node(peers[0])
-        time.sleep(2)
+        # Let the joiner set up its next link before another peer goes.
+        g.wait_until(lambda up=up: links_up(g.status(31)) > up, 10.0)
     after = g.status(31)
     assert links_up(after) >= links_up(before) + 10, (links_up(before), links_up(after))
     assert xmpp_stanzas(after) == xmpp_stanzas(before), (before["membership"]["xmpp"], after["membership"]["xmpp"])
