@@ -161,8 +161,9 @@ def test_a_joiner_costs_the_same_stanzas_with_10_and_30_members_and_later_links_
     by_id = {m.node_id: m.index for m in g.members}
     deadline = time.monotonic() + 240
     while links_up(g.status(31)) < links_up(before) + 10 and time.monotonic() < deadline:
-        up = links_up(g.status(31))
-        peers = [by_id[row["peer_id"]] for row in g.status(31)["links"] if by_id.get(row["peer_id"], 0) > 2]
+        now = g.status(31)
+        up = links_up(now)
+        peers = [by_id[row["peer_id"]] for row in now["links"] if by_id.get(row["peer_id"], 0) > 2]
         if peers:
             g.stop_node(peers[0])
             g.restart_node(peers[0])

@@ -214,12 +214,11 @@ def test_a_node_without_a_certificate_gets_no_link(group: Group) -> None:
     )  # fmt: skip
 
     def refused() -> int:
-        no_cert = sum(group.status(i)["trust"]["counters"].get("refused: no certificate", 0) for i in range(SIZE))
-        failed = sum(
-            group.status(i)["counters"].get("drop: handshake: handshake initiation fails authentication", 0)
-            for i in range(SIZE)
-        )
-        return int(no_cert + failed)
+        total = 0
+        for st in (group.status(i) for i in range(SIZE)):
+            total += st["trust"]["counters"].get("refused: no certificate", 0)
+            total += st["counters"].get("drop: handshake: handshake initiation fails authentication", 0)
+        return int(total)
 
     def had_its_chance() -> bool:
         """It linked, or members refused its handshakes and it gave up on at least one attempt (every try of it
