@@ -160,4 +160,6 @@ def test_an_iperf3_stream_moves_to_an_on_demand_link_within_5_s_and_completes() 
         assert "error" not in report, report.get("error")
         received = report["end"]["sum_received"]["bytes"]
         assert client.returncode == 0 and received >= 0.9 * report["end"]["sum_sent"]["bytes"] > 0, err
-        assert g.status(a)["counters"].get("on-demand switches") == 1
+        # Either end may ask first: the stream's ACKs pass the rate from b to a too. One end switched, once.
+        switches = [g.status(i)["counters"].get("on-demand switches", 0) for i in (a, b)]
+        assert 1 <= sum(switches) and max(switches) == 1, switches
