@@ -30,12 +30,6 @@
 
 #include <errno.h>
 #include <netinet/in.h>
-#include <openssl/evp.h>
-#include <openssl/opensslv.h>
-#if OPENSSL_VERSION_NUMBER >= 0x30000000L
-#include <openssl/core_names.h>
-#include <openssl/params.h>
-#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -47,6 +41,8 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "_gcm.h"
 
 #define REPLAY_WINDOW 1024
 #define WINDOW_WORDS (REPLAY_WINDOW / 64)
@@ -129,7 +125,8 @@ static int64_t now_ns(void) {
 
 typedef struct {
     PyObject_HEAD
-    EVP_CIPHER_CTX *enc, *dec;
+    Gcm enc, dec;
+    int ready; /* the keys are set */
     pthread_mutex_t send_lock, recv_lock;
     uint64_t counter; /* the next to send */
     int64_t top;      /* the newest accepted, -1 before any */
@@ -160,95 +157,18 @@ static void nonce_of(uint8_t nonce[12], uint64_t counter) {
     put64(nonce + 4, counter);
 }
 
-/* Each EVP call costs 50-100 ns on top of the cipher (OpenSSL 3.0's provider dispatch and its parameter
- * lookups), as much as AES-GCM itself on a 100-byte packet: small pieces are gathered into one buffer and fed in
- * one call, the two parts of the associated data too, and the tag goes through EVP_CIPHER_CTX_get_params and
- * set_params rather than EVP_CIPHER_CTX_ctrl, which builds the same parameters on each call. Measured alone
- * (2026-12-03), a 120-byte seal in two pieces took 825-950 ns in a loop on a loaded host and 614-717 ns this way. */
-#define GATHER_MAX 2048
-
-/* Feed the associated data aad, then aad2 (either may be empty), in one call when they are small. */
-static int gcm_aad(EVP_CIPHER_CTX *ctx, int encrypt, const uint8_t *aad, int aadlen, const uint8_t *aad2,
-                   int aad2len) {
-    uint8_t joined[64];
-    int len;
-    if (aadlen && aad2len && aadlen + aad2len <= (int)sizeof joined) {
-        memcpy(joined, aad, (size_t)aadlen);
-        memcpy(joined + aadlen, aad2, (size_t)aad2len);
-        aad = joined, aadlen += aad2len, aad2len = 0;
-    }
-    int (*update)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int) =
-        encrypt ? EVP_EncryptUpdate : EVP_DecryptUpdate;
-    if (aadlen && update(ctx, NULL, &len, aad, aadlen) != 1) return -1;
-    if (aad2len && update(ctx, NULL, &len, aad2, aad2len) != 1) return -1;
-    return 0;
-}
-
-static int gcm_tag(EVP_CIPHER_CTX *ctx, int get, uint8_t *tag) {
-#if OPENSSL_VERSION_NUMBER >= 0x30000000L
-    OSSL_PARAM p[2] = {OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, TAG), OSSL_PARAM_END};
-    return (get ? EVP_CIPHER_CTX_get_params(ctx, p) : EVP_CIPHER_CTX_set_params(ctx, p)) == 1 ? 0 : -1;
-#else
-    return EVP_CIPHER_CTX_ctrl(ctx, get ? EVP_CTRL_GCM_GET_TAG : EVP_CTRL_GCM_SET_TAG, TAG, tag) == 1 ? 0 : -1;
-#endif
-}
-
-/* Seal the concatenation of `n` plaintext pieces under `nonce` into out (ciphertext, then the tag). */
-static int gcm_seal_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
-                          const uint8_t *aad2, int aad2len, const struct iovec *pieces, int n, uint8_t *out,
-                          size_t *outlen) {
-    int len;
-    size_t total = 0, sum = 0;
-    uint8_t gathered[GATHER_MAX];
-    struct iovec one;
-    for (int i = 0; i < n; i++) sum += pieces[i].iov_len;
-    if (n > 1 && sum <= sizeof gathered) {
-        for (int i = 0; i < n; i++) {
-            memcpy(gathered + total, pieces[i].iov_base, pieces[i].iov_len);
-            total += pieces[i].iov_len;
-        }
-        one = (struct iovec){gathered, total};
-        pieces = &one, n = 1, total = 0;
-    }
-    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (gcm_aad(ctx, 1, aad, aadlen, aad2, aad2len)) return -1;
-    for (int i = 0; i < n; i++) {
-        if (!pieces[i].iov_len) continue;
-        if (EVP_EncryptUpdate(ctx, out + total, &len, pieces[i].iov_base, (int)pieces[i].iov_len) != 1) return -1;
-        total += (size_t)len;
-    }
-    if (EVP_EncryptFinal_ex(ctx, out + total, &len) != 1) return -1;
-    total += (size_t)len;
-    if (gcm_tag(ctx, 1, out + total)) return -1;
-    *outlen = total + TAG;
-    return 0;
-}
-
-static int gcm_seal(EVP_CIPHER_CTX *ctx, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
+static int gcm_seal(Gcm *g, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
                     const struct iovec *pieces, int n, uint8_t *out, size_t *outlen) {
     uint8_t nonce[12];
     nonce_of(nonce, c);
-    return gcm_seal_nonce(ctx, nonce, aad, aadlen, aad2, aad2len, pieces, n, out, outlen);
+    return gcm_seal_nonce(g, nonce, aad, aadlen, aad2, aad2len, pieces, n, out, outlen);
 }
 
-static int gcm_open_nonce(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
-                          const uint8_t *aad2, int aad2len, const uint8_t *ct, size_t ctlen, const uint8_t *tag,
-                          uint8_t *out) {
-    int len;
-    uint8_t expected[TAG];
-    memcpy(expected, tag, TAG); /* set_params takes a writable buffer; the packet's stays untouched */
-    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (gcm_aad(ctx, 0, aad, aadlen, aad2, aad2len)) return -1;
-    if (ctlen && EVP_DecryptUpdate(ctx, out, &len, ct, (int)ctlen) != 1) return -1;
-    if (gcm_tag(ctx, 0, expected)) return -1;
-    return EVP_DecryptFinal_ex(ctx, out + ctlen, &len) == 1 ? 0 : -1;
-}
-
-static int gcm_open(EVP_CIPHER_CTX *ctx, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
+static int gcm_open(Gcm *g, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
                     const uint8_t *ct, size_t ctlen, const uint8_t *tag, uint8_t *out) {
     uint8_t nonce[12];
     nonce_of(nonce, c);
-    return gcm_open_nonce(ctx, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
+    return gcm_open_nonce(g, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
 }
 
 /* Seal a packet (header, then the AEAD of the pieces) into out under the next counter; the caller holds no lock.
@@ -264,7 +184,7 @@ static int keys_seal_aad(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t 
         put32(out + 1, remote);
         put64(out + 5, c);
         size_t len;
-        rc = gcm_seal(k->enc, c, out, HDR, aad2, aad2 ? TAG : 0, pieces, n, out + HDR, &len) ? -2 : 0;
+        rc = gcm_seal(&k->enc, c, out, HDR, aad2, aad2 ? TAG : 0, pieces, n, out + HDR, &len) ? -2 : 0;
         if (!rc) *outlen = HDR + len;
     }
     pthread_mutex_unlock(&k->send_lock);
@@ -296,7 +216,7 @@ static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t 
     pthread_mutex_lock(&k->recv_lock);
     if (!window_fresh(k, c)) {
         rc = 1;
-    } else if (gcm_open(k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
+    } else if (gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
         rc = 2;
     } else {
         if (mark) window_mark(k, c);
@@ -326,32 +246,48 @@ static int keys_mark(Keys *k, uint64_t c) {
     return ok;
 }
 
-static EVP_CIPHER_CTX *gcm_ctx(const uint8_t *key, int encrypt) {
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    if (!ctx) return NULL;
-    int ok = encrypt ? EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL)
-                     : EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL);
-    if (ok != 1) {
-        EVP_CIPHER_CTX_free(ctx);
-        return NULL;
+/* impl=None: the module's choice (GCM); "openssl" or "ipsec-mb": that one, where it can run. -1: error set. */
+static int gcm_impl_of(PyObject *name, gcm_impl *impl) {
+    *impl = gcm_default;
+    if (!name || name == Py_None) return 0;
+    const char *s = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    if (!s) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "impl is a str");
+        return -1;
     }
-    return ctx;
+    if (!strcmp(s, "openssl")) *impl = GCM_OPENSSL;
+    else if (!strcmp(s, "ipsec-mb")) *impl = GCM_IPSEC_MB;
+    else {
+        PyErr_Format(PyExc_ValueError, "no AES-GCM implementation %R (openssl, ipsec-mb)", name);
+        return -1;
+    }
+    if (!gcm_available(*impl)) {
+        PyErr_Format(PyExc_ValueError, "AES-GCM implementation %s cannot run here", s);
+        return -1;
+    }
+    return 0;
 }
 
 static int Keys_init(Keys *self, PyObject *args, PyObject *kw) {
     Py_buffer send, recv;
-    static char *names[] = {"send_key", "recv_key", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*", names, &send, &recv)) return -1;
+    PyObject *name = NULL;
+    gcm_impl impl;
+    static char *names[] = {"send_key", "recv_key", "impl", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*|O", names, &send, &recv, &name)) return -1;
     int rc = -1;
     if (send.len != 32 || recv.len != 32) {
         PyErr_SetString(PyExc_ValueError, "AES-256-GCM keys are 32 bytes");
-    } else if (self->enc) {
+    } else if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Keys are set once");
-    } else {
-        self->enc = gcm_ctx(send.buf, 1);
-        self->dec = gcm_ctx(recv.buf, 0);
-        if (!self->enc || !self->dec) PyErr_SetString(PyExc_RuntimeError, "OpenSSL cannot make an AES-256-GCM context");
-        else rc = 0;
+    } else if (gcm_impl_of(name, &impl) == 0) {
+        if (gcm_init(&self->enc, impl, send.buf, 1) || gcm_init(&self->dec, impl, recv.buf, 0)) {
+            gcm_free(&self->enc);
+            gcm_free(&self->dec);
+            PyErr_SetString(PyExc_RuntimeError, "cannot make an AES-256-GCM context");
+        } else {
+            self->ready = 1;
+            rc = 0;
+        }
     }
     PyBuffer_Release(&send);
     PyBuffer_Release(&recv);
@@ -368,15 +304,15 @@ static PyObject *Keys_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 }
 
 static void Keys_dealloc(Keys *self) {
-    if (self->enc) EVP_CIPHER_CTX_free(self->enc);
-    if (self->dec) EVP_CIPHER_CTX_free(self->dec);
+    gcm_free(&self->enc);
+    gcm_free(&self->dec);
     pthread_mutex_destroy(&self->send_lock);
     pthread_mutex_destroy(&self->recv_lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int keys_ready(Keys *self) {
-    if (!self->enc) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Keys were not initialised");
         return 0;
     }
@@ -532,27 +468,32 @@ static PyTypeObject KeysType = {
 };
 
 /* AES-256-GCM with any key, nonce and associated data: the handshake's cipher (overlay/transport/noise.py). */
-static PyObject *aesgcm(PyObject *args, int encrypt) {
+static PyObject *aesgcm(PyObject *args, PyObject *kw, int encrypt) {
     Py_buffer key, nonce, ad, data;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*", &key, &nonce, &ad, &data)) return NULL;
+    PyObject *name = NULL;
+    static char *names[] = {"key", "nonce", "ad", "data", "impl", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*y*y*|O", names, &key, &nonce, &ad, &data, &name)) return NULL;
     PyObject *out = NULL;
-    EVP_CIPHER_CTX *ctx = NULL;
+    Gcm g = {0};
+    gcm_impl impl;
     if (key.len != 32 || nonce.len != 12) {
         PyErr_SetString(PyExc_ValueError, "AES-256-GCM takes a 32-byte key and a 12-byte nonce");
     } else if (!encrypt && data.len < TAG) {
         PyErr_SetString(Forged, "ciphertext shorter than its tag");
-    } else if (!(ctx = gcm_ctx(key.buf, encrypt))) {
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL cannot make an AES-256-GCM context");
+    } else if (gcm_impl_of(name, &impl)) {
+        /* error set */
+    } else if (gcm_init(&g, impl, key.buf, encrypt)) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot make an AES-256-GCM context");
     } else if ((out = PyBytes_FromStringAndSize(NULL, encrypt ? data.len + TAG : data.len - TAG))) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         int rc;
         if (encrypt) {
             struct iovec piece = {data.buf, (size_t)data.len};
             size_t len;
-            rc = gcm_seal_nonce(ctx, nonce.buf, ad.buf, (int)ad.len, NULL, 0, &piece, 1, o, &len);
+            rc = gcm_seal_nonce(&g, nonce.buf, ad.buf, (int)ad.len, NULL, 0, &piece, 1, o, &len);
         } else {
             const uint8_t *d = data.buf;
-            rc = gcm_open_nonce(ctx, nonce.buf, ad.buf, (int)ad.len, NULL, 0, d, (size_t)(data.len - TAG),
+            rc = gcm_open_nonce(&g, nonce.buf, ad.buf, (int)ad.len, NULL, 0, d, (size_t)(data.len - TAG),
                                 d + data.len - TAG, o);
         }
         if (rc) {
@@ -561,7 +502,7 @@ static PyObject *aesgcm(PyObject *args, int encrypt) {
                             encrypt ? "AES-GCM failed" : "ciphertext fails authentication");
         }
     }
-    if (ctx) EVP_CIPHER_CTX_free(ctx);
+    gcm_free(&g);
     PyBuffer_Release(&key);
     PyBuffer_Release(&nonce);
     PyBuffer_Release(&ad);
@@ -569,12 +510,14 @@ static PyObject *aesgcm(PyObject *args, int encrypt) {
     return out;
 }
 
-static PyObject *aesgcm_seal(PyObject *m, PyObject *args) { return aesgcm(args, 1); }
-static PyObject *aesgcm_open(PyObject *m, PyObject *args) { return aesgcm(args, 0); }
+static PyObject *aesgcm_seal(PyObject *m, PyObject *args, PyObject *kw) { return aesgcm(args, kw, 1); }
+static PyObject *aesgcm_open(PyObject *m, PyObject *args, PyObject *kw) { return aesgcm(args, kw, 0); }
 
 static PyMethodDef module_methods[] = {
-    {"aesgcm_seal", aesgcm_seal, METH_VARARGS, "aesgcm_seal(key, nonce, ad, plaintext) -> ciphertext + tag"},
-    {"aesgcm_open", aesgcm_open, METH_VARARGS, "aesgcm_open(key, nonce, ad, ciphertext + tag) -> plaintext; Forged"},
+    {"aesgcm_seal", (PyCFunction)(void (*)(void))aesgcm_seal, METH_VARARGS | METH_KEYWORDS,
+     "aesgcm_seal(key, nonce, ad, plaintext, impl=None) -> ciphertext + tag"},
+    {"aesgcm_open", (PyCFunction)(void (*)(void))aesgcm_open, METH_VARARGS | METH_KEYWORDS,
+     "aesgcm_open(key, nonce, ad, ciphertext + tag, impl=None) -> plaintext; Forged"},
     {NULL}};
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -1834,8 +1777,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "overlay._fast",
                                     "The compiled data path: link session keys and the packet engine.", -1,
                                     module_methods};
 
+/* The AES-GCM implementations that can run here, the one in use first. */
+static PyObject *gcm_impls(void) {
+    if (!gcm_available(GCM_IPSEC_MB)) return Py_BuildValue("(s)", "openssl");
+    return gcm_default == GCM_IPSEC_MB ? Py_BuildValue("(ss)", "ipsec-mb", "openssl")
+                                       : Py_BuildValue("(ss)", "openssl", "ipsec-mb");
+}
+
 PyMODINIT_FUNC PyInit__fast(void) {
     if (PyType_Ready(&KeysType) < 0 || PyType_Ready(&EngineType) < 0) return NULL;
+    gcm_setup();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Replayed = PyErr_NewException("overlay._fast.Replayed", PyExc_ValueError, NULL);
@@ -1848,7 +1799,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
         PyModule_AddObject(m, "Replayed", Replayed) < 0 || PyModule_AddObject(m, "Forged", Forged) < 0 ||
         PyModule_AddObject(m, "Exhausted", Exhausted) < 0 ||
         PyModule_AddIntConstant(m, "REPLAY_WINDOW", REPLAY_WINDOW) < 0 ||
-        PyModule_AddIntConstant(m, "UP_HEADER", UP_HDR) < 0) {
+        PyModule_AddIntConstant(m, "UP_HEADER", UP_HDR) < 0 || PyModule_AddStringConstant(m, "GCM", gcm_name) < 0 ||
+        PyModule_AddObject(m, "GCM_IMPLS", gcm_impls()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

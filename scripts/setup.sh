@@ -11,9 +11,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ejabberd pulls in erlang-base, which ships epmd (the tests start their own, inside a namespace).
-# gcc, python3-dev and libssl-dev build the compiled data path (overlay/_fast.c) against OpenSSL's libcrypto.
+# gcc, python3-dev and libssl-dev build the compiled data path (overlay/_fast.c) against OpenSSL's libcrypto;
+# on amd64, libipsec-mb-dev adds Intel's ipsec-mb, whose AES-GCM takes over on CPUs with VAES (overlay/_gcm.h).
 DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip
       gcc python3-dev libssl-dev)
+if [ "$(dpkg --print-architecture)" = amd64 ]; then DEBS+=(libipsec-mb-dev); fi
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -65,7 +67,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
      >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
-     || [ overlay/_fast.c -nt .venv/.installed ]; then
+     || [ overlay/_fast.c -nt .venv/.installed ] || [ overlay/_gcm.h -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed

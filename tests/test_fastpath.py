@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay._fast import UP_HEADER, Engine, Keys
+from overlay._fast import GCM_IMPLS, UP_HEADER, Engine, Keys
 from overlay.fastpath import FastPath, LinkState
 from overlay.links import TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
@@ -121,17 +121,22 @@ class Wire:
         self.sock.sendto(data, ("127.0.0.1", node.port))
 
 
-def session_pair() -> tuple[Keys, Keys]:
+def session_pair(impl_a: str | None = None, impl_b: str | None = None) -> tuple[Keys, Keys]:
     k1, k2 = bytes(range(32)), bytes(range(100, 132))
-    return Keys(k1, k2), Keys(k2, k1)
+    return Keys(k1, k2, impl=impl_a), Keys(k2, k1, impl=impl_b)
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
+# Each end's AES-GCM (overlay/_gcm.h): the module's choice at both, and where a second implementation can run, one
+# on each end: the bytes on the wire are the same, so the Engines must not notice.
+IMPL_PAIRS = [(None, None), *([("openssl", "ipsec-mb")] if len(GCM_IMPLS) > 1 else [])]
+
+
+@pytest.fixture(params=IMPL_PAIRS, ids=lambda p: "-".join(x or "default" for x in p))
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
     """A and B linked (A's session index 11, B's 22); A's link points at wire_b, B's at wire_a."""
     a, b = Node(A_ID, A_IP), Node(B_ID, B_IP)
     wire_a, wire_b = Wire(), Wire()
-    ka, kb = session_pair()
+    ka, kb = session_pair(*request.param)
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
     b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
     a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
