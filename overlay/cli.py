@@ -71,6 +71,7 @@ def _status_table(st: dict[str, Any]) -> str:
         f"address  {st['address']}" + (f"  {st['address6']}" if st.get("address6") else ""),
         f"room     {st['room']}",
         f"endpoint {st.get('endpoint', '')}",
+        f"cipher   {st.get('cipher', '-')}",
         f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",
         f"links    {len(st['links'])}",
     ]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from overlay._fast import GCM
 from overlay.beacon import Beacon
 from overlay.datapath import DataPath
 from overlay.dht.service import AddressService
@@ -773,6 +774,7 @@ class Node:
             "address6": f"{self.address6}/{self.network6.prefixlen}" if self.network6 else None,
             "room": self.room,
             "endpoint": f"{self.underlay.local_endpoint[0]}:{self.underlay.local_endpoint[1]}",
+            "cipher": f"AES-256-GCM, {GCM}",
             "links": links,
             "successors": [format_id(i) for i in self.table.successors()],
             "predecessors": [format_id(i) for i in self.table.predecessors()],

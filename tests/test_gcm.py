@@ -4,6 +4,7 @@ changed byte is refused by both. Where the build and the CPU have what ipsec-mb 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import subprocess
@@ -16,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay._fast import GCM, GCM_IMPLS, Forged, Keys, aesgcm_open, aesgcm_seal
+from overlay.cli import _status_table
+from tests.support.memgroup import MemoryGroup
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = list(GCM_IMPLS)
@@ -102,3 +105,17 @@ def test_ipsec_mb_is_in_use_where_the_build_and_the_cpu_have_it_unless_the_envir
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     first, name = out.stdout.split(" ", 1)
     assert first == "openssl" and name.startswith("OpenSSL")
+
+
+def test_a_nodes_status_names_the_cipher_in_use() -> None:
+    async def scenario() -> None:
+        g = MemoryGroup(seed=41)
+        try:
+            node = await g.add_node()
+            st = node.status()
+            assert st["cipher"] == f"AES-256-GCM, {GCM}"
+            assert f"cipher   AES-256-GCM, {GCM}" in _status_table(st).splitlines()
+        finally:
+            await g.stop()
+
+    asyncio.run(scenario())
