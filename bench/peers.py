@@ -227,6 +227,20 @@ class Bench:
         self.seconds = seconds
         self.runs = runs
         self.servers: dict[str, subprocess.Popen[Any]] = {}
+        self.outages: dict[str, list[float]] = {}  # path -> how long it did not answer before a measurement
+
+    def reachable(self, path: str) -> None:
+        """Wait until `path` answers a ping (at most UP_TIMEOUT_S) before measuring it: a tunnel that went away for
+        a while (Nebula's relayed path did, for ~40 s, after it first answered) is measured once it is back rather
+        than counted as failed, whichever system it is. How long it was away goes in the table's notes."""
+        _, address = self.d.destinations[path]
+        out = self.d.lab.run(self.d.source, "ping", "-n", "-q", "-c", "1", "-W", "1", address, check=False, timeout=10)
+        if out.returncode == 0:
+            return
+        waited = wait_reachable(self.d, address, UP_TIMEOUT_S[path])
+        say(f"    {address} stopped answering; " + (f"back after {waited:.1f} s" if waited is not None else
+                                                   f"not back within {UP_TIMEOUT_S[path]:.0f} s"))  # fmt: skip
+        self.outages.setdefault(path, []).append(1.0 + (waited if waited is not None else UP_TIMEOUT_S[path]))
 
     def start_server(self, path: str) -> None:
         host, _ = self.d.destinations[path]
@@ -251,6 +265,7 @@ class Bench:
         argv = ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", f"{self.seconds:g}", "-J",
                 "--connect-timeout", "3000", *extra]  # fmt: skip
         what = f"iperf3 {' '.join(extra) or 'TCP'} to {address}"
+        self.reachable(path)
         try:
             out = self.d.lab.run(self.d.source, *argv, check=False, timeout=self.seconds + RUN_SLACK_S)
         except subprocess.TimeoutExpired:
@@ -354,6 +369,7 @@ class Bench:
 
     def path(self, path: str, row: PathResult) -> None:
         say(f"  {path} {PATH_LABELS[path]} ({self.d.destinations[path][1]})")
+        self.reachable(path)
         row.rtt_idle = self.ping_ms(path)
         say(f"    RTT idle: {_fmt(row.rtt_idle, 3)} ms")
         cpu = [0.0, 0.0]  # daemon CPU seconds, GB received
@@ -364,6 +380,9 @@ class Bench:
         self.small_packets(path, row)
         row.rtt_loaded = self.loaded_ping_ms(path)
         say(f"    RTT under TCP load: {_fmt(row.rtt_loaded, 2)} ms")
+        if path in self.outages:
+            gone = self.outages[path]
+            row.notes.append(f"no answer {len(gone)}x before a measurement ({sum(gone):.0f} s)")
 
 
 def received_mbps(report: dict[str, Any]) -> float:
