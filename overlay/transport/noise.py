@@ -8,9 +8,10 @@ SymmetricState, HandshakeState) so a reader can check them against the text line
 Suites: Noise_{IK,XX}_25519_{AESGCM,ChaChaPoly}_{SHA256,BLAKE2s}. Both hashes have HASHLEN 32, so no key
 truncation (section 5.2) is ever needed; the 64-byte hashes are left out rather than carried untested.
 
-Primitives: AES-256-GCM is OpenSSL's libcrypto through overlay/_fast.c (the compiled module the data path
-already loads); ChaCha20-Poly1305 and X25519 are libsodium through PyNaCl (already loaded for Ed25519);
-SHA256, BLAKE2s and HMAC are the standard library's. So a node needs no `cryptography` package at run time.
+Primitives: AES-256-GCM is Intel's ipsec-mb or OpenSSL's libcrypto (the same bytes either way, overlay/_gcm.h)
+through overlay/_fast.c, the compiled module the data path already loads; ChaCha20-Poly1305 and X25519 are
+libsodium through PyNaCl (already loaded for Ed25519); SHA256, BLAKE2s and HMAC are the standard library's.
+So a node needs no `cryptography` package at run time.
 
 Failure rule: every error that input or misuse can cause is a NoiseError (a ValueError). A HandshakeState that
 raised once is poisoned: it refuses every later call, because a half-processed message may already have

@@ -16,10 +16,10 @@ replayed initiation cannot reset a session (WireGuard's rule, section 5.1 of its
 handshake after REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; a session older than REJECT_AFTER_TIME or past
 REJECT_AFTER_MESSAGES is refused (WireGuard's constants, section 6.1 of its paper).
 
-Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM (OpenSSL's libcrypto
-through overlay/_fast.c, which the compiled data path shares), nonce = 32 zero bits || 64-bit counter (Noise
-section 12.3), associated data = the 13-byte packet header. The receiver checks a sliding replay window
-(RFC 6479 style) before decryption and marks it after.
+Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM (ipsec-mb or
+OpenSSL's libcrypto through overlay/_fast.c and overlay/_gcm.h, which the compiled data path shares), nonce = 32
+zero bits || 64-bit counter (Noise section 12.3), associated data = the 13-byte packet header. The receiver
+checks a sliding replay window (RFC 6479 style) before decryption and marks it after.
 """
 
 from __future__ import annotations
