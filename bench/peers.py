@@ -57,6 +57,9 @@ PING_WAIT_S = 2.0
 LOAD_RAMP_S = 1.0
 UP_TIMEOUT_S = {"direct": 30.0, "relayed": 60.0}
 UDP_PAYLOAD = 64
+# A path counts as having stopped answering when a ping went unanswered and the next did not answer at once
+# either (wait_reachable's pings take up to 1 s each).
+OUTAGE_S = 1.0
 DROPS_POLL_S = 0.05  # how often the server's socket drops are read during a 64-byte run (the last 50 ms are missed)
 # Debian packages every run needs (the peers' own are in bench/peerlab.py), and the policy-rc.d protocol that
 # refuses service starts while they install (invoke-rc.d(8)).
@@ -238,6 +241,8 @@ class Bench:
         if out.returncode == 0:
             return
         waited = wait_reachable(self.d, address, UP_TIMEOUT_S[path])
+        if waited is not None and waited < OUTAGE_S:
+            return  # one ping lost, the next answered at once: not an outage
         say(f"    {address} stopped answering; " + (f"back after {waited:.1f} s" if waited is not None else
                                                    f"not back within {UP_TIMEOUT_S[path]:.0f} s"))  # fmt: skip
         self.outages.setdefault(path, []).append(1.0 + (waited if waited is not None else UP_TIMEOUT_S[path]))
