@@ -8,7 +8,8 @@
  * cipher"; bench/gcm.py compares the two through Keys). The bytes on the wire are the same whichever is used,
  * so nodes on either interoperate (tests/test_gcm.py).
  * IPOP_OVERLAY_GCM=openssl in the environment keeps libcrypto and leaves the library unset (to compare, to rule
- * it out, or to save the memory its set-up maps).
+ * it out, or to save the memory its set-up maps); =ipsec-mb-avx2 runs the library's AVX2 code where it would
+ * run its AVX-512 code (what a CPU without AVX-512 runs, tested here).
  *
  * A Gcm is one direction's key. The caller serialises its use (Keys' locks); the functions themselves share no
  * state between threads but the read-only key schedule and the library's table of functions.
@@ -86,10 +87,12 @@ static void gcm_setup(void) {
 #ifdef HAVE_IPSEC_MB
     const char *env = getenv("IPOP_OVERLAY_GCM");
     if (env && !strcmp(env, "openssl")) return; /* nor set the library up: its set-up maps ~3.4 MiB of its code */
-    IMB_ARCH arch;
+    IMB_ARCH arch = IMB_ARCH_AVX2;
     IMB_MGR *mgr = alloc_mb_mgr(0);
     if (!mgr) return;
-    init_mb_mgr_auto(mgr, &arch);
+    /* "ipsec-mb-avx2": its AVX2 code even where it has AVX-512, to compare or to test the code an AVX2 CPU runs. */
+    if (env && !strcmp(env, "ipsec-mb-avx2") && (mgr->features & IMB_FEATURE_AVX2)) init_mb_mgr_avx2(mgr);
+    else init_mb_mgr_auto(mgr, &arch);
     gcm_release_setup_code();
     if (imb_get_errno(mgr) != 0 || (arch != IMB_ARCH_AVX2 && arch != IMB_ARCH_AVX512)) {
         free_mb_mgr(mgr);

@@ -119,3 +119,30 @@ def test_a_nodes_status_names_the_cipher_in_use() -> None:
             await g.stop()
 
     asyncio.run(scenario())
+
+
+CROSS_CHECK = """
+import os, random, sys
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+import overlay._fast as f
+rng = random.Random(7)
+for size in [0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 1400, 1457, 4096, 60000, 65535]:
+    key, nonce, ad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(rng.choice([0, 13, 29]))
+    data = rng.randbytes(size)
+    sealed = f.aesgcm_seal(key, nonce, ad, data)
+    assert sealed == AESGCM(key).encrypt(nonce, data, ad), size
+    assert f.aesgcm_open(key, nonce, ad, sealed) == data, size
+    packet = f.Keys(key, key[::-1]).seal(0x83, 5, data)
+    assert f.Keys(key[::-1], key, impl="openssl").open(packet, 0) == data, size
+print(f.GCM)
+"""
+
+
+@pytest.mark.skipif("ipsec-mb" not in IMPLS or "avx2" not in cpu_flags(), reason="no ipsec-mb with AVX2 here")
+def test_the_ipsec_mb_code_a_cpu_without_avx512_runs_seals_as_an_independent_implementation() -> None:
+    env = {**os.environ, "IPOP_OVERLAY_GCM": "ipsec-mb-avx2"}
+    out = subprocess.run(
+        [sys.executable, "-c", CROSS_CHECK], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("(AVX2)")
