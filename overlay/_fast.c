@@ -126,7 +126,6 @@ static int64_t now_ns(void) {
 typedef struct {
     PyObject_HEAD
     Gcm enc, dec;
-    int ready; /* the keys are set */
     pthread_mutex_t send_lock, recv_lock;
     uint64_t counter; /* the next to send */
     int64_t top;      /* the newest accepted, -1 before any */
@@ -277,7 +276,7 @@ static int Keys_init(Keys *self, PyObject *args, PyObject *kw) {
     int rc = -1;
     if (send.len != 32 || recv.len != 32) {
         PyErr_SetString(PyExc_ValueError, "AES-256-GCM keys are 32 bytes");
-    } else if (self->ready) {
+    } else if (gcm_ready(&self->enc)) {
         PyErr_SetString(PyExc_RuntimeError, "Keys are set once");
     } else if (gcm_impl_of(name, &impl) == 0) {
         if (gcm_init(&self->enc, impl, send.buf, 1) || gcm_init(&self->dec, impl, recv.buf, 0)) {
@@ -285,7 +284,6 @@ static int Keys_init(Keys *self, PyObject *args, PyObject *kw) {
             gcm_free(&self->dec);
             PyErr_SetString(PyExc_RuntimeError, "cannot make an AES-256-GCM context");
         } else {
-            self->ready = 1;
             rc = 0;
         }
     }
@@ -312,7 +310,7 @@ static void Keys_dealloc(Keys *self) {
 }
 
 static int keys_ready(Keys *self) {
-    if (!self->ready) {
+    if (!gcm_ready(&self->enc)) {
         PyErr_SetString(PyExc_RuntimeError, "Keys were not initialised");
         return 0;
     }

@@ -41,7 +41,6 @@
 typedef enum { GCM_OPENSSL = 0, GCM_IPSEC_MB = 1 } gcm_impl;
 
 typedef struct {
-    gcm_impl impl;
     EVP_CIPHER_CTX *evp;
 #ifdef HAVE_IPSEC_MB
     struct gcm_key_data *imb; /* 64-byte aligned, as the library's AVX-512 code loads it */
@@ -128,10 +127,17 @@ static void gcm_free(Gcm *g) {
 #endif
 }
 
+/* Whether gcm_init set it up. */
+static int gcm_ready(const Gcm *g) {
+#ifdef HAVE_IPSEC_MB
+    if (g->imb) return 1;
+#endif
+    return g->evp != NULL;
+}
+
 /* 0, or -1 (no memory, or the library refused). */
 static int gcm_init(Gcm *g, gcm_impl impl, const uint8_t key[32], int encrypt) {
     memset(g, 0, sizeof *g);
-    g->impl = impl;
 #ifdef HAVE_IPSEC_MB
     if (impl == GCM_IPSEC_MB) {
         void *mem = NULL;

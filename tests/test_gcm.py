@@ -83,6 +83,16 @@ def test_link_packets_of_one_implementation_open_with_the_other(data: bytes, pty
         Keys(k2, k1, impl=first).open_header(changed, counter, len(data[:28]) + 16)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keys_refuse_work_before_they_are_set_and_are_set_once(impl: str) -> None:
+    blank = Keys.__new__(Keys)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        blank.seal(0x83, 1, b"x")
+    keys = Keys(bytes(32), bytes(32), impl=impl)
+    with pytest.raises(RuntimeError, match="set once"):
+        keys.__init__(bytes(32), bytes(32))  # type: ignore[misc]
+
+
 def test_an_unknown_or_unavailable_implementation_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no AES-GCM implementation"):
         Keys(bytes(32), bytes(32), impl="rot13")
