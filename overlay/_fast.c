@@ -524,6 +524,7 @@ static PyMethodDef module_methods[] = {
 typedef struct {
     struct sockaddr_storage sa;
     socklen_t len;
+    int chunk; /* the chunk size on the path to this address, from its route's MTU (Python's chunk_for) */
 } Addr;
 
 typedef struct {
@@ -602,7 +603,7 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
-        c_tap_failed, c_gso_fallback, c_tap_joined, c_join_refused, c_flow_pending, c_staged, c_stage_dropped;
+        c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_staged, c_stage_dropped;
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
@@ -682,12 +683,25 @@ static void up(Engine *e, int type, const struct sockaddr_storage *from, const u
     else if (type == UP_DATAGRAM) e->c_datagrams_up++;
 }
 
-static void note(Engine *e) {
+static void note_now(Engine *e) {
     if (atomic_load(&e->note_pending)) return;
-    if (e->now - e->last_note < NOTE_NS) return;
     e->last_note = e->now;
     atomic_store(&e->note_pending, 1);
     up(e, UP_NOTE, NULL, NULL, 0, 0);
+}
+
+static void note(Engine *e) {
+    if (e->now - e->last_note >= NOTE_NS) note_now(e);
+}
+
+/* A route refused a GSO send (send_gso's 1 or 2): what it refused goes whole, for IP to fragment. Where the
+ * route's MTU is below the chunk size Python gave the path (1), Python, told at once, asks it again (sync). */
+static void refused(Engine *e, int why) {
+    e->c_gso_fallback++;
+    if (why == 1) {
+        e->c_mtu_refused++;
+        note_now(e);
+    }
 }
 
 /* -- sending ------------------------------------------------------------------------------------------------ */
@@ -708,7 +722,8 @@ static int send_gso(Engine *e, struct iovec *iov, int n, size_t segment, const A
     uint16_t seg = (uint16_t)segment;
     memcpy(CMSG_DATA(cm), &seg, sizeof seg);
     if (sendmsg(e->udp, &m, 0) >= 0) return 0;
-    if (errno == EINVAL || errno == EMSGSIZE || errno == EIO) return 1; /* the route cannot take it */
+    if (errno == EINVAL || errno == EMSGSIZE) return 1; /* a segment above the route's MTU */
+    if (errno == EIO) return 2;                          /* a route UDP GSO cannot take (IPsec transforms it) */
     e->c_send_failed++;
     return -1;
 }
@@ -719,8 +734,9 @@ static void flush_run(Engine *e) {
         send_one(e, e->run, e->run_len, &e->run_to);
     } else {
         struct iovec iov = {e->run, e->run_len};
-        if (send_gso(e, &iov, 1, e->run_seg, &e->run_to) == 1) {
-            e->c_gso_fallback++;
+        int rc = send_gso(e, &iov, 1, e->run_seg, &e->run_to);
+        if (rc > 0) {
+            refused(e, rc);
             for (size_t off = 0; off < e->run_len; off += e->run_seg) {
                 size_t n = e->run_len - off < e->run_seg ? e->run_len - off : e->run_seg;
                 send_one(e, e->run + off, n, &e->run_to);
@@ -734,7 +750,7 @@ static void flush_run(Engine *e) {
 /* Where the next datagram of `len` bytes to `to` goes: the end of the current run if it can join it (equal
  * sizes; the run's last may be shorter), else a fresh run. Datagrams bigger than a chunk go to e->sealed. */
 static uint8_t *slot_for(Engine *e, size_t len, const Addr *to) {
-    if (!e->gso || len > (size_t)e->chunk) {
+    if (!e->gso || len > (size_t)to->chunk) {
         flush_run(e);
         return e->sealed;
     }
@@ -755,8 +771,8 @@ static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
         e->run_count++;
         return;
     }
-    if (e->gso && len > (size_t)e->chunk) {
-        size_t part = (size_t)e->chunk - CHUNK_HDR;
+    if (e->gso && len > (size_t)to->chunk) {
+        size_t part = (size_t)to->chunk - CHUNK_HDR;
         int count = (int)((len + part - 1) / part);
         if (count <= MAX_CHUNKS) {
             uint8_t heads[MAX_CHUNKS][CHUNK_HDR];
@@ -771,9 +787,9 @@ static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
                 iov[2 * i] = (struct iovec){heads[i], CHUNK_HDR};
                 iov[2 * i + 1] = (struct iovec){at + off, n};
             }
-            int rc = send_gso(e, iov, 2 * count, (size_t)e->chunk, to);
+            int rc = send_gso(e, iov, 2 * count, (size_t)to->chunk, to);
             if (rc <= 0) return;
-            e->c_gso_fallback++;
+            refused(e, rc);
         }
     }
     send_one(e, at, len, to);
@@ -1458,12 +1474,18 @@ static void lock_tab(Engine *e) {
     Py_END_ALLOW_THREADS
 }
 
-static int parse_addr(PyObject *endpoint, Addr *out) {
-    /* endpoint: (family 4 or 6, packed address, port) */
-    int family, port;
+static int parse_addr(PyObject *endpoint, Addr *out, int chunk_max) {
+    /* endpoint: (family 4 or 6, packed address, port[, chunk size on the path; the Engine's `chunk` if left out]) */
+    int family, port, chunk = chunk_max;
     Py_buffer packed;
-    if (!PyArg_ParseTuple(endpoint, "iy*i", &family, &packed, &port)) return -1;
+    if (!PyArg_ParseTuple(endpoint, "iy*i|i", &family, &packed, &port, &chunk)) return -1;
+    if (chunk <= CHUNK_HDR || chunk > chunk_max) {
+        PyBuffer_Release(&packed);
+        PyErr_Format(PyExc_ValueError, "a path's chunk size must be above %d and at most %d", CHUNK_HDR, chunk_max);
+        return -1;
+    }
     memset(out, 0, sizeof *out);
+    out->chunk = chunk;
     int ok = 0;
     if (family == 4 && packed.len == 4) {
         struct sockaddr_in *s = (void *)&out->sa;
@@ -1521,7 +1543,7 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     }
     Addr ep = {0};
     int direct = endpoint != Py_None;
-    if (direct && parse_addr(endpoint, &ep) < 0) return NULL;
+    if (direct && parse_addr(endpoint, &ep, e->chunk) < 0) return NULL;
     Py_INCREF(keys);
     Py_XINCREF(prev_keys);
     Py_XINCREF(next_keys);
@@ -1712,10 +1734,11 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
                          "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "dropped: Python busy", e->c_up_dropped, "send failed",
                          e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
+                         "gso: above the route's MTU", e->c_mtu_refused,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
                          e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "frames held for order",
                          e->c_staged, "dropped: held frames full", e->c_stage_dropped);

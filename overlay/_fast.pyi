@@ -51,7 +51,7 @@ class Engine:
         keys: Keys,
         local_index: int,
         remote_index: int,
-        endpoint: tuple[int, bytes, int] | None,
+        endpoint: tuple[int, bytes, int] | tuple[int, bytes, int, int] | None,
         relay: int,
         big_ok: bool,
         source: int,

@@ -51,7 +51,7 @@ class LinkState(NamedTuple):
     keys: Keys
     local_index: int
     remote_index: int
-    endpoint: tuple[int, bytes, int] | None  # family, packed address, port; None for a tunnel
+    endpoint: tuple[int, bytes, int, int] | None  # family, packed address, port, chunk size; None for a tunnel
     relay: int  # the neighbour a tunnel goes through (0 for none)
     big_ok: bool
     source: int  # the address the peer's certificate gives it; -1 not known (yet), and nothing is checked
@@ -92,6 +92,7 @@ class FastPath:
             check_sources=self._check_sources,
         )
         self._pushed: dict[int, LinkState] = {}
+        self._refused = 0  # the Engine's GSO sends above a route's MTU, as of the last sync
         # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
         # frame this side has taken from the Engine (its UP_HEADER, bytes 4-8).
         self._flows: dict[int, tuple[int, bytes]] = {}
@@ -136,9 +137,9 @@ class FastPath:
 
     def _state(self, link: Link) -> LinkState | None:
         path = link.path
-        endpoint: tuple[int, bytes, int] | None
+        endpoint: tuple[int, bytes, int, int] | None
         if isinstance(path, UdpPath):
-            endpoint, relay = _packed(path.endpoint), 0
+            endpoint, relay = (*_packed(path.endpoint), self._underlay.chunk_for(path.endpoint)), 0
         elif isinstance(path, TunnelPath):
             endpoint, relay = None, path.relay
         else:
@@ -207,6 +208,13 @@ class FastPath:
                 self._heard(link)
             if next_used:
                 self._links.next_used(peer)
+        refused = self.engine.counters()["gso: above the route's MTU"]
+        if refused != self._refused:
+            # A route refused chunks of the size its MTU had: it shrank. Ask the routes again.
+            self._refused = refused
+            self._underlay.forget_paths()
+            for peer in list(self._pushed):
+                self.link_changed(peer)
         if self._check_sources:
             # A sender whose certificate we learn later (from its address record) may use the Engine from then on.
             for peer, state in list(self._pushed.items()):

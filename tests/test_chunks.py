@@ -4,6 +4,7 @@ underlay that uses them: on loopback, with the kernel's coalescing (GRO), withou
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from typing import Any
@@ -14,9 +15,11 @@ from hypothesis import strategies as st
 
 from overlay.transport.chunks import (
     CHUNK_HEADER,
+    MAX_CHUNKS,
     MAX_PENDING,
     PENDING_TTL,
     Reassembly,
+    chunk_count,
     chunk_size,
     pieces,
     split,
@@ -206,3 +209,54 @@ class Wrapped:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+def test_a_chunk_fits_its_path_mtu_within_what_every_path_carries_and_a_receiver_takes() -> None:
+    assert (chunk_size(4), chunk_size(6)) == (1472, 1452)
+    assert (chunk_size(4, 1400), chunk_size(6, 1400)) == (1372, 1352)
+    assert chunk_size(4, 9000) == chunk_size(4, 65536) == 1472  # jumbo paths: a receiver takes at most MAX_CHUNK
+    assert chunk_size(4, 100) == 576 - 28 and chunk_size(6, 600) == 1280 - 48  # below the protocols' minimum
+    assert chunk_count(60100, 1472) == 42 and chunk_count(65535, 548) > MAX_CHUNKS  # the latter goes whole
+
+
+def test_the_chunk_for_a_loopback_endpoint_is_a_1500_byte_paths() -> None:
+    u = UdpUnderlay(("127.0.0.1", 0))
+    try:
+        assert u.chunk_for(("127.0.0.1", 9)) == SIZE  # loopback's 65,536-byte MTU, capped
+    finally:
+        u.close()
+
+
+@pytest.mark.parametrize("smaller", [True, False])
+def test_chunks_a_route_refuses_are_cut_again_for_its_mtu_as_asked_anew_or_go_whole(smaller: bool) -> None:
+    """The route's MTU shrank after the chunk size was asked (path MTU discovery): the kernel refuses the GSO send
+    (EINVAL); the underlay asks the route again and cuts the datagram for the smaller MTU, or, if the route has
+    none to offer, sends it whole for IP to fragment. Either way it arrives whole."""
+    limit = 1200  # the path's MTU, now
+    segments: list[int] = []
+
+    async def run() -> tuple[list[bytes], list[bytes], dict[str, int], int]:
+        a = UdpUnderlay(("127.0.0.1", 0))
+        b = UdpUnderlay(("127.0.0.1", 0))
+        real_sendmsg = a._sock.sendmsg
+        mtus = iter([1500, limit if smaller else 1500])
+        a._route_mtu = lambda endpoint: next(mtus)  # type: ignore[method-assign]
+
+        def sendmsg(buffers: Any, ancillary: Any, flags: int, address: Any) -> int:
+            segment = int.from_bytes(ancillary[0][2], "little")
+            segments.append(segment)
+            if segment + 28 > limit:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return int(real_sendmsg(buffers, ancillary, flags, address))
+
+        a._sock = Wrapped(a._sock, sendmsg=sendmsg)
+        sent, got = await carry(a, b, [60100])
+        return sent, got, {**a.counters, **b.counters}, a.chunk_for(b.local_endpoint)
+
+    sent, got, counters, chunk = asyncio.run(run())
+    assert got == sent and counters["send_failed"] == 0, counters
+    if smaller:
+        assert segments == [1472, limit - 28] and chunk == limit - 28
+        assert "gso: sent one by one" not in counters
+    else:
+        assert segments == [1472] and counters["gso: sent one by one"] == 1

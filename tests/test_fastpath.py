@@ -25,7 +25,7 @@ from overlay.fastpath import FastPath, LinkState
 from overlay.links import TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.chunks import Reassembly
+from overlay.transport.chunks import CHUNK_HEADER, Reassembly
 from overlay.transport.paths import UdpPath
 from overlay.transport.session import Session
 from overlay.wire import (
@@ -419,6 +419,38 @@ def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them() ->
         wire_b.sock.close()
 
 
+def test_a_super_frame_leaves_in_chunks_cut_for_its_paths_mtu() -> None:
+    """A link's endpoint may carry its path's chunk size (overlay/transport/underlay.py asks the route's MTU): a
+    super-frame to a 1,000-byte path leaves in chunks of at most 1,000 bytes that rebuild it. A chunk size above
+    the Engine's (a 1,500-byte path's) or too small for the header is refused."""
+    a = Node(A_ID, A_IP, vnet=True)
+    wire_b = Wire()
+    ka, _kb = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, (*wire_b.endpoint, 1000), 0, True, -1)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+    a.engine.start()
+    try:
+        vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
+        f = frame(A_IP, B_IP, bytes(range(256)) * 200, vnet=vnet)
+        a.kernel.send(f)
+        reassembly = Reassembly({})
+        whole, sizes = None, []
+        while whole is None:
+            chunk = wire_b.recv()
+            sizes.append(len(chunk))
+            whole = reassembly.add(chunk, ("127.0.0.1", 1), 0.0)
+        assert max(sizes) == 1000 and len(sizes) == -(-len(whole) // (1000 - CHUNK_HEADER.size))
+        _, counter = decode_transport_header(whole)
+        plain = Keys(bytes(range(100, 132)), bytes(range(32))).open(whole, counter)
+        assert plain == header(A_ID, B_ID, kind=Kind.DATA_GSO) + vnet + f[10 + 14 :]
+        for bad in (CHUNK + 1, CHUNK_HEADER.size):
+            with pytest.raises(ValueError, match="chunk size"):
+                a.engine.set_link(B_ID, ka, 11, 22, (*wire_b.endpoint, bad), 0, True, -1)
+    finally:
+        a.close()
+        wire_b.sock.close()
+
+
 def test_small_datagrams_to_one_peer_leave_in_order(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, wire_a, wire_b, _ka, _kb = pair
     frames = [frame(A_IP, B_IP, i.to_bytes(2, "big") * 16) for i in range(50)]
@@ -579,6 +611,12 @@ class PythonSide:
 
     def fileno(self) -> int:
         return self.udp.fileno()
+
+    def chunk_for(self, endpoint: tuple[str, int]) -> int:
+        return CHUNK
+
+    def forget_paths(self) -> None:
+        pass
 
     def hold(self) -> None:
         self.held = []

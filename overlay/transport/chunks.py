@@ -3,7 +3,7 @@
 A TCP super-frame crosses a link as one ~60 KB datagram (docs/datapath.md). Sent whole, the sending kernel
 cuts it into ~42 IP fragments and the receiving kernel reassembles them: most of the sending node's time went
 there (bench/iperf_tap.py under py-spy: 55-74 % of the sender's and the relay's samples in `sendto`). Instead
-the underlay cuts it into chunks that each fit one 1,500-byte path, puts them back to back in one buffer and
+the underlay cuts it into chunks that each fit its path's MTU, puts them back to back in one buffer and
 hands it to the kernel with `UDP_SEGMENT` (UDP GSO, Linux 4.18): one syscall, no IP fragments, segmentation
 by the NIC or by the kernel at the last moment. A receiver with `UDP_GRO` (Linux 5.0) gets the chunks of a
 message coalesced in one read, and joins them; chunks read one by one are reassembled here. Measured in two
@@ -25,10 +25,17 @@ from collections.abc import Iterator
 from overlay.wire import DecodeError, Endpoint, PacketType
 
 CHUNK_HEADER = struct.Struct("!BIBB")  # type, message ID, index, count
-# The largest UDP payload that crosses a 1,500-byte path unfragmented: 1500 - 20 (IPv4) - 8 (UDP), and with
-# IPv6's 40-byte header 1452. Ordinary packets (a 1,400-byte TAP MTU plus our 57 bytes) stay below, so only
-# super-frames, tunnelled full-size packets and fragment probes are cut.
-CHUNK_DATAGRAM = {4: 1472, 6: 1452}
+# IP and UDP headers in front of a chunk: 20 + 8 over IPv4, 40 + 8 over IPv6.
+HEADERS = {4: 28, 6: 48}
+# A chunk is the largest UDP payload its path carries unfragmented, from the path's MTU (the underlay asks the
+# kernel's route), and never more than a 1,500-byte path's: 1,472 bytes over IPv4, 1,452 over IPv6, the most a
+# receiver takes. On a 1,500-byte path ordinary packets (a 1,400-byte TAP MTU plus our 57 bytes) stay below, so
+# only super-frames, tunnelled full-size packets and fragment probes are cut; on a smaller one (a VXLAN or cloud
+# network of 1,450 or 1,460 bytes) full-size packets are cut too, where IP would have fragmented them.
+ETHERNET_MTU = 1500
+# What every path carries: 576 bytes over IPv4 (RFC 791), 1,280 over IPv6 (RFC 8200 section 5).
+MIN_MTU = {4: 576, 6: 1280}
+CHUNK_DATAGRAM = {version: ETHERNET_MTU - header for version, header in HEADERS.items()}
 # UDP GSO takes at most 64 segments per buffer (UDP_MAX_SEGMENTS; newer kernels allow more); a 65,535-byte datagram in
 # 1,445-byte parts (IPv6) is 46.
 MAX_CHUNKS = 64
@@ -38,15 +45,21 @@ MAX_PENDING = 64  # our choice: messages being reassembled at once, from all pee
 PENDING_TTL = 1.0  # our choice: a chunk later than this after its first sibling belongs to a lost message
 
 
-def chunk_size(family_version: int) -> int:
-    """The size of every chunk but the last, header included, for an IPv4 (4) or IPv6 (6) underlay."""
-    return CHUNK_DATAGRAM[family_version]
+def chunk_size(family_version: int, mtu: int = ETHERNET_MTU) -> int:
+    """The size of every chunk but the last, header included, on an IPv4 (4) or IPv6 (6) path of `mtu` bytes."""
+    mtu = min(max(mtu, MIN_MTU[family_version]), ETHERNET_MTU)
+    return mtu - HEADERS[family_version]
+
+
+def chunk_count(size: int, chunk: int) -> int:
+    """How many chunks of `chunk` bytes a datagram of `size` bytes makes (more than MAX_CHUNKS: it goes whole)."""
+    return -(-size // (chunk - CHUNK_HEADER.size))
 
 
 def split(datagram: bytes, message_id: int, size: int) -> bytes:
     """`datagram` as chunks of `size` bytes (the last shorter), back to back: a UDP GSO buffer."""
     part = size - CHUNK_HEADER.size
-    count = -(-len(datagram) // part)
+    count = chunk_count(len(datagram), size)
     if not 1 < count <= MAX_CHUNKS:
         raise ValueError(f"a datagram of {len(datagram)} bytes makes {count} chunks of {size}")
     message_id &= 0xFFFFFFFF

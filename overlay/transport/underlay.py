@@ -14,9 +14,11 @@ The UDP side reads with `loop.add_reader` and drains up to DRAIN_BATCH datagrams
 1 frame per wakeup gave 0.7-0.9 Gbit/s, 64 per wakeup 1.2-1.6; asyncio DatagramProtocol 0.3-0.4). The socket
 is unconnected: uvloop's add_reader on a connected UDP socket stops after one ICMP error.
 
-A datagram bigger than one 1,500-byte path leaves as chunks in one UDP GSO send and is joined again on arrival,
-coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py); a kernel without UDP GSO, or a route
-whose MTU is too small for a chunk, gets the datagram whole, for IP to fragment.
+A datagram bigger than its path carries unfragmented leaves as chunks in one UDP GSO send and is joined again on
+arrival, coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py). Chunks are sized for each
+endpoint's path from the MTU of the kernel's route to it (`chunk_for`), asked again when the route refuses a
+send (its MTU shrank: path MTU discovery, RFC 1191 and 8201, or a new route). A kernel without UDP GSO gets the
+datagram whole, for IP to fragment, and so does a datagram that would need more than MAX_CHUNKS chunks.
 
 Between `hold()` and `flush()` (one TAP batch, one drain of the socket) small datagrams wait, and each run of
 equal-sized ones to one endpoint leaves as one GSO send: one syscall instead of dozens, and the receiver's
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from overlay.transport.chunks import Reassembly, chunk_size, pieces, split
+from overlay.transport.chunks import ETHERNET_MTU, MAX_CHUNKS, Reassembly, chunk_count, chunk_size, pieces, split
 from overlay.wire import DecodeError, Endpoint, PacketType
 
 DatagramHandler = Callable[[bytes, Endpoint], None]
@@ -51,6 +53,11 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 _GRO_SPACE = socket.CMSG_SPACE(4)
+# From linux/in.h and linux/in6.h: a connected socket's path MTU (the route's, or the smaller one path MTU
+# discovery learned). Python's socket module has IPV6_MTU but not IP_MTU.
+IP_MTU = 14
+IPV6_MTU = 24
+PATHS_KEPT = 1024  # our choice: endpoints whose chunk size is remembered (links, ICE candidates), then forgotten
 # UDP GSO takes at most 64 segments (UDP_MAX_SEGMENTS; newer kernels allow more) and one IP datagram's worth of bytes.
 MAX_RUN = 64
 MAX_RUN_BYTES = 65000
@@ -86,7 +93,8 @@ class UdpUnderlay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: DatagramHandler | None = None
         self.on_stun: DatagramHandler = self._no_stun
-        self._chunk = chunk_size(6 if family == socket.AF_INET6 else 4)
+        self._version = 6 if family == socket.AF_INET6 else 4
+        self._chunks: dict[Endpoint, int] = {}  # chunk_for's answers
         self._message_id = random.getrandbits(32)
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
@@ -109,8 +117,37 @@ class UdpUnderlay:
 
     @property
     def chunk(self) -> int:
-        """The size of a chunk (overlay/transport/chunks.py) on this socket's paths."""
-        return self._chunk
+        """A 1,500-byte path's chunk size (overlay/transport/chunks.py): the largest this socket sends."""
+        return chunk_size(self._version)
+
+    def chunk_for(self, endpoint: Endpoint) -> int:
+        """The chunk size on the path to `endpoint`, from the MTU of the kernel's route to it: asked once per
+        endpoint, and again after `forget_paths` (a send the route refused)."""
+        chunk = self._chunks.get(endpoint)
+        if chunk is None:
+            if len(self._chunks) >= PATHS_KEPT:
+                self._chunks.clear()
+            chunk = self._chunks[endpoint] = chunk_size(self._version, self._route_mtu(endpoint))
+        return chunk
+
+    def forget_paths(self) -> None:
+        """Ask the routes again (their MTU may have shrunk)."""
+        self._chunks.clear()
+
+    def _route_mtu(self, endpoint: Endpoint) -> int:
+        """Connecting a UDP socket sends nothing: the kernel only looks up the route (from our listen address, as
+        our sends would) and keeps its MTU. A 1,500-byte path if the kernel has no route to say."""
+        host = self.local_endpoint[0]
+        try:
+            with socket.socket(self._sock.family, socket.SOCK_DGRAM) as probe:
+                if host not in ("0.0.0.0", "::"):
+                    probe.bind((host, 0))
+                probe.connect(endpoint)
+                if self._version == 6:
+                    return int(probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+                return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+        except OSError:
+            return ETHERNET_MTU
 
     def hand_over_reads(self) -> None:
         """The compiled data path (overlay/fastpath.py) reads the socket from now on; what it does not handle
@@ -181,7 +218,7 @@ class UdpUnderlay:
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         held = self._held
         if held is not None:
-            if len(data) <= self._chunk:
+            if len(data) <= self.chunk_for(endpoint):
                 queue = held.get(endpoint)
                 if queue is None:
                     held[endpoint] = [data]
@@ -216,36 +253,60 @@ class UdpUnderlay:
                     break  # only a run's last datagram may be shorter
             if j - i == 1:
                 self._send_now(queue[i], endpoint)
-            else:
-                self._send_gso(b"".join(queue[i:j]), size, endpoint, queue[i:j])
+            elif self._send_gso(b"".join(queue[i:j]), size, endpoint, j - i):
+                self._one_by_one(queue[i:j], endpoint)
             i = j
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
-        if self.gso and len(data) > self._chunk:
-            self._message_id += 1
-            self._send_gso(split(data, self._message_id, self._chunk), self._chunk, endpoint, [data])
+        if self.gso and len(data) > self.chunk_for(endpoint) and self._send_chunks(data, endpoint):
             return
         try:
             self._sock.sendto(data, endpoint)
         except OSError:
             self.counters["send_failed"] += 1
 
-    def _send_gso(self, buffer: bytes, segment: int, endpoint: Endpoint, fallback: list[bytes]) -> None:
-        """One GSO send of `buffer` cut at `segment` bytes; where the route cannot take it (its MTU is below a
-        segment, or the device cannot segment) the datagrams in `fallback` go one by one, for IP to fragment."""
+    def _send_chunks(self, data: bytes, endpoint: Endpoint) -> bool:
+        """`data` as chunks in one GSO send; False when it must go whole: it makes too many chunks, or the route
+        refused them and, asked again, has no smaller MTU to offer."""
+        chunk = self.chunk_for(endpoint)
+        while chunk_count(len(data), chunk) <= MAX_CHUNKS:
+            self._message_id += 1
+            if not self._send_gso(split(data, self._message_id, chunk), chunk, endpoint, 1):
+                return True
+            smaller = self.chunk_for(endpoint)
+            if smaller >= chunk:
+                break
+            chunk = smaller
+        self._count("gso: sent one by one")
+        return False
+
+    def _send_gso(self, buffer: bytes, segment: int, endpoint: Endpoint, datagrams: int) -> bool:
+        """One GSO send of `buffer` (`datagrams` of ours) cut at `segment` bytes. True when the route cannot take
+        it (its MTU is below a segment, or the device cannot segment): the caller sends otherwise, and the
+        route's MTU is asked again next time."""
         try:
             self._sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))], 0, endpoint)
-            return
+            return False
         except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
-                self.counters["send_failed"] += len(fallback)
-                return
-        self.counters["gso: sent one by one"] = self.counters.get("gso: sent one by one", 0) + 1
-        for data in fallback:
+            if e.errno in (errno.EINVAL, errno.EMSGSIZE):  # a segment above the route's MTU
+                self._chunks.pop(endpoint, None)
+                return True
+            if e.errno == errno.EIO:  # a route UDP GSO cannot take (IPsec transforms it)
+                return True
+            self.counters["send_failed"] += datagrams
+            return False
+
+    def _one_by_one(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
+        """A run the route refused as one GSO send, for IP to fragment where it must."""
+        self._count("gso: sent one by one")
+        for data in datagrams:
             try:
                 self._sock.sendto(data, endpoint)
             except OSError:
                 self.counters["send_failed"] += 1
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
 
     def close(self) -> None:
         self._held = None
