@@ -142,6 +142,7 @@ class Group:
         server: str = "prosody",
         address6: str | None = None,
         python_path: Iterable[int] = (),
+        mtu: int = 1500,
     ) -> None:
         if server not in SERVERS:
             raise ValueError(f"server {server!r} is not one of {', '.join(SERVERS)}")
@@ -169,6 +170,7 @@ class Group:
         self.address6 = ipaddress.IPv6Network(address6) if address6 else None
         # Members whose data path is Python only ([vnic] fast_path = false): the compiled one's peers.
         self.python_path = set(python_path)
+        self.mtu = mtu  # of every link of the lab (hub, clusters, members' eth0)
         self.size = size
         self.spares = spares
         self.outsiders = list(outsiders)
@@ -213,7 +215,7 @@ class Group:
 
     def _build(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.lab.add_hub()
+        self.lab.add_hub(mtu=self.mtu)
         self.xmpp_host = self.lab.add_host("xmpp")
         self.say(f"lab {self.lab.tag}: hub bridge, {self.server_kind} at {self.xmpp_host.address}:{XMPP_PORT}")
         self.server = SERVERS[self.server_kind](
