@@ -34,8 +34,8 @@ TARGET_KILL_S = 30.0
 TARGET_RESTART_S = 60.0
 TARGET_IDLE_CPU_PER_100 = 5.0  # % of one core for 100 idle nodes
 TARGET_TRAFFIC = 1024.0  # maintenance bytes/s per node
-# Measured here: 66 MB RSS per node in issue 7, 76-85 MB in this benchmark's runs; with room for Prosody, the
-# harness and the other tests that share this machine, a size needs this much available memory per node.
+# Measured here: 66-85 MB RSS per node until 2026-12-02, 39-40 MB since (docs/scale.md); the allowance keeps the
+# old margin for Prosody, the harness and the other tests that share this machine.
 MEMORY_PER_NODE_MB = 100.0
 MEMORY_RESERVE_MB = 1024.0
 MAX_NODES = 200  # Group's limit
