@@ -390,43 +390,17 @@ def test_a_relay_to_a_peer_without_a_direct_link_goes_up(pair) -> None:  # type:
     assert [m[1] for m in b.up_messages() if m[0] == 1] == [d]
 
 
-def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them() -> None:
+@pytest.mark.parametrize("path_chunk", [None, 1000], ids=["1500-byte path", "1000-byte path"])
+def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them(path_chunk: int | None) -> None:
     """A TSO super-frame (virtio_net_hdr) crosses as DATA_GSO; bigger than a chunk, it leaves as chunks in one
-    UDP GSO send. Read one by one, the chunks rebuild the datagram the Python path would send."""
+    UDP GSO send, each at most the path's chunk size (a link's endpoint may carry it: overlay/transport/underlay.py
+    asks the route's MTU; without it, a 1,500-byte path's). Read one by one, the chunks rebuild the datagram the
+    Python path would send."""
     a = Node(A_ID, A_IP, vnet=True)
     wire_b = Wire()
     ka, _kb = session_pair()
-    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
-    a.engine.start()
-    try:
-        vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
-        f = frame(A_IP, B_IP, bytes(range(256)) * 200, vnet=vnet)
-        a.kernel.send(f)
-        reassembly = Reassembly({})
-        whole = None
-        while whole is None:
-            whole = reassembly.add(wire_b.recv(), ("127.0.0.1", 1), 0.0)
-        _, counter = decode_transport_header(whole)
-        plain = Keys(bytes(range(100, 132)), bytes(range(32))).open(whole, counter)
-        assert plain == header(A_ID, B_ID, kind=Kind.DATA_GSO) + vnet + f[10 + 14 :]
-        # Until the link's fragment probe is answered (big_ok false), a super-frame goes up for Python to cut.
-        a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, False, -1)
-        a.kernel.send(f)
-        assert [m[1] for m in a.up_messages() if m[0] == 2] == [f]
-    finally:
-        a.close()
-        wire_b.sock.close()
-
-
-def test_a_super_frame_leaves_in_chunks_cut_for_its_paths_mtu() -> None:
-    """A link's endpoint may carry its path's chunk size (overlay/transport/underlay.py asks the route's MTU): a
-    super-frame to a 1,000-byte path leaves in chunks of at most 1,000 bytes that rebuild it. A chunk size above
-    the Engine's (a 1,500-byte path's) or too small for the header is refused."""
-    a = Node(A_ID, A_IP, vnet=True)
-    wire_b = Wire()
-    ka, _kb = session_pair()
-    a.engine.set_link(B_ID, ka, 11, 22, (*wire_b.endpoint, 1000), 0, True, -1)
+    endpoint = wire_b.endpoint if path_chunk is None else (*wire_b.endpoint, path_chunk)
+    a.engine.set_link(B_ID, ka, 11, 22, endpoint, 0, True, -1)
     a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
     a.engine.start()
     try:
@@ -439,16 +413,25 @@ def test_a_super_frame_leaves_in_chunks_cut_for_its_paths_mtu() -> None:
             chunk = wire_b.recv()
             sizes.append(len(chunk))
             whole = reassembly.add(chunk, ("127.0.0.1", 1), 0.0)
-        assert max(sizes) == 1000 and len(sizes) == -(-len(whole) // (1000 - CHUNK_HEADER.size))
+        size = path_chunk or CHUNK
+        assert max(sizes) == size and len(sizes) == -(-len(whole) // (size - CHUNK_HEADER.size))
         _, counter = decode_transport_header(whole)
         plain = Keys(bytes(range(100, 132)), bytes(range(32))).open(whole, counter)
         assert plain == header(A_ID, B_ID, kind=Kind.DATA_GSO) + vnet + f[10 + 14 :]
-        for bad in (CHUNK + 1, CHUNK_HEADER.size):
-            with pytest.raises(ValueError, match="chunk size"):
-                a.engine.set_link(B_ID, ka, 11, 22, (*wire_b.endpoint, bad), 0, True, -1)
+        # Until the link's fragment probe is answered (big_ok false), a super-frame goes up for Python to cut.
+        a.engine.set_link(B_ID, ka, 11, 22, endpoint, 0, False, -1)
+        a.kernel.send(f)
+        assert [m[1] for m in a.up_messages() if m[0] == 2] == [f]
     finally:
         a.close()
         wire_b.sock.close()
+
+
+def test_a_paths_chunk_size_above_a_1500_byte_paths_or_too_small_for_the_header_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _b, _wire_a, wire_b, ka, _kb = pair
+    for bad in (CHUNK + 1, CHUNK_HEADER.size):
+        with pytest.raises(ValueError, match="chunk size"):
+            a.engine.set_link(B_ID, ka, 11, 22, (*wire_b.endpoint, bad), 0, True, -1)
 
 
 def test_small_datagrams_to_one_peer_leave_in_order(pair) -> None:  # type: ignore[no-untyped-def]

@@ -7,8 +7,6 @@ went whole, as ~45 IP fragments, at a third of the throughput (docs/datapath.md)
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +23,6 @@ MTU = 1400
 SIZE = 4
 PYTHON_PATH = 2  # [vnic] fast_path = false: its underlay cuts its own chunks
 BLOCKED = (0, 3)  # their traffic crosses a relay
-IPERF_PORT = 5201
 IPERF_S = 2
 # A ping whose IPv4 packet fills the TAP's MTU (1,400 bytes: 20 of IP, 8 of ICMP), not to be fragmented inside.
 FULL_PING = 1400 - 28
@@ -76,22 +73,9 @@ def test_full_size_packets_cross_without_ip_fragments(group: Group) -> None:
 )
 def test_tcp_super_frames_cross_as_chunks_for_the_path(group: Group, a: int, b: int) -> None:
     before = fragments_made(group)
-    server = group.lab.popen(
-        group.members[b].host, "iperf3", "-s", "-1", "-p", str(IPERF_PORT),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)
-        client = group.lab.run(
-            group.members[a].host, "iperf3", "-c", group.members[b].ip, "-p", str(IPERF_PORT),
-            "-t", str(IPERF_S), "-J", "--connect-timeout", "3000", check=False, timeout=IPERF_S + 30,
-        )  # fmt: skip
-        assert client.returncode == 0, f"iperf3 node{a} -> node{b}: {client.stderr or client.stdout[-500:]}"
-        received = json.loads(client.stdout)["end"]["sum_received"]
-        assert received["bytes"] > 1_000_000
-        print(f"TCP node{a} -> node{b} over a {MTU}-byte underlay: {received['bits_per_second'] / 1e6:.0f} Mbit/s")
-    finally:
-        server.wait(timeout=10)
+    received = group.iperf3(a, b, IPERF_S)["end"]["sum_received"]
+    assert received["bytes"] > 1_000_000
+    print(f"TCP node{a} -> node{b} over a {MTU}-byte underlay: {received['bits_per_second'] / 1e6:.0f} Mbit/s")
     made = fragments_made(group)
     assert made == before, f"IP fragments made during the run: { {i: made[i] - before[i] for i in made} }"
     if a != PYTHON_PATH:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -573,6 +574,28 @@ class Group:
     def running_pairs(self) -> list[tuple[int, int]]:
         alive = [m.index for m in self.members if m.running]
         return [(i, j) for i in alive for j in alive if i != j]
+
+    def iperf3(self, a: int, b: int, seconds: float, *, v6: bool = False, port: int = 5201) -> dict[str, Any]:
+        """One iperf3 TCP run from node a to node b's virtual address (IPv6 with `v6`); its JSON report. Fails the
+        test with iperf3's own words if the run does not complete."""
+        target = self.members[b].ip6 if v6 else self.members[b].ip
+        assert target is not None, f"node {b} has no IPv{6 if v6 else 4} address inside the VPN"
+        server = self.lab.popen(
+            self.members[b].host, "iperf3", "-s", "-1", "-p", str(port),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(0.5)
+            client = self.lab.run(
+                self.members[a].host, "iperf3", "-6" if v6 else "-4", "-c", target, "-p", str(port),
+                "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000", check=False, timeout=seconds + 30,
+            )  # fmt: skip
+            assert client.returncode == 0, f"iperf3 node{a} -> node{b}: {client.stderr or client.stdout[-500:]}"
+            report: dict[str, Any] = json.loads(client.stdout)
+            assert report["start"]["connected"][0]["remote_host"] == target
+            return report
+        finally:
+            server.wait(timeout=10)
 
     def direct_link(self, status: dict[str, Any], j: int) -> bool:
         """Whether `status` (of some node) shows a direct link (no relay) to node j."""
