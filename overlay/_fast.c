@@ -603,7 +603,8 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
-        c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_staged, c_stage_dropped;
+        c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_staged,
+        c_stage_dropped;
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
