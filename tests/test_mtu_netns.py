@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.group import Group, missing_prerequisites
+from tests.support.netlab import HOST_IFNAME
 
 pytestmark = [
     pytest.mark.integration,
@@ -47,7 +48,7 @@ def fragments_made(group: Group) -> dict[int, int]:
 
 
 def test_the_lab_is_a_small_mtu_underlay(group: Group) -> None:
-    out = group.lab.run(group.members[0].host, "ip", "-j", "link", "show", "eth0").stdout
+    out = group.lab.run(group.members[0].host, "ip", "-j", "link", "show", HOST_IFNAME).stdout
     assert json.loads(out)[0]["mtu"] == MTU
 
 
