@@ -35,12 +35,11 @@ HEADERS = {4: 28, 6: 48}
 ETHERNET_MTU = 1500
 # What every path carries: 576 bytes over IPv4 (RFC 791), 1,280 over IPv6 (RFC 8200 section 5).
 MIN_MTU = {4: 576, 6: 1280}
-CHUNK_DATAGRAM = {version: ETHERNET_MTU - header for version, header in HEADERS.items()}
 # UDP GSO takes at most 64 segments per buffer (UDP_MAX_SEGMENTS; newer kernels allow more); a 65,535-byte datagram in
 # 1,445-byte parts (IPv6) is 46.
 MAX_CHUNKS = 64
 MAX_DATAGRAM = 65535
-MAX_CHUNK = max(CHUNK_DATAGRAM.values())  # a longer chunk is not one of ours
+MAX_CHUNK = ETHERNET_MTU - HEADERS[4]  # an IPv4 1,500-byte path's: a longer chunk is not one of ours
 MAX_PENDING = 64  # our choice: messages being reassembled at once, from all peers (at most ~6 MB held)
 PENDING_TTL = 1.0  # our choice: a chunk later than this after its first sibling belongs to a lost message
 

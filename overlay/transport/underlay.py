@@ -258,17 +258,18 @@ class UdpUnderlay:
             i = j
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
-        if self.gso and len(data) > self.chunk_for(endpoint) and self._send_chunks(data, endpoint):
-            return
+        if self.gso:
+            chunk = self.chunk_for(endpoint)
+            if len(data) > chunk and self._send_chunks(data, endpoint, chunk):
+                return
         try:
             self._sock.sendto(data, endpoint)
         except OSError:
             self.counters["send_failed"] += 1
 
-    def _send_chunks(self, data: bytes, endpoint: Endpoint) -> bool:
-        """`data` as chunks in one GSO send; False when it must go whole: it makes too many chunks, or the route
-        refused them and, asked again, has no smaller MTU to offer."""
-        chunk = self.chunk_for(endpoint)
+    def _send_chunks(self, data: bytes, endpoint: Endpoint, chunk: int) -> bool:
+        """`data` as chunks of `chunk` bytes (the path's) in one GSO send; False when it must go whole: it makes
+        too many chunks, or the route refused them and, asked again, has no smaller MTU to offer."""
         while chunk_count(len(data), chunk) <= MAX_CHUNKS:
             self._message_id += 1
             if not self._send_gso(split(data, self._message_id, chunk), chunk, endpoint, 1):
