@@ -74,7 +74,9 @@ class Attempt:
     offered_at: float = 0.0
     first_init: float | None = None
     tunnel: bool = True  # may end in a tunnel through a neighbour (not for on-demand links: still relayed)
-    restart: bool = False  # a new path for a link we keep: its failure is no failure of the link
+    # A new path for a link we keep, named as its counters are ("ice restarts", "tunnel upgrades"): its failure
+    # is no failure of the link.
+    restart: str = ""
 
 
 @dataclass
@@ -144,17 +146,21 @@ class LinkSetup:
         log.debug("attempt %d to %016x: %s, %s", att.number, peer_id, endpoint, "signalled" if signal else "no signal")
         self._step(att, self._now())
 
-    def restart(self, peer_key: bytes, signal: Signaller) -> None:
-        """ICE again for a link we have (our addresses changed: a new network, a NAT that mapped us anew). The
-        link keeps its place and its session until the new path's handshake completes; then both move."""
+    def restart(self, peer_key: bytes, signal: Signaller, *, upgrade: bool = False) -> None:
+        """ICE again for a link we have: our addresses changed (a new network, a NAT that mapped us anew), or
+        the link is a tunnel (`upgrade`, overlay/upgrades.py). The link keeps its place and its session until
+        the new path's handshake completes; then both move."""
         peer_id = node_id_from_public_key(peer_key)
         link = self.manager.links.get(peer_id)
         if self.agent is None or link is None or peer_id in self.attempts:
             return
         att = self._new_attempt(peer_id, peer_key, None, link.contact, signal)
-        att.tunnel, att.restart = False, True
-        self.count("ice restarts")
-        log.info("ICE restart for %016x: our addresses changed; the link keeps its session meanwhile", peer_id)
+        att.tunnel, att.restart = False, "tunnel upgrades" if upgrade else "ice restarts"
+        self.count(att.restart)
+        if upgrade:
+            log.debug("ICE again for %016x: its link is a tunnel", peer_id)
+        else:
+            log.info("ICE restart for %016x: our addresses changed; the link keeps its session meanwhile", peer_id)
         self._start_ice(att, phase=1, now=self._now())
 
     def offer(self, peer_id: int, signal: Signaller, *, xmpp: bool = True) -> Signal | None:
@@ -289,7 +295,7 @@ class LinkSetup:
     def _fail(self, att: Attempt, why: str) -> None:
         self._drop(att)
         if att.restart:
-            self.count("ice restarts failed")
+            self.count(f"{att.restart} failed")
             return
         self.count("link attempts failed")
         log.debug("link attempt to %016x failed: %s", att.peer_id, why)

@@ -59,6 +59,7 @@ from overlay.transport.underlay import UdpUnderlay
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
+from overlay.upgrades import TunnelUpgrades
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_JOIN,
@@ -204,6 +205,7 @@ class Node:
             self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
+        self.upgrades = TunnelUpgrades()
         self.router.on_no_route = self._on_no_route
         self.graph = GraphService(self, self._graph_view)
         self.router.on_sent = self._on_sent
@@ -303,6 +305,15 @@ class Node:
                 # The link's own path may be dead: signal through a neighbour linked to the peer too.
                 shared = [n for n in self._relay_candidates(peer) if n != peer]
                 self.links.setup.restart(link.peer_key, self.signalling.route(peer, shared[0] if shared else None))
+
+    def _tick_upgrades(self, now: float) -> None:
+        """ICE again, now and then, on the tunnel links this side upgrades (overlay/upgrades.py)."""
+        if self.ice is None:
+            return
+        links = self.links.links
+        tunnels = [peer for peer, link in links.items() if link.relay is not None and self.id < peer]
+        for peer in self.upgrades.due(now, tunnels):
+            self.links.setup.restart(links[peer].peer_key, self.signalling.route(peer), upgrade=True)
 
     # -- on-demand direct links (overlay/ondemand.py) -----------------------------------------------------------
     def _link_bytes(self, peer: int) -> int | None:
@@ -494,6 +505,7 @@ class Node:
         self.finder.tick(now)
         self.datapath.tick_probes(now)
         self._tick_on_demand(now)
+        self._tick_upgrades(now)
         # Idle nodes tick less often: a hundred on one machine spend their CPU on ticks (bench/scale.py).
         deadline = min(deadline, self.dht.next_deadline(now))
         busy = (
