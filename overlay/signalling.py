@@ -11,7 +11,7 @@ cannot reach itself), in an XMPP message to the joiner's room nick.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from overlay.identity import verify
 from overlay.ids import FAR, node_id_from_public_key
@@ -41,12 +41,18 @@ class Signalling:
         self.first_hop = first_hop
         self.xmpp_relay: XmppRelay = lambda dst, body: False
 
-    def route(self, peer: int, via: int | None = None) -> Signaller:
+    def route(self, peer: int, via: int | None = None, *, then: Sequence[int | None] = ()) -> Signaller:
         """A Signaller that routes signals for `peer` through the overlay (to `via` first, if given). Each
-        names our first hop, so the peer's replies reach us while the ring cannot route to us yet."""
+        names our first hop, so the peer's replies reach us while the ring cannot route to us yet. `then`: where
+        each later send goes instead, in turn (None: straight to the peer), for when `via` may not reach it."""
+        ways = [via, *then]
+        sent = 0
 
         def send(signal: Signal) -> None:
-            dst = via if via is not None else peer
+            nonlocal sent
+            way = ways[sent % len(ways)]
+            sent += 1
+            dst = way if way is not None else peer
             reply_via = self.first_hop(dst) or 0
             log.debug("signal %s %d for %016x via %016x", signal.type.name, signal.attempt, peer, dst)
             self.port.send_routed(dst, Kind.SIGNAL, encode_routed_signal(peer, signal, reply_via))
