@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from overlay.transport.ice import SRFLX_REFRESH
+from overlay.transport.ice import SRFLX_REFRESH, TURN_RETRY
+from overlay.upgrades import UPGRADE_AFTER
 from tests.support.group import Group, missing_prerequisites
 from tests.support.views import ring_errors, statuses
 
@@ -32,6 +33,9 @@ REJOIN_S = 60.0
 # Our choice: a silent link is pinged after 2 s, which re-asks STUN; ICE again takes ~1 s per link. Pairs through
 # TURN also need a new allocation from the new mapping: on a loaded 2-core CI box that once took over 30 s.
 ROAM_S = 45.0
+# From overlay/upgrades.py: a link that fell back to a tunnel is offered ICE again UPGRADE_AFTER seconds on, then
+# after twice that; each try takes up to ~12 s (ICE_TIMEOUT, then RELAY_ICE_TIMEOUT with relays).
+UPGRADE_S = 3 * UPGRADE_AFTER + 15.0
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +73,72 @@ def test_every_pair_across_the_nats_pings(nat_group: Group) -> None:
     assert all(again.values()), [p for p, ok in again.items() if not ok]
 
 
-def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat_group: Group) -> None:
-    g = nat_group
-    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+def kinds_seen(g: Group) -> dict[tuple[int, int], str]:
     seen: dict[tuple[int, int], str] = {}
     for i in range(len(PLACEMENT)):
         for j, row in links_by_peer(g, i).items():
             assert row["kind"] in ("host", "srflx", "prflx", "relay", "tunnel"), row
             seen[(i, j)] = row["kind"]
+    return seen
+
+
+def unfit(seen: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
+    return {pair: kind for pair, kind in seen.items() if kind not in expected_kinds(*pair)}
+
+
+def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat_group: Group) -> None:
+    g = nat_group
+    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+    # A link made while ICE could not work (a TURN allocation slow on a loaded host) is a tunnel for a while;
+    # it is offered ICE again (overlay/upgrades.py) and must end on the path expected where its members sit.
+    g.wait_until(lambda: not unfit(kinds_seen(g)), UPGRADE_S, 1.0)
+    seen = kinds_seen(g)
     assert seen, "no links at all"
-    wrong = {pair: kind for pair, kind in seen.items() if kind not in expected_kinds(*pair)}
-    assert not wrong, f"links whose kind does not fit where the members sit: {wrong}"
+    assert not unfit(seen), f"links whose kind does not fit where the members sit: {unfit(seen)}"
     # The symmetric cluster did need TURN for some pair, and TURN allocations and ICE checks were counted.
     assert any(kind == "relay" for kind in seen.values()), seen
     st = g.status(5)
     assert st["ice"]["counters"].get("turn allocations", 0) >= 1
     assert st["ice"]["counters"].get("ice checks succeeded", 0) >= 1
+
+
+def test_links_made_as_tunnels_while_turn_was_lost_move_onto_relays_when_it_is_back(nat_group: Group) -> None:
+    """Member 6, behind the symmetric NAT, restarts while everything it sends to coturn is lost: it has no
+    server-reflexive or relayed candidates, and cannot reach its peers' relays either, so its links to the cone
+    clusters (at least two of its four ring links: only members 0 and 5 are elsewhere) can only be tunnels.
+    Once coturn answers again those links are offered ICE again and move onto TURN while they stay up."""
+    g = nat_group
+    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+    assert g.turn_host is not None
+    g.stop_node(6)
+    restore = g.lab.lose_to(g.members[6].host, g.lab.addresses(g.turn_host))
+    try:
+        g.restart_node(6, timeout=REJOIN_S)
+
+        def tunnels() -> set[int]:
+            return {j for j, row in links_by_peer(g, 6).items() if row["kind"] == "tunnel"}
+
+        assert g.wait_until(lambda: bool(tunnels()), REJOIN_S, 1.0), f"no tunnel links: {links_by_peer(g, 6)}"
+        made = tunnels()
+    finally:
+        restore()
+    g.say(f"coturn reachable again; member 6's tunnel links: {sorted(made)}")
+
+    # Member 6 gathers again within TURN_RETRY; a tunnel's next ICE try is at most UPGRADE_S away after that.
+    def moved() -> bool:
+        kinds = {j: row["kind"] for j, row in links_by_peer(g, 6).items()}
+        return all(kinds.get(j, "gone") not in ("tunnel", "gone") for j in made)
+
+    assert g.wait_until(moved, TURN_RETRY + UPGRADE_S, 1.0), f"still tunnels or gone: {links_by_peer(g, 6)}"
+    kinds = {j: row["kind"] for j, row in links_by_peer(g, 6).items()}
+    assert all(kinds[j] in expected_kinds(6, j) for j in made), kinds
+    # Moved in place, counted at each end whose link left the tunnel (a tunnel link that closed meanwhile, with
+    # the link to its relay, may come back as a relay link from scratch: not counted, and fine).
+    counters = [g.status(i)["counters"] for i in (6, *made)]
+    shown = [{k: v for k, v in c.items() if "tunnel" in k or "link" in k} for c in counters]
+    assert sum(c.get("tunnel links upgraded", 0) for c in counters) >= 1, shown
+    pairs = [(6, j) for j in made] + [(j, 6) for j in made]
+    assert all(g.ping_many(pairs, count=2, timeout=2.0).values())
 
 
 def test_a_restarted_natted_member_is_back_within_60_s(nat_group: Group) -> None:

@@ -21,7 +21,7 @@ import itertools
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -305,6 +305,24 @@ class NetLab:
         for src, dst in ((inside.address, outside.address), (outside.address, inside.address)):
             # Inserted first: ahead of the router's rule that accepts established inbound traffic.
             self.run(router, "iptables", "-w", "-I", "FORWARD", "1", "-p", "udp", "-s", src, "-d", dst, "-j", "DROP")
+
+    def lose_to(self, host: Host, addresses: Sequence[str]) -> Callable[[], None]:
+        """Lose everything `host` (behind a NAT) sends to `addresses`, as an unreachable server does, until the
+        function returned is called. The rules sit in its router's FORWARD, where a drop is silent (in the
+        host's own OUTPUT, send() would fail at once with EPERM)."""
+        if host.cluster is None:
+            raise ValueError(f"{host.name} is not behind a NAT")
+        router = self.clusters[host.cluster].router
+        rules = [["FORWARD", "-s", host.address, "-d", address, "-j", "DROP"] for address in addresses]
+        for rule in rules:
+            # Inserted first: ahead of the router's rule that accepts established traffic.
+            self.run(router, "iptables", "-w", "-I", rule[0], "1", *rule[1:])
+
+        def restore() -> None:
+            for rule in rules:
+                self.run(router, "iptables", "-w", "-D", *rule)
+
+        return restore
 
     # -- running -----------------------------------------------------------------------------------------
 
