@@ -685,9 +685,9 @@ class Node:
                     self.rtt_seconds.observe(link.rtt)
             elif kind == LinkMsg.NEIGHBOURS:
                 ids, overlay, seq = decode_neighbours(msg)
-                if tuple(i for i in ids if i != link.peer_id) != self.table.neighbours_of(link.peer_id):
-                    self.maintenance.on_neighbours(link.peer_id, ids, now)
+                if self.maintenance.on_neighbours(link.peer_id, ids, now):
                     self.router.forget_routes()  # lookahead may choose differently now
+                    self.wake(TIMER_MAX)  # a candidate to link to may be new: an idle timer waits up to 12.5 s
                 self._hear_beacon(link.peer_id, overlay, seq, now)
             elif kind == LinkMsg.SUSPECT:
                 self.maintenance.suspect(decode_suspect(msg), now)

@@ -183,3 +183,33 @@ def test_hearing_from_a_link_moves_the_wake_up_for_its_silence_instead_of_leavin
     m.on_rx(9, 12.0)
     assert (m.next_deadline(), m.due_peer) == (10.0 + PING_INTERVAL, 7)
     assert not any(isinstance(a, Ping) for a in m.tick(10.0 + PING_INTERVAL - 0.1))
+
+
+def test_a_peer_whose_link_died_comes_back_with_a_neighbours_unchanged_list() -> None:
+    """Our links across a NAT die at once (it mapped us anew) while a neighbour outside stays linked to those
+    peers: its next list is the one it sent before, and must still make them ring candidates again."""
+    m = fresh()
+    for peer in (5, SELF + 10):
+        m.table.add_link(peer)
+        m.on_link_up(peer, 0.0)
+    assert m.on_neighbours(5, [SELF + 10, SELF + 20], 0.0)
+    m.table.remove_link(SELF + 10)
+    m.on_link_down(SELF + 10, 1.0, dead=True)
+    assert SELF + 10 not in m.table.wanted_ring_peers()
+    assert m.on_neighbours(5, [SELF + 10, SELF + 20], 12.0)  # the same list: it taught us something
+    assert OpenLink(SELF + 10) in m.tick(12.0)
+    assert not m.on_neighbours(5, [SELF + 10, SELF + 20], 22.0)  # and now nothing
+
+
+def test_a_peer_forgotten_after_failed_attempts_comes_back_only_with_a_changed_list() -> None:
+    m = fresh()
+    m.table.add_link(3)
+    m.on_link_up(3, 0.0)
+    m.on_neighbours(3, [SELF + 5], 0.0)
+    for t in (1.0, 8.0, 9.0):
+        m.on_attempt_failed(SELF + 5, t)
+    assert SELF + 5 not in m.table.wanted_ring_peers()
+    assert not m.on_neighbours(3, [SELF + 5], 20.0)  # the same list: still unreachable for us
+    assert SELF + 5 not in m.table.wanted_ring_peers()
+    assert m.on_neighbours(3, [SELF + 5, SELF + 6], 30.0)  # the neighbour's links changed: try again
+    assert SELF + 5 in m.table.wanted_ring_peers()

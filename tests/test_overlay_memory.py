@@ -127,6 +127,30 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel(
     run(scenario())
 
 
+def test_ring_neighbours_whose_link_died_link_again_through_a_tunnel_though_no_gossip_changed() -> None:
+    """Their underlay path is lost silently (a NAT that mapped one anew): the link dies at both ends and each
+    forgets the other. The neighbours they share still list both, in lists that did not change: those lists
+    must make them candidates again, or the ring stays broken."""
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=5, ping_interval=PING_INTERVAL)
+        try:
+            for _ in range(7):
+                await g.add_node()
+            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            a = g.nodes[1]
+            b = next(n for n in g.nodes if n.id == a.table.successors()[0])
+            assert any(b.id in n.table.neighbours() and a.id in n.table.neighbours() for n in g.nodes)
+            g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
+            assert await g.wait_for(lambda: b.id not in a.links.links and a.id not in b.links.links, 30.0)
+            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
+            assert await g.wait_for(lambda: not g.ring_correct(), 10.0), g.ring_correct()
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
 def test_a_packet_for_an_address_nobody_owns_is_dropped_counted_and_answered_with_icmp() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=2)

@@ -232,8 +232,9 @@ class Maintenance:
         if peer in self._due:
             self._due[peer] = now + self._quiet.get(peer, self.ping_interval)
 
-    def on_neighbours(self, peer: int, ids: list[int], now: float) -> None:
-        self.table.set_neighbours_of(peer, ids)
+    def on_neighbours(self, peer: int, ids: list[int], now: float) -> bool:
+        """A neighbour's list; whether it told us anything (RingTable.set_neighbours_of)."""
+        return self.table.set_neighbours_of(peer, ids)
 
     def on_peer_use(self, peer: int, use: int) -> None:
         """The peer told us what it uses our link for (TellUse at its end)."""
@@ -264,7 +265,7 @@ class Maintenance:
         self._work_at = min(self._work_at, a.retry_at)
         # A peer we cannot reach is no ring candidate until someone mentions it again.
         if a.failures >= 3:
-            self.table.forget(peer)
+            self.table.forget(peer, unreachable=True)
             del self._attempts[peer]
 
     def on_long_found(self, slot: int, peer: int | None, now: float) -> None:

@@ -167,6 +167,9 @@ class RingTable:
     _linked: SortedRing = field(default_factory=SortedRing)
     _known: SortedRing = field(default_factory=SortedRing)
     _neighbours_of: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Peers forgotten because our attempts to link to them failed: only a neighbour's list that changed brings
+    # them back (set_neighbours_of), so an unreachable peer is not tried again at every round of gossip.
+    _held: set[int] = field(default_factory=set)
 
     # -- links ---------------------------------------------------------------------------------------------
     def add_link(self, peer: int, role: Role = Role.NONE) -> None:
@@ -175,6 +178,7 @@ class RingTable:
         self._links[peer] = self._links.get(peer, Role.NONE) | role
         self._linked.add(peer)
         self._known.add(peer)
+        self._held.discard(peer)
 
     def set_role(self, peer: int, role: Role, on: bool = True) -> None:
         if peer in self._links:
@@ -187,10 +191,13 @@ class RingTable:
         self._neighbours_of.pop(peer, None)
         return role
 
-    def forget(self, peer: int) -> None:
-        """Drop a peer from the candidates too (it left, or could not be reached)."""
+    def forget(self, peer: int, *, unreachable: bool = False) -> None:
+        """Drop a peer from the candidates too: our link to it died, or it left (a neighbour that still lists it
+        brings it back), or our attempts to reach it failed (`unreachable`: only a changed list does)."""
         self.remove_link(peer)
         self._known.discard(peer)
+        if unreachable:
+            self._held.add(peer)
 
     def is_linked(self, peer: int) -> bool:
         return peer in self._links
@@ -214,23 +221,37 @@ class RingTable:
         return self.incoming_long() < self.params.incoming_cap
 
     # -- what neighbours tell us -----------------------------------------------------------------------------
-    def learn(self, ids: Iterable[int]) -> None:
+    def learn(self, ids: Iterable[int]) -> bool:
+        """Take these peers as candidates; whether any was new to us."""
+        before = len(self._known)
         for i in ids:
             if i != self.self_id:
                 self._known.add(i)
+        return len(self._known) != before
 
-    def set_neighbours_of(self, peer: int, ids: Iterable[int]) -> None:
-        """A linked peer's own neighbour list: lookahead for forwarding and ring candidates for repair."""
-        if peer in self._links:
-            nbrs = tuple(i for i in ids if i != peer)
-            dropped = set(self._neighbours_of.get(peer, ())) - set(nbrs)
-            self._neighbours_of[peer] = nbrs
-            self.learn(nbrs)
-            # A candidate we only heard of through gossip goes once no neighbour mentions it any more (it left
-            # or failed): otherwise a dead node would stay a "wanted" ring peer until attempts time out.
-            for i in dropped:
-                if i not in self._links and not any(i in lst for lst in self._neighbours_of.values()):
-                    self._known.discard(i)
+    def set_neighbours_of(self, peer: int, ids: Iterable[int]) -> bool:
+        """A linked peer's own neighbour list: lookahead for forwarding and ring candidates for repair. Whether
+        it told us anything: a list other than the peer's last, or a peer we did not know of."""
+        if peer not in self._links:
+            return False
+        nbrs = tuple(i for i in ids if i != peer)
+        old = self._neighbours_of.get(peer, ())
+        if nbrs == old:
+            # The list the peer sent before still brings back a peer we forgot since because our own link to it
+            # died: this neighbour still reaches it. Otherwise members whose links across a NAT all died at once
+            # (the NAT mapped them anew) stayed out of their ring places while their neighbours' lists stood.
+            return self.learn(i for i in nbrs if i not in self._held)
+        self._held.difference_update(nbrs)
+        self.learn(nbrs)
+        dropped = set(old) - set(nbrs)
+        self._neighbours_of[peer] = nbrs
+        # A candidate we only heard of through gossip goes once no neighbour mentions it any more (it left
+        # or failed): otherwise a dead node would stay a "wanted" ring peer until attempts time out.
+        for i in dropped:
+            if i not in self._links and not any(i in lst for lst in self._neighbours_of.values()):
+                self._known.discard(i)
+                self._held.discard(i)
+        return True
 
     def neighbours_of(self, peer: int) -> tuple[int, ...]:
         return self._neighbours_of.get(peer, ())
