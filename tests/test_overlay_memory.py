@@ -127,10 +127,10 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel(
     run(scenario())
 
 
-def test_ring_neighbours_whose_link_died_link_again_through_a_tunnel_though_no_gossip_changed() -> None:
-    """Their underlay path is lost silently (a NAT that mapped one anew): the link dies at both ends and each
-    forgets the other. The neighbours they share still list both, in lists that did not change: those lists
-    must make them candidates again, or the ring stays broken."""
+def test_ring_neighbours_whose_path_is_lost_silently_link_again_through_a_tunnel() -> None:
+    """Their underlay path is lost without a word (a NAT that mapped one anew): the link is declared dead at
+    both ends and each forgets the other; neighbours still list both, so they link again, through a tunnel
+    via a neighbour they share, and the ring is whole again."""
 
     async def scenario() -> None:
         g = MemoryGroup(seed=5, ping_interval=PING_INTERVAL)
