@@ -173,7 +173,9 @@ class Maintenance:
         """A link closed. `dead`: it failed (keepalives unanswered), so the peer is no candidate either until
         a neighbour that still reaches it mentions it again."""
         if dead:
-            self.table.forget(peer)
+            # Our other neighbours, told (SUSPECT), check their own links to it within BUSY_DEAD: a list from
+            # one of them after that still naming the peer means it is alive there (overlay/routing/ring.py).
+            self.table.forget(peer, until=now + BUSY_DEAD + PING_RETRY)
         self._last_rx.pop(peer, None)
         self._last_ping.pop(peer, None)
         self._surplus_since.pop(peer, None)
@@ -234,7 +236,7 @@ class Maintenance:
 
     def on_neighbours(self, peer: int, ids: list[int], now: float) -> bool:
         """A neighbour's list; whether it told us anything (RingTable.set_neighbours_of)."""
-        return self.table.set_neighbours_of(peer, ids)
+        return self.table.set_neighbours_of(peer, ids, now)
 
     def on_peer_use(self, peer: int, use: int) -> None:
         """The peer told us what it uses our link for (TellUse at its end)."""
@@ -265,7 +267,7 @@ class Maintenance:
         self._work_at = min(self._work_at, a.retry_at)
         # A peer we cannot reach is no ring candidate until someone mentions it again.
         if a.failures >= 3:
-            self.table.forget(peer, unreachable=True)
+            self.table.forget(peer, until=math.inf)
             del self._attempts[peer]
 
     def on_long_found(self, slot: int, peer: int | None, now: float) -> None:

@@ -167,9 +167,10 @@ class RingTable:
     _linked: SortedRing = field(default_factory=SortedRing)
     _known: SortedRing = field(default_factory=SortedRing)
     _neighbours_of: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    # Peers forgotten because our attempts to link to them failed: only a neighbour's list that changed brings
-    # them back (set_neighbours_of), so an unreachable peer is not tried again at every round of gossip.
-    _held: set[int] = field(default_factory=set)
+    # Forgotten peers -> until when a neighbour's unchanged list does not bring them back (set_neighbours_of);
+    # a changed list always does. inf for peers our attempts failed to reach, so an unreachable peer is not
+    # tried again at every round of gossip.
+    _held: dict[int, float] = field(default_factory=dict)
 
     # -- links ---------------------------------------------------------------------------------------------
     def add_link(self, peer: int, role: Role = Role.NONE) -> None:
@@ -178,7 +179,7 @@ class RingTable:
         self._links[peer] = self._links.get(peer, Role.NONE) | role
         self._linked.add(peer)
         self._known.add(peer)
-        self._held.discard(peer)
+        self._held.pop(peer, None)
 
     def set_role(self, peer: int, role: Role, on: bool = True) -> None:
         if peer in self._links:
@@ -191,13 +192,13 @@ class RingTable:
         self._neighbours_of.pop(peer, None)
         return role
 
-    def forget(self, peer: int, *, unreachable: bool = False) -> None:
-        """Drop a peer from the candidates too: our link to it died, or it left (a neighbour that still lists it
-        brings it back), or our attempts to reach it failed (`unreachable`: only a changed list does)."""
+    def forget(self, peer: int, *, until: float = 0.0) -> None:
+        """Drop a peer from the candidates too (it left, our link to it died, or it could not be reached). Until
+        `until`, only a neighbour's list that changed brings it back; after, any list that names it."""
         self.remove_link(peer)
         self._known.discard(peer)
-        if unreachable:
-            self._held.add(peer)
+        if until > 0.0:
+            self._held[peer] = until
 
     def is_linked(self, peer: int) -> bool:
         return peer in self._links
@@ -229,7 +230,7 @@ class RingTable:
                 self._known.add(i)
         return len(self._known) != before
 
-    def set_neighbours_of(self, peer: int, ids: Iterable[int]) -> bool:
+    def set_neighbours_of(self, peer: int, ids: Iterable[int], now: float = 0.0) -> bool:
         """A linked peer's own neighbour list: lookahead for forwarding and ring candidates for repair. Whether
         it told us anything: a list other than the peer's last, or a peer we did not know of."""
         if peer not in self._links:
@@ -237,11 +238,12 @@ class RingTable:
         nbrs = tuple(i for i in ids if i != peer)
         old = self._neighbours_of.get(peer, ())
         if nbrs == old:
-            # The list the peer sent before still brings back a peer we forgot since because our own link to it
-            # died: this neighbour still reaches it. Otherwise members whose links across a NAT all died at once
-            # (the NAT mapped them anew) stayed out of their ring places while their neighbours' lists stood.
-            return self.learn(i for i in nbrs if i not in self._held)
-        self._held.difference_update(nbrs)
+            # The list the peer sent before still brings back a peer we forgot since, once the hold is over: the
+            # neighbour still reaches it. Otherwise members whose links across a NAT all died at once (the NAT
+            # mapped them anew) stayed out of their ring places while their neighbours' lists stood still.
+            return self.learn(i for i in nbrs if self._held.get(i, 0.0) <= now)
+        for i in nbrs:
+            self._held.pop(i, None)
         self.learn(nbrs)
         dropped = set(old) - set(nbrs)
         self._neighbours_of[peer] = nbrs
@@ -250,7 +252,7 @@ class RingTable:
         for i in dropped:
             if i not in self._links and not any(i in lst for lst in self._neighbours_of.values()):
                 self._known.discard(i)
-                self._held.discard(i)
+                self._held.pop(i, None)
         return True
 
     def neighbours_of(self, peer: int) -> tuple[int, ...]:
