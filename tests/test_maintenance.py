@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from overlay.routing.maintenance import (
@@ -18,7 +19,7 @@ from overlay.routing.maintenance import (
     Ping,
     SendNeighbours,
 )
-from overlay.routing.ring import RingTable, Role
+from overlay.routing.ring import HELD_MAX, RingTable, Role
 
 SELF = 1 << 62
 
@@ -217,3 +218,16 @@ def test_a_peer_forgotten_after_failed_attempts_comes_back_only_with_a_changed_l
     assert SELF + 5 not in m.table.wanted_ring_peers()
     assert m.on_neighbours(3, [SELF + 5, SELF + 6], 30.0)  # the neighbour's links changed: try again
     assert SELF + 5 in m.table.wanted_ring_peers()
+
+
+def test_holds_on_forgotten_peers_are_bounded_and_the_oldest_goes_first() -> None:
+    t = RingTable(SELF)
+    t.add_link(7)
+    first, last = SELF + 1, SELF + 1 + HELD_MAX
+    t.set_neighbours_of(7, [first, last])
+    for i in range(HELD_MAX + 1):
+        t.forget(first + i, until=math.inf)  # first ... last: one more than the bound
+    # The same list again: the first hold went to make room, so `first` is a candidate again; `last` is not.
+    assert t.set_neighbours_of(7, [first, last], 10.0)
+    assert t.closest_known(first) == first
+    assert t.closest_known(last) != last

@@ -157,6 +157,11 @@ def choose_by_latency(candidates: Iterable[int], rtt: Callable[[int], float]) ->
     return best
 
 
+# Our choice: holds on forgotten peers kept at most (RingTable._held), so a long-lived member of a large group
+# with churn does not keep one for every peer whose link ever died (~100 KB at most).
+HELD_MAX = 1024
+
+
 @dataclass
 class RingTable:
     """The links of one node, their roles, and the candidate peers it has heard of."""
@@ -198,7 +203,10 @@ class RingTable:
         self.remove_link(peer)
         self._known.discard(peer)
         if until > 0.0:
+            self._held.pop(peer, None)
             self._held[peer] = until
+            if len(self._held) > HELD_MAX:  # the oldest hold goes: it has likely run out, or its peer left
+                del self._held[next(iter(self._held))]
 
     def is_linked(self, peer: int) -> bool:
         return peer in self._links
