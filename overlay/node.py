@@ -305,9 +305,8 @@ class Node:
                 # The link's own path may be dead: signal through a neighbour linked to the peer too. The nearest
                 # is often on our own LAN, behind the same NAT, and lost its paths out with ours: each offer sent
                 # again goes through the next shared neighbour, then the overlay's own route.
-                shared = [n for n in self._relay_candidates(peer) if n != peer]
-                ways = self.signalling.route(peer, shared[0], then=[*shared[1:], None]) if shared else None
-                self.links.setup.restart(link.peer_key, ways or self.signalling.route(peer))
+                ways = [*(n for n in self._relay_candidates(peer) if n != peer), None]
+                self.links.setup.restart(link.peer_key, self.signalling.route(peer, ways[0], then=ways[1:]))
 
     def _tick_upgrades(self, now: float) -> None:
         """ICE again, now and then, on the tunnel links this side upgrades (overlay/upgrades.py)."""
