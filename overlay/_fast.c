@@ -1337,11 +1337,20 @@ static void drain_udp(Engine *e) {
  * taken without a wake-up (each one 10-100 us on a virtual machine, four per round trip). Control traffic
  * (passed up to Python) does not make it spin: a hundred idle nodes on one machine stay idle. */
 #define SPIN_NS 300000LL
+/* ... unless it carried BUSY_PACKETS or more in the last SPIN_NS window (~107k packets/s): then packets come
+ * faster than a wake-up takes, a wake-up costs nothing per packet, and polling would hand each one on alone,
+ * losing the batches that GSO sends and joined TAP writes are made of, and taking the CPU the applications
+ * need. Measured (2026-12-05, 64-byte UDP flood relayed through three nodes, two cores, 6 runs each): iperf3's
+ * server read 81-93k packets/s while every Engine polled, 115-142k/s with this; idle RTT and TCP unchanged
+ * within the host's noise (a TCP super-frame stream is ~10 packets per window and keeps the poll). */
+#define BUSY_PACKETS 32
 
 static void *engine_main(void *arg) {
     Engine *e = arg;
     struct epoll_event evs[4];
-    int64_t spin_until = 0;
+    int64_t spin_until = 0, window_end = 0;
+    uint64_t window_base = 0;
+    int busy = 0;
     for (;;) {
         if (e->stage_n) release_staged(e);
         /* While frames are held, look again every 10 ms: a flow Python never catches up with lets go (hold_limit). */
@@ -1367,7 +1376,16 @@ static void *engine_main(void *arg) {
             if (fd == e->tap) drain_tap(e);
             else if (fd == e->udp) drain_udp(e);
         }
-        if (e->c_frames + e->c_datagrams != carried) spin_until = now_ns() + SPIN_NS;
+        uint64_t total = e->c_frames + e->c_datagrams;
+        if (total != carried) {
+            int64_t t = now_ns();
+            if (t >= window_end) { /* a new window: was the one before busy? (longer after a pause: errs idle) */
+                busy = total - window_base >= BUSY_PACKETS;
+                window_base = total;
+                window_end = t + SPIN_NS;
+            }
+            spin_until = busy ? 0 : t + SPIN_NS;
+        }
     }
 }
 
