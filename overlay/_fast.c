@@ -1379,7 +1379,9 @@ static void *engine_main(void *arg) {
         uint64_t total = e->c_frames + e->c_datagrams;
         if (total != carried) {
             int64_t t = now_ns();
-            if (t >= window_end) { /* a new window: was the one before busy? (longer after a pause: errs idle) */
+            /* A new window: was the one before busy? After a pause it counts from its start, so the first window
+             * after a flood may go without the poll. */
+            if (t >= window_end) {
                 busy = total - window_base >= BUSY_PACKETS;
                 window_base = total;
                 window_end = t + SPIN_NS;
