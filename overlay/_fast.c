@@ -602,9 +602,9 @@ typedef struct {
     int64_t last_note;
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
-    uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_up_dropped, c_send_failed,
-        c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_staged,
-        c_stage_dropped;
+    uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
+        c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
+        c_staged, c_stage_dropped;
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
@@ -1263,15 +1263,15 @@ out:
         if (M_used && M_used->next_keys == MK) M_used->next_used = 1;
     }
     pthread_mutex_unlock(&e->tab);
-    if (relay) {
-        emit(e, relay_at, relay_len, &relay_to);
-        e->c_relayed++;
-    } else if (handled) {
-        to_tap(e, &d);
-    }
     if (handled) {
         e->c_datagrams++;
         note(e);
+    }
+    if (relay) {
+        e->c_relayed++;
+        emit(e, relay_at, relay_len, &relay_to);
+    } else if (handled) {
+        to_tap(e, &d);
     }
     return handled;
 }
@@ -1281,13 +1281,20 @@ static void on_datagram(Engine *e, const uint8_t *d, size_t len, const struct so
     up(e, UP_DATAGRAM, from, d, len, 0);
 }
 
-/* What UDP GRO made of one GSO send of chunks: joined into e->joined; its length, or 0 if it is not that. */
-static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg) {
+/* The number of chunks if buf (size bytes, GRO's segment seg) is what UDP GRO made of one GSO send of chunks:
+ * one message ID, numbered from 0, as many as the first says; else 0. */
+static size_t train_count(const uint8_t *buf, size_t size, size_t seg) {
     if (seg <= CHUNK_HDR || seg > MAX_CHUNK || size <= seg || buf[0] != PT_CHUNK || buf[5] != 0) return 0;
     size_t count = (size + seg - 1) / seg;
     if (buf[6] != count || count > MAX_CHUNKS) return 0;
     const uint8_t *last = buf + (count - 1) * seg;
     if (last[0] != PT_CHUNK || memcmp(last + 1, buf + 1, 4) || last[5] != count - 1 || last[6] != count) return 0;
+    return count;
+}
+
+/* A chunk train (train_count) joined into e->joined: its length, or 0 if it is not one. */
+static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg) {
+    if (!train_count(buf, size, seg)) return 0;
     size_t out = 0;
     for (size_t o = 0; o < size; o += seg) {
         size_t n = (size - o < seg ? size - o : seg) - CHUNK_HDR;
@@ -1295,6 +1302,62 @@ static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg
         out += n;
     }
     return out;
+}
+
+/* A chunk train of `count` chunks that carries a TUNNEL packet to pass on, where the next hop's path takes
+ * chunks of the same size: it leaves as it came, in one GSO send, with only the relay head sealed anew (the
+ * first chunk's first TUNNEL_OFF bytes) and the chunks' message ID ours. Joining the train and moving it behind
+ * the new head copied a relayed super-frame twice in user space. 1: passed on; 0: not taken, nothing changed
+ * (the caller joins it, and on_transport passes it on, delivers it, or sends it up for Python to count). */
+static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t count,
+                       const struct sockaddr_storage *from) {
+    size_t part = seg - CHUNK_HDR, len = size - count * CHUNK_HDR; /* len: the packet the chunks carry */
+    uint8_t *p = buf + CHUNK_HDR;
+    if (!e->gso || p[0] != PT_TUNNEL || part < TUNNEL_OFF + 1 || len < TUNNEL_OFF + HDR + TAG + 1) return 0;
+    /* The inner packet's tag, which the head is bound to: the packet's last TAG bytes, maybe in two chunks. */
+    uint8_t tag[TAG];
+    for (size_t i = 0, at = len - TAG; i < TAG; i++, at++) tag[i] = buf[at / part * seg + CHUNK_HDR + at % part];
+    int taken = 0;
+    Addr to;
+    pthread_mutex_lock(&e->tab);
+    Keys *K = NULL;
+    FLink *L = link_by_index(e, be32(p + 1), &K);
+    if (!L || !L->direct || !addr_eq(&L->ep, from) || p[TUNNEL_OFF] != PT_TRANSPORT) goto out;
+    uint8_t *msg = e->plain;
+    if (keys_open_part(K, p, TUNNEL_PART, tag, msg, 0) || msg[0] != MSG_RELAY) goto out;
+    FLink *T = link_by_peer(e, be64(msg + 1));
+    if (!T || !T->direct || T == L || !T->tunnel_ok || (size_t)T->ep.chunk != seg) goto out;
+    uint8_t onward[RELAY_HEAD], head[TUNNEL_OFF];
+    onward[0] = MSG_RELAYED;
+    put64(onward + 1, L->peer);
+    /* Sealed before the counter is taken, so that a packet not passed on stays unspent for on_transport. */
+    if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) || !keys_mark(K, be64(p + 5)))
+        goto out;
+    memcpy(p, head, TUNNEL_OFF);
+    if (K == L->next_keys) L->next_used = 1;
+    L->rx += len;
+    L->rx_seen = 1;
+    T->tx += len;
+    to = T->ep;
+    taken = 1;
+out:
+    pthread_mutex_unlock(&e->tab);
+    if (!taken) return 0;
+    /* Counted before it leaves, as on_transport counts: whoever sees it arrive sees it counted. */
+    e->c_relayed++;
+    e->c_relayed_trains++;
+    e->c_datagrams++;
+    note(e);
+    uint32_t id = ++e->message_id;
+    for (size_t o = 0; o < size; o += seg) put32(buf + o + 1, id);
+    flush_run(e); /* what waits for this address leaves first, as slot_for does for a datagram bigger than a chunk */
+    struct iovec iov = {buf, size};
+    int rc = send_gso(e, &iov, 1, seg, &to);
+    if (rc > 0) { /* as emit: whole, for IP to fragment */
+        refused(e, rc);
+        send_one(e, e->joined, join_chunks(e, buf, size, seg), &to);
+    }
+    return 1;
 }
 
 static void drain_udp(Engine *e) {
@@ -1317,7 +1380,9 @@ static void drain_udp(Engine *e) {
         size_t size = (size_t)n;
         bytes += size;
         if (seg > 0 && (size_t)seg < size) {
-            size_t whole = e->rbuf[0] == PT_CHUNK ? join_chunks(e, e->rbuf, size, (size_t)seg) : 0;
+            size_t count = train_count(e->rbuf, size, (size_t)seg);
+            if (count && relay_train(e, e->rbuf, size, (size_t)seg, count, &from)) continue;
+            size_t whole = count ? join_chunks(e, e->rbuf, size, (size_t)seg) : 0;
             if (whole) {
                 on_datagram(e, e->joined, whole, &from);
             } else {
@@ -1756,9 +1821,10 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up", e->c_frames_up,
-                         "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
-                         "relayed", e->c_relayed, "dropped: Python busy", e->c_up_dropped, "send failed",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+                         e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
+                         "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
+                         "dropped: Python busy", e->c_up_dropped, "send failed",
                          e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
                          "gso: above the route's MTU", e->c_mtu_refused,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",

@@ -8,6 +8,7 @@ to Python unchanged; what it handles must be exactly what the Python path would 
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -25,7 +26,7 @@ from overlay.fastpath import FastPath, LinkState
 from overlay.links import TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.chunks import CHUNK_HEADER, Reassembly
+from overlay.transport.chunks import CHUNK_HEADER, Reassembly, split
 from overlay.transport.paths import UdpPath
 from overlay.transport.session import Session
 from overlay.wire import (
@@ -794,6 +795,66 @@ def test_any_bytes_from_a_peer_or_the_tap_go_up_or_are_dropped_and_the_engine_ke
     assert b.kernel.recv(70000)[14:] == frame(A_IP, B_IP, b"still alive")[14:]
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.binary(min_size=32, max_size=20_000),
+    st.integers(min_value=CHUNK_HEADER.size + 1, max_value=CHUNK),
+    st.sampled_from(["raw", "chunks", "tunnel", "tunnel, any head"]),
+    st.booleans(),
+)
+def test_any_gso_train_from_a_peer_goes_up_is_passed_on_or_is_dropped_and_the_engine_keeps_working(
+    pair,  # type: ignore[no-untyped-def]
+    body: bytes,
+    segment: int,
+    form: str,
+    same_chunk_onward: bool,
+) -> None:
+    """What UDP GRO hands the Engine in one read: raw bytes, chunks of anything, chunks of a TUNNEL packet to
+    relay (to C, on a path that takes chunks of the size they came in, or smaller ones). Whatever it makes of
+    them, a good train is relayed whole afterwards and data still reaches the TAP."""
+    a, b, wire_a, wire_b, ka, _kb = pair
+    b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
+    wire_c = Wire()
+    try:
+        onward = (*wire_c.endpoint, segment if same_chunk_onward else max(CHUNK_HEADER.size + 1, segment - 1))
+        b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, onward, 0, True, -1, True)
+
+        def train(d: bytes, size: int) -> None:
+            gso = [(17, 103, struct.pack("=H", size))]  # UDP_SEGMENT
+            wire_a.sock.sendmsg([d], gso, 0, ("127.0.0.1", b.port))
+
+        if form == "raw":
+            if len(body) > segment and -(-len(body) // segment) <= 64:
+                train(body, segment)
+        else:
+            packet = body
+            if form == "tunnel":
+                packet = ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), b"\x83" + body, PacketType.TUNNEL)
+            elif form == "tunnel, any head" and len(body) > RELAY_HEAD:
+                packet = ka.seal_header(22, body[:RELAY_HEAD], body[RELAY_HEAD:], PacketType.TUNNEL)
+            if 1 < -(-len(packet) // (segment - CHUNK_HEADER.size)) <= 64:
+                train(split(packet, len(body), segment), segment)
+        b.up_messages(0.02)
+        wire_c.sock.settimeout(0.02)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                wire_c.recv()
+        wire_c.sock.settimeout(TIMEOUT)
+        inner = Keys(bytes([4]) * 32, bytes([5]) * 32).seal(0x83, 44, bytes(range(256)) * 20)
+        good = ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), inner, PacketType.TUNNEL)
+        b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, wire_c.endpoint, 0, True, -1, True)
+        train(split(good, 9, CHUNK), CHUNK)
+        reassembly, whole = Reassembly({}), None
+        while whole is None:
+            whole = reassembly.add(wire_c.recv(), ("127.0.0.1", 1), 0.0)
+        assert whole[TUNNEL_OFFSET:] == inner
+        a.kernel.send(frame(A_IP, B_IP, b"still alive"))
+        wire_a.send_to(b, wire_b.recv())
+        assert b.kernel.recv(70000)[14:] == frame(A_IP, B_IP, b"still alive")[14:]
+    finally:
+        wire_c.sock.close()
+
+
 # A TCPv4 segmentation header as the kernel writes one: NEEDS_CSUM, TCPV4, headers 54 bytes, MSS 1400, the TCP
 # checksum at 34 + 16 (after the Ethernet and IPv4 headers).
 VNET_TSO = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
@@ -822,6 +883,87 @@ def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("onward_chunk", [CHUNK, 1000], ids=["same chunk size onward", "smaller chunks onward"])
+def test_a_relay_engine_passes_a_tunnelled_super_frame_on_and_the_far_engine_delivers_it_whole(
+    onward_chunk: int,
+) -> None:
+    """A -> B -> C over real sockets with UDP GRO, A's link to C a tunnel through B. Where B's path to C takes
+    chunks of the size that came in, B passes the chunk train on as it came (only the relay head sealed anew and
+    the message ID its own); else it joins the packet and chunks it again for that path. Either way C gets
+    every super-frame whole, whatever its last chunk holds: the tunnel packet's tag in one chunk, split across
+    two, or a chunk filled exactly. A train whose inner packet was changed on the way is not passed on."""
+    a, b, c = Node(A_ID, A_IP, vnet=True), Node(B_ID, B_IP, vnet=True), Node(C_ID, C_IP, vnet=True)
+    for n in (b, c):
+        n.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
+    ab, ba = session_pair()
+    bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
+    ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
+
+    def at(n: Node, chunk: int = CHUNK) -> tuple[int, bytes, int, int]:
+        return (4, socket.inet_aton("127.0.0.1"), n.port, chunk)
+
+    a.engine.set_link(B_ID, ab, 1, 2, at(b), 0, True, -1, True)
+    a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1)
+    b.engine.set_link(A_ID, ba, 2, 1, at(a), 0, True, -1, True)
+    b.engine.set_link(C_ID, bc, 3, 4, at(c, onward_chunk), 0, True, -1, True)
+    c.engine.set_link(B_ID, cb, 4, 3, at(b), 0, True, -1, True)
+    c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
+    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+    for n in (a, b, c):
+        n.engine.start()
+    # The tunnel packet B gets: its relay head, then A's sealed link packet to C of the routed header, the
+    # virtio header and the IPv4 packet. Sizes chosen for what the last of the 1,465-byte chunk payloads holds.
+    part = CHUNK - CHUNK_HEADER.size
+    fixed = TUNNEL_OFFSET + len(ac.seal(0x83, 0, b"")) + ROUTED_HEADER.size + len(VNET_TSO) + 20
+    sizes = [20_000, *(part * k + rest - fixed for k, rest in ((14, 5), (30, 0), (40, 16), (40, 17)))]
+    try:
+        for size in sizes:
+            f = frame(A_IP, C_IP, bytes(i % 251 for i in range(size)), vnet=VNET_TSO)
+            a.kernel.send(f)
+            got = c.kernel.recv(70000)
+            assert got[:10] == VNET_TSO and got[10:] == TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00" + f[10 + 14 :]
+        counters = b.engine.counters()
+        assert counters["relayed"] == len(sizes)
+        passed_whole = counters["relayed: chunk trains passed on as they came"]
+        assert passed_whole == (len(sizes) if onward_chunk == CHUNK else 0)
+        assert not [m for n in (b, c) for m in n.up_messages(0.1) if m[0] == 1]  # nothing needed Python
+    finally:
+        for n in (a, b, c):
+            n.close()
+
+
+def test_a_relayed_chunk_train_whose_head_does_not_open_goes_up_joined_and_is_not_passed_on(pair) -> None:  # type: ignore[no-untyped-def]
+    """The relay head is bound to the inner packet's tag, which is in the train's last chunk: a train with a
+    changed tag goes up (joined, as the Python path reads chunks) for Python to count, and C hears nothing;
+    the same train unchanged is passed on, its inner packet untouched."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
+    wire_c = Wire()
+    try:
+        b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, wire_c.endpoint, 0, True, -1, True)
+        inner = Keys(bytes([4]) * 32, bytes([5]) * 32).seal(0x83, 44, bytes(range(256)) * 80)
+        good = ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), inner, PacketType.TUNNEL)
+        for d in (good[:-1] + bytes([good[-1] ^ 1]), good):
+            gso = [(17, 103, struct.pack("=H", CHUNK))]  # UDP_SEGMENT
+            wire_a.sock.sendmsg([split(d, 77, CHUNK)], gso, 0, ("127.0.0.1", b.port))
+            if d is not good:
+                assert [m[1] for m in b.up_messages() if m[0] == 1] == [d]
+                continue
+            reassembly, whole = Reassembly({}), None
+            while whole is None:
+                whole = reassembly.add(wire_c.recv(), ("127.0.0.1", 1), 0.0)
+            reader = Keys(bytes([4]) * 32, bytes([5]) * 32)
+            index, counter = decode_transport_header(whole)
+            assert index == 44 and whole[TUNNEL_OFFSET:] == inner
+            assert reader.open_header(whole, counter, TUNNEL_LINK_PART) == relay_head(LinkMsg.RELAYED, A_ID)
+        assert b.engine.counters()["relayed: chunk trains passed on as they came"] == 1
+        wire_c.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            wire_c.recv()
+    finally:
+        wire_c.sock.close()
 
 
 @pytest.mark.parametrize(
