@@ -77,7 +77,10 @@ class Membership:
         self._alone_since: float | None = None
         self._island_jitter = node.rng.uniform(0, ISLAND_JITTER)
         self._next_beacon = 0.0
-        self._last_recruit = -1e18
+        self._last_recruit = -1e18  # when we, an anchor, last asked a neighbour to become one
+        self._recruited_at = -1e18  # when a neighbour last asked us
+        self._asked: int | None = None  # the neighbour we asked then
+        self._refused: dict[int, float] = {}  # neighbour -> when it refused: not asked again for RECRUIT_INTERVAL
         self._joiners: dict[int, tuple[str, float]] = {}  # joiner ID -> (room nick, when its hello came)
         self._room_changed = asyncio.Event()
         self.without_xmpp = False  # started through remembered members while XMPP was unreachable
@@ -206,20 +209,36 @@ class Membership:
             return
         if len(ours) < self.anchors and node.links.links and now - self._last_recruit >= RECRUIT_INTERVAL:
             self._last_recruit = now
+            self._refused = {p: t for p, t in self._refused.items() if now - t < RECRUIT_INTERVAL}
             anchor_ids = {_nick_id(n) for n in ours}
-            candidates = sorted(p for p in node.links.links if p not in anchor_ids)
-            if candidates:
-                node.links.links[node.rng.choice(candidates)].send(bytes([LinkMsg.ANCHOR]))
+            candidates = sorted(p for p in node.links.links if p not in anchor_ids and p not in self._refused)
+            self._asked = node.rng.choice(candidates) if candidates else None
+            if self._asked is not None:
+                node.links.links[self._asked].send(bytes([LinkMsg.ANCHOR]))
         others = [o.overlay for o in boot.occupants.values() if o.anchor and o.overlay and o.overlay != mine]
         if self._task is None and others and wins(min(others), mine):
             self._run(self._visit("merge"))
 
-    def on_recruited(self, now: float) -> None:
-        """A neighbour asked us to become an anchor (LinkMsg.ANCHOR)."""
-        if self.is_anchor or self._task is not None or now - self._last_recruit < RECRUIT_INTERVAL:
-            return
-        self._last_recruit = now
+    def on_recruited(self, now: float) -> bool:
+        """A neighbour asked us to become an anchor (LinkMsg.ANCHOR): whether we go (False: the caller answers
+        ANCHOR_REFUSED). Being asked does not hold back our own recruiting once we are an anchor: an anchor that
+        was recruited moments ago replaces a missing one at once (it had to wait RECRUIT_INTERVAL, and a
+        replacement took up to 20 s)."""
+        if self.is_anchor or self._task is not None or now - self._recruited_at < RECRUIT_INTERVAL:
+            return False
+        self._recruited_at = now
         self._run(self._visit("anchor"))
+        return True
+
+    def on_refused(self, peer: int, now: float) -> None:
+        """A neighbour we asked will not become an anchor (LinkMsg.ANCHOR_REFUSED): ask another at the next tick
+        rather than after RECRUIT_INTERVAL. At most one neighbour a RECRUIT_INTERVAL still accepts."""
+        if peer != self._asked or not self.bootstrap.is_anchor or now - self._last_recruit >= RECRUIT_INTERVAL:
+            return  # not an answer to our last question (or we are no anchor any more): one retry per refusal
+        self._asked = None
+        self._refused[peer] = now
+        self._last_recruit = now - RECRUIT_INTERVAL
+        self.node.wake()
 
     # -- a visit to the room -----------------------------------------------------------------------------------
     async def _visit(self, reason: str) -> None:

@@ -723,8 +723,12 @@ class Node:
             elif kind == LinkMsg.PROBE_ACK:
                 self.datapath.on_probe_ack(link, decode_token(msg))
             elif kind == LinkMsg.ANCHOR:
+                if self.membership is not None and not self.membership.on_recruited(now):
+                    self.count("anchor recruits refused")
+                    link.send(bytes([LinkMsg.ANCHOR_REFUSED]))
+            elif kind == LinkMsg.ANCHOR_REFUSED:
                 if self.membership is not None:
-                    self.membership.on_recruited(now)
+                    self.membership.on_refused(link.peer_id, now)
             elif kind == LinkMsg.CLOSE:
                 self.links.close(link.peer_id, PEER_CLOSED, notify=False)
             elif kind == LinkMsg.REVOKE:

@@ -141,6 +141,10 @@ class LinkMsg(enum.IntEnum):
     # Between SocialVPN friends (overlay/social/node.py), who link directly and forward nothing:
     DATA = 0x11  # an IPv4 packet, already in the receiver's view of the addresses (overlay/social/translate.py)
     PLACES = 0x12  # the sender's own address (4), where the sender placed the receiver in its subnet (4)
+    # The answer to ANCHOR when the receiver will not become one now (an anchor already, in a visit to the room,
+    # or asked moments ago): no body. The recruiter asks another neighbour at once instead of a RECRUIT_INTERVAL
+    # later. Nodes from before it count it as an unknown message, and their recruiter waits as before.
+    ANCHOR_REFUSED = 0x13
 
 
 # In HELLO's flags byte, beside what the sender uses the link for: it opens and passes on TUNNEL packets. A

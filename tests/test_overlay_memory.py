@@ -9,6 +9,7 @@ import random
 import pytest
 
 from overlay.membership import RECRUIT_INTERVAL
+from overlay.node import Node
 from overlay.wire import Endpoint, Kind, PacketType
 from tests.support.memgroup import MemoryGroup
 
@@ -215,6 +216,43 @@ def test_a_departed_anchor_is_replaced_through_the_overlay() -> None:
             wait = RECRUIT_INTERVAL + 10.0
             assert await g.wait_for(lambda: len(g.room.anchors()) == 3, wait), g.room.anchors()
             assert anchor.bootstrap.nick not in g.room.anchors()
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_neighbours_that_refuse_to_become_anchors_send_the_recruiter_on_to_the_next_at_once() -> None:
+    """Every neighbour was asked moments ago and refuses (ANCHOR_REFUSED): each remaining anchor asks its
+    neighbours one after another within seconds, each once, instead of one per RECRUIT_INTERVAL. A refuser is
+    not asked again for RECRUIT_INTERVAL; then it accepts, and the group has its anchors back."""
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=21)
+        try:
+            for _ in range(8):
+                await g.add_node()
+            assert await g.wait_for(lambda: len(g.room.anchors()) == 3, 10.0)
+            await asyncio.sleep(RECRUIT_INTERVAL)  # every anchor may recruit again
+            gone = next(n for n in g.nodes if n.bootstrap.is_anchor)
+            staying = [n for n in g.nodes if n.bootstrap.is_anchor and n is not gone]
+            others = [n for n in g.nodes if not n.bootstrap.is_anchor]
+            for n in others:
+                n.membership._recruited_at = n.clock()  # asked moments ago: it refuses for RECRUIT_INTERVAL
+            await gone.stop()
+
+            def askers(n: Node) -> int:
+                return sum(1 for a in staying if n.id in a.links.links)
+
+            def refused(n: Node) -> int:
+                return int(n.counters.get("anchor recruits refused", 0))
+
+            asked = [n for n in others if askers(n)]
+            assert len(asked) >= 3
+            assert await g.wait_for(lambda: all(refused(n) for n in asked), 3.0), [refused(n) for n in asked]
+            assert all(refused(n) <= askers(n) for n in others), [(refused(n), askers(n)) for n in others]
+            assert len(g.room.anchors()) == 2
+            assert await g.wait_for(lambda: len(g.room.anchors()) == 3, RECRUIT_INTERVAL + 5.0), g.room.anchors()
         finally:
             await g.stop()
 
