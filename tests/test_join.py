@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from overlay.beacon import NO_OVERLAY
-from overlay.membership import RECRUIT_INTERVAL
+from overlay.membership import HELLO_TIMEOUT, RECRUIT_INTERVAL
 from tests.support.group import Group, missing_prerequisites
 from tests.support.views import one_ring, overlays, statuses
 from xmpp_bootstrap.protocol import DEFAULT_ANCHORS
@@ -57,8 +57,11 @@ def test_a_joiner_that_cannot_reach_any_anchor_joins_the_one_overlay_every_time(
             else:
                 g.restart_node(6, timeout=JOIN_S)
             assert g.wait_until(lambda: one_ring(g), JOIN_S), f"round {n}: {overlays(statuses(g))}"
+            # Its status says so once its visit to the room notices the links: within a hello exchange
+            # (HELLO_TIMEOUT) of the ring closing when they came while it was waiting for the anchors' answers.
+            joined = g.wait_until(lambda: g.status(6)["membership"]["state"] == "member", HELLO_TIMEOUT * 2)
+            assert joined, f"round {n}: {g.status(6)['membership']}"
             st = g.status(6)
-            assert st["membership"]["state"] == "member", st["membership"]
             assert not any(row["peer_id"] in {g.members[a].node_id for a in anchors} and row["relay"] is None
                            for row in st["links"]), "a direct link to an anchor whose UDP is blocked"  # fmt: skip
             target = others[n % len(others)]
