@@ -281,11 +281,6 @@ class Membership:
         """Hellos with ICE offers to these anchors; True once a link to any member is up (then joined)."""
         node, boot = self.node, self.bootstrap
         before = set(node.links.links)
-        if reason == "join" and before:
-            # Members the anchors introduced us to linked after our last wait ended (LINK_WAIT): we are in.
-            # Another round of hellos would keep the node "joining" for up to HELLO_TIMEOUT more.
-            self._joined(next(iter(before)), target, reason)
-            return True
         if node.ice is not None:
             await node.ice.gathered()  # offers carry our server-reflexive and relayed candidates
         hellos = {}
@@ -305,21 +300,18 @@ class Membership:
         while loop.time() < end:
             new = [p for p in node.links.links if p not in before]
             if new or (reason == "join" and node.links.links):
-                self._joined(new[0] if new else next(iter(node.links.links)), target, reason)
+                via = new[0] if new else next(iter(node.links.links))
+                if node.beacon.overlay != target:
+                    if node.beacon.overlay != NO_OVERLAY:
+                        log.info("moving from overlay %016x into the older %016x", node.beacon.overlay, target)
+                    node.beacon.enter(target, node.clock())
+                if reason != "join" or node.first_link_at < node.clock() - 1:
+                    node.finder.join(via=via)
+                self.state = "member"
+                log.info("joined overlay %016x through %s (%s)", target, format_id(via), reason)
                 return True
             await self._room_change(0.25)
         return False
-
-    def _joined(self, via: int, target: int, reason: str) -> None:
-        node = self.node
-        if node.beacon.overlay != target:
-            if node.beacon.overlay != NO_OVERLAY:
-                log.info("moving from overlay %016x into the older %016x", node.beacon.overlay, target)
-            node.beacon.enter(target, node.clock())
-        if reason != "join" or node.first_link_at < node.clock() - 1:
-            node.finder.join(via=via)
-        self.state = "member"
-        log.info("joined overlay %016x through %s (%s)", target, format_id(via), reason)
 
     async def _settle(self) -> None:
         """After a visit: stay as an anchor if our overlay has too few in the room, else leave XMPP."""
