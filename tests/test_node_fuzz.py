@@ -62,7 +62,7 @@ def test_any_datagram_is_handled_without_raising(data: bytes) -> None:
 def test_any_link_message_is_handled_without_raising(kind: LinkMsg, rest: bytes) -> None:
     if kind == LinkMsg.CLOSE:
         return  # a CLOSE from an authenticated peer does close the link, by design
-    NODE._on_message(NODE.links.links[PEER], bytes([kind]) + rest)
+    NODE.messages.on_message(NODE.links.links[PEER], bytes([kind]) + rest)
     assert PEER in NODE.links.links
 
 
@@ -79,7 +79,7 @@ def test_any_routed_body_delivered_here_is_handled_without_raising(
 ) -> None:
     dst = NODE.id if to_me else (NODE.id ^ (1 << 40))
     packet = Routed(ttl, flags | FLAG_EXACT if to_me else flags, PEER, dst, (1 << 64) - 1, kind, body)
-    NODE._on_message(NODE.links.links[PEER], packet.encode())
+    NODE.messages.on_message(NODE.links.links[PEER], packet.encode())
     assert PEER in NODE.links.links
 
 
@@ -107,7 +107,7 @@ def test_any_offload_body_is_segmented_delivered_or_counted_without_raising(
     packet = _IPV4_TO_NODE[:2] + total.to_bytes(2, "big") + _IPV4_TO_NODE[4:] + rest
     dst = node.id if to_me else node.id ^ (1 << 40)
     routed = Routed(64, FLAG_EXACT, peer, dst, (1 << 64) - 1, Kind.DATA_GSO, vnet + packet)
-    node._on_message(node.links.links[peer], routed.encode())
+    node.messages.on_message(node.links.links[peer], routed.encode())
     assert peer in node.links.links
     if node.tap is not None:
         node.tap.written.clear()

@@ -76,9 +76,7 @@ def test_ring_repairs_after_a_node_crashes_without_saying_goodbye() -> None:
                 await g.add_node()
             assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
             dead = g.nodes[4]
-            dead._stopped = True  # no CLOSE messages: the peers must notice missing keepalives
-            if dead._timer is not None:
-                dead._timer.cancel()
+            dead.ticker.stop()  # no CLOSE messages: the peers must notice missing keepalives
             dead.underlay.close()
             assert await g.wait_for(lambda: not g.ring_correct(), 40.0), g.ring_correct()
         finally:
@@ -95,7 +93,8 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel(
     head); nodes that do not, as nodes from before TUNNEL, get relay messages sealed whole, and the tunnel
     works the same."""
     if not announced:
-        monkeypatch.setattr("overlay.node.HELLO_TUNNEL", 0)
+        monkeypatch.setattr("overlay.linkevents.HELLO_TUNNEL", 0)  # what a node says in its hello
+        monkeypatch.setattr("overlay.linkmsgs.HELLO_TUNNEL", 0)  # and what it reads in its peers'
 
     async def scenario() -> None:
         g = MemoryGroup(seed=3)
@@ -342,18 +341,16 @@ def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() ->
             key = record_key(g.nodes[0].room, address)
 
             def holders() -> set[int]:
-                return {i for i, n in enumerate(g.nodes) if not n._stopped and n.dht.store.get(address, n.clock())}
+                return {i for i, n in enumerate(g.nodes) if not n.stopped and n.dht.store.get(address, n.clock())}
 
             def nearest_live() -> set[int]:
-                live = [i for i, n in enumerate(g.nodes) if not n._stopped]
+                live = [i for i, n in enumerate(g.nodes) if not n.stopped]
                 return set(sorted(live, key=lambda i: ring_distance(g.nodes[i].id, key))[:REPLICAS])
 
             assert await g.wait_for(lambda: holders() == nearest_live(), 20.0), (holders(), nearest_live())
             victim = next(i for i in sorted(holders()) if i != 0)
             dead = g.nodes[victim]
-            dead._stopped = True  # a crash: no CLOSE, the neighbours notice missing keepalives
-            if dead._timer is not None:
-                dead._timer.cancel()
+            dead.ticker.stop()  # a crash: no CLOSE, the neighbours notice missing keepalives
             dead.underlay.close()
             # The dead holder's place goes to the next-nearest node: REPLICAS copies again, not two.
             assert await g.wait_for(lambda: holders() == nearest_live(), 30.0), (holders(), nearest_live())

@@ -150,13 +150,13 @@ class MemoryGroup:
 
     def ring_correct(self) -> list[int]:
         """Indices of live nodes whose successors and predecessors differ from the sorted-ID truth."""
-        live = [n for n in self.nodes if not n._stopped]
+        live = [n for n in self.nodes if not n.stopped]
         ring = SortedRing(n.id for n in live)
         k = self.params.ring_size
         return [
             i
             for i, n in enumerate(self.nodes)
-            if not n._stopped
+            if not n.stopped
             and (
                 n.table.successors() != ring.successors(n.id, k) or n.table.predecessors() != ring.predecessors(n.id, k)
             )

@@ -1,0 +1,84 @@
+"""A node's status (`ipop-overlay status`, the control socket, tests): its links and their roles, ring place, DHT,
+data counters, membership, ICE, end-to-end sessions and trust, in one JSON-ready dict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from overlay._fast import GCM
+from overlay.ids import format_id
+from overlay.routing.ring import Role
+
+if TYPE_CHECKING:
+    from overlay.node import Node
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    fast = {}
+    if node.fast is not None:
+        node.fast.sync()
+        fast = node.fast.counters()
+    links = []
+    ring = node.table.ring_peers()
+    long_out = node.maintenance.long_link_peers()
+    for link in sorted(node.links.links.values(), key=lambda lk: lk.peer_id):
+        roles = [
+            name
+            for name, on in (
+                ("ring", link.peer_id in ring),
+                ("long_out", link.peer_id in long_out),
+                ("long_in", Role.LONG_IN in node.table.role(link.peer_id)),
+                ("on_demand", bool(node.table.role(link.peer_id) & (Role.ON_DEMAND | Role.PEER_ON_DEMAND))),
+            )
+            if on
+        ]
+        links.append(
+            {
+                "peer_id": format_id(link.peer_id),
+                "peer_address": link.contact.address if link.contact else None,
+                "endpoint": link.describe_endpoint(),
+                "relay": format_id(link.relay) if link.relay is not None else None,
+                "kind": link.kind,
+                "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
+                "tx_bytes": link.tx_bytes,
+                "rx_bytes": link.rx_bytes,
+                "roles": roles,
+            }
+        )
+    hops = node.datapath.hops
+    ice: dict[str, Any] = {"enabled": node.ice is not None}
+    if node.ice is not None:
+        ice["counters"] = dict(sorted(node.ice.counters.items()))
+        ice["turn"] = [
+            {
+                "server": a.server.describe(),
+                "relayed": f"{a.relayed[0]}:{a.relayed[1]}" if a.relayed else None,
+                "counters": dict(sorted(a.counters.items())),
+            }
+            for a in node.ice.allocations
+        ]
+        ice["candidates"] = [c.to_sdp() for c in node.ice.host_candidates() + node.ice.srflx_candidates()]
+    return {
+        "node_id": format_id(node.id),
+        "address": f"{node.address}/{node.network.prefixlen}",
+        "address6": f"{node.address6}/{node.network6.prefixlen}" if node.network6 else None,
+        "room": node.room,
+        "endpoint": f"{node.underlay.local_endpoint[0]}:{node.underlay.local_endpoint[1]}",
+        "cipher": f"AES-256-GCM, {GCM}",
+        "links": links,
+        "successors": [format_id(i) for i in node.table.successors()],
+        "predecessors": [format_id(i) for i in node.table.predecessors()],
+        "dht": {"stored": len(node.dht.store), "cached": len(node.dht.cache), "held": node.dht.held()},
+        "data_in": {"packets": hops[0], "mean_hops": round(hops[1] / max(1, hops[0]), 2)},
+        "counters": dict(sorted({**node.counters, **node.links.counters, **fast}.items())),
+        "anchor": bool(getattr(node.bootstrap, "is_anchor", False)),
+        "overlay": {
+            "id": f"{node.beacon.overlay:016x}",
+            "beacon": node.beacon.seq,
+            "beacon_age_s": round(node.clock() - node.beacon.heard, 1) if node.beacon.overlay else None,
+        },
+        "membership": node.membership.status() if node.membership is not None else None,
+        "ice": ice,
+        "e2e": node.e2e.status(),
+        "trust": node.trust_service.status() if node.trust_service is not None else None,
+    }
