@@ -1178,6 +1178,16 @@ static void to_tap(Engine *e, const Delivery *d) {
 }
 
 /* A transport or TUNNEL packet: 1 handled here, 0 pass it up untouched. */
+/* The link a relay head from L (MSG_RELAY, the peer's ID) names, if we may pass packets on to it (a direct link,
+ * not back to L), with the head it gets from us in `onward` (MSG_RELAYED, L's peer); else NULL. */
+static FLink *relay_onward(Engine *e, FLink *L, const uint8_t *head, uint8_t onward[RELAY_HEAD]) {
+    FLink *T = link_by_peer(e, be64(head + 1));
+    if (!T || !T->direct || T == L) return NULL;
+    onward[0] = MSG_RELAYED;
+    put64(onward + 1, L->peer);
+    return T;
+}
+
 static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct sockaddr_storage *from) {
     int tunnel = pkt[0] == PT_TUNNEL;
     if (len < (tunnel ? TUNNEL_OFF + HDR + TAG + 1 : HDR + TAG + 1)) return 0;
@@ -1216,15 +1226,13 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         L->rx_seen = 1;
         handled = 1;
     } else if (head[0] == MSG_RELAY && mlen >= RELAY_HEAD && inlen > HDR + TAG) {
-        FLink *T = link_by_peer(e, be64(head + 1));
-        if (!T || !T->direct || T == L) goto out;
+        uint8_t onward[RELAY_HEAD];
+        FLink *T = relay_onward(e, L, head, onward);
+        if (!T) goto out;
         /* A transport packet onward as a TUNNEL packet if the next hop takes them; anything else whole. */
         int onward_tunnel = T->tunnel_ok && in[0] == PT_TRANSPORT;
         size_t out_len = onward_tunnel ? TUNNEL_OFF + inlen : HDR + RELAY_HEAD + inlen + TAG;
         relay_at = slot_for(e, out_len, &T->ep);
-        uint8_t onward[RELAY_HEAD];
-        onward[0] = MSG_RELAYED;
-        put64(onward + 1, L->peer);
         if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
             memmove(relay_at + TUNNEL_OFF, in, inlen);
@@ -1325,11 +1333,9 @@ static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t 
     if (!L || !L->direct || !addr_eq(&L->ep, from) || p[TUNNEL_OFF] != PT_TRANSPORT) goto out;
     uint8_t *msg = e->plain;
     if (keys_open_part(K, p, TUNNEL_PART, tag, msg, 0) || msg[0] != MSG_RELAY) goto out;
-    FLink *T = link_by_peer(e, be64(msg + 1));
-    if (!T || !T->direct || T == L || !T->tunnel_ok || (size_t)T->ep.chunk != seg) goto out;
     uint8_t onward[RELAY_HEAD], head[TUNNEL_OFF];
-    onward[0] = MSG_RELAYED;
-    put64(onward + 1, L->peer);
+    FLink *T = relay_onward(e, L, msg, onward);
+    if (!T || !T->tunnel_ok || (size_t)T->ep.chunk != seg) goto out;
     /* Sealed before the counter is taken, so that a packet not passed on stays unspent for on_transport. */
     if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) || !keys_mark(K, be64(p + 5)))
         goto out;
