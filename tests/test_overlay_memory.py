@@ -361,6 +361,55 @@ def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() ->
     run(scenario())
 
 
+def test_members_of_a_small_ring_with_one_link_each_publish_their_addresses_at_once() -> None:
+    """The bench lab's shape: the first and the third member cannot reach each other, so each has one link (to
+    the second) until their tunnel comes up after the direct stage; in a group of two, both have one link.
+    Knowing the whole ring, each publishes its address at once instead of after SETTLE_TIME (3 s), and a
+    packet between the first and the third gets through before their tunnel is up."""
+    from overlay.dht.service import SETTLE_TIME
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=4)
+        soon = SETTLE_TIME - 2.0
+        try:
+            # The memory network numbers endpoints from 1 in the order the nodes start.
+            first, third = ("198.19.0.1", 5800), ("198.19.0.3", 5800)
+            g.network.block(first, third)
+
+            def published(count: int) -> bool:
+                return all(any(n.dht.store.get(m.address, n.clock()) for n in g.nodes) for m in g.nodes[:count])
+
+            for size in (1, 2, 3):
+                node = await g.add_node()
+                if size > 1:
+                    assert await g.wait_for(node.first_link.is_set, 10.0)
+                    assert await g.wait_for(lambda size=size: published(size), soon, step=0.05), size
+            assert (g.nodes[0].underlay.local_endpoint, g.nodes[2].underlay.local_endpoint) == (first, third)
+            assert g.nodes[0].id not in g.nodes[2].links.links  # no tunnel yet: one link each
+            assert not await g.reach([(0, 2), (2, 0)], soon, every=0.5)
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
+def test_a_lookup_is_retried_when_its_retry_is_due_not_a_whole_interval_after_the_last_tick() -> None:
+    from overlay.dht.service import LOOKUP_RETRY
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=4)
+        try:
+            node = await g.add_node()
+            node.dht.look_up("10.254.9.9")
+            sent = node.dht._lookups["10.254.9.9"].sent
+            # A tick just before the retry was due: the next one comes at the retry, not LOOKUP_RETRY later.
+            assert node.dht.next_deadline(sent + 0.9 * LOOKUP_RETRY) == sent + LOOKUP_RETRY
+        finally:
+            await g.stop()
+
+    run(scenario())
+
+
 def test_a_routed_control_packet_is_acknowledged_by_the_next_hop_so_the_sender_sends_no_ping() -> None:
     from overlay.wire import LinkMsg
 

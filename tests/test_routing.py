@@ -92,6 +92,23 @@ def test_wanted_ring_peers_come_from_everything_known(self_id: int, linked: set[
     assert t.wanted_ring_peers() == list(dict.fromkeys(succ + pred))
 
 
+def test_the_ring_closes_once_every_linked_peer_has_named_us_and_at_most_2k_peers_are_known() -> None:
+    # The bench lab: we (100) have one link, to 200, which is linked to us and to 300.
+    t = RingTable(100, RingParams(ring_size=2))
+    t.add_link(200)
+    assert not t.ring_closes()  # its list has not come yet: a joiner with just its bootstrap link waits
+    t.set_neighbours_of(200, [100, 300])
+    assert t.ring_closes() and len(t.successors()) == 1
+    t.learn([400])  # heard of, but on no linked peer's list: we may not reach it
+    assert not t.ring_closes()
+    t.set_neighbours_of(200, [100, 300, 400, 500, 600])  # five others: more than 2k, the lists must fill instead
+    assert not t.few_known() and not t.ring_closes()
+    stale = RingTable(100, RingParams(ring_size=2))
+    stale.add_link(200)
+    stale.set_neighbours_of(200, [300])  # a list sent before its link to us came up
+    assert not stale.ring_closes()
+
+
 def test_incoming_cap_counts_only_incoming_long_links() -> None:
     t = RingTable(1000, RingParams(incoming_cap=2))
     t.add_link(1, Role.LONG_OUT)

@@ -273,6 +273,31 @@ class RingTable:
     def predecessors(self) -> list[int]:
         return self._linked.predecessors(self.self_id, self.params.ring_size)
 
+    def ring_closes(self) -> bool:
+        """Whether we know every member of a ring of at most 2k+1 nodes (k = ring_size). Then every member is one
+        of our k successors or k predecessors, so our ring place is known even when our successor and
+        predecessor lists are short because we have fewer than k links. In the bench lab (3 members, the first
+        and the third unable to reach each other) those two had one link each for 3 s, until the direct stage
+        gave up and a tunnel came up.
+
+        What we know is the whole ring when every linked peer has sent us a neighbour list that names us (it
+        was sent after our link came up) and every peer we know of is linked or on one of those lists. A
+        joiner with only its bootstrap link therefore waits for the bootstrap's list, and in a larger ring
+        that list alone names more than 2k peers."""
+        if not self._links or not self.few_known():
+            return False
+        reach = set(self._links)
+        for peer in self._links:
+            nbrs = self._neighbours_of.get(peer, ())
+            if self.self_id not in nbrs:
+                return False
+            reach.update(nbrs)
+        return all(i in reach for i in self._known)
+
+    def few_known(self) -> bool:
+        """Whether we know of at most 2k peers: the ring may be one that closes (ring_closes)."""
+        return len(self._known) <= 2 * self.params.ring_size
+
     def wanted_ring_peers(self) -> list[int]:
         """The successors and predecessors this node should be linked to, among all peers it knows of."""
         k = self.params.ring_size
