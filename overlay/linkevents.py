@@ -195,12 +195,12 @@ class LinkEvents:
                 node.links.setup.restart(link.peer_key, node.signalling.route(peer, ways[0], then=ways[1:]))
 
     def tick_upgrades(self, now: float) -> None:
-        """ICE again, now and then, on the tunnel links this side upgrades (overlay/upgrades.py)."""
+        """ICE again, now and then, on the tunnel and TURN links this side upgrades (overlay/upgrades.py)."""
         node = self.node
         if node.ice is None:
             return
         links = node.links.links
-        tunnels = [peer for peer, link in links.items() if link.relay is not None and node.id < peer]
+        tunnels = [p for p, link in links.items() if (link.relay is not None or link.kind == "relay") and node.id < p]
         for peer in node.upgrades.due(now, tunnels):
             node.links.setup.restart(links[peer].peer_key, node.signalling.route(peer), upgrade=True)
 

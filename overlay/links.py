@@ -322,9 +322,12 @@ class LinkManager:
         self.on_change(peer_id)
 
     def _left_tunnel(self, old: Path, new: Path) -> None:
-        """Count a link that moved off a tunnel onto a path of its own (overlay/upgrades.py)."""
+        """Count a link that moved off a tunnel onto a path of its own, or off TURN onto a direct path
+        (overlay/upgrades.py)."""
         if isinstance(old, TunnelPath) and not isinstance(new, TunnelPath):
             self.count("tunnel links upgraded")
+        elif old.kind == "relay" and new.kind not in ("relay", "tunnel"):
+            self.count("relay links upgraded")
 
     def _move(self, link: Link, via: Via) -> None:
         kind = link.path.kind if isinstance(link.path, UdpPath) else "prflx"

@@ -74,9 +74,10 @@ class Attempt:
     offered_at: float = 0.0
     first_init: float | None = None
     tunnel: bool = True  # may end in a tunnel through a neighbour (not for on-demand links: still relayed)
-    # A new path for a link we keep, named as its counters are ("ice restarts", "tunnel upgrades"): its failure
-    # is no failure of the link.
+    # A new path for a link we keep, named as its counters are ("ice restarts", "tunnel upgrades", "relay
+    # upgrades"): its failure is no failure of the link.
     restart: str = ""
+    relay_round: bool = True  # ICE with TURN relays when host and server-reflexive candidates found no pair
 
 
 @dataclass
@@ -148,19 +149,22 @@ class LinkSetup:
 
     def restart(self, peer_key: bytes, signal: Signaller, *, upgrade: bool = False) -> None:
         """ICE again for a link we have: our addresses changed (a new network, a NAT that mapped us anew), or
-        the link is a tunnel (`upgrade`, overlay/upgrades.py). The link keeps its place and its session until
-        the new path's handshake completes; then both move."""
+        the link is a tunnel or goes through TURN (`upgrade`, overlay/upgrades.py). The link keeps its place and
+        its session until the new path's handshake completes; then both move. A TURN link's upgrade offers host
+        and server-reflexive candidates only: relays again would only find another relay."""
         peer_id = node_id_from_public_key(peer_key)
         link = self.manager.links.get(peer_id)
         if self.agent is None or link is None or peer_id in self.attempts:
             return
         att = self._new_attempt(peer_id, peer_key, None, link.contact, signal)
-        att.tunnel, att.restart = False, "tunnel upgrades" if upgrade else "ice restarts"
-        self.count(att.restart)
+        att.tunnel, att.restart = False, "ice restarts"
         if upgrade:
-            log.debug("ICE again for %016x: its link is a tunnel", peer_id)
+            turn = link.kind == "relay"
+            att.restart, att.relay_round = ("relay upgrades", False) if turn else ("tunnel upgrades", True)
+            log.debug("ICE again for %016x: its link is %s", peer_id, "through TURN" if turn else "a tunnel")
         else:
             log.info("ICE restart for %016x: our addresses changed; the link keeps its session meanwhile", peer_id)
+        self.count(att.restart)
         self._start_ice(att, phase=1, now=self._now())
 
     def offer(self, peer_id: int, signal: Signaller, *, xmpp: bool = True) -> Signal | None:
@@ -330,7 +334,7 @@ class LinkSetup:
         if att.ice is not None:
             self._spawn(att.ice.close())
             att.ice = None
-        if answered and att.ice_phase == 1 and att.signal is not None and att.stage == "direct":
+        if answered and att.ice_phase == 1 and att.relay_round and att.signal is not None and att.stage == "direct":
             self._start_ice(att, phase=2, now=now)  # nothing direct works: try again with TURN relays
             return
         att.ice_state = "failed"

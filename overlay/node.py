@@ -53,7 +53,7 @@ from overlay.transport.underlay import UdpUnderlay
 from overlay.trust.issuer import Issuer
 from overlay.trust.members import GroupTrust
 from overlay.trust.service import TrustService
-from overlay.upgrades import TunnelUpgrades
+from overlay.upgrades import PathUpgrades
 from overlay.wire import FLAG_EXACT, Contact, DecodeError, Kind, Routed, decode_contact
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class Node:
             self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
-        self.upgrades = TunnelUpgrades()
+        self.upgrades = PathUpgrades()
         self.router.on_no_route = self.events.on_no_route
         self.graph = GraphService(self, self._graph_view)
         self.router.on_sent = self.events.on_sent

@@ -101,6 +101,21 @@ def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat
     assert st["ice"]["counters"].get("turn allocations", 0) >= 1
     assert st["ice"]["counters"].get("ice checks succeeded", 0) >= 1
 
+    # TURN links are offered ICE again too, without relays (overlay/upgrades.py: a joiner's first links may take
+    # a relay pair where hole punching works). These pairs need TURN: the member with the lower node ID of each
+    # tries, finds no pair, and the link stays on TURN and carries pings.
+    ids = {m.index: int(m.node_id, 16) for m in g.members}
+    turn = sorted((i, j) for (i, j), kind in seen.items() if kind == "relay" and ids[i] < ids[j])
+    assert turn, seen
+
+    def tried() -> bool:
+        return all(g.status(i)["counters"].get("relay upgrades failed", 0) >= 1 for i, _ in turn)
+
+    assert g.wait_until(tried, UPGRADE_AFTER + 30.0, 1.0), [(i, g.status(i)["counters"]) for i, _ in turn]
+    kinds = kinds_seen(g)
+    assert all(kinds.get(pair) == "relay" for pair in turn), kinds
+    assert all(g.ping_many(turn + [(j, i) for i, j in turn], count=2, timeout=2.0).values())
+
 
 def test_links_made_as_tunnels_while_turn_was_lost_move_onto_relays_when_it_is_back(nat_group: Group) -> None:
     """Member 6, behind the symmetric NAT, restarts while everything it sends to coturn is lost: it has no
@@ -138,6 +153,44 @@ def test_links_made_as_tunnels_while_turn_was_lost_move_onto_relays_when_it_is_b
     shown = [{k: v for k, v in c.items() if "tunnel" in k or "link" in k} for c in counters]
     assert sum(c.get("tunnel links upgraded", 0) for c in counters) >= 1, shown
     pairs = [(6, j) for j in made] + [(j, 6) for j in made]
+    assert all(g.ping_many(pairs, count=2, timeout=2.0).values())
+
+
+def test_links_made_through_turn_between_cone_nats_move_onto_hole_punching_when_it_works(nat_group: Group) -> None:
+    """Member 4, behind cone NAT b, restarts while everything it sends to cone NAT a is lost: hole punching to
+    members 1 and 2 fails, so its links to them go through TURN (as a joiner's first links may when aioice
+    nominates a relay pair first). Once the path is back those links are offered ICE again without relays and
+    move onto hole punching while they stay up."""
+    g = nat_group
+    g.wait_for_pings(g.running_pairs(), WARM_UP_S)
+    cluster_a = [i for i, where in enumerate(PLACEMENT) if where == "a"]
+    g.stop_node(4)
+    restore = g.lab.lose_to(g.members[4].host, [g.lab.clusters["a"].public_address])
+    try:
+        g.restart_node(4, timeout=REJOIN_S)
+
+        def through_turn() -> set[int]:
+            return {j for j, row in links_by_peer(g, 4).items() if j in cluster_a and row["kind"] == "relay"}
+
+        assert g.wait_until(lambda: bool(through_turn()), REJOIN_S, 1.0), f"no TURN links: {links_by_peer(g, 4)}"
+        assert not any(row["kind"] in ("srflx", "prflx") for j, row in links_by_peer(g, 4).items() if j in cluster_a), (
+            links_by_peer(g, 4)
+        )
+    finally:
+        restore()
+    made = through_turn()
+    g.say(f"NAT a reachable again; member 4's TURN links: {sorted(made)}")
+
+    def moved() -> bool:
+        kinds = {j: row["kind"] for j, row in links_by_peer(g, 4).items()}
+        return all(kinds.get(j) in ("srflx", "prflx", None) for j in made) and any(j in kinds for j in made)
+
+    assert g.wait_until(moved, UPGRADE_S, 1.0), f"still through TURN: {links_by_peer(g, 4)}"
+    kept = [j for j in made if j in links_by_peer(g, 4)]
+    counters = [g.status(i)["counters"] for i in (4, *kept)]
+    shown = [{k: v for k, v in c.items() if "relay" in k and "drop" not in k} for c in counters]
+    assert sum(c.get("relay links upgraded", 0) for c in counters) >= 1, shown
+    pairs = [(4, j) for j in kept] + [(j, 4) for j in kept]
     assert all(g.ping_many(pairs, count=2, timeout=2.0).values())
 
 
