@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.group_command == "init":
         return _init(Path(args.out))
     from xmpp_bootstrap.admin import AdminSettings, group_add, group_create, group_list, group_remove
-    from xmpp_bootstrap.client import BootstrapError
+    from xmpp_bootstrap.session import BootstrapError
 
     cfg = load_config(Path(args.config))
     settings = AdminSettings(

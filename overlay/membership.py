@@ -34,8 +34,8 @@ from overlay.linksetup import Signaller
 from overlay.port import MemberPort
 from overlay.trust.issuer import REQUEST_MAGIC
 from overlay.wire import DecodeError, Kind, LinkMsg, Signal, decode_routed_signal, decode_signal, encode_routed_signal
-from xmpp_bootstrap.client import BootstrapError
 from xmpp_bootstrap.protocol import DEFAULT_ANCHORS, should_stand_down
+from xmpp_bootstrap.session import BootstrapError
 
 log = logging.getLogger(__name__)
 

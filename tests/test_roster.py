@@ -16,7 +16,6 @@ import pytest
 from slixmpp import JID, ClientXMPP
 
 from tests.support.prosody import NEEDS_PROSODY, ProsodyServer
-from xmpp_bootstrap.client import BootstrapError
 from xmpp_bootstrap.friends import (
     FriendWatch,
     friend_accept,
@@ -43,6 +42,7 @@ from xmpp_bootstrap.roster import (
     parse_presence,
     parse_roster,
 )
+from xmpp_bootstrap.session import BootstrapError
 
 ME = "me@example.test"
 BOB = "bob@example.test"

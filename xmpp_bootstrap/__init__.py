@@ -1,8 +1,9 @@
 """XMPP bootstrap: login, room membership and the first hello exchange; an in-memory twin for tests."""
 
-from xmpp_bootstrap.client import Bootstrap, BootstrapError, XmppBootstrap, XmppSettings
+from xmpp_bootstrap.client import Bootstrap, XmppBootstrap, XmppSettings
 from xmpp_bootstrap.memory import MemoryBootstrap, MemoryRoom
 from xmpp_bootstrap.protocol import MAX_HELLO, decode_hello, encode_hello
+from xmpp_bootstrap.session import BootstrapError
 
 __all__ = [
     "MAX_HELLO",

@@ -34,17 +34,16 @@ from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from xmpp_bootstrap.client import (
+from xmpp_bootstrap.client import XmppBootstrap, XmppSettings
+from xmpp_bootstrap.protocol import room_config_problems
+from xmpp_bootstrap.session import (
     DISCO_INFO_NS,
     MUC_NS,
     MUC_USER_NS,
     SELF_PRESENCE_STATUS,
     BootstrapError,
-    XmppBootstrap,
-    XmppSettings,
-    _stanza_error,
+    stanza_error,
 )
-from xmpp_bootstrap.protocol import room_config_problems
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ async def _join(client: ClientXMPP, room: str, nick: str, timeout: float) -> boo
             return
         if pres["type"] == "error":
             # Prosody's refusal lacks the MUC <x/> child, so it is matched by the room's JID (as client.py does).
-            condition = _stanza_error(pres)
+            condition = stanza_error(pres)
             # We join only a room that did not exist: a members-only room made meanwhile refuses us with
             # registration-required, and a refused creation is not-allowed (Prosody) or forbidden (ejabberd).
             if condition == "registration-required":

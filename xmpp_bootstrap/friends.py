@@ -24,7 +24,6 @@ from slixmpp import JID, ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.jid import InvalidJID
 
-from xmpp_bootstrap.client import BootstrapError
 from xmpp_bootstrap.roster import (
     PING_NS,
     PREAPPROVAL_FEATURE,
@@ -38,6 +37,7 @@ from xmpp_bootstrap.roster import (
     parse_roster,
     split_jid,
 )
+from xmpp_bootstrap.session import BootstrapError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from xmpp_bootstrap.client import JOIN_REFUSALS, BootstrapError, new_stats
+from xmpp_bootstrap.client import JOIN_REFUSALS, new_stats
 from xmpp_bootstrap.protocol import (
     REMOVAL_REASONS,
     REVOKED_STATUS,
@@ -22,6 +22,7 @@ from xmpp_bootstrap.protocol import (
     decode_hello,
     encode_hello,
 )
+from xmpp_bootstrap.session import BootstrapError
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: slixmpp is most of a second of start-up that `status` and `friend forget` do not need.
     from slixmpp import JID
 
-    from xmpp_bootstrap.client import BootstrapError, log_in, new_client
     from xmpp_bootstrap.friends import friend_accept, friend_add, friend_list, friend_remove
+    from xmpp_bootstrap.session import BootstrapError, log_in, new_client
 
     account = JID(cfg.jid)
     # Our own resource: logging in with the node's would end the node's session (RFC 6120 §7.7.2.2).

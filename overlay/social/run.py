@@ -21,7 +21,7 @@ from overlay.identity import Identity
 from overlay.ids import format_id
 from overlay.social.node import SocialNode
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
-from xmpp_bootstrap.client import BootstrapError, log_in, new_client
+from xmpp_bootstrap.session import BootstrapError, log_in, new_client
 
 log = logging.getLogger(__name__)
 

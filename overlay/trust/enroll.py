@@ -161,7 +161,7 @@ async def _issue_own(
     wanted: ipaddress.IPv4Address | None,
     issuer: Issuer,
 ) -> Certificate:
-    from xmpp_bootstrap.client import BootstrapError
+    from xmpp_bootstrap.session import BootstrapError
 
     try:
         members = await bootstrap.fetch_affiliations()

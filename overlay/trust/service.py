@@ -193,7 +193,7 @@ class TrustService:
         self._poll_event.set()
 
     async def _poll_members(self) -> None:
-        from xmpp_bootstrap.client import BootstrapError
+        from xmpp_bootstrap.session import BootstrapError
 
         assert self.issuer is not None
         said = ""
