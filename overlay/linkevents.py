@@ -1,6 +1,6 @@
 """What the node does with its links: their coming up and going down, requests for new ones, maintenance's
 actions on them (overlay/routing/maintenance.py), ICE restarts when our addresses move, and the ticks of
-on-demand links (overlay/ondemand.py) and tunnel upgrades (overlay/upgrades.py).
+on-demand links (overlay/ondemand.py) and of ICE again on tunnel and TURN links (overlay/upgrades.py).
 
 The LinkManager (overlay/links.py) calls these; the pure cores decide, and this module carries out.
 """
