@@ -200,8 +200,8 @@ class LinkEvents:
         if node.ice is None:
             return
         links = node.links.links
-        tunnels = [p for p, link in links.items() if (link.relay is not None or link.kind == "relay") and node.id < p]
-        for peer in node.upgrades.due(now, tunnels):
+        stopgaps = [peer for peer, link in links.items() if link.kind in ("tunnel", "relay") and node.id < peer]
+        for peer in node.upgrades.due(now, stopgaps):
             node.links.setup.restart(links[peer].peer_key, node.signalling.route(peer), upgrade=True)
 
     # -- on-demand direct links (overlay/ondemand.py) -----------------------------------------------------------

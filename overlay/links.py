@@ -321,7 +321,7 @@ class LinkManager:
         link.session, link.next_session = link.next_session, None
         self.on_change(peer_id)
 
-    def _left_tunnel(self, old: Path, new: Path) -> None:
+    def _count_upgrade(self, old: Path, new: Path) -> None:
         """Count a link that moved off a tunnel onto a path of its own, or off TURN onto a direct path
         (overlay/upgrades.py)."""
         if isinstance(old, TunnelPath) and not isinstance(new, TunnelPath):
@@ -333,7 +333,7 @@ class LinkManager:
         kind = link.path.kind if isinstance(link.path, UdpPath) else "prflx"
         old = link.describe_endpoint()
         path = self.path_for(via, kind)
-        self._left_tunnel(link.path, path)
+        self._count_upgrade(link.path, path)
         link.path = path
         if isinstance(link.path, TunnelPath):
             link.path.peer = link.peer_id
@@ -364,7 +364,7 @@ class LinkManager:
             old.next_session = session
             self._by_index[session.local_index] = old
             if isinstance(path, TunnelPath) or not _same_path(old.path, path):
-                self._left_tunnel(old.path, path)
+                self._count_upgrade(old.path, path)
                 old.path = path
             self.on_change(peer_id)  # the compiled data path opens the next session too
             return
@@ -419,7 +419,7 @@ class LinkManager:
         elif not _same_path(old.path, path):
             log.info("link %s now over %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
             self.count("path changes")
-            self._left_tunnel(old.path, path)
+            self._count_upgrade(old.path, path)
 
     # -- closing ------------------------------------------------------------------------------------------------
     def close(self, peer_id: int, reason: str, notify: bool = True) -> None:
