@@ -132,7 +132,7 @@ class LinkMessages:
                     onward.send_relay(LinkMsg.RELAYED, link.peer_id, packet)
             elif kind == LinkMsg.RELAYED:
                 peer, packet = decode_relay(msg)
-                node.links.on_packet(packet, link.peer_id)
+                node.links.on_packet(packet, link.peer_id, peer)
             elif kind == LinkMsg.HELLO:
                 self._on_hello(link, msg)
             elif kind == LinkMsg.REPLICATE:

@@ -49,7 +49,9 @@ from overlay.wire import (
     PacketType,
     decode_handshake,
     decode_transport_header,
+    decode_unknown_session,
     encode_relay,
+    encode_unknown_session,
     relay_head,
 )
 
@@ -66,6 +68,10 @@ REKEY_TIMEOUT = 5.0
 # A responder whose peer has not rekeyed by then starts the handshake itself (between REKEY_AFTER_TIME and
 # REJECT_AFTER_TIME, leaving the initiator 30 s and the responder's own handshake 30 s).
 RESPONDER_REKEY = REKEY_AFTER_TIME + 30.0
+# At most one UNKNOWN_SESSION notice per this long to one sender (an endpoint, TURN peer or tunnel origin): its
+# first packet is enough, and the notice must not be a way to make us send a datagram per datagram received.
+NOTICE_EVERY = 1.0
+NOTICE_MEMORY = 4096  # senders remembered for that limit before the table is cleared
 
 
 class TunnelPath:
@@ -182,6 +188,7 @@ class LinkManager:
     links: dict[int, Link] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
+    _noticed: dict[object, float] = field(default_factory=dict)  # sender -> when we last told it UNKNOWN_SESSION
     closed_bytes: tuple[int, int] = (0, 0)  # sent and received on links closed since start (metrics)
     # Told the peer ID whenever a link comes, goes, or changes its session, path or fragments_ok: the compiled
     # data path (overlay/fastpath.py) mirrors the links it can serve.
@@ -246,9 +253,9 @@ class LinkManager:
     def on_datagram(self, data: bytes, endpoint: Endpoint) -> None:
         self.on_packet(data, endpoint)
 
-    def on_packet(self, data: bytes, via: Via) -> None:
+    def on_packet(self, data: bytes, via: Via, origin: int | None = None) -> None:
         """A link packet from the underlay (its source endpoint), a TURN channel, or out of a tunnel (the
-        neighbour it came through)."""
+        neighbour it came through, and `origin`, the node at the tunnel's far end as the neighbour says)."""
         if not data:
             self.count("drop: empty packet")
             return
@@ -259,6 +266,7 @@ class LinkManager:
                 link = self._by_index.get(index)
                 if link is None:
                     self.count("drop: unknown session")
+                    self._tell_unknown(index, via, origin)
                     return
                 session = link.session
                 nxt = link.next_session
@@ -292,6 +300,8 @@ class LinkManager:
                     self.callbacks.sealed(link, header, memoryview(data)[SEALED_OFFSET:])
                 else:
                     self.callbacks.message(link, plaintext)
+            elif ptype == PacketType.UNKNOWN_SESSION:
+                self._on_unknown(decode_unknown_session(data), via, origin)
             elif ptype in (PacketType.HANDSHAKE_INIT, PacketType.HANDSHAKE_RESP):
                 msg = decode_handshake(data)
                 if isinstance(msg, HandshakeInit):
@@ -304,6 +314,49 @@ class LinkManager:
             self.count("drop: malformed or unauthentic packet")
         except HandshakeError as e:
             self.count(f"drop: handshake: {e}")
+
+    def _tell_unknown(self, index: int, via: Via, origin: int | None) -> None:
+        """Say so to the sender of a packet for a session we do not hold (we restarted, or closed the link
+        while it still sends), back the way the packet came."""
+        key: object = (via, origin) if isinstance(via, int) else via
+        now = self.clock()
+        if now - self._noticed.get(key, -math.inf) < NOTICE_EVERY:
+            return
+        if len(self._noticed) >= NOTICE_MEMORY:
+            self._noticed.clear()
+        notice = encode_unknown_session(index)
+        if isinstance(via, int):
+            hop = self.links.get(via)
+            if origin is None or hop is None or hop.relay is not None:
+                return
+            hop.send_relay(LinkMsg.RELAY, origin, notice)
+        elif isinstance(via, TurnPath):
+            via.send(notice)
+        else:
+            self.underlay.send(notice, via)
+        self._noticed[key] = now
+        self.count("unknown-session notices sent")
+
+    def _on_unknown(self, index: int, via: Via, origin: int | None) -> None:
+        """The peer holds no session with `index`: if it is the one we send on, on the path we send it on, the
+        peer lost it (restarted): handshake again now, as a rekey would, rather than wait for keepalives."""
+        if isinstance(via, int):
+            candidates = [self.links[origin]] if origin in self.links else []
+        else:
+            candidates = [lk for lk in self.links.values() if _same_path(lk.path, via)]
+        link = next((lk for lk in candidates if lk.session.remote_index == index and _same_path(lk.path, via)), None)
+        if link is None:
+            self.count("drop: unknown-session notice for no session we send on")
+            return
+        now = self.clock()
+        if now < link.rekey_try:
+            return  # a handshake is already on its way
+        link.rekey_try = now + REKEY_TIMEOUT
+        self.count("sessions the peer no longer holds")
+        log.info(
+            "link %s: the peer holds our session no longer (restarted?), handshaking again", format_id(link.peer_id)
+        )
+        self.setup.send_handshake(link.path, link.peer_id, link.peer_key, now)
 
     def _retire(self, link: Link, session: Session) -> None:
         """`session` stops being the link's current one: it becomes the previous (the one before is dropped)."""

@@ -40,6 +40,12 @@ class PacketType(enum.IntEnum):
     # binds the tunnel's own transport packet through its tag, so the relay runs no cipher over the data and
     # the ends one each. Sent only to a neighbour whose HELLO carried HELLO_TUNNEL.
     TUNNEL = 0x86
+    # "No session of mine has that index" (type, index: 5 bytes), sent back unauthenticated to where a
+    # transport, sealed or tunnel packet for an unknown index came from (a tunnel's through its relay): a peer
+    # still sending to our former process (we restarted) handshakes again at once instead of losing packets
+    # until its keepalives fail (3 s on a busy link, 19 s on an idle one). It only ever costs a handshake: the
+    # receiver acts on it only for the index of the session it sends on, on the path that session uses.
+    UNKNOWN_SESSION = 0x87
 
 
 SIGNATURE_LEN = 64
@@ -98,6 +104,20 @@ def decode_handshake(data: bytes) -> HandshakeInit | HandshakeResp:
         _, ridx = _RESP_HEAD.unpack_from(data)
         return HandshakeResp(ridx, bytes(data[_RESP_HEAD.size :]))
     raise DecodeError(f"not a handshake packet (type 0x{data[0]:02x})")
+
+
+UNKNOWN_SESSION = struct.Struct("!BI")  # type, the receiver index nobody holds
+
+
+def encode_unknown_session(index: int) -> bytes:
+    return UNKNOWN_SESSION.pack(PacketType.UNKNOWN_SESSION, index)
+
+
+def decode_unknown_session(data: bytes | memoryview) -> int:
+    """The index of an UNKNOWN_SESSION notice."""
+    if len(data) != UNKNOWN_SESSION.size or data[0] != PacketType.UNKNOWN_SESSION:
+        raise DecodeError(f"unknown-session notice of {len(data)} bytes")
+    return int(UNKNOWN_SESSION.unpack_from(data)[1])
 
 
 def decode_transport_header(data: bytes | memoryview) -> tuple[int, int]:

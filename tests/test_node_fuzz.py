@@ -11,7 +11,7 @@ from overlay.node import Node, NodeSettings
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import VnetHeader
 from overlay.transport.session import Handshaker
-from overlay.wire import FLAG_EXACT, Kind, LinkMsg, Routed
+from overlay.wire import FLAG_EXACT, Kind, LinkMsg, PacketType, Routed
 
 
 class RecordingUnderlay:
@@ -54,6 +54,13 @@ PLAIN_NODE, PLAIN_PEER = linked_node(MemoryTap(name="fuzz0", vnet_hdr=False))
 @given(st.binary(max_size=400))
 def test_any_datagram_is_handled_without_raising(data: bytes) -> None:
     NODE.links.on_datagram(data, ("198.19.0.9", 1))
+    assert PEER in NODE.links.links
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=8))
+def test_any_unknown_session_notice_from_the_peers_own_path_leaves_the_link_up(rest: bytes) -> None:
+    NODE.links.on_datagram(bytes([PacketType.UNKNOWN_SESSION]) + rest, ("198.19.0.2", 5800))
     assert PEER in NODE.links.links
 
 

@@ -109,14 +109,27 @@ class MemoryGroup:
     async def add_node(self) -> Node:
         return await self._start_node(len(self.nodes), Identity.from_seed(self.rng.randbytes(32)))
 
-    async def restart_node(self, i: int, remembered: list[Remembered] | None = None) -> Node:
+    async def restart_node(self, i: int, remembered: list[Remembered] | None = None, *, crash: bool = False) -> Node:
         """Stop node i and start a new process of it: same key, same address, nothing else remembered but
-        `remembered` (what the CLI passes when the XMPP server is unreachable, overlay/remembered.py)."""
-        await self.nodes[i].stop()
+        `remembered` (what the CLI passes when the XMPP server is unreachable, overlay/remembered.py). With
+        `crash` the old process says no goodbye (its peers still hold their links to it) and the new one
+        listens on the same endpoint, as a member that crashed and came back on its configured port."""
+        old = self.nodes[i]
+        endpoint = None
+        if crash:
+            old.underlay.close()  # what it sends while stopping goes nowhere
+            endpoint = old.underlay.local_endpoint
+        await old.stop()
         self.taps[i].close()
-        return await self._start_node(i, self.nodes[i].identity, remembered)
+        return await self._start_node(i, old.identity, remembered, endpoint)
 
-    async def _start_node(self, i: int, identity: Identity, remembered: list[Remembered] | None = None) -> Node:
+    async def _start_node(
+        self,
+        i: int,
+        identity: Identity,
+        remembered: list[Remembered] | None = None,
+        endpoint: tuple[str, int] | None = None,
+    ) -> Node:
         settings = NodeSettings(
             room=ROOM,
             address=f"{vaddr(i)}/16",
@@ -130,7 +143,7 @@ class MemoryGroup:
         node = Node(
             identity,
             settings,
-            MemoryUnderlay(self.network),
+            MemoryUnderlay(self.network, endpoint),
             bootstrap=boot,
             tap=tap,
             rng=random.Random(self.rng.random()),
