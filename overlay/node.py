@@ -226,6 +226,9 @@ class Node:
     def send_routed(self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None) -> None:
         self.router.send_routed(dst, kind, body, flags, via)
 
+    def pass_on(self, packet: Routed, dst: int, flags: int) -> None:
+        self.router.pass_on(packet, dst, flags)
+
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None:
         self.sealing.send_data(node_id, kind, body)
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # types only: these modules build on this one
     from overlay.transport.ice import IceAgent
     from overlay.trust.members import GroupTrust
     from overlay.trust.service import TrustService
-from overlay.wire import FLAG_EXACT, Contact, Kind
+from overlay.wire import FLAG_EXACT, Contact, Kind, Routed
 
 
 class OverlayPort(Protocol):
@@ -54,6 +54,10 @@ class OverlayPort(Protocol):
     def send_routed(
         self, dst: int, kind: Kind, body: bytes, flags: int = FLAG_EXACT, via: int | None = None
     ) -> None: ...
+
+    def pass_on(self, packet: Routed, dst: int, flags: int) -> None:
+        """Send a routed packet we received on to `dst`, its source kept, so that `dst` answers the source."""
+        ...
 
     def send_data(self, node_id: int, kind: Kind, body: bytes) -> None: ...
 

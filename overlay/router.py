@@ -123,6 +123,10 @@ class Router:
             return
         self.on_routed(None, packet)
 
+    def pass_on(self, packet: Routed, dst: int, flags: int) -> None:
+        """A received packet sent on to `dst` as if `packet.src` had sent it there: the answer goes to the source."""
+        self.on_routed(None, Routed(DEFAULT_TTL, flags, packet.src, dst, FAR, packet.kind, packet.body))
+
     def first_hop(self, dst: int) -> int | None:
         """The neighbour a packet we originate for `dst` goes to first (None: delivered here, or no route)."""
         nh = self._next_hop(dst)

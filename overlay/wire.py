@@ -293,6 +293,9 @@ FLAG_EXACT = 0x01  # deliver only at the node whose ID is the destination (else:
 FLAG_LONG_LINK = 0x02  # FIND: the sender wants the found node as a long link (counted against its cap)
 FLAG_REFUSED = 0x04  # FOUND: the found node's incoming long-link cap is full
 FLAG_JOIN = 0x08  # FIND: route to the node nearest the key other than the sender (a joining node's own ID)
+# DHT_GET: passed on to the other replicas by a key's root that holds no record (it restarted or just joined):
+# answer it, never pass it on again.
+FLAG_PASSED = 0x04
 FLAG_PROMISE = 0x10  # the watermark is a promise (routing.forwarding.decide_promise), not the sender's distance
 PROMISE_HOPS_SHIFT = 5  # bits 5-6: the promise's hop count (0..3)
 PROMISE_HOPS_MASK = 0x60

@@ -28,6 +28,7 @@ from overlay.dht.store import REPLICAS, AddressCache, RecordStore, holds_replica
 from overlay.port import OverlayPort
 from overlay.wire import (
     FLAG_EXACT,
+    FLAG_PASSED,
     FLAG_QUIET,
     AddressRecord,
     Kind,
@@ -186,8 +187,30 @@ class AddressService:
     def on_get(self, pkt: Routed) -> None:
         now = self.node.clock()
         address = decode_address(pkt.body)
-        value = encode_dht_value(address, self.store.get(address, now))
+        record = self.store.get(address, now)
+        if record is None and not pkt.flags & FLAG_PASSED and self._pass_on(pkt, address):
+            return
+        value = encode_dht_value(address, record)
         self.node.send_routed(pkt.src, value_kind(address), value, FLAG_EXACT | (pkt.flags & FLAG_QUIET))
+
+    def _pass_on(self, pkt: Routed, address: str) -> bool:
+        """A lookup reached us, the key's root, and we hold no record: we restarted (a restarted node holds
+        nothing until its neighbours hand records over) or joined nearer the key than the node that holds it,
+        which moves it here within EXPIRE_INTERVAL. The other replicas answer the asker instead of our "none",
+        which would leave it retrying every LOOKUP_RETRY until that, or until LOOKUP_TIMEOUT said no node owns
+        the address. Whether any of us were sent it: the asker's retry, as before."""
+        table = self.node.table
+        key = record_key(self.node.room, address)
+        others = [
+            p
+            for p in replica_set(key, self.node.id, table.successors() + table.predecessors())
+            if p != self.node.id and p in self.node.links.links
+        ]
+        for peer in others:
+            self.node.pass_on(pkt, peer, FLAG_EXACT | FLAG_PASSED | (pkt.flags & FLAG_QUIET))
+        if others:
+            self.node.count("address lookups passed on to replicas")
+        return bool(others)
 
     def hand_over(self, peer: int) -> None:
         """A new ring neighbour may now be one of the nodes nearest a key we hold: give it a copy."""
