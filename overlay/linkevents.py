@@ -84,6 +84,19 @@ class LinkEvents:
             log.info("on-demand link to %s up (%s): traffic moves to it", format_id(link.peer_id), link.kind)
         node.ticker.schedule(now)
 
+    def on_peer_renewed(self, link: Link) -> None:
+        """The link stayed up while the peer's end of it is new (it restarted): what a link's start tells the
+        peer goes again. Our HELLO at the next tick, the records it holds a copy of, our revocations."""
+        node = self.node
+        now = node.clock()
+        node.count("links whose peer restarted")
+        node.maintenance.forget_told_use(link.peer_id)
+        link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
+        node.dht.hand_over(link.peer_id)
+        if node.trust_service is not None:
+            node.trust_service.on_link_up(link)
+        node.ticker.schedule(now)
+
     def send_hello(self, link: Link, use: int) -> None:
         """Our contact, what we use the link for (maintenance USE_* flags: the peer keeps a link either end
         uses), and that we take TUNNEL packets."""

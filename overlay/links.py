@@ -176,6 +176,9 @@ class LinkCallbacks:
     attempt_started: Callable[[], None] = lambda: None
     # A SEALED packet: its routed header (decrypted) and its end-to-end packet (a view, untouched).
     sealed: Callable[[Link, bytes, memoryview], None] = lambda link, header, payload: None
+    # The link stayed up but the peer's end of it is new (the peer restarted, or dropped the link and called
+    # again): it holds nothing of what we told it on the link, so tell it again (overlay/linkevents.py).
+    peer_renewed: Callable[[Link], None] = lambda link: None
 
 
 @dataclass
@@ -189,6 +192,8 @@ class LinkManager:
     counters: dict[str, int] = field(default_factory=dict)
     _by_index: dict[int, Link] = field(default_factory=dict)
     _noticed: dict[object, float] = field(default_factory=dict)  # sender -> when we last told it UNKNOWN_SESSION
+    # Peers whose end of a link that stayed up is new, until the link's new session is in use.
+    _renewed: set[int] = field(default_factory=set)
     closed_bytes: tuple[int, int] = (0, 0)  # sent and received on links closed since start (metrics)
     # Told the peer ID whenever a link comes, goes, or changes its session, path or fragments_ok: the compiled
     # data path (overlay/fastpath.py) mirrors the links it can serve.
@@ -353,6 +358,7 @@ class LinkManager:
             return  # a handshake is already on its way
         link.rekey_try = now + REKEY_TIMEOUT
         self.count("sessions the peer no longer holds")
+        self._renewed.add(link.peer_id)
         log.info(
             "link %s: the peer holds our session no longer (restarted?), handshaking again", format_id(link.peer_id)
         )
@@ -373,6 +379,9 @@ class LinkManager:
         self._retire(link, link.session)
         link.session, link.next_session = link.next_session, None
         self.on_change(peer_id)
+        if peer_id in self._renewed:
+            self._renewed.discard(peer_id)
+            self.callbacks.peer_renewed(link)
 
     def _count_upgrade(self, old: Path, new: Path) -> None:
         """Count a link that moved off a tunnel onto a path of its own, or off TURN onto a direct path
@@ -411,6 +420,9 @@ class LinkManager:
         contact = self.setup.finish(peer_id)
         old = self.links.get(peer_id)
         if old is not None and old.peer_key == peer_key and old.rx_bytes:
+            if self.clock() - old.session.created < REKEY_AFTER_TIME:
+                # No rekey is due: the peer's end is new (it restarted, or closed the link and called again).
+                self._renewed.add(peer_id)
             # Keep sending on the working session until the initiator confirms the new one.
             if old.next_session is not None:
                 self._by_index.pop(old.next_session.local_index, None)
@@ -473,10 +485,14 @@ class LinkManager:
             log.info("link %s now over %s (%s)", format_id(peer_id), link.describe_endpoint(), link.kind)
             self.count("path changes")
             self._count_upgrade(old.path, path)
+        if old is not None and peer_id in self._renewed and session.initiator:
+            self._renewed.discard(peer_id)
+            self.callbacks.peer_renewed(link)
 
     # -- closing ------------------------------------------------------------------------------------------------
     def close(self, peer_id: int, reason: str, notify: bool = True) -> None:
         link = self.links.pop(peer_id, None)
+        self._renewed.discard(peer_id)
         if link is None:
             return
         if notify:

@@ -126,6 +126,7 @@ class Node:
                 # A link attempt started outside a tick (an XMPP hello, a signal): its retries are the tick's.
                 lambda: self.ticker.wake(TIMER_MAX),
                 lambda link, header, payload: self.sealing.on_link_packet(link, header, payload),
+                self.events.on_peer_renewed,
             ),
             clock,
             credentials=trust,

@@ -169,6 +169,10 @@ class Maintenance:
         # Tell the new neighbour who we know at once: that is what lets a joining node find its ring place.
         self._next_stabilize = min(self._next_stabilize, now)
 
+    def forget_told_use(self, peer: int) -> None:
+        """The peer's end of the link is new (it restarted): tell it again what we use the link for."""
+        self._use_told.pop(peer, None)
+
     def on_link_down(self, peer: int, now: float, *, dead: bool = False) -> None:
         """A link closed. `dead`: it failed (keepalives unanswered), so the peer is no candidate either until
         a neighbour that still reaches it mentions it again."""
