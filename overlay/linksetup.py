@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from overlay.ids import node_id_from_public_key
 from overlay.transport.paths import IcePath, TurnPath, UdpPath
 from overlay.transport.session import PendingHandshake, new_index
-from overlay.wire import Contact, Endpoint, Signal, SignalType
+from overlay.transport.signals import Signal, SignalType
+from overlay.wire import Contact, Endpoint
 
 if TYPE_CHECKING:
     from overlay.links import LinkManager, Path, Via

@@ -32,8 +32,9 @@ from overlay.beacon import BEACON_INTERVAL, NO_OVERLAY, new_overlay_id, wins
 from overlay.ids import format_id
 from overlay.linksetup import Signaller
 from overlay.port import MemberPort
+from overlay.transport.signals import Signal, decode_routed_signal, decode_signal, encode_routed_signal
 from overlay.trust.issuer import REQUEST_MAGIC
-from overlay.wire import DecodeError, Kind, LinkMsg, Signal, decode_routed_signal, decode_signal, encode_routed_signal
+from overlay.wire import DecodeError, Kind, LinkMsg
 from xmpp_bootstrap.protocol import DEFAULT_ANCHORS, should_stand_down
 from xmpp_bootstrap.session import BootstrapError
 

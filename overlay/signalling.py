@@ -18,16 +18,8 @@ from overlay.ids import FAR, node_id_from_public_key
 from overlay.linksetup import Signaller
 from overlay.port import OverlayPort
 from overlay.routing.forwarding import DEFAULT_TTL
-from overlay.wire import (
-    FLAG_EXACT,
-    DecodeError,
-    Kind,
-    Routed,
-    Signal,
-    decode_routed_signal,
-    decode_signal,
-    encode_routed_signal,
-)
+from overlay.transport.signals import Signal, decode_routed_signal, decode_signal, encode_routed_signal
+from overlay.wire import FLAG_EXACT, DecodeError, Kind, Routed
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from overlay.dht.records import RECORD_TTL, check_record, make_record, record_owner
+from overlay.dht.records import RECORD_TTL, AddressRecord, check_record, make_record, record_owner
 from overlay.dht.store import REPLICAS, AddressCache, RecordStore, replica_set
 from overlay.identity import Identity
 from overlay.ids import ring_distance
-from overlay.wire import AddressRecord
 
 ROOM = "g@conference.example.test"
 A = Identity.from_seed(bytes([1]) * 32)

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from overlay.config import ConfigError, _interface6, is_prefix6, load_config, resolve_address6
 from overlay.datapath import SOURCE_DROP
-from overlay.dht.records import check_record, make_record
+from overlay.dht.records import (
+    check_record,
+    decode_address,
+    decode_dht_value,
+    decode_record,
+    encode_dht_value,
+    make_record,
+    value_kind,
+)
 from overlay.identity import Identity
 from overlay.ids import derived_address6, is_derived_address6
 from overlay.tap.frames import (
@@ -43,15 +51,7 @@ from overlay.tap.ndp import (
 )
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC, Ignored, Outbound, Reply, VirtualNic, check_address6
 from overlay.trust.groupkey import GroupKey, format_public_key
-from overlay.wire import (
-    DecodeError,
-    Kind,
-    decode_address,
-    decode_dht_value,
-    decode_record,
-    encode_dht_value,
-    value_kind,
-)
+from overlay.wire import DecodeError, Kind
 from tests.support.memgroup import MemoryGroup, vaddr
 from tests.test_tap_frames import KERNEL_MAC, OWN, TAP_MAC, reference_checksum
 

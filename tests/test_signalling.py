@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from overlay.signalling import Signalling
-from overlay.wire import Contact, Kind, Signal, SignalType, decode_routed_signal
+from overlay.transport.signals import Signal, SignalType, decode_routed_signal
+from overlay.wire import Contact, Kind
 
 PEER, A, B = 0x50, 0x0A, 0x0B
 

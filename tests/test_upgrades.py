@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.transport.paths import UdpPath
+from overlay.transport.signals import IceParams
 from overlay.upgrades import UPGRADE_AFTER, UPGRADE_MAX, PathUpgrades
-from overlay.wire import IceParams
 from tests.support.memgroup import MemoryGroup
 
 

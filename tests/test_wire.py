@@ -7,19 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay import wire
-from overlay.wire import (
-    FLAG_EXACT,
-    AddressRecord,
-    Contact,
-    DecodeError,
-    Kind,
-    LinkMsg,
-    Routed,
-)
+from overlay.dht import records
+from overlay.dht.records import AddressRecord
+from overlay.transport import signals
+from overlay.wire import FLAG_EXACT, Contact, DecodeError, Kind, LinkMsg, Routed
 
 DECODERS = [
     wire.decode_handshake,
     wire.decode_transport_header,
+    wire.decode_unknown_session,
     wire.decode_neighbours,
     wire.decode_relay,
     wire.decode_token,
@@ -27,16 +23,16 @@ DECODERS = [
     wire.decode_no_route,
     lambda b: wire.decode_contact(b),
     wire.decode_found,
-    wire.decode_record,
-    wire.decode_dht_value,
-    wire.decode_address,
+    records.decode_record,
+    records.decode_dht_value,
+    records.decode_address,
     wire.decode_probe,
     wire.decode_suspect,
     wire.decode_beacon,
     wire.decode_find,
-    wire.decode_signal,
-    wire.decode_ice_params,
-    wire.decode_routed_signal,
+    signals.decode_signal,
+    signals.decode_ice_params,
+    signals.decode_routed_signal,
 ]
 
 
@@ -96,8 +92,8 @@ _ICE_TEXT = st.text(
     alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", min_size=4, max_size=32
 )
 CANDIDATES = st.builds(
-    wire.IceCandidate,
-    st.sampled_from(wire.CANDIDATE_TYPES),
+    signals.IceCandidate,
+    st.sampled_from(signals.CANDIDATE_TYPES),
     st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str)),
     st.integers(1, 65535),
     st.integers(0, 2**32 - 1),
@@ -106,12 +102,12 @@ CANDIDATES = st.builds(
 
 
 @given(
-    st.sampled_from(list(wire.SignalType)),
+    st.sampled_from(list(signals.SignalType)),
     st.integers(0, 2**32 - 1),
     st.one_of(
         st.none(),
         st.builds(
-            wire.IceParams,
+            signals.IceParams,
             _ICE_TEXT,
             _ICE_TEXT.filter(lambda t: len(t) >= 22),
             st.lists(CANDIDATES, max_size=6).map(tuple),
@@ -119,13 +115,13 @@ CANDIDATES = st.builds(
     ),
 )
 def test_signal_round_trip_with_and_without_ice(
-    kind: wire.SignalType, attempt: int, ice: wire.IceParams | None
+    kind: signals.SignalType, attempt: int, ice: signals.IceParams | None
 ) -> None:
     contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1234567, bytes(64))
-    signal = wire.Signal(kind, attempt, contact, ice)
-    assert wire.decode_signal(signal.encode()) == signal
-    body = wire.encode_routed_signal(42, signal, 7)
-    assert wire.decode_routed_signal(body) == (42, 7, signal.encode())
+    signal = signals.Signal(kind, attempt, contact, ice)
+    assert signals.decode_signal(signal.encode()) == signal
+    body = signals.encode_routed_signal(42, signal, 7)
+    assert signals.decode_routed_signal(body) == (42, 7, signal.encode())
 
 
 def test_find_carries_the_member_a_joiner_is_reachable_through() -> None:
@@ -166,10 +162,10 @@ def test_contact_round_trip_for_ipv4_and_ipv6_endpoints(endpoint: tuple[str, int
 
 def test_record_round_trip_and_bad_lifetime_refused() -> None:
     r = AddressRecord("10.254.0.2", bytes(32), 1000, 2000, bytes(64))
-    assert wire.decode_record(r.encode()) == r
+    assert records.decode_record(r.encode()) == r
     bad = AddressRecord("10.254.0.2", bytes(32), 2000, 1000, bytes(64))
     with pytest.raises(DecodeError, match="expires before"):
-        wire.decode_record(bad.encode())
+        records.decode_record(bad.encode())
 
 
 def test_no_link_packet_can_be_mistaken_for_stun() -> None:

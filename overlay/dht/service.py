@@ -23,23 +23,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from overlay.dht.records import REFRESH_AFTER, check_record, make_record, record_key
-from overlay.dht.store import REPLICAS, AddressCache, RecordStore, holds_replica, replica_set
-from overlay.port import OverlayPort
-from overlay.wire import (
-    FLAG_EXACT,
-    FLAG_PASSED,
-    FLAG_QUIET,
+from overlay.dht.records import (
+    REFRESH_AFTER,
     AddressRecord,
-    Kind,
-    LinkMsg,
-    Routed,
+    check_record,
     decode_address,
     decode_dht_value,
     decode_record,
     encode_dht_value,
+    make_record,
+    record_key,
     value_kind,
 )
+from overlay.dht.store import REPLICAS, AddressCache, RecordStore, holds_replica, replica_set
+from overlay.port import OverlayPort
+from overlay.wire import FLAG_EXACT, FLAG_PASSED, FLAG_QUIET, Kind, LinkMsg, Routed
 
 LOOKUP_RETRY = 1.0  # our choice: a lookup crosses ~log N hops of LAN/WAN RTT well inside a second
 LOOKUP_TIMEOUT = 5.0

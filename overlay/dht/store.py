@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from overlay.dht.records import check_record, record_owner
+from overlay.dht.records import AddressRecord, check_record, record_owner
 from overlay.ids import ring_distance
-from overlay.wire import AddressRecord
 
 REPLICAS = 3  # from the issue: at least 3 copies, at the nodes nearest the key (the root and its ring neighbours)
 CACHE_TTL = 60.0  # our choice: a moved address is found again within a minute even without a no-route report

@@ -45,7 +45,8 @@ from overlay.tap.frames import FrameError, internet_checksum, ipv4_header, ipv4_
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
-from overlay.wire import Contact, DecodeError, LinkMsg, Signal, decode_signal, decode_token, encode_ping
+from overlay.transport.signals import Signal, decode_signal
+from overlay.wire import Contact, DecodeError, LinkMsg, decode_token, encode_ping
 from xmpp_bootstrap.friends import FriendWatch
 from xmpp_bootstrap.roster import (
     SOCIAL_NS,

@@ -35,8 +35,9 @@ from aioice import Candidate, Connection, stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
 from overlay.transport.paths import DatagramSender, IcePath, IceSettings, TurnPath, UdpPath
+from overlay.transport.signals import IceCandidate, IceParams
 from overlay.transport.turn import TurnAllocation
-from overlay.wire import Endpoint, IceCandidate, IceParams
+from overlay.wire import Endpoint
 
 log = logging.getLogger(__name__)
 
