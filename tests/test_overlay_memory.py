@@ -99,16 +99,7 @@ def test_ring_neighbours_that_cannot_reach_each_other_link_through_a_tunnel(
     async def scenario() -> None:
         g = MemoryGroup(seed=3)
         try:
-            for _ in range(10):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
-            # Block the underlay between a node and its successor, then make them relink.
-            a = g.nodes[2]
-            b_id = a.table.successors()[0]
-            b = next(n for n in g.nodes if n.id == b_id)
-            g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
-            a.links.close(b.id, "test")
-            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
+            a, b = await g.tunnelled_pair()
             relay = a.links.links[b.id].relay
             assert a.links.links[relay].tunnels_ok is announced and b.links.links[relay].tunnels_ok is announced
             types: collections.Counter[int] = collections.Counter()

@@ -123,15 +123,8 @@ def test_a_member_reached_through_a_tunnel_that_crashed_and_came_back_is_handsha
     async def scenario() -> None:
         g = MemoryGroup(seed=3)
         try:
-            for _ in range(10):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
-            a = g.nodes[2]
-            b = next(n for n in g.nodes if n.id == a.table.successors()[0])
+            a, b = await g.tunnelled_pair()
             ia, ib = g.nodes.index(a), g.nodes.index(b)
-            g.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
-            a.links.close(b.id, "test")
-            assert await g.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
             relay = a.links.links[b.id].relay
             assert await g.reach([(ia, ib)], 5.0, every=0.2) == []
             b2 = await g.restart_node(ib, crash=True)

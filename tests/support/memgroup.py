@@ -222,6 +222,19 @@ class MemoryGroup:
                 sent[(a, b)].append(send(a, b, f"reach {a}->{b} {len(sent[(a, b)])}".encode()))
             await asyncio.sleep(every)
 
+    async def tunnelled_pair(self, size: int = 10) -> tuple[Node, Node]:
+        """Form a group of `size`, then block the underlay between node 2 and its successor and make them link
+        again: (node 2, its successor), linked through a tunnel via a neighbour both share."""
+        for _ in range(size):
+            await self.add_node()
+        assert await self.wait_for(lambda: not self.ring_correct(), 30.0)
+        a = self.nodes[2]
+        b = next(n for n in self.nodes if n.id == a.table.successors()[0])
+        self.network.block(a.underlay.local_endpoint, b.underlay.local_endpoint)
+        a.links.close(b.id, "test")
+        assert await self.wait_for(lambda: b.id in a.links.links and a.links.links[b.id].relay is not None, 30.0)
+        return a, b
+
     async def stop(self) -> None:
         for n in self.nodes:
             await n.stop()
