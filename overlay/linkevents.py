@@ -85,11 +85,12 @@ class LinkEvents:
         node.ticker.schedule(now)
 
     def on_peer_renewed(self, link: Link) -> None:
-        """The link stayed up while the peer's end of it is new (it restarted): what a link's start tells the
-        peer goes again. Our HELLO at the next tick, the records it holds a copy of, our revocations."""
+        """The link stayed up while the peer's end of it is new: it restarted, or called again (an ICE upgrade
+        also does, and then this repeats what the peer holds, a few hundred bytes). What a link's start tells the
+        peer goes again: our HELLO at the next tick, the records it holds a copy of, our revocations."""
         node = self.node
         now = node.clock()
-        node.count("links whose peer restarted")
+        node.count("links renewed by the peer")
         node.maintenance.forget_told_use(link.peer_id)
         link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
         node.dht.hand_over(link.peer_id)

@@ -421,7 +421,8 @@ class LinkManager:
         old = self.links.get(peer_id)
         if old is not None and old.peer_key == peer_key and old.rx_bytes:
             if self.clock() - old.session.created < REKEY_AFTER_TIME:
-                # No rekey is due: the peer's end is new (it restarted, or closed the link and called again).
+                # No rekey is due: the peer's end is new (it restarted, or called again: closed the link while
+                # we kept it, or an ICE upgrade).
                 self._renewed.add(peer_id)
             # Keep sending on the working session until the initiator confirms the new one.
             if old.next_session is not None:

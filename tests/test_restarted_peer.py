@@ -16,7 +16,7 @@ from overlay.node import Node
 from tests.support.memgroup import ROOM, MemoryGroup, vaddr
 
 PASSED = "address lookups passed on to replicas"
-RENEWED = "links whose peer restarted"
+RENEWED = "links renewed by the peer"
 
 
 def run(coro):  # type: ignore[no-untyped-def]
