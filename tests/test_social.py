@@ -17,7 +17,7 @@ from overlay.cli import _social_table
 from overlay.config import ConfigError, load_config
 from overlay.identity import Identity
 from overlay.social.devices import NamedDevice, Pins, dns_label, names, statement, statement_key
-from overlay.social.node import udp_packet
+from overlay.social.names import udp_packet
 from tests.test_tap_frames import reference_checksum
 
 ALICE = Identity.from_seed(bytes([1]) * 32)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from overlay.identity import Identity, verify
+from overlay.ids import node_id_from_public_key
 from overlay.wire import SIGNATURE_LEN
 
 _STATEMENT_CONTEXT = b"ipop-overlay social device v1\x00"
@@ -111,3 +112,29 @@ def names(devices: Iterable[NamedDevice], domain: str) -> dict[str, int]:
     for user, (_, address) in latest.items():
         table[f"{user}.{domain}"] = address
     return table
+
+
+@dataclass
+class FriendLink:
+    """A friend device this node knows: online in XMPP, or offline there with its link still answering."""
+
+    jid: str  # full JID
+    friend: str
+    resource: str
+    key: bytes
+    said: bytes  # the statement its presence carried (judged again after `forget`)
+    local: int  # the address we gave it in our subnet
+    last_seen: float
+    warning: str | None = None  # why it is not linked (a changed key)
+    # Its presence says it is online. An unavailable presence ends only its XMPP session (or ours, or the
+    # server's): a link that still answers stays until the device closes it or goes silent.
+    online: bool = True
+    remote: int | None = None  # its own TAP address, once it told us (LinkMsg.PLACES)
+    remote_view: int | None = None  # where it placed us
+    last_try: float = -1e18
+    last_ping: float = -1e18
+    last_heard: float = -1e18
+
+    @property
+    def peer_id(self) -> int:
+        return node_id_from_public_key(self.key)

@@ -1,8 +1,8 @@
 """A DNS responder for friends' names on the virtual NIC (RFC 1035): one query datagram in, one response out.
 
 Names are `<user>.<domain>` and `<resource>.<user>.<domain>`; which address a name means is the caller's
-business (`lookup`). Pure: no socket, no clock. The driver reads a datagram sent to port 53 of the TAP
-address, calls `answer_query`, sends `response` back if there is one, and counts `outcome`.
+business (`lookup`). Pure: no socket, no clock. The driver hands an IPv4 packet sent to the DNS address to
+`answer_packet`, writes the reply packet to the TAP if there is one, and counts the outcome.
 
 The query is peer-controlled bytes (any local process can send one). Whatever they are, `answer_query`
 returns a `NameReply` and raises nothing: a header that parses gets an error response (FORMERR, NOTIMP), and
@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from overlay.tap.frames import Bytes
+from overlay.tap.frames import Bytes, FrameError, internet_checksum, ipv4_header, ipv4_packet
 
 # --- From the specs ------------------------------------------------------------------------------------------
 # RFC 1035 §4.1.1: ID, flags, QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT.
@@ -239,3 +239,36 @@ def answer_query(query: Bytes, domain: str, lookup: Callable[[str], int | None],
     # The owner name is a pointer to the question's name, which starts right after the header.
     answer = struct.pack("!HHHIHI", _POINTER << 8 | HEADER_LEN, TYPE_A, CLASS_IN, ttl, 4, address)
     return reply(RCODE_NOERROR, ANSWER, answer)
+
+
+# --- The packets around it -----------------------------------------------------------------------------------
+DNS_PORT = 53
+DNS_TTL = 64  # our choice: the IP TTL of DNS answers the node makes (Linux's default ip_default_ttl)
+_UDP = struct.Struct("!HHHH")
+
+
+def answer_packet(packet: bytes, domain: str, lookup: Callable[[str], int | None]) -> tuple[str | None, bytes | None]:
+    """An IPv4 packet our kernel sent to the DNS address: (what to count, the reply packet to write back).
+    A packet that is not IPv4 counts nothing; one that is not UDP to port 53 counts "drop: not DNS"."""
+    try:
+        src, dst, header_len, total_len = ipv4_header(packet)
+    except FrameError:
+        return None, None
+    if packet[9] != 17 or total_len < header_len + _UDP.size:
+        return "drop: not DNS", None
+    sport, dport, _, _ = _UDP.unpack_from(packet, header_len)
+    if dport != DNS_PORT:
+        return "drop: not DNS", None
+    reply = answer_query(packet[header_len + _UDP.size : total_len], domain, lookup)
+    response = None if reply.response is None else udp_packet(dst, src, DNS_PORT, sport, reply.response)
+    return f"dns {reply.outcome}", response
+
+
+def udp_packet(src: int, dst: int, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4/UDP packet with both checksums (RFC 791, RFC 768)."""
+    length = _UDP.size + len(payload)
+    pseudo = struct.pack("!IIBBH", src, dst, 0, 17, length)
+    udp = _UDP.pack(sport, dport, length, 0) + payload
+    checksum = internet_checksum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", checksum) + udp[8:]
+    return ipv4_packet(src, dst, 17, DNS_TTL, udp)

@@ -25,7 +25,6 @@ import struct
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,11 @@ from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
 from overlay.remembered import write_private
-from overlay.social.devices import NamedDevice, Pins, names, statement, statement_key
-from overlay.social.names import answer_query
+from overlay.social.devices import FriendLink, NamedDevice, Pins, names, statement, statement_key
+from overlay.social.names import answer_packet
+from overlay.social.status import social_status
 from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull, ToFriend
-from overlay.tap.frames import FrameError, internet_checksum, ipv4_header, ipv4_packet
+from overlay.tap.frames import FrameError
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
@@ -70,36 +70,7 @@ TICK = 1.0  # our choice: link attempts, pings and retries are all on a seconds 
 PING_INTERVAL = 2.5
 DEAD_AFTER = 7.5
 RETRY_INTERVAL = 5.0  # our choice: a failed link attempt to an online device is tried again after 5 s
-DNS_PORT = 53
-DNS_TTL = 64  # our choice: the IP TTL of DNS answers the node makes (Linux's default ip_default_ttl)
 _PLACES = struct.Struct("!BII")  # LinkMsg.PLACES, the sender's address, where the sender placed the receiver
-_UDP = struct.Struct("!HHHH")
-
-
-@dataclass
-class FriendLink:
-    """A friend device this node knows: online in XMPP, or offline there with its link still answering."""
-
-    jid: str  # full JID
-    friend: str
-    resource: str
-    key: bytes
-    said: bytes  # the statement its presence carried (judged again after `forget`)
-    local: int  # the address we gave it in our subnet
-    last_seen: float
-    warning: str | None = None  # why it is not linked (a changed key)
-    # Its presence says it is online. An unavailable presence ends only its XMPP session (or ours, or the
-    # server's): a link that still answers stays until the device closes it or goes silent.
-    online: bool = True
-    remote: int | None = None  # its own TAP address, once it told us (LinkMsg.PLACES)
-    remote_view: int | None = None  # where it placed us
-    last_try: float = -1e18
-    last_ping: float = -1e18
-    last_heard: float = -1e18
-
-    @property
-    def peer_id(self) -> int:
-        return node_id_from_public_key(self.key)
 
 
 class SocialCredentials:
@@ -465,23 +436,12 @@ class SocialNode:
         link.send(bytes([LinkMsg.DATA]) + out.packet)
 
     def _answer_dns(self, packet: bytes) -> None:
-        """A query to the DNS address (UDP port 53), answered from the friends' names (overlay/social/names.py)."""
-        try:
-            src, dst, header_len, total_len = ipv4_header(packet)
-        except FrameError:
-            return
-        if packet[9] != 17 or total_len < header_len + _UDP.size:
-            self.count("drop: not DNS")
-            return
-        sport, dport, _, _ = _UDP.unpack_from(packet, header_len)
-        if dport != DNS_PORT:
-            self.count("drop: not DNS")
-            return
-        table = self.names()
-        reply = answer_query(packet[header_len + _UDP.size : total_len], self.settings.domain, table.get)
-        self.count(f"dns {reply.outcome}")
-        if reply.response is not None:
-            self.tap.write(self.vnic.to_tap(udp_packet(dst, src, DNS_PORT, sport, reply.response)))
+        """A query to the DNS address, answered from the friends' names (overlay/social/names.py)."""
+        outcome, reply = answer_packet(packet, self.settings.domain, self.names().get)
+        if outcome is not None:
+            self.count(outcome)
+        if reply is not None:
+            self.tap.write(self.vnic.to_tap(reply))
 
     def names(self) -> dict[str, int]:
         return names(
@@ -516,42 +476,7 @@ class SocialNode:
         self.counters[what] = self.counters.get(what, 0) + 1
 
     def status(self) -> dict[str, Any]:
-        table = self.names()
-        by_address: dict[int, list[str]] = {}
-        for name, address in sorted(table.items(), key=lambda kv: len(kv[0])):
-            by_address.setdefault(address, []).append(name)
-        friends: dict[str, list[dict[str, Any]]] = {f: [] for f in self.watch.roster.friends()}
-        for device in sorted(self.devices.values(), key=lambda d: d.jid):
-            link = self.links.links.get(device.peer_id)
-            friends.setdefault(device.friend, []).append(
-                {
-                    "device": device.jid,
-                    "node_id": format_id(device.peer_id),
-                    "address": str(ipaddress.IPv4Address(device.local)),
-                    "names": by_address.get(device.local, []),
-                    "link": link.kind if link is not None else None,
-                    "endpoint": link.describe_endpoint() if link is not None else None,
-                    "rtt_ms": round(link.rtt * 1000, 2) if link is not None and link.rtt is not None else None,
-                    "tx_bytes": link.tx_bytes if link is not None else 0,
-                    "rx_bytes": link.rx_bytes if link is not None else 0,
-                    "warning": device.warning,
-                    "online": device.online,
-                }
-            )
-        return {
-            "mode": "social",
-            "node_id": format_id(self.id),
-            "jid": self.full_jid,
-            "address": f"{ipaddress.IPv4Address(self.address)}/{self.vnic.prefix_len}",
-            "dns": str(ipaddress.IPv4Address(self.dns)),
-            "domain": self.settings.domain,
-            "endpoint": f"{self.underlay.local_endpoint[0]}:{self.underlay.local_endpoint[1]}",
-            "xmpp": "online" if self.watch.started else "reconnecting",
-            "friends": [{"jid": f, "devices": d} for f, d in sorted(friends.items())],
-            "requests": self.watch.roster.requests(),
-            "warnings": list(self.warnings),
-            "counters": dict(sorted({**self.counters, **self.nat.counters, **self.links.counters}.items())),
-        }
+        return social_status(self)
 
     async def forget_command(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The control socket's "forget" (`ipop-overlay friend forget JID/RESOURCE`)."""
@@ -560,13 +485,3 @@ class SocialNode:
             yield {"error": "forget needs a device: the friend's full JID, user@domain/resource"}
             return
         yield {"result": {"forgotten": self.forget(device), "device": device}}
-
-
-def udp_packet(src: int, dst: int, sport: int, dport: int, payload: bytes) -> bytes:
-    """An IPv4/UDP packet with both checksums (RFC 791, RFC 768)."""
-    length = _UDP.size + len(payload)
-    pseudo = struct.pack("!IIBBH", src, dst, 0, 17, length)
-    udp = _UDP.pack(sport, dport, length, 0) + payload
-    checksum = internet_checksum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", checksum) + udp[8:]
-    return ipv4_packet(src, dst, 17, DNS_TTL, udp)
