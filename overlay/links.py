@@ -72,6 +72,11 @@ RESPONDER_REKEY = REKEY_AFTER_TIME + 30.0
 # first packet is enough, and the notice must not be a way to make us send a datagram per datagram received.
 NOTICE_EVERY = 1.0
 NOTICE_MEMORY = 4096  # senders remembered for that limit before the table is cleared
+# A handshake a notice set off that got no answer is sent again at a later notice this long on, not a rekey's
+# REKEY_TIMEOUT: the restarted peer ignores it while its own call to us is under a second old (the lower ID's
+# call wins, overlay/linksetup.py defers_to_own_call), and that call may be stuck on a path that does not work
+# (its direct tries to a member reachable only through a tunnel). Notices come at most once per NOTICE_EVERY.
+NOTICE_RETRY = 1.0
 
 
 class TunnelPath:
@@ -356,7 +361,7 @@ class LinkManager:
         now = self.clock()
         if now < link.rekey_try:
             return  # a handshake is already on its way
-        link.rekey_try = now + REKEY_TIMEOUT
+        link.rekey_try = now + NOTICE_RETRY
         self.count("sessions the peer no longer holds")
         self._renewed.add(link.peer_id)
         log.info(
