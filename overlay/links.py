@@ -72,10 +72,9 @@ RESPONDER_REKEY = REKEY_AFTER_TIME + 30.0
 # first packet is enough, and the notice must not be a way to make us send a datagram per datagram received.
 NOTICE_EVERY = 1.0
 NOTICE_MEMORY = 4096  # senders remembered for that limit before the table is cleared
-# A handshake a notice set off that got no answer is sent again at a later notice this long on, not a rekey's
-# REKEY_TIMEOUT: the restarted peer ignores it while its own call to us is under a second old (the lower ID's
-# call wins, overlay/linksetup.py defers_to_own_call), and that call may be stuck on a path that does not work
-# (its direct tries to a member reachable only through a tunnel). Notices come at most once per NOTICE_EVERY.
+# A handshake a notice set off that got no answer is sent again at a later notice this long on, not after a
+# rekey's REKEY_TIMEOUT: the restarted peer ignores it while its own call to us on the same path is under a
+# second old (the lower ID's call wins, overlay/linksetup.py own_call_path). Notices come once per NOTICE_EVERY.
 NOTICE_RETRY = 1.0
 
 
@@ -415,8 +414,11 @@ class LinkManager:
         if peer_id == self.identity.node_id:
             self.count("drop: handshake from ourselves")
             return
-        if self.setup.defers_to_own_call(peer_id):
-            # Both sides are calling each other: the lower ID's call wins, the other side answers it.
+        own = self.setup.own_call_path(peer_id)
+        if own is not None and _same_path(own, via):
+            # Both sides are calling each other on one path: the lower ID's call wins, the other side answers
+            # it. A call that came another way is answered: ours may be on a path that does not work (a
+            # restarted member's direct tries to one it reaches only through a tunnel).
             self.count("handshake collisions")
             return
         session, resp = self.handshaker.answer(opened, self._fresh_index(), self.clock())

@@ -74,6 +74,7 @@ class Attempt:
     offer: Signal | None = None
     offered_at: float = 0.0
     first_init: float | None = None
+    last_path: Path | None = None  # where our last handshake initiation went
     tunnel: bool = True  # may end in a tunnel through a neighbour (not for on-demand links: still relayed)
     # A new path for a link we keep, named as its counters are ("ice restarts", "tunnel upgrades", "relay
     # upgrades"): its failure is no failure of the link.
@@ -287,6 +288,7 @@ class LinkSetup:
         att.next_try = now + HANDSHAKE_RETRY
         if att.first_init is None:
             att.first_init = now
+        att.last_path = path
         self.send_handshake(path, att.peer_id, att.peer_key, now)
 
     def send_handshake(self, path: Path, peer_id: int, peer_key: bytes, now: float) -> None:
@@ -443,11 +445,13 @@ class LinkSetup:
             self._spawn(r.session.close())
 
     # -- what the link manager asks --------------------------------------------------------------------------
-    def defers_to_own_call(self, peer_id: int) -> bool:
+    def own_call_path(self, peer_id: int) -> Path | None:
+        """Where our own call to the peer went, if it is under HANDSHAKE_RETRY old and ours is the lower ID: a
+        call of the peer's that crossed it on that path is the one to ignore (the lower ID's call wins)."""
         att = self.attempts.get(peer_id)
         if att is None or att.first_init is None or self._me > peer_id:
-            return False
-        return self._now() - att.first_init < HANDSHAKE_RETRY
+            return None
+        return att.last_path if self._now() - att.first_init < HANDSHAKE_RETRY else None
 
     def kind_hint(self, peer_id: int, via: Via) -> str:
         """The candidate type of a path a peer's initiation came in on (for a responder's status)."""
