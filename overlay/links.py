@@ -349,10 +349,10 @@ class LinkManager:
     def _on_unknown(self, index: int, via: Via, origin: int | None) -> None:
         """The peer holds no session with `index`: if it is the one we send on, on the path we send it on, the
         peer lost it (restarted): handshake again now, as a rekey would, rather than wait for keepalives."""
-        if isinstance(via, int):
+        if isinstance(via, int):  # through a tunnel: the relay named the origin
             candidates = [self.links[origin]] if origin in self.links else []
         else:
-            candidates = [lk for lk in self.links.values() if _same_path(lk.path, via)]
+            candidates = list(self.links.values())
         link = next((lk for lk in candidates if lk.session.remote_index == index and _same_path(lk.path, via)), None)
         if link is None:
             self.count("drop: unknown-session notice for no session we send on")
