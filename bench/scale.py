@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from overlay.transport.session import REKEY_AFTER_TIME
 from tests.support.group import missing_prerequisites
 from tests.support.hoststats import Usage, neighbour_limits, neighbour_table, process_usage, wanted_neighbour_limits
 from tests.support.scale import Convergence, Idle, Phase, ScaleScenario, median
@@ -170,6 +171,7 @@ def print_table(nodes: int, spread: float, phases: dict[str, Phase], idle: Idle 
                 f"{idle.tx_bytes_per_node_s:.0f} B/s ({idle.tx_bytes_per_node_s / TARGET_TRAFFIC:.2f} of 1 KB/s)",
             )
         )
+        rows.append(("idle: rekeys started (all nodes)", f"{idle.rekeys} ({idle.rekeys_per_s:.1f} per second)"))
         server_cpu = "-" if idle.server_cpu_s is None else f"{100 * idle.server_cpu_s / idle.window_s:.2f} %"
         rows.append(("idle: stanzas at the server / Prosody CPU", f"{idle.stanzas} / {server_cpu}"))
     for name, p in phases.items():
@@ -228,7 +230,9 @@ def main() -> int:
     parser.add_argument("--kill-timeout", type=float, default=2 * TARGET_KILL_S)
     parser.add_argument("--restart-timeout", type=float, default=2 * TARGET_RESTART_S)
     parser.add_argument("--ping-timeout", type=float, default=15.0, help="least time pairs get after a phase")
-    parser.add_argument("--idle", type=float, default=30.0, help="quiet window for idle CPU and traffic")
+    # One REKEY_AFTER_TIME (120 s) by default: every link renews its keys once in the window. Links made
+    # together (the storm's) rekey together every 120 s, so a shorter window lands on such a wave or between two.
+    parser.add_argument("--idle", type=float, default=REKEY_AFTER_TIME, help="quiet window for idle CPU and traffic")
     parser.add_argument("--idle-settle", type=float, default=60.0, help="wait after the restart before it")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (not removed)")
