@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nacl.signing
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from overlay.transport.session import (
     REPLAY_WINDOW,
     HandshakeError,
     Handshaker,
+    x25519_public,
 )
 from overlay.wire import DecodeError, HandshakeInit, HandshakeResp, decode_handshake, decode_transport_header
 
@@ -101,6 +103,19 @@ def test_an_initiation_claiming_another_node_key_is_refused() -> None:
     pending = liar.initiate(b.public_key, 1, 1000)
     with pytest.raises(HandshakeError, match="does not hold"):
         Handshaker(b).respond(pending.init, 2)
+
+
+def test_key_conversion_is_remembered_and_an_unusable_key_refused_every_time() -> None:
+    x25519_public.cache_clear()
+    a = Identity.from_seed(bytes([1]) * 32)
+    expected = bytes(nacl.signing.VerifyKey(a.public_key).to_curve25519_public_key())
+    assert x25519_public(a.public_key) == expected
+    assert x25519_public(a.public_key) == expected
+    assert x25519_public.cache_info().hits == 1
+    for _ in range(2):
+        with pytest.raises(HandshakeError, match="not a usable"):
+            x25519_public(bytes(32))
+    assert x25519_public.cache_info().currsize == 1
 
 
 def test_low_order_ephemeral_key_is_refused() -> None:

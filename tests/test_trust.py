@@ -20,6 +20,7 @@ from overlay.trust.certs import (
     Certificate,
     check_certificate,
     decode_certificate,
+    forget_checked_signatures,
     issue_certificate,
 )
 from overlay.trust.groupkey import (
@@ -97,6 +98,26 @@ def test_certificate_claiming_our_group_but_signed_by_another_key_is_refused() -
 def test_certificate_with_changed_address_fails_its_signature() -> None:
     moved = dataclasses.replace(cert_for(), address=IPv4Interface("10.8.0.6/16"))
     assert check_certificate(moved, GROUP.public_key, T0) == "bad signature"
+
+
+def test_a_remembered_signature_check_skips_none_of_the_others() -> None:
+    """Signature checks are remembered per exact bytes; time, group and revocation are judged every time."""
+    forget_checked_signatures()
+    cert = cert_for(now=T0, lifetime=HOUR)
+    assert check_certificate(cert, GROUP.public_key, T0 + 1) is None
+    assert check_certificate(cert, GROUP.public_key, T0 + HOUR) == "expired"
+    assert check_certificate(cert, GROUP.public_key, T0 - MAX_CLOCK_SKEW - 1) == "not yet valid"
+    assert check_certificate(cert, OTHER_GROUP.public_key, T0 + 1) == "signed by another group"
+    revs = RevocationSet()
+    assert revs.add(revoke(now=T0 + 10), GROUP.public_key, T0 + 10)
+    assert check_certificate(cert, GROUP.public_key, T0 + 20, revs) == "revoked"
+    # The same fields under another signature, and the same signature over other fields, are checked anew.
+    other_sig = dataclasses.replace(cert, signature=cert_for(NODE2).signature)
+    moved = dataclasses.replace(cert, address=IPv4Interface("10.8.0.6/16"))
+    for _ in range(2):
+        assert check_certificate(other_sig, GROUP.public_key, T0 + 1) == "bad signature"
+        assert check_certificate(moved, GROUP.public_key, T0 + 1) == "bad signature"
+    assert check_certificate(cert, GROUP.public_key, T0 + 1) is None
 
 
 @settings(max_examples=300, deadline=None)
