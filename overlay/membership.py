@@ -118,6 +118,7 @@ class Membership:
             "state": self.state,
             "anchor": self.is_anchor,
             "in_room": bool(self.bootstrap.in_room),
+            "visiting": self._task is not None,  # a visit under way: login, room, hellos, until logged out again
             "visits": self.visits,
             "started_without_xmpp": self.without_xmpp,
             "retry_in_s": round(max(0.0, self._next_visit - now), 1) if self._task is None and self._failures else 0,
