@@ -4,7 +4,9 @@ certificates and against its bare X25519 work, measured in the same run; prints 
 
 A full handshake is what two members spend to link (or to open an end-to-end session): initiate, the
 responder's open_init + answer (its certificate check included), the initiator's complete (the responder's
-certificate checked). CPU only, one process; a benchmark, not a test: it exits 0 whatever the numbers.
+certificate checked). A rekey between the same two members finds the peer's key conversion and certificate
+signature remembered (overlay/transport/session.py, overlay/trust/certs.py); a first contact computes both.
+CPU only, one process; a benchmark, not a test: it exits 0 whatever the numbers.
 """
 
 from __future__ import annotations

@@ -234,6 +234,11 @@ def main() -> int:
     # together (the storm's) rekey together every 120 s, so a shorter window lands on such a wave or between two.
     parser.add_argument("--idle", type=float, default=REKEY_AFTER_TIME, help="quiet window for idle CPU and traffic")
     parser.add_argument("--idle-settle", type=float, default=60.0, help="wait after the restart before it")
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="a group with certificates: node 0 owns the room and issues every member its certificate and address",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (not removed)")
     parser.add_argument("--verbose", action="store_true")
@@ -268,11 +273,14 @@ def main() -> int:
         f"load average before the run {load} (shared machine)",
         flush=True,
     )
+    extra["group"] = "certificates: node 0 owns the room and issues them" if args.trust else "open (no certificates)"
     extra["idle window starts"] = f"{args.idle_settle:.0f} s after the restart phase recovered"
     extra["baseline: imports of one node process (CPU)"] = (
         f"{imports:.2f} s; {args.nodes} nodes on {cores} cores: {args.nodes * imports / cores:.0f} s of all cores"
     )
-    with ScaleGroup(args.nodes, prefix="isb", seed=args.seed, workdir=args.workdir, verbose=args.verbose) as g:
+    with ScaleGroup(
+        args.nodes, prefix="isb", seed=args.seed, workdir=args.workdir, verbose=args.verbose, trust=args.trust
+    ) as g:
         print(
             f"[{time.monotonic() - started:5.0f} s] lab built (seed {g.seed}); thresholds raised to "
             f"{neighbour_limits()} (wanted {wanted_neighbour_limits(args.nodes)})",

@@ -128,12 +128,13 @@ class ScaleGroup(Group):
         start_workers: int = START_WORKERS,
         query_workers: int = QUERY_WORKERS,
         ping_workers: int = PING_WORKERS,
+        trust: bool = False,
     ) -> None:
         # A run lasts minutes; on this shared machine /tmp/ipop-* directories were removed from under running
         # labs by other jobs (twice while these runs were measured), so the default lives in /var/tmp.
         made_here = workdir is None
         workdir = workdir or Path(tempfile.mkdtemp(prefix="ipop-scale-", dir=WORKDIR_PARENT))
-        super().__init__(size, prefix=prefix, workdir=workdir, verbose=verbose)
+        super().__init__(size, prefix=prefix, workdir=workdir, verbose=verbose, trust=trust)
         self._own_workdir = made_here  # Group.close removes it then, unless IPOP_KEEP_WORKDIR is set
         self.seed = random.randrange(1 << 32) if seed is None else seed
         self.rng = random.Random(self.seed)
