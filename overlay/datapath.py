@@ -45,7 +45,12 @@ if TYPE_CHECKING:
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
-PROBE_INTERVAL = 60.0  # our choice: a link whose path drops IP fragments costs one 60 KB probe a minute
+# Our choice: a probe that got no answer is sent again after PROBE_INTERVAL, then at doubling intervals up to
+# PROBE_MAX. A path that never carries one (a TURN relay, measured 2026-12-06 with coturn in the lab of
+# bench/scale.py --nat: no relay link ever answered) cost 60 KB a minute, 1 KB/s of every idle TURN link,
+# where an idle direct link costs 11 B/s; at PROBE_MAX it costs 16 B/s. A new path is probed at once.
+PROBE_INTERVAL = 60.0
+PROBE_MAX = 3840.0
 # Packets from a member whose certificate we have not seen yet wait while its address record is looked up (the
 # record carries the certificate); our choice: a TCP initial window's worth, as the DHT's outbound queue.
 UNVERIFIED_QUEUE = 10
@@ -81,9 +86,11 @@ class DataPath:
         self.hops = [0, 0]  # data packets that arrived over a link for us, and the hops they took
         self._address_text: dict[int, str] = {}
         self._last_icmp = -1e18
-        # Fragment probes (LinkMsg.PROBE), by peer: when the next is due and the token of the last one sent.
+        # Fragment probes (LinkMsg.PROBE), by peer: when the next is due, the token of the last one sent while it
+        # is unanswered, and the interval and path it went on.
         self.probe_due: dict[int, float] = {}
         self.probe_token: dict[int, int] = {}
+        self.probe_every: dict[int, tuple[float, str]] = {}
         # Cryptokey routing (WireGuard's allowed IPs): the address a sender's certificate gives it, by node ID;
         # None in a group without certificates (then nothing is checked).
         self.source_of: Callable[[int], int | None] | None = None
@@ -333,15 +340,26 @@ class DataPath:
     # Until a PROBE of PROBE_SIZE bytes is acknowledged, super-frames for the link are segmented first
     # (overlay/superframes.py).
     def probe(self, link: Link, now: float) -> None:
+        peer, path = link.peer_id, link.describe_endpoint()
+        interval, probed_on = self.probe_every.get(peer, (0.0, ""))
+        if peer in self.probe_token and probed_on == path:
+            interval = min(interval * 2, PROBE_MAX)  # the last one on this path got no answer
+        else:
+            interval = PROBE_INTERVAL
+        self.probe_every[peer] = (interval, path)
         token = self.rng.getrandbits(64)
-        self.probe_token[link.peer_id] = token
-        self.probe_due[link.peer_id] = now + PROBE_INTERVAL
+        self.probe_token[peer] = token
+        self.probe_due[peer] = now + interval
         link.send(encode_probe(token))
 
     def tick_probes(self, now: float) -> None:
         for link in list(self.links.links.values()):
-            # A link replaced by a new handshake starts unproven and is probed again at once.
-            if not link.fragments_ok and now >= self.probe_due.get(link.peer_id, now):
+            if link.fragments_ok:
+                continue
+            peer = link.peer_id
+            # A link replaced by a new handshake on another path starts unproven and is probed again at once.
+            moved = self.probe_every.get(peer, (0.0, ""))[1] != link.describe_endpoint()
+            if moved or now >= self.probe_due.get(peer, now):
                 self.probe(link, now)
 
     def on_probe_ack(self, link: Link, token: int) -> None:
@@ -355,3 +373,4 @@ class DataPath:
     def forget_link(self, peer: int) -> None:
         self.probe_due.pop(peer, None)
         self.probe_token.pop(peer, None)
+        self.probe_every.pop(peer, None)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.datapath import PROBE_INTERVAL, PROBE_MAX
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import (
     ARP_REQUEST,
@@ -439,6 +440,38 @@ def test_unacknowledged_probe_is_repeated_a_minute_later_until_it_passes() -> No
                     break
                 await asyncio.sleep(0.01)
             assert link.fragments_ok
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
+def test_unanswered_probes_back_off_to_an_hour_and_a_new_path_is_probed_at_once() -> None:
+    """A path that never carries a probe (a TURN relay) must not cost 60 KB a minute for the link's life."""
+
+    async def scenario() -> None:
+        net = MemoryNetwork(max_datagram=1500)  # no probe ever passes
+        a, b, _, _ = await linked_pair(False, False, net)
+        try:
+            dp, link = a.datapath, a.links.links[b.id]
+            t = dp.probe_due[b.id] - PROBE_INTERVAL  # the probe sent at link up
+            intervals = []
+            for _ in range(9):
+                due = dp.probe_due[b.id]
+                dp.tick_probes(due - 0.5)
+                assert dp.probe_due[b.id] == due  # nothing before it is due
+                dp.tick_probes(due)
+                intervals.append(due - t)
+                t = due
+            assert intervals == [60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3840.0, 3840.0, 3840.0]
+            assert PROBE_MAX == 3840.0
+            token = dp.probe_token[b.id]
+            # The link moves to another path: probed there at once, and a minute later if unanswered.
+            link.path = a.links.path_for(("127.0.0.1", 5899))  # in-memory network: nothing leaves the process
+            dp.tick_probes(t + 1.0)
+            assert dp.probe_token[b.id] != token
+            assert dp.probe_due[b.id] == t + 1.0 + PROBE_INTERVAL
         finally:
             await a.stop()
             await b.stop()
