@@ -20,14 +20,16 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 from aioice import stun
 from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel_data
 
+from overlay.transport.chunks import Reassembly
 from overlay.transport.paths import TurnPath, TurnServer
-from overlay.wire import Endpoint
+from overlay.wire import DecodeError, Endpoint, PacketType
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ class TurnAllocation:
         self._bound_at: dict[int, float] = {}
         self._binding: dict[Endpoint, asyncio.Task[None]] = {}
         self._queued: dict[Endpoint, list[bytes]] = {}
+        # A peer that reaches our relayed address from its own socket cuts big datagrams into chunks there
+        # (overlay/transport/underlay.py); the server relays each chunk on the channel, so they are joined here.
+        self._reassembly = Reassembly(self.counters)
         self._paths: dict[Endpoint, TurnPath] = {}
         self._next_channel = CHANNEL_FIRST
         self._send_raw: Callable[[bytes], None] = lambda data: None
@@ -227,6 +232,15 @@ class TurnAllocation:
             self.count("drop: channel data for no channel")
             return
         payload = data[4 : 4 + length]
+        if payload[0] == PacketType.CHUNK:
+            try:
+                whole = self._reassembly.add(payload, peer, time.monotonic())
+            except DecodeError:
+                self.count("drop: malformed chunk")
+                return
+            if whole is None:
+                return
+            payload = whole
         if payload[0] >= 0x80:  # ours (overlay/wire.py: every link packet type is >= 0x80)
             self.on_packet(payload, self.path(peer))
         else:
