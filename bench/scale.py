@@ -239,6 +239,11 @@ def main() -> int:
         action="store_true",
         help="a group with certificates: node 0 owns the room and issues every member its certificate and address",
     )
+    parser.add_argument(
+        "--nat",
+        action="store_true",
+        help="a third of the nodes behind an endpoint-independent NAT, a third behind a symmetric one; coturn",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (not removed)")
     parser.add_argument("--verbose", action="store_true")
@@ -274,12 +279,20 @@ def main() -> int:
         flush=True,
     )
     extra["group"] = "certificates: node 0 owns the room and issues them" if args.trust else "open (no certificates)"
+    if args.nat:
+        extra["placement"] = "a third public, a third behind an endpoint-independent NAT, a third symmetric; coturn"
     extra["idle window starts"] = f"{args.idle_settle:.0f} s after the restart phase recovered"
     extra["baseline: imports of one node process (CPU)"] = (
         f"{imports:.2f} s; {args.nodes} nodes on {cores} cores: {args.nodes * imports / cores:.0f} s of all cores"
     )
     with ScaleGroup(
-        args.nodes, prefix="isb", seed=args.seed, workdir=args.workdir, verbose=args.verbose, trust=args.trust
+        args.nodes,
+        prefix="isb",
+        seed=args.seed,
+        workdir=args.workdir,
+        verbose=args.verbose,
+        trust=args.trust,
+        nat=args.nat,
     ) as g:
         print(
             f"[{time.monotonic() - started:5.0f} s] lab built (seed {g.seed}); thresholds raised to "

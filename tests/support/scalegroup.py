@@ -129,12 +129,20 @@ class ScaleGroup(Group):
         query_workers: int = QUERY_WORKERS,
         ping_workers: int = PING_WORKERS,
         trust: bool = False,
+        nat: bool = False,
     ) -> None:
         # A run lasts minutes; on this shared machine /tmp/ipop-* directories were removed from under running
         # labs by other jobs (twice while these runs were measured), so the default lives in /var/tmp.
         made_here = workdir is None
         workdir = workdir or Path(tempfile.mkdtemp(prefix="ipop-scale-", dir=WORKDIR_PARENT))
-        super().__init__(size, prefix=prefix, workdir=workdir, verbose=verbose, trust=trust)
+        # With `nat`: a third of the members behind an endpoint-independent NAT, a third behind a symmetric one,
+        # the rest on the public segment, and coturn for STUN and TURN (as tests/test_nat.py places seven).
+        placement: list[str | None] = [(None, "a", "s")[i % 3] for i in range(size)] if nat else []
+        super().__init__(
+            size, prefix=prefix, workdir=workdir, verbose=verbose, trust=trust,
+            clusters={"a": "cone", "s": "symmetric"} if nat else None,
+            placement=placement or None, turn=nat, ice=nat,
+        )  # fmt: skip
         self._own_workdir = made_here  # Group.close removes it then, unless IPOP_KEEP_WORKDIR is set
         self.seed = random.randrange(1 << 32) if seed is None else seed
         self.rng = random.Random(self.seed)
