@@ -107,6 +107,14 @@ class Reassembly:
         view = memoryview(buffer)
         return b"".join([view[o + hlen : o + segment] for o in range(0, size, segment)])
 
+    def take(self, chunk: bytes | memoryview, source: Endpoint, now: float) -> bytes | None:
+        """`add` for a chunk off the wire: a malformed one is counted ("chunks: malformed") and gives None."""
+        try:
+            return self.add(chunk, source, now)
+        except DecodeError:
+            self._count("chunks: malformed")
+            return None
+
     def add(self, chunk: bytes | memoryview, source: Endpoint, now: float) -> bytes | None:
         """One chunk; the whole datagram when this chunk completes it. DecodeError for a malformed chunk."""
         if not CHUNK_HEADER.size < len(chunk) <= MAX_CHUNK:

@@ -29,7 +29,7 @@ from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel
 
 from overlay.transport.chunks import Reassembly
 from overlay.transport.paths import TurnPath, TurnServer
-from overlay.wire import DecodeError, Endpoint, PacketType
+from overlay.wire import Endpoint, PacketType
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +233,7 @@ class TurnAllocation:
             return
         payload = data[4 : 4 + length]
         if payload[0] == PacketType.CHUNK:
-            try:
-                whole = self._reassembly.add(payload, peer, time.monotonic())
-            except DecodeError:
-                self.count("drop: malformed chunk")
-                return
+            whole = self._reassembly.take(payload, peer, time.monotonic())
             if whole is None:
                 return
             payload = whole

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overlay.transport.chunks import ETHERNET_MTU, MAX_CHUNKS, Reassembly, chunk_count, chunk_size, pieces, split
-from overlay.wire import DecodeError, Endpoint, PacketType
+from overlay.wire import Endpoint, PacketType
 
 DatagramHandler = Callable[[bytes, Endpoint], None]
 DRAIN_BATCH = 256  # our choice: bounds the time one busy socket holds the loop (~256 x 5 us)
@@ -206,11 +206,7 @@ class UdpUnderlay:
             self._dispatch(piece, source)
 
     def _on_chunk(self, chunk: bytes | memoryview, source: Endpoint) -> None:
-        try:
-            whole = self._reassembly.add(chunk, source, time.monotonic())
-        except DecodeError:
-            self.counters["chunks: malformed"] = self.counters.get("chunks: malformed", 0) + 1
-            return
+        whole = self._reassembly.take(chunk, source, time.monotonic())
         if whole is not None:
             assert self._handler is not None
             self._handler(whole, source)

@@ -136,7 +136,7 @@ class ScaleGroup(Group):
         made_here = workdir is None
         workdir = workdir or Path(tempfile.mkdtemp(prefix="ipop-scale-", dir=WORKDIR_PARENT))
         # With `nat`: a third of the members behind an endpoint-independent NAT, a third behind a symmetric one,
-        # the rest on the public segment, and coturn for STUN and TURN (as tests/test_nat.py places seven).
+        # the rest on the public segment, and coturn for STUN and TURN (tests/test_nat.py has the same NAT kinds).
         placement: list[str | None] = [(None, "a", "s")[i % 3] for i in range(size)] if nat else []
         super().__init__(
             size, prefix=prefix, workdir=workdir, verbose=verbose, trust=trust,
