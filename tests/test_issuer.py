@@ -3,6 +3,7 @@ and the request and answer codecs, which read peer bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 from pathlib import Path
@@ -12,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.identity import Identity
+from overlay.trust import enroll
 from overlay.trust.certs import CertError, Certificate, check_certificate
 from overlay.trust.groupkey import GroupKey
 from overlay.trust.issuer import Issuer, decode_answer, decode_request, encode_answer, make_request
+from overlay.trust.members import GroupTrust
 
 ROOM = "g@conference.example.test"
 NOW = 1_800_000_000.0
@@ -42,8 +45,11 @@ def test_a_member_gets_a_certificate_for_its_key_with_a_free_address_in_the_subn
     assert cert.node_key == BOB.public_key and cert.jid == "bob@example.test"
     assert cert.address.ip in ipaddress.IPv4Network("10.254.0.0/24") and cert.address.network.prefixlen == 24
     assert check_certificate(cert, KEY.public_key, NOW) is None
-    # Asking again gives the same address; another node gets another one.
-    again = ask(i, BOB, "bob@example.test")
+    # Asking again at once (an answer that was slow to come) gives the same certificate; asking once a quarter of
+    # its life has gone gives a new one for the same address; another node gets another address.
+    assert ask(i, BOB, "bob@example.test") == cert
+    later = NOW + 0.25 * 3600
+    again = decode_answer(i.handle(make_request(BOB, ROOM, later).encode(), "bob@example.test", later))
     assert isinstance(again, Certificate) and again.address == cert.address and again.serial != cert.serial
     other = ask(i, CAROL, "carol@example.test")
     assert isinstance(other, Certificate) and other.address != cert.address
@@ -87,6 +93,28 @@ def test_renewal_through_the_overlay_needs_the_current_certificate_and_membershi
     i.set_members({"alice@example.test": "owner", "bob@example.test": "member"}, NOW + 10)
     fresh = decode_answer(i.handle(make_request(BOB, ROOM, NOW + 11).encode(), "bob@example.test", NOW + 11))
     assert isinstance(fresh, Certificate) and not i.revocations.covers(fresh)
+
+
+def test_asking_again_is_answered_without_signing_or_writing_the_state_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    i = issuer(tmp_path)
+    saves: list[int] = []
+    monkeypatch.setattr(i, "save", lambda: saves.append(1))
+    cert = ask(i, BOB, "bob@example.test")
+    assert isinstance(cert, Certificate) and len(saves) == 1  # the new allocation is on disk before the answer
+    for _ in range(3):
+        assert ask(i, BOB, "bob@example.test") == cert
+    assert len(saves) == 1
+    # What a new certificate would say differently gets one: another address asked for.
+    moved = ask(i, BOB, "bob@example.test", "10.254.0.9")
+    assert isinstance(moved, Certificate) and moved != cert and str(moved.address.ip) == "10.254.0.9"
+    assert len(saves) == 2
+    # Removed and added back: the remembered certificate is revoked, so never sent again.
+    i.set_members({"alice@example.test": "owner", "carol@example.test": "member"}, NOW + 1)
+    i.set_members({"alice@example.test": "owner", "bob@example.test": "member"}, NOW + 2)
+    back = decode_answer(i.handle(make_request(BOB, ROOM, NOW + 3).encode(), "bob@example.test", NOW + 3))
+    assert isinstance(back, Certificate) and back != moved and not i.revocations.covers(back)
 
 
 def test_allocations_members_and_revocations_survive_a_restart(tmp_path: Path) -> None:
@@ -161,3 +189,50 @@ def test_a_long_revocation_list_travels_in_messages_that_fit_one_unfragmented_da
     assert len(msgs) == 3 and all(len(m) < 1400 for m in msgs)
     back = [r for m in msgs for r in RevocationSet.decode_list(m[1:])]
     assert back == revs
+
+
+class SlowRoom:
+    """A room whose one issuer answers the `answer_on`-th ask (counting from 1) with `answer`, and no other."""
+
+    def __init__(self, answer: bytes = b"", answer_on: int = 0) -> None:
+        self.issuers = ["00000000000000aa"]
+        self.answer, self.answer_on = answer, answer_on
+        self.waits: list[float] = []
+
+    async def exchange(self, hellos: dict[str, bytes], timeout: float) -> dict[str, bytes]:
+        self.waits.append(timeout)
+        await asyncio.sleep(0)
+        (nick,) = hellos
+        return {nick: self.answer} if len(self.waits) == self.answer_on else {}
+
+
+def test_a_joiner_waits_longer_each_time_its_request_goes_unanswered_and_takes_a_late_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow issuer (overlay/trust/enroll.py ANSWER_MAX): the answer to the first ask arrives while the joiner
+    waits on its third, and is the certificate it keeps."""
+    monkeypatch.setattr(enroll, "RETRY", 0.0)
+    first = issuer().handle(make_request(BOB, ROOM, NOW).encode(), "bob@example.test", NOW)
+    room = SlowRoom(first, answer_on=3)
+    trust = GroupTrust(KEY.public_key, BOB.public_key, lambda: NOW)
+    got = asyncio.run(
+        enroll.obtain_certificate(room, BOB, trust, ROOM, "bob@example.test", None, None, asyncio.Event())
+    )
+    assert got == decode_answer(first) and trust.certificate == got
+    assert room.waits == [enroll.ANSWER_TIMEOUT, 2 * enroll.ANSWER_TIMEOUT, 4 * enroll.ANSWER_TIMEOUT]
+
+    # An issuer that never answers: the wait stops growing at ANSWER_MAX, and the joiner stops when told to.
+    silent = SlowRoom()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        task = asyncio.ensure_future(
+            enroll.obtain_certificate(silent, BOB, trust, ROOM, "bob@example.test", None, None, stop)
+        )
+        while len(silent.waits) < 8:
+            await asyncio.sleep(0)
+        stop.set()
+        assert await task is None
+
+    asyncio.run(run())
+    assert silent.waits[:5] == [5.0, 10.0, 20.0, 40.0, 40.0] and max(silent.waits) == enroll.ANSWER_MAX

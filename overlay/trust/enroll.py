@@ -26,6 +26,12 @@ from overlay.trust.members import GroupTrust
 log = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT = 5.0
+# Our choice: each unanswered request waits twice as long for its answer as the one before, up to this. An
+# issuer slow to answer (one of 100 processes starting on two cores took 8 s for 100 answers, docs/scale.md) is
+# then asked less often while it catches up, and its answer to an earlier ask arriving while we wait on a later
+# one is taken (the room matches answers by nick). Asking again costs the issuer little: it answers with the
+# certificate it just issued (issuer.py REISSUE_SHARE).
+ANSWER_MAX = 40.0
 # Our choice: the issuer reads the member list every 10 s (overlay/trust/service.py MEMBER_POLL) and at once on
 # a request from a JID it does not know, so "not a member" is asked again for a while before it is believed.
 NOT_MEMBER_TRIES = 6
@@ -113,6 +119,7 @@ async def _ask(
 ) -> Certificate | None:
     said_waiting = False
     not_member = 0
+    wait = ANSWER_TIMEOUT
     while not stop.is_set():
         issuers = list(getattr(bootstrap, "issuers", []))
         trust.issuers.update(i for i in map(_nick_id, issuers) if i is not None)
@@ -124,10 +131,11 @@ async def _ask(
             continue
         request = make_request(identity, room, time.time(), wanted).encode()
         nick = random.choice(issuers)
-        answers = await bootstrap.exchange({nick: request}, timeout=ANSWER_TIMEOUT)
+        answers = await bootstrap.exchange({nick: request}, timeout=wait)
         answer = answers.get(nick)
         if answer is None:
-            log.info("no certificate answer from issuer %s yet; asking again", nick)
+            log.info("no certificate answer from issuer %s in %.0f s; asking again", nick, wait)
+            wait = min(2 * wait, ANSWER_MAX)
             await _sleep(stop, RETRY)
             continue
         try:
