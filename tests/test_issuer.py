@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,7 @@ class SlowRoom:
 
     def __init__(self, answer: bytes = b"", answer_on: int = 0) -> None:
         self.issuers = ["00000000000000aa"]
+        self.in_room = True
         self.answer, self.answer_on = answer, answer_on
         self.waits: list[float] = []
 
@@ -236,3 +238,37 @@ def test_a_joiner_waits_longer_each_time_its_request_goes_unanswered_and_takes_a
 
     asyncio.run(run())
     assert silent.waits[:5] == [5.0, 10.0, 20.0, 40.0, 40.0] and max(silent.waits) == enroll.ANSWER_MAX
+
+
+def test_a_joiner_whose_session_drops_while_it_waits_for_an_issuer_logs_in_again_and_gets_its_certificate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The XMPP server restarts while a joiner waits for the issuer: the joiner logs in again on its own (no
+    other part of the node does before it has a certificate) and is answered once the issuer is in the room."""
+    from xmpp_bootstrap.memory import MemoryBootstrap, MemoryRoom
+
+    monkeypatch.setattr(enroll, "RETRY", 0.01)
+    room = MemoryRoom(ROOM, ["bob@example.test"], owners=["alice@example.test"])
+    i = issuer()
+    trust = GroupTrust(KEY.public_key, BOB.public_key, time.time)
+
+    async def run() -> Certificate | None:
+        bob = MemoryBootstrap(room, "bob@example.test/n", "00000000000000b0")
+        await bob.start()
+        task = asyncio.ensure_future(
+            enroll.obtain_certificate(bob, BOB, trust, ROOM, "bob@example.test", None, None, asyncio.Event())
+        )
+        await asyncio.sleep(0.05)
+        room.server_up = False  # the server goes down: bob's session with it
+        await bob.stop()
+        await asyncio.sleep(0.1)
+        assert not task.done() and not bob.in_room
+        room.server_up = True
+        alice = MemoryBootstrap(room, "alice@example.test/n", "00000000000000a0")
+        alice.on_hello = lambda payload, nick: i.handle(payload, "bob@example.test", time.time())
+        alice.set_issuer(True)
+        await alice.start()
+        return await asyncio.wait_for(task, 5.0)
+
+    got = asyncio.run(run())
+    assert isinstance(got, Certificate) and got.jid == "bob@example.test" and trust.certificate == got

@@ -36,6 +36,7 @@ ANSWER_MAX = 40.0
 # a request from a JID it does not know, so "not a member" is asked again for a while before it is believed.
 NOT_MEMBER_TRIES = 6
 RETRY = 3.0
+REENTER_MAX = 60.0  # our choice: the longest wait between tries to log in again after the session dropped
 
 
 class EnrollError(Exception):
@@ -117,10 +118,28 @@ async def _ask(
     wanted: ipaddress.IPv4Address | None,
     stop: asyncio.Event,
 ) -> Certificate | None:
+    from xmpp_bootstrap.session import BootstrapError
+
     said_waiting = False
     not_member = 0
     wait = ANSWER_TIMEOUT
+    away, said = RETRY, ""
     while not stop.is_set():
+        if not bootstrap.in_room:
+            # The session dropped (a server restart, a network change) while we waited: nothing else logs us back
+            # in before we have a certificate, and out of the room no issuer would ever be seen.
+            try:
+                await bootstrap.start()
+                away, said = RETRY, ""
+            except BootstrapError as e:
+                if not (e.transient or e.unreachable):  # unreachable: the server we were just in is restarting
+                    raise EnrollError(str(e)) from None
+                if str(e) != said:
+                    log.warning("%s; trying again (backing off up to %.0f s)", e, REENTER_MAX)
+                    said = str(e)
+                await _sleep(stop, away * random.uniform(0.75, 1.25))
+                away = min(2 * away, REENTER_MAX)
+            continue
         issuers = list(getattr(bootstrap, "issuers", []))
         trust.issuers.update(i for i in map(_nick_id, issuers) if i is not None)
         if not issuers:
@@ -131,7 +150,10 @@ async def _ask(
             continue
         request = make_request(identity, room, time.time(), wanted).encode()
         nick = random.choice(issuers)
-        answers = await bootstrap.exchange({nick: request}, timeout=wait)
+        try:
+            answers = await bootstrap.exchange({nick: request}, timeout=wait)
+        except BootstrapError:
+            continue  # out of the room: entered again above
         answer = answers.get(nick)
         if answer is None:
             log.info("no certificate answer from issuer %s in %.0f s; asking again", nick, wait)
