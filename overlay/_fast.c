@@ -29,6 +29,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <linux/errqueue.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <sched.h>
@@ -95,6 +96,7 @@
 #define UP_FRAME 2
 #define UP_NOTE 3
 #define UP_FLOW 4
+#define UP_UNREACHABLE 5
 #define UP_HDR 20
 /* Frames held while a flow waits for Python to send what went up before it (Engine_set_flow). Our choices:
  * as many frames as WireGuard-go stages for a peer without a session (QueueStagedSize, 128) times two, at most
@@ -604,7 +606,7 @@ typedef struct {
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
         c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
-        c_staged, c_stage_dropped;
+        c_staged, c_stage_dropped, c_unreachable;
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
     size_t run_len, run_seg;
@@ -707,8 +709,17 @@ static void refused(Engine *e, int why) {
 
 /* -- sending ------------------------------------------------------------------------------------------------ */
 
+/* The socket has IP_RECVERR (overlay/transport/underlay.py): an ICMP error from any destination is also
+ * reported by the next call on the socket, and a send that reports it sends nothing. Such a send is made once
+ * more: the error was another datagram's, and reporting it cleared it. */
+static int icmp_reported(int err) {
+    return err == ECONNREFUSED || err == EHOSTUNREACH || err == ENETUNREACH || err == EHOSTDOWN;
+}
+
 static void send_one(Engine *e, const uint8_t *data, size_t len, const Addr *to) {
-    if (sendto(e->udp, data, len, 0, (const struct sockaddr *)&to->sa, to->len) < 0) e->c_send_failed++;
+    const struct sockaddr *sa = (const struct sockaddr *)&to->sa;
+    if (sendto(e->udp, data, len, 0, sa, to->len) >= 0) return;
+    if (!(icmp_reported(errno) && sendto(e->udp, data, len, 0, sa, to->len) >= 0)) e->c_send_failed++;
 }
 
 static int send_gso(Engine *e, struct iovec *iov, int n, size_t segment, const Addr *to) {
@@ -723,6 +734,7 @@ static int send_gso(Engine *e, struct iovec *iov, int n, size_t segment, const A
     uint16_t seg = (uint16_t)segment;
     memcpy(CMSG_DATA(cm), &seg, sizeof seg);
     if (sendmsg(e->udp, &m, 0) >= 0) return 0;
+    if (icmp_reported(errno) && sendmsg(e->udp, &m, 0) >= 0) return 0;
     if (errno == EINVAL || errno == EMSGSIZE) return 1; /* a segment above the route's MTU */
     if (errno == EIO) return 2;                          /* a route UDP GSO cannot take (IPsec transforms it) */
     e->c_send_failed++;
@@ -1366,6 +1378,33 @@ out:
     return 1;
 }
 
+/* ICMP errors queued on the socket (IP_RECVERR): each "unreachable" goes up with the address the failed
+ * datagram was sent to (what msg_name holds for the error queue, ip(7)), for Python to check the links there
+ * at once (overlay/routing/maintenance.py `unreachable`). Other errors (a path MTU, a TTL) only leave the queue. */
+static void drain_errors(Engine *e) {
+    for (int i = 0; i < BATCH; i++) {
+        struct sockaddr_storage to;
+        char control[512];
+        uint8_t byte;
+        struct iovec iov = {&byte, 1};
+        struct msghdr m = {.msg_name = &to, .msg_namelen = sizeof to, .msg_iov = &iov, .msg_iovlen = 1,
+                           .msg_control = control, .msg_controllen = sizeof control};
+        if (recvmsg(e->udp, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+            int v4 = cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_RECVERR;
+            int v6 = cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_RECVERR;
+            if (!(v4 || v6) || cm->cmsg_len < CMSG_LEN(sizeof(struct sock_extended_err))) continue;
+            struct sock_extended_err ee;
+            memcpy(&ee, CMSG_DATA(cm), sizeof ee);
+            int icmp = ee.ee_origin == SO_EE_ORIGIN_ICMP || ee.ee_origin == SO_EE_ORIGIN_ICMP6;
+            if (icmp && icmp_reported((int)ee.ee_errno) && m.msg_namelen > 0) {
+                e->c_unreachable++;
+                up(e, UP_UNREACHABLE, &to, NULL, 0, 0);
+            }
+        }
+    }
+}
+
 static void drain_udp(Engine *e) {
     size_t bytes = 0;
     e->now = now_ns();
@@ -1377,8 +1416,11 @@ static void drain_udp(Engine *e) {
                            .msg_control = control, .msg_controllen = sizeof control};
         ssize_t n = recvmsg(e->udp, &m, MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            continue; /* Python counts receive errors on its own reads; ICMP errors are not queued here */
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                drain_errors(e); /* epoll says "readable" (EPOLLERR) while an error is queued */
+                break;
+            }
+            continue; /* an ICMP error reported on this call: its details are in the error queue */
         }
         int seg = 0;
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
@@ -1827,7 +1869,7 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
                          e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
                          "dropped: Python busy", e->c_up_dropped, "send failed",
@@ -1835,7 +1877,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
                          "gso: above the route's MTU", e->c_mtu_refused,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
                          e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "frames held for order",
-                         e->c_staged, "dropped: held frames full", e->c_stage_dropped);
+                         e->c_staged, "dropped: held frames full", e->c_stage_dropped, "ICMP: unreachable",
+                         e->c_unreachable);
 }
 
 static void Engine_dealloc(Engine *e) {

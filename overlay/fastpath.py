@@ -40,7 +40,7 @@ FLOW_TTL = 2.0
 UP_BATCH = 256  # messages per wake-up of the loop, as the underlay's DRAIN_BATCH
 UP_BUFFER = 8 << 20  # our choice: absorbs a burst of passed-up super-frames while the loop is busy
 UP_MAX = UP_HEADER + 65536 + 512
-_UP_DATAGRAM, _UP_FRAME, _UP_NOTE, _UP_FLOW = 1, 2, 3, 4
+_UP_DATAGRAM, _UP_FRAME, _UP_NOTE, _UP_FLOW, _UP_UNREACHABLE = 1, 2, 3, 4, 5
 _HEAD = struct.Struct("!BBH16s")  # type, family (4/6, 0 for none), port, address
 _SEQ = struct.Struct("!I")  # a frame's number, at 4
 
@@ -244,6 +244,8 @@ class FastPath:
                     underlay.deliver(msg[UP_HEADER:], _source(msg))
                 elif kind == _UP_FLOW:
                     self._recheck(int.from_bytes(msg[UP_HEADER : UP_HEADER + 4], "big"))
+                elif kind == _UP_UNREACHABLE:
+                    underlay.unreachable(_source(msg))
                 else:
                     self.sync()
             if frames:

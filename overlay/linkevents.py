@@ -15,7 +15,7 @@ from overlay.ids import format_id, node_id_from_public_key
 from overlay.links import Link
 from overlay.ondemand import Open
 from overlay.routing.maintenance import (
-    DEAD_REASON,
+    DEAD_REASONS,
     CloseLink,
     FindLong,
     OpenLink,
@@ -24,11 +24,13 @@ from overlay.routing.maintenance import (
     TellUse,
 )
 from overlay.routing.ring import Role
+from overlay.transport.paths import UdpPath
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_LONG_LINK,
     HELLO_TUNNEL,
     Contact,
+    Endpoint,
     Kind,
     LinkMsg,
     Routed,
@@ -110,9 +112,9 @@ class LinkEvents:
         node.table.remove_link(link.peer_id)
         node.messages.forget(link.peer_id)
         node.datapath.forget_link(link.peer_id)
-        gone = reason in (PEER_CLOSED, DEAD_REASON)
+        gone = reason == PEER_CLOSED or reason in DEAD_REASONS
         node.maintenance.on_link_down(link.peer_id, now, dead=gone)
-        if reason == DEAD_REASON:
+        if reason in DEAD_REASONS:
             msg = encode_suspect(link.peer_id)
             for other in list(node.links.links.values()):
                 other.send(msg)
@@ -142,6 +144,20 @@ class LinkEvents:
             return
         node.table.learn([pkt.src])
         self.link_to(contact, via if via != node.id else None)
+
+    def on_unreachable(self, endpoint: Endpoint) -> None:
+        """An ICMP error said `endpoint` is unreachable (overlay/transport/underlay.py): check the links whose
+        path ends there now (maintenance `unreachable`), not at their next keepalive."""
+        node = self.node
+        now = node.clock()
+        hit = False
+        for link in node.links.links.values():
+            if isinstance(link.path, UdpPath) and link.path.endpoint == endpoint:
+                node.maintenance.unreachable(link.peer_id, now)
+                hit = True
+        if hit:
+            node.count("links: ICMP unreachable")
+            node.ticker.schedule(now)
 
     def on_sent(self, link: Link, data: bool) -> None:
         """A routed packet went out on `link` (data: the first since our last tick). Watch it for an answer from

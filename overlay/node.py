@@ -272,6 +272,7 @@ class Node:
         first link up runs the join FIND as a link from the room would, and membership keeps trying XMPP."""
         self._loop = asyncio.get_running_loop()
         self.underlay.start(self.links.on_datagram)
+        self.underlay.on_unreachable = self.events.on_unreachable
         if self.ice is not None:
             self.underlay.on_stun = self.ice.on_stun
             self.ice.start(self.clock())

@@ -22,7 +22,7 @@ from typing import Any
 
 from overlay.routing.forwarding import Deliver, NeighboursOf, walk
 from overlay.routing.maintenance import (
-    DEAD_REASON,
+    DEAD_REASONS,
     CloseLink,
     FindLong,
     Maintenance,
@@ -147,7 +147,7 @@ class ChurnSim:
                 me.maint.on_attempt_failed(action.peer, self.now)
         elif isinstance(action, CloseLink):
             self.messages += 1
-            self._unlink(node, action.peer, dead=action.reason == DEAD_REASON)
+            self._unlink(node, action.peer, dead=action.reason in DEAD_REASONS)
         elif isinstance(action, Ping):
             peer = self.members.get(action.peer)
             self.messages += 1

@@ -65,6 +65,12 @@ BUSY_DEAD = BUSY_PING + DEAD_GRACE
 # link (pinged every BUSY_PING) must not be rerouted for the ping's round trip.
 SUSPECT_AFTER = BUSY_PING + 1.0
 DEAD_REASON = "no answer to keepalives"
+# An ICMP "unreachable" for a link's endpoint (overlay/transport/underlay.py): pinged at once, again PING_RETRY
+# later, and dead UNREACHABLE_DEAD after the ICMP unless the peer answers. Only a hint (a forged ICMP costs two
+# pings, which a live peer answers), but a strong one: the process behind the port is gone, or the route to it.
+UNREACHABLE_DEAD = 2 * PING_RETRY
+UNREACHABLE_REASON = "unreachable (ICMP) and no answer to keepalives"
+DEAD_REASONS = frozenset({DEAD_REASON, UNREACHABLE_REASON})  # a link that failed, not one closed by choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,7 @@ class Maintenance:
     _slots: list[_LongSlot] = field(default_factory=list)
     _use_told: dict[int, int] = field(default_factory=dict)
     _busy: dict[int, float] = field(default_factory=dict)  # peer -> when its link last carried traffic
+    _unreachable: dict[int, float] = field(default_factory=dict)  # peer -> the first ICMP error since we heard it
     _awaiting: dict[int, float] = field(default_factory=dict)  # peer -> first data sent since its last rx
     _fast_since: dict[int, float] = field(default_factory=dict)  # peer -> since when on the fast keepalive
     _slow_round: int = -1  # the last round that gossiped to every link
@@ -185,6 +192,7 @@ class Maintenance:
         self._surplus_since.pop(peer, None)
         self._use_told.pop(peer, None)
         self._busy.pop(peer, None)
+        self._unreachable.pop(peer, None)
         self._awaiting.pop(peer, None)
         self._fast_since.pop(peer, None)
         self._due.pop(peer, None)
@@ -221,6 +229,14 @@ class Maintenance:
             self._await(peer, now - BUSY_PING)  # ping at the next tick, avoided a second later
             self._busy[peer] = now
 
+    def unreachable(self, peer: int, now: float) -> None:
+        """An ICMP error said the link's endpoint is unreachable: ping it at once, and unless it answers within
+        UNREACHABLE_DEAD it is dead. Routes avoid it a second after the first ping, as a silent busy link."""
+        if self.table.is_linked(peer):
+            self._await(peer, now - BUSY_PING)
+            self._busy[peer] = now
+            self._unreachable.setdefault(peer, now)
+
     def suspects(self, now: float) -> frozenset[int]:
         """Links that carried data and have not answered since, even their ping: routes avoid them meanwhile."""
         return frozenset(p for p, t in self._awaiting.items() if now - t >= SUSPECT_AFTER)
@@ -235,6 +251,7 @@ class Maintenance:
     def on_rx(self, peer: int, now: float) -> None:
         self._last_rx[peer] = now
         self._awaiting.pop(peer, None)
+        self._unreachable.pop(peer, None)
         if peer in self._due:
             self._due[peer] = now + self._quiet.get(peer, self.ping_interval)
 
@@ -346,7 +363,11 @@ class Maintenance:
             if awaiting is not None:
                 last, quiet = awaiting, BUSY_PING
             silent = now - last
-            if silent >= quiet + (self.dead_after - self.ping_interval):
+            unreachable = self._unreachable.get(peer)
+            if unreachable is not None and now >= unreachable + UNREACHABLE_DEAD:
+                actions.append(CloseLink(peer, UNREACHABLE_REASON))
+                self._due.pop(peer, None)
+            elif silent >= quiet + (self.dead_after - self.ping_interval):
                 actions.append(CloseLink(peer, DEAD_REASON))
                 self._due.pop(peer, None)
             elif silent >= quiet:
@@ -358,6 +379,8 @@ class Maintenance:
                 self._due[peer] = last + quiet
             if awaiting is not None and now < awaiting + SUSPECT_AFTER:
                 self._due[peer] = min(self._due[peer], awaiting + SUSPECT_AFTER)  # when `suspects` changes
+            if unreachable is not None and peer in self._due:
+                self._due[peer] = min(self._due[peer], unreachable + UNREACHABLE_DEAD)
         # Ring: open links to the nearest successors/predecessors we know of. `work` is when an attempt, a
         # long-link search or a surplus link next needs a look (next_deadline: an idle node's timer waits for
         # it and its rounds only, so a retry must not wait for a round).

@@ -6,13 +6,24 @@ Contract (both implementations):
 - `send(data, endpoint)`: never blocks and never raises for network trouble; a datagram that cannot be sent
   (full buffer, unreachable, blocked) is counted in `counters["send_failed"]` and dropped, as UDP would.
 - `close()`: idempotent; stops delivery.
+- `on_unreachable(endpoint)`: an ICMP error said `endpoint` takes no datagrams (port or host unreachable) after
+  we sent it one. A hint, never proof (anyone on the path can forge one): the links there are checked at once
+  (overlay/routing/maintenance.py `unreachable`). The in-memory network sends them only if asked to
+  (`MemoryNetwork.unreachable`): by default it behaves as a host that vanished, which answers nothing.
 - `on_stun`: datagrams whose first byte is below 0x80 (STUN, RFC 8489 section 5, and TURN ChannelData; RFC
   7983's demultiplexing) go here instead, for ICE (overlay/transport/ice.py); every packet of ours starts
   with a byte >= 0x80 (overlay/wire.py). Without ICE they are counted and dropped.
 
 The UDP side reads with `loop.add_reader` and drains up to DRAIN_BATCH datagrams per wakeup (ARCHITECTURE.md:
 1 frame per wakeup gave 0.7-0.9 Gbit/s, 64 per wakeup 1.2-1.6; asyncio DatagramProtocol 0.3-0.4). The socket
-is unconnected: uvloop's add_reader on a connected UDP socket stops after one ICMP error.
+is unconnected: uvloop's add_reader on a connected UDP socket stops after one ICMP error. It has IP_RECVERR, so
+ICMP errors are queued for it (an unconnected socket otherwise drops them), read from its error queue when the
+socket has nothing else to read (`_drain_errors`; the Engine reads it in overlay/_fast.c). The kernel also
+reports a queued error on the socket's next call, a send to another peer included, and that send sends nothing:
+a send that fails so is made once more (`_ICMP_REPORTED`). The host of a killed process answers our next
+datagram with "port unreachable", so a link to it is dead UNREACHABLE_DEAD after that instead of after a
+keepalive's 13-19 s: in `bench/scale.py`'s kill of 10 of 100 nodes every sampled pair answered again after
+13.7 s, against 21-32 s in six runs before (docs/scale.md).
 
 A datagram bigger than its path carries unfragmented leaves as chunks in one UDP GSO send and is joined again on
 arrival, coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py). Chunks are sized for each
@@ -62,6 +73,13 @@ PATHS_KEPT = 1024  # our choice: endpoints whose chunk size is remembered (links
 MAX_RUN = 64
 MAX_RUN_BYTES = 65000
 _U16 = struct.Struct("=H")  # the cmsg's segment size (native order, as the kernel reads it)
+# From linux/in.h, linux/in6.h and linux/errqueue.h: queue ICMP errors on the socket, and their record.
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+_ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
+_ERR_SPACE = 512
+_ICMP_REPORTED = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 _INT = struct.Struct("=i")
 _CHUNK = int(PacketType.CHUNK)
 
@@ -103,6 +121,11 @@ class UdpUnderlay:
             _try_option(self._sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
         if not self.gso and family == socket.AF_INET:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        if family == socket.AF_INET:
+            _try_option(self._sock, socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            _try_option(self._sock, socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        self.on_unreachable: Callable[[Endpoint], None] = _ignore
 
     def _no_stun(self, data: bytes, endpoint: Endpoint) -> None:
         self.counters["stun_dropped"] += 1
@@ -159,6 +182,22 @@ class UdpUnderlay:
         """A datagram read by someone else, handled as one this socket read."""
         self._dispatch(data, source)
 
+    def unreachable(self, endpoint: Endpoint) -> None:
+        """An ICMP error said `endpoint` is unreachable (read here or by the Engine)."""
+        self._count("ICMP: unreachable")
+        self.on_unreachable(endpoint)
+
+    def _drain_errors(self) -> None:
+        """The socket's error queue (IP_RECVERR): epoll says "readable" while it holds anything."""
+        recv = self._sock.recvmsg
+        for _ in range(DRAIN_BATCH):
+            try:
+                _, ancillary, _, addr = recv(1, _ERR_SPACE, socket.MSG_ERRQUEUE)
+            except OSError:  # empty (EAGAIN), or nothing queued on this kernel
+                return
+            if addr and icmp_unreachable(ancillary):
+                self.unreachable((addr[0], addr[1]))
+
     def _drain(self) -> None:
         """Up to DRAIN_BATCH reads; with GRO one read may hold many datagrams of one size (its cmsg says which).
         `recvmsg` whether or not GRO is on: without it the cmsg is empty, at ~0.3 µs more per read than
@@ -170,9 +209,11 @@ class UdpUnderlay:
                 try:
                     data, ancillary, _, addr = recv(MAX_DATAGRAM, _GRO_SPACE)
                 except BlockingIOError:
+                    self._drain_errors()
                     return
-                except OSError:
-                    self.counters["recv_errors"] += 1
+                except OSError as e:
+                    if e.errno not in _ICMP_REPORTED:  # those are in the error queue, read with it
+                        self.counters["recv_errors"] += 1
                     continue
                 source = (addr[0], addr[1])
                 segment = _gro_segment(ancillary) if ancillary else 0
@@ -258,10 +299,17 @@ class UdpUnderlay:
             chunk = self.chunk_for(endpoint)
             if len(data) > chunk and self._send_chunks(data, endpoint, chunk):
                 return
-        try:
-            self._sock.sendto(data, endpoint)
-        except OSError:
-            self.counters["send_failed"] += 1
+        self._sendto(data, endpoint)
+
+    def _sendto(self, data: bytes, endpoint: Endpoint) -> None:
+        for _ in range(2):
+            try:
+                self._sock.sendto(data, endpoint)
+                return
+            except OSError as e:
+                if e.errno not in _ICMP_REPORTED:
+                    break
+        self.counters["send_failed"] += 1
 
     def _send_chunks(self, data: bytes, endpoint: Endpoint, chunk: int) -> bool:
         """`data` as chunks of `chunk` bytes (the path's) in one GSO send; False when it must go whole: it makes
@@ -281,8 +329,14 @@ class UdpUnderlay:
         """One GSO send of `buffer` (`datagrams` of ours) cut at `segment` bytes. True when the route cannot take
         it (its MTU is below a segment, or the device cannot segment): the caller sends otherwise, and the
         route's MTU is asked again next time."""
+        cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))]
         try:
-            self._sock.sendmsg([buffer], [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))], 0, endpoint)
+            try:
+                self._sock.sendmsg([buffer], cmsg, 0, endpoint)
+            except OSError as e:
+                if e.errno not in _ICMP_REPORTED:
+                    raise
+                self._sock.sendmsg([buffer], cmsg, 0, endpoint)
             return False
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.EMSGSIZE):  # a segment above the route's MTU
@@ -297,10 +351,7 @@ class UdpUnderlay:
         """A run the route refused as one GSO send, for IP to fragment where it must."""
         self._count("gso: sent one by one")
         for data in datagrams:
-            try:
-                self._sock.sendto(data, endpoint)
-            except OSError:
-                self.counters["send_failed"] += 1
+            self._sendto(data, endpoint)
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -321,6 +372,22 @@ def _try_option(sock: socket.socket, level: int, option: int, value: int) -> boo
     return True
 
 
+def _ignore(endpoint: Endpoint) -> None:
+    pass
+
+
+def icmp_unreachable(ancillary: list[tuple[int, int, bytes]]) -> bool:
+    """Whether an error-queue message is an ICMP "unreachable" (port, host or network): its IP_RECVERR record
+    (struct sock_extended_err) came from ICMP and carries one of those errors. Anything else is False."""
+    for level, kind, value in ancillary:
+        ours = (level, kind) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR))
+        if ours and len(value) >= _EXTENDED_ERR.size:
+            err, origin = _EXTENDED_ERR.unpack_from(value)[:2]
+            if origin in (_ORIGIN_ICMP, _ORIGIN_ICMP6) and err in _ICMP_REPORTED:
+                return True
+    return False
+
+
 def _gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int:
     for level, kind, value in ancillary:
         if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
@@ -338,6 +405,9 @@ class MemoryNetwork:
     seed: int = 0
     # Datagrams longer than this are dropped and counted in `oversize`: a path that drops IP fragments.
     max_datagram: int | None = None
+    # True: a datagram to an endpoint nobody listens on is answered with an ICMP port unreachable (the sender's
+    # `unreachable`, after `latency`), as the host of a crashed process does. False: silence, a vanished host.
+    unreachable: bool = False
     _nodes: dict[Endpoint, MemoryUnderlay] = field(default_factory=dict)
     _blocked: set[frozenset[Endpoint]] = field(default_factory=set)
     _next: int = 1
@@ -368,6 +438,9 @@ class MemoryNetwork:
         node = self._nodes.get(dst)
         if node is None or frozenset((src, dst)) in self._blocked or (self.loss and self._rng.random() < self.loss):
             self.dropped += 1
+            sender = self._nodes.get(src)
+            if node is None and self.unreachable and sender is not None:
+                asyncio.get_running_loop().call_later(self.latency, sender.unreachable, dst)
             return
         self.delivered += 1
         delay = self.latency + (self._rng.random() * self.jitter if self.jitter else 0.0)
@@ -384,6 +457,7 @@ class MemoryUnderlay:
         self.local_endpoint: Endpoint = endpoint or network.endpoint()
         self.counters: dict[str, int] = {"send_failed": 0, "recv_errors": 0, "stun_dropped": 0}
         self._handler: DatagramHandler | None = None
+        self.on_unreachable: Callable[[Endpoint], None] = _ignore
         self.on_stun: DatagramHandler = self._no_stun
 
     def _no_stun(self, data: bytes, endpoint: Endpoint) -> None:
@@ -392,6 +466,11 @@ class MemoryUnderlay:
     def start(self, on_datagram: DatagramHandler) -> None:
         self._handler = on_datagram
         self.network._nodes[self.local_endpoint] = self
+
+    def unreachable(self, endpoint: Endpoint) -> None:
+        if self._handler is not None:
+            self.counters["ICMP: unreachable"] = self.counters.get("ICMP: unreachable", 0) + 1
+            self.on_unreachable(endpoint)
 
     def _arrive(self, data: bytes, src: Endpoint) -> None:
         if self._handler is None:
