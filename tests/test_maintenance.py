@@ -146,6 +146,39 @@ def test_a_neighbour_reporting_a_peer_dead_makes_our_idle_link_to_it_a_suspect()
     assert 9 not in m.suspects(60.0)
 
 
+def test_an_icmp_unreachable_is_checked_at_once_and_closes_a_silent_link_within_unreachable_dead() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 100.0)
+    m.tick(100.5)
+    m.unreachable(7, 101.0)  # the peer's process is gone: its host answered our gossip with port unreachable
+    assert m.next_deadline() <= 101.0  # not the keepalive's 13 s: now
+    assert any(a == Ping(7) for a in m.tick(101.0))
+    assert m.suspects(101.0 + SUSPECT_AFTER - BUSY_PING) == {7}
+    m.unreachable(7, 102.0)  # more ICMP errors do not push the deadline back
+    assert not any(isinstance(a, CloseLink) for a in m.tick(101.0 + UNREACHABLE_DEAD - 0.1))
+    assert m.next_deadline() <= 101.0 + UNREACHABLE_DEAD
+    closed = [a for a in m.tick(101.0 + UNREACHABLE_DEAD) if isinstance(a, CloseLink)]
+    assert closed == [CloseLink(7, UNREACHABLE_REASON)] and UNREACHABLE_REASON in DEAD_REASONS
+    assert UNREACHABLE_DEAD < BUSY_DEAD < DEAD_AFTER
+
+
+def test_a_forged_icmp_unreachable_costs_a_live_peer_nothing_but_a_ping() -> None:
+    m = fresh()
+    m.table.add_link(7)
+    m.on_link_up(7, 0.0)
+    m.on_rx(7, 100.0)
+    m.unreachable(7, 101.0)
+    assert any(a == Ping(7) for a in m.tick(101.0))
+    m.on_rx(7, 101.2)  # its answer
+    for t in (101.0 + UNREACHABLE_DEAD, 101.0 + BUSY_DEAD, 101.0 + DEAD_AFTER - 1):
+        assert not any(isinstance(a, CloseLink) for a in m.tick(t)), t
+    assert m.suspects(101.0 + UNREACHABLE_DEAD) == frozenset()
+    m.unreachable(9, 101.0)  # no link to 9: nothing to check
+    assert 9 not in m.suspects(110.0)
+
+
 def test_a_lookup_sent_into_a_dead_idle_link_makes_it_a_suspect_without_the_fast_keepalive() -> None:
     m = fresh()
     m.table.add_link(7)
