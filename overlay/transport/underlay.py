@@ -23,7 +23,7 @@ reports a queued error on the socket's next call, a send to another peer include
 a send that fails so is made once more (`_ICMP_REPORTED`). The host of a killed process answers our next
 datagram with "port unreachable", so a link to it is dead UNREACHABLE_DEAD after that instead of after a
 keepalive's 13-19 s: in `bench/scale.py`'s kill of 10 of 100 nodes every sampled pair answered again after
-13.7 s, against 21-32 s in six runs before (docs/scale.md).
+13.7 and 16.7 s (two runs), against 21-39 s in seven runs before (docs/scale.md).
 
 A datagram bigger than its path carries unfragmented leaves as chunks in one UDP GSO send and is joined again on
 arrival, coalesced by UDP GRO where the kernel can (overlay/transport/chunks.py). Chunks are sized for each
