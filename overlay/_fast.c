@@ -1407,6 +1407,7 @@ static void drain_errors(Engine *e) {
 
 static void drain_udp(Engine *e) {
     size_t bytes = 0;
+    int reported = 0;
     e->now = now_ns();
     for (int i = 0; i < BATCH && bytes < BATCH_BYTES; i++) {
         struct sockaddr_storage from;
@@ -1417,10 +1418,14 @@ static void drain_udp(Engine *e) {
         ssize_t n = recvmsg(e->udp, &m, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                drain_errors(e); /* epoll says "readable" (EPOLLERR) while an error is queued */
+                /* Only when this call reported an error, or epoll woke us with nothing to read: it says
+                 * "readable" (EPOLLERR) for as long as an error is queued, so one reported to a send instead
+                 * wakes us again until it is read; a batch of data costs no extra system call. */
+                if (reported || !bytes) drain_errors(e);
                 break;
             }
-            continue; /* an ICMP error reported on this call: its details are in the error queue */
+            reported = 1; /* an ICMP error reported on this call: its details are in the error queue */
+            continue;
         }
         int seg = 0;
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))

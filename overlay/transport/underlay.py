@@ -204,17 +204,24 @@ class UdpUnderlay:
         `recvfrom` (measured on loopback), which keeps one receive path."""
         recv = self._sock.recvmsg
         self.hold()
+        read = reported = False
         try:
             for _ in range(DRAIN_BATCH):
                 try:
                     data, ancillary, _, addr = recv(MAX_DATAGRAM, _GRO_SPACE)
                 except BlockingIOError:
-                    self._drain_errors()
+                    # The error queue only when a read reported an error or there was nothing to read (the
+                    # selector calls us, EPOLLERR, while an error is queued): as the Engine's drain_udp.
+                    if reported or not read:
+                        self._drain_errors()
                     return
                 except OSError as e:
-                    if e.errno not in _ICMP_REPORTED:  # those are in the error queue, read with it
+                    if e.errno in _ICMP_REPORTED:  # its details are in the error queue
+                        reported = True
+                    else:
                         self.counters["recv_errors"] += 1
                     continue
+                read = True
                 source = (addr[0], addr[1])
                 segment = _gro_segment(ancillary) if ancillary else 0
                 if 0 < segment < len(data):
