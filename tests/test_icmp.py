@@ -10,6 +10,7 @@ test runs on the in-memory network told to answer as such a host does.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -28,6 +29,7 @@ from tests.support.memgroup import linked_pair, udp_packet, vaddr
 from tests.test_fastpath import A_ID, A_IP, B_ID, B_IP, Node, Wire, frame, header, session_pair
 
 UP_UNREACHABLE = 5
+UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 _ERR = struct.Struct("=IBBBBII")
 
 
@@ -109,7 +111,15 @@ def test_the_engine_passes_an_unreachable_up_with_its_address_and_still_sends() 
         st.tuples(
             st.sampled_from([socket.IPPROTO_IP, socket.IPPROTO_IPV6, 17, 1]),
             st.sampled_from([IP_RECVERR, IPV6_RECVERR, 1, 104]),
-            st.binary(max_size=40),
+            st.one_of(
+                st.binary(max_size=40),
+                st.builds(
+                    lambda err, origin, tail: _ERR.pack(err, origin, 3, 3, 0, 0, 0) + tail,
+                    st.sampled_from([*UNREACHABLE, errno.EMSGSIZE, errno.EPROTO, 0]),
+                    st.integers(0, 5),
+                    st.binary(max_size=16),
+                ),
+            ),
         ),
         max_size=3,
     )
@@ -117,7 +127,11 @@ def test_the_engine_passes_an_unreachable_up_with_its_address_and_still_sends() 
 def test_any_error_queue_record_is_read_as_unreachable_or_not_and_never_raises(
     ancillary: list[tuple[int, int, bytes]],
 ) -> None:
-    assert icmp_unreachable(ancillary) in (True, False)
+    ours = {(socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)}
+    whole = [v for level, kind, v in ancillary if (level, kind) in ours and len(v) >= _ERR.size]
+    # True exactly when a whole record of ours came from ICMP (origin 2 or 3) with an "unreachable" error.
+    expected = any(_ERR.unpack_from(v)[1] in (2, 3) and _ERR.unpack_from(v)[0] in UNREACHABLE for v in whole)
+    assert icmp_unreachable(ancillary) is expected
 
 
 def test_only_icmp_unreachables_count() -> None:

@@ -31,6 +31,15 @@ def fresh() -> Maintenance:
     return Maintenance(RingTable(SELF), random.Random(1))
 
 
+def linked_to(peer: int, heard: float) -> Maintenance:
+    """A node with one link, to `peer`, up since 0 and last heard from at `heard`."""
+    m = fresh()
+    m.table.add_link(peer)
+    m.on_link_up(peer, 0.0)
+    m.on_rx(peer, heard)
+    return m
+
+
 def test_a_new_link_learns_candidates_and_the_nearest_unlinked_ones_are_opened() -> None:
     m = fresh()
     m.table.add_link(5)
@@ -106,10 +115,7 @@ def test_failed_attempts_back_off_and_a_peer_is_forgotten_after_three() -> None:
 
 
 def test_a_link_that_carried_data_and_went_silent_is_avoided_then_dead_within_seconds() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 100.0)
+    m = linked_to(7, heard=100.0)
     m.on_busy(7, 100.0)  # data sent; nothing comes back (the peer crashed)
     assert m.suspects(100.0) == frozenset() and m.watching(100.0)
     assert any(a == Ping(7) for a in m.tick(100.0 + BUSY_PING))
@@ -135,10 +141,7 @@ def test_one_way_data_on_a_healthy_link_is_never_avoided() -> None:
 
 
 def test_a_neighbour_reporting_a_peer_dead_makes_our_idle_link_to_it_a_suspect() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 50.0)
+    m = linked_to(7, heard=50.0)
     m.suspect(7, 51.0)
     assert any(a == Ping(7) for a in m.tick(51.0))
     assert any(isinstance(a, CloseLink) and a.peer == 7 for a in m.tick(51.0 + BUSY_DEAD))
@@ -147,10 +150,7 @@ def test_a_neighbour_reporting_a_peer_dead_makes_our_idle_link_to_it_a_suspect()
 
 
 def test_an_icmp_unreachable_is_checked_at_once_and_closes_a_silent_link_within_unreachable_dead() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 100.0)
+    m = linked_to(7, heard=100.0)
     m.tick(100.5)
     m.unreachable(7, 101.0)  # the peer's process is gone: its host answered our gossip with port unreachable
     assert m.next_deadline() <= 101.0  # not the keepalive's 13 s: now
@@ -165,10 +165,7 @@ def test_an_icmp_unreachable_is_checked_at_once_and_closes_a_silent_link_within_
 
 
 def test_a_forged_icmp_unreachable_costs_a_live_peer_nothing_but_a_ping() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 100.0)
+    m = linked_to(7, heard=100.0)
     m.unreachable(7, 101.0)
     assert any(a == Ping(7) for a in m.tick(101.0))
     m.on_rx(7, 101.2)  # its answer
@@ -180,10 +177,7 @@ def test_a_forged_icmp_unreachable_costs_a_live_peer_nothing_but_a_ping() -> Non
 
 
 def test_a_lookup_sent_into_a_dead_idle_link_makes_it_a_suspect_without_the_fast_keepalive() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 100.0)
+    m = linked_to(7, heard=100.0)
     m.tick(100.5)
     m.on_sent(7, 101.0)  # a routed DHT lookup; the peer crashed
     assert not m.watching(101.0) and m.suspects(101.0) == frozenset()
@@ -195,10 +189,7 @@ def test_a_lookup_sent_into_a_dead_idle_link_makes_it_a_suspect_without_the_fast
 
 
 def test_a_lookup_on_a_healthy_idle_link_costs_one_ping_at_most() -> None:
-    m = fresh()
-    m.table.add_link(7)
-    m.on_link_up(7, 0.0)
-    m.on_rx(7, 100.0)
+    m = linked_to(7, heard=100.0)
     m.on_sent(7, 101.0)
     m.on_rx(7, 101.5)  # any packet from the peer answers it
     assert not m.watching(101.5)
