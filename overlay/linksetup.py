@@ -129,9 +129,11 @@ class LinkSetup:
         endpoint: Endpoint | None,
         contact: Contact | None = None,
         signal: Signaller | None = None,
+        *,
+        tunnel: bool = True,
     ) -> None:
         """Start (or keep going) an attempt to link to the node with this key. `signal`: how an ICE offer
-        reaches the peer (None: direct and tunnels only)."""
+        reaches the peer (None: direct and tunnels only). `tunnel`: whether the attempt may end in a tunnel."""
         peer_id = node_id_from_public_key(peer_key)
         if peer_id == self._me or peer_id in self.manager.links:
             return
@@ -144,6 +146,7 @@ class LinkSetup:
                 att.signal = signal  # a later request knows how to signal the peer: use it
             return
         att = self._new_attempt(peer_id, peer_key, endpoint, contact, signal)
+        att.tunnel = tunnel
         if endpoint is None and (signal is None or self.agent is None):
             att.stage = "tunnel"
         log.debug("attempt %d to %016x: %s, %s", att.number, peer_id, endpoint, "signalled" if signal else "no signal")
@@ -182,7 +185,7 @@ class LinkSetup:
         hello: Signal | None
         if self.agent is None:
             att.ice_state, att.ice_since = "offered", now  # waits for the answer's contact; no ICE
-            hello = Signal(SignalType.OFFER, att.number, self.contact_source())
+            hello = Signal(SignalType.OFFER, att.number, self.contact_source(), direct_only=not xmpp)
             att.offer, att.offered_at = (None, now) if xmpp else (hello, now)
         else:
             hello = self._start_ice(att, phase=2 if xmpp else 1, now=now, send=False)
@@ -323,7 +326,7 @@ class LinkSetup:
         session = self.agent.session(controlling=True, relay=phase == 2)
         att.ice, att.ice_phase, att.ice_state, att.ice_since = session, phase, "offered", now
         kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
-        signal = Signal(kind, att.number, self.contact_source(), session.params())
+        signal = Signal(kind, att.number, self.contact_source(), session.params(), direct_only=not att.tunnel)
         log.debug("attempt %d to %016x: ICE phase %d offered", att.number, att.peer_id, phase)
         self.count(f"ice offers: phase {phase}")
         att.offer, att.offered_at = signal, now
@@ -418,9 +421,11 @@ class LinkSetup:
             self.count("ice offer collisions")
             return
         if self.agent is None or sig.ice is None:
-            # No ICE on one side: "link to me". Answer with our contact and call back directly.
+            # No ICE on one side: "link to me". Answer with our contact and call back directly; for an offer that
+            # takes no tunnel (on demand), our call back takes none either: it would open the link as a tunnel,
+            # still relayed, when the direct handshake is slow (seen on a loaded host with a stream running).
             reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source()))
-            self.connect(sig.contact.public_key, sig.contact.endpoint, sig.contact)
+            self.connect(sig.contact.public_key, sig.contact.endpoint, sig.contact, tunnel=not sig.direct_only)
             return
         if own is not None:
             # The peer's attempt runs the checks and the handshake; ours would only race it to a tunnel.

@@ -113,15 +113,26 @@ CANDIDATES = st.builds(
             st.lists(CANDIDATES, max_size=6).map(tuple),
         ),
     ),
+    st.booleans(),
 )
 def test_signal_round_trip_with_and_without_ice(
-    kind: signals.SignalType, attempt: int, ice: signals.IceParams | None
+    kind: signals.SignalType, attempt: int, ice: signals.IceParams | None, direct_only: bool
 ) -> None:
     contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1234567, bytes(64))
-    signal = signals.Signal(kind, attempt, contact, ice)
+    signal = signals.Signal(kind, attempt, contact, ice, direct_only)
     assert signals.decode_signal(signal.encode()) == signal
+    assert signal.encode()[0] & signals.DIRECT_ONLY == (signals.DIRECT_ONLY if direct_only else 0)
     body = signals.encode_routed_signal(42, signal, 7)
     assert signals.decode_routed_signal(body) == (42, 7, signal.encode())
+
+
+@pytest.mark.parametrize("first", [0x00, 0x05, 0x80, 0x85, 0xFF])
+def test_a_signal_of_an_unknown_type_is_a_decode_error_with_or_without_the_direct_only_bit(first: int) -> None:
+    contact = Contact(bytes(range(32)), "10.254.0.9", ("198.18.0.7", 5800), 1234567, bytes(64))
+    raw = bytearray(signals.Signal(signals.SignalType.OFFER, 1, contact).encode())
+    raw[0] = first
+    with pytest.raises(DecodeError, match="unknown signal type"):
+        signals.decode_signal(bytes(raw))
 
 
 def test_find_carries_the_member_a_joiner_is_reachable_through() -> None:

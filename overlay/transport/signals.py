@@ -23,6 +23,12 @@ class SignalType(enum.IntEnum):
     OFFER_RELAY = 4  # a second offer after host/srflx pairs failed: both sides now add TURN relay candidates
 
 
+# In the type byte of an offer: the offering side takes a direct or ICE path only, never a tunnel through a
+# neighbour (an on-demand link: a tunnel would still be relayed), and the answering side's call back must not end
+# in one either (overlay/linksetup.py).
+DIRECT_ONLY = 0x80
+
+
 CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 MAX_CANDIDATES = 16  # our choice: host addresses + one srflx per STUN server + one relay per TURN server
 _ICE_CANDIDATE = struct.Struct("!BBHI")  # type, address length (4|16), port, priority
@@ -105,10 +111,12 @@ class Signal:
     attempt: int  # chosen by the offering side, echoed by the answer: one ICE session per attempt
     contact: Contact
     ice: IceParams | None = None
+    direct_only: bool = False  # DIRECT_ONLY: the link this offer is for must not be a tunnel
 
     def encode(self) -> bytes:
         ice = self.ice.encode() if self.ice is not None else b""
-        return _SIGNAL_HEAD.pack(self.type, self.attempt) + self.contact.encode() + ice
+        head = _SIGNAL_HEAD.pack(self.type | (DIRECT_ONLY if self.direct_only else 0), self.attempt)
+        return head + self.contact.encode() + ice
 
 
 def decode_signal(data: bytes) -> Signal:
@@ -117,11 +125,11 @@ def decode_signal(data: bytes) -> Signal:
         raise DecodeError("signal too short")
     stype, attempt = _SIGNAL_HEAD.unpack_from(data)
     try:
-        kind = SignalType(stype)
+        kind = SignalType(stype & ~DIRECT_ONLY)
     except ValueError:
         raise DecodeError(f"unknown signal type {stype}") from None
     contact, rest = decode_contact(data[_SIGNAL_HEAD.size :])
-    return Signal(kind, attempt, contact, decode_ice_params(rest) if rest else None)
+    return Signal(kind, attempt, contact, decode_ice_params(rest) if rest else None, bool(stype & DIRECT_ONLY))
 
 
 _SIGNAL_ROUTE = struct.Struct("!QQ")  # final destination, reply via (0: route replies to the sender itself)
