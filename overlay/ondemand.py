@@ -89,8 +89,12 @@ class OnDemand:
         return bool(self.relayed or self._hot or self.links)
 
     def linked(self, peer: int, total_bytes: int) -> bool:
-        """A direct link to `peer` came up: True when we asked for it (it is now one of our on-demand links)."""
-        if self._asked.pop(peer, None) is None:
+        """A direct link to `peer` came up: True when we asked for it, or our traffic to the peer is above the
+        rate now (it is then one of our on-demand links). A link that maintenance made meanwhile (a ring repair,
+        a long link, the peer's own ask) carries that traffic as well: kept as an on-demand link, it stays while
+        the traffic lasts, when the role it was made for goes, and we ask for no second one."""
+        asked = self._asked.pop(peer, None) is not None
+        if not asked and (peer not in self._hot or len(self.links) >= MAX_ON_DEMAND):
             return False
         self.links[peer] = -1.0
         self._traffic[peer] = total_bytes
