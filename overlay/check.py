@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,34 @@ def check_tcp(what: str, host: str, port: int, timeout: float) -> Check:
     return Check(True, what, f"reachable ({_ms(start)})")
 
 
+def check_tls(what: str, host: str, port: int, ca_file: str | None, timeout: float) -> Check:
+    """A TLS connection whose handshake completes within `timeout` with a certificate that names `host`, trusted
+    by the system or by `ca_file`: what a turns: allocation needs before its first request."""
+    what = f"{what} {_where(host, port)}"
+    start = time.monotonic()
+    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                pass
+    except socket.gaierror as e:
+        return Check(False, what, f"unreachable: cannot resolve {host} ({e.strerror})")
+    except ssl.SSLCertVerificationError as e:
+        trust = (
+            f"the certificates in {ca_file}" if ca_file else "the system's certificates (set ca_file for a private CA)"
+        )
+        return Check(False, what, f"TLS: certificate not accepted ({e.verify_message}; trusted: {trust})")
+    except ssl.SSLError as e:
+        return Check(False, what, f"TLS: handshake failed ({e.reason or e}): is it a TLS listener?")
+    except TimeoutError:
+        return Check(False, what, f"unreachable: no answer within {timeout:g} s (down, or a firewall drops it)")
+    except ConnectionRefusedError:
+        return Check(False, what, f"unreachable: connection refused (nothing listens on tcp port {port})")
+    except OSError as e:
+        return Check(False, what, f"unreachable: {e.strerror or e}")
+    return Check(True, what, f"TLS handshake done, certificate accepted ({_ms(start)})")
+
+
 def check_stun(what: str, server: Endpoint, timeout: float) -> Check:
     """One Binding transaction over UDP, retransmitted on RFC 5389's schedule until `timeout`. TURN servers
     answer Binding requests too (RFC 5766 section 2: a TURN server is a STUN server), without credentials."""
@@ -180,13 +209,16 @@ def check_stun(what: str, server: Endpoint, timeout: float) -> Check:
     what = f"{what} {_where(host, port)}"
     transaction_id = os.urandom(12)
     request = binding_request(transaction_id)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     start = time.monotonic()
     deadline, resend, rto = start + timeout, start, STUN_RTO
     try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    except socket.gaierror as e:
+        return Check(False, what, f"unreachable: cannot resolve {host} ({e.strerror})")
+    try:
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             # Connected, so an ICMP port unreachable comes back as ConnectionRefusedError.
-            sock.connect(server)
+            sock.connect(address)
             while (now := time.monotonic()) < deadline:
                 if now >= resend:
                     sock.send(request)
@@ -225,7 +257,9 @@ def run_checks(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Report:
     probes: list[Callable[[], Check]] = [partial(check_tcp, "xmpp server", xmpp_host(cfg), cfg.port, timeout)]
     probes += [partial(check_stun, "stun server", server, timeout) for server in cfg.stun]
     for turn in cfg.turn:
-        if turn.transport == "tcp":
+        if turn.transport == "tls":
+            probes.append(partial(check_tls, "turn server (tls)", turn.host, turn.port, turn.ca_file, timeout))
+        elif turn.transport == "tcp":
             probes.append(partial(check_tcp, "turn server (tcp)", turn.host, turn.port, timeout))
         else:
             probes.append(partial(check_stun, "turn server (udp)", (turn.host, turn.port), timeout))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from overlay.ids import derived_address6
 from overlay.routing.ring import RingParams
 from overlay.tap.vnic import check_address6
 from overlay.transport.paths import IceSettings, TurnServer
+from overlay.transport.servers import server_host
 from overlay.wire import Endpoint
 
 
@@ -125,37 +127,55 @@ def _endpoint(value: Any) -> Endpoint:
     return host, p
 
 
-def _endpoint_list(value: Any) -> tuple[Endpoint, ...]:
+def _server(value: Any) -> Endpoint:
+    """A STUN server, "HOST:PORT": an IP address (IPv6 in brackets) or a DNS name (overlay/transport/servers.py)."""
+    return _host_port(_str(value), None)
+
+
+def _server_list(value: Any) -> tuple[Endpoint, ...]:
     if not isinstance(value, list):
-        raise ValueError('expected a list like ["198.18.0.2:3478"]')
-    return tuple(_endpoint(v) for v in value)
+        raise ValueError('expected a list like ["198.18.0.2:3478", "stun.example.org:3478"]')
+    return tuple(_server(v) for v in value)
 
 
-def _turn_url(url: Any) -> tuple[str, int, str]:
-    """turn:HOST[:PORT][?transport=udp|tcp] (RFC 7065); "turns:" (TLS) is not supported."""
-    text = _str(url)
-    scheme, colon, rest = text.partition(":")
-    if scheme != "turn" or not colon:
-        raise ValueError(f"{text!r} is not a turn: URL like turn:198.18.0.2:3478?transport=udp")
-    where, _, query = rest.partition("?")
-    transport = "udp"
-    if query:
-        key, eq, val = query.partition("=")
-        if key != "transport" or not eq or val not in ("udp", "tcp"):
-            raise ValueError(f"{text!r}: the only query is transport=udp or transport=tcp")
-        transport = val
-    if where.startswith("["):
-        host, _, tail = where[1:].partition("]")
-        port = tail[1:] if tail.startswith(":") else "3478"
-    elif where.count(":") == 1:
-        host, port = where.split(":")
+def _host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, tail = text[1:].partition("]")
+        ipaddress.IPv6Address(host)
+        port = tail[1:] if tail.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, like [2001:db8::1]:3478")
     else:
-        host, port = where, "3478"  # RFC 7065 section 3: 3478 when the URL has no port
-    ipaddress.ip_address(host)
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f'{text!r}: expected "host:port"')
+        port = str(default_port)
     p = int(port)
     if not 0 < p <= 65535:
         raise ValueError(f"{text!r}: port out of range")
-    return host, p, transport
+    return server_host(host), p
+
+
+def _turn_url(url: Any) -> tuple[str, int, str]:
+    """turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065): HOST an IP address
+    or a DNS name; the port 3478 when not given, 5349 for turns (TLS over TCP; DTLS is not supported)."""
+    text = _str(url)
+    scheme, colon, rest = text.partition(":")
+    if scheme not in ("turn", "turns") or not colon:
+        raise ValueError(f"{text!r} is not a turn: or turns: URL like turn:198.18.0.2:3478?transport=udp")
+    where, _, query = rest.partition("?")
+    transport = "tls" if scheme == "turns" else "udp"
+    if query:
+        key, eq, val = query.partition("=")
+        allowed = ("tcp",) if scheme == "turns" else ("udp", "tcp")
+        if key != "transport" or not eq or val not in allowed:
+            raise ValueError(f"{text!r}: the only query is " + " or ".join(f"transport={a}" for a in allowed))
+        transport = "tls" if scheme == "turns" else val
+    host, port = _host_port(where, 5349 if scheme == "turns" else 3478)  # RFC 7065 section 3
+    return host, port, transport
 
 
 def _jid(value: Any) -> str:
@@ -280,11 +300,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "listen": (_endpoint, ("127.0.0.1", 9469)),
     },
     "ice": {
-        "stun": (_endpoint_list, ()),
+        "stun": (_server_list, ()),
         "turn": (lambda v: v, ()),  # a list of tables, checked by _turn_servers
     },
 }
-_TURN_KEYS = ("url", "username", "password", "password_file")
+_TURN_KEYS = ("url", "username", "password", "password_file", "ca_file")
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -506,5 +526,14 @@ def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[T
             password = entry["password"] if isinstance(entry["password"], str) else ""
         if not password:
             raise ConfigError(f"{where}: empty password")
-        servers.append(TurnServer(host, port, transport, username, password))
+        ca_file = None
+        if "ca_file" in entry:
+            if transport != "tls":
+                raise ConfigError(f"{where}: ca_file is for a turns: URL (TLS) only")
+            ca_file = str(rel(_str(entry["ca_file"])))
+            try:
+                ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"{where}: ca_file {ca_file}: not a readable PEM certificate file ({e})") from None
+        servers.append(TurnServer(host, port, transport, username, password, ca_file))
     return tuple(servers)

@@ -8,6 +8,7 @@ import pytest
 
 from overlay.config import ConfigError, load_config
 from overlay.trust.groupkey import GroupKey, format_public_key, write_public
+from tests.support.certs import make_server
 
 GOOD = """
 [node]
@@ -96,6 +97,32 @@ def test_an_ice_section_gives_stun_and_turn_servers_over_udp_and_tcp(tmp_path: P
     ]
 
 
+def test_stun_and_turn_servers_may_be_named_and_turns_is_tls_with_its_own_default_port(tmp_path: Path) -> None:
+    ca = make_server(tmp_path / "pki", ["198.18.0.2"]).ca
+    (tmp_path / "ca.pem").write_bytes(ca.read_bytes())
+    ca = tmp_path / "ca.pem"
+    cfg = load_config(
+        write(
+            tmp_path,
+            GOOD
+            + """
+[ice]
+stun = ["stun.example.org:3478", "[2001:db8::2]:3478"]
+turn = [{ url = "turn:turn.example.org", username = "u", password = "p" },
+        { url = "turns:turn.example.org", username = "u", password = "p" },
+        { url = "turns:198.18.0.2:443?transport=tcp", username = "u", password = "p", ca_file = "ca.pem" }]
+""",
+        )
+    )
+    assert cfg.stun == (("stun.example.org", 3478), ("2001:db8::2", 3478))
+    assert [(t.host, t.port, t.transport, t.ca_file) for t in cfg.turn] == [
+        ("turn.example.org", 3478, "udp", None),
+        ("turn.example.org", 5349, "tls", None),
+        ("198.18.0.2", 443, "tls", str(ca)),
+    ]
+    assert cfg.turn[1].describe() == "turns:turn.example.org:5349?transport=tcp"
+
+
 def test_without_an_ice_section_the_node_runs_no_ice(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, GOOD))
     assert not cfg.ice and cfg.stun == () and cfg.turn == ()
@@ -104,8 +131,14 @@ def test_without_an_ice_section_the_node_runs_no_ice(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("ice", "words"),
     [
-        ('[ice]\nstun = ["stun.example:3478"]\n', "[ice] stun"),
-        ('[ice]\nturn = [{ url = "turns:198.18.0.2:5349", username = "u", password = "p" }]\n', "turn:"),
+        ('[ice]\nstun = ["stun.example"]\n', "[ice] stun"),
+        ('[ice]\nstun = ["stun_1.example:3478"]\n', "neither an IP address nor a host name"),
+        ('[ice]\nstun = ["-stun.example:3478"]\n', "neither an IP address nor a host name"),
+        ('[ice]\nstun = ["2001:db8::2:3478"]\n', "brackets"),
+        ('[ice]\nturn = [{ url = "stun:198.18.0.2:3478", username = "u", password = "p" }]\n', "turns:"),
+        ('[ice]\nturn = [{ url = "turns:198.18.0.2?transport=udp", username = "u", password = "p" }]\n', "tcp"),
+        ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u", password = "p", ca_file = "x" }]\n', "ca_file"),
+        ('[ice]\nturn = [{ url = "turns:h.example", username = "u", password = "p", ca_file = "x" }]\n', "PEM"),
         ('[ice]\nturn = [{ url = "turn:198.18.0.2?transport=sctp", username = "u", password = "p" }]\n', "transport"),
         ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u", pasword = "p" }]\n', "pasword"),
         ('[ice]\nturn = [{ url = "turn:198.18.0.2", username = "u", password_file = "nope.pass" }]\n', "nope.pass"),

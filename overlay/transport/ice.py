@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from aioice import Candidate, Connection, stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
 from overlay.transport.paths import DatagramSender, IcePath, IceSettings, TurnPath, UdpPath
+from overlay.transport.servers import Resolved
 from overlay.transport.signals import IceCandidate, IceParams
 from overlay.transport.turn import TurnAllocation
 from overlay.wire import Endpoint
@@ -209,6 +211,8 @@ class IceAgent:
 
     def __post_init__(self) -> None:
         self.local_endpoint = self.underlay.local_endpoint
+        # STUN goes out of the underlay socket: a named server must resolve to an address of its family.
+        self._names = Resolved(socket.AF_INET6 if ":" in self.local_endpoint[0] else socket.AF_INET)
         self._gather_view = _View(self, self._candidate("host", self.local_endpoint[0], self.local_endpoint[1]), None)
         for server in self.settings.turn:
             self.allocations.append(TurnAllocation(server, self.on_relayed_stun, self.on_relay_packet))
@@ -272,8 +276,8 @@ class IceAgent:
         for i, allocation in enumerate(self.allocations):
             if allocation.ready and allocation.relayed is not None:
                 host, port = allocation.relayed
-                # Prefer relays over UDP to relays over TCP (RFC 8445 5.1.2.1: local preference).
-                pref = 65535 - i - (1000 if allocation.server.transport == "tcp" else 0)
+                # Prefer relays over UDP to relays over TCP or TLS (RFC 8445 5.1.2.1: local preference).
+                pref = 65535 - i - (1000 if allocation.server.transport != "udp" else 0)
                 out.append((allocation, self._candidate("relay", host, port, pref, base=allocation.server.host)))
         return out
 
@@ -338,9 +342,15 @@ class IceAgent:
     async def _ask_stun(self, server: Endpoint) -> None:
         request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
         try:
-            response, _ = await self._gather_view.request(request, server, retransmissions=STUN_TIMEOUT_TRIES)
+            address = await self._names.address(server, self._now)
+            response, _ = await self._gather_view.request(request, address, retransmissions=STUN_TIMEOUT_TRIES)
+        except OSError as e:
+            self.count("stun server names not resolved")
+            log.warning("STUN server %s:%d: %s; asking again in %.0f s", *server, e, SRFLX_REFRESH)
+            return
         except stun.TransactionError:
             self.count("stun requests unanswered")
+            self._names.forget(server)
             return
         finally:
             self._first_round.discard(server)

@@ -20,12 +20,16 @@ if TYPE_CHECKING:
 class TurnServer:
     host: str
     port: int
-    transport: str  # "udp" or "tcp"
+    transport: str  # "udp", "tcp" or "tls" (a turns: URL)
     username: str
     password: str
+    ca_file: str | None = None  # TLS: the certificates to trust instead of the system's (a private CA)
 
     def describe(self) -> str:
-        return f"turn:{self.host}:{self.port}?transport={self.transport}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.transport == "tls":
+            return f"turns:{host}:{self.port}?transport=tcp"
+        return f"turn:{host}:{self.port}?transport={self.transport}"
 
 
 class TurnPath:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel
 
 from overlay.transport.chunks import Reassembly
 from overlay.transport.paths import TurnPath, TurnServer
+from overlay.transport.servers import resolve
 from overlay.wire import Endpoint, PacketType
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ class TurnAllocation:
         self._paths: dict[Endpoint, TurnPath] = {}
         self._next_channel = CHANNEL_FIRST
         self._send_raw: Callable[[bytes], None] = lambda data: None
+        self._address: Endpoint = (server.host, server.port)  # UDP: where the name resolved at the allocation
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -124,12 +127,17 @@ class TurnAllocation:
         """Create the allocation; raises OSError/ConnectionError/stun.TransactionError when it cannot."""
         loop = self._loop = asyncio.get_running_loop()
         s = self.server
-        address = (s.host, s.port)
-        if s.transport == "tcp":
+        if s.transport in ("tcp", "tls"):
+            # RFC 7065: turns: is TURN over TLS over TCP, framed as over TCP. The certificate must name the
+            # URL's host (an address needs it as an IP address SAN); `ca_file` replaces the system's trust store.
+            tls = ssl.create_default_context(cafile=s.ca_file) if s.transport == "tls" else None
+            address = (s.host, s.port)
             _, proto = await loop.create_connection(
                 lambda: _TcpTurnProtocol(address, s.username, s.password, ALLOCATION_LIFETIME, int(CHANNEL_REFRESH)),
                 host=s.host,
                 port=s.port,
+                ssl=tls,
+                server_hostname=s.host if tls is not None else None,
             )
             proto.owner = self
             self._proto = proto
@@ -140,7 +148,9 @@ class TurnAllocation:
 
             self._send_raw = send_tcp
         else:
-            sock = self._sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_DGRAM)
+            address = self._address = await resolve((s.host, s.port))
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            sock = self._sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.setblocking(False)
@@ -223,7 +233,7 @@ class TurnAllocation:
             if len(data) >= 4 and is_channel_data(data):
                 self.on_channel_data(data)
             else:
-                proto.datagram_received(data, (self.server.host, self.server.port))
+                proto.datagram_received(data, self._address)
 
     def on_channel_data(self, data: bytes) -> None:
         channel, length = _CHANNEL_HEADER.unpack_from(data)

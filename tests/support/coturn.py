@@ -21,6 +21,7 @@ from types import TracebackType
 from tests.support.natlab import REPO, Address, probe_argv, probe_here
 
 PORT = 3478  # RFC 8489 §18.6 / RFC 8656 §19: the default port for STUN and TURN over UDP and TCP
+TLS_PORT = 5349  # RFC 8489 §18.6 / RFC 8656 §19: the default port for STUN and TURN over TLS
 USERNAME = "u"
 PASSWORD = "p"
 REALM = "lab.test"
@@ -41,7 +42,8 @@ def peer_range(network: str) -> str:
 
 
 class CoturnServer:
-    """One `turnserver` on `addresses` (UDP and TCP, port `port`), long-term credentials, no TLS/DTLS, no CLI.
+    """One `turnserver` on `addresses` (UDP and TCP, port `port`; TLS on `tls_port` when given a certificate),
+    long-term credentials, no DTLS, no CLI.
 
     `start()`/`stop()`, or a context manager. A namespace deleted under a running server does not stop it:
     whoever starts one stops it.
@@ -63,6 +65,9 @@ class CoturnServer:
         password: str = PASSWORD,
         realm: str = REALM,
         relay_threads: int = 1,
+        tls: tuple[Path, Path] | None = None,
+        tls_port: int = TLS_PORT,
+        loopback_peers: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("coturn needs at least one listening address")
@@ -75,6 +80,9 @@ class CoturnServer:
         self.password = password
         self.realm = realm
         self.relay_threads = relay_threads
+        self.tls = tls  # (certificate, private key) in PEM: also listen for TURN over TLS on `tls_port`
+        self.tls_port = tls_port
+        self.loopback_peers = loopback_peers  # relay between allocations on 127.0.0.1 (a test with no namespaces)
         self.log_file = self.workdir / "turnserver.log"
         self.pid_file = self.workdir / "turnserver.pid"
         self._stdout = self.workdir / "turnserver.stdout"
@@ -107,7 +115,7 @@ class CoturnServer:
             "--listening-port", str(self.port),
             "--relay-threads", str(self.relay_threads),
             "--lt-cred-mech", "--user", f"{self.username}:{self.password}", "--realm", self.realm,
-            "--no-tls", "--no-dtls", "--no-cli",
+            "--no-dtls", "--no-cli",
             # With two listening addresses coturn turns on RFC 5780 NAT discovery, which also listens on
             # port+1 and answers from other addresses; the lab measures NAT behaviour with plain Binding.
             "--no-rfc5780",
@@ -120,6 +128,13 @@ class CoturnServer:
             f"--denied-peer-ip={ALL_IPV4}", f"--denied-peer-ip={ALL_IPV6}",
         ]  # fmt: skip
         argv += [f"--allowed-peer-ip={peer_range(n)}" for n in self.allowed_peers]
+        if self.loopback_peers:
+            argv.append("--allow-loopback-peers")
+        if self.tls is None:
+            argv.append("--no-tls")
+        else:
+            cert, key = self.tls
+            argv += ["--tls-listening-port", str(self.tls_port), "--cert", str(cert), "--pkey", str(key)]
         return argv
 
     def _wrap(self, argv: list[str]) -> list[str]:

@@ -1,0 +1,206 @@
+"""STUN and TURN servers by name, and TURN over TLS (turns:), against a real coturn on loopback.
+
+The ICE agent asks a STUN server by name from the node's own socket and allocates on coturn's TLS listener with
+a private CA (`ca_file`); link packets cross between a TLS and a UDP allocation on channels; a certificate from
+another CA is refused and the allocation fails as a down server's would; `ipop-overlay check` says which. No
+namespaces: every packet stays on 127.0.0.1. The names are answered here (`getaddrinfo` replaced): NAME resolves
+to 127.0.0.1 and any `.invalid` name fails, with no query to the machine's resolver and no dependence on its
+/etc/hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from overlay.check import check_stun, check_tls
+from overlay.transport.ice import IceAgent
+from overlay.transport.paths import IceSettings, TurnServer
+from overlay.transport.servers import Resolved, is_address, resolve
+from overlay.transport.turn import TurnAllocation
+from overlay.transport.underlay import UdpUnderlay
+from tests.support.certs import make_server
+from tests.support.coturn import PASSWORD, USERNAME, CoturnServer
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("turnserver") is None, reason="coturn (turnserver) is not installed"),
+]
+
+
+NAME = "turn.lab.test"
+
+
+@pytest.fixture(autouse=True)
+def names(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host == NAME:
+            return real("127.0.0.1", port, *args, **kwargs)  # type: ignore[arg-type]
+        if isinstance(host, str) and host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if isinstance(host, str) and not is_address(host):
+            raise AssertionError(f"the test asked the resolver for {host}")
+        return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def coturn(tmp_path_factory: pytest.TempPathFactory) -> object:
+    work = tmp_path_factory.mktemp("coturn-tls")
+    files = make_server(work / "pki", [NAME, "127.0.0.1"])
+    server = CoturnServer(
+        work,
+        ["127.0.0.1"],
+        allowed_peers=["127.0.0.1/32"],
+        port=free_port(socket.SOCK_DGRAM),
+        tls=(files.cert, files.key),
+        tls_port=free_port(socket.SOCK_STREAM),
+        loopback_peers=True,
+    )
+    with server:
+        yield server, files
+    assert server.pid is None
+
+
+def allocate(server: TurnServer) -> tuple[str, int]:
+    async def run() -> tuple[str, int]:
+        alloc = TurnAllocation(server, lambda *a: None, lambda *a: None)
+        try:
+            return await asyncio.wait_for(alloc.allocate(), 10.0)
+        finally:
+            await alloc.close()
+
+    return asyncio.run(run())
+
+
+def test_turn_over_tls_allocates_with_the_private_ca_by_name_and_by_address(coturn: tuple) -> None:
+    server, files = coturn
+    for host in (NAME, "127.0.0.1"):
+        relayed = allocate(TurnServer(host, server.tls_port, "tls", USERNAME, PASSWORD, str(files.ca)))
+        assert relayed[0] == "127.0.0.1" and 49152 <= relayed[1] <= 49215, relayed
+
+
+def test_link_packets_cross_between_a_tls_and_a_udp_allocation_on_channels(coturn: tuple) -> None:
+    server, files = coturn
+
+    async def run() -> tuple[list[bytes], list[bytes]]:
+        got: dict[str, list[bytes]] = {"tls": [], "udp": []}
+        ends = {
+            kind: TurnAllocation(
+                TurnServer(NAME, port, kind, USERNAME, PASSWORD, str(files.ca) if kind == "tls" else None),
+                lambda *a: None,
+                lambda data, path, kind=kind: got[kind].append(bytes(data)),
+            )
+            for kind, port in (("tls", server.tls_port), ("udp", server.port))
+        }
+        try:
+            for end in ends.values():
+                await asyncio.wait_for(end.allocate(), 10.0)
+            tls, udp = ends["tls"], ends["udp"]
+            assert tls.relayed is not None and udp.relayed is not None
+            big = bytes([0x80]) + bytes(range(256)) * 4  # a link packet (first byte >= 0x80, overlay/wire.py)
+            for _ in range(50):  # each side's first sends wait for its channel binding (the peer's permission)
+                tls.send_to_peer(b"\x80from tls", udp.relayed)
+                udp.send_to_peer(big, tls.relayed)
+                await asyncio.sleep(0.1)
+                if got["tls"] and got["udp"]:
+                    break
+            return got["tls"], got["udp"]
+        finally:
+            for end in ends.values():
+                await end.close()
+
+    at_tls, at_udp = asyncio.run(run())
+    assert at_udp and set(at_udp) == {b"\x80from tls"}
+    assert at_tls and set(at_tls) == {bytes([0x80]) + bytes(range(256)) * 4}
+
+
+def test_a_certificate_from_another_ca_is_refused_and_check_says_so(coturn: tuple, tmp_path: Path) -> None:
+    server, files = coturn
+    other = make_server(tmp_path, [NAME], label="other")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        allocate(TurnServer(NAME, server.tls_port, "tls", USERNAME, PASSWORD, str(other.ca)))
+    bad = check_tls("turn server (tls)", NAME, server.tls_port, str(other.ca), 5.0)
+    assert not bad.ok and "certificate not accepted" in bad.detail and str(other.ca) in bad.detail, bad
+    good = check_tls("turn server (tls)", NAME, server.tls_port, str(files.ca), 5.0)
+    assert good.ok, good
+    # A listener that speaks something else (coturn's own ports take TLS too, once it has a certificate).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        plain = check_tls("turn server (tls)", "127.0.0.1", listener.getsockname()[1], str(files.ca), 5.0)
+        thread.join(5.0)
+    assert not plain.ok and "TLS: handshake failed" in plain.detail, plain
+
+
+def test_a_udp_turn_server_and_a_stun_server_by_name(coturn: tuple) -> None:
+    server, _ = coturn
+    relayed = allocate(TurnServer(NAME, server.port, "udp", USERNAME, PASSWORD))
+    assert relayed[0] == "127.0.0.1"
+    answered = check_stun("stun server", (NAME, server.port), 5.0)
+    assert answered.ok and "127.0.0.1" in answered.detail, answered
+    unknown = check_stun("stun server", ("no-such-host.invalid", server.port), 5.0)
+    assert not unknown.ok and "cannot resolve no-such-host.invalid" in unknown.detail, unknown
+
+
+def test_the_ice_agent_asks_a_named_stun_server_and_allocates_over_tls(coturn: tuple) -> None:
+    server, files = coturn
+
+    async def run() -> None:
+        underlay = UdpUnderlay(("127.0.0.1", 0))
+        settings = IceSettings(
+            stun=((NAME, server.port), ("no-such-host.invalid", server.port)),
+            turn=(TurnServer(NAME, server.tls_port, "tls", USERNAME, PASSWORD, str(files.ca)),),
+        )
+        agent = IceAgent(settings, underlay, lambda data, path: None)
+        underlay.on_stun = agent.on_stun
+        underlay.start(lambda data, source: None)
+        try:
+            agent.start(time.monotonic())
+            await agent.gathered()
+            assert agent._srflx == {(NAME, server.port): underlay.local_endpoint}
+            assert agent.counters.get("stun server names not resolved") == 1
+            assert agent.has_relay and agent.allocations[0].relayed is not None
+            assert agent.allocations[0].relayed[0] == "127.0.0.1"
+        finally:
+            await agent.close()
+            underlay.close()
+
+    asyncio.run(run())
+
+
+def test_names_resolve_once_per_interval_and_again_when_forgotten() -> None:
+    async def run() -> None:
+        names = Resolved(socket.AF_INET)
+        assert await names.address((NAME, 3478), 0.0) == ("127.0.0.1", 3478)
+        names._cache[(NAME, 3478)] = (("127.0.0.9", 3478), 0.0)  # as if the name had moved since
+        assert await names.address((NAME, 3478), 10.0) == ("127.0.0.9", 3478)  # cached
+        names.forget((NAME, 3478))
+        assert await names.address((NAME, 3478), 20.0) == ("127.0.0.1", 3478)
+        assert await names.address(("198.18.0.2", 3478), 0.0) == ("198.18.0.2", 3478)  # an address as it is
+        with pytest.raises(OSError, match=r"cannot resolve no-such-host\.invalid"):
+            await resolve(("no-such-host.invalid", 3478))
+
+    asyncio.run(run())
