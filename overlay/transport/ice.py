@@ -208,6 +208,7 @@ class IceAgent:
     _now: float = 0.0  # the clock of the latest tick
     _checking: set[int] = field(default_factory=set)  # allocations whose Refresh check is out
     _first_round: set[Any] = field(default_factory=set)  # STUN servers and TURN allocations not answered yet
+    _unresolved: set[Endpoint] = field(default_factory=set)  # STUN servers whose names did not resolve last time
 
     def __post_init__(self) -> None:
         self.local_endpoint = self.underlay.local_endpoint
@@ -343,11 +344,18 @@ class IceAgent:
         request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
         try:
             address = await self._names.address(server, self._now)
-            response, _ = await self._gather_view.request(request, address, retransmissions=STUN_TIMEOUT_TRIES)
         except OSError as e:
+            self._first_round.discard(server)
             self.count("stun server names not resolved")
-            log.warning("STUN server %s:%d: %s; asking again in %.0f s", *server, e, SRFLX_REFRESH)
+            if server not in self._unresolved:  # once until it resolves again, not every round
+                self._unresolved.add(server)
+                log.warning("STUN server %s:%d: %s; asking again every %.0f s", *server, e, SRFLX_REFRESH)
             return
+        if server in self._unresolved:
+            self._unresolved.discard(server)
+            log.info("STUN server %s:%d resolves again: %s", *server, address[0])
+        try:
+            response, _ = await self._gather_view.request(request, address, retransmissions=STUN_TIMEOUT_TRIES)
         except stun.TransactionError:
             self.count("stun requests unanswered")
             self._names.forget(server)
