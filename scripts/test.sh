@@ -8,4 +8,5 @@ export IPOP_REQUIRE_INTEGRATION=1  # a missing prerequisite fails the run instea
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -p no:cacheprovider -q "$@"
+# The slowest tests with their times: what to look at when the suite nears its 20-minute budget.
+exec .venv/bin/python -m pytest -p no:cacheprovider -q --durations=20 "$@"

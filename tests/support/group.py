@@ -34,6 +34,7 @@ from overlay.config import resolve_address6
 from overlay.control import ControlError, query
 from overlay.identity import Identity
 from overlay.ids import format_id, parse_id, ring_distance
+from tests.support.certs import ServerFiles, make_server
 from tests.support.coturn import CoturnServer
 from tests.support.ejabberd import EjabberdServer, missing_ejabberd
 from tests.support.netlab import Host, NetLab
@@ -137,6 +138,7 @@ class Group:
         placement: Sequence[str | None] | None = None,
         turn: bool = False,
         ice: bool = False,
+        turn_tls: bool = False,
         node_extra: str = "",
         trust: bool = False,
         auto_address: Iterable[int] = (),
@@ -161,6 +163,10 @@ class Group:
             raise ValueError("ice=True names the coturn servers: it needs turn=True")
         self.turn = turn
         self.ice = ice
+        # coturn also listens for TLS, with a certificate from a CA of the lab's own, and `ice_config` names it
+        # as the only TURN server: turns: with that CA as `ca_file`.
+        self.turn_tls = turn_tls
+        self.turn_ca: ServerFiles | None = None
         self.node_extra = node_extra  # TOML appended to every member's config (e.g. an [overlay] section)
         # With certificates: `group init` makes the group key, member 0 owns the room and is the issuer, every
         # config pins the key; members in `auto_address` leave [vnic] address out and get one from the issuer.
@@ -254,6 +260,10 @@ class Group:
         tell an endpoint-independent mapping from a symmetric one), relaying only to public lab addresses."""
         self.turn_host = self.lab.add_host("turn")
         second = self.lab.add_address(self.turn_host)
+        tls = None
+        if self.turn_tls:
+            self.turn_ca = make_server(self.workdir / "pki", [self.turn_host.address, second], label="coturn")
+            tls = (self.turn_ca.cert, self.turn_ca.key)
         self.coturn = CoturnServer(
             self.workdir / "coturn",
             [self.turn_host.address, second],
@@ -261,19 +271,30 @@ class Group:
             netns=self.turn_host.netns,
             username=TURN_USERNAME,
             password=TURN_PASSWORD,
+            tls=tls,
         )
         self.coturn.start()
-        self.say(f"coturn (STUN, TURN over UDP and TCP) at {self.turn_host.address} and {second}:{self.coturn.port}")
+        what = "TURN over UDP, TCP and TLS" if tls else "TURN over UDP and TCP"
+        self.say(f"coturn (STUN, {what}) at {self.turn_host.address} and {second}:{self.coturn.port}")
 
     @property
     def ice_config(self) -> str:
         """The `[ice]` section a member's config gets with `ice=True`: coturn's two STUN servers, and its TURN
-        server over UDP (password inline) and over TCP (password in `turn.pass` beside the config)."""
+        server over UDP (password inline) and over TCP (password in `turn.pass` beside the config); with
+        `turn_tls`, its TURN server over TLS only, trusted through the lab's CA."""
         if self.coturn is None:
             raise ValueError("the group has no coturn: build it with turn=True")
         c = self.coturn
         stun = ", ".join(f'"{address}:{port}"' for address, port in c.servers)
         user = f'username = "{c.username}"'
+        if self.turn_ca is not None:
+            url = f"turns:{c.addresses[0]}:{c.tls_port}"
+            return (
+                "[ice]\n"
+                f"stun = [{stun}]\n"
+                f'turn = [{{ url = "{url}", {user}, password_file = "{TURN_PASSWORD_FILE}", '
+                f'ca_file = "{self.turn_ca.ca}" }}]\n'
+            )
         return (
             "[ice]\n"
             f"stun = [{stun}]\n"
