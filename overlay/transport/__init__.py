@@ -7,7 +7,7 @@ node's process: +3.27 MiB, +0.53 MiB without it; 2026-12-06). mDNS candidates
 a signal's candidates are decoded as IP addresses (signals.py), so aioice's only calls into the module,
 `is_mdns_hostname` on a remote candidate, answer False and it never opens an mDNS socket. A stand-in with those
 answers takes the module's place, unless aioice was imported before this package (then it stays as it is).
-tests/test_ice.py checks that every name aioice takes from the module is here.
+tests/test_aioice.py checks that every name aioice takes from the module is here.
 """
 
 from __future__ import annotations
