@@ -326,7 +326,9 @@ class LinkSetup:
         session = self.agent.session(controlling=True, relay=phase == 2)
         att.ice, att.ice_phase, att.ice_state, att.ice_since = session, phase, "offered", now
         kind = SignalType.OFFER_RELAY if phase == 2 else SignalType.OFFER
-        signal = Signal(kind, att.number, self.contact_source(), session.params(), direct_only=not att.tunnel)
+        # DIRECT_ONLY matters to a peer that calls back (one without ICE): never for a link it already has.
+        direct_only = not att.tunnel and not att.restart
+        signal = Signal(kind, att.number, self.contact_source(), session.params(), direct_only=direct_only)
         log.debug("attempt %d to %016x: ICE phase %d offered", att.number, att.peer_id, phase)
         self.count(f"ice offers: phase {phase}")
         att.offer, att.offered_at = signal, now

@@ -13,6 +13,8 @@ import pytest
 
 from overlay import ondemand
 from overlay.ondemand import HYSTERESIS, MAX_ON_DEMAND, OPEN_AFTER, RETRY_AFTER, OnDemand, Open, Release
+from overlay.transport.signals import Signal, SignalType
+from tests.support.fakeice import FakeAgent
 from tests.support.group import Group, missing_prerequisites, printed_id
 from tests.support.memgroup import MemoryGroup
 from tests.support.views import one_ring, overlays, statuses
@@ -155,6 +157,35 @@ def test_an_on_demand_link_whose_direct_path_fails_is_no_tunnel_at_either_end_an
                     break
             link = na.links.links.get(nb.id)
             assert link is not None and link.relay is None and na.counters.get("on-demand switches") == 1
+        finally:
+            await g.stop()
+
+    asyncio.run(scenario())
+
+
+def test_only_an_on_demand_offer_says_direct_only_with_or_without_ice() -> None:
+    # A joiner's offer over XMPP may end in a tunnel; an ICE restart is for a link the peer already has, where
+    # the flag means nothing (and a peer from before it would drop the offer as malformed).
+    async def scenario() -> None:
+        g = MemoryGroup(seed=6)
+        try:
+            for _ in range(2):
+                await g.add_node()
+            assert await g.wait_for(lambda: all(len(n.links.links) == 1 for n in g.nodes), 10.0)
+            a, b = g.nodes
+            setup = a.links.setup
+            sent: list[Signal] = []
+            assert setup.offer(0x1111, sent.append, xmpp=False) is not None  # no ICE: "link to me"
+            setup.agent = FakeAgent()  # type: ignore[assignment]
+            assert setup.offer(0x2222, sent.append, xmpp=False) is not None
+            hello = setup.offer(0x3333, sent.append, xmpp=True)  # travels in an XMPP hello, not through `sent`
+            setup.restart(b.identity.public_key, sent.append)
+            assert hello is not None and not hello.direct_only
+            assert [(s.type, s.ice is not None, s.direct_only) for s in sent] == [
+                (SignalType.OFFER, False, True),
+                (SignalType.OFFER, True, True),
+                (SignalType.OFFER, True, False),
+            ]
         finally:
             await g.stop()
 

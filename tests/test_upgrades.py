@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.transport.paths import UdpPath
-from overlay.transport.signals import IceParams
 from overlay.upgrades import UPGRADE_AFTER, UPGRADE_MAX, PathUpgrades
+from tests.support.fakeice import FakeAgent
 from tests.support.memgroup import MemoryGroup
 
 
@@ -58,35 +58,6 @@ def test_no_peer_is_offered_twice_within_the_first_interval(steps: list[tuple[fl
         for peer in list(last):
             if peer not in tunnels:
                 del last[peer]  # it left the tunnel: its schedule starts again
-
-
-class FakeSession:
-    """An ICE session whose checks find no pair (the peers' NATs let nothing through)."""
-
-    def __init__(self, relay: bool) -> None:
-        self.relay = relay
-
-    def params(self) -> IceParams:
-        return IceParams("abcdefgh", "p" * 22, ())
-
-    async def establish(self, remote: IceParams, timeout: float) -> None:
-        await asyncio.sleep(0.05)
-        return None
-
-    async def close(self) -> None:
-        pass
-
-
-class FakeAgent:
-    def __init__(self) -> None:
-        self.sessions: list[FakeSession] = []
-
-    def session(self, controlling: bool, *, relay: bool) -> FakeSession:
-        self.sessions.append(FakeSession(relay))
-        return self.sessions[-1]
-
-    def gathering(self, now: float) -> bool:
-        return False
 
 
 @pytest.mark.parametrize("upgrade", [True, False], ids=["relay-upgrade", "ice-restart"])
