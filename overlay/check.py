@@ -163,15 +163,19 @@ def check_tcp(what: str, host: str, port: int, timeout: float) -> Check:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
-    except socket.gaierror as e:
-        return Check(False, what, f"unreachable: cannot resolve {host} ({e.strerror})")
-    except TimeoutError:
-        return Check(False, what, f"unreachable: no answer within {timeout:g} s (down, or a firewall drops it)")
-    except ConnectionRefusedError:
-        return Check(False, what, f"unreachable: connection refused (nothing listens on tcp port {port})")
     except OSError as e:
-        return Check(False, what, f"unreachable: {e.strerror or e}")
+        return Check(False, what, _tcp_failure(e, host, port, timeout))
     return Check(True, what, f"reachable ({_ms(start)})")
+
+
+def _tcp_failure(e: OSError, host: str, port: int, timeout: float) -> str:
+    if isinstance(e, socket.gaierror):
+        return f"unreachable: cannot resolve {host} ({e.strerror})"
+    if isinstance(e, TimeoutError):
+        return f"unreachable: no answer within {timeout:g} s (down, or a firewall drops it)"
+    if isinstance(e, ConnectionRefusedError):
+        return f"unreachable: connection refused (nothing listens on tcp port {port})"
+    return f"unreachable: {e.strerror or e}"
 
 
 def check_tls(what: str, host: str, port: int, ca_file: str | None, timeout: float) -> Check:
@@ -184,8 +188,6 @@ def check_tls(what: str, host: str, port: int, ca_file: str | None, timeout: flo
         with socket.create_connection((host, port), timeout=timeout) as raw:
             with context.wrap_socket(raw, server_hostname=host):
                 pass
-    except socket.gaierror as e:
-        return Check(False, what, f"unreachable: cannot resolve {host} ({e.strerror})")
     except ssl.SSLCertVerificationError as e:
         trust = (
             f"the certificates in {ca_file}" if ca_file else "the system's certificates (set ca_file for a private CA)"
@@ -193,12 +195,8 @@ def check_tls(what: str, host: str, port: int, ca_file: str | None, timeout: flo
         return Check(False, what, f"TLS: certificate not accepted ({e.verify_message}; trusted: {trust})")
     except ssl.SSLError as e:
         return Check(False, what, f"TLS: handshake failed ({e.reason or e}): is it a TLS listener?")
-    except TimeoutError:
-        return Check(False, what, f"unreachable: no answer within {timeout:g} s (down, or a firewall drops it)")
-    except ConnectionRefusedError:
-        return Check(False, what, f"unreachable: connection refused (nothing listens on tcp port {port})")
     except OSError as e:
-        return Check(False, what, f"unreachable: {e.strerror or e}")
+        return Check(False, what, _tcp_failure(e, host, port, timeout))
     return Check(True, what, f"TLS handshake done, certificate accepted ({_ms(start)})")
 
 

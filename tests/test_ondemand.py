@@ -87,15 +87,21 @@ def test_a_link_made_meanwhile_to_a_hot_destination_is_taken_as_on_demand_up_to_
     assert not full.linked(7, 0)  # at the cap: the link keeps the role it was made for
 
 
+async def ring_of_twelve(g: MemoryGroup) -> list[tuple[int, int]]:
+    """Twelve nodes in `g` with their ring formed; every ordered pair of them, in one fixed shuffled order."""
+    for _ in range(12):
+        await g.add_node()
+    assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+    pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
+    random.Random(5).shuffle(pairs)
+    return pairs
+
+
 def test_traffic_between_two_relayed_nodes_moves_to_a_direct_link() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=23, on_demand_rate=2_000.0)
         try:
-            for _ in range(12):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
-            pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
-            random.Random(5).shuffle(pairs)
+            pairs = await ring_of_twelve(g)
             for a, b in pairs:
                 if g.nodes[b].id in g.nodes[a].links.links:
                     continue
@@ -135,11 +141,7 @@ def test_an_on_demand_link_whose_direct_path_fails_is_no_tunnel_at_either_end_an
     async def scenario() -> None:
         g = MemoryGroup(seed=23, on_demand_rate=2_000.0)
         try:
-            for _ in range(12):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
-            pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
-            random.Random(5).shuffle(pairs)
+            pairs = await ring_of_twelve(g)
             a, b = next((i, j) for i, j in pairs if g.nodes[j].id not in g.nodes[i].links.links)
             na, nb = g.nodes[a], g.nodes[b]
             assert await g.reach([(a, b)], 15.0) == []
