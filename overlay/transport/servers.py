@@ -16,7 +16,7 @@ import socket
 
 from overlay.wire import Endpoint
 
-RESOLVE_TIMEOUT = 10.0  # our choice: above glibc's default of 5 s per server and 2 tries for one server
+RESOLVE_TIMEOUT = 10.0  # our choice: glibc's default for one name server (resolv.conf(5): 2 tries of 5 s)
 RESOLVE_EVERY = 300.0  # our choice: a moved server is followed within minutes; ~1 lookup per server per node
 
 # RFC 1123 section 2.1 host names: dot-separated labels of letters, digits and hyphens, 1-63 characters, no
