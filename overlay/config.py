@@ -20,7 +20,7 @@ from overlay.ids import derived_address6
 from overlay.routing.ring import RingParams
 from overlay.tap.vnic import check_address6
 from overlay.transport.paths import IceSettings, TurnServer
-from overlay.transport.servers import server_host
+from overlay.transport.servers import parse_server, parse_turn_url
 from overlay.wire import Endpoint
 
 
@@ -129,53 +129,13 @@ def _endpoint(value: Any) -> Endpoint:
 
 def _server(value: Any) -> Endpoint:
     """A STUN server, "HOST:PORT": an IP address (IPv6 in brackets) or a DNS name (overlay/transport/servers.py)."""
-    return _host_port(_str(value), None)
+    return parse_server(_str(value))
 
 
 def _server_list(value: Any) -> tuple[Endpoint, ...]:
     if not isinstance(value, list):
         raise ValueError('expected a list like ["198.18.0.2:3478", "stun.example.org:3478"]')
     return tuple(_server(v) for v in value)
-
-
-def _host_port(text: str, default_port: int | None) -> tuple[str, int]:
-    if text.startswith("["):
-        host, _, tail = text[1:].partition("]")
-        ipaddress.IPv6Address(host)
-        port = tail[1:] if tail.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    elif ":" in text:
-        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, like [2001:db8::1]:3478")
-    else:
-        host, port = text, ""
-    if not port:
-        if default_port is None:
-            raise ValueError(f'{text!r}: expected "host:port"')
-        port = str(default_port)
-    p = int(port)
-    if not 0 < p <= 65535:
-        raise ValueError(f"{text!r}: port out of range")
-    return server_host(host), p
-
-
-def _turn_url(url: Any) -> tuple[str, int, str]:
-    """turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065): HOST an IP address
-    or a DNS name; the port 3478 when not given, 5349 for turns (TLS over TCP; DTLS is not supported)."""
-    text = _str(url)
-    scheme, colon, rest = text.partition(":")
-    if scheme not in ("turn", "turns") or not colon:
-        raise ValueError(f"{text!r} is not a turn: or turns: URL like turn:198.18.0.2:3478?transport=udp")
-    where, _, query = rest.partition("?")
-    transport = "tls" if scheme == "turns" else "udp"
-    if query:
-        key, eq, val = query.partition("=")
-        allowed = ("tcp",) if scheme == "turns" else ("udp", "tcp")
-        if key != "transport" or not eq or val not in allowed:
-            raise ValueError(f"{text!r}: the only query is " + " or ".join(f"transport={a}" for a in allowed))
-        transport = "tls" if scheme == "turns" else val
-    host, port = _host_port(where, 5349 if scheme == "turns" else 3478)  # RFC 7065 section 3
-    return host, port, transport
 
 
 def _jid(value: Any) -> str:
@@ -514,7 +474,7 @@ def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[T
             if key not in _TURN_KEYS:
                 raise ConfigError(f"{where}: unknown key {key}{_suggest(key, list(_TURN_KEYS))}")
         try:
-            host, port, transport = _turn_url(entry.get("url"))
+            host, port, transport = parse_turn_url(_str(entry.get("url")))
             username = _str(entry.get("username"))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None

@@ -1,4 +1,4 @@
-"""STUN and TURN servers named by address or by DNS name.
+"""STUN and TURN servers named by address or by DNS name: as `[ice]` writes them, and resolved.
 
 A name is resolved when it is used, not when the configuration is read: a node may start before its resolver
 answers (a laptop joining a network), and a server may move to another address. STUN servers are asked every
@@ -38,6 +38,47 @@ def server_host(host: str) -> str:
     if is_address(host) or _HOSTNAME.fullmatch(host):
         return host
     raise ValueError(f"{host!r} is neither an IP address nor a host name")
+
+
+def parse_server(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """A server written HOST[:PORT] (the port required without `default_port`): HOST an IP address, IPv6 in
+    brackets, or a DNS name; ValueError naming what is wrong."""
+    if text.startswith("["):
+        host, _, tail = text[1:].partition("]")
+        ipaddress.IPv6Address(host)
+        port = tail[1:] if tail.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, like [2001:db8::1]:3478")
+    else:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f'{text!r}: expected "host:port"')
+        port = str(default_port)
+    p = int(port)
+    if not 0 < p <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return server_host(host), p
+
+
+def parse_turn_url(text: str) -> tuple[str, int, str]:
+    """turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp] (RFC 7065) as (host, port,
+    transport "udp", "tcp" or "tls"): the port 3478 when not given, 5349 for turns (TLS over TCP; no DTLS)."""
+    scheme, colon, rest = text.partition(":")
+    if scheme not in ("turn", "turns") or not colon:
+        raise ValueError(f"{text!r} is not a turn: or turns: URL like turn:198.18.0.2:3478?transport=udp")
+    where, _, query = rest.partition("?")
+    transport = "tls" if scheme == "turns" else "udp"
+    if query:
+        key, eq, val = query.partition("=")
+        allowed = ("tcp",) if scheme == "turns" else ("udp", "tcp")
+        if key != "transport" or not eq or val not in allowed:
+            raise ValueError(f"{text!r}: the only query is " + " or ".join(f"transport={a}" for a in allowed))
+        transport = "tls" if scheme == "turns" else val
+    host, port = parse_server(where, 5349 if scheme == "turns" else 3478)  # RFC 7065 section 3
+    return host, port, transport
 
 
 async def resolve(server: Endpoint, family: int = socket.AF_UNSPEC) -> Endpoint:
