@@ -16,7 +16,7 @@ from overlay.ondemand import HYSTERESIS, MAX_ON_DEMAND, OPEN_AFTER, RETRY_AFTER,
 from overlay.transport.signals import Signal, SignalType
 from tests.support.fakeice import FakeAgent
 from tests.support.group import Group, missing_prerequisites, printed_id
-from tests.support.memgroup import MemoryGroup
+from tests.support.memgroup import MemoryGroup, linked_pair
 from tests.support.views import one_ring, overlays, statuses
 
 RATE = 10_000.0
@@ -79,7 +79,8 @@ def test_a_link_made_meanwhile_to_a_hot_destination_is_taken_as_on_demand_up_to_
     assert od.tick(1.0, lambda p: None) == []
     assert od.linked(7, 0) and 7 in od.links
     assert not od.linked(8, 0) and 8 not in od.links
-    assert [a for t in (2.0, 3.0, 4.0) for a in feed(od, t, 7, 0, {7: 0})] == []  # linked: nothing asked
+    # Taken as on demand, it is watched like one it asked for: released once quiet for the idle time.
+    assert [a for t in range(2, 14) for a in od.tick(float(t), {7: 0}.get)] == [Release(7)]
     full = OnDemand(RATE)
     full.links = {p: -1.0 for p in range(100, 100 + MAX_ON_DEMAND)}
     full.tick(0.0, lambda p: None)
@@ -169,12 +170,8 @@ def test_only_an_on_demand_offer_says_direct_only_with_or_without_ice() -> None:
     # A joiner's offer over XMPP may end in a tunnel; an ICE restart is for a link the peer already has, where
     # the flag means nothing (and a peer from before it would drop the offer as malformed).
     async def scenario() -> None:
-        g = MemoryGroup(seed=6)
+        a, b, _, _ = await linked_pair(False, False)
         try:
-            for _ in range(2):
-                await g.add_node()
-            assert await g.wait_for(lambda: all(len(n.links.links) == 1 for n in g.nodes), 10.0)
-            a, b = g.nodes
             setup = a.links.setup
             sent: list[Signal] = []
             assert setup.offer(0x1111, sent.append, xmpp=False) is not None  # no ICE: "link to me"
@@ -189,7 +186,8 @@ def test_only_an_on_demand_offer_says_direct_only_with_or_without_ice() -> None:
                 (SignalType.OFFER, True, False),
             ]
         finally:
-            await g.stop()
+            await a.stop()
+            await b.stop()
 
     asyncio.run(scenario())
 
