@@ -2,16 +2,19 @@
  *
  * Two types (docs/datapath.md says why and what it measured):
  *
- * Keys: one link session's AES-256-GCM keys, its send counter and its replay window. Every session of the
- *   node (overlay/transport/session.py) seals and opens through it, from Python and from the Engine's thread,
- *   so a counter is never used twice and a packet is never accepted twice, whichever side handles it.
- *   Wire format (overlay/wire.py): type (1) | receiver index (4) | counter (8) | AES-GCM(plaintext) | tag (16);
- *   nonce = 32 zero bits || counter (Noise section 12.3); associated data = the 13-byte header. The replay
- *   window holds the newest counter and the REPLAY_WINDOW below it (RFC 6479's sliding window).
+ * Keys: one link session's AES-256-GCM keys, its send counters and its replay windows, one of each per lane.
+ *   Every session of the node (overlay/transport/session.py) seals and opens through it, from Python and from
+ *   the Engines' threads, so a counter is never used twice and a packet is never accepted twice, whichever side
+ *   handles it. Wire format (overlay/wire.py): type (1) | receiver index (4) | counter (8) | AES-GCM(plaintext)
+ *   | tag (16); the counter's top byte is its lane (LANES); nonce = 32 zero bits || counter (Noise section
+ *   12.3); associated data = the 13-byte header. A lane's replay window holds its newest counter and the
+ *   REPLAY_WINDOW below it (RFC 6479's sliding window).
  *
- * Engine: a thread of its own that owns the TAP fd and the UDP socket's reads. Data between this node and
- *   a member it has a link to (direct, or a tunnel through a neighbour) is read, sealed, sent, received,
- *   opened, checked and written without entering Python; a neighbour's RELAY is passed on the same way.
+ * Engine: a thread of its own that owns a TAP fd (one queue of a multi-queue TAP) and a UDP socket's reads; a
+ *   node runs one per lane, each with its own tables (Python keeps them alike), each sealing in its own lane.
+ *   Data between this node and a member it has a link to (direct, or a tunnel through a neighbour) is read,
+ *   sealed, sent, received, opened, checked and written without entering Python; a neighbour's RELAY is passed
+ *   on the same way.
  *   Everything else (ARP, IPv6, handshakes, control messages, STUN, unknown senders, roaming peers, data that
  *   needs a lookup) goes up to the asyncio side unchanged, through a SOCK_SEQPACKET socketpair, and is handled
  *   there exactly as without the Engine. The Engine marks a replay window only for packets it handled, so a
@@ -20,9 +23,11 @@
  *   allowed source address) and flows (destination address -> link and routed header), which expire after a
  *   TTL so the slow path looks again (DHT cache, routes) on a regular beat.
  *
- * Threads and locks: the Engine thread never takes the GIL. `tab` guards the tables; a Keys' send and recv
- * locks guard its cipher contexts, counter and window. Order: tab, then keys. Python changes the tables with
- * the GIL held and drops references only after releasing `tab`, so the thread never sees freed Keys.
+ * Threads and locks: an Engine thread never takes the GIL. `tab` guards an Engine's tables; a Keys' send and recv
+ * locks guard its counters and windows, and its cipher contexts where they cannot be shared (OpenSSL's; ipsec-mb
+ * keeps a call's state on the caller's stack, so Engines seal and open one session at once: gcm_shared). Order:
+ * tab, then keys. Python changes the tables with the GIL held; each Engine holds a reference to every Keys in its
+ * tables and drops one only after releasing its `tab`, so no thread sees freed Keys.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,6 +41,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <linux/filter.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -47,9 +53,16 @@
 
 #define REPLAY_WINDOW 1024
 #define WINDOW_WORDS (REPLAY_WINDOW / 64)
+/* Lanes (docs/datapath.md, More than one core per direction): a counter's top byte is its lane, and each lane
+ * has its own next counter and replay window, so several Engine threads send and receive on one session
+ * without sharing a counter, and a lane's packets are never judged against another lane's newest. Python and a
+ * peer that does not take lanes use lane 0 only. */
+#define LANES 8
+#define LANE_SHIFT 56
+#define LANE_MASK ((1ULL << LANE_SHIFT) - 1)
 #define HDR 13
 #define TAG 16
-#define MAX_COUNTER (UINT64_MAX - (1ULL << 13) - 1) /* REJECT_AFTER_MESSAGES, session.py */
+#define MAX_COUNTER (LANE_MASK - (1ULL << 13) - 1) /* within a lane: REJECT_AFTER_MESSAGES, session.py */
 
 #define PT_TRANSPORT 0x83
 #define PT_SEALED 0x84
@@ -126,31 +139,46 @@ static int64_t now_ns(void) {
 /* Keys                                                                                                         */
 
 typedef struct {
+    int64_t top;                 /* the newest accepted within the lane, -1 before any */
+    uint64_t bits[WINDOW_WORDS]; /* bit (c % REPLAY_WINDOW): counter c, for c in (top - REPLAY_WINDOW, top] */
+} Window;
+
+typedef struct {
     PyObject_HEAD
     Gcm enc, dec;
     pthread_mutex_t send_lock, recv_lock;
-    uint64_t counter; /* the next to send */
-    int64_t top;      /* the newest accepted, -1 before any */
-    uint64_t bits[WINDOW_WORDS]; /* bit (c % REPLAY_WINDOW): counter c, for c in (top - REPLAY_WINDOW, top] */
+    uint64_t next[LANES]; /* the next to send in each lane, without the lane byte */
+    Window win[LANES];
 } Keys;
 
-static int window_fresh(const Keys *k, uint64_t c) {
-    if (k->top < 0 || c > (uint64_t)k->top) return 1;
-    if ((uint64_t)k->top - c >= REPLAY_WINDOW) return 0;
-    return !(k->bits[(c % REPLAY_WINDOW) / 64] >> (c % 64) & 1);
+static int window_fresh(const Window *w, uint64_t c) {
+    if (w->top < 0 || c > (uint64_t)w->top) return 1;
+    if ((uint64_t)w->top - c >= REPLAY_WINDOW) return 0;
+    return !(w->bits[(c % REPLAY_WINDOW) / 64] >> (c % 64) & 1);
 }
 
-static void window_mark(Keys *k, uint64_t c) {
-    if (k->top < 0 || c > (uint64_t)k->top) {
-        uint64_t gap = k->top < 0 ? REPLAY_WINDOW : c - (uint64_t)k->top;
+static void window_mark(Window *w, uint64_t c) {
+    if (w->top < 0 || c > (uint64_t)w->top) {
+        uint64_t gap = w->top < 0 ? REPLAY_WINDOW : c - (uint64_t)w->top;
         if (gap >= REPLAY_WINDOW) {
-            memset(k->bits, 0, sizeof k->bits);
+            memset(w->bits, 0, sizeof w->bits);
         } else {
-            for (uint64_t x = (uint64_t)k->top + 1; x < c; x++) k->bits[(x % REPLAY_WINDOW) / 64] &= ~(1ULL << (x % 64));
+            for (uint64_t x = (uint64_t)w->top + 1; x < c; x++) w->bits[(x % REPLAY_WINDOW) / 64] &= ~(1ULL << (x % 64));
         }
-        k->top = (int64_t)c;
+        w->top = (int64_t)c;
     }
-    k->bits[(c % REPLAY_WINDOW) / 64] |= 1ULL << (c % 64);
+    w->bits[(c % REPLAY_WINDOW) / 64] |= 1ULL << (c % 64);
+}
+
+/* The window of a full counter's lane, NULL for a lane beyond LANES (never sent by us: refused as too old). */
+static Window *window_of(Keys *k, uint64_t c) {
+    uint64_t lane = c >> LANE_SHIFT;
+    return lane < LANES ? &k->win[lane] : NULL;
+}
+
+static int keys_fresh(Keys *k, uint64_t c) {
+    Window *w = window_of(k, c);
+    return w && window_fresh(w, c & LANE_MASK);
 }
 
 static void nonce_of(uint8_t nonce[12], uint64_t counter) {
@@ -172,58 +200,81 @@ static int gcm_open(Gcm *g, uint64_t c, const uint8_t *aad, int aadlen, const ui
     return gcm_open_nonce(g, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
 }
 
-/* Seal a packet (header, then the AEAD of the pieces) into out under the next counter; the caller holds no lock.
+/* Seal a packet (header, then the AEAD of the pieces) into out under the lane's next counter; the caller holds
+ * no lock. The lock covers the counter, and the cipher only where its context cannot be shared (gcm_shared).
  * aad2: more associated data after the header (a bound packet's tag), or NULL. 0, or -1: exhausted. */
-static int keys_seal_aad(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t *aad2, const struct iovec *pieces,
-                         int n, uint8_t *out, size_t *outlen) {
-    int rc = -1;
+static int keys_seal_aad(Keys *k, int lane, uint8_t ptype, uint32_t remote, const uint8_t *aad2,
+                         const struct iovec *pieces, int n, uint8_t *out, size_t *outlen) {
+    int shared = gcm_shared(&k->enc);
     pthread_mutex_lock(&k->send_lock);
-    uint64_t c = k->counter;
-    if (c <= MAX_COUNTER) {
-        k->counter = c + 1;
-        out[0] = ptype;
-        put32(out + 1, remote);
-        put64(out + 5, c);
-        size_t len;
-        rc = gcm_seal(&k->enc, c, out, HDR, aad2, aad2 ? TAG : 0, pieces, n, out + HDR, &len) ? -2 : 0;
-        if (!rc) *outlen = HDR + len;
+    uint64_t next = k->next[lane];
+    if (next > MAX_COUNTER) {
+        pthread_mutex_unlock(&k->send_lock);
+        return -1;
     }
-    pthread_mutex_unlock(&k->send_lock);
+    k->next[lane] = next + 1;
+    if (shared) pthread_mutex_unlock(&k->send_lock);
+    uint64_t c = (uint64_t)lane << LANE_SHIFT | next;
+    out[0] = ptype;
+    put32(out + 1, remote);
+    put64(out + 5, c);
+    size_t len;
+    int rc = gcm_seal(&k->enc, c, out, HDR, aad2, aad2 ? TAG : 0, pieces, n, out + HDR, &len) ? -2 : 0;
+    if (!rc) *outlen = HDR + len;
+    if (!shared) pthread_mutex_unlock(&k->send_lock);
     return rc;
 }
 
 /* A transport packet of the pieces. */
-static int keys_seal(Keys *k, uint8_t ptype, uint32_t remote, const struct iovec *pieces, int n, uint8_t *out,
-                     size_t *outlen) {
-    return keys_seal_aad(k, ptype, remote, NULL, pieces, n, out, outlen);
+static int keys_seal(Keys *k, int lane, uint8_t ptype, uint32_t remote, const struct iovec *pieces, int n,
+                     uint8_t *out, size_t *outlen) {
+    return keys_seal_aad(k, lane, ptype, remote, NULL, pieces, n, out, outlen);
 }
 
 /* SEALED and TUNNEL packets: `head` encrypted under the link key, with the last TAG bytes of the packet that
  * follows it (an end-to-end or tunnel packet, authenticated by its own key) as more associated data, so the
  * link never runs a cipher over that packet's bytes. Writes HDR + headlen + TAG bytes to out. */
-static int keys_seal_head(Keys *k, uint8_t ptype, uint32_t remote, const uint8_t *head, size_t headlen,
+static int keys_seal_head(Keys *k, int lane, uint8_t ptype, uint32_t remote, const uint8_t *head, size_t headlen,
                           const uint8_t *tail_tag, uint8_t *out) {
     struct iovec piece = {(void *)head, headlen};
     size_t len;
-    return keys_seal_aad(k, ptype, remote, tail_tag, &piece, 1, out, &len);
+    return keys_seal_aad(k, lane, ptype, remote, tail_tag, &piece, 1, out, &len);
+}
+
+/* Accept counter c unless something accepted it meanwhile; the caller holds recv_lock. */
+static int mark_locked(Keys *k, uint64_t c) {
+    Window *w = window_of(k, c);
+    if (!w || !window_fresh(w, c & LANE_MASK)) return 0;
+    window_mark(w, c & LANE_MASK);
+    return 1;
 }
 
 /* Open `part` bytes (ciphertext, then its tag) after the header of the packet at p into out (part - TAG bytes).
- * aad2 as for keys_seal_aad. mark: accept the counter in the window now.
+ * aad2 as for keys_seal_aad. mark: accept the counter in the window now. Where the cipher may run outside the
+ * lock (gcm_shared) the window is checked before it and again when marking after it, so two threads that open
+ * the same packet at once accept it once.
  * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
 static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t *aad2, uint8_t *out, int mark) {
     uint64_t c = be64(p + 5);
     int rc;
     pthread_mutex_lock(&k->recv_lock);
-    if (!window_fresh(k, c)) {
-        rc = 1;
-    } else if (gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out)) {
-        rc = 2;
-    } else {
-        if (mark) window_mark(k, c);
-        rc = 0;
+    if (!keys_fresh(k, c)) {
+        pthread_mutex_unlock(&k->recv_lock);
+        return 1;
+    }
+    if (!gcm_shared(&k->dec)) {
+        rc = gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out) ? 2 : 0;
+        if (!rc && mark && !mark_locked(k, c)) rc = 1;
+        pthread_mutex_unlock(&k->recv_lock);
+        return rc;
     }
     pthread_mutex_unlock(&k->recv_lock);
+    rc = gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out) ? 2 : 0;
+    if (!rc && mark) {
+        pthread_mutex_lock(&k->recv_lock);
+        if (!mark_locked(k, c)) rc = 1;
+        pthread_mutex_unlock(&k->recv_lock);
+    }
     return rc;
 }
 
@@ -239,10 +290,8 @@ static int keys_open_head(Keys *k, const uint8_t *p, size_t len, size_t part, ui
 
 /* Accept counter c (opened earlier with mark=0) unless something accepted it meanwhile. */
 static int keys_mark(Keys *k, uint64_t c) {
-    int ok;
     pthread_mutex_lock(&k->recv_lock);
-    ok = window_fresh(k, c);
-    if (ok) window_mark(k, c);
+    int ok = mark_locked(k, c);
     pthread_mutex_unlock(&k->recv_lock);
     return ok;
 }
@@ -299,7 +348,7 @@ static PyObject *Keys_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (!self) return NULL;
     pthread_mutex_init(&self->send_lock, NULL);
     pthread_mutex_init(&self->recv_lock, NULL);
-    self->top = -1;
+    for (int i = 0; i < LANES; i++) self->win[i].top = -1;
     return (PyObject *)self;
 }
 
@@ -322,13 +371,18 @@ static int keys_ready(Keys *self) {
 static PyObject *Keys_seal(Keys *self, PyObject *args) {
     unsigned char ptype;
     unsigned int remote;
+    int lane = 0;
     Py_buffer plain;
-    if (!keys_ready(self) || !PyArg_ParseTuple(args, "bIy*", &ptype, &remote, &plain)) return NULL;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "bIy*|i", &ptype, &remote, &plain, &lane)) return NULL;
+    if (lane < 0 || lane >= LANES) {
+        PyBuffer_Release(&plain);
+        return PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
+    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, HDR + plain.len + TAG);
     if (out) {
         struct iovec piece = {plain.buf, (size_t)plain.len};
         size_t len;
-        int rc = keys_seal(self, ptype, remote, &piece, 1, (uint8_t *)PyBytes_AS_STRING(out), &len);
+        int rc = keys_seal(self, lane, ptype, remote, &piece, 1, (uint8_t *)PyBytes_AS_STRING(out), &len);
         if (rc) {
             Py_CLEAR(out);
             PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
@@ -370,7 +424,7 @@ static PyObject *Keys_seal_header(Keys *self, PyObject *args) {
     } else if ((out = PyBytes_FromStringAndSize(NULL, HDR + header.len + TAG + e2e.len))) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *tag = (const uint8_t *)e2e.buf + e2e.len - TAG;
-        int rc = keys_seal_head(self, ptype, remote, header.buf, (size_t)header.len, tag, o);
+        int rc = keys_seal_head(self, 0, ptype, remote, header.buf, (size_t)header.len, tag, o);
         if (rc) {
             Py_CLEAR(out);
             PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
@@ -408,14 +462,15 @@ static PyObject *Keys_newest(Keys *self, PyObject *arg) {
     unsigned long long c = PyLong_AsUnsignedLongLong(arg);
     if (c == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     pthread_mutex_lock(&self->recv_lock);
-    int newest = self->top >= 0 && c >= (uint64_t)self->top;
+    Window *w = window_of(self, c);
+    int newest = w && w->top >= 0 && (c & LANE_MASK) >= (uint64_t)w->top;
     pthread_mutex_unlock(&self->recv_lock);
     return PyBool_FromLong(newest);
 }
 
 static PyObject *Keys_get_counter(Keys *self, void *closure) {
     pthread_mutex_lock(&self->send_lock);
-    uint64_t c = self->counter;
+    uint64_t c = self->next[0];
     pthread_mutex_unlock(&self->send_lock);
     return PyLong_FromUnsignedLongLong(c);
 }
@@ -427,21 +482,33 @@ static int Keys_set_counter(Keys *self, PyObject *value, void *closure) {
     }
     unsigned long long c = PyLong_AsUnsignedLongLong(value);
     if (c == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (c > LANE_MASK) {
+        PyErr_SetString(PyExc_ValueError, "a counter within a lane is below 2**56");
+        return -1;
+    }
     pthread_mutex_lock(&self->send_lock);
-    self->counter = c;
+    self->next[0] = c;
     pthread_mutex_unlock(&self->send_lock);
     return 0;
 }
 
+static PyObject *Keys_get_highest(Keys *self, void *closure) {
+    uint64_t most = 0;
+    pthread_mutex_lock(&self->send_lock);
+    for (int i = 0; i < LANES; i++) most = self->next[i] > most ? self->next[i] : most;
+    pthread_mutex_unlock(&self->send_lock);
+    return PyLong_FromUnsignedLongLong(most);
+}
+
 static PyObject *Keys_get_top(Keys *self, void *closure) {
     pthread_mutex_lock(&self->recv_lock);
-    int64_t top = self->top;
+    int64_t top = self->win[0].top;
     pthread_mutex_unlock(&self->recv_lock);
     return PyLong_FromLongLong(top);
 }
 
 static PyMethodDef Keys_methods[] = {
-    {"seal", (PyCFunction)Keys_seal, METH_VARARGS, "seal(type, remote_index, plaintext) -> transport packet"},
+    {"seal", (PyCFunction)Keys_seal, METH_VARARGS, "seal(type, remote_index, plaintext, lane=0) -> transport packet"},
     {"open", (PyCFunction)Keys_open, METH_VARARGS, "open(packet, counter) -> plaintext; Replayed or Forged"},
     {"seal_header", (PyCFunction)Keys_seal_header, METH_VARARGS,
      "seal_header(remote_index, header, packet, type=SEALED) -> SEALED or TUNNEL packet"},
@@ -451,8 +518,9 @@ static PyMethodDef Keys_methods[] = {
     {NULL}};
 
 static PyGetSetDef Keys_getset[] = {
-    {"counter", (getter)Keys_get_counter, (setter)Keys_set_counter, "the next counter to send", NULL},
-    {"top", (getter)Keys_get_top, NULL, "the newest counter accepted, -1 before any", NULL},
+    {"counter", (getter)Keys_get_counter, (setter)Keys_set_counter, "the next counter to send in lane 0", NULL},
+    {"highest", (getter)Keys_get_highest, NULL, "the most packets sent in any one lane", NULL},
+    {"top", (getter)Keys_get_top, NULL, "the newest counter accepted in lane 0, -1 before any", NULL},
     {NULL}};
 
 static PyTypeObject KeysType = {
@@ -513,11 +581,44 @@ static PyObject *aesgcm(PyObject *args, PyObject *kw, int encrypt) {
 static PyObject *aesgcm_seal(PyObject *m, PyObject *args, PyObject *kw) { return aesgcm(args, kw, 1); }
 static PyObject *aesgcm_open(PyObject *m, PyObject *args, PyObject *kw) { return aesgcm(args, kw, 0); }
 
+/* Steering at the receiver: the node's UDP sockets, one per Engine, share its port (SO_REUSEPORT), and this
+ * program, run by the kernel on each datagram's UDP payload, picks the socket of the datagram's lane: the top byte
+ * of a link packet's counter (transport, SEALED, TUNNEL: byte 5), or of a chunk's message ID (byte 1, whose top
+ * bit every Engine sets). Anything else (handshakes, STUN, TURN, what is too short to hold the byte) goes to the
+ * first socket, which Python's reads also come through. A lane beyond the sockets there are wraps around. */
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
+#endif
+static PyObject *steer_lanes(PyObject *module, PyObject *args) {
+    int fd, n;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &n)) return NULL;
+    if (n < 1 || n > LANES) return PyErr_Format(PyExc_ValueError, "lanes are 1 to %d", LANES);
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),                  /* 0: the packet type */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PT_CHUNK, 4, 0),    /* 1: a chunk: 6 */
+        BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, PT_TRANSPORT, 0, 7), /* 2: below transport: 10 */
+        BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K, PT_TUNNEL, 6, 0),   /* 3: above TUNNEL: 10 */
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 5),                  /* 4: the counter's top byte */
+        BPF_JUMP(BPF_JMP | BPF_JA, 2, 0, 0),                    /* 5: 8 */
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 1),                  /* 6: the message ID's top byte */
+        BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0x7F),              /* 7 */
+        BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, (uint32_t)n),       /* 8 */
+        BPF_STMT(BPF_RET | BPF_A, 0),                           /* 9 */
+        BPF_STMT(BPF_RET | BPF_K, 0),                           /* 10 */
+    };
+    struct sock_fprog prog = {.len = sizeof code / sizeof *code, .filter = code};
+    if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"aesgcm_seal", (PyCFunction)(void (*)(void))aesgcm_seal, METH_VARARGS | METH_KEYWORDS,
      "aesgcm_seal(key, nonce, ad, plaintext, impl=None) -> ciphertext + tag"},
     {"aesgcm_open", (PyCFunction)(void (*)(void))aesgcm_open, METH_VARARGS | METH_KEYWORDS,
      "aesgcm_open(key, nonce, ad, ciphertext + tag, impl=None) -> plaintext; Forged"},
+    {"steer_lanes", steer_lanes, METH_VARARGS,
+     "steer_lanes(fd, lanes): the reuseport group of fd gives each datagram to the socket of its lane"},
     {NULL}};
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -539,6 +640,7 @@ typedef struct {
     uint64_t relay;
     int big_ok;       /* 60 KB datagrams cross this link (the fragment probe was answered) */
     int tunnel_ok;    /* the peer takes tunnelled packets as TUNNEL packets (its HELLO said so) */
+    int lanes_ok;     /* the peer keeps a replay window per lane (its HELLO said so): we send in ours */
     int has_src;      /* cryptokey routing: data from this peer must come from `src` */
     uint32_t src;
     uint64_t tx, rx, delivered, hops;
@@ -577,6 +679,7 @@ typedef struct {
     PyObject_HEAD
     int tap, udp, up, stop_fd, epfd;
     int vnet, gso, chunk, check_sources;
+    int lane; /* this Engine's lane (LANES): the counters it sends with, to peers that take lanes */
     uint64_t id;
     uint32_t ip, mask, net, bcast;
     uint8_t eth[ETH_LEN]; /* the frame header for what we deliver: kernel's MAC, gateway MAC, IPv4 */
@@ -620,6 +723,9 @@ typedef struct {
     uint8_t tap_eth[ETH_LEN];
     uint8_t tap_heads[JOIN_MAX][VNET_LEN + JOIN_HDR];
 } Engine;
+
+/* The lane this Engine seals in for link L's peer. */
+#define LANE(e, L) ((L)->lanes_ok ? (e)->lane : 0)
 
 static FLink *link_by_peer(Engine *e, uint64_t peer) {
     for (int i = 0; i < e->nlinks; i++)
@@ -790,7 +896,7 @@ static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
         if (count <= MAX_CHUNKS) {
             uint8_t heads[MAX_CHUNKS][CHUNK_HDR];
             struct iovec iov[2 * MAX_CHUNKS];
-            uint32_t id = ++e->message_id;
+            uint32_t id = e->message_id = (e->message_id & 0xFF000000u) | ((e->message_id + 1) & 0xFFFFFFu);
             for (int i = 0; i < count; i++) {
                 heads[i][0] = PT_CHUNK;
                 put32(heads[i] + 1, id);
@@ -824,7 +930,7 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
     uint8_t *at = slot_for(e, len, to);
     size_t out;
     if (!R) {
-        if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
+        if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
         L->tx += out;
     } else {
         uint8_t head[RELAY_HEAD];
@@ -832,14 +938,15 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
         put64(head + 1, L->peer);
         size_t inner;
         if (R->tunnel_ok) {
-            if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, at + TUNNEL_OFF, &inner)) return -1;
-            if (keys_seal_head(R->keys, PT_TUNNEL, R->remote, head, RELAY_HEAD, at + TUNNEL_OFF + inner - TAG, at))
+            if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, at + TUNNEL_OFF, &inner)) return -1;
+            if (keys_seal_head(R->keys, LANE(e, R), PT_TUNNEL, R->remote, head, RELAY_HEAD, at + TUNNEL_OFF + inner - TAG,
+                               at))
                 return -1;
             out = TUNNEL_OFF + inner;
         } else {
-            if (keys_seal(L->keys, PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
+            if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
             struct iovec outer[2] = {{head, RELAY_HEAD}, {e->inner, inner}};
-            if (keys_seal(R->keys, PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
+            if (keys_seal(R->keys, LANE(e, R), PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
         }
         R->tx += out;
         L->tx += inner;
@@ -1248,12 +1355,12 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
             memmove(relay_at + TUNNEL_OFF, in, inlen);
-            if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, in + inlen - TAG, relay_at))
+            if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, in + inlen - TAG, relay_at))
                 goto out;
             relay_len = out_len;
         } else {
             struct iovec pieces[2] = {{onward, RELAY_HEAD}, {(void *)in, inlen}};
-            if (keys_seal(T->keys, PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
+            if (keys_seal(T->keys, LANE(e, T), PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
         }
         L->rx += len;
         L->rx_seen = 1;
@@ -1349,7 +1456,8 @@ static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t 
     FLink *T = relay_onward(e, L, msg, onward);
     if (!T || !T->tunnel_ok || (size_t)T->ep.chunk != seg) goto out;
     /* Sealed before the counter is taken, so that a packet not passed on stays unspent for on_transport. */
-    if (keys_seal_head(T->keys, PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) || !keys_mark(K, be64(p + 5)))
+    if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) ||
+        !keys_mark(K, be64(p + 5)))
         goto out;
     memcpy(p, head, TUNNEL_OFF);
     if (K == L->next_keys) L->next_used = 1;
@@ -1522,8 +1630,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
-                            "prefix_len", "check_sources", "hold_limit", NULL};
-    int tap, vnet, udp, upfd, gso, chunk, prefix, check;
+                            "prefix_len", "check_sources", "hold_limit", "lane", NULL};
+    int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0;
     double hold = STAGE_NS / 1e9;
     unsigned long long id;
     unsigned int address;
@@ -1531,9 +1639,14 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$d", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
-                                     &id, &address, &prefix, &check, &hold))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$di", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+                                     &id, &address, &prefix, &check, &hold, &lane))
         return -1;
+    if (lane < 0 || lane >= LANES) {
+        PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
+        return -1;
+    }
+    e->lane = lane;
     if (!(hold > 0 && hold < 60)) {
         PyErr_SetString(PyExc_ValueError, "hold_limit is seconds, above 0 and below 60");
         return -1;
@@ -1562,7 +1675,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_NoMemory();
         return -1;
     }
-    e->message_id = (uint32_t)now_ns() | 0x80000000u; /* apart from the Python underlay's IDs in practice */
+    /* The top byte says the lane (the receiver's steering, lanes_program), the rest counts from a random start. */
+    e->message_id = (0x80u | (uint32_t)lane) << 24 | ((uint32_t)now_ns() & 0xFFFFFFu);
     return 0;
 }
 
@@ -1647,19 +1761,20 @@ static int parse_addr(PyObject *endpoint, Addr *out, int chunk_max) {
     return ok ? 0 : -1;
 }
 
-/* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1, tunnel_ok) */
+/* set_link(peer, keys, local_index, remote_index, endpoint or None, relay, big_ok, source or -1, tunnel_ok,
+ *          previous, next, lanes_ok) */
 static PyObject *Engine_set_link(Engine *e, PyObject *args) {
     unsigned long long peer, relay;
     PyObject *keys, *endpoint, *previous = Py_None, *prev_keys = NULL, *next = Py_None, *next_keys = NULL;
     unsigned int local, remote, prev_local = 0, next_local = 0;
-    int big_ok, tunnel_ok = 0;
+    int big_ok, tunnel_ok = 0, lanes_ok = 0;
     long long source;
     if (!e->links) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!IIOKpL|pOO", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay,
-                          &big_ok, &source, &tunnel_ok, &previous, &next))
+    if (!PyArg_ParseTuple(args, "KO!IIOKpL|pOOp", &peer, &KeysType, &keys, &local, &remote, &endpoint, &relay,
+                          &big_ok, &source, &tunnel_ok, &previous, &next, &lanes_ok))
         return NULL;
     if (!keys_ready((Keys *)keys)) return NULL;
     if (previous != Py_None) {
@@ -1708,6 +1823,7 @@ static PyObject *Engine_set_link(Engine *e, PyObject *args) {
         L->local = local, L->remote = remote, L->direct = direct, L->ep = ep, L->relay = relay;
         L->big_ok = big_ok;
         L->tunnel_ok = tunnel_ok;
+        L->lanes_ok = lanes_ok;
         L->has_src = source >= 0;
         L->src = source >= 0 ? (uint32_t)source : 0;
     }
@@ -1962,6 +2078,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
         PyModule_AddObject(m, "Replayed", Replayed) < 0 || PyModule_AddObject(m, "Forged", Forged) < 0 ||
         PyModule_AddObject(m, "Exhausted", Exhausted) < 0 ||
         PyModule_AddIntConstant(m, "REPLAY_WINDOW", REPLAY_WINDOW) < 0 ||
+        PyModule_AddIntConstant(m, "LANES", LANES) < 0 ||
         PyModule_AddIntConstant(m, "UP_HEADER", UP_HDR) < 0 || PyModule_AddStringConstant(m, "GCM", gcm_name) < 0 ||
         PyModule_AddObject(m, "GCM_IMPLS", gcm_impls()) < 0) {
         Py_DECREF(m);

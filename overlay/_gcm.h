@@ -135,6 +135,16 @@ static int gcm_ready(const Gcm *g) {
     return g->evp != NULL;
 }
 
+/* Whether several threads may seal or open under g at once: ipsec-mb's key schedule is only read, and each
+ * call's state is on its stack; an OpenSSL EVP context holds the call's state, so one thread at a time. */
+static int gcm_shared(const Gcm *g) {
+#ifdef HAVE_IPSEC_MB
+    if (g->imb) return 1;
+#endif
+    (void)g;
+    return 0;
+}
+
 /* 0, or -1 (no memory, or the library refused). */
 static int gcm_init(Gcm *g, gcm_impl impl, const uint8_t key[32], int encrypt) {
     memset(g, 0, sizeof *g);

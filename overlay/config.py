@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import ssl
 import tomllib
 from collections.abc import Callable
@@ -53,6 +54,9 @@ class NodeConfig:
     # [vnic] fast_path: data on established links in compiled code on a thread of its own (default true;
     # docs/datapath.md); false sends every packet through the Python path.
     vnic_fast_path: bool
+    # [vnic] lanes: Engines (threads, TAP queues, sockets on the port) of the compiled path; "auto" (default):
+    # one per two CPUs, 1 to 4 (docs/datapath.md, Lanes)
+    vnic_lanes: int
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)
     routing: str  # [overlay] routing: "promise" (default) or "strict" watermark rule for data packets
@@ -97,6 +101,16 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
         return value
 
     return check
+
+
+def _lanes(value: Any) -> int:
+    if value == "auto":
+        # Our choice: one Engine per two CPUs, leaving the other for the applications the traffic is for;
+        # at most 4 (docs/datapath.md, Lanes).
+        return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError('expected "auto" or a whole number from 1 to 8')
+    return value
 
 
 def _bool(value: Any) -> bool:
@@ -230,6 +244,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "mtu": (_int_range(576, 9000), 1400),
         "offload": (_bool, True),
         "fast_path": (_bool, True),
+        "lanes": (_lanes, "auto"),
     },
     "overlay": {
         "ring_size": (_int_range(1, 8), RingParams().ring_size),
@@ -373,6 +388,7 @@ def load_config(path: Path) -> NodeConfig:
         # kernel's partial checksums and super-frames would have to be completed first, so its TAP has no offload.
         vnic_offload=values["vnic"]["offload"] and social is None,
         vnic_fast_path=values["vnic"]["fast_path"],
+        vnic_lanes=_lanes(values["vnic"]["lanes"]),  # "auto" (the default, unchecked above) to a number
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],

@@ -17,6 +17,10 @@ UdpUnderlay.deliver). This side:
   never overtake the ones sent from here;
 - folds what the Engine carried into the links (bytes, liveness for maintenance, "busy" for the busy
   keepalive) when the Engine says something happened (at most every 100 ms), and on each tick.
+With `lanes` above 1 there is an Engine per lane, each with a thread, a queue of the multi-queue TAP and a
+socket on the node's port of its own (docs/datapath.md, Lanes): each gets every table change, each passes up
+through its own socketpair (frames are numbered per Engine), and what they carried is added up. Engine k seals
+in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others.
 docs/datapath.md has the measurements behind it.
 """
 
@@ -58,6 +62,15 @@ class LinkState(NamedTuple):
     tunnel_ok: bool
     previous: tuple[Keys, int] | None  # the session before the last rekey: its Keys and local index
     next: tuple[Keys, int] | None  # the session we answered the peer's rekey with, until the peer uses it
+    lanes_ok: bool  # the peer keeps a replay window per lane (its HELLO said so)
+
+
+class _Lane:
+    """One Engine, the socketpair it passes up through, and the number of the last frame taken from it."""
+
+    def __init__(self, engine: Engine, up: socket.socket, engine_end: socket.socket) -> None:
+        self.engine, self.up, self.engine_end = engine, up, engine_end
+        self.sent = 0
 
 
 class FastPath:
@@ -74,54 +87,72 @@ class FastPath:
         tap = datapath.tap
         self._links, self._datapath, self._router = links, datapath, router
         self._underlay, self._heard = underlay, heard
-        self._up, self._engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock, option in ((self._up, socket.SO_RCVBUF), (self._engine_end, socket.SO_SNDBUF)):
-            sock.setsockopt(socket.SOL_SOCKET, option, UP_BUFFER)
-            sock.setblocking(False)
         self._check_sources = datapath.source_of is not None
-        self.engine = Engine(
-            tap_fd=tap.fileno(),
-            vnet_hdr=tap.vnet_hdr,
-            udp_fd=underlay.fileno(),
-            up_fd=self._engine_end.fileno(),
-            gso=underlay.gso,
-            chunk=underlay.chunk,
-            node_id=node_id,
-            address=datapath.address_int,
-            prefix_len=prefix_len,
-            check_sources=self._check_sources,
-        )
+        taps = (tap.fileno(), *getattr(tap, "queues", ()))
+        udps = (underlay.fileno(), *(sock.fileno() for sock in underlay.lane_socks))
+        self._lanes: list[_Lane] = []
+        # As many TAP queues as sockets (strict): a socket no Engine read would lose its lane's datagrams.
+        for lane, (tap_fd, udp_fd) in enumerate(zip(taps, udps, strict=True)):
+            up, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for sock, option in ((up, socket.SO_RCVBUF), (engine_end, socket.SO_SNDBUF)):
+                sock.setsockopt(socket.SOL_SOCKET, option, UP_BUFFER)
+                sock.setblocking(False)
+            engine = Engine(
+                tap_fd=tap_fd,
+                vnet_hdr=tap.vnet_hdr,
+                udp_fd=udp_fd,
+                up_fd=engine_end.fileno(),
+                gso=underlay.gso,
+                chunk=underlay.chunk,
+                node_id=node_id,
+                address=datapath.address_int,
+                prefix_len=prefix_len,
+                check_sources=self._check_sources,
+                lane=lane,
+            )
+            self._lanes.append(_Lane(engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
         self._refused = 0  # the Engine's GSO sends above a route's MTU, as of the last sync
         # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
         # frame this side has taken from the Engine (its UP_HEADER, bytes 4-8).
         self._flows: dict[int, tuple[int, bytes]] = {}
-        self._sent = 0
         self._macs = b""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._underlay.hand_over_reads()
-        self._loop.add_reader(self._up.fileno(), self._drain)
+        for lane in self._lanes:
+            self._loop.add_reader(lane.up.fileno(), self._drain, lane)
         self._links.on_change = self.link_changed
         self._datapath.fast = self
-        self._router.routes_changed = self.engine.flush_flows
+        self._router.routes_changed = self._flush_flows
         self._sync_macs()
         for peer in list(self._links.links):
             self.link_changed(peer)
-        self.engine.start()
+        for lane in self._lanes:
+            lane.engine.start()
 
     def stop(self) -> None:
-        """Stop the thread (before the UDP socket and the TAP close: it uses both)."""
-        self.engine.stop()
-        if self._loop is not None:
-            self._loop.remove_reader(self._up.fileno())
+        """Stop the threads (before the UDP sockets and the TAP close: they use both)."""
+        for lane in self._lanes:
+            lane.engine.stop()
+            if self._loop is not None:
+                self._loop.remove_reader(lane.up.fileno())
         self._links.on_change = lambda peer: None
         self._datapath.fast = None
         self._router.routes_changed = lambda: None
-        self._up.close()
-        self._engine_end.close()
+        for lane in self._lanes:
+            lane.up.close()
+            lane.engine_end.close()
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [lane.engine for lane in self._lanes]
+
+    def _flush_flows(self) -> None:
+        for lane in self._lanes:
+            lane.engine.flush_flows()
 
     # -- the tables ----------------------------------------------------------------------------------------------
     def link_changed(self, peer: int) -> None:
@@ -129,11 +160,13 @@ class FastPath:
         state = None if link is None else self._state(link)
         if state is None:
             if self._pushed.pop(peer, None) is not None:
-                self.engine.drop_link(peer)
+                for lane in self._lanes:
+                    lane.engine.drop_link(peer)
             return
         if self._pushed.get(peer) != state:
             self._pushed[peer] = state
-            self.engine.set_link(peer, *state)
+            for lane in self._lanes:
+                lane.engine.set_link(peer, *state)
 
     def _state(self, link: Link) -> LinkState | None:
         path = link.path
@@ -160,6 +193,7 @@ class FastPath:
             link.tunnels_ok,
             None if previous is None else (previous.keys, previous.local_index),
             None if nxt is None else (nxt.keys, nxt.local_index),
+            link.lanes_ok,
         )
 
     def set_flow(self, address: int, peer: int, header: bytes) -> None:
@@ -171,13 +205,15 @@ class FastPath:
     def _hand_over(self) -> None:
         flows, self._flows = self._flows, {}
         for address, (peer, header) in flows.items():
-            self.engine.set_flow(address, peer, header, FLOW_TTL, self._sent)
+            for lane in self._lanes:
+                lane.engine.set_flow(address, peer, header, FLOW_TTL, lane.sent)
 
     def _recheck(self, address: int) -> None:
         """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
         flow = self._datapath.flow(address)
         if flow is None:
-            self.engine.drop_flow(address)
+            for lane in self._lanes:
+                lane.engine.drop_flow(address)
         else:
             self.set_flow(address, *flow)
 
@@ -186,14 +222,16 @@ class FastPath:
         macs = vnic.tap_mac + vnic.gateway_mac
         if macs != self._macs:
             self._macs = macs
-            self.engine.set_macs(vnic.tap_mac, vnic.gateway_mac)
+            for lane in self._lanes:
+                lane.engine.set_macs(vnic.tap_mac, vnic.gateway_mac)
 
     # -- what the Engine did -------------------------------------------------------------------------------------
     def sync(self) -> None:
         """Fold what the Engine carried since the last call into the links, as the Python path would have."""
         hops = self._datapath.hops
         links = self._links.links
-        for peer, tx, rx, delivered, hop_sum, sent, received, next_used in self.engine.take():
+        taken = [row for lane in self._lanes for row in lane.engine.take()]
+        for peer, tx, rx, delivered, hop_sum, sent, received, next_used in taken:
             hops[0] += delivered
             hops[1] += hop_sum
             link = links.get(peer)
@@ -208,7 +246,7 @@ class FastPath:
                 self._heard(link)
             if next_used:
                 self._links.next_used(peer)
-        refused = self.engine.counters()["gso: above the route's MTU"]
+        refused = self._counters()["gso: above the route's MTU"]
         if refused != self._refused:
             # A route refused chunks of the size its MTU had: it shrank. Ask the routes again.
             self._refused = refused
@@ -222,11 +260,27 @@ class FastPath:
                     self.link_changed(peer)
         self._sync_macs()
 
-    def counters(self) -> dict[str, int]:
-        return {f"fast path: {k}": v for k, v in self.engine.counters().items() if v}
+    def _counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for lane in self._lanes:
+            for k, v in lane.engine.counters().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
-    def _drain(self) -> None:
-        recv = self._up.recv
+    def counters(self) -> dict[str, int]:
+        out = {f"fast path: {k}": v for k, v in self._counters().items() if v}
+        if len(self._lanes) > 1:
+            # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane).
+            out["fast path: lanes"] = len(self._lanes)
+            for i, lane in enumerate(self._lanes):
+                carried = lane.engine.counters()
+                for k, v in carried.items():
+                    if v:
+                        out[f"fast path: lane {i}: {k}"] = v
+        return out
+
+    def _drain(self, lane: _Lane) -> None:
+        recv = lane.up.recv
         frames: list[bytes] = []
         underlay = self._underlay
         underlay.hold()
@@ -239,7 +293,7 @@ class FastPath:
                 kind = msg[0]
                 if kind == _UP_FRAME:
                     frames.append(msg[UP_HEADER:])
-                    self._sent = _SEQ.unpack_from(msg, 4)[0]
+                    lane.sent = _SEQ.unpack_from(msg, 4)[0]
                 elif kind == _UP_DATAGRAM:
                     underlay.deliver(msg[UP_HEADER:], _source(msg))
                 elif kind == _UP_FLOW:
@@ -253,7 +307,7 @@ class FastPath:
         finally:
             underlay.flush()
             self._hand_over()
-            self.engine.sent(self._sent)
+            lane.engine.sent(lane.sent)
 
 
 def _packed(endpoint: Endpoint) -> tuple[int, bytes, int]:

@@ -28,6 +28,7 @@ from overlay.transport.paths import UdpPath
 from overlay.wire import (
     FLAG_EXACT,
     FLAG_LONG_LINK,
+    HELLO_LANES,
     HELLO_TUNNEL,
     Contact,
     Endpoint,
@@ -103,7 +104,7 @@ class LinkEvents:
     def send_hello(self, link: Link, use: int) -> None:
         """Our contact, what we use the link for (maintenance USE_* flags: the peer keeps a link either end
         uses), and that we take TUNNEL packets."""
-        link.send(bytes([LinkMsg.HELLO, use | HELLO_TUNNEL]) + self.node.contact().encode())
+        link.send(bytes([LinkMsg.HELLO, use | HELLO_TUNNEL | HELLO_LANES]) + self.node.contact().encode())
 
     def on_link_down(self, link: Link, reason: str) -> None:
         node = self.node

@@ -19,6 +19,7 @@ from overlay.wire import (
     FLAG_JOIN,
     FLAG_PROMISE,
     FLAG_QUIET,
+    HELLO_LANES,
     HELLO_TUNNEL,
     ROUTED_HEADER,
     DecodeError,
@@ -159,15 +160,15 @@ class LinkMessages:
             node.count("drop: malformed link message")
 
     def _on_hello(self, link: Link, msg: bytes) -> None:
-        """The peer's contact, what it uses the link for, and whether it takes TUNNEL packets."""
+        """The peer's contact, what it uses the link for, and whether it takes TUNNEL packets and lanes."""
         node = self.node
         if len(msg) < 2:
             raise DecodeError("HELLO without flags")
         contact = node.check_contact(msg[2:])
         if contact is not None and contact.public_key == link.peer_key:
             link.contact = contact
-            node.maintenance.on_peer_use(link.peer_id, msg[1] & ~HELLO_TUNNEL)
-            tunnels_ok = bool(msg[1] & HELLO_TUNNEL)
-            if link.tunnels_ok != tunnels_ok:
-                link.tunnels_ok = tunnels_ok
+            node.maintenance.on_peer_use(link.peer_id, msg[1] & ~(HELLO_TUNNEL | HELLO_LANES))
+            tunnels_ok, lanes_ok = bool(msg[1] & HELLO_TUNNEL), bool(msg[1] & HELLO_LANES)
+            if (link.tunnels_ok, link.lanes_ok) != (tunnels_ok, lanes_ok):
+                link.tunnels_ok, link.lanes_ok = tunnels_ok, lanes_ok
                 node.links.on_change(link.peer_id)

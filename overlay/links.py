@@ -134,6 +134,8 @@ class Link:
     rekey_try: float = 0.0
     # The peer's HELLO said it opens and passes on TUNNEL packets (overlay/wire.py HELLO_TUNNEL).
     tunnels_ok: bool = False
+    # ... and that it keeps a replay window per counter lane (HELLO_LANES): our Engines send in their own lanes.
+    lanes_ok: bool = False
 
     def send(self, message: bytes) -> None:
         packet = self.session.seal(message)

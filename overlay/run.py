@@ -140,8 +140,9 @@ async def _run_member(
         on_demand_rate=cfg.on_demand_rate,
         on_demand_idle=cfg.on_demand_idle,
     )
+    lanes = cfg.vnic_lanes if cfg.vnic_fast_path else 1  # an Engine per lane: only the compiled path has them
     try:
-        underlay = UdpUnderlay(cfg.listen)
+        underlay = UdpUnderlay(cfg.listen, lanes=lanes)
     except UnderlayError as e:
         raise JoinError(str(e)) from None
     node = Node(
@@ -161,7 +162,12 @@ async def _run_member(
     try:
         try:
             tap = await LinuxTap.create(
-                cfg.vnic_name, address, cfg.vnic_mtu, offload=cfg.vnic_offload, address6=settings.address6
+                cfg.vnic_name,
+                address,
+                cfg.vnic_mtu,
+                offload=cfg.vnic_offload,
+                address6=settings.address6,
+                queues=lanes,
             )
         except TapError as e:
             raise JoinError(str(e)) from None

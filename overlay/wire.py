@@ -152,7 +152,7 @@ class LinkMsg(enum.IntEnum):
     RELAYED = 0x06  # peer(8), link packet: "peer sent you this through me"
     CLOSE = 0x07  # the peer closes the link on purpose (no failure to repair around... yet)
     REPLICATE = 0x08  # an address record to hold as a replica
-    HELLO = 0x09  # flags(1), the sender's signed contact; flags = overlay.routing.maintenance USE_* | HELLO_TUNNEL
+    HELLO = 0x09  # flags(1), the sender's signed contact; flags = maintenance USE_* | HELLO_TUNNEL | HELLO_LANES
     ANCHOR = 0x0A  # "please become an anchor": an anchor that sees too few anchors in the room recruits one
     PROBE = 0x0B  # token(8), zero padding to PROBE_SIZE: "does a datagram this big reach you?" (IP fragments)
     PROBE_ACK = 0x0C  # token(8) of the PROBE that arrived
@@ -172,6 +172,9 @@ class LinkMsg(enum.IntEnum):
 # In HELLO's flags byte, beside what the sender uses the link for: it opens and passes on TUNNEL packets. A
 # capability rather than a use: nodes from before TUNNEL ignore the bit and are sent RELAY messages as before.
 HELLO_TUNNEL = 0x80
+# ... and it keeps a replay window per counter lane (overlay/_fast.c, LANES), so each of our Engines may send to
+# it in its own lane. Nodes from before lanes ignore the bit and are sent lane 0 only, as Python sends.
+HELLO_LANES = 0x40
 
 
 MAX_NEIGHBOURS = 64

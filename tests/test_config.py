@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,16 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
     assert cfg.ring.long_links == 4 and cfg.lookahead and cfg.vnic_offload and cfg.routing == "promise"
 
 
+def test_lanes_are_one_per_two_cpus_from_1_to_4_unless_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for cpus, lanes in ((1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert load_config(write(tmp_path, GOOD)).vnic_lanes == lanes
+        assert (
+            load_config(write(tmp_path, GOOD.replace("mtu = 1400", 'mtu = 1400\nlanes = "auto"'))).vnic_lanes == lanes
+        )
+    assert load_config(write(tmp_path, GOOD.replace("mtu = 1400", "mtu = 1400\nlanes = 3"))).vnic_lanes == 3
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -63,6 +74,8 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
         (("port = 5222", 'port = "5222"'), r"\[xmpp\] port"),
         (("mtu = 1400", "mtu = 1400\noffload = 1"), r"\[vnic\] offload = 1: expected true or false"),
         (("mtu = 1400", 'mtu = 1400\n[overlay]\nrouting = "fast"'), r"\[overlay\] routing = 'fast': expected one of"),
+        (("mtu = 1400", "mtu = 1400\nlanes = 9"), r"\[vnic\] lanes = 9: expected \"auto\" or a whole number"),
+        (("mtu = 1400", 'mtu = 1400\nlanes = "many"'), r"\[vnic\] lanes = 'many'"),
     ],
 )
 def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

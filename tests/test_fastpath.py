@@ -61,7 +61,14 @@ class Node:
     """One Engine with its TAP (a socketpair: `kernel` is the kernel's end), its UDP socket, its up channel."""
 
     def __init__(
-        self, node_id: int, address: int, *, vnet: bool = False, check: bool = False, hold_limit: float = 0.05
+        self,
+        node_id: int,
+        address: int,
+        *,
+        vnet: bool = False,
+        check: bool = False,
+        hold_limit: float = 0.05,
+        lane: int = 0,
     ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -87,6 +94,7 @@ class Node:
             prefix_len=24,
             check_sources=check,
             hold_limit=hold_limit,
+            lane=lane,
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 
@@ -428,6 +436,62 @@ def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them(path
         wire_b.sock.close()
 
 
+def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to_one_that_does_not() -> None:
+    """A counter's top byte is its lane (overlay/_fast.c, LANES): Engine 3 seals in lane 3 for a peer whose HELLO
+    said it takes lanes, and its chunk trains carry the lane in their message IDs' top byte (what the receiver's
+    steering reads, steer_lanes); a peer from before lanes gets lane 0 only, whose window it has."""
+    a = Node(A_ID, A_IP, vnet=True, lane=3)
+    wire_b = Wire()
+    ka, _kb = session_pair()
+    opener = Keys(bytes(range(100, 132)), bytes(range(32)))
+    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, True)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+    a.engine.start()
+    try:
+        f = frame(A_IP, B_IP, vnet=bytes(10))
+        counters = []
+        for lanes_ok in (True, True, False, False):
+            a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, lanes_ok)
+            a.kernel.send(f)
+            datagram = wire_b.recv()
+            _, counter = decode_transport_header(datagram)
+            assert opener.open(datagram, counter) == header(A_ID, B_ID) + f[10 + 14 :]
+            counters.append(counter)
+        assert counters == [3 << 56, (3 << 56) + 1, 0, 1]
+        assert (ka.highest, ka.counter) == (2, 2)
+        # A super-frame leaves as chunks; each chunk's message ID starts with 0x80 | lane.
+        a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, True)
+        vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
+        a.kernel.send(frame(A_IP, B_IP, bytes(range(256)) * 40, vnet=vnet))
+        chunk = wire_b.recv()
+        assert chunk[0] == PacketType.CHUNK and chunk[1] == 0x83
+    finally:
+        a.close()
+        wire_b.sock.close()
+
+
+def test_an_engine_takes_every_lane_of_a_session_each_against_its_own_window(pair) -> None:  # type: ignore[no-untyped-def]
+    """Packets of two lanes with the same counter within their lanes are both new; a lane far ahead does not
+    make another lane's packets too old; a replay within a lane is refused (it goes up, where Python counts it)."""
+    _a, b, wire_a, _wire_b, _ka, kb = pair
+    sender = Keys(bytes(range(32)), bytes(range(100, 132)))
+    sent, next_in = [], {lane: 0 for lane in range(8)}
+    for lane, counter in ((0, 5), (1, 5), (1, 5000), (0, 6), (7, 0)):
+        sender.counter = counter if lane == 0 else 0
+        for _ in range(counter - next_in[lane] if lane else 0):  # another lane's counter moves only by sealing
+            sender.seal(0x83, 22, b"", lane)
+        next_in[lane] = counter + 1
+        f = frame(A_IP, B_IP, bytes([lane]) * 8 + counter.to_bytes(8, "big"))
+        d = sender.seal(0x83, 22, header(A_ID, B_ID) + f[14:], lane)
+        assert decode_transport_header(d)[1] == lane << 56 | counter
+        sent.append(d)
+        wire_a.send_to(b, d)
+        assert b.kernel.recv(70000)[14:] == f[14:]
+    wire_a.send_to(b, sent[1])
+    assert [m[1] for m in b.up_messages() if m[0] == 1] == [sent[1]]
+    assert kb.newest(1 << 56 | 5000) and not kb.newest(1 << 56 | 5) and kb.top == 6
+
+
 def test_a_paths_chunk_size_above_a_1500_byte_paths_or_too_small_for_the_header_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
     a, _b, _wire_a, wire_b, ka, _kb = pair
     for bad in (CHUNK + 1, CHUNK_HEADER.size):
@@ -590,6 +654,7 @@ class PythonSide:
         self.source_of, self.address_int = None, A_IP
         self.vnic, self.hops = SimpleNamespace(tap_mac=TAP_MAC, gateway_mac=DEFAULT_GATEWAY_MAC), [0, 0]
         self.gso, self.chunk = True, CHUNK
+        self.lane_socks: list[socket.socket] = []  # one Engine
         self.held: list[bytes] | None = None
         self.fast: FastPath | None = None
 
@@ -632,9 +697,9 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     fast = side.fast = FastPath(SimpleNamespace(links={}), side, None, side, lambda link: 0.0, A_ID, 24)  # type: ignore[arg-type]
     fast._sync_macs()
     ka, _ = session_pair()
-    state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None)
-    fast.engine.set_link(B_ID, *state)
-    fast.engine.start()
+    state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, False)
+    fast.engines[0].set_link(B_ID, *state)
+    fast.engines[0].start()
     opener = Keys(bytes(range(100, 132)), bytes(range(32)))
     count = 3000
 
@@ -651,10 +716,10 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     try:
         deadline, next_drop = time.monotonic() + 20, time.monotonic()
         while len(order) < count and time.monotonic() < deadline:
-            if select.select([fast._up], [], [], 0.01)[0]:
-                fast._drain()
+            if select.select([fast._lanes[0].up], [], [], 0.01)[0]:
+                fast._drain(fast._lanes[0])
             if time.monotonic() > next_drop:
-                fast.engine.drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
+                fast.engines[0].drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
                 next_drop += 0.02
             wire_b.sock.settimeout(0)
             try:
@@ -670,9 +735,9 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
                 pass
     finally:
         writer.join()
-        held = fast.engine.counters()
-        fast.engine.stop()
-        for s in (kernel, tap, udp, wire_b.sock, fast._up, fast._engine_end):
+        held = fast.engines[0].counters()
+        fast.engines[0].stop()
+        for s in (kernel, tap, udp, wire_b.sock, fast._lanes[0].up, fast._lanes[0].engine_end):
             s.close()
     assert order == list(range(count))
     assert 0 < by_python < count  # both sides sent: the flow was handed over while frames kept coming
@@ -705,8 +770,8 @@ class Driven:
         self.fast = FastPath(links, side, router, side, lambda link: 0.0, B_ID, 24)  # type: ignore[arg-type]
         self.fast._sync_macs()
         self.fast.link_changed(A_ID)
-        self.fast.engine.start()
-        self.up = self.fast._up
+        self.fast.engines[0].start()
+        self.up = self.fast._lanes[0].up
         self.up.setblocking(True)
         self.up.settimeout(TIMEOUT)
 
@@ -714,8 +779,15 @@ class Driven:
         self.wire_a.sock.sendto(keys.seal(0x83, index, body), self.udp.getsockname())
 
     def close(self) -> None:
-        self.fast.engine.stop()
-        for s in (self.kernel, self.tap, self.udp, self.wire_a.sock, self.fast._up, self.fast._engine_end):
+        self.fast.engines[0].stop()
+        for s in (
+            self.kernel,
+            self.tap,
+            self.udp,
+            self.wire_a.sock,
+            self.fast._lanes[0].up,
+            self.fast._lanes[0].engine_end,
+        ):
             s.close()
 
 

@@ -32,6 +32,7 @@ TUNSETVNETLE = 0x400454DC
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -75,6 +76,7 @@ FRAME_OVERHEAD = 18
 # RFC 791: every IPv4 host must accept 68-byte datagrams unfragmented; 65535 is the IPv4 maximum.
 MIN_MTU = 68
 MAX_MTU = 65535
+MAX_QUEUES = 8  # the Engine's LANES (overlay/_fast.c)
 # Our choice: the largest TCP super-frame the kernel hands us with TSO on. A super-frame plus our headers
 # (transport 13 + tag 16, routed 28, virtio_net_hdr 10, and for a tunnel another 13 + 16 + 9) must fit one
 # UDP datagram (65507 bytes over IPv4); 60000 leaves room. ARCHITECTURE.md measured 6.2 Gbit/s with
@@ -140,9 +142,14 @@ class LinuxTap:
     runs in (the namespace at open() time is the one that counts); run the node with `ip netns exec`.
     """
 
-    def __init__(self, fd: int, name: str, mac: bytes, mtu: int, vnet_hdr: bool = False) -> None:
-        """Wrap an already attached TAP fd; use `LinuxTap.create`."""
+    def __init__(
+        self, fd: int, name: str, mac: bytes, mtu: int, vnet_hdr: bool = False, queues: tuple[int, ...] = ()
+    ) -> None:
+        """Wrap an already attached TAP fd (and the fds of its further queues); use `LinuxTap.create`."""
         self._fd = fd
+        # A multi-queue TAP's queues after the first (IFF_MULTI_QUEUE): the kernel hands each flow's frames to
+        # one queue, chosen by the flow's hash, and sends a reply out of the queue its request came in by.
+        self.queues = queues
         self.name = name
         self.mac = mac
         self.mtu = mtu
@@ -152,12 +159,20 @@ class LinuxTap:
 
     @classmethod
     async def create(
-        cls, name: str, address: str, mtu: int, *, offload: bool = False, address6: str | None = None
+        cls,
+        name: str,
+        address: str,
+        mtu: int,
+        *,
+        offload: bool = False,
+        address6: str | None = None,
+        queues: int = 1,
     ) -> LinuxTap:
         """Create TAP `name`, give it `address` ("10.254.0.1/16"), `address6` if any ("fd00:1::5/64") and `mtu`,
         and bring it up.
 
-        `offload`: TSO/checksum offload with a virtio_net_hdr on every frame (see the class docstring)."""
+        `offload`: TSO/checksum offload with a virtio_net_hdr on every frame (see the class docstring).
+        `queues`: above 1, a multi-queue TAP with that many queues (one per Engine: overlay/fastpath.py)."""
         _check_name(name)
         try:
             interface = ipaddress.IPv4Interface(address)
@@ -173,13 +188,18 @@ class LinuxTap:
             raise TapError(f"TAP address {address6!r} is not IPv6/prefix: write it like fd00:1::5/64") from e
         if interface6 is not None and mtu < IPV6_MIN_MTU:
             raise TapError(f"TAP MTU {mtu} is below IPv6's minimum of {IPV6_MIN_MTU} (RFC 8200 §5)")
-        fd = _open_tap(name, offload)
+        if not 1 <= queues <= MAX_QUEUES:
+            raise TapError(f"TAP queues {queues} is outside 1..{MAX_QUEUES}")
+        fds = [_open_tap(name, offload, queues > 1)]
         try:
+            while len(fds) < queues:
+                fds.append(_open_tap(name, offload, True))
             mac = _configure(name, interface, mtu, GSO_MAX_SIZE if offload else None, interface6)
         except BaseException:
-            os.close(fd)  # the device goes with its only fd
+            for fd in fds:
+                os.close(fd)  # the device goes with its last fd
             raise
-        return cls(fd, name, mac, mtu, offload)
+        return cls(fds[0], name, mac, mtu, offload, tuple(fds[1:]))
 
     def fileno(self) -> int:
         return self._fd
@@ -216,17 +236,20 @@ class LinuxTap:
     def close(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            queues, self.queues = self.queues, ()
+            for q in queues:
+                os.close(q)
             os.close(fd)
 
 
-def _open_tap(name: str, offload: bool = False) -> int:
+def _open_tap(name: str, offload: bool = False, multi_queue: bool = False) -> int:
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as e:
         raise TapError("/dev/net/tun is missing: load the tun module (modprobe tun)") from e
     except PermissionError as e:
         raise TapError("opening /dev/net/tun was refused: run as root or with CAP_NET_ADMIN") from e
-    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
     request = struct.pack("16sH", name.encode("ascii"), flags)
     try:
         fcntl.ioctl(fd, TUNSETIFF, request)

@@ -19,7 +19,9 @@ REJECT_AFTER_MESSAGES is refused (WireGuard's constants, section 6.1 of its pape
 Transport: Noise transport messages with an explicit nonce (as WireGuard does): AES-256-GCM (ipsec-mb or
 OpenSSL's libcrypto through overlay/_fast.c and overlay/_gcm.h, which the compiled data path shares), nonce = 32
 zero bits || 64-bit counter (Noise section 12.3), associated data = the 13-byte packet header. The receiver
-checks a sliding replay window (RFC 6479 style) before decryption and marks it after.
+checks a sliding replay window (RFC 6479 style) before decryption and marks it after. The counter's top byte is
+its lane: each lane has its own counter and window, so each of the node's Engine threads sends in its own lane
+(docs/datapath.md, Lanes); Python sends in lane 0.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ PROTOCOL = "Noise_IK_25519_AESGCM_SHA256"
 # REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; nobody sends or accepts on a session past the REJECT limits.
 REKEY_AFTER_TIME = 120.0
 REJECT_AFTER_TIME = 180.0
-REKEY_AFTER_MESSAGES = 1 << 60
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+# A counter's top byte is its lane (overlay/_fast.c, LANES): each lane counts 56 bits, and the limits are
+# WireGuard's, in the same proportion to a lane's space (1/16 of it; 2**13 short of its end).
+REKEY_AFTER_MESSAGES = 1 << 52
+REJECT_AFTER_MESSAGES = (1 << 56) - (1 << 13) - 1
 MAX_COUNTER = REJECT_AFTER_MESSAGES
 _INIT_PAYLOAD = struct.Struct("!IQ32s")  # sender index, timestamp (ns), Ed25519 node key; then the credential
 _RESP_PAYLOAD = struct.Struct("!I")  # sender index; then the credential
@@ -114,7 +118,7 @@ class Session:
 
     def wants_rekey(self, now: float) -> bool:
         """WireGuard's rule: the session's initiator rekeys on time or message count."""
-        return self.initiator and (now - self.created >= REKEY_AFTER_TIME or self.keys.counter >= REKEY_AFTER_MESSAGES)
+        return self.initiator and (now - self.created >= REKEY_AFTER_TIME or self.keys.highest >= REKEY_AFTER_MESSAGES)
 
     def expired(self, now: float) -> bool:
         return now - self.created >= REJECT_AFTER_TIME

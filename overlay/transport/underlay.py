@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from overlay._fast import steer_lanes
 from overlay.transport.chunks import ETHERNET_MTU, MAX_CHUNKS, Reassembly, chunk_count, chunk_size, pieces, split
 from overlay.wire import Endpoint, PacketType
 
@@ -90,23 +91,27 @@ class UnderlayError(Exception):
 
 class UdpUnderlay:
     """The node's UDP socket. `gso`/`gro`: use UDP GSO to send and GRO to receive where the kernel has them
-    (False: as a kernel without them would; the tests cover each case)."""
+    (False: as a kernel without them would; the tests cover each case).
 
-    def __init__(self, listen: Endpoint, *, gso: bool = True, gro: bool = True) -> None:
+    `lanes` above 1: as many sockets on the one port (SO_REUSEPORT), one for each of the compiled data path's
+    Engines (overlay/fastpath.py); the kernel gives each datagram to its lane's socket (overlay/_fast.c
+    steer_lanes). Everything this class sends and reads goes through the first."""
+
+    def __init__(self, listen: Endpoint, *, gso: bool = True, gro: bool = True, lanes: int = 1) -> None:
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            self._sock.bind(listen)
-        except OSError as e:
-            self._sock.close()
-            raise UnderlayError(
-                f"cannot listen on udp {listen[0]}:{listen[1]}: {e.strerror}; check [node] listen"
-            ) from None
-        self._sock.setblocking(False)
+        self._sock = _bound(family, listen, lanes > 1)
         host, port = self._sock.getsockname()[:2]
         self.local_endpoint: Endpoint = (host, port)
+        self.lane_socks: list[socket.socket] = []
+        try:
+            while len(self.lane_socks) < lanes - 1:
+                self.lane_socks.append(_bound(family, (host, port), True))
+            if lanes > 1:
+                steer_lanes(self._sock.fileno(), lanes)
+        except (OSError, UnderlayError) as e:
+            for sock in (self._sock, *self.lane_socks):
+                sock.close()
+            raise UnderlayError(f"cannot open {lanes} sockets on udp {host}:{port} for [vnic] lanes: {e}") from None
         self.counters: dict[str, int] = {"send_failed": 0, "recv_errors": 0, "stun_dropped": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: DatagramHandler | None = None
@@ -117,14 +122,8 @@ class UdpUnderlay:
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
         self._held: dict[Endpoint, list[bytes]] | None = None  # by endpoint, between hold() and flush()
-        if gro:
-            _try_option(self._sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
-        if not self.gso and family == socket.AF_INET:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-        if family == socket.AF_INET:
-            _try_option(self._sock, socket.IPPROTO_IP, IP_RECVERR, 1)
-        else:
-            _try_option(self._sock, socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        for sock in (self._sock, *self.lane_socks):
+            _set_options(sock, self.gso, gro)
         self.on_unreachable: Callable[[Endpoint], None] = _ignore
 
     def _no_stun(self, data: bytes, endpoint: Endpoint) -> None:
@@ -133,7 +132,10 @@ class UdpUnderlay:
     def start(self, on_datagram: DatagramHandler) -> None:
         self._handler = on_datagram
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._drain)
+        # The lanes' sockets too, until the Engines take them over: a datagram steered to a socket nobody reads
+        # would be lost.
+        for sock in (self._sock, *self.lane_socks):
+            self._loop.add_reader(sock.fileno(), self._drain, sock)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -176,7 +178,8 @@ class UdpUnderlay:
         """The compiled data path (overlay/fastpath.py) reads the socket from now on; what it does not handle
         itself comes back through `deliver`."""
         if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            for sock in (self._sock, *self.lane_socks):
+                self._loop.remove_reader(sock.fileno())
 
     def deliver(self, data: bytes, source: Endpoint) -> None:
         """A datagram read by someone else, handled as one this socket read."""
@@ -187,9 +190,9 @@ class UdpUnderlay:
         self._count("ICMP: unreachable")
         self.on_unreachable(endpoint)
 
-    def _drain_errors(self) -> None:
+    def _drain_errors(self, sock: socket.socket) -> None:
         """The socket's error queue (IP_RECVERR): epoll says "readable" while it holds anything."""
-        recv = self._sock.recvmsg
+        recv = sock.recvmsg
         for _ in range(DRAIN_BATCH):
             try:
                 _, ancillary, _, addr = recv(1, _ERR_SPACE, socket.MSG_ERRQUEUE)
@@ -198,11 +201,11 @@ class UdpUnderlay:
             if addr and icmp_unreachable(ancillary):
                 self.unreachable((addr[0], addr[1]))
 
-    def _drain(self) -> None:
+    def _drain(self, sock: socket.socket) -> None:
         """Up to DRAIN_BATCH reads; with GRO one read may hold many datagrams of one size (its cmsg says which).
         `recvmsg` whether or not GRO is on: without it the cmsg is empty, at ~0.3 µs more per read than
         `recvfrom` (measured on loopback), which keeps one receive path."""
-        recv = self._sock.recvmsg
+        recv = sock.recvmsg
         self.hold()
         read = reported = False
         try:
@@ -213,7 +216,7 @@ class UdpUnderlay:
                     # The error queue only when a read reported an error or there was nothing to read (the
                     # selector calls us, EPOLLERR, while an error is queued): as the Engine's drain_udp.
                     if reported or not read:
-                        self._drain_errors()
+                        self._drain_errors(sock)
                     return
                 except OSError as e:
                     if e.errno in _ICMP_REPORTED:  # its details are in the error queue
@@ -365,9 +368,37 @@ class UdpUnderlay:
 
     def close(self) -> None:
         self._held = None
-        if self._loop is not None and self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        for sock in (self._sock, *self.lane_socks):
+            if self._loop is not None and sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+
+def _bound(family: int, listen: Endpoint, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.bind(listen)
+    except OSError as e:
+        sock.close()
+        where = f"udp {listen[0]}:{listen[1]}"
+        raise UnderlayError(f"cannot listen on {where}: {e.strerror}; check [node] listen") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _set_options(sock: socket.socket, gso: bool, gro: bool) -> None:
+    if gro:
+        _try_option(sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
+    if not gso and sock.family == socket.AF_INET:
+        sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+    if sock.family == socket.AF_INET:
+        _try_option(sock, socket.IPPROTO_IP, IP_RECVERR, 1)
+    else:
+        _try_option(sock, socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
 
 
 def _try_option(sock: socket.socket, level: int, option: int, value: int) -> bool:
