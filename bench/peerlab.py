@@ -224,15 +224,18 @@ def deployment(
 
 
 PYTHON_PATH = "ipop-python"  # ipop-overlay with its Python data path only: a baseline, not a peer
+LANES_PATH = "ipop-2-lanes"  # ipop-overlay with two Engines a node ([vnic] lanes = 2): ours, whatever the CPUs
 
 # -- the systems --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def ipop_overlay(workdir: Path, python_path: bool = False) -> Iterator[Deployment]:
+def ipop_overlay(workdir: Path, python_path: bool = False, lanes: int | None = None) -> Iterator[Deployment]:
     """Three `ipop-overlay join` processes with Prosody on a fourth host, as bench/iperf_tap.py runs them;
-    `python_path`: with `[vnic] fast_path = false` (the data path before the compiled one, as a baseline)."""
-    with Group(3, prefix=LAB_PREFIX, workdir=workdir, python_path=range(3) if python_path else ()) as g:
+    `python_path`: with `[vnic] fast_path = false` (the data path before the compiled one, as a baseline);
+    `lanes`: [vnic] lanes (None: the default, by the host's CPUs)."""
+    python = range(3) if python_path else ()
+    with Group(3, prefix=LAB_PREFIX, workdir=workdir, python_path=python, lanes=lanes) as g:
         a, b, c = g.members
         for m in g.members:
             forwarding(g.lab, m.host, on=False)
@@ -246,7 +249,7 @@ def ipop_overlay(workdir: Path, python_path: bool = False) -> Iterator[Deploymen
             if not exe.startswith("python"):
                 raise RuntimeError(f"PID {pid} is {exe}, not the node's Python process: CPU and RSS would be wrong")
         yield Deployment(
-            PYTHON_PATH if python_path else "ipop-overlay",
+            PYTHON_PATH if python_path else LANES_PATH if lanes == 2 else "ipop-overlay",
             g.lab,
             a.host,
             {"direct": (b.host, b.ip), "relayed": (c.host, c.ip)},
@@ -458,6 +461,7 @@ SYSTEMS = {
     for s in (
         System("ipop-overlay", ipop_overlay, prerequisites=missing_prerequisites),
         System(PYTHON_PATH, lambda workdir: ipop_overlay(workdir, True), prerequisites=missing_prerequisites),
+        System(LANES_PATH, lambda workdir: ipop_overlay(workdir, lanes=2), prerequisites=missing_prerequisites),
         System("wireguard-go", wireguard_go, ("wireguard-go", "wg"), ("wireguard-go", "wireguard-tools")),
         System("nebula", nebula, ("nebula", "nebula-cert"), ("nebula",)),
         System("yggdrasil", yggdrasil, ("yggdrasil",), ("yggdrasil",)),

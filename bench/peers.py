@@ -37,14 +37,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peerlab import PATHS, PYTHON_PATH, SYSTEMS, Deployment, System, stop, wait_listening
+from bench.peerlab import LANES_PATH, PATHS, PYTHON_PATH, SYSTEMS, Deployment, System, stop, wait_listening
 from tests.support.hoststats import process_usage
 
 Reading = Callable[[dict[str, Any]], float]  # one number from an iperf3 JSON report
 
 OURS = "ipop-overlay"
 REFERENCE = "veth"  # not a peer: the underlay without any VPN
-NOT_PEERS = (OURS, REFERENCE, PYTHON_PATH)  # PYTHON_PATH: ours without the compiled data path, a baseline
+NOT_PEERS = (OURS, REFERENCE, PYTHON_PATH, LANES_PATH)  # ours in other settings: baselines, not peers
 PATH_LABELS = {"direct": "a->b", "relayed": "a->c via b"}
 IPERF_PORT = 5201
 # Our choices: iperf3 seconds beyond -t before a run counts as hung (connect, warm-up, report); the ping probe

@@ -145,6 +145,7 @@ class Group:
         server: str = "prosody",
         address6: str | None = None,
         python_path: Iterable[int] = (),
+        lanes: int | None = None,
         mtu: int = 1500,
     ) -> None:
         if server not in SERVERS:
@@ -177,6 +178,7 @@ class Group:
         self.address6 = ipaddress.IPv6Network(address6) if address6 else None
         # Members whose data path is Python only ([vnic] fast_path = false): the compiled one's peers.
         self.python_path = set(python_path)
+        self.lanes = lanes  # [vnic] lanes of every member; None: the config's default
         self.mtu = mtu  # of every link of the lab (hub, clusters, members' eth0)
         self.size = size
         self.spares = spares
@@ -399,6 +401,7 @@ class Group:
             + (f'address6 = "{self._address6_setting(self._index(jid))}"\n' if self.address6 is not None else "")
             + f"mtu = {VIRTUAL_MTU}\n"
             + ("fast_path = false\n" if self._index(jid) in self.python_path else "")
+            + (f"lanes = {self.lanes}\n" if self.lanes is not None else "")
             + self.group_section(jid)
             + extra
         )
@@ -596,9 +599,11 @@ class Group:
         alive = [m.index for m in self.members if m.running]
         return [(i, j) for i in alive for j in alive if i != j]
 
-    def iperf3(self, a: int, b: int, seconds: float, *, v6: bool = False, port: int = 5201) -> dict[str, Any]:
-        """One iperf3 TCP run from node a to node b's virtual address (IPv6 with `v6`); its JSON report. Fails the
-        test with iperf3's own words if the run does not complete."""
+    def iperf3(
+        self, a: int, b: int, seconds: float, *, v6: bool = False, port: int = 5201, streams: int = 1
+    ) -> dict[str, Any]:
+        """One iperf3 TCP run (of `streams` parallel streams) from node a to node b's virtual address (IPv6 with
+        `v6`); its JSON report. Fails the test with iperf3's own words if the run does not complete."""
         target = self.members[b].ip6 if v6 else self.members[b].ip
         assert target is not None, f"node {b} has no IPv{6 if v6 else 4} address inside the VPN"
         server = self.lab.popen(
@@ -609,7 +614,8 @@ class Group:
             time.sleep(0.5)
             client = self.lab.run(
                 self.members[a].host, "iperf3", "-6" if v6 else "-4", "-c", target, "-p", str(port),
-                "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000", check=False, timeout=seconds + 30,
+                "-t", f"{seconds:g}", "-P", str(streams), "-J", "--connect-timeout", "3000", check=False,
+                timeout=seconds + 30,
             )  # fmt: skip
             assert client.returncode == 0, f"iperf3 node{a} -> node{b}: {client.stderr or client.stdout[-500:]}"
             report: dict[str, Any] = json.loads(client.stdout)

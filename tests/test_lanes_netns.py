@@ -1,0 +1,85 @@
+"""Lanes between real processes (docs/datapath.md, Lanes): members with `[vnic] lanes = 2` run two Engines, each
+with its own thread, queue of a multi-queue TAP and socket on the node's port. TCP streams spread over both
+lanes at the sender and at the receiver, direct and through a relay, and a member on the Python data path (one
+reader, every lane's window in its sessions) exchanges traffic with them both ways (in lane 0: its answers all
+come in by the TAP's first queue, where the TAP then sends those flows out)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.group import OVERLAY_PORT, TAP_NAME, Group, missing_prerequisites
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(missing_prerequisites() is not None, reason=str(missing_prerequisites())),
+    pytest.mark.timeout(300),
+]
+
+SIZE = 3
+BLOCKED = (0, 2)  # their traffic crosses the relay, member 1 (the three members are the peers' lab, bench/peers.py)
+IPERF_S = 2
+# The TAP's flow hash picks each stream's queue: with 16 streams, all on one of two lanes has odds 2 in 65,536.
+STREAMS = 16
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[Group]:
+    with Group(SIZE, prefix="iln", lanes=2) as g:
+        g.block_udp(*BLOCKED)
+        g.join_all()
+        # The blocked pair's link is a tunnel through member 1 once its direct attempts have failed. A flow that
+        # starts before (routed, and written to the TAP by Python, through its first queue) stays in lane 0
+        # while it lasts: a TAP sends a flow out by the queue its last packet came in by (docs/datapath.md).
+        a, b = BLOCKED
+        deadline = time.monotonic() + 30
+        while not any(
+            row["peer_address"] == g.members[b].ip and row["kind"] == "tunnel" for row in g.status(a)["links"]
+        ):
+            assert time.monotonic() < deadline, g.status(a)["links"]
+            time.sleep(0.5)
+        yield g
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Iterator[Group]:
+    """Member 0 with two lanes, member 1 on the Python data path ([vnic] fast_path = false: no lanes)."""
+    with Group(2, prefix="ilm", lanes=2, python_path=[1]) as g:
+        g.join_all()
+        yield g
+
+
+def lanes_carried(group: Group, i: int, what: str) -> list[int]:
+    counters = group.status(i)["counters"]
+    assert counters.get("fast path: lanes") == 2, counters
+    return [counters.get(f"fast path: lane {k}: {what}", 0) for k in range(2)]
+
+
+def test_each_member_has_a_tap_queue_and_a_socket_per_lane(group: Group) -> None:
+    m = group.members[0]
+    queues = group.lab.run(m.host, "ls", f"/sys/class/net/{TAP_NAME}/queues").stdout.split()
+    assert sorted(q for q in queues if q.startswith("tx-")) == ["tx-0", "tx-1"]
+    sockets = group.lab.run(m.host, "ss", "-Huan", "sport", "=", f":{OVERLAY_PORT}").stdout
+    assert len(sockets.splitlines()) == 2, sockets
+
+
+@pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])
+def test_streams_spread_over_both_lanes_at_each_end(group: Group, a: int, b: int) -> None:
+    sent, handled = lanes_carried(group, a, "frames sent"), lanes_carried(group, b, "datagrams handled")
+    received = group.iperf3(a, b, IPERF_S, streams=STREAMS)["end"]["sum_received"]
+    assert received["bytes"] > 10_000_000
+    print(f"TCP node{a} -> node{b}, {STREAMS} streams, 2 lanes: {received['bits_per_second'] / 1e6:.0f} Mbit/s")
+    sent_now, handled_now = lanes_carried(group, a, "frames sent"), lanes_carried(group, b, "datagrams handled")
+    assert all(now - before > 100 for now, before in zip(sent_now, sent, strict=True)), (sent, sent_now)
+    assert all(now - before > 100 for now, before in zip(handled_now, handled, strict=True)), (handled, handled_now)
+
+
+@pytest.mark.parametrize("a, b", [(0, 1), (1, 0)], ids=["lanes-python", "python-lanes"])
+def test_a_member_on_the_python_path_takes_every_lane_and_is_answered(mixed: Group, a: int, b: int) -> None:
+    received = mixed.iperf3(a, b, IPERF_S, streams=STREAMS)["end"]["sum_received"]
+    assert received["bytes"] > 1_000_000
+    failed = [p for p, t in mixed.wait_for_pings([(0, 1), (1, 0)], timeout=30.0).items() if t is None]
+    assert failed == [], f"no reply: {failed}"
