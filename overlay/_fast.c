@@ -417,14 +417,17 @@ static PyObject *Keys_seal_header(Keys *self, PyObject *args) {
     unsigned int remote;
     Py_buffer header, e2e;
     unsigned char ptype = PT_SEALED;
-    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*|b", &remote, &header, &e2e, &ptype)) return NULL;
+    int lane = 0;
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*|bi", &remote, &header, &e2e, &ptype, &lane)) return NULL;
     PyObject *out = NULL;
-    if (e2e.len < TAG) {
+    if (lane < 0 || lane >= LANES) {
+        PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
+    } else if (e2e.len < TAG) {
         PyErr_SetString(PyExc_ValueError, "end-to-end packet shorter than its tag");
     } else if ((out = PyBytes_FromStringAndSize(NULL, HDR + header.len + TAG + e2e.len))) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *tag = (const uint8_t *)e2e.buf + e2e.len - TAG;
-        int rc = keys_seal_head(self, 0, ptype, remote, header.buf, (size_t)header.len, tag, o);
+        int rc = keys_seal_head(self, lane, ptype, remote, header.buf, (size_t)header.len, tag, o);
         if (rc) {
             Py_CLEAR(out);
             PyErr_SetString(rc == -1 ? Exhausted : PyExc_RuntimeError,
@@ -511,7 +514,7 @@ static PyMethodDef Keys_methods[] = {
     {"seal", (PyCFunction)Keys_seal, METH_VARARGS, "seal(type, remote_index, plaintext, lane=0) -> transport packet"},
     {"open", (PyCFunction)Keys_open, METH_VARARGS, "open(packet, counter) -> plaintext; Replayed or Forged"},
     {"seal_header", (PyCFunction)Keys_seal_header, METH_VARARGS,
-     "seal_header(remote_index, header, packet, type=SEALED) -> SEALED or TUNNEL packet"},
+     "seal_header(remote_index, header, packet, type=SEALED, lane=0) -> SEALED or TUNNEL packet"},
     {"open_header", (PyCFunction)Keys_open_header, METH_VARARGS,
      "open_header(packet, counter, part) -> routed header; Replayed or Forged"},
     {"newest", (PyCFunction)Keys_newest, METH_O, "whether counter is the newest accepted"},

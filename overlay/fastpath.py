@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from overlay._fast import UP_HEADER, Engine, Keys
-from overlay.links import Link, LinkManager, TunnelPath
+from overlay.links import SEND_LANE, Link, LinkManager, TunnelPath
 from overlay.transport.paths import UdpPath
 from overlay.transport.underlay import UdpUnderlay
 from overlay.wire import Endpoint
@@ -68,8 +68,8 @@ class LinkState(NamedTuple):
 class _Lane:
     """One Engine, the socketpair it passes up through, and the number of the last frame taken from it."""
 
-    def __init__(self, engine: Engine, up: socket.socket, engine_end: socket.socket) -> None:
-        self.engine, self.up, self.engine_end = engine, up, engine_end
+    def __init__(self, index: int, engine: Engine, up: socket.socket, engine_end: socket.socket) -> None:
+        self.index, self.engine, self.up, self.engine_end = index, engine, up, engine_end
         self.sent = 0
 
 
@@ -110,7 +110,7 @@ class FastPath:
                 check_sources=self._check_sources,
                 lane=lane,
             )
-            self._lanes.append(_Lane(engine, up, engine_end))
+            self._lanes.append(_Lane(lane, engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
         self._refused = 0  # the Engine's GSO sends above a route's MTU, as of the last sync
         # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
@@ -284,6 +284,10 @@ class FastPath:
         frames: list[bytes] = []
         underlay = self._underlay
         underlay.hold()
+        # What this lane passed up leaves in its lane and reaches the TAP by its queue (SEND_LANE says why).
+        token = SEND_LANE.set(lane.index)
+        if len(self._lanes) > 1:
+            self._datapath.tap.use_queue(lane.index)
         try:
             for _ in range(UP_BATCH):
                 try:
@@ -308,6 +312,9 @@ class FastPath:
             underlay.flush()
             self._hand_over()
             lane.engine.sent(lane.sent)
+            SEND_LANE.reset(token)
+            if len(self._lanes) > 1:
+                self._datapath.tap.use_queue(0)
 
 
 def _packed(endpoint: Endpoint) -> tuple[int, bytes, int]:

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from overlay.identity import Identity
@@ -105,6 +106,13 @@ Path = UdpPath | TurnPath | TunnelPath
 Via = Endpoint | TurnPath | int
 
 
+# The lane Python seals in (overlay/fastpath.py sets it while it handles what an Engine passed up): the lane the
+# frame or datagram came by, so that a flow keeps the lane the TAP gave it. A TAP sends a flow out by the queue
+# its last packet came in by; answers sealed in lane 0 would move every flow that starts through Python to the
+# first Engine (docs/datapath.md, Lanes). 0 everywhere else.
+SEND_LANE: ContextVar[int] = ContextVar("SEND_LANE", default=0)
+
+
 @dataclass(eq=False)
 class Link:
     peer_id: int
@@ -138,13 +146,13 @@ class Link:
     lanes_ok: bool = False
 
     def send(self, message: bytes) -> None:
-        packet = self.session.seal(message)
+        packet = self.session.seal(message, SEND_LANE.get() if self.lanes_ok else 0)
         self.tx_bytes += len(packet)
         self.path.send(packet)
 
     def send_sealed(self, routed_header: bytes, e2e_packet: Bytes) -> None:
         """A routed packet whose body is sealed end to end: only its header is encrypted for this link."""
-        packet = self.session.seal_header(routed_header, e2e_packet)
+        packet = self.session.seal_header(routed_header, e2e_packet, lane=SEND_LANE.get() if self.lanes_ok else 0)
         self.tx_bytes += len(packet)
         self.path.send(packet)
 
@@ -152,7 +160,9 @@ class Link:
         """A tunnel's link packet to (RELAY) or from (RELAYED) `peer` through this link: a TUNNEL packet if the
         peer takes them and it is a transport packet (handshakes are not), else a relay message sealed whole."""
         if self.tunnels_ok and len(packet) >= MIN_E2E and packet[0] == _TRANSPORT:
-            sealed = self.session.seal_header(relay_head(kind, peer), packet, _TUNNEL)
+            sealed = self.session.seal_header(
+                relay_head(kind, peer), packet, _TUNNEL, SEND_LANE.get() if self.lanes_ok else 0
+            )
             self.tx_bytes += len(sealed)
             self.path.send(sealed)
         else:

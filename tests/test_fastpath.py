@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from overlay._fast import GCM_IMPLS, UP_HEADER, Engine, Keys
 from overlay.fastpath import FastPath, LinkState
-from overlay.links import TUNNEL_OFFSET, Link
+from overlay.links import SEND_LANE, TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import CHUNK_HEADER, Reassembly, split
@@ -681,6 +681,44 @@ class PythonSide:
             self.held.append(b"PY" + f[14:])
             self.fast.set_flow(B_IP, B_ID, header(A_ID, B_ID))
         time.sleep(0.001)  # the Python path is slower than the Engine: more frames go up meanwhile
+
+
+def test_what_an_engine_passes_up_is_handled_in_its_lane_and_written_by_its_queue() -> None:
+    """With two lanes, a frame read from the TAP's second queue goes up through Engine 1, and the Python path
+    handles it with SEND_LANE at 1 and the TAP writing through queue 1 (what it sends is sealed in lane 1, what it
+    delivers enters by that queue), then both go back to lane 0: a flow keeps the lane the TAP gave it."""
+    taps = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    udps = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for (_, tap), udp in zip(taps, udps, strict=True):
+        udp.bind(("127.0.0.1", 0))
+        tap.setblocking(False)
+        udp.setblocking(False)
+    side = PythonSide(taps[0][1], udps[0], ("127.0.0.1", 9))
+    queues: list[int] = []
+    side.tap = SimpleNamespace(
+        fileno=taps[0][1].fileno, vnet_hdr=False, queues=(taps[1][1].fileno(),), use_queue=queues.append
+    )
+    side.lane_socks = [udps[1]]
+    seen: list[tuple[int, list[int]]] = []
+    side.from_tap = lambda frames: seen.append((SEND_LANE.get(), list(queues)))  # type: ignore[method-assign]
+    fast = side.fast = FastPath(SimpleNamespace(links={}), side, None, side, lambda link: 0.0, A_ID, 24)  # type: ignore[arg-type]
+    lane = fast._lanes[1]
+    lane.engine.start()
+    try:
+        taps[1][0].send(frame(A_IP, B_IP))  # no flow: it goes up
+        assert select.select([lane.up], [], [], TIMEOUT)[0]
+        fast._drain(lane)
+        assert seen == [(1, [1])] and queues == [1, 0] and SEND_LANE.get() == 0
+    finally:
+        for each in fast._lanes:
+            each.engine.stop()
+            each.up.close()
+            each.engine_end.close()
+        for pair in taps:
+            for s in pair:
+                s.close()
+        for udp in udps:
+            udp.close()
 
 
 def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_their_flow_over() -> None:

@@ -13,9 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay._fast import LANES, REPLAY_WINDOW, Exhausted, Keys, Replayed, steer_lanes
-from overlay.transport.session import REJECT_AFTER_MESSAGES
+from overlay.links import SEND_LANE, Link
+from overlay.transport.session import REJECT_AFTER_MESSAGES, Session
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
-from overlay.wire import PacketType
+from overlay.wire import LinkMsg, PacketType
 
 LANE = 1 << 56
 
@@ -132,3 +133,35 @@ def test_the_steering_program_takes_1_to_lanes_sockets() -> None:
         for bad in (0, LANES + 1):
             with pytest.raises(ValueError, match="lanes are 1 to"):
                 steer_lanes(s.fileno(), bad)
+
+
+class Sent:
+    """A path that keeps what a link sends on it."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+
+    def send(self, packet: bytes) -> None:
+        self.packets.append(packet)
+
+
+def test_python_seals_in_the_lane_it_handles_for_a_peer_that_takes_lanes() -> None:
+    """overlay/fastpath.py sets SEND_LANE while it handles what Engine k passed up: what Python sends then is
+    counted in lane k (transport packets, SEALED heads, TUNNEL heads), so the peer's Engine k takes it and the
+    flow stays in the lane the TAP gave it; a peer without HELLO_LANES gets lane 0."""
+    key = bytes(range(32))
+    path = Sent()
+    link = Link(7, b"k" * 32, Session(1, 2, b"h" * 32, True, Keys(key, key)), path, 0.0)  # type: ignore[arg-type]
+    e2e = Keys(key, key).seal(0x83, 9, b"end to end")
+    for lanes_ok, lane in ((True, 0), (True, 3), (False, 3)):
+        link.lanes_ok = link.tunnels_ok = lanes_ok
+        token = SEND_LANE.set(lane)
+        try:
+            link.send(b"data")
+            link.send_sealed(bytes(28), e2e)
+            link.send_relay(LinkMsg.RELAY, 9, e2e)
+        finally:
+            SEND_LANE.reset(token)
+        expected = lane if lanes_ok else 0
+        assert [p[5] for p in path.packets] == [expected] * 3, (lanes_ok, lane)
+        path.packets.clear()

@@ -150,6 +150,7 @@ class LinuxTap:
         # A multi-queue TAP's queues after the first (IFF_MULTI_QUEUE): the kernel hands each flow's frames to
         # one queue, chosen by the flow's hash, and sends a reply out of the queue its request came in by.
         self.queues = queues
+        self._write_fd = fd  # use_queue
         self.name = name
         self.mac = mac
         self.mtu = mtu
@@ -222,11 +223,16 @@ class LinuxTap:
     def write(self, frame: bytes) -> None:
         self.write_parts([frame])
 
+    def use_queue(self, index: int) -> None:
+        """Write through queue `index` (0: the first) from now on. The kernel sends a flow out by the queue its last
+        packet came in by: writing what an Engine passed up through that Engine's queue keeps the flow there."""
+        self._write_fd = self._fd if index == 0 else self.queues[index - 1]
+
     def write_parts(self, parts: list[Bytes]) -> None:
         if self._fd < 0:
             raise TapError(f"write to TAP {self.name} after close()")
         try:
-            os.writev(self._fd, parts)
+            os.writev(self._write_fd, parts)
         except BlockingIOError:
             _count(self.counters, "write-queue-full")
         except OSError as e:

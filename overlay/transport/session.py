@@ -85,9 +85,10 @@ class Session:
     created: float = 0.0  # the clock's time at the handshake (rekey and reject timers)
     credential: bytes = b""  # what the peer presented (its certificate's encoding)
 
-    def seal(self, plaintext: Bytes) -> bytes:
+    def seal(self, plaintext: Bytes, lane: int = 0) -> bytes:
+        """A transport packet, counted in `lane` (only to a peer that keeps a window per lane: HELLO_LANES)."""
         try:
-            return self.keys.seal(_TRANSPORT, self.remote_index, plaintext)
+            return self.keys.seal(_TRANSPORT, self.remote_index, plaintext, lane)
         except Exhausted:
             raise HandshakeError("session counter exhausted; a new handshake is needed") from None
 
@@ -98,12 +99,12 @@ class Session:
         except (Replayed, Forged) as e:
             raise DecodeError(str(e)) from None
 
-    def seal_header(self, header: bytes, packet: Bytes, ptype: int = _SEALED) -> bytes:
+    def seal_header(self, header: bytes, packet: Bytes, ptype: int = _SEALED, lane: int = 0) -> bytes:
         """A SEALED (routed header, end-to-end packet) or TUNNEL (relay head, the tunnel's transport packet)
         link packet: the header encrypted under the link's key with the packet's tag as associated data, then
         the packet as it is (a relay's cost does not grow with size)."""
         try:
-            return self.keys.seal_header(self.remote_index, header, packet, ptype)
+            return self.keys.seal_header(self.remote_index, header, packet, ptype, lane)
         except Exhausted:
             raise HandshakeError("session counter exhausted; a new handshake is needed") from None
 
