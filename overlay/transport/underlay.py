@@ -111,7 +111,9 @@ class UdpUnderlay:
         except (OSError, UnderlayError) as e:
             for sock in (self._sock, *self.lane_socks):
                 sock.close()
-            raise UnderlayError(f"cannot open {lanes} sockets on udp {host}:{port} for [vnic] lanes: {e}") from None
+            raise UnderlayError(
+                f"cannot open {lanes} sockets on udp {host}:{port} for [vnic] lanes: {e}; try [vnic] lanes = 1"
+            ) from None
         self.counters: dict[str, int] = {"send_failed": 0, "recv_errors": 0, "stun_dropped": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: DatagramHandler | None = None
