@@ -13,7 +13,7 @@ setup(
         Extension(
             "overlay._fast",
             sources=["overlay/_fast.c"],
-            depends=["overlay/_gcm.h"],
+            depends=["overlay/_gcm.h", "overlay/_keys.h"],
             libraries=["crypto", *(["IPSec_MB"] if IPSEC_MB else [])],
             define_macros=[("HAVE_IPSEC_MB", "1")] if IPSEC_MB else [],
             extra_compile_args=[

@@ -67,7 +67,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
      >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
-     || [ overlay/_fast.c -nt .venv/.installed ] || [ overlay/_gcm.h -nt .venv/.installed ]; then
+     || [ overlay/_fast.c -nt .venv/.installed ] || [ overlay/_gcm.h -nt .venv/.installed ] \
+     || [ overlay/_keys.h -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed
