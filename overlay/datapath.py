@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from overlay.links import Link, LinkManager
+from overlay.link import Link
+from overlay.links import LinkManager
 from overlay.router import Router
 from overlay.routing.forwarding import DEFAULT_TTL
 from overlay.superframes import SEGMENT_DROP, send_unfragmented

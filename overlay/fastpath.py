@@ -33,7 +33,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from overlay._fast import UP_HEADER, Engine, Keys
-from overlay.links import SEND_LANE, Link, LinkManager, TunnelPath
+from overlay.link import SEND_LANE, Link, TunnelPath
+from overlay.links import LinkManager
 from overlay.transport.paths import UdpPath
 from overlay.transport.underlay import UdpUnderlay
 from overlay.wire import Endpoint

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from overlay.identity import verify
 from overlay.ids import format_id, node_id_from_public_key
-from overlay.links import Link
+from overlay.link import Link
 from overlay.ondemand import Open
 from overlay.routing.maintenance import (
     DEAD_REASONS,

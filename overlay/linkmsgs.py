@@ -11,8 +11,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from overlay.ids import format_id
+from overlay.link import Link
 from overlay.linkevents import PEER_CLOSED
-from overlay.links import Link
 from overlay.router import DATA_KINDS
 from overlay.ticker import TIMER_MAX
 from overlay.wire import (

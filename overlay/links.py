@@ -1,12 +1,6 @@
-"""Links: authenticated, encrypted sessions to peers, over whichever path reaches them.
+"""Links: making, moving, rekeying and closing the node's authenticated, encrypted sessions to its peers
+(overlay/link.py has the link itself and its paths).
 
-A link's session (overlay/transport/session.py) is end to end between the two nodes; its path is where the
-packets go:
-- `UdpPath`: out of the node's one UDP socket to an endpoint: the peer's listen address, or the pair ICE chose
-  (host, server-reflexive, peer-reflexive, or the peer's TURN relayed address);
-- `TurnPath`: through our own TURN allocation, on a channel to the peer;
-- `TunnelPath`: inside our link to a neighbour both ends share, which passes the packets on (a "tunnel edge"
-  as in Brunet/IPOP); the relay sees ciphertext only.
 Path choice is separate from the session (as in Tailscale's magicsock): an authenticated packet that arrives
 on another path moves the link there (a peer that roamed, or upgraded from a relay), without a new handshake.
 
@@ -20,12 +14,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from overlay.identity import Identity
 from overlay.ids import format_id, node_id_from_public_key
-from overlay.tap.frames import Bytes
+from overlay.link import (
+    PT_SEALED,
+    PT_TRANSPORT,
+    PT_TUNNEL,
+    SEALED_OFFSET,
+    TUNNEL_OFFSET,
+    Link,
+    Path,
+    TunnelPath,
+    Via,
+)
 from overlay.transport.paths import TurnPath, UdpPath
 from overlay.transport.session import (
     REJECT_AFTER_TIME,
@@ -37,9 +40,6 @@ from overlay.transport.session import (
 )
 from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
 from overlay.wire import (
-    MIN_E2E,
-    SEALED_LINK_PART,
-    TRANSPORT_HEADER,
     TUNNEL_LINK_PART,
     Contact,
     DecodeError,
@@ -51,19 +51,13 @@ from overlay.wire import (
     decode_handshake,
     decode_transport_header,
     decode_unknown_session,
-    encode_relay,
     encode_unknown_session,
-    relay_head,
 )
 
 log = logging.getLogger(__name__)
 
 Underlay = UdpUnderlay | MemoryUnderlay
 
-# Plain ints: compared per packet.
-_TRANSPORT, _SEALED, _TUNNEL = int(PacketType.TRANSPORT), int(PacketType.SEALED), int(PacketType.TUNNEL)
-SEALED_OFFSET = TRANSPORT_HEADER.size + SEALED_LINK_PART  # where a SEALED packet's end-to-end packet starts
-TUNNEL_OFFSET = TRANSPORT_HEADER.size + TUNNEL_LINK_PART  # where a TUNNEL packet's inner packet starts
 # WireGuard's REKEY_TIMEOUT: how long a rekeying handshake waits for its response before another try.
 REKEY_TIMEOUT = 5.0
 # A responder whose peer has not rekeyed by then starts the handshake itself (between REKEY_AFTER_TIME and
@@ -77,109 +71,6 @@ NOTICE_MEMORY = 4096  # senders remembered for that limit before the table is cl
 # rekey's REKEY_TIMEOUT: the restarted peer ignores it while its own call to us on the same path is under a
 # second old (the lower ID's call wins, overlay/linksetup.py own_call_path). Notices come once per NOTICE_EVERY.
 NOTICE_RETRY = 1.0
-
-
-class TunnelPath:
-    """Packets ride inside our link to `relay`, which re-wraps them for `peer`."""
-
-    __slots__ = ("kind", "manager", "peer", "relay")
-
-    def __init__(self, manager: LinkManager, relay: int, peer: int) -> None:
-        self.manager = manager
-        self.relay = relay
-        self.peer = peer
-        self.kind = "tunnel"
-
-    def send(self, packet: bytes) -> None:
-        hop = self.manager.links.get(self.relay)
-        if hop is None or not isinstance(hop.path, UdpPath | TurnPath):
-            self.manager.count("drop: relay link gone")
-            return
-        hop.send_relay(LinkMsg.RELAY, self.peer, packet)
-
-    def describe(self) -> str:
-        return f"via {format_id(self.relay)}"
-
-
-Path = UdpPath | TurnPath | TunnelPath
-# Where a packet arrived from: a UDP source endpoint, a TURN channel, or the neighbour that tunnelled it.
-Via = Endpoint | TurnPath | int
-
-
-# The lane Python seals in (overlay/fastpath.py sets it while it handles what an Engine passed up): the lane the
-# frame or datagram came by, so that a flow keeps the lane the TAP gave it. A TAP sends a flow out by the queue
-# its last packet came in by; answers sealed in lane 0 would move every flow that starts through Python to the
-# first Engine (docs/datapath.md, Lanes). 0 everywhere else.
-SEND_LANE: ContextVar[int] = ContextVar("SEND_LANE", default=0)
-
-
-@dataclass(eq=False)
-class Link:
-    peer_id: int
-    peer_key: bytes
-    session: Session
-    path: Path
-    up_since: float
-    contact: Contact | None = None
-    rtt: float | None = None
-    tx_bytes: int = 0
-    rx_bytes: int = 0
-    # Set when our fragment probe crossed this link (through the tunnel for a relayed link): until then a
-    # DATA_GSO super-frame, a UDP datagram the underlay would IP-fragment, is segmented before it is sent.
-    fragments_ok: bool = False
-    # A session we answered a new handshake with while this one worked: it takes over when the peer first
-    # uses it (key confirmation, as WireGuard's responder waits for the initiator's first packet), so a lost
-    # response cannot leave the two ends on different sessions.
-    next_session: Session | None = None
-    # The session before the last rekey: still opened, never sent on, so that packets the peer sent on it
-    # before it moved (in flight, or sent until our first packet on the new one reached it) are not lost, as
-    # WireGuard keeps its previous keypair. Dropped at the next rekey or when it is REJECT_AFTER_TIME old.
-    previous: Session | None = None
-    # Set when data went out on the link since the last tick (maintenance then watches it closely:
-    # overlay/routing/maintenance.py's busy keepalive).
-    busy: bool = False
-    # When we may next start a rekeying handshake (one try per REKEY_TIMEOUT, as WireGuard retries).
-    rekey_try: float = 0.0
-    # The peer's HELLO said it opens and passes on TUNNEL packets (overlay/wire.py HELLO_TUNNEL).
-    tunnels_ok: bool = False
-    # ... and that it keeps a replay window per counter lane (HELLO_LANES): our Engines send in their own lanes.
-    lanes_ok: bool = False
-
-    def send(self, message: bytes) -> None:
-        packet = self.session.seal(message, SEND_LANE.get() if self.lanes_ok else 0)
-        self.tx_bytes += len(packet)
-        self.path.send(packet)
-
-    def send_sealed(self, routed_header: bytes, e2e_packet: Bytes) -> None:
-        """A routed packet whose body is sealed end to end: only its header is encrypted for this link."""
-        packet = self.session.seal_header(routed_header, e2e_packet, lane=SEND_LANE.get() if self.lanes_ok else 0)
-        self.tx_bytes += len(packet)
-        self.path.send(packet)
-
-    def send_relay(self, kind: LinkMsg, peer: int, packet: bytes) -> None:
-        """A tunnel's link packet to (RELAY) or from (RELAYED) `peer` through this link: a TUNNEL packet if the
-        peer takes them and it is a transport packet (handshakes are not), else a relay message sealed whole."""
-        if self.tunnels_ok and len(packet) >= MIN_E2E and packet[0] == _TRANSPORT:
-            sealed = self.session.seal_header(
-                relay_head(kind, peer), packet, _TUNNEL, SEND_LANE.get() if self.lanes_ok else 0
-            )
-            self.tx_bytes += len(sealed)
-            self.path.send(sealed)
-        else:
-            self.send(encode_relay(kind, peer, packet))
-
-    @property
-    def relay(self) -> int | None:
-        """The neighbour a tunnelled link goes through; None for a link on a path of its own."""
-        return self.path.relay if isinstance(self.path, TunnelPath) else None
-
-    @property
-    def kind(self) -> str:
-        """host, srflx, prflx, relay (TURN) or tunnel (through an overlay neighbour)."""
-        return self.path.kind
-
-    def describe_endpoint(self) -> str:
-        return self.path.describe()
 
 
 @dataclass
@@ -282,7 +173,7 @@ class LinkManager:
             return
         ptype = data[0]
         try:
-            if ptype == _TRANSPORT or ptype == _SEALED or ptype == _TUNNEL:
+            if ptype == PT_TRANSPORT or ptype == PT_SEALED or ptype == PT_TUNNEL:
                 index, counter = decode_transport_header(data)
                 link = self._by_index.get(index)
                 if link is None:
@@ -295,9 +186,9 @@ class LinkManager:
                     session = nxt
                 elif link.previous is not None and link.previous.local_index == index:
                     session = link.previous
-                if ptype == _TRANSPORT:
+                if ptype == PT_TRANSPORT:
                     plaintext = session.open(data, counter)
-                elif ptype == _SEALED:
+                elif ptype == PT_SEALED:
                     header = session.open_header(data, counter)
                 else:
                     head = session.open_header(data, counter, TUNNEL_LINK_PART)
@@ -317,7 +208,7 @@ class LinkManager:
                     # newest authenticated packet says where it is now (WireGuard's rule, section 2.1 of its
                     # paper). Never onto a tunnel: a path of our own is kept while it carries anything.
                     self._move(link, via)
-                if ptype == _SEALED:
+                if ptype == PT_SEALED:
                     self.callbacks.sealed(link, header, memoryview(data)[SEALED_OFFSET:])
                 else:
                     self.callbacks.message(link, plaintext)

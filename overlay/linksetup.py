@@ -8,7 +8,7 @@
    server-reflexive candidates first; if no pair works, a second round with TURN relays (OFFER_RELAY), so a
    relay is used only where nothing direct works: aioice nominates aggressively, and a relay pair answers
    faster than hole punching, so one round with every candidate would often choose the relay.
-3. Tunnels through each neighbour that says it is linked to the peer (overlay/links.py TunnelPath).
+3. Tunnels through each neighbour that says it is linked to the peer (overlay/link.py TunnelPath).
 4. Failed: reported to maintenance, which backs off.
 
 The offering side is the ICE controlling agent and sends the handshake initiation. When both sides call each
@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from overlay.ids import node_id_from_public_key
+from overlay.link import Path, TunnelPath, Via
 from overlay.transport.paths import IcePath, TurnPath, UdpPath
 from overlay.transport.session import PendingHandshake, new_index
 from overlay.transport.signals import Signal, SignalType
 from overlay.wire import Contact, Endpoint
 
 if TYPE_CHECKING:
-    from overlay.links import LinkManager, Path, Via
+    from overlay.links import LinkManager
     from overlay.transport.ice import IceAgent, IceSession
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,6 @@ class LinkSetup:
                 att.relays.pop(0)
                 att.tries = 0
             if att.relays:
-                from overlay.links import TunnelPath
-
                 self._try(att, TunnelPath(self.manager, att.relays[0], att.peer_id), now)
                 return
             if att.ice_state in ("offered", "checking"):

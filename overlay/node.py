@@ -33,9 +33,10 @@ from overlay.fastpath import FastPath
 from overlay.finds import Finder
 from overlay.graph import GraphService, NodeView, own_view
 from overlay.identity import Identity, verify
+from overlay.link import Link
 from overlay.linkevents import LinkEvents
 from overlay.linkmsgs import LinkMessages
-from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
+from overlay.links import LinkCallbacks, LinkManager, Underlay
 from overlay.membership import Membership
 from overlay.metrics import Histogram
 from overlay.ondemand import OnDemand

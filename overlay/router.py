@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from overlay.ids import FAR, ring_distance
-from overlay.links import Link, LinkManager
+from overlay.link import Link
+from overlay.links import LinkManager
 from overlay.routing.forwarding import (
     DEFAULT_TTL,
     DROP_PROMISE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from overlay.e2e import KEEPALIVE, TOO_BIG, EndToEnd
-from overlay.links import Link
+from overlay.link import Link
 from overlay.routing.forwarding import DEFAULT_TTL
 from overlay.transport.session import Handshaker
 from overlay.wire import FLAG_EXACT, FLAG_PROMISE, ROUTED_HEADER, Kind, LinkMsg, Routed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from overlay.links import Link
+from overlay.link import Link
 from overlay.tap.frames import ETH_HEADER_LEN, Bytes, FrameError, complete_checksum, parse_vnet_header, segment_tcp
 
 SEGMENT_DROP = "drop: TCP super-frame that cannot be segmented"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from overlay._fast import GCM_IMPLS, UP_HEADER, Engine, Keys
 from overlay.fastpath import FastPath, LinkState
-from overlay.links import SEND_LANE, TUNNEL_OFFSET, Link
+from overlay.link import SEND_LANE, TUNNEL_OFFSET, Link
 from overlay.tap.frames import internet_checksum, ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import CHUNK_HEADER, Reassembly, split

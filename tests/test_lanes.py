@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay._fast import LANES, REPLAY_WINDOW, Exhausted, Keys, Replayed, steer_lanes
-from overlay.links import SEND_LANE, Link
+from overlay.link import SEND_LANE, Link
 from overlay.transport.session import REJECT_AFTER_MESSAGES, Session
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
 from overlay.wire import LinkMsg, PacketType

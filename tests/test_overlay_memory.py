@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from overlay.links import Link
+from overlay.link import Link
 from overlay.membership import RECRUIT_INTERVAL
 from overlay.node import Node
 from overlay.wire import Endpoint, Kind, PacketType

@@ -35,7 +35,8 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from overlay.config import SocialConfig
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
-from overlay.links import Link, LinkCallbacks, LinkManager, Underlay
+from overlay.link import Link
+from overlay.links import LinkCallbacks, LinkManager, Underlay
 from overlay.remembered import write_private
 from overlay.social.devices import FriendLink, NamedDevice, Pins, names, statement, statement_key
 from overlay.social.names import answer_packet

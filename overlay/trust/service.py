@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from overlay.links import Link
+from overlay.link import Link
 from overlay.port import OverlayPort
 from overlay.trust.certs import CertError, Certificate
 from overlay.trust.issuer import ANSWER_MAGIC, REQUEST_MAGIC, Issuer, decode_answer, make_request
