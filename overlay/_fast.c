@@ -1234,13 +1234,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$di", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
-                                     &id, &address, &prefix, &check, &hold, &lane))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+                                     &id, &address, &prefix, &check, &hold, lane_arg, &lane))
         return -1;
-    if (lane < 0 || lane >= LANES) {
-        PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
-        return -1;
-    }
     e->lane = lane;
     if (!(hold > 0 && hold < 60)) {
         PyErr_SetString(PyExc_ValueError, "hold_limit is seconds, above 0 and below 60");

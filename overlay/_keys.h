@@ -246,16 +246,24 @@ static int keys_ready(Keys *self) {
     return 1;
 }
 
+/* A PyArg converter ("O&") of a lane number from Python: 0 to LANES - 1. */
+static int lane_arg(PyObject *o, void *out) {
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return 0;
+    if (v < 0 || v >= LANES) {
+        PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
+        return 0;
+    }
+    *(int *)out = (int)v;
+    return 1;
+}
+
 static PyObject *Keys_seal(Keys *self, PyObject *args) {
     unsigned char ptype;
     unsigned int remote;
     int lane = 0;
     Py_buffer plain;
-    if (!keys_ready(self) || !PyArg_ParseTuple(args, "bIy*|i", &ptype, &remote, &plain, &lane)) return NULL;
-    if (lane < 0 || lane >= LANES) {
-        PyBuffer_Release(&plain);
-        return PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
-    }
+    if (!keys_ready(self) || !PyArg_ParseTuple(args, "bIy*|O&", &ptype, &remote, &plain, lane_arg, &lane)) return NULL;
     PyObject *out = PyBytes_FromStringAndSize(NULL, HDR + plain.len + TAG);
     if (out) {
         struct iovec piece = {plain.buf, (size_t)plain.len};
@@ -296,11 +304,11 @@ static PyObject *Keys_seal_header(Keys *self, PyObject *args) {
     Py_buffer header, e2e;
     unsigned char ptype = PT_SEALED;
     int lane = 0;
-    if (!keys_ready(self) || !PyArg_ParseTuple(args, "Iy*y*|bi", &remote, &header, &e2e, &ptype, &lane)) return NULL;
+    if (!keys_ready(self) ||
+        !PyArg_ParseTuple(args, "Iy*y*|bO&", &remote, &header, &e2e, &ptype, lane_arg, &lane))
+        return NULL;
     PyObject *out = NULL;
-    if (lane < 0 || lane >= LANES) {
-        PyErr_Format(PyExc_ValueError, "lane is 0 to %d", LANES - 1);
-    } else if (e2e.len < TAG) {
+    if (e2e.len < TAG) {
         PyErr_SetString(PyExc_ValueError, "end-to-end packet shorter than its tag");
     } else if ((out = PyBytes_FromStringAndSize(NULL, HDR + header.len + TAG + e2e.len))) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);

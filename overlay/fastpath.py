@@ -147,10 +147,6 @@ class FastPath:
             lane.up.close()
             lane.engine_end.close()
 
-    @property
-    def engines(self) -> list[Engine]:
-        return [lane.engine for lane in self._lanes]
-
     def _flush_flows(self) -> None:
         for lane in self._lanes:
             lane.engine.flush_flows()
@@ -247,7 +243,7 @@ class FastPath:
                 self._heard(link)
             if next_used:
                 self._links.next_used(peer)
-        refused = self._counters()["gso: above the route's MTU"]
+        refused = sum(lane.engine.counters()["gso: above the route's MTU"] for lane in self._lanes)
         if refused != self._refused:
             # A route refused chunks of the size its MTU had: it shrank. Ask the routes again.
             self._refused = refused
@@ -261,23 +257,14 @@ class FastPath:
                     self.link_changed(peer)
         self._sync_macs()
 
-    def _counters(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for lane in self._lanes:
-            for k, v in lane.engine.counters().items():
-                total[k] = total.get(k, 0) + v
-        return total
-
     def counters(self) -> dict[str, int]:
-        out = {f"fast path: {k}": v for k, v in self._counters().items() if v}
-        if len(self._lanes) > 1:
+        each = [lane.engine.counters() for lane in self._lanes]
+        out = {f"fast path: {k}": sum(c[k] for c in each) for k in each[0]}
+        out = {k: v for k, v in out.items() if v}
+        if len(each) > 1:
             # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane).
-            out["fast path: lanes"] = len(self._lanes)
-            for i, lane in enumerate(self._lanes):
-                carried = lane.engine.counters()
-                for k, v in carried.items():
-                    if v:
-                        out[f"fast path: lane {i}: {k}"] = v
+            out["fast path: lanes"] = len(each)
+            out.update((f"fast path: lane {i}: {k}", v) for i, c in enumerate(each) for k, v in c.items() if v)
         return out
 
     def _drain(self, lane: _Lane) -> None:

@@ -111,14 +111,18 @@ class Link:
     # ... and that it keeps a replay window per counter lane (HELLO_LANES): our Engines send in their own lanes.
     lanes_ok: bool = False
 
+    def _lane(self) -> int:
+        """The lane to seal in: SEND_LANE's for a peer that keeps a window per lane, else 0."""
+        return SEND_LANE.get() if self.lanes_ok else 0
+
     def send(self, message: bytes) -> None:
-        packet = self.session.seal(message, SEND_LANE.get() if self.lanes_ok else 0)
+        packet = self.session.seal(message, self._lane())
         self.tx_bytes += len(packet)
         self.path.send(packet)
 
     def send_sealed(self, routed_header: bytes, e2e_packet: Bytes) -> None:
         """A routed packet whose body is sealed end to end: only its header is encrypted for this link."""
-        packet = self.session.seal_header(routed_header, e2e_packet, lane=SEND_LANE.get() if self.lanes_ok else 0)
+        packet = self.session.seal_header(routed_header, e2e_packet, lane=self._lane())
         self.tx_bytes += len(packet)
         self.path.send(packet)
 
@@ -126,9 +130,7 @@ class Link:
         """A tunnel's link packet to (RELAY) or from (RELAYED) `peer` through this link: a TUNNEL packet if the
         peer takes them and it is a transport packet (handshakes are not), else a relay message sealed whole."""
         if self.tunnels_ok and len(packet) >= MIN_E2E and packet[0] == PT_TRANSPORT:
-            sealed = self.session.seal_header(
-                relay_head(kind, peer), packet, PT_TUNNEL, SEND_LANE.get() if self.lanes_ok else 0
-            )
+            sealed = self.session.seal_header(relay_head(kind, peer), packet, PT_TUNNEL, self._lane())
             self.tx_bytes += len(sealed)
             self.path.send(sealed)
         else:

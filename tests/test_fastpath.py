@@ -736,8 +736,8 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     fast._sync_macs()
     ka, _ = session_pair()
     state = fast._pushed[B_ID] = LinkState(ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, False)
-    fast.engines[0].set_link(B_ID, *state)
-    fast.engines[0].start()
+    fast._lanes[0].engine.set_link(B_ID, *state)
+    fast._lanes[0].engine.start()
     opener = Keys(bytes(range(100, 132)), bytes(range(32)))
     count = 3000
 
@@ -757,7 +757,7 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
             if select.select([fast._lanes[0].up], [], [], 0.01)[0]:
                 fast._drain(fast._lanes[0])
             if time.monotonic() > next_drop:
-                fast.engines[0].drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
+                fast._lanes[0].engine.drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
                 next_drop += 0.02
             wire_b.sock.settimeout(0)
             try:
@@ -773,8 +773,8 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
                 pass
     finally:
         writer.join()
-        held = fast.engines[0].counters()
-        fast.engines[0].stop()
+        held = fast._lanes[0].engine.counters()
+        fast._lanes[0].engine.stop()
         for s in (kernel, tap, udp, wire_b.sock, fast._lanes[0].up, fast._lanes[0].engine_end):
             s.close()
     assert order == list(range(count))
@@ -808,7 +808,7 @@ class Driven:
         self.fast = FastPath(links, side, router, side, lambda link: 0.0, B_ID, 24)  # type: ignore[arg-type]
         self.fast._sync_macs()
         self.fast.link_changed(A_ID)
-        self.fast.engines[0].start()
+        self.fast._lanes[0].engine.start()
         self.up = self.fast._lanes[0].up
         self.up.setblocking(True)
         self.up.settimeout(TIMEOUT)
@@ -817,7 +817,7 @@ class Driven:
         self.wire_a.sock.sendto(keys.seal(0x83, index, body), self.udp.getsockname())
 
     def close(self) -> None:
-        self.fast.engines[0].stop()
+        self.fast._lanes[0].engine.stop()
         for s in (
             self.kernel,
             self.tap,
