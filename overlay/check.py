@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from overlay.config import NodeConfig, resolve_address6
+from overlay.config import NodeConfig
+from overlay.configvalues import resolve_address6
 from overlay.control import socket_in_use
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import os
 import ssl
 import tomllib
 from collections.abc import Callable
@@ -17,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overlay.ids import derived_address6
+from overlay import configvalues as check
 from overlay.routing.ring import RingParams
-from overlay.tap.vnic import check_address6
 from overlay.transport.paths import IceSettings, TurnServer
-from overlay.transport.servers import parse_server, parse_turn_url
+from overlay.transport.servers import parse_turn_url
 from overlay.wire import Endpoint
 
 
@@ -88,194 +86,62 @@ class IssuerConfig:
     state_file: Path  # [issuer] state_file: allocations, member list, revocations (default next to group_key)
 
 
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
-def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"expected a whole number from {lo} to {hi}")
-        return value
-
-    return check
-
-
-def _lanes(value: Any) -> int:
-    if value == "auto":
-        # Our choice: one Engine per two CPUs, leaving the other for the applications the traffic is for;
-        # at most 4 (docs/datapath.md, Lanes).
-        return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError('expected "auto" or a whole number from 1 to 8')
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(repr(o) for o in options)}")
-        return str(value)
-
-    return check
-
-
-def _endpoint(value: Any) -> Endpoint:
-    text = _str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise ValueError('expected "address:port"')
-    host = host.strip("[]")
-    ipaddress.ip_address(host)
-    p = int(port)
-    if not 0 <= p <= 65535:
-        raise ValueError("port out of range")
-    return host, p
-
-
-def _server(value: Any) -> Endpoint:
-    """A STUN server, "HOST:PORT": an IP address (IPv6 in brackets) or a DNS name (overlay/transport/servers.py)."""
-    return parse_server(_str(value))
-
-
-def _server_list(value: Any) -> tuple[Endpoint, ...]:
-    if not isinstance(value, list):
-        raise ValueError('expected a list like ["198.18.0.2:3478", "stun.example.org:3478"]')
-    return tuple(_server(v) for v in value)
-
-
-def _jid(value: Any) -> str:
-    text = _str(value)
-    local, at, rest = text.partition("@")
-    if not at or not local or not rest.split("/")[0]:
-        raise ValueError('expected "user@domain" or "user@domain/resource"')
-    return text
-
-
-def _interface(value: Any) -> str:
-    iface = ipaddress.IPv4Interface(_str(value))
-    if iface.network.prefixlen > 30 or iface.ip in (
-        iface.network.network_address,
-        iface.network.broadcast_address,
-    ):
-        raise ValueError("expected a host address with a prefix of /30 or shorter, like 10.254.0.1/16")
-    return str(iface)
-
-
-def _interface6(value: Any) -> str:
-    iface = ipaddress.IPv6Interface(_str(value))
-    try:
-        if is_prefix6(str(iface)):
-            if iface.network.prefixlen > 64:
-                raise ValueError("a prefix to derive the address from must be /64 or shorter")
-            check_address6(derived_address6(int(iface.ip), 1), iface.network.prefixlen)
-        else:
-            check_address6(int(iface.ip), iface.network.prefixlen)
-    except ValueError as e:
-        raise ValueError(f'{e}; expected a prefix like "fd12:3456:789a:1::/64" or a host address in one') from None
-    return str(iface)
-
-
-def is_prefix6(text: str) -> bool:
-    """Whether [vnic] address6 `text` is a prefix (host bits zero) rather than a host address."""
-    iface = ipaddress.IPv6Interface(text)
-    return int(iface.ip) & int(iface.network.hostmask) == 0
-
-
-def resolve_address6(text: str, node_id: int) -> str:
-    """The node's IPv6 interface ("addr/len") for [vnic] address6 `text`: a prefix gets the node ID as its
-    interface ID (overlay/ids.py derived_address6); a host address stays as written."""
-    iface = ipaddress.IPv6Interface(text)
-    if not is_prefix6(text):
-        return str(iface)
-    return f"{ipaddress.IPv6Address(derived_address6(int(iface.ip), node_id))}/{iface.network.prefixlen}"
-
-
-def _subnet(value: Any) -> ipaddress.IPv4Network:
-    net = ipaddress.IPv4Network(_str(value), strict=True)
-    if net.prefixlen > 30:
-        raise ValueError("expected a network of /30 or larger, like 10.254.0.0/16")
-    return net
-
-
-def _domain(value: Any) -> str:
-    text = _str(value).strip(".").lower()
-    if not all(label.isascii() and label.replace("-", "").isalnum() for label in text.split(".")):
-        raise ValueError('expected a DNS name of letters, digits and hyphens, like "ipop"')
-    return text
-
-
-def _ifname(value: Any) -> str:
-    text = _str(value)
-    if len(text) > 15 or "/" in text or " " in text:
-        raise ValueError("expected an interface name of at most 15 characters")
-    return text
-
-
 _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     # section -> key -> (check, default); default ... means required
     "node": {
-        "key": (_str, ...),
-        "control_socket": (_str, "/run/ipop-overlay/node.sock"),
-        "listen": (_endpoint, ("0.0.0.0", 5800)),
+        "key": (check.string, ...),
+        "control_socket": (check.string, "/run/ipop-overlay/node.sock"),
+        "listen": (check.endpoint, ("0.0.0.0", 5800)),
     },
     "xmpp": {
-        "jid": (_jid, ...),
-        "password": (_str, None),
-        "password_file": (_str, None),
-        "host": (_str, None),
-        "port": (_int_range(1, 65535), 5222),
-        "room": (_jid, ...),
-        "ca_file": (_str, None),
-        "anchors": (_int_range(1, 16), 3),
+        "jid": (check.jid, ...),
+        "password": (check.string, None),
+        "password_file": (check.string, None),
+        "host": (check.string, None),
+        "port": (check.int_range(1, 65535), 5222),
+        "room": (check.jid, ...),
+        "ca_file": (check.string, None),
+        "anchors": (check.int_range(1, 16), 3),
     },
     "vnic": {
-        "name": (_ifname, "ipop0"),
-        "address": (_interface, None),
-        "address6": (_interface6, None),
-        "mtu": (_int_range(576, 9000), 1400),
-        "offload": (_bool, True),
-        "fast_path": (_bool, True),
-        "lanes": (_lanes, "auto"),
+        "name": (check.ifname, "ipop0"),
+        "address": (check.interface, None),
+        "address6": (check.interface6, None),
+        "mtu": (check.int_range(576, 9000), 1400),
+        "offload": (check.boolean, True),
+        "fast_path": (check.boolean, True),
+        "lanes": (check.lanes, "auto"),
     },
     "overlay": {
-        "ring_size": (_int_range(1, 8), RingParams().ring_size),
-        "long_links": (_int_range(0, 32), RingParams().long_links),
-        "incoming_cap": (_int_range(0, 128), RingParams().incoming_cap),
-        "lookahead": (_bool, True),
-        "routing": (_choice("promise", "strict"), "promise"),
-        "on_demand_rate": (_int_range(0, 1 << 40), 65536),
-        "on_demand_idle": (_int_range(5, 86400), 60),
+        "ring_size": (check.int_range(1, 8), RingParams().ring_size),
+        "long_links": (check.int_range(0, 32), RingParams().long_links),
+        "incoming_cap": (check.int_range(0, 128), RingParams().incoming_cap),
+        "lookahead": (check.boolean, True),
+        "routing": (check.choice("promise", "strict"), "promise"),
+        "on_demand_rate": (check.int_range(0, 1 << 40), 65536),
+        "on_demand_idle": (check.int_range(5, 86400), 60),
     },
     "group": {
-        "public_key": (_str, None),
-        "public_key_file": (_str, None),
-        "open": (_bool, False),
+        "public_key": (check.string, None),
+        "public_key_file": (check.string, None),
+        "open": (check.boolean, False),
     },
     "social": {
-        "subnet": (_subnet, ipaddress.IPv4Network("172.31.0.0/16")),
-        "domain": (_domain, "ipop"),
-        "dns": (lambda v: ipaddress.IPv4Address(_str(v)), None),
+        "subnet": (check.subnet, ipaddress.IPv4Network("172.31.0.0/16")),
+        "domain": (check.domain, "ipop"),
+        "dns": (lambda v: ipaddress.IPv4Address(check.string(v)), None),
     },
     "issuer": {
-        "group_key": (_str, ...),
-        "subnet": (_subnet, ipaddress.IPv4Network("10.254.0.0/16")),
-        "lifetime": (_int_range(600, 365 * 86400), 86400),
-        "state_file": (_str, None),
+        "group_key": (check.string, ...),
+        "subnet": (check.subnet, ipaddress.IPv4Network("10.254.0.0/16")),
+        "lifetime": (check.int_range(600, 365 * 86400), 86400),
+        "state_file": (check.string, None),
     },
     "metrics": {
-        "listen": (_endpoint, ("127.0.0.1", 9469)),
+        "listen": (check.endpoint, ("127.0.0.1", 9469)),
     },
     "ice": {
-        "stun": (_server_list, ()),
+        "stun": (check.server_list, ()),
         "turn": (lambda v: v, ()),  # a list of tables, checked by _turn_servers
     },
 }
@@ -311,14 +177,14 @@ def load_config(path: Path) -> NodeConfig:
             continue
         table = raw.get(section, {})
         out = values.setdefault(section, {})
-        for key, (check, default) in keys.items():
+        for key, (checked, default) in keys.items():
             if key not in table:
                 if default is ... and not (section == "xmpp" and key == "room" and "social" in raw):
                     raise ConfigError(f"{path}: missing key [{section}] {key}")
                 out[key] = default if default is not ... else None
                 continue
             try:
-                out[key] = check(table[key])
+                out[key] = checked(table[key])
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{path}: bad value for [{section}] {key} = {table[key]!r}: {e}") from None
 
@@ -363,7 +229,7 @@ def load_config(path: Path) -> NodeConfig:
     if address is not None and issuer is not None and ipaddress.IPv4Interface(address).ip not in issuer.subnet:
         raise ConfigError(f"{path}: [vnic] address {address} is outside [issuer] subnet {issuer.subnet}")
     address6 = values["vnic"]["address6"]
-    if address6 is not None and group_key is not None and not is_prefix6(address6):
+    if address6 is not None and group_key is not None and not check.is_prefix6(address6):
         raise ConfigError(
             f"{path}: [vnic] address6 {address6} is a host address; in a group with certificates write the prefix "
             'alone (like "fd12:3456:789a:1::/64"): each node\'s address is derived from its key'
@@ -388,7 +254,7 @@ def load_config(path: Path) -> NodeConfig:
         # kernel's partial checksums and super-frames would have to be completed first, so its TAP has no offload.
         vnic_offload=values["vnic"]["offload"] and social is None,
         vnic_fast_path=values["vnic"]["fast_path"],
-        vnic_lanes=_lanes(values["vnic"]["lanes"]),  # "auto" (the default, unchecked above) to a number
+        vnic_lanes=check.lanes(values["vnic"]["lanes"]),  # "auto" (the default, unchecked above) to a number
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),
         lookahead=o["lookahead"],
         routing=o["routing"],
@@ -490,8 +356,8 @@ def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[T
             if key not in _TURN_KEYS:
                 raise ConfigError(f"{where}: unknown key {key}{_suggest(key, list(_TURN_KEYS))}")
         try:
-            host, port, transport = parse_turn_url(_str(entry.get("url")))
-            username = _str(entry.get("username"))
+            host, port, transport = parse_turn_url(check.string(entry.get("url")))
+            username = check.string(entry.get("username"))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None
         if ("password" in entry) == ("password_file" in entry):
@@ -506,7 +372,7 @@ def _turn_servers(path: Path, value: Any, rel: Callable[[str], Path]) -> tuple[T
         if "ca_file" in entry:
             if transport != "tls":
                 raise ConfigError(f"{where}: ca_file is for a turns: URL (TLS) only")
-            ca_file = str(rel(_str(entry["ca_file"])))
+            ca_file = str(rel(check.string(entry["ca_file"])))
             try:
                 ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError, ValueError) as e:

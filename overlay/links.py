@@ -29,6 +29,7 @@ from overlay.link import (
     TunnelPath,
     Via,
 )
+from overlay.transport.memory import MemoryUnderlay
 from overlay.transport.paths import TurnPath, UdpPath
 from overlay.transport.session import (
     REJECT_AFTER_TIME,
@@ -38,7 +39,7 @@ from overlay.transport.session import (
     Handshaker,
     Session,
 )
-from overlay.transport.underlay import MemoryUnderlay, UdpUnderlay
+from overlay.transport.underlay import UdpUnderlay
 from overlay.wire import (
     TUNNEL_LINK_PART,
     Contact,

@@ -67,7 +67,7 @@ class NodeSettings:
 
     room: str
     address: str  # virtual IPv4 with prefix, "10.254.0.1/16"
-    address6: str | None = None  # virtual IPv6 with prefix, "fd00:1::5/64" (config.resolve_address6); None: none
+    address6: str | None = None  # virtual IPv6 with prefix, "fd00:1::5/64" (configvalues.resolve_address6); None: none
     ring: RingParams = field(default_factory=RingParams)
     lookahead: bool = True
     promise: bool = True  # data packets follow the promise rule (docs/topology.md: 1.27x vs 1.42x shortest)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from overlay.config import NodeConfig, ice_settings, resolve_address6
+from overlay.config import NodeConfig, ice_settings
+from overlay.configvalues import resolve_address6
 from overlay.control import ControlError, ControlServer, socket_in_use
 from overlay.identity import Identity
 from overlay.ids import format_id

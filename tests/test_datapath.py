@@ -34,7 +34,7 @@ from overlay.tap.frames import (
     segment_tcp,
 )
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import MemoryNetwork
+from overlay.transport.memory import MemoryNetwork
 from overlay.wire import ROUTED_HEADER, Kind, LinkMsg
 from tests.support.memgroup import linked_pair
 

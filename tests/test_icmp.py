@@ -24,7 +24,8 @@ from overlay._fast import UP_HEADER
 from overlay.routing.maintenance import DEAD_AFTER, UNREACHABLE_DEAD, UNREACHABLE_REASON
 from overlay.tap.frames import ETH_P_IP, ethernet_frame
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import IP_RECVERR, IPV6_RECVERR, MemoryNetwork, UdpUnderlay, icmp_unreachable
+from overlay.transport.memory import MemoryNetwork
+from overlay.transport.underlay import IP_RECVERR, IPV6_RECVERR, UdpUnderlay, icmp_unreachable
 from tests.support.memgroup import linked_pair, udp_packet, vaddr
 from tests.test_fastpath import A_ID, A_IP, B_ID, B_IP, Node, Wire, frame, header, session_pair
 

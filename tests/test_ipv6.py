@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.config import ConfigError, _interface6, is_prefix6, load_config, resolve_address6
+from overlay.config import ConfigError, load_config
+from overlay.configvalues import interface6, is_prefix6, resolve_address6
 from overlay.datapath import SOURCE_DROP
 from overlay.dht.records import (
     check_record,
@@ -307,7 +308,7 @@ def test_a_prefix_gets_the_node_id_as_interface_id_and_a_host_address_stays() ->
 @pytest.mark.parametrize("text", ["fe80::/64", "fd00::/72", "fd00::/8", "fd00::/64x", "10.0.0.1/16"])
 def test_bad_address6_settings_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
-        _interface6(text)
+        interface6(text)
 
 
 CONFIG = """

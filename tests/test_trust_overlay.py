@@ -11,8 +11,8 @@ from overlay.datapath import SOURCE_DROP
 from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
+from overlay.transport.memory import MemoryUnderlay
 from overlay.transport.session import REJECT_AFTER_TIME, REKEY_AFTER_TIME
-from overlay.transport.underlay import MemoryUnderlay
 from overlay.trust.certs import issue_certificate
 from overlay.trust.groupkey import GroupKey
 from overlay.trust.issuer import make_request

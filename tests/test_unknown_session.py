@@ -14,7 +14,7 @@ from overlay.node import Node, NodeSettings
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, ethernet_frame
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
+from overlay.transport.memory import MemoryNetwork, MemoryUnderlay
 from overlay.wire import DecodeError, PacketType, decode_unknown_session, encode_unknown_session
 from tests.support.memgroup import ROOM, MemoryGroup, linked_pair, udp_packet, vaddr
 

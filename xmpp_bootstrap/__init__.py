@@ -1,6 +1,7 @@
 """XMPP bootstrap: login, room membership and the first hello exchange; an in-memory twin for tests."""
 
-from xmpp_bootstrap.client import Bootstrap, XmppBootstrap, XmppSettings
+from xmpp_bootstrap.bootstrap import Bootstrap
+from xmpp_bootstrap.client import XmppBootstrap, XmppSettings
 from xmpp_bootstrap.memory import MemoryBootstrap, MemoryRoom
 from xmpp_bootstrap.protocol import MAX_HELLO, decode_hello, encode_hello
 from xmpp_bootstrap.session import BootstrapError

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from xmpp_bootstrap.client import JOIN_REFUSALS, new_stats
+from xmpp_bootstrap.bootstrap import JOIN_REFUSALS, new_stats
 from xmpp_bootstrap.protocol import (
     REMOVAL_REASONS,
     REVOKED_STATUS,

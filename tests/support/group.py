@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from overlay.config import resolve_address6
+from overlay.configvalues import resolve_address6
 from overlay.control import ControlError, query
 from overlay.identity import Identity
 from overlay.ids import format_id, parse_id, ring_distance

@@ -13,7 +13,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from overlay.config import resolve_address6
+from overlay.configvalues import resolve_address6
 from overlay.dht.records import make_record
 from overlay.identity import Identity
 from overlay.node import Node, NodeSettings
@@ -23,7 +23,7 @@ from overlay.routing.ring import RingParams, SortedRing
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import ETH_P_IP, ETH_P_IPV6, ethernet_frame, internet_checksum
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
-from overlay.transport.underlay import MemoryNetwork, MemoryUnderlay
+from overlay.transport.memory import MemoryNetwork, MemoryUnderlay
 from overlay.trust.groupkey import GroupKey
 from overlay.trust.issuer import Issuer, make_request
 from overlay.trust.members import GroupTrust
