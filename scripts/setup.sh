@@ -65,7 +65,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis' \
+if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis, xdist' \
      >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
      || [ overlay/_fast.c -nt .venv/.installed ] || [ overlay/_gcm.h -nt .venv/.installed ] \
      || [ overlay/_keys.h -nt .venv/.installed ]; then
