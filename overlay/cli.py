@@ -65,6 +65,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_path(lanes: int) -> str:
+    return f"compiled, {lanes} lane{'s' if lanes > 1 else ''}" if lanes else "Python"
+
+
 def _status_table(st: dict[str, Any]) -> str:
     lines = [
         f"node     {st['node_id']}{'  (anchor)' if st.get('anchor') else ''}",
@@ -72,6 +76,7 @@ def _status_table(st: dict[str, Any]) -> str:
         f"room     {st['room']}",
         f"endpoint {st.get('endpoint', '')}",
         f"cipher   {st.get('cipher', '-')}",
+        f"data     {_data_path(st.get('lanes', 0))}",
         f"dht      {st['dht']['stored']} records stored, {st['dht']['cached']} cached",
         f"links    {len(st['links'])}",
     ]

@@ -257,13 +257,16 @@ class FastPath:
                     self.link_changed(peer)
         self._sync_macs()
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
     def counters(self) -> dict[str, int]:
         each = [lane.engine.counters() for lane in self._lanes]
         out = {f"fast path: {k}": sum(c[k] for c in each) for k in each[0]}
         out = {k: v for k, v in out.items() if v}
         if len(each) > 1:
             # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane).
-            out["fast path: lanes"] = len(each)
             out.update((f"fast path: lane {i}: {k}", v) for i, c in enumerate(each) for k, v in c.items() if v)
         return out
 

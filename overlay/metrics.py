@@ -86,6 +86,9 @@ class NodeCollector:
         info = GaugeMetricFamily("ipop_info", "This node", labels=["node_id", "address", "overlay", "room"])
         info.add_metric([status["node_id"], status["address"], status["overlay"]["id"], status["room"]], 1)
         yield info
+        lanes = GaugeMetricFamily("ipop_lanes", "Engines of the compiled data path ([vnic] lanes; 0: the Python path)")
+        lanes.add_metric([], status["lanes"])
+        yield lanes
 
         kinds = GaugeMetricFamily("ipop_links", "Links by kind", labels=["kind"])
         by_kind = dict.fromkeys(LINK_KINDS, 0)

@@ -65,6 +65,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "room": node.room,
         "endpoint": f"{node.underlay.local_endpoint[0]}:{node.underlay.local_endpoint[1]}",
         "cipher": f"AES-256-GCM, {GCM}",
+        "lanes": node.fast.lanes if node.fast is not None else 0,  # the compiled data path's Engines; 0: Python's
         "links": links,
         "successors": [format_id(i) for i in node.table.successors()],
         "predecessors": [format_id(i) for i in node.table.predecessors()],

@@ -149,6 +149,7 @@ def test_metrics_count_the_pings_that_cross_a_node(group: Group) -> None:
         assert after[carried] > before[carried] + 20 * 84, direction  # 20 echo packets of 84 bytes, and headers
     assert sum(v for (name, _), v in after.items() if name == "ipop_links") == len(group.status(0)["links"])
     assert after[("ipop_xmpp_in_room", ())] in (0.0, 1.0)
+    assert after[("ipop_lanes", ())] == group.status(0)["lanes"] >= 1  # the compiled data path, auto lanes
     # One way only: 50 UDP datagrams from node 0 to a closed port of node 3 (whose kernel answers a few with ICMP,
     # rate-limited): node 3 counts them in, node 0 out, and neither the other way round.
     far = group.members[3].address.split("/")[0]

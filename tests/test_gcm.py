@@ -117,7 +117,7 @@ def test_ipsec_mb_runs_where_the_build_and_cpu_have_it_and_not_at_all_when_the_e
     assert impls == "openssl" and name.startswith("OpenSSL")
 
 
-def test_a_nodes_status_names_the_cipher_in_use() -> None:
+def test_a_nodes_status_names_the_cipher_and_the_data_path_in_use() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=41)
         try:
@@ -125,6 +125,10 @@ def test_a_nodes_status_names_the_cipher_in_use() -> None:
             st = node.status()
             assert st["cipher"] == f"AES-256-GCM, {GCM}"
             assert f"cipher   AES-256-GCM, {GCM}" in _status_table(st).splitlines()
+            assert st["lanes"] == 0  # a memory TAP: no Engine
+            assert "data     Python" in _status_table(st).splitlines()
+            for lanes, says in ((1, "compiled, 1 lane"), (2, "compiled, 2 lanes")):
+                assert f"data     {says}" in _status_table({**st, "lanes": lanes}).splitlines()
         finally:
             await g.stop()
 

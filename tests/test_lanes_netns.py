@@ -53,8 +53,9 @@ def mixed() -> Iterator[Group]:
 
 
 def lanes_carried(group: Group, i: int, what: str) -> list[int]:
-    counters = group.status(i)["counters"]
-    assert counters.get("fast path: lanes") == 2, counters
+    st = group.status(i)
+    assert st["lanes"] == 2, st
+    counters = st["counters"]
     return [counters.get(f"fast path: lane {k}: {what}", 0) for k in range(2)]
 
 
@@ -79,6 +80,7 @@ def test_streams_spread_over_both_lanes_at_each_end(group: Group, a: int, b: int
 
 @pytest.mark.parametrize("a, b", [(0, 1), (1, 0)], ids=["lanes-python", "python-lanes"])
 def test_a_member_on_the_python_path_takes_every_lane_and_is_answered(mixed: Group, a: int, b: int) -> None:
+    assert [mixed.status(i)["lanes"] for i in (0, 1)] == [2, 0]
     received = mixed.iperf3(a, b, IPERF_S, streams=STREAMS)["end"]["sum_received"]
     assert received["bytes"] > 1_000_000
     failed = [p for p, t in mixed.wait_for_pings([(0, 1), (1, 0)], timeout=30.0).items() if t is None]

@@ -53,6 +53,7 @@ def test_a_scrape_shows_links_data_and_xmpp_and_the_counters_move_when_packets_f
             links = sum(v for (name, _), v in before.items() if name == "ipop_links")
             assert links == len(g.nodes[0].links.links) > 0
             assert before[("ipop_xmpp_in_room", ())] in (0.0, 1.0)
+            assert before[("ipop_lanes", ())] == 0.0  # a memory TAP: the Python data path
             assert (
                 before[("ipop_membership_state", (("state", "member"),))]
                 + before[("ipop_membership_state", (("state", "founder"),))]
