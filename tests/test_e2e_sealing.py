@@ -32,9 +32,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 
 async def relayed_pair(g: MemoryGroup) -> tuple[int, int]:
-    for _ in range(12):
-        await g.add_node()
-    assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+    assert await g.form_ring(12, 30.0)
     # With the ring whole and no long links (nor on-demand links) nothing opens links any more; the ones a
     # joiner made on its way in only close. A pair unlinked now stays unlinked.
     for a in range(12):

@@ -156,9 +156,7 @@ def test_one_member_collects_every_members_links_and_the_files_say_the_same(tmp_
     async def scenario() -> tuple[dict[str, Any], set[frozenset[str]]]:
         g = MemoryGroup(seed=9)
         try:
-            for _ in range(12):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(12, 30.0)
             for _ in range(3):  # links may still move as long links settle: agree on one snapshot
                 before = links_of(g)
                 result = await collect(g, 5, 20.0)
@@ -211,9 +209,7 @@ def test_the_control_socket_streams_a_collection_and_names_a_bad_timeout(tmp_pat
     async def scenario() -> None:
         g = MemoryGroup(seed=8)
         try:
-            for _ in range(3):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            assert await g.form_ring(3, 20.0)
             server = ControlServer(
                 tmp_path / "node.sock", {"status": g.nodes[0].status}, {"graph": g.nodes[0].graph.request}
             )

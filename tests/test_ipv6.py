@@ -413,9 +413,7 @@ def test_members_reach_each_other_over_ipv6_through_the_dht_and_relays() -> None
     async def scenario() -> None:
         g = MemoryGroup(seed=42, address6=PREFIX)
         try:
-            for _ in range(6):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(6, 30.0)
             pairs = [(a, b) for a in range(6) for b in range(6) if a != b]
             assert await g.reach(pairs, 20.0, v6=True) == []
             held = {address for n in g.nodes for address in n.dht.held()}
@@ -430,9 +428,7 @@ def test_with_certificates_an_ipv6_source_not_derived_from_the_sender_is_dropped
     async def scenario() -> None:
         g = MemoryGroup(seed=43, group_key=GroupKey.from_seed(bytes([43]) * 32), address6=PREFIX)
         try:
-            for _ in range(5):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(5, 30.0)
             assert await g.reach([(1, 4)], 15.0, v6=True) == []
             before = g.nodes[4].counters.get(SOURCE_DROP, 0)
             spoofed = [g.send6(1, 4, f"spoofed {k}".encode(), src=g.vaddr6(3)) for k in range(3)]
@@ -451,9 +447,7 @@ def test_a_packet_for_an_ipv6_address_nobody_owns_gets_an_icmpv6_error() -> None
     async def scenario() -> None:
         g = MemoryGroup(seed=44, address6=PREFIX)
         try:
-            for _ in range(3):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(3, 30.0)
             nobody = "fd00:1:2:3::dead"
             packet = ipv6(ip6(g.vaddr6(0)), ip6(nobody), b"anyone?")
             g.taps[0].inject(from_kernel(packet))

@@ -41,9 +41,7 @@ def test_a_scrape_shows_links_data_and_xmpp_and_the_counters_move_when_packets_f
     async def scenario() -> None:
         g = MemoryGroup(seed=3)
         try:
-            for _ in range(5):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(5, 30.0)
             server = MetricsServer(("127.0.0.1", 0), g.nodes[0])
             await server.start()
             url = f"http://{server.address}/metrics"

@@ -90,9 +90,7 @@ def test_a_link_made_meanwhile_to_a_hot_destination_is_taken_as_on_demand_up_to_
 
 async def ring_of_twelve(g: MemoryGroup) -> list[tuple[int, int]]:
     """Twelve nodes in `g` with their ring formed; every ordered pair of them, in one fixed shuffled order."""
-    for _ in range(12):
-        await g.add_node()
-    assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+    assert await g.form_ring(12, 30.0)
     pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
     random.Random(5).shuffle(pairs)
     return pairs

@@ -56,9 +56,7 @@ def test_ring_repairs_after_a_node_leaves_and_traffic_flows_again() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=11)
         try:
-            for _ in range(16):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(16, 30.0)
             await g.nodes[5].stop()
             assert await g.wait_for(lambda: not g.ring_correct(), 20.0), g.ring_correct()
             p = g.send(2, 9, b"after repair")
@@ -73,9 +71,7 @@ def test_ring_repairs_after_a_node_crashes_without_saying_goodbye() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=5, ping_interval=PING_INTERVAL)
         try:
-            for _ in range(12):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(12, 30.0)
             dead = g.nodes[4]
             dead.ticker.stop()  # no CLOSE messages: the peers must notice missing keepalives
             dead.underlay.close()
@@ -128,9 +124,7 @@ def test_ring_neighbours_whose_path_is_lost_silently_link_again_through_a_tunnel
     async def scenario() -> None:
         g = MemoryGroup(seed=5, ping_interval=PING_INTERVAL)
         try:
-            for _ in range(7):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(7, 30.0)
             a = g.nodes[1]
             b = next(n for n in g.nodes if n.id == a.table.successors()[0])
             assert any(b.id in n.table.neighbours() and a.id in n.table.neighbours() for n in g.nodes)
@@ -148,9 +142,7 @@ def test_a_packet_for_an_address_nobody_owns_is_dropped_counted_and_answered_wit
     async def scenario() -> None:
         g = MemoryGroup(seed=2)
         try:
-            for _ in range(4):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            assert await g.form_ring(4, 20.0)
             from overlay.tap.frames import ETH_P_IP, ethernet_frame
             from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
             from tests.support.memgroup import udp_packet
@@ -171,9 +163,7 @@ def test_garbage_from_a_linked_peer_is_counted_and_the_link_survives() -> None:
     async def scenario() -> None:
         g = MemoryGroup(seed=9)
         try:
-            for _ in range(3):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            assert await g.form_ring(3, 20.0)
             a, b = g.nodes[0], g.nodes[1]
             link = a.links.links[b.id]
             for junk in (b"", b"\x04", b"\x04" + bytes(40), b"\x03\x05", b"\xff" * 10, bytes([Kind.FIND])):
@@ -288,9 +278,7 @@ def test_data_packets_take_the_route_the_shared_promise_walk_computes_on_the_nod
     async def scenario() -> None:
         g = MemoryGroup(seed=17)
         try:
-            for _ in range(60):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 40.0)
+            assert await g.form_ring(60, 40.0)
             by_id = {n.id: n for n in g.nodes}
             rng = random.Random(5)
             pairs = [tuple(rng.sample(range(60), 2)) for _ in range(30)]
@@ -326,9 +314,7 @@ def test_a_crashed_record_holder_is_replaced_so_the_record_keeps_its_copies() ->
     async def scenario() -> None:
         g = MemoryGroup(seed=9, ping_interval=PING_INTERVAL)
         try:
-            for _ in range(12):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(12, 30.0)
             address = g.nodes[0].address
             key = record_key(g.nodes[0].room, address)
 
@@ -408,9 +394,7 @@ def test_a_routed_control_packet_is_acknowledged_by_the_next_hop_so_the_sender_s
     async def scenario() -> None:
         g = MemoryGroup(seed=5)
         try:
-            for _ in range(6):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 20.0)
+            assert await g.form_ring(6, 20.0)
             a = g.nodes[0]
             acks: list[int] = []
             # Counted where they arrive, on every link of a's: one made after this point (a long link still

@@ -69,9 +69,7 @@ def test_a_node_restarted_while_xmpp_is_down_rejoins_the_ring_through_the_member
     async def scenario() -> None:
         g = MemoryGroup(seed=21)
         try:
-            for _ in range(8):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(8, 30.0)
             remembered = g.nodes[which].remembered()
             assert remembered and all(r.public_key != g.nodes[which].identity.public_key for r in remembered)
             g.room.server_up = False

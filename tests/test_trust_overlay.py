@@ -321,9 +321,7 @@ def test_certificates_are_renewed_through_the_overlay_at_half_life() -> None:
         lifetime = 8.0
         g = MemoryGroup(seed=27, group_key=GroupKey.from_seed(bytes([27]) * 32), cert_lifetime=lifetime, issuer_node=0)
         try:
-            for _ in range(6):
-                await g.add_node()
-            assert await g.wait_for(lambda: not g.ring_correct(), 30.0)
+            assert await g.form_ring(6, 30.0)
             first = {n.id: n.trust.certificate for n in g.nodes}  # type: ignore[union-attr]
             # Past half life every member holds a newer certificate for the same address, and links stay up.
             renewed = lambda: all(  # noqa: E731

@@ -109,6 +109,13 @@ class MemoryGroup:
     async def add_node(self) -> Node:
         return await self._start_node(len(self.nodes), Identity.from_seed(self.rng.randbytes(32)))
 
+    async def form_ring(self, count: int, timeout: float) -> bool:
+        """Add `count` nodes one after another; whether every live node's ring neighbours are right within
+        `timeout` seconds after the last."""
+        for _ in range(count):
+            await self.add_node()
+        return await self.wait_for(lambda: not self.ring_correct(), timeout)
+
     async def restart_node(self, i: int, remembered: list[Remembered] | None = None, *, crash: bool = False) -> Node:
         """Stop node i and start a new process of it: same key, same address, nothing else remembered but
         `remembered` (what the CLI passes when the XMPP server is unreachable, overlay/remembered.py). With
