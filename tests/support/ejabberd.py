@@ -32,8 +32,9 @@ from xmpp_bootstrap import admin
 
 EJABBERDCTL = Path("/usr/sbin/ejabberdctl")
 # Measured on this 2-core box: ejabberd 23.01 accepts clients 1.8-2.0 s after erl starts (its log: "started
-# in 1.33s"), and start() with certificates and the admin account takes ~4.3 s; 30 s leaves room for a loaded box.
-START_TIMEOUT = 30.0
+# in 1.33s"), and start() with certificates and the admin account takes ~4.3 s; with two busy loops holding both
+# cores it took 21-62 s (10 starts, 2026-12-06): 90 s leaves room for a loaded box.
+START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 # One `register` (a short-lived hidden Erlang node) takes ~0.6 s.
 CTL_TIMEOUT = 30.0
@@ -216,6 +217,14 @@ class EjabberdServer:
             return False
         return True
 
+    def _started_since(self, offset: int) -> bool:
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(offset)
+                return b" is started in the node " in log.read()
+        except OSError:
+            return False
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -253,6 +262,7 @@ class EjabberdServer:
             )
         )
         env = self._env()
+        logged = self.log_file.stat().st_size if self.log_file.exists() else 0  # a restart appends to the log
         with open(self.workdir / "epmd.stdout", "wb") as out:
             self._epmd = subprocess.Popen(
                 self._wrap(["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)]),
@@ -270,11 +280,14 @@ class EjabberdServer:
                 cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         deadline = started + START_TIMEOUT
-        while not self._port_open():
+        # The listener's socket takes connections (into its backlog) before ejabberd has created its Mnesia
+        # tables: a `register` then fails with {no_exists,passwd,storage_type} (seen on a loaded 2-core box).
+        # Ready is the log's "is started in the node" line of this start, and the port open.
+        while not (self._started_since(logged) and self._port_open()):
             if self._proc.poll() is not None or self._epmd.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
-                    f"ejabberd did not accept on {self.host}:{self.port} within {START_TIMEOUT:.0f} s\n"
+                    f"ejabberd did not start and accept on {self.host}:{self.port} within {START_TIMEOUT:.0f} s\n"
                     f"log: {self.log_tail()}\nstdout: {self._stdout_tail('ejabberd.stdout')}\n"
                     f"epmd: {self._stdout_tail('epmd.stdout')}"
                 )
