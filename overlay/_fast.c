@@ -156,8 +156,8 @@ static PyObject *aesgcm(PyObject *args, PyObject *kw, int encrypt) {
             rc = gcm_seal_nonce(&g, nonce.buf, ad.buf, (int)ad.len, NULL, 0, &piece, 1, o, &len);
         } else {
             const uint8_t *d = data.buf;
-            rc = gcm_open_nonce(&g, nonce.buf, ad.buf, (int)ad.len, NULL, 0, d, (size_t)(data.len - TAG),
-                                d + data.len - TAG, o);
+            struct iovec ct = {(void *)d, (size_t)(data.len - TAG)};
+            rc = gcm_open_nonce(&g, nonce.buf, ad.buf, (int)ad.len, NULL, 0, &ct, 1, d + data.len - TAG, o);
         }
         if (rc) {
             Py_CLEAR(out);
@@ -891,7 +891,6 @@ static void to_tap(Engine *e, const Delivery *d) {
     e->tap_closed = n < e->tap_seg;
 }
 
-/* A transport or TUNNEL packet: 1 handled here, 0 pass it up untouched. */
 /* The link a relay head from L (MSG_RELAY, the peer's ID) names, if we may pass packets on to it (a direct link,
  * not back to L), with the head it gets from us in `onward` (MSG_RELAYED, L's peer); else NULL. */
 static FLink *relay_onward(Engine *e, FLink *L, const uint8_t *head, uint8_t onward[RELAY_HEAD]) {
@@ -902,9 +901,64 @@ static FLink *relay_onward(Engine *e, FLink *L, const uint8_t *head, uint8_t onw
     return T;
 }
 
-static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct sockaddr_storage *from) {
+/* A datagram as the socket gave it: contiguous (seg 0), or a chunk train that UDP GRO handed over in one read
+ * (train_count), the datagram being its chunks' payloads (part bytes each, the last maybe fewer) after their
+ * CHUNK_HDR-byte headers. The data path reads a train where it lies: the cipher takes its pieces and writes the
+ * plaintext, where joining the chunks first had copied every super-frame once more (under one TCP stream, the
+ * receiving Engine spent 10 % of its samples joining and 12 % opening, 2026-12-06: docs/datapath.md). */
+typedef struct {
+    uint8_t *buf; /* contiguous: the datagram; a train: its first chunk's header */
+    size_t len;   /* the datagram's length */
+    size_t seg;   /* a train: GRO's segment size; 0: contiguous */
+    size_t part;  /* the datagram's bytes each chunk carries (seg - CHUNK_HDR); contiguous: len */
+} Dgram;
+
+/* The datagram's first byte: D->part bytes from here are contiguous (its headers are read there). */
+static inline uint8_t *dg_first(const Dgram *D) { return D->seg ? D->buf + CHUNK_HDR : D->buf; }
+
+/* Bytes [from, to) of the datagram as pieces in place (at most MAX_CHUNKS): their count. */
+static int dg_pieces(const Dgram *D, size_t from, size_t to, struct iovec *iov) {
+    int n = 0;
+    while (from < to) {
+        size_t o = from % D->part, take = D->part - o;
+        if (take > to - from) take = to - from;
+        iov[n++] = (struct iovec){dg_first(D) + from / D->part * D->seg + o, take};
+        from += take;
+    }
+    return n;
+}
+
+/* Copy n bytes from `from` on into out. */
+static void dg_copy(const Dgram *D, size_t from, size_t n, uint8_t *out) {
+    struct iovec iov[MAX_CHUNKS + 1];
+    int k = dg_pieces(D, from, from + n, iov);
+    for (int i = 0; i < k; i++) {
+        memcpy(out, iov[i].iov_base, iov[i].iov_len);
+        out += iov[i].iov_len;
+    }
+}
+
+/* The transport packet at bytes [off, D->len) of D (its header in D's first part; its tag `tag`, the datagram's
+ * last TAG bytes), opened into out without marking: keys_open_iov's results. */
+static int dg_open(Keys *K, const Dgram *D, size_t off, const uint8_t *tag, uint8_t *out) {
+    struct iovec iov[MAX_CHUNKS + 1];
+    int n = dg_pieces(D, off + HDR, D->len - TAG, iov);
+    return keys_open_iov(K, dg_first(D) + off, iov, n, tag, NULL, out, 0);
+}
+
+/* A transport or TUNNEL packet: 1 handled here, 0 pass it up untouched. */
+static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage *from) {
+    const uint8_t *pkt = dg_first(D);
+    size_t len = D->len;
     int tunnel = pkt[0] == PT_TUNNEL;
     if (len < (tunnel ? TUNNEL_OFF + HDR + TAG + 1 : HDR + TAG + 1)) return 0;
+    /* The datagram's last TAG bytes: the tag of the (inner) transport packet, which a TUNNEL head is bound to. */
+    uint8_t tail_copy[TAG];
+    const uint8_t *tail = pkt + len - TAG;
+    if (D->seg) {
+        dg_copy(D, len - TAG, TAG, tail_copy);
+        tail = tail_copy;
+    }
     Delivery d;
     int handled = 0, relay = 0;
     Addr relay_to;
@@ -918,21 +972,27 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
     if (!L || !L->direct || !addr_eq(&L->ep, from)) goto out;
     uint8_t *msg = e->plain;
     uint64_t c = be64(pkt + 5);
-    /* The relay head and the link packet it carries: inside the plaintext of a transport packet, or the
-     * opened head of a TUNNEL packet and the packet after it, untouched. */
-    const uint8_t *head = msg, *in;
-    size_t mlen, inlen;
+    /* The relay head, and the link packet it carries (`in`, inlen bytes: bytes inoff on of inD, its tag inTag):
+     * inside the plaintext of a transport packet, or the opened head of a TUNNEL packet and the packet after it,
+     * untouched. */
+    const uint8_t *head = msg, *in, *inTag;
+    const Dgram *inD;
+    Dgram plainD;
+    size_t mlen, inlen, inoff;
     if (tunnel) {
         mlen = RELAY_HEAD;
-        in = pkt + TUNNEL_OFF, inlen = len - TUNNEL_OFF;
+        inD = D, inoff = TUNNEL_OFF, inlen = len - TUNNEL_OFF, inTag = tail;
+        in = pkt + TUNNEL_OFF;
         /* What decode_transport_header and LinkManager refuse is Python's to count, not ours to pass on. */
         if (in[0] != PT_TRANSPORT) goto out;
-        if (keys_open_head(K, pkt, len, TUNNEL_PART, msg, 0)) goto out; /* Python counts these too */
+        if (keys_open_part(K, pkt, TUNNEL_PART, tail, msg, 0)) goto out; /* Python counts these too */
         if (msg[0] != MSG_RELAY && msg[0] != MSG_RELAYED) goto out;
     } else {
-        if (keys_open(K, pkt, len, msg, 0)) goto out; /* Python counts replays and forgeries */
+        if (dg_open(K, D, 0, tail, msg)) goto out; /* Python counts replays and forgeries */
         mlen = len - HDR - TAG;
-        in = msg + RELAY_HEAD, inlen = mlen > RELAY_HEAD ? mlen - RELAY_HEAD : 0;
+        inlen = mlen > RELAY_HEAD ? mlen - RELAY_HEAD : 0;
+        plainD = (Dgram){msg, mlen, 0, mlen};
+        inD = &plainD, inoff = RELAY_HEAD, in = msg + RELAY_HEAD, inTag = inlen >= TAG ? in + inlen - TAG : NULL;
     }
     if (!tunnel && msg[0] == MSG_ROUTED) {
         if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(K, c)) goto out;
@@ -949,13 +1009,14 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         relay_at = slot_for(e, out_len, &T->ep);
         if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
-            memmove(relay_at + TUNNEL_OFF, in, inlen);
-            if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, in + inlen - TAG, relay_at))
+            dg_copy(inD, inoff, inlen, relay_at + TUNNEL_OFF);
+            if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, inTag, relay_at))
                 goto out;
             relay_len = out_len;
         } else {
-            struct iovec pieces[2] = {{onward, RELAY_HEAD}, {(void *)in, inlen}};
-            if (keys_seal(T->keys, LANE(e, T), PT_TRANSPORT, T->remote, pieces, 2, relay_at, &relay_len)) goto out;
+            struct iovec pieces[MAX_CHUNKS + 2] = {{onward, RELAY_HEAD}};
+            int n = 1 + dg_pieces(inD, inoff, inoff + inlen, pieces + 1);
+            if (keys_seal(T->keys, LANE(e, T), PT_TRANSPORT, T->remote, pieces, n, relay_at, &relay_len)) goto out;
         }
         L->rx += len;
         L->rx_seen = 1;
@@ -968,7 +1029,7 @@ static int on_transport(Engine *e, const uint8_t *pkt, size_t len, const struct 
         if (!M || M == L || M->peer != be64(head + 1)) goto out;
         uint8_t *inner = e->plain2;
         uint64_t ic = be64(in + 5);
-        if (keys_open(MK, in, inlen, inner, 0)) goto out;
+        if (dg_open(MK, inD, inoff, inTag, inner)) goto out;
         if (data_for_us(e, M, inner, inlen - HDR - TAG, &d)) goto out;
         if (!keys_mark(K, c)) goto out;
         if (!keys_mark(MK, ic)) goto out; /* the outer is spent; Python would drop this replay too */
@@ -998,8 +1059,9 @@ out:
     return handled;
 }
 
-static void on_datagram(Engine *e, const uint8_t *d, size_t len, const struct sockaddr_storage *from) {
-    if (len && (d[0] == PT_TRANSPORT || d[0] == PT_TUNNEL) && on_transport(e, d, len, from)) return;
+static void on_datagram(Engine *e, uint8_t *d, size_t len, const struct sockaddr_storage *from) {
+    Dgram D = {d, len, 0, len};
+    if (len && (d[0] == PT_TRANSPORT || d[0] == PT_TUNNEL) && on_transport(e, &D, from)) return;
     up(e, UP_DATAGRAM, from, d, len, 0);
 }
 
@@ -1138,6 +1200,14 @@ static void drain_udp(Engine *e) {
         if (seg > 0 && (size_t)seg < size) {
             size_t count = train_count(e->rbuf, size, (size_t)seg);
             if (count && relay_train(e, e->rbuf, size, (size_t)seg, count, &from)) continue;
+            /* Opened where it lies when its first chunk holds every header on_transport reads; joined to go up. */
+            Dgram D = {e->rbuf, size - count * CHUNK_HDR, (size_t)seg, (size_t)seg - CHUNK_HDR};
+            uint8_t type = e->rbuf[CHUNK_HDR];
+            if (count && D.part >= TUNNEL_OFF + HDR) {
+                if ((type == PT_TRANSPORT || type == PT_TUNNEL) && on_transport(e, &D, &from)) continue;
+                up(e, UP_DATAGRAM, &from, e->joined, join_chunks(e, e->rbuf, size, (size_t)seg), 0);
+                continue;
+            }
             size_t whole = count ? join_chunks(e, e->rbuf, size, (size_t)seg) : 0;
             if (whole) {
                 on_datagram(e, e->joined, whole, &from);

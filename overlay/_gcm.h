@@ -228,16 +228,21 @@ static int evp_seal(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t 
     return 0;
 }
 
-static int evp_open(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen, const uint8_t *ct,
-                    size_t ctlen, const uint8_t *tag, uint8_t *out) {
+static int evp_open(EVP_CIPHER_CTX *ctx, const uint8_t nonce[12], const uint8_t *aad, int aadlen,
+                    const struct iovec *ct, int n, const uint8_t *tag, uint8_t *out) {
     int len;
+    size_t total = 0;
     uint8_t expected[GCM_TAG];
     memcpy(expected, tag, GCM_TAG); /* set_params takes a writable buffer; the packet's stays untouched */
     if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
     if (aadlen && EVP_DecryptUpdate(ctx, NULL, &len, aad, aadlen) != 1) return -1;
-    if (ctlen && EVP_DecryptUpdate(ctx, out, &len, ct, (int)ctlen) != 1) return -1;
+    for (int i = 0; i < n; i++) {
+        if (!ct[i].iov_len) continue;
+        if (EVP_DecryptUpdate(ctx, out + total, &len, ct[i].iov_base, (int)ct[i].iov_len) != 1) return -1;
+        total += (size_t)len;
+    }
     if (evp_tag(ctx, 0, expected)) return -1;
-    return EVP_DecryptFinal_ex(ctx, out + ctlen, &len) == 1 ? 0 : -1;
+    return EVP_DecryptFinal_ex(ctx, out + total, &len) == 1 ? 0 : -1;
 }
 
 /* Seal the concatenation of `n` plaintext pieces under `nonce`, with the associated data aad then aad2 (either
@@ -264,23 +269,29 @@ static int gcm_seal_nonce(Gcm *g, const uint8_t nonce[12], const uint8_t *aad, i
     return evp_seal(g->evp, nonce, aad, aadlen, pieces, n, out, outlen);
 }
 
-/* Open ctlen bytes of ciphertext with its tag into out (which may be ct itself). 0, or -1: fails authentication
- * (out then holds bytes nobody may use). */
+/* Open the concatenation of `n` ciphertext pieces with its tag into out (contiguous; it may be a single piece
+ * itself): a packet that arrived as chunks is opened where it lies, never joined first. 0, or -1: fails
+ * authentication (out then holds bytes nobody may use). */
 static int gcm_open_nonce(Gcm *g, const uint8_t nonce[12], const uint8_t *aad, int aadlen, const uint8_t *aad2,
-                          int aad2len, const uint8_t *ct, size_t ctlen, const uint8_t *tag, uint8_t *out) {
+                          int aad2len, const struct iovec *ct, int n, const uint8_t *tag, uint8_t *out) {
     uint8_t joined[AAD_MAX];
     if (gcm_join_aad(&aad, &aadlen, aad2, aad2len, joined)) return -1;
 #ifdef HAVE_IPSEC_MB
     if (g->imb) {
         struct gcm_context_data cx;
         uint8_t computed[GCM_TAG];
+        size_t total = 0;
         IMB_AES256_GCM_INIT(gcm_imb, g->imb, &cx, nonce, aadlen ? aad : joined, (uint64_t)aadlen);
-        if (ctlen) IMB_AES256_GCM_DEC_UPDATE(gcm_imb, g->imb, &cx, out, ct, ctlen);
+        for (int i = 0; i < n; i++) {
+            if (!ct[i].iov_len) continue;
+            IMB_AES256_GCM_DEC_UPDATE(gcm_imb, g->imb, &cx, out + total, ct[i].iov_base, ct[i].iov_len);
+            total += ct[i].iov_len;
+        }
         IMB_AES256_GCM_DEC_FINALIZE(gcm_imb, g->imb, &cx, computed, GCM_TAG);
         return CRYPTO_memcmp(computed, tag, GCM_TAG) ? -1 : 0;
     }
 #endif
-    return evp_open(g->evp, nonce, aad, aadlen, ct, ctlen, tag, out);
+    return evp_open(g->evp, nonce, aad, aadlen, ct, n, tag, out);
 }
 
 #endif

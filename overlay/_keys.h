@@ -72,10 +72,10 @@ static int gcm_seal(Gcm *g, uint64_t c, const uint8_t *aad, int aadlen, const ui
 }
 
 static int gcm_open(Gcm *g, uint64_t c, const uint8_t *aad, int aadlen, const uint8_t *aad2, int aad2len,
-                    const uint8_t *ct, size_t ctlen, const uint8_t *tag, uint8_t *out) {
+                    const struct iovec *ct, int n, const uint8_t *tag, uint8_t *out) {
     uint8_t nonce[12];
     nonce_of(nonce, c);
-    return gcm_open_nonce(g, nonce, aad, aadlen, aad2, aad2len, ct, ctlen, tag, out);
+    return gcm_open_nonce(g, nonce, aad, aadlen, aad2, aad2len, ct, n, tag, out);
 }
 
 /* Seal a packet (header, then the AEAD of the pieces) into out under the lane's next counter; the caller holds
@@ -127,13 +127,14 @@ static int mark_locked(Keys *k, uint64_t c) {
     return 1;
 }
 
-/* Open `part` bytes (ciphertext, then its tag) after the header of the packet at p into out (part - TAG bytes).
- * aad2 as for keys_seal_aad. mark: accept the counter in the window now. Where the cipher may run outside the
- * lock (gcm_shared) the window is checked before it and again when marking after it, so two threads that open
- * the same packet at once accept it once.
+/* Open a packet whose HDR-byte header is at hdr, its ciphertext the n pieces ct and its tag at tag, into out
+ * (contiguous). aad2 as for keys_seal_aad. mark: accept the counter in the window now. Where the cipher may run
+ * outside the lock (gcm_shared) the window is checked before it and again when marking after it, so two threads
+ * that open the same packet at once accept it once.
  * Returns 0, 1 (replayed or too old), 2 (fails authentication). */
-static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t *aad2, uint8_t *out, int mark) {
-    uint64_t c = be64(p + 5);
+static int keys_open_iov(Keys *k, const uint8_t *hdr, const struct iovec *ct, int n, const uint8_t *tag,
+                         const uint8_t *aad2, uint8_t *out, int mark) {
+    uint64_t c = be64(hdr + 5);
     int rc;
     pthread_mutex_lock(&k->recv_lock);
     if (!keys_fresh(k, c)) {
@@ -141,19 +142,25 @@ static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t 
         return 1;
     }
     if (!gcm_shared(&k->dec)) {
-        rc = gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out) ? 2 : 0;
+        rc = gcm_open(&k->dec, c, hdr, HDR, aad2, aad2 ? TAG : 0, ct, n, tag, out) ? 2 : 0;
         if (!rc && mark && !mark_locked(k, c)) rc = 1;
         pthread_mutex_unlock(&k->recv_lock);
         return rc;
     }
     pthread_mutex_unlock(&k->recv_lock);
-    rc = gcm_open(&k->dec, c, p, HDR, aad2, aad2 ? TAG : 0, p + HDR, part - TAG, p + HDR + part - TAG, out) ? 2 : 0;
+    rc = gcm_open(&k->dec, c, hdr, HDR, aad2, aad2 ? TAG : 0, ct, n, tag, out) ? 2 : 0;
     if (!rc && mark) {
         pthread_mutex_lock(&k->recv_lock);
         if (!mark_locked(k, c)) rc = 1;
         pthread_mutex_unlock(&k->recv_lock);
     }
     return rc;
+}
+
+/* Open `part` bytes (ciphertext, then its tag) after the header of the packet at p into out (part - TAG bytes). */
+static int keys_open_part(Keys *k, const uint8_t *p, size_t part, const uint8_t *aad2, uint8_t *out, int mark) {
+    struct iovec ct = {(void *)(p + HDR), part - TAG};
+    return keys_open_iov(k, p, &ct, 1, p + HDR + part - TAG, aad2, out, mark);
 }
 
 /* A transport packet of len bytes (len - HDR - TAG bytes into out). */

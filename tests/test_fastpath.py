@@ -972,7 +972,8 @@ VNET_TSO = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
 
 def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_header() -> None:
     """Sender and receiver both Engines, the receiver's socket with UDP GRO: the chunks of one GSO send arrive
-    coalesced, are joined, opened and written to the TAP as one frame with the sender's virtio_net_hdr."""
+    coalesced, are opened where they lie and written to the TAP as one frame with the sender's virtio_net_hdr,
+    whatever the last chunk holds: the tag in one chunk, split across two, or a chunk filled exactly."""
     a, b = Node(A_ID, A_IP, vnet=True), Node(B_ID, B_IP, vnet=True)
     b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
     ka, kb = session_pair()
@@ -981,8 +982,11 @@ def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_
     a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
     a.engine.start()
     b.engine.start()
+    part = CHUNK - CHUNK_HEADER.size
+    fixed = len(ka.seal(0x83, 0, b"")) + ROUTED_HEADER.size + len(VNET_TSO) + 20
+    sizes = [1000, 20_000, 59_000, *(part * k + rest - fixed for k, rest in ((14, 5), (30, 0), (40, 16), (40, 17)))]
     try:
-        for size in (1000, 20_000, 59_000):
+        for size in sizes:
             payload = bytes(i % 251 for i in range(size))
             vnet = VNET_TSO
             f = frame(A_IP, B_IP, payload, vnet=vnet)
