@@ -965,6 +965,118 @@ def test_any_gso_train_from_a_peer_goes_up_is_passed_on_or_is_dropped_and_the_en
         wire_c.sock.close()
 
 
+def chunks_of(datagram: bytes, message_id: int, size: int = CHUNK) -> list[bytes]:
+    """`datagram` as the chunks a GSO send of it puts on the wire, each its own datagram."""
+    train = split(datagram, message_id, size)
+    return [train[o : o + size] for o in range(0, len(train), size)]
+
+
+def big_data(keys: Keys, payload_size: int = 10_000, counter_note: bytes = b"") -> tuple[bytes, bytes]:
+    """A link packet of data from A for B bigger than a chunk, and the frame B writes for it."""
+    f = frame(A_IP, B_IP, counter_note + bytes(i % 251 for i in range(payload_size)))
+    return keys.seal(0x83, 22, header(A_ID, B_ID) + f[14:]), TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00" + f[14:]
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled, some twice", "on a 1,000-byte path"])
+def test_chunks_that_arrive_one_by_one_are_rebuilt_by_the_engine_and_delivered(pair, order: str) -> None:  # type: ignore[no-untyped-def]
+    """Where no GRO coalesces a message's chunks (the path's NIC or kernel, a NAPI poll ending inside one), each
+    arrives alone: the Engine rebuilds the message itself and delivers it; nothing goes up to Python."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    datagram, expected = big_data(ka)
+    chunks = chunks_of(datagram, 7, 1000 if order == "on a 1,000-byte path" else CHUNK)
+    if order == "reversed":
+        chunks.reverse()
+    elif order == "shuffled, some twice":
+        chunks = [chunks[i] for i in (3, 0, 5, 0, 1, 6, 2, 4, 6)] + chunks[7:]
+    for c in chunks:
+        wire_a.send_to(b, c)
+    assert b.kernel.recv(70000) == expected
+    assert not [m for m in b.up_messages(0.1) if m[0] == 1]
+    counters = b.engine.counters()
+    assert counters["chunks: messages rebuilt"] == 1
+    assert counters["chunks: messages dropped (incomplete or inconsistent)"] == 0
+
+
+def test_chunks_of_two_sources_with_one_message_id_are_not_mixed(pair) -> None:  # type: ignore[no-untyped-def]
+    """A message is its source's and its ID's: a stranger's chunks with the same ID, interleaved, rebuild the
+    stranger's own message (which goes up whole, as anything from an address no link points at) and A's data
+    is delivered."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    datagram, expected = big_data(ka)
+    stranger_datagram = b"\x83" + bytes(range(256)) * 40
+    ours, theirs = chunks_of(datagram, 9), chunks_of(stranger_datagram, 9)
+    stray = Wire()
+    try:
+        for i in range(max(len(ours), len(theirs))):
+            if i < len(theirs):
+                stray.send_to(b, theirs[i])
+            if i < len(ours):
+                wire_a.send_to(b, ours[i])
+        assert b.kernel.recv(70000) == expected
+        assert [m[1] for m in b.up_messages() if m[0] == 1] == [stranger_datagram]
+        assert b.engine.counters()["chunks: messages rebuilt"] == 2
+    finally:
+        stray.sock.close()
+
+
+def test_chunks_that_disagree_or_never_complete_cost_their_message_and_the_state_stays_bounded(pair) -> None:  # type: ignore[no-untyped-def]
+    """A chunk that names another count than its message's first drops the message (an ID reused after a
+    loss) and begins its own; more unfinished messages than the Engine keeps (16) push the oldest out. Each is
+    counted, and a whole message afterwards is still delivered."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    datagram, expected = big_data(ka)
+    chunks = chunks_of(datagram, 5)
+
+    def dropped(expected_count: int) -> bool:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if b.engine.counters()["chunks: messages dropped (incomplete or inconsistent)"] == expected_count:
+                return True
+            time.sleep(0.01)
+        return False
+
+    wire_a.send_to(b, chunks[0])
+    wrong_count = bytearray(chunks[1])
+    wrong_count[6] += 1
+    wire_a.send_to(b, bytes(wrong_count))
+    assert dropped(1)
+    for message_id in range(100, 117):  # 17 more that never complete: with the one above, 18 for 16 places
+        wire_a.send_to(b, chunks_of(datagram, message_id)[0])
+    assert dropped(3)
+    for c in chunks_of(datagram, 200):  # its first chunk pushes out one more
+        wire_a.send_to(b, c)
+    assert b.kernel.recv(70000) == expected
+    assert dropped(4)
+    assert b.engine.counters()["chunks: messages rebuilt"] == 1
+    assert not [m for m in b.up_messages(0.1) if m[0] == 1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=3),  # message ID
+            st.integers(min_value=0, max_value=70),  # index
+            st.integers(min_value=0, max_value=70),  # count
+            st.integers(min_value=0, max_value=CHUNK),  # payload bytes
+        ),
+        max_size=60,
+    )
+)
+def test_any_chunks_from_a_peer_are_rebuilt_dropped_or_go_up_and_the_engine_keeps_working(
+    pair,  # type: ignore[no-untyped-def]
+    chunks: list[tuple[int, int, int, int]],
+) -> None:
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    for message_id, index, count, size in chunks:
+        wire_a.send_to(b, CHUNK_HEADER.pack(PacketType.CHUNK, message_id, index, count) + bytes([index]) * size)
+    b.up_messages(0.02)
+    datagram, expected = big_data(ka)
+    for c in chunks_of(datagram, 1000):
+        wire_a.send_to(b, c)
+    assert b.kernel.recv(70000) == expected
+
+
 # A TCPv4 segmentation header as the kernel writes one: NEEDS_CSUM, TCPV4, headers 54 bytes, MSS 1400, the TCP
 # checksum at 34 + 16 (after the Ethernet and IPv4 headers).
 VNET_TSO = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)

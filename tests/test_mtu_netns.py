@@ -82,3 +82,24 @@ def test_tcp_super_frames_cross_as_chunks_for_the_path(group: Group, a: int, b: 
     if a != PYTHON_PATH:
         counters = group.status(a)["counters"]
         assert counters.get("fast path: frames sent", 0) > 100, counters
+
+
+def test_chunks_that_arrive_one_by_one_are_rebuilt_by_the_receiving_engine(group: Group) -> None:
+    """With its UDP segmentation done in software (as for a NIC without it), node 0's chunk trains reach node 1
+    as single datagrams, not coalesced by GRO: node 1's Engine rebuilds the messages itself rather than passing
+    every chunk up to Python (docs/datapath.md)."""
+    host = group.members[0].host
+    group.lab.run(host, "ethtool", "-K", HOST_IFNAME, "tx-udp-segmentation", "off")
+    try:
+        before = group.status(1)["counters"]
+        received = group.iperf3(0, 1, IPERF_S)["end"]["sum_received"]
+        after = group.status(1)["counters"]
+    finally:
+        group.lab.run(host, "ethtool", "-K", HOST_IFNAME, "tx-udp-segmentation", "on")
+    assert received["bytes"] > 1_000_000
+
+    def grew(name: str) -> int:
+        return int(after.get(name, 0) - before.get(name, 0))
+
+    assert grew("fast path: chunks: messages rebuilt") > 100, after
+    assert grew("fast path: datagrams passed up") < 50, after
