@@ -997,6 +997,27 @@ def test_chunks_that_arrive_one_by_one_are_rebuilt_by_the_engine_and_delivered(p
     assert counters["chunks: messages dropped (incomplete or inconsistent)"] == 0
 
 
+def test_a_tunnel_packet_whose_chunks_arrive_one_by_one_is_passed_on(pair) -> None:  # type: ignore[no-untyped-def]
+    """A relay rebuilds a TUNNEL packet whose chunks came one by one and passes it on to the link its head names,
+    in chunks for that path, with only the head sealed anew."""
+    _a, b, wire_a, _wire_b, ka, _kb = pair
+    wire_c = Wire()
+    try:
+        b.engine.set_link(C_ID, Keys(bytes([5]) * 32, bytes([4]) * 32), 33, 44, wire_c.endpoint, 0, True, -1, True)
+        inner = Keys(bytes([4]) * 32, bytes([5]) * 32).seal(0x83, 44, bytes(range(256)) * 20)
+        for c in reversed(chunks_of(ka.seal_header(22, relay_head(LinkMsg.RELAY, C_ID), inner, PacketType.TUNNEL), 3)):
+            wire_a.send_to(b, c)
+        reassembly, whole = Reassembly({}), None
+        while whole is None:
+            whole = reassembly.add(wire_c.recv(), ("127.0.0.1", 1), 0.0)
+        assert whole[0] == PacketType.TUNNEL and whole[TUNNEL_OFFSET:] == inner
+        counters = b.engine.counters()
+        assert (counters["relayed"], counters["chunks: messages rebuilt"]) == (1, 1)
+        assert not [m for m in b.up_messages(0.1) if m[0] == 1]
+    finally:
+        wire_c.sock.close()
+
+
 def test_chunks_of_two_sources_with_one_message_id_are_not_mixed(pair) -> None:  # type: ignore[no-untyped-def]
     """A message is its source's and its ID's: a stranger's chunks with the same ID, interleaved, rebuild the
     stranger's own message (which goes up whole, as anything from an address no link points at) and A's data
