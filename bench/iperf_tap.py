@@ -21,9 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.group import TAP_NAME, VIRTUAL_MTU, Group, missing_prerequisites
-from tests.support.netlab import Host
+from tests.support.netlab import HOST_IFNAME, Host
 
 IPERF_PORT = 5201
+# Where node1's datagrams went: coalesced chunk trains and whole datagrams are "handled"; chunks that came one by
+# one are rebuilt by the Engine; "passed up" went to Python.
+CHUNK_COUNTERS = (
+    "fast path: datagrams handled",
+    "fast path: chunks: messages rebuilt",
+    "fast path: datagrams passed up",
+)
 # Our choice: iperf3 seconds beyond -t before a run counts as hung (connect, warm-up, report).
 RUN_SLACK_S = 15.0
 
@@ -89,6 +96,12 @@ def main() -> int:
         help="also a pair with no link at all (four nodes, one ring neighbour each side): data sealed end to end, "
         "relays forward on the routed header",
     )
+    parser.add_argument(
+        "--software-gso",
+        action="store_true",
+        help="the members' kernels cut UDP GSO sends in software (ethtool tx-udp-segmentation off), as for a NIC "
+        "without UDP segmentation: chunks then arrive one by one, not coalesced by GRO",
+    )
     args = parser.parse_args()
     problem = missing_prerequisites() or (None if shutil.which("iperf3") else "iperf3 is not installed")
     if problem:
@@ -100,6 +113,9 @@ def main() -> int:
         if not args.no_relay:
             g.block_udp(0, 2)  # node0 and node2 can only talk through node1
         g.join_all()
+        if args.software_gso:
+            for m in g.members:
+                g.lab.run(m.host, "ethtool", "-K", HOST_IFNAME, "tx-udp-segmentation", "off")
         pairs = [(0, j) for j in range(1, g.size)]
         late = [p for p, t in g.wait_for_pings(pairs, 30.0).items() if t is None]
         if late:
@@ -123,8 +139,11 @@ def main() -> int:
             results["overlay relayed"] = median_mbps(g, "tap relayed", a.host, c.ip, args.runs, args.seconds)
         try:
             links = [(r["peer_id"], r["endpoint"], r["rtt_ms"]) for r in g.status(0)["links"]]
+            counters = g.status(1)["counters"]
+            chunks = {k: counters.get(k, 0) for k in CHUNK_COUNTERS}
         except RuntimeError as exc:
             links = [str(exc)]  # type: ignore[list-item]
+            chunks = {}
     if args.routed:
         results["overlay routed"] = routed(args.runs, args.seconds)
     print()
@@ -134,6 +153,7 @@ def main() -> int:
         print(f"{label:<16} {_fmt(mbps)}{ratio}")
     print(f"(median of {args.runs} x {args.seconds:g} s iperf3 TCP, one stream)")
     print(f"node0 links: {links}")
+    print(f"node1 counters: {chunks}")
     print(f"total {time.monotonic() - started:.0f} s")
     return 0
 
