@@ -13,8 +13,10 @@ fi
 # ejabberd pulls in erlang-base, which ships epmd (the tests start their own, inside a namespace).
 # gcc, python3-dev and libssl-dev build the compiled data path (overlay/_fast.c) against OpenSSL's libcrypto;
 # on amd64, libipsec-mb-dev adds Intel's ipsec-mb, whose AES-GCM takes over on CPUs with VAES (overlay/_gcm.h).
+# ethtool turns a lab veth's UDP segmentation off, as on a NIC without it (tests/test_mtu_netns.py,
+# bench/iperf_tap.py --software-gso).
 DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip
-      gcc python3-dev libssl-dev)
+      gcc python3-dev libssl-dev ethtool)
 if [ "$(dpkg --print-architecture)" = amd64 ]; then DEBS+=(libipsec-mb-dev); fi
 missing=()
 for p in "${DEBS[@]}"; do
