@@ -50,6 +50,7 @@ HOST_REFRESH = 10.0  # our choice: how soon a new or lost interface address is n
 # noticed while the links it broke still stand, and ICE restarts them in place.
 SRFLX_RECHECK = 2.0
 ALLOCATION_CHECK_TIMEOUT = 4.0  # our choice: three tries of a Refresh (0.5, 1, 2 s RTO) and a margin
+ALLOCATE_TIMEOUT = 10.0  # our choice: an Allocate with its 401 challenge, each retransmitted (RFC 8656 section 7)
 TURN_RETRY = 30.0  # our choice: a failed allocation is tried again this often
 STUN_TIMEOUT_TRIES = 3  # retransmissions of a gathering request (0.5, 1, 2 s: RFC 8489 section 6.2.1 RTO)
 GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss our srflx and relay candidates
@@ -398,7 +399,7 @@ class IceAgent:
 
     async def _allocate(self, allocation: TurnAllocation) -> None:
         try:
-            relayed = await asyncio.wait_for(allocation.allocate(), 10.0)
+            relayed = await asyncio.wait_for(allocation.allocate(), ALLOCATE_TIMEOUT)
         except (TimeoutError, OSError, ConnectionError, stun.TransactionError) as e:
             self._first_round.discard(allocation)
             self.count("turn allocations failed")
