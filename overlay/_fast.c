@@ -236,7 +236,7 @@ typedef struct {
     struct sockaddr_storage from;
     int64_t began;
     uint32_t id;
-    int count, got; /* count 0: a free slot */
+    int count;      /* 0: a free slot */
     uint64_t have;  /* bit i: chunk i is in */
     uint16_t len[MAX_CHUNKS];
     uint8_t *buf; /* malloc'd by the thread at the slot's first use (MAX_CHUNKS * PART_MAX), freed with the Engine */
@@ -1079,11 +1079,18 @@ out:
     return handled;
 }
 
-/* A whole datagram: the Engine's to handle, or Python's. */
-static void on_whole(Engine *e, uint8_t *d, size_t len, const struct sockaddr_storage *from) {
-    Dgram D = {d, len, 0, len};
-    if (len && (d[0] == PT_TRANSPORT || d[0] == PT_TUNNEL) && on_transport(e, &D, from)) return;
-    up(e, UP_DATAGRAM, from, d, len, 0);
+/* A train joined into e->joined (Python, and paths that need the datagram in one piece, read it so): its length. */
+static size_t join_train(Engine *e, const Dgram *D) {
+    dg_copy(D, 0, D->len, e->joined);
+    return D->len;
+}
+
+/* A whole datagram, contiguous or a train: the Engine's to handle, or Python's. */
+static void on_whole(Engine *e, const Dgram *D, const struct sockaddr_storage *from) {
+    uint8_t type = D->len ? dg_first(D)[0] : 0;
+    if ((type == PT_TRANSPORT || type == PT_TUNNEL) && on_transport(e, D, from)) return;
+    if (D->seg) up(e, UP_DATAGRAM, from, e->joined, join_train(e, D), 0);
+    else up(e, UP_DATAGRAM, from, D->buf, D->len, 0);
 }
 
 /* A chunk read on its own: where a path's GRO did not coalesce a message's chunks (a NIC or kernel without UDP
@@ -1131,15 +1138,14 @@ static int pending_chunk(Engine *e, const uint8_t *d, size_t len, const struct s
         slot->from = *from;
         slot->id = id;
         slot->count = count;
-        slot->got = 0;
         slot->have = 0;
         slot->began = e->now;
     }
     size_t n = len - CHUNK_HDR;
     memcpy(slot->buf + (size_t)index * PART_MAX, d + CHUNK_HDR, n);
     slot->len[index] = (uint16_t)n;
-    if (!(slot->have >> index & 1)) slot->have |= 1ULL << index, slot->got++;
-    if (slot->got < slot->count) return 1;
+    slot->have |= 1ULL << index;
+    if (__builtin_popcountll(slot->have) < count) return 1;
     /* Complete: the parts back to back (already so when each but the last filled PART_MAX: a 1,500-byte path). */
     size_t total = 0;
     for (int i = 0; i < count; i++) {
@@ -1152,13 +1158,15 @@ static int pending_chunk(Engine *e, const uint8_t *d, size_t len, const struct s
         return 1;
     }
     e->c_chunks_rebuilt++;
-    on_whole(e, slot->buf, total, from);
+    Dgram W = {slot->buf, total, 0, total};
+    on_whole(e, &W, from);
     return 1;
 }
 
 static void on_datagram(Engine *e, uint8_t *d, size_t len, const struct sockaddr_storage *from) {
     if (len && d[0] == PT_CHUNK && pending_chunk(e, d, len, from)) return;
-    on_whole(e, d, len, from);
+    Dgram D = {d, len, 0, len};
+    on_whole(e, &D, from);
 }
 
 /* The number of chunks if buf (size bytes, GRO's segment seg) is what UDP GRO made of one GSO send of chunks:
@@ -1170,18 +1178,6 @@ static size_t train_count(const uint8_t *buf, size_t size, size_t seg) {
     const uint8_t *last = buf + (count - 1) * seg;
     if (last[0] != PT_CHUNK || memcmp(last + 1, buf + 1, 4) || last[5] != count - 1 || last[6] != count) return 0;
     return count;
-}
-
-/* A chunk train (train_count) joined into e->joined: its length, or 0 if it is not one. */
-static size_t join_chunks(Engine *e, const uint8_t *buf, size_t size, size_t seg) {
-    if (!train_count(buf, size, seg)) return 0;
-    size_t out = 0;
-    for (size_t o = 0; o < size; o += seg) {
-        size_t n = (size - o < seg ? size - o : seg) - CHUNK_HDR;
-        memcpy(e->joined + out, buf + o + CHUNK_HDR, n);
-        out += n;
-    }
-    return out;
 }
 
 /* A chunk train of `count` chunks that carries a TUNNEL packet to pass on, where the next hop's path takes
@@ -1235,7 +1231,7 @@ out:
     int rc = send_gso(e, &iov, 1, seg, &to);
     if (rc > 0) { /* as emit: whole, for IP to fragment */
         refused(e, rc);
-        send_one(e, e->joined, join_chunks(e, buf, size, seg), &to);
+        send_one(e, e->joined, join_train(e, &D), &to);
     }
     return 1;
 }
@@ -1296,18 +1292,15 @@ static void drain_udp(Engine *e) {
         bytes += size;
         if (seg > 0 && (size_t)seg < size) {
             size_t count = train_count(e->rbuf, size, (size_t)seg);
-            if (count && relay_train(e, e->rbuf, size, (size_t)seg, count, &from)) continue;
-            /* Opened where it lies when its first chunk holds every header on_transport reads; joined to go up. */
-            Dgram D = {e->rbuf, size - count * CHUNK_HDR, (size_t)seg, (size_t)seg - CHUNK_HDR};
-            uint8_t type = e->rbuf[CHUNK_HDR];
-            if (count && D.part >= TUNNEL_OFF + HDR) {
-                if ((type == PT_TRANSPORT || type == PT_TUNNEL) && on_transport(e, &D, &from)) continue;
-                up(e, UP_DATAGRAM, &from, e->joined, join_chunks(e, e->rbuf, size, (size_t)seg), 0);
-                continue;
-            }
-            size_t whole = count ? join_chunks(e, e->rbuf, size, (size_t)seg) : 0;
-            if (whole) {
-                on_datagram(e, e->joined, whole, &from);
+            if (count) {
+                if (relay_train(e, e->rbuf, size, (size_t)seg, count, &from)) continue;
+                Dgram D = {e->rbuf, size - count * CHUNK_HDR, (size_t)seg, (size_t)seg - CHUNK_HDR};
+                /* Read where it lies when its first chunk holds every header on_transport reads; else joined. */
+                if (D.part < TUNNEL_OFF + HDR) {
+                    size_t n = join_train(e, &D);
+                    D = (Dgram){e->joined, n, 0, n};
+                }
+                on_whole(e, &D, &from);
             } else {
                 for (size_t o = 0; o < size; o += (size_t)seg)
                     on_datagram(e, e->rbuf + o, size - o < (size_t)seg ? size - o : (size_t)seg, &from);
