@@ -162,8 +162,7 @@ class DataPath:
                         link.busy = True
                         self.router.on_sent(link, True)
                     if route[0] != dst:
-                        relayed = self.router.relayed
-                        relayed[dst] = relayed.get(dst, 0) + len(packet)
+                        self.router.count_relayed(dst, len(packet))
                         self._send_sealed(link, dst, route, kind, head, packet, now)
                         return
                     header = self._direct_header(dst, route, kind)

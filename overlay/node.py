@@ -164,6 +164,9 @@ class Node:
             self.dht.on_resolved = self.datapath.resolved
         self.on_demand = OnDemand(settings.on_demand_rate, settings.on_demand_idle)
         self.on_demand.relayed = self.router.relayed
+        if settings.on_demand_rate > 0:
+            # Relayed data wakes an idle node's tick within a second, so the rate is measured from its start.
+            self.router.relaying = lambda: self.ticker.wake(TIMER_MAX)
         self.upgrades = PathUpgrades()
         self.router.on_no_route = self.events.on_no_route
         self.graph = GraphService(self, self._graph_view)

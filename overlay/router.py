@@ -98,9 +98,19 @@ class Router:
         # Bytes of data we originate that leave through another member, per destination (overlay/ondemand.py);
         # the data path counts its fast-path packets into the same dict.
         self.relayed: dict[int, int] = {}
+        # Told when data for a destination first leaves through another member since the last tick: rates are
+        # measured per tick, and an idle node's next tick may be 12.5 s away (overlay/ticker.py).
+        self.relaying: Callable[[], None] = lambda: None
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
+
+    def count_relayed(self, dst: int, nbytes: int) -> None:
+        sent = self.relayed.get(dst)
+        if sent is None:
+            sent = 0
+            self.relaying()
+        self.relayed[dst] = sent + nbytes
 
     def forget_routes(self) -> None:
         self._route_cache.clear()
@@ -208,7 +218,7 @@ class Router:
                 if came_from is None and pkt.kind in DATA_KINDS and pkt.ttl == DEFAULT_TTL:
                     self.data_routes[pkt.dst] = (decision.next_hop, decision.promise, flags)
                     if decision.next_hop != pkt.dst:
-                        self.relayed[pkt.dst] = self.relayed.get(pkt.dst, 0) + len(pkt.body)
+                        self.count_relayed(pkt.dst, len(pkt.body))
                 self._pass_on(link, replace(pkt, flags=flags), pkt.ttl - 1, decision.promise)
                 return
             if decision is DROP_PROMISE:
@@ -259,7 +269,7 @@ class Router:
             if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
                 self.data_routes[pkt.dst] = (decision.next_hop, own, FLAG_EXACT)
                 if decision.next_hop != pkt.dst:
-                    self.relayed[pkt.dst] = self.relayed.get(pkt.dst, 0) + len(pkt.body)
+                    self.count_relayed(pkt.dst, len(pkt.body))
             self._pass_on(link, pkt, pkt.ttl - 1, own)
         elif isinstance(decision, Deliver):
             self.deliver(pkt)

@@ -46,6 +46,11 @@ class Ticker:
             self._timer.cancel()
             self._timer = None
 
+    @property
+    def due(self) -> float:
+        """When the next tick runs (the clock's time)."""
+        return self._at
+
     def schedule(self, when: float, *, for_silence: bool = False) -> None:
         if self.stopped or self._loop is None:
             return
