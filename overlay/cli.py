@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import logging
 import signal
@@ -197,6 +196,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def package_version() -> str:
     """The installed distribution's version; in a source tree that was never installed, pyproject.toml's."""
+    import importlib.metadata  # here, not at the top: PrintVersion says why
+
     try:
         return importlib.metadata.version("ipop-overlay")
     except importlib.metadata.PackageNotFoundError:
@@ -224,9 +225,24 @@ def cmd_sim(argv: list[str]) -> int:
     return sim_main(argv)
 
 
+class PrintVersion(argparse.Action):
+    """`--version`, looked up only when asked for: a node that imported importlib.metadata would hold 1.5 MB
+    more for the whole of its life (its `email` and `zipfile` imports)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the version and exit")
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(
+        self, p: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        print(f"ipop-overlay {package_version()}")
+        p.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipop-overlay", description="GroupVPN over a structured overlay.")
-    p.add_argument("--version", action="version", version=f"ipop-overlay {package_version()}")
+    p.add_argument("--version", action=PrintVersion)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("keygen", help="write a new node key (mode 0600) and print the node ID")

@@ -1,5 +1,6 @@
 """XMPP bootstrap: login, room membership and the first hello exchange; an in-memory twin for tests."""
 
+from xmpp_bootstrap import _slixmpp_version  # noqa: F401 (first: before any module here imports slixmpp)
 from xmpp_bootstrap.bootstrap import Bootstrap
 from xmpp_bootstrap.client import XmppBootstrap, XmppSettings
 from xmpp_bootstrap.memory import MemoryBootstrap, MemoryRoom
