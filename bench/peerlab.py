@@ -225,7 +225,7 @@ def deployment(
 
 
 PYTHON_PATH = "ipop-python"  # ipop-overlay with its Python data path only: a baseline, not a peer
-LANES_PATH = "ipop-2-lanes"  # ipop-overlay with two Engines a node ([vnic] lanes = 2): ours, whatever the CPUs
+LANES_PATH = "ipop-1-lane"  # ipop-overlay with one Engine a node ([vnic] lanes = 1), whatever the CPUs
 
 # -- the systems --------------------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ def ipop_overlay(workdir: Path, python_path: bool = False, lanes: int | None = N
             if not exe.startswith("python"):
                 raise RuntimeError(f"PID {pid} is {exe}, not the node's Python process: CPU and RSS would be wrong")
         yield Deployment(
-            PYTHON_PATH if python_path else LANES_PATH if lanes == 2 else "ipop-overlay",
+            PYTHON_PATH if python_path else LANES_PATH if lanes == 1 else "ipop-overlay",
             g.lab,
             a.host,
             {"direct": (b.host, b.ip), "relayed": (c.host, c.ip)},
@@ -476,7 +476,7 @@ SYSTEMS = {
     for s in (
         System("ipop-overlay", ipop_overlay, prerequisites=missing_prerequisites),
         System(PYTHON_PATH, lambda workdir: ipop_overlay(workdir, True), prerequisites=missing_prerequisites),
-        System(LANES_PATH, lambda workdir: ipop_overlay(workdir, lanes=2), prerequisites=missing_prerequisites),
+        System(LANES_PATH, lambda workdir: ipop_overlay(workdir, lanes=1), prerequisites=missing_prerequisites),
         System("wireguard-go", wireguard_go, ("wireguard-go", "wg"), ("wireguard-go", "wireguard-tools")),
         System("nebula", nebula, ("nebula", "nebula-cert"), ("nebula",)),
         System("yggdrasil", yggdrasil, ("yggdrasil",), ("yggdrasil",)),

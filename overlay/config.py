@@ -53,7 +53,7 @@ class NodeConfig:
     # docs/datapath.md); false sends every packet through the Python path.
     vnic_fast_path: bool
     # [vnic] lanes: Engines (threads, TAP queues, sockets on the port) of the compiled path; "auto" (default):
-    # one per two CPUs, 1 to 4 (docs/datapath.md, Lanes)
+    # one on 1 CPU, two on 2-5, one per two CPUs above that, at most 4 (docs/datapath.md, Lanes)
     vnic_lanes: int
     ring: RingParams  # [overlay] ring_size, long_links, incoming_cap
     lookahead: bool  # [overlay] lookahead: neighbour-of-neighbour routing (default true)

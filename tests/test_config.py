@@ -49,8 +49,10 @@ def test_a_good_config_resolves_relative_paths_against_the_config_file(tmp_path:
     assert cfg.ring.long_links == 4 and cfg.lookahead and cfg.vnic_offload and cfg.routing == "promise"
 
 
-def test_lanes_are_one_per_two_cpus_from_1_to_4_unless_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for cpus, lanes in ((1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (64, 4)):
+def test_lanes_are_two_on_two_cpus_then_one_per_two_cpus_up_to_4_unless_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for cpus, lanes in ((1, 1), (2, 2), (3, 2), (4, 2), (5, 2), (6, 3), (8, 4), (64, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert load_config(write(tmp_path, GOOD)).vnic_lanes == lanes
         assert (
