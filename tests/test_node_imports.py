@@ -4,8 +4,11 @@ would give it. Each check runs in a fresh interpreter, as a node starts."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(code: str) -> str:
@@ -38,3 +41,20 @@ print(stand_in, slixmpp.__version__ == importlib.metadata.version("slixmpp"),
       slixmpp.__version_info__ == tuple(int(p) for p in slixmpp.__version__.split(".")[:3]))
 """
     assert run(code) == "True True True"
+
+
+def test_slixmpp_takes_from_its_version_module_only_what_the_stand_in_has() -> None:
+    spec = importlib.util.find_spec("slixmpp")
+    assert spec is not None and spec.submodule_search_locations
+    taken: set[str] = set()
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for path in root.rglob("*.py"):
+        if path == root / "version.py":
+            continue
+        text = path.read_text(errors="replace")
+        relative = r"|\." if path.parent == root else ""  # `.version` elsewhere is another package's module
+        for names in re.findall(rf"from (?:slixmpp{relative})\.version import ([\w, ]+)", text):
+            taken |= {n.strip() for n in names.split(",")}
+        taken |= set(re.findall(r"\bslixmpp\.version\.(\w+)", text))
+    assert taken, "slixmpp no longer imports its version module: the stand-in may go"
+    assert taken <= {"__version__", "__version_info__"}, taken
