@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.group import Group, missing_prerequisites
+from tests.support.group import Group, missing_prerequisites, printed_id
 
 CLUSTERS = {"home": "cone", "office": "symmetric"}
 PLACEMENT: list[str | None] = [None, None, "home", "home", "office", "office"]
@@ -46,10 +46,15 @@ def where(g: Group, i: int) -> str:
 
 
 def apart(g: Group) -> tuple[int, int] | None:
-    """A pair with no direct link either way (their packets cross another member), NATed members first."""
+    """A pair with no direct link either way (their packets cross another member), NATed members first, and
+    pairs with no link at all before pairs linked through a tunnel (which ICE may upgrade at any time)."""
     sts: dict[int, dict[str, Any]] = {m.index: g.status(m.index) for m in g.members}
+
+    def linked(i: int, j: int) -> bool:
+        return any(printed_id(row["peer_id"]) == g.members[j].node_id for row in sts[i]["links"])
+
     pairs = [(i, j) for i in sts for j in sts if i < j]
-    pairs.sort(key=lambda p: -sum(g.placement[k] is not None for k in p))
+    pairs.sort(key=lambda p: (linked(*p) or linked(p[1], p[0]), -sum(g.placement[k] is not None for k in p)))
     return next(((i, j) for i, j in pairs if not g.direct_link(sts[i], j) and not g.direct_link(sts[j], i)), None)
 
 
@@ -101,14 +106,12 @@ def main() -> int:
         target = g.members[dst]
         note = "no direct link between them" if pair is not None else "they are still linked directly"
         step(f"ping node{src} ({where(g, src)}) -> node{dst} ({where(g, dst)}, {target.ip}); {note}")
+        # The path as the members' links are while the ping runs: a link made or upgraded later (a ring repair, ICE
+        # again on a tunnel) would name another.
+        statuses = {m.index: g.status(m.index) for m in g.members}
         out = g.lab.run(g.members[src].host, "ping", "-n", "-c", "3", "-i", "0.3", "-W", "2", target.ip,
                         check=False, timeout=20)  # fmt: skip
         print(out.stdout.rstrip(), flush=True)
-
-        shown = next(i for i in (src, dst, 2, 4) if g.placement[i] is not None)
-        step(f"ipop-overlay status of node{shown} ({where(g, shown)}): the kind column says how each link crosses")
-        print(g.status_text(shown), flush=True)
-        statuses = {m.index: g.status(m.index) for m in g.members}
         path = g.overlay_path(statuses, src, dst)
         if path is None:
             step("could not derive the overlay path from the status snapshots")
@@ -116,6 +119,10 @@ def main() -> int:
             relays = ", ".join(f"node{n}" for n in path[1:-1]) or "none"
             route = " -> ".join(f"node{n}" for n in path)
             step(f"overlay path {route}: {len(path) - 1} overlay hop(s), relayed by {relays}")
+
+        shown = next(i for i in (src, dst, 2, 4) if g.placement[i] is not None)
+        step(f"ipop-overlay status of node{shown} ({where(g, shown)}): the kind column says how each link crosses")
+        print(g.status_text(shown), flush=True)
         removed = g.members[REMOVED]
         jid = f"node{REMOVED}@{g.server.domain}" if g.server else ""
         step(f"ipop-overlay group remove {jid} (as the room's owner)")
