@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.group import TAP_NAME, Group, missing_prerequisites, printed_id
+from tests.support.group import TAP_NAME, Group, missing_prerequisites
 from tests.support.netlab import HOST_IFNAME, Host, NetLab
 
 # Our choice: labs named ipv<pid><letter>-*, apart from the test suites' (ipg, ilt, ipb, ...) on a shared machine.
@@ -267,11 +267,8 @@ def ipop_overlay(workdir: Path, python_path: bool = False, lanes: int | None = N
 
 def tunnelled(g: Group, i: int, j: int) -> bool:
     """Whether members i and j each show a link to the other through a neighbour."""
-    ends = ((i, j), (j, i))
-    return all(
-        any(printed_id(row["peer_id"]) == g.members[b].node_id and row.get("relay") for row in g.status(a)["links"])
-        for a, b in ends
-    )
+    rows = (g.link_row(g.status(i), j), g.link_row(g.status(j), i))
+    return all(row is not None and row.get("relay") for row in rows)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.group import Group, missing_prerequisites, printed_id
+from tests.support.group import Group, missing_prerequisites
 
 CLUSTERS = {"home": "cone", "office": "symmetric"}
 PLACEMENT: list[str | None] = [None, None, "home", "home", "office", "office"]
@@ -51,7 +51,7 @@ def apart(g: Group) -> tuple[int, int] | None:
     sts: dict[int, dict[str, Any]] = {m.index: g.status(m.index) for m in g.members}
 
     def linked(i: int, j: int) -> bool:
-        return any(printed_id(row["peer_id"]) == g.members[j].node_id for row in sts[i]["links"])
+        return g.link_row(sts[i], j) is not None
 
     pairs = [(i, j) for i in sts for j in sts if i < j]
     pairs.sort(key=lambda p: (linked(*p) or linked(p[1], p[0]), -sum(g.placement[k] is not None for k in p)))

@@ -624,10 +624,15 @@ class Group:
         finally:
             server.wait(timeout=10)
 
+    def link_row(self, status: dict[str, Any], j: int) -> dict[str, Any] | None:
+        """`status`'s (of some node) row for its link to node j, direct or through a neighbour; None: no link."""
+        peer = self.members[j].node_id
+        return next((row for row in status["links"] if printed_id(row["peer_id"]) == peer), None)
+
     def direct_link(self, status: dict[str, Any], j: int) -> bool:
         """Whether `status` (of some node) shows a direct link (no relay) to node j."""
-        peer = self.members[j].node_id
-        return any(printed_id(row["peer_id"]) == peer and row.get("relay") is None for row in status["links"])
+        row = self.link_row(status, j)
+        return row is not None and row.get("relay") is None
 
     def overlay_path(self, statuses: dict[int, dict[str, Any]], src: int, dst: int) -> list[int] | None:
         """The members a packet from `src` to `dst` most likely crosses, read from `status` snapshots.
