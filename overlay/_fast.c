@@ -287,11 +287,43 @@ typedef struct {
     uint32_t off, len;
 } Staged;
 
+/* The lanes of one node (Engine_init's `first`) share what each carries and the lane of each TCP connection the
+ * node opened, so that a connection keeps to the lane least busy when it opened. A multi-queue TAP gives a flow
+ * the queue of its hash, so two bulk flows share a lane (one core at each end) as often as not: with two lanes,
+ * iperf3 --bidir relayed through a member carried 7,497 Mbit/s (median of 3 runs) when its two flows shared a
+ * lane and 8,192 (median of 5) when they did not (2026-12-06, one lab).
+ * The TAP sends a flow out by the queue its last packet came in by (tun_automq_select_queue), and the peer's
+ * Engine writes what it receives by the queue of the lane it was sealed in (steer_lanes). But the kernel notes
+ * a write's queue only after it has handled the written packet, so a SYN-ACK, sent while its SYN is handled,
+ * leaves by the hash (measured: 18 of 32 SYN-ACKs left by their SYN's queue, against 72 of 72 UDP answers sent a
+ * moment later); sealing the SYN in a lane is not enough. Sealing every segment of the connection in its lane,
+ * whichever queue it was read from, is: the peer writes them all by that lane's queue and answers in that
+ * lane, and its answers written here by that queue bring the rest of ours there, within a round trip or two.
+ * What a lane carried is measured over short windows, and a lane that carried nothing for QUIET_NS carries no
+ * bulk flow (whose packets are under a millisecond apart from ~10 Mbit/s up): its last window no longer counts,
+ * and its next starts afresh. With 100 ms windows and 20 ms of quiet, the lane of one iperf3 run still looked
+ * busy when the next run opened its connections a few milliseconds later, and all of them went to the other. */
+#define LOAD_NS 10000000LL
+#define LOAD_IDLE 10 /* packets per window below which a lane counts as idle (1,000 a second) */
+#define QUIET_NS 5000000LL
+#define CONN_BITS 10 /* 2^CONN_BITS slots in `conn`, direct-mapped: an evicted connection goes by the queue it is read from */
+typedef struct {
+    atomic_int n;                           /* the node's lanes: the highest lane + 1 of the Engines sharing this */
+    atomic_uint next;                       /* turns among lanes equally busy */
+    atomic_uint_fast64_t load[LANES];       /* packets in the lane's last window, per LOAD_NS */
+    atomic_int_fast64_t active_at[LANES];   /* when the lane last carried something */
+    atomic_uint_fast64_t conn[1 << CONN_BITS]; /* a connection's key but its low byte, | 0x100, | its lane */
+} LaneShare;
+
 typedef struct {
     PyObject_HEAD
     int tap, udp, up, stop_fd, epfd;
     int vnet, gso, chunk, check_sources;
     int lane; /* this Engine's lane (LANES): the counters it sends with, to peers that take lanes */
+    LaneShare *share;   /* the node's lanes: this Engine's own (`first` NULL) or the first Engine's */
+    PyObject *first;    /* the Engine whose `share` this is (strong reference), NULL for its owner */
+    int64_t load_start; /* this lane's current load window (the thread's) */
+    uint64_t load_base;
     uint64_t id;
     uint32_t ip, mask, net, bcast;
     uint8_t eth[ETH_LEN]; /* the frame header for what we deliver: kernel's MAC, gateway MAC, IPv4 */
@@ -314,14 +346,14 @@ typedef struct {
     uint8_t *stage_buf;
     pthread_t thread;
     int running;
-    uint32_t message_id;
+    uint32_t message_id; /* the low 24 bits of the last chunk train's ID (next_message_id) */
     atomic_int note_pending;
     int64_t last_note;
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
         c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
-        c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped;
+        c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved, c_conn_moved;
     Pending pending[PENDING_SLOTS];
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
@@ -337,8 +369,70 @@ typedef struct {
     uint8_t tap_heads[JOIN_MAX][VNET_LEN + JOIN_HDR];
 } Engine;
 
-/* The lane this Engine seals in for link L's peer. */
-#define LANE(e, L) ((L)->lanes_ok ? (e)->lane : 0)
+/* The lane a packet sealed in `lane` is sealed in for link L's peer: lane 0 for a peer without lanes. */
+#define LANE(lane, L) ((L)->lanes_ok ? (lane) : 0)
+
+/* The lane for a new TCP connection: the least busy one, in turn among those about as idle (within a quarter,
+ * or under LOAD_IDLE: a choice that chases noise would spread nothing). */
+static int pick_lane(Engine *e) {
+    LaneShare *s = e->share;
+    int n = atomic_load(&s->n);
+    if (n < 2) return e->lane;
+    uint64_t load[LANES], least = UINT64_MAX;
+    for (int k = 0; k < n; k++) {
+        load[k] = e->now - atomic_load_explicit(&s->active_at[k], memory_order_relaxed) > QUIET_NS
+                      ? 0
+                      : atomic_load_explicit(&s->load[k], memory_order_relaxed);
+        if (load[k] < least) least = load[k];
+    }
+    int among[LANES], c = 0;
+    for (int k = 0; k < n; k++)
+        if (load[k] <= least + least / 4 + LOAD_IDLE) among[c++] = k;
+    return among[atomic_fetch_add(&s->next, 1) % (unsigned)c];
+}
+
+/* This lane's load, once a window (the thread, after a batch that carried what took the counters from
+ * `before` to `total`). */
+static void count_load(Engine *e, int64_t t, uint64_t before, uint64_t total) {
+    LaneShare *s = e->share;
+    int64_t last = atomic_exchange_explicit(&s->active_at[e->lane], t, memory_order_relaxed);
+    if (t - last > QUIET_NS) {
+        atomic_store_explicit(&s->load[e->lane], 0, memory_order_relaxed);
+        e->load_start = t;
+        e->load_base = before;
+    } else if (t - e->load_start >= LOAD_NS) {
+        uint64_t per = (total - e->load_base) * (uint64_t)LOAD_NS / (uint64_t)(t - e->load_start);
+        atomic_store_explicit(&s->load[e->lane], per, memory_order_relaxed);
+        e->load_start = t;
+        e->load_base = total;
+    }
+}
+
+/* The lane for an IPv4 packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
+ * node opened goes in the connection's lane, a SYN (without ACK) picks one; anything else goes in the Engine's. */
+static int lane_for(Engine *e, const uint8_t *ip, size_t total) {
+    LaneShare *s = e->share;
+    size_t ihl = (size_t)(ip[0] & 15) * 4;
+    if (atomic_load(&s->n) < 2 || ip[9] != 6 || ((ip[6] & 0x1F) | ip[7]) || total < ihl + 14) return e->lane;
+    const uint8_t *tcp = ip + ihl;
+    /* Addresses and ports, mixed (splitmix64's finaliser): the slot and the check come from one 64-bit key. */
+    uint64_t key = ((uint64_t)be32(ip + 12) << 32 | be32(ip + 16)) ^ (uint64_t)be32(tcp) * 0x9E3779B97F4A7C15ull;
+    key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9ull;
+    key = (key ^ key >> 27) * 0x94D049BB133111EBull;
+    key = (key ^ key >> 31) | 0x100;
+    atomic_uint_fast64_t *slot = &s->conn[key >> (64 - CONN_BITS)];
+    int lane;
+    if ((tcp[13] & 0x12) == 0x02) {
+        lane = pick_lane(e);
+        atomic_store(slot, (key & ~0xFFull) | (uint64_t)lane);
+        e->c_syn_moved += lane != e->lane;
+        return lane;
+    }
+    uint64_t v = atomic_load(slot);
+    if ((v ^ key) >> 8 || (lane = (int)(v & 0xFF)) == e->lane) return e->lane;
+    e->c_conn_moved++;
+    return lane;
+}
 
 static FLink *link_by_peer(Engine *e, uint64_t peer) {
     for (int i = 0; i < e->nlinks; i++)
@@ -498,8 +592,16 @@ static uint8_t *slot_for(Engine *e, size_t len, const Addr *to) {
     return e->run + e->run_len;
 }
 
-/* The datagram just sealed at `at` (from slot_for) of `len` bytes leaves (or waits in its run). */
-static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
+/* The ID of the next chunk train of a datagram sealed in `lane`: the top byte says the lane (0x80 | lane: what the
+ * receiver's steering reads, steer_lanes, so it must be the lane of the datagram's own counter), the rest counts
+ * from a random start. */
+static uint32_t next_message_id(Engine *e, int lane) {
+    e->message_id = (e->message_id + 1) & 0xFFFFFFu;
+    return (0x80u | (uint32_t)lane) << 24 | e->message_id;
+}
+
+/* The datagram just sealed in `lane` at `at` (from slot_for) of `len` bytes leaves (or waits in its run). */
+static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to, int lane) {
     if (at != e->sealed) {
         e->run_len += len;
         e->run_count++;
@@ -511,7 +613,7 @@ static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
         if (count <= MAX_CHUNKS) {
             uint8_t heads[MAX_CHUNKS][CHUNK_HDR];
             struct iovec iov[2 * MAX_CHUNKS];
-            uint32_t id = e->message_id = (e->message_id & 0xFF000000u) | ((e->message_id + 1) & 0xFFFFFFu);
+            uint32_t id = next_message_id(e, lane);
             for (int i = 0; i < count; i++) {
                 heads[i][0] = PT_CHUNK;
                 put32(heads[i] + 1, id);
@@ -529,9 +631,9 @@ static void emit(Engine *e, uint8_t *at, size_t len, const Addr *to) {
     send_one(e, at, len, to);
 }
 
-/* Seal `msg` (pieces) for link L and send it: on L's own path, or through its relay's link. Caller holds tab.
+/* Seal `msg` (pieces) in `lane` for link L and send it: on L's own path, or through its relay's link. Caller holds tab.
  * 0: sent (or waiting in a run); -1: cannot (no usable path), nothing sent. */
-static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_t msglen) {
+static int send_on(Engine *e, FLink *L, int lane, const struct iovec *pieces, int n, size_t msglen) {
     FLink *R = NULL;
     if (!L->direct) {
         R = link_by_peer(e, L->relay);
@@ -545,7 +647,7 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
     uint8_t *at = slot_for(e, len, to);
     size_t out;
     if (!R) {
-        if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
+        if (keys_seal(L->keys, LANE(lane, L), PT_TRANSPORT, L->remote, pieces, n, at, &out)) return -1;
         L->tx += out;
     } else {
         uint8_t head[RELAY_HEAD];
@@ -553,21 +655,21 @@ static int send_on(Engine *e, FLink *L, const struct iovec *pieces, int n, size_
         put64(head + 1, L->peer);
         size_t inner;
         if (R->tunnel_ok) {
-            if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, at + TUNNEL_OFF, &inner)) return -1;
-            if (keys_seal_head(R->keys, LANE(e, R), PT_TUNNEL, R->remote, head, RELAY_HEAD, at + TUNNEL_OFF + inner - TAG,
+            if (keys_seal(L->keys, LANE(lane, L), PT_TRANSPORT, L->remote, pieces, n, at + TUNNEL_OFF, &inner)) return -1;
+            if (keys_seal_head(R->keys, LANE(lane, R), PT_TUNNEL, R->remote, head, RELAY_HEAD, at + TUNNEL_OFF + inner - TAG,
                                at))
                 return -1;
             out = TUNNEL_OFF + inner;
         } else {
-            if (keys_seal(L->keys, LANE(e, L), PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
+            if (keys_seal(L->keys, LANE(lane, L), PT_TRANSPORT, L->remote, pieces, n, e->inner, &inner)) return -1;
             struct iovec outer[2] = {{head, RELAY_HEAD}, {e->inner, inner}};
-            if (keys_seal(R->keys, LANE(e, R), PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
+            if (keys_seal(R->keys, LANE(lane, R), PT_TRANSPORT, R->remote, outer, 2, at, &out)) return -1;
         }
         R->tx += out;
         L->tx += inner;
     }
     L->tx_seen = 1;
-    emit(e, at, out, to);
+    emit(e, at, out, to, LANE(lane, R ? R : L));
     return 0;
 }
 
@@ -620,7 +722,8 @@ static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint
     memcpy(header, f->header, ROUTED_LEN);
     header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
     struct iovec pieces[3] = {{header, ROUTED_LEN}, {(void *)frame, gso ? VNET_LEN : 0}, {(void *)ip, total}};
-    if (send_on(e, L, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
+    int lane = L->lanes_ok ? lane_for(e, ip, total) : e->lane;
+    if (send_on(e, L, lane, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
 up:
     /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
      * this frame went up after what Python has sent. */
@@ -982,6 +1085,7 @@ static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage
     Delivery d;
     int handled = 0, relay = 0;
     Addr relay_to;
+    int relay_lane = 0;
     size_t relay_len = 0;
     uint8_t *relay_at = NULL;
     pthread_mutex_lock(&e->tab);
@@ -1030,18 +1134,19 @@ static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage
         if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
             dg_copy(inD, inoff, inlen, relay_at + TUNNEL_OFF);
-            if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, inTag, relay_at))
+            if (keys_seal_head(T->keys, LANE(e->lane, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, inTag, relay_at))
                 goto out;
             relay_len = out_len;
         } else {
             struct iovec pieces[MAX_CHUNKS + 2] = {{onward, RELAY_HEAD}};
             int n = 1 + dg_pieces(inD, inoff, inoff + inlen, pieces + 1);
-            if (keys_seal(T->keys, LANE(e, T), PT_TRANSPORT, T->remote, pieces, n, relay_at, &relay_len)) goto out;
+            if (keys_seal(T->keys, LANE(e->lane, T), PT_TRANSPORT, T->remote, pieces, n, relay_at, &relay_len)) goto out;
         }
         L->rx += len;
         L->rx_seen = 1;
         T->tx += relay_len;
         relay_to = T->ep;
+        relay_lane = LANE(e->lane, T);
         relay = handled = 1;
     } else if (head[0] == MSG_RELAYED && mlen >= RELAY_HEAD && inlen > HDR + TAG && in[0] == PT_TRANSPORT) {
         /* Out of a tunnel through L: the inner packet is a session of ours with the tunnel's far end. */
@@ -1072,7 +1177,7 @@ out:
     }
     if (relay) {
         e->c_relayed++;
-        emit(e, relay_at, relay_len, &relay_to);
+        emit(e, relay_at, relay_len, &relay_to, relay_lane);
     } else if (handled) {
         to_tap(e, &d);
     }
@@ -1194,7 +1299,7 @@ static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t 
     /* The inner packet's tag, which the head is bound to: the packet's last TAG bytes, maybe in two chunks. */
     uint8_t tag[TAG];
     dg_copy(&D, len - TAG, TAG, tag);
-    int taken = 0;
+    int taken = 0, lane = 0;
     Addr to;
     pthread_mutex_lock(&e->tab);
     Keys *K = NULL;
@@ -1206,7 +1311,7 @@ static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t 
     FLink *T = relay_onward(e, L, msg, onward);
     if (!T || !T->tunnel_ok || (size_t)T->ep.chunk != seg) goto out;
     /* Sealed before the counter is taken, so that a packet not passed on stays unspent for on_transport. */
-    if (keys_seal_head(T->keys, LANE(e, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) ||
+    if (keys_seal_head(T->keys, LANE(e->lane, T), PT_TUNNEL, T->remote, onward, RELAY_HEAD, tag, head) ||
         !keys_mark(K, be64(p + 5)))
         goto out;
     memcpy(p, head, TUNNEL_OFF);
@@ -1215,6 +1320,7 @@ static int relay_train(Engine *e, uint8_t *buf, size_t size, size_t seg, size_t 
     L->rx_seen = 1;
     T->tx += len;
     to = T->ep;
+    lane = LANE(e->lane, T);
     taken = 1;
 out:
     pthread_mutex_unlock(&e->tab);
@@ -1224,7 +1330,7 @@ out:
     e->c_relayed_trains++;
     e->c_datagrams++;
     note(e);
-    uint32_t id = ++e->message_id;
+    uint32_t id = next_message_id(e, lane);
     for (size_t o = 0; o < size; o += seg) put32(buf + o + 1, id);
     flush_run(e); /* what waits for this address leaves first, as slot_for does for a datagram bigger than a chunk */
     struct iovec iov = {buf, size};
@@ -1361,6 +1467,7 @@ static void *engine_main(void *arg) {
         uint64_t total = e->c_frames + e->c_datagrams;
         if (total != carried) {
             int64_t t = now_ns();
+            count_load(e, t, carried, total);
             /* A new window: was the one before busy? After a pause it counts from its start, so the first window
              * after a flood may go without the poll. */
             if (t >= window_end) {
@@ -1385,8 +1492,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
-                            "prefix_len", "check_sources", "hold_limit", "lane", NULL};
+                            "prefix_len", "check_sources", "hold_limit", "lane", "first", NULL};
     int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0;
+    PyObject *first = Py_None;
     double hold = STAGE_NS / 1e9;
     unsigned long long id;
     unsigned int address;
@@ -1394,9 +1502,14 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
-                                     &id, &address, &prefix, &check, &hold, lane_arg, &lane))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&O", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+                                     &id, &address, &prefix, &check, &hold, lane_arg, &lane, &first))
         return -1;
+    if (first != Py_None && (!PyObject_TypeCheck(first, Py_TYPE(e)) || !((Engine *)first)->share ||
+                             ((Engine *)first)->first || ((Engine *)first)->lane == lane)) {
+        PyErr_SetString(PyExc_ValueError, "first is the node's first Engine, set up, of another lane");
+        return -1;
+    }
     e->lane = lane;
     if (!(hold > 0 && hold < 60)) {
         PyErr_SetString(PyExc_ValueError, "hold_limit is seconds, above 0 and below 60");
@@ -1426,8 +1539,19 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_NoMemory();
         return -1;
     }
-    /* The top byte says the lane (the receiver's steering, lanes_program), the rest counts from a random start. */
-    e->message_id = (0x80u | (uint32_t)lane) << 24 | ((uint32_t)now_ns() & 0xFFFFFFu);
+    if (first == Py_None) {
+        if (!(e->share = PyMem_Calloc(1, sizeof(LaneShare)))) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    } else {
+        Py_INCREF(first);
+        e->first = first;
+        e->share = ((Engine *)first)->share;
+    }
+    int n = atomic_load(&e->share->n);
+    atomic_store(&e->share->n, n > lane + 1 ? n : lane + 1);
+    e->message_id = (uint32_t)now_ns() & 0xFFFFFFu; /* next_message_id */
     return 0;
 }
 
@@ -1741,7 +1865,7 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
                          e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
                          "dropped: Python busy", e->c_up_dropped, "send failed",
@@ -1751,7 +1875,9 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
                          e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "frames held for order",
                          e->c_staged, "dropped: held frames full", e->c_stage_dropped, "ICMP: unreachable",
                          e->c_unreachable, "chunks: messages rebuilt", e->c_chunks_rebuilt,
-                         "chunks: messages dropped (incomplete or inconsistent)", e->c_chunks_dropped);
+                         "chunks: messages dropped (incomplete or inconsistent)", e->c_chunks_dropped,
+                         "TCP: connections opened in another lane", e->c_syn_moved,
+                         "TCP: segments sent in their connection's lane, read by another", e->c_conn_moved);
 }
 
 static void Engine_dealloc(Engine *e) {
@@ -1771,6 +1897,8 @@ static void Engine_dealloc(Engine *e) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]);
     for (int i = 0; i < PENDING_SLOTS; i++) free(e->pending[i].buf);
     pthread_mutex_destroy(&e->tab);
+    if (e->first) Py_DECREF(e->first); /* after this Engine's thread stopped: the share is the first's */
+    else PyMem_Free(e->share);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 

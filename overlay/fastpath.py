@@ -20,7 +20,8 @@ UdpUnderlay.deliver). This side:
 With `lanes` above 1 there is an Engine per lane, each with a thread, a queue of the multi-queue TAP and a
 socket on the node's port of its own (docs/datapath.md, Lanes): each gets every table change, each passes up
 through its own socketpair (frames are numbered per Engine), and what they carried is added up. Engine k seals
-in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others.
+in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others, except a TCP
+connection's SYN, sealed in the least busy lane (the Engines share their load), which moves the connection there.
 docs/datapath.md has the measurements behind it.
 """
 
@@ -110,6 +111,8 @@ class FastPath:
                 prefix_len=prefix_len,
                 check_sources=self._check_sources,
                 lane=lane,
+                # The lanes share what each carries, for the lane a new TCP connection starts in.
+                first=self._lanes[0].engine if self._lanes else None,
             )
             self._lanes.append(_Lane(lane, engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
@@ -266,7 +269,8 @@ class FastPath:
         out = {f"fast path: {k}": sum(c[k] for c in each) for k in each[0]}
         out = {k: v for k, v in out.items() if v}
         if len(each) > 1:
-            # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane).
+            # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane, except for the TCP
+            # connections this node opens: the least busy lane when each opened).
             out.update((f"fast path: lane {i}: {k}", v) for i, c in enumerate(each) for k, v in c.items() if v)
         return out
 

@@ -69,6 +69,7 @@ class Node:
         check: bool = False,
         hold_limit: float = 0.05,
         lane: int = 0,
+        first: Engine | None = None,
     ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -95,6 +96,7 @@ class Node:
             check_sources=check,
             hold_limit=hold_limit,
             lane=lane,
+            first=first,
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 
@@ -468,6 +470,108 @@ def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to
     finally:
         a.close()
         wire_b.sock.close()
+
+
+def tcp_frame(src: int, dst: int, flags: int, port: int = 40000, payload: bytes = b"") -> bytes:
+    """An Ethernet frame with an IPv4 TCP segment (no options) with these flags."""
+    tcp = struct.pack("!HHIIBBHHH", port, 5201, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
+    return DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x00" + ipv4_packet(src, dst, 6, 64, tcp)
+
+
+SYN, ACK = 0x02, 0x10
+
+
+def test_a_tcp_connection_this_node_opens_keeps_to_the_least_busy_lane_whichever_engine_reads_it() -> None:
+    """The lanes of one node share their load and the lanes of the connections it opened (Engine's `first`): a SYN
+    is sealed in the least busy lane, in turn among lanes equally idle, and so is every later segment of its
+    connection, whichever Engine reads it (a super-frame's chunks carry that lane too), so that the peer writes
+    them all by that lane's queue and the connection moves there at both ends (docs/datapath.md, Lanes). Other
+    connections, other protocols and anything for a peer without lanes stay in the reading Engine's lane; a lane
+    that carries a flood is passed over."""
+    a0 = Node(A_ID, A_IP, vnet=True, lane=0)
+    a1 = Node(A_ID, A_IP, vnet=True, lane=1, first=a0.engine)
+    wire_b, wire_c = Wire(), Wire()
+    ka, _kb = session_pair()
+    kc, _kc = session_pair()
+    nodes = (a0, a1)
+    for n in nodes:
+        n.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, True)
+        n.engine.set_link(C_ID, kc, 12, 33, wire_c.endpoint, 0, True, -1, False, None, None, True)
+        n.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+        n.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+        n.engine.start()
+    plain = bytes(10)  # a frame's virtio_net_hdr without offload
+
+    def lanes_of(*sends: tuple[Node, bytes]) -> list[int]:
+        out = []
+        for node, f in sends:
+            node.kernel.send(f)
+            out.append(decode_transport_header(wire_b.recv())[1] >> 56)
+        return out
+
+    def tcp(flags: int, port: int) -> bytes:
+        return plain + tcp_frame(A_IP, B_IP, flags, port)
+
+    flooding = threading.Event()
+
+    def flood() -> None:  # lane 1 carries ~10,000 packets a second and more, to C
+        while flooding.is_set():
+            a1.kernel.send(frame(A_IP, C_IP, vnet=plain))
+            wire_c.recv()
+
+    try:
+        opened = lanes_of(*((a0, tcp(SYN, port)) for port in range(40000, 40004)))
+        assert opened in ([0, 1, 0, 1], [1, 0, 1, 0])
+        for port, lane in zip(range(40000, 40004), opened, strict=True):
+            assert lanes_of((a0, tcp(ACK, port)), (a1, tcp(ACK, port)), (a1, tcp(ACK | 0x08, port))) == [lane] * 3
+        assert lanes_of((a0, tcp(ACK, 41000)), (a1, tcp(ACK, 41000)), (a1, tcp(SYN | ACK, 41001))) == [0, 1, 1]
+        assert lanes_of((a0, frame(A_IP, B_IP, vnet=plain)), (a1, frame(A_IP, B_IP, vnet=plain))) == [0, 1]
+        counts = [n.engine.counters() for n in nodes]
+        assert sum(c["TCP: connections opened in another lane"] for c in counts) == 2
+        assert sum(c["TCP: segments sent in their connection's lane, read by another"] for c in counts) == 6
+        # A super-frame of a connection in lane 0, read by lane 1: its chunks' message IDs say lane 0 as well.
+        port = 40000 + opened.index(0)
+        vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
+        a1.kernel.send(vnet + tcp_frame(A_IP, B_IP, ACK, port, bytes(range(256)) * 40))
+        chunk = wire_b.recv()
+        assert chunk[0] == PacketType.CHUNK and chunk[1] == 0x80
+        while len(chunk) == CHUNK:  # the rest of its train
+            chunk = wire_b.recv()
+        flooding.set()
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        time.sleep(0.05)  # a few load windows (LOAD_NS)
+        # While lane 1 floods, connections go to lane 0; one try in three is allowed a stall of the flood thread
+        # longer than QUIET_NS on a busy host (taking turns instead, every try would fail).
+        tries = [lanes_of(*((a0, tcp(SYN, port)) for port in range(42000 + 10 * t, 42003 + 10 * t))) for t in range(3)]
+        assert [0, 0, 0] in tries
+        flooding.clear()
+        flooder.join()
+        # A peer that did not say it takes lanes gets lane 0 only, whatever is idle or remembered.
+        for n in nodes:
+            n.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, False)
+        remembered_in_1 = 40000 + opened.index(1)
+        assert lanes_of((a0, tcp(SYN, 43000)), (a1, tcp(SYN, 43001)), (a1, tcp(ACK, remembered_in_1))) == [0] * 3
+    finally:
+        flooding.clear()
+        for n in nodes:
+            n.close()
+        for w in (wire_b, wire_c):
+            w.sock.close()
+
+
+def test_an_engine_shares_lanes_only_with_the_first_engine_of_another_lane() -> None:
+    a0 = Node(A_ID, A_IP, lane=0)
+    try:
+        for bad in (a0.engine, object()):
+            with pytest.raises((ValueError, TypeError)):
+                Node(A_ID, A_IP, lane=0 if bad is a0.engine else 1, first=bad)  # type: ignore[arg-type]
+        a1 = Node(A_ID, A_IP, lane=1, first=a0.engine)
+        with pytest.raises(ValueError):
+            Node(A_ID, A_IP, lane=2, first=a1.engine)  # not the first: it shares another's
+        a1.close()
+    finally:
+        a0.close()
 
 
 def test_an_engine_takes_every_lane_of_a_session_each_against_its_own_window(pair) -> None:  # type: ignore[no-untyped-def]

@@ -1,8 +1,9 @@
 """Lanes between real processes (docs/datapath.md, Lanes): members with `[vnic] lanes = 2` run two Engines, each
 with its own thread, queue of a multi-queue TAP and socket on the node's port. TCP streams spread over both
-lanes at the sender and at the receiver, direct and through a relay, and a member on the Python data path (one
-reader, every lane's window in its sessions) exchanges traffic with them both ways (in lane 0: its answers all
-come in by the TAP's first queue, where the TAP then sends those flows out)."""
+lanes at the sender and at the receiver, direct and through a relay (two connections opened together take a lane
+each), and a member on the Python data path (one reader, every lane's window in its sessions) exchanges traffic
+with them both ways (in lane 0: its answers all come in by the TAP's first queue, where the TAP then sends those
+flows out)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,20 @@ def test_streams_spread_over_both_lanes_at_each_end(group: Group, a: int, b: int
     sent_now, handled_now = lanes_carried(group, a, "frames sent"), lanes_carried(group, b, "datagrams handled")
     assert all(now - before > 100 for now, before in zip(sent_now, sent, strict=True)), (sent, sent_now)
     assert all(now - before > 100 for now, before in zip(handled_now, handled, strict=True)), (handled, handled_now)
+
+
+@pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])
+def test_two_connections_opened_together_take_a_lane_each_at_both_ends(group: Group, a: int, b: int) -> None:
+    """A node seals each TCP connection it opens in the lane least busy at its SYN, taking turns among idle ones
+    (overlay/_fast.c, LaneShare): two streams opened together carry data in both lanes at both ends, every time.
+    By the TAP's flow hash alone, each run would put both in one lane half the time (all four: 1 in 16)."""
+    for _ in range(4):
+        before = [lanes_carried(group, i, w) for i, w in ((a, "frames sent"), (b, "datagrams handled"))]
+        received = group.iperf3(a, b, 1, streams=2)["end"]["sum_received"]
+        assert received["bytes"] > 1_000_000
+        after = [lanes_carried(group, i, w) for i, w in ((a, "frames sent"), (b, "datagrams handled"))]
+        for then, now in zip(before, after, strict=True):
+            assert all(y - x > 100 for x, y in zip(then, now, strict=True)), (before, after)
 
 
 @pytest.mark.parametrize("a, b", [(0, 1), (1, 0)], ids=["lanes-python", "python-lanes"])
