@@ -11,7 +11,8 @@
  *   REPLAY_WINDOW below it (RFC 6479's sliding window).
  *
  * Engine: a thread of its own that owns a TAP fd (one queue of a multi-queue TAP) and a UDP socket's reads; a
- *   node runs one per lane, each with its own tables (Python keeps them alike), each sealing in its own lane.
+ *   node runs one per lane, each with its own tables (Python keeps them alike), each sealing in its own lane
+ *   but for the TCP connections the node opens, which keep to the lane chosen at their SYN (LaneShare).
  *   Data between this node and a member it has a link to (direct, or a tunnel through a neighbour) is read,
  *   sealed, sent, received, opened, checked and written without entering Python; a neighbour's RELAY is passed
  *   on the same way.

@@ -20,8 +20,9 @@ UdpUnderlay.deliver). This side:
 With `lanes` above 1 there is an Engine per lane, each with a thread, a queue of the multi-queue TAP and a
 socket on the node's port of its own (docs/datapath.md, Lanes): each gets every table change, each passes up
 through its own socketpair (frames are numbered per Engine), and what they carried is added up. Engine k seals
-in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others, except a TCP
-connection's SYN, sealed in the least busy lane (the Engines share their load), which moves the connection there.
+in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others, except the TCP
+connections this node opens: each is sealed in the lane least busy at its SYN (the Engines share their load and
+those lanes), whichever Engine reads it, which brings the connection to that lane at both ends.
 docs/datapath.md has the measurements behind it.
 """
 
