@@ -23,7 +23,8 @@ pytestmark = [
 SIZE = 3
 BLOCKED = (0, 2)  # their traffic crosses the relay, member 1 (the three members are the peers' lab, bench/peers.py)
 IPERF_S = 2
-# The TAP's flow hash picks each stream's queue: with 16 streams, all on one of two lanes has odds 2 in 65,536.
+# Each stream the sender opens takes the lane least busy at its SYN, in turn among idle ones (by the TAP's flow
+# hash alone, as before, all 16 on one of two lanes had odds 2 in 65,536).
 STREAMS = 16
 
 
