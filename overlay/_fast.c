@@ -393,10 +393,11 @@ static int pick_lane(Engine *e) {
 }
 
 /* This lane's load, once a window (the thread, after a batch that carried what took the counters from
- * `before` to `total`). */
+ * `before` to `total`). Only this lane's thread writes its slots: a plain load and store, no locked exchange. */
 static void count_load(Engine *e, int64_t t, uint64_t before, uint64_t total) {
     LaneShare *s = e->share;
-    int64_t last = atomic_exchange_explicit(&s->active_at[e->lane], t, memory_order_relaxed);
+    int64_t last = atomic_load_explicit(&s->active_at[e->lane], memory_order_relaxed);
+    atomic_store_explicit(&s->active_at[e->lane], t, memory_order_relaxed);
     if (t - last > QUIET_NS) {
         atomic_store_explicit(&s->load[e->lane], 0, memory_order_relaxed);
         e->load_start = t;
