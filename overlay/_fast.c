@@ -411,8 +411,10 @@ static void count_load(Engine *e, int64_t t, uint64_t before, uint64_t total) {
 }
 
 /* The lane for an IPv4 packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
- * node opened goes in the connection's lane, a SYN (without ACK) picks one; anything else goes in the Engine's. */
-static int lane_for(Engine *e, const uint8_t *ip, size_t total) {
+ * node opened goes in the connection's lane, a SYN (without ACK) picks one; anything else goes in the Engine's.
+ * `sending`: the Engine sends it (counted in status when it goes in another lane than the Engine's), else it
+ * goes up, and only a SYN's pick counts. */
+static int lane_for(Engine *e, const uint8_t *ip, size_t total, int sending) {
     LaneShare *s = e->share;
     size_t ihl = (size_t)(ip[0] & 15) * 4;
     if (atomic_load(&s->n) < 2 || ip[9] != 6 || ((ip[6] & 0x1F) | ip[7]) || total < ihl + 14) return e->lane;
@@ -427,12 +429,12 @@ static int lane_for(Engine *e, const uint8_t *ip, size_t total) {
     if ((tcp[13] & 0x12) == 0x02) {
         lane = pick_lane(e);
         atomic_store(slot, (key & ~0xFFull) | (uint64_t)lane);
-        e->c_syn_moved += lane != e->lane;
+        e->c_syn_moved += sending && lane != e->lane;
         return lane;
     }
     uint64_t v = atomic_load(slot);
     if ((v ^ key) >> 8 || (lane = (int)(v & 0xFF)) == e->lane) return e->lane;
-    e->c_conn_moved++;
+    e->c_conn_moved += sending;
     return lane;
 }
 
@@ -724,9 +726,16 @@ static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint
     memcpy(header, f->header, ROUTED_LEN);
     header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
     struct iovec pieces[3] = {{header, ROUTED_LEN}, {(void *)frame, gso ? VNET_LEN : 0}, {(void *)ip, total}};
-    int lane = L->lanes_ok ? lane_for(e, ip, total) : e->lane;
+    int lane = L->lanes_ok ? lane_for(e, ip, total, 1) : e->lane;
     if (send_on(e, L, lane, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
+    goto numbered;
 up:
+    /* A SYN that goes up (no flow yet, or not now) still gets its connection's lane: Python sends it in this
+     * Engine's, and once the flow is here the Engine sends the connection's segments in the chosen one, which
+     * brings the connection there as a SYN it sent would. Without it, a connection opened while its flow was
+     * away (after a route change, or idle past its hard limit) kept the hash's lane for good. */
+    lane_for(e, ip, total, 0);
+numbered:
     /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
      * this frame went up after what Python has sent. */
     *seq = e->up_last[dst % FLOW_SLOTS] = ++e->up_seq;

@@ -566,6 +566,34 @@ def test_a_tcp_connection_this_node_opens_keeps_to_the_least_busy_lane_whichever
             w.sock.close()
 
 
+def test_a_connection_whose_syn_went_up_still_keeps_to_the_lane_chosen_for_it() -> None:
+    """A SYN read while its destination has no flow goes up to Python (sent in the reading Engine's lane), but its
+    connection's lane is chosen all the same: once the flow is there, its segments go in that lane."""
+    a0 = Node(A_ID, A_IP, lane=0)
+    a1 = Node(A_ID, A_IP, lane=1, first=a0.engine)
+    wire_b = Wire()
+    ka, _kb = session_pair()
+    try:
+        for n in (a0, a1):
+            n.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, True)
+            n.engine.start()
+        for port in (40000, 40001):
+            a0.kernel.send(tcp_frame(A_IP, B_IP, SYN, port))
+        assert [m[0] for m in a0.up_messages() if m[0] == 2] == [2, 2]  # no flow: both went up
+        for n in (a0, a1):
+            n.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 2)
+        lanes = []
+        for port in (40000, 40001):
+            a0.kernel.send(tcp_frame(A_IP, B_IP, ACK, port))
+            lanes.append(decode_transport_header(wire_b.recv())[1] >> 56)
+        assert lanes in ([0, 1], [1, 0])  # lane 0's Engine read both: one went in the other lane
+        assert a0.engine.counters()["TCP: connections opened in another lane"] == 0  # Python sent the SYNs
+    finally:
+        for n in (a0, a1):
+            n.close()
+        wire_b.sock.close()
+
+
 def test_an_engine_shares_lanes_only_with_the_first_engine_of_another_lane() -> None:
     a0 = Node(A_ID, A_IP, lane=0)
     try:
