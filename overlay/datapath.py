@@ -154,7 +154,7 @@ class DataPath:
         entry = self.dht.cache.get(address, now)
         if entry is not None:
             dst = entry.node_id
-            route = self.router.data_routes.get(dst)
+            route = self.router.data_route(dst)
             if route is not None:
                 link = self.links.links.get(route[0])
                 if link is not None:
@@ -185,7 +185,7 @@ class DataPath:
         if entry is None:
             return None
         dst = entry.node_id
-        route = self.router.data_routes.get(dst)
+        route = self.router.data_route(dst)
         if route is None or route[0] != dst or dst not in self.links.links:
             return None
         return dst, self._direct_header(dst, route, Kind.DATA)

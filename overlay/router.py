@@ -113,6 +113,7 @@ class Router:
         self.relayed[dst] = sent + nbytes
 
     def forget_routes(self) -> None:
+        self.count("routes: recomputed after a change")
         self._route_cache.clear()
         self._promise_cache.clear()
         self.data_routes.clear()
@@ -137,6 +138,40 @@ class Router:
     def pass_on(self, packet: Routed, dst: int, flags: int) -> None:
         """A received packet sent on to `dst` as if `packet.src` had sent it there: the answer goes to the source."""
         self.on_routed(None, Routed(DEFAULT_TTL, flags, packet.src, dst, FAR, packet.kind, packet.body))
+
+    def data_route(self, dst: int) -> tuple[int, int, int] | None:
+        """(next hop, watermark, flags) of the data this node originates for `dst`, as on_routed sends it, and
+        cached in data_routes; None when on_routed would do anything but send it to a neighbour by the rules
+        (deliver it here, report no route, take a ring still forming's first hop). The compiled data path asks
+        it for a flow without a packet to send (overlay/datapath.py flow)."""
+        route = self.data_routes.get(dst)
+        if route is not None:
+            return route
+        strict = True
+        if self.promise:
+            flags = FLAG_EXACT | FLAG_PROMISE
+            decision = self._promised_hop(Routed(DEFAULT_TTL, flags, self.id, dst, FAR, Kind.DATA, b""))
+            if isinstance(decision, Forward) and decision.promise is not None:
+                hops = decision.promise_hops << PROMISE_HOPS_SHIFT
+                route = (decision.next_hop, decision.promise, flags | hops)
+                strict = False
+            elif isinstance(decision, Deliver):
+                return None
+            elif decision is DROP_PROMISE:
+                self.count("promise not kept: strict rule")
+        if strict:
+            own = ring_distance(self.id, dst)
+            nh = self._next_hop(dst)
+            if nh is None or ring_distance(nh, dst) >= own:
+                return None
+            decision = decide(self.id, dst, exact=True, watermark=FAR, ttl=DEFAULT_TTL, neighbours=[nh])
+            if not isinstance(decision, Forward):
+                return None
+            route = (decision.next_hop, own, FLAG_EXACT)
+        if route is None or route[0] not in self.links.links:
+            return None
+        self.data_routes[dst] = route
+        return route
 
     def first_hop(self, dst: int) -> int | None:
         """The neighbour a packet we originate for `dst` goes to first (None: delivered here, or no route)."""
@@ -207,6 +242,14 @@ class Router:
     def on_routed(self, came_from: Link | None, pkt: Routed) -> None:
         """A routed packet from a neighbour (`came_from`) or from this node (None): forward, deliver, or
         report that no route exists."""
+        if came_from is None and pkt.kind in DATA_KINDS and self._originated_data(pkt):
+            route = self.data_route(pkt.dst)
+            if route is not None:
+                next_hop, watermark, flags = route
+                if next_hop != pkt.dst:
+                    self.count_relayed(pkt.dst, len(pkt.body))
+                self._pass_on(self.links.links[next_hop], replace(pkt, flags=flags), pkt.ttl - 1, watermark)
+                return
         if pkt.flags & FLAG_PROMISE:
             decision = self._promised_hop(pkt)
             if isinstance(decision, Forward) and decision.promise is not None:
@@ -215,10 +258,6 @@ class Router:
                     self.count("drop: ttl expired" if pkt.ttl <= 0 else "drop: next hop vanished")
                     return
                 flags = (pkt.flags & ~PROMISE_HOPS_MASK) | (decision.promise_hops << PROMISE_HOPS_SHIFT)
-                if came_from is None and pkt.kind in DATA_KINDS and pkt.ttl == DEFAULT_TTL:
-                    self.data_routes[pkt.dst] = (decision.next_hop, decision.promise, flags)
-                    if decision.next_hop != pkt.dst:
-                        self.count_relayed(pkt.dst, len(pkt.body))
                 self._pass_on(link, replace(pkt, flags=flags), pkt.ttl - 1, decision.promise)
                 return
             if decision is DROP_PROMISE:
@@ -266,10 +305,6 @@ class Router:
             if link is None:
                 self.count("drop: next hop vanished")
                 return
-            if came_from is None and pkt.kind in DATA_KINDS and pkt.flags == FLAG_EXACT and pkt.ttl == DEFAULT_TTL:
-                self.data_routes[pkt.dst] = (decision.next_hop, own, FLAG_EXACT)
-                if decision.next_hop != pkt.dst:
-                    self.count_relayed(pkt.dst, len(pkt.body))
             self._pass_on(link, pkt, pkt.ttl - 1, own)
         elif isinstance(decision, Deliver):
             self.deliver(pkt)
@@ -281,6 +316,11 @@ class Router:
                 self.on_no_route(pkt.dst, pkt.kind)
         elif isinstance(decision, Drop):
             self.count(f"drop: {decision.reason}")
+
+    def _originated_data(self, pkt: Routed) -> bool:
+        """Data this node originates as send_data makes it: its route is data_route's."""
+        flags = FLAG_EXACT | (FLAG_PROMISE if self.promise else 0)
+        return pkt.src == self.id and pkt.ttl == DEFAULT_TTL and pkt.flags == flags and pkt.watermark == FAR
 
     def _pass_on(self, link: Link, pkt: Routed, ttl: int, watermark: int) -> None:
         """Send a routed packet on to the next hop with a new TTL and watermark (as origin or as relay)."""

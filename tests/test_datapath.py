@@ -305,6 +305,36 @@ def test_super_frame_arrives_with_its_offload_header_unchanged_and_repeats_take_
     run(scenario())
 
 
+def test_after_routes_change_a_flow_is_found_without_a_packet_and_is_what_the_python_path_sends() -> None:
+    """The compiled data path keeps a flow in use while Python checks it after a route change (DataPath.flow):
+    the route must come without a packet sent, and its header be the one the Python path's next packet has."""
+
+    async def scenario() -> None:
+        a, b, tap_a, tap_b = await linked_pair(False, False)
+        try:
+            frame = ethernet_frame(DEFAULT_GATEWAY_MAC, tap_a.mac, ETH_P_IP, ipv4(A, B, 17, b"x" * 40))
+            assert len(await carry(tap_a, tap_b, [frame])) == 1
+            b_ip = int(ipaddress.IPv4Address(B))
+            before = a.datapath.flow(b_ip)
+            assert before is not None and before[0] == b.id
+            a.router.forget_routes()
+            assert b.id not in a.router.data_routes
+            assert a.datapath.flow(b_ip) == before
+            link = a.links.links[b.id]
+            sent: list[bytes] = []
+            send = link.send
+            link.send = lambda message: (sent.append(bytes(message)), send(message))[1]  # type: ignore[method-assign]
+            a.router.forget_routes()
+            assert len(await carry(tap_a, tap_b, [frame])) == 1
+            (routed,) = [m for m in sent if m[0] == LinkMsg.ROUTED]
+            assert routed[: ROUTED_HEADER.size] == before[1]
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
 def test_plain_packet_reaches_an_offload_tap_behind_a_zero_header() -> None:
     async def scenario() -> None:
         a, b, tap_a, tap_b = await linked_pair(False, True)
