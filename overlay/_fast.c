@@ -270,7 +270,8 @@ typedef struct {
 } FLink;
 
 /* A flow is used until `expires`; the first packet after it asks Python to look again (UP_FLOW) and the flow
- * stays in use while Python answers, until `hard`: a refresh costs the packets nothing. */
+ * stays in use while Python answers, until `hard`: a refresh costs the packets nothing. A slot for `ip` with
+ * `hard` 0 is no flow: Python answered without one, and frames to `ip` go up until it sets one. */
 typedef struct {
     uint32_t ip;
     int checking;
@@ -282,6 +283,11 @@ typedef struct {
     int pending;
     uint32_t wait;
     int64_t since;
+    /* Set while the one frame to `ip` that found no flow (numbered `wait`) is with Python, from `since`: the
+     * next ones are held until Python has taken it, and then leave on the flow it set or go up behind it.
+     * Without it every frame read meanwhile went up (112-275 for 4 TCP streams at ~9 Gbit/s whose flows had
+     * gone), and Python, slower than the stream, kept the flow pending until it had sent them all. */
+    int asking;
 } Flow;
 
 typedef struct {
@@ -353,7 +359,7 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
-        c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
+        c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_flow_asked,
         c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved, c_conn_moved;
     Pending pending[PENDING_SLOTS];
     /* buffers of the thread */
@@ -707,15 +713,24 @@ enum { FRAME_SENT, FRAME_UP, FRAME_WAIT };
 static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint8_t *ip, size_t total,
                        uint32_t sent, uint32_t *seq, int *check) {
     Flow *f = &e->flows[dst % FLOW_SLOTS];
-    FLink *L;
+    FLink *L = NULL;
     int64_t now = e->now;
     int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
+    int ask = 0;
     *check = 0;
-    if (f->ip != dst || f->hard < now || !(L = link_by_peer(e, f->peer)) || (gso && !L->big_ok)) goto up;
+    if (f->ip == dst && f->asking) {
+        if ((int32_t)(sent - f->wait) < 0 && now - f->since < e->stage_ns) return FRAME_WAIT;
+        f->asking = 0; /* Python has it and set no flow (or never saw it): up behind it, until Python sets one */
+    }
+    if (f->ip != dst || (f->hard && (f->hard < now || !(L = link_by_peer(e, f->peer))))) {
+        ask = 1; /* no flow, or one that ended or lost its link */
+        goto up;
+    }
+    if (!f->hard || (gso && !L->big_ok)) goto up;
     if (f->pending) {
         if ((int32_t)(sent - f->wait) < 0) {
             if (now - f->since < e->stage_ns) return FRAME_WAIT;
-            memset(f, 0, sizeof *f); /* Python did not get that far (a frame it never saw?): its flow again */
+            *f = (Flow){.ip = dst}; /* Python did not get that far (a frame it never saw?): up until it sets one */
             goto up;
         }
         f->pending = 0;
@@ -739,6 +754,10 @@ numbered:
     /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
      * this frame went up after what Python has sent. */
     *seq = e->up_last[dst % FLOW_SLOTS] = ++e->up_seq;
+    if (ask) {
+        *f = (Flow){.ip = dst, .asking = 1, .wait = *seq, .since = now};
+        e->c_flow_asked++;
+    }
     return FRAME_UP;
 }
 
@@ -1753,6 +1772,13 @@ static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
  * would overtake it: the flow starts pending (False), its frames are held in order, and they leave once
  * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
  * that follow them. */
+static void wake(Engine *e) {
+    uint64_t one = 1;
+    if (atomic_load(&e->staging) && e->wake_fd >= 0 && write(e->wake_fd, &one, sizeof one) < 0) {
+        /* the counter is at its maximum: the thread is woken already */
+    }
+}
+
 static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
     unsigned int ip, sent;
     unsigned long long peer;
@@ -1785,18 +1811,13 @@ static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
     f->hard = f->expires + (int64_t)(ttl * 1e9);
     f->checking = 0;
     f->pending = pending;
+    f->asking = 0;
     f->wait = last;
     memcpy(f->header, header.buf, ROUTED_LEN);
     pthread_mutex_unlock(&e->tab);
     PyBuffer_Release(&header);
+    wake(e); /* frames held while Python answered leave on it (another lane's Python side calls sent) */
     return PyBool_FromLong(!pending);
-}
-
-static void wake(Engine *e) {
-    uint64_t one = 1;
-    if (atomic_load(&e->staging) && e->wake_fd >= 0 && write(e->wake_fd, &one, sizeof one) < 0) {
-        /* the counter is at its maximum: the thread is woken already */
-    }
 }
 
 /* sent(number): Python has sent (or dropped) every frame passed up to this one (see Engine_set_flow). */
@@ -1821,12 +1842,17 @@ static PyObject *Engine_drop_flow(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_flush_flows(Engine *e, PyObject *unused) {
+/* Routes changed: every flow is checked again at its next frame (UP_FLOW) and used while Python answers, as at
+ * its expiry. Forgetting them instead held or passed up a bulk stream's frames until Python had set its flow
+ * again, each time a link or a neighbour list changed; the flows of a link that goes go with it (drop_link). */
+static PyObject *Engine_recheck_flows(Engine *e, PyObject *unused) {
     if (e->flows) {
         lock_tab(e);
-        memset(e->flows, 0, FLOW_SLOTS * sizeof(Flow));
+        for (int i = 0; i < FLOW_SLOTS; i++) {
+            e->flows[i].expires = 0;
+            e->flows[i].checking = 0;
+        }
         pthread_mutex_unlock(&e->tab);
-        wake(e);
     }
     Py_RETURN_NONE;
 }
@@ -1876,14 +1902,14 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
                          e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
                          "dropped: Python busy", e->c_up_dropped, "send failed",
                          e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
                          "gso: above the route's MTU", e->c_mtu_refused,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
-                         e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "frames held for order",
+                         e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "flows asked of Python", e->c_flow_asked, "frames held for order",
                          e->c_staged, "dropped: held frames full", e->c_stage_dropped, "ICMP: unreachable",
                          e->c_unreachable, "chunks: messages rebuilt", e->c_chunks_rebuilt,
                          "chunks: messages dropped (incomplete or inconsistent)", e->c_chunks_dropped,
@@ -1924,7 +1950,7 @@ static PyMethodDef Engine_methods[] = {
     {"set_flow", (PyCFunction)Engine_set_flow, METH_VARARGS, "set_flow(address, peer, routed_header, ttl, sent) -> bool"},
     {"sent", (PyCFunction)Engine_sent, METH_O, "sent(number): Python sent every frame passed up to this one"},
     {"drop_flow", (PyCFunction)Engine_drop_flow, METH_O, "drop_flow(address): forget its flow"},
-    {"flush_flows", (PyCFunction)Engine_flush_flows, METH_NOARGS, "forget every flow"},
+    {"recheck_flows", (PyCFunction)Engine_recheck_flows, METH_NOARGS, "check every flow again at its next frame"},
     {"set_macs", (PyCFunction)Engine_set_macs, METH_VARARGS, "set_macs(tap_mac, gateway_mac)"},
     {"take", (PyCFunction)Engine_take, METH_NOARGS, "per-link activity since the last take"},
     {"counters", (PyCFunction)Engine_counters, METH_NOARGS, "what the thread did"},

@@ -10,11 +10,13 @@ UdpUnderlay.deliver). This side:
   on the Python path; its path (a UDP endpoint or the neighbour a tunnel goes through), whether 60 KB
   datagrams cross it, the address the sender's certificate gives it;
 - tells it, for each destination address the Python path just sent to over a link to its owner, to send the
-  next packets there itself; a flow FLOW_TTL old is checked again (DataPath.flow) while the Engine goes on using
-  it; routes that change (Router.forget_routes) forget every flow. A flow is handed over after the batch's
+  next packets there itself; a flow FLOW_TTL old, and every flow when routes change (Router.forget_routes), is
+  checked again (DataPath.flow) while the Engine goes on using it. A flow is handed over after the batch's
   flush, when what this side sent has left; if frames to that address are still on their way up, the Engine
   holds the flow's next frames until this side says (Engine.sent) it has sent those: the Engine's packets
-  never overtake the ones sent from here;
+  never overtake the ones sent from here. Of the frames to an address without a flow only the first comes up;
+  the Engine holds the next ones until this side has taken it, then sends them on the flow set meanwhile or
+  passes them up;
 - folds what the Engine carried into the links (bytes, liveness for maintenance, "busy" for the busy
   keepalive) when the Engine says something happened (at most every 100 ms), and on each tick.
 With `lanes` above 1 there is an Engine per lane, each with a thread, a queue of the multi-queue TAP and a
@@ -131,7 +133,7 @@ class FastPath:
             self._loop.add_reader(lane.up.fileno(), self._drain, lane)
         self._links.on_change = self.link_changed
         self._datapath.fast = self
-        self._router.routes_changed = self._flush_flows
+        self._router.routes_changed = self._recheck_flows
         self._sync_macs()
         for peer in list(self._links.links):
             self.link_changed(peer)
@@ -151,9 +153,9 @@ class FastPath:
             lane.up.close()
             lane.engine_end.close()
 
-    def _flush_flows(self) -> None:
+    def _recheck_flows(self) -> None:
         for lane in self._lanes:
-            lane.engine.flush_flows()
+            lane.engine.recheck_flows()
 
     # -- the tables ----------------------------------------------------------------------------------------------
     def link_changed(self, peer: int) -> None:
@@ -212,7 +214,7 @@ class FastPath:
     def _recheck(self, address: int) -> None:
         """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
         flow = self._datapath.flow(address)
-        if flow is None:
+        if flow is None or flow[0] not in self._pushed:  # gone, or now on a link the Engine cannot serve
             for lane in self._lanes:
                 lane.engine.drop_flow(address)
         else:

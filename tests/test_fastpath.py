@@ -658,7 +658,7 @@ def test_a_dropped_link_or_flow_sends_nothing_more(pair) -> None:  # type: ignor
     a.kernel.send(f)
     assert [m[1] for m in a.up_messages() if m[0] == 2] == [f]
     a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    a.engine.flush_flows()
+    a.engine.drop_flow(B_IP)
     a.kernel.send(f)
     assert [m[1] for m in a.up_messages() if m[0] == 2] == [f]
 
@@ -681,6 +681,58 @@ def test_an_old_flow_is_used_while_python_is_asked_to_check_it() -> None:
         time.sleep(0.4)  # past twice the TTL: no longer used without Python's answer
         a.kernel.send(frame(A_IP, B_IP))
         assert [m[0] for m in a.up_messages()].count(2) == 1
+    finally:
+        a.close()
+        wire_b.sock.close()
+
+
+def test_routes_that_change_leave_every_flow_in_use_while_python_checks_it() -> None:
+    a = Node(A_ID, A_IP)
+    wire_b = Wire()
+    ka, _ = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+    a.engine.start()
+    try:
+        a.engine.recheck_flows()
+        for _ in range(3):
+            a.kernel.send(frame(A_IP, B_IP))
+            assert wire_b.recv()  # on the flow, not up
+        ups = a.up_messages(0.1)
+        assert [m for m in ups if m[0] == 2] == []
+        assert [m for m in ups if m[0] == 4] == [(4, B_IP.to_bytes(4, "big"))]  # Python asked, once
+    finally:
+        a.close()
+        wire_b.sock.close()
+
+
+def test_frames_to_an_address_without_a_flow_wait_for_python_to_take_the_first_then_leave_on_its_flow() -> None:
+    """Only the first frame to an address without a flow goes up: the Engine holds the next ones until Python
+    has taken it, and sends them on the flow Python set meanwhile, in order and after it."""
+    a = Node(A_ID, A_IP, hold_limit=30.0)  # the test's pauses must not reach it
+    wire_b = Wire()
+    ka, _ = session_pair()
+    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+    opener = Keys(bytes(range(100, 132)), bytes(range(32)))
+    a.engine.start()
+    try:
+        a.kernel.send(frame(A_IP, B_IP, b"\x00" * 32))
+        ((first, _),) = frames_up(a)
+        for i in range(1, 4):
+            a.kernel.send(frame(A_IP, B_IP, bytes([i]) * 32))
+        assert frames_up(a, 0.1) == []
+        wire_b.sock.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            wire_b.recv()
+        assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, first) is True  # it took the first
+        wire_b.sock.settimeout(TIMEOUT)
+        got = [wire_b.recv() for _ in range(3)]
+        assert [opener.open(d, decode_transport_header(d)[1])[ROUTED_HEADER.size + 20 :] for d in got] == [
+            bytes([i]) * 32 for i in range(1, 4)
+        ]
+        counters = a.engine.counters()
+        assert counters["flows asked of Python"] == 1 and counters["frames held for order"] == 3
+        assert counters["frames passed up"] == 1 and counters["flows waiting for Python"] == 0
     finally:
         a.close()
         wire_b.sock.close()
@@ -717,9 +769,13 @@ def test_a_flow_set_while_its_frames_are_on_their_way_up_holds_the_next_ones_unt
         return opener.open(datagram, decode_transport_header(datagram)[1])[ROUTED_HEADER.size + 20 :]
 
     try:
-        for i in range(3):
+        a.kernel.send(frame(A_IP, B_IP, bytes([0]) * 32))
+        up = frames_up(a)  # the first frame without a flow asks Python
+        for i in range(1, 3):
             a.kernel.send(frame(A_IP, B_IP, bytes([i]) * 32))
-        up = frames_up(a)
+        assert frames_up(a, 0.05) == []  # the next ones wait for its answer
+        a.engine.sent(up[0][0])  # Python took it and set no flow (its address was being looked up, say)
+        up += frames_up(a)  # so they go up behind it
         assert [f for _, f in up] == [frame(A_IP, B_IP, bytes([i]) * 32) for i in range(3)]
         seqs = [q for q, _ in up]
         assert seqs == sorted(set(seqs))
@@ -741,7 +797,8 @@ def test_a_flow_set_while_its_frames_are_on_their_way_up_holds_the_next_ones_unt
         assert payload(wire_b.recv()) == b"\x06" * 32
         assert frames_up(a, 0.1) == []
         counters = a.engine.counters()
-        assert counters["flows waiting for Python"] == 1 and counters["frames held for order"] == 4
+        assert counters["flows asked of Python"] == 1 and counters["flows waiting for Python"] == 1
+        assert counters["frames held for order"] == 2 + 4
         # Nothing on its way up: a flow set now is in use at once.
         assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, seqs[2]) is True
     finally:
@@ -794,6 +851,7 @@ class PythonSide:
         self.gso, self.chunk = True, CHUNK
         self.lane_socks: list[socket.socket] = []  # one Engine
         self.held: list[bytes] | None = None
+        self.no_flow_until = 0.0  # until then the frames are sent here without a flow (an address looked up)
         self.fast: FastPath | None = None
 
     def fileno(self) -> int:
@@ -817,7 +875,8 @@ class PythonSide:
         assert self.fast is not None and self.held is not None
         for f in frames:
             self.held.append(b"PY" + f[14:])
-            self.fast.set_flow(B_IP, B_ID, header(A_ID, B_ID))
+            if time.monotonic() >= self.no_flow_until:
+                self.fast.set_flow(B_IP, B_ID, header(A_ID, B_ID))
         time.sleep(0.001)  # the Python path is slower than the Engine: more frames go up meanwhile
 
 
@@ -890,12 +949,17 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
     writer.start()
     order, by_python = [], 0
     try:
-        deadline, next_drop = time.monotonic() + 20, time.monotonic()
+        deadline, next_drop, drops = time.monotonic() + 20, time.monotonic(), 0
         while len(order) < count and time.monotonic() < deadline:
             if select.select([fast._lanes[0].up], [], [], 0.01)[0]:
                 fast._drain(fast._lanes[0])
             if time.monotonic() > next_drop:
-                fast._lanes[0].engine.drop_flow(B_IP)  # as a route change would: the next frames go up, and over again
+                # The flow goes (its link did, say): the next frame asks Python; every other time Python sends
+                # without a flow for 5 ms, so frames go up meanwhile and are on their way when it sets one.
+                fast._lanes[0].engine.drop_flow(B_IP)
+                if drops % 2:
+                    side.no_flow_until = time.monotonic() + 0.005
+                drops += 1
                 next_drop += 0.02
             wire_b.sock.settimeout(0)
             try:
@@ -917,7 +981,8 @@ def test_packets_the_python_path_sent_are_not_overtaken_when_the_engine_takes_th
             s.close()
     assert order == list(range(count))
     assert 0 < by_python < count  # both sides sent: the flow was handed over while frames kept coming
-    assert held["flows waiting for Python"] > 0  # and at times while frames to it were on their way up
+    assert held["flows asked of Python"] > 0  # the flow was asked for, its next frames held for the answer,
+    assert held["flows waiting for Python"] > 0  # and set at times while frames to it were on their way up
 
 
 class Driven:
