@@ -22,8 +22,9 @@ pytestmark = [
 STREAM_S = 10
 JOIN_AFTER_S = 1.0
 # Frames the sender may pass up to Python over the run: 1-2 in five runs here, and a flow asked for once per
-# lane would add one each. With every flow taken at each route change, 196-297 went up in three runs, 0-104 held
-# frames were dropped and 1,012-5,683 segments resent; now no frame dropped and 0-176 resent in those five.
+# lane would add one each. With every flow taken at each route change (five runs), 196-297 went up in the three
+# that counted them and at most 40 in one other, 0-104 held frames were dropped and 264-5,683 segments resent (four
+# that counted them); now no frame dropped and 0-176 resent in the five above.
 FEW_UP = 20
 
 
