@@ -359,8 +359,9 @@ typedef struct {
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
-        c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending, c_flow_asked,
-        c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved, c_conn_moved;
+        c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
+        c_flow_asked, c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved,
+        c_conn_moved;
     Pending pending[PENDING_SLOTS];
     /* buffers of the thread */
     uint8_t *rbuf, *plain, *plain2, *sealed, *inner, *joined, *run, *tap_run;
@@ -1765,13 +1766,6 @@ static PyObject *Engine_drop_link(Engine *e, PyObject *arg) {
     return PyBool_FromLong(L != NULL);
 }
 
-/* set_flow(address, peer, routed_header (28 bytes), ttl seconds, sent) -> whether the flow is in use at once.
- *
- * `sent` is the number of the last frame passed up that Python has sent on (or dropped). If a later frame to
- * an address of this slot went up, it is still on its way through Python, and sending the next frames here
- * would overtake it: the flow starts pending (False), its frames are held in order, and they leave once
- * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
- * that follow them. */
 static void wake(Engine *e) {
     uint64_t one = 1;
     if (atomic_load(&e->staging) && e->wake_fd >= 0 && write(e->wake_fd, &one, sizeof one) < 0) {
@@ -1779,6 +1773,13 @@ static void wake(Engine *e) {
     }
 }
 
+/* set_flow(address, peer, routed_header (28 bytes), ttl seconds, sent) -> whether the flow is in use at once.
+ *
+ * `sent` is the number of the last frame passed up that Python has sent on (or dropped). If a later frame to
+ * an address of this slot went up, it is still on its way through Python, and sending the next frames here
+ * would overtake it: the flow starts pending (False), its frames are held in order, and they leave once
+ * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
+ * that follow them. */
 static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
     unsigned int ip, sent;
     unsigned long long peer;
@@ -1909,9 +1910,10 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
                          e->c_send_failed, "TAP errors", e->c_tap_failed, "gso: sent one by one", e->c_gso_fallback,
                          "gso: above the route's MTU", e->c_mtu_refused,
                          "TAP: datagrams written joined", e->c_tap_joined, "TAP: joined write refused",
-                         e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "flows asked of Python", e->c_flow_asked, "frames held for order",
-                         e->c_staged, "dropped: held frames full", e->c_stage_dropped, "ICMP: unreachable",
-                         e->c_unreachable, "chunks: messages rebuilt", e->c_chunks_rebuilt,
+                         e->c_join_refused, "flows waiting for Python", e->c_flow_pending, "flows asked of Python",
+                         e->c_flow_asked, "frames held for order", e->c_staged, "dropped: held frames full",
+                         e->c_stage_dropped, "ICMP: unreachable", e->c_unreachable, "chunks: messages rebuilt",
+                         e->c_chunks_rebuilt,
                          "chunks: messages dropped (incomplete or inconsistent)", e->c_chunks_dropped,
                          "TCP: connections opened in another lane", e->c_syn_moved,
                          "TCP: segments sent in their connection's lane, read by another", e->c_conn_moved);
