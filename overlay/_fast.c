@@ -291,7 +291,7 @@ typedef struct {
 } Flow;
 
 typedef struct {
-    uint32_t off, len;
+    uint32_t off, len, dst;
 } Staged;
 
 /* The lanes of one node (Engine_init's `first`) share what each carries and the lane of each TCP connection the
@@ -345,9 +345,11 @@ typedef struct {
     atomic_int staging;   /* frames are held: Python's Engine_sent wakes the thread (wake_fd) */
     int wake_fd;
     int64_t stage_ns; /* STAGE_NS unless the constructor says otherwise (hold_limit) */
-    /* Frames held, in order, one after another in `stage_buf` (the thread's alone). While any is held, every
-     * frame to a member goes behind them, so that none overtakes another of its flow. */
+    /* Frames held, in order, one after another in `stage_buf` (the thread's alone), and how many per flow slot:
+     * while a frame to an address is held, every later frame to it goes behind, so that none overtakes another
+     * of its flow; frames to other members pass (a flow asked of Python held a whole node's traffic before). */
     Staged stage[STAGE_MAX];
+    uint16_t held_in[FLOW_SLOTS];
     int stage_n;
     size_t stage_len;
     uint8_t *stage_buf;
@@ -776,14 +778,15 @@ static void frame_done(Engine *e, int r, uint32_t dst, const uint8_t *frame, siz
     }
 }
 
-static void stage(Engine *e, const uint8_t *frame, size_t n) {
+static void stage(Engine *e, const uint8_t *frame, size_t n, uint32_t dst) {
     if (e->stage_n == STAGE_MAX || e->stage_len + n > STAGE_BYTES) {
         e->c_stage_dropped++; /* a full queue drops, as a router's does; going up would overtake the held */
         return;
     }
     memcpy(e->stage_buf + e->stage_len, frame, n);
-    e->stage[e->stage_n++] = (Staged){(uint32_t)e->stage_len, (uint32_t)n};
+    e->stage[e->stage_n++] = (Staged){(uint32_t)e->stage_len, (uint32_t)n, dst};
     e->stage_len += n;
+    e->held_in[dst % FLOW_SLOTS]++;
     e->c_staged++;
     atomic_store(&e->staging, 1);
 }
@@ -797,14 +800,14 @@ static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
         up(e, UP_FRAME, NULL, frame, n, ++e->up_seq);
         return;
     }
-    if (e->stage_n) { /* behind what is held, whatever its flow: released in order (release_staged) */
-        stage(e, frame, n);
+    if (e->held_in[dst % FLOW_SLOTS]) { /* behind what is held for its address: released in order */
+        stage(e, frame, n, dst);
         return;
     }
     pthread_mutex_lock(&e->tab);
     int r = route_frame(e, frame, dst, ip, total, atomic_load(&e->py_sent), &seq, &check);
     pthread_mutex_unlock(&e->tab);
-    if (r == FRAME_WAIT) stage(e, frame, n);
+    if (r == FRAME_WAIT) stage(e, frame, n, dst);
     else frame_done(e, r, dst, frame, n, seq, check);
 }
 
@@ -817,15 +820,19 @@ static void release_staged(Engine *e) {
     size_t total, w = 0;
     int keep = 0, check;
     e->now = now_ns();
+    /* held_in counts again what stays: a frame behind one that stays for its slot stays too, whatever its own
+     * flow says (two addresses of one slot: the second's ask must not let the first's later frames pass). */
+    for (int i = 0; i < e->stage_n; i++) e->held_in[e->stage[i].dst % FLOW_SLOTS] = 0;
     pthread_mutex_lock(&e->tab);
     for (int i = 0; i < e->stage_n; i++) {
         Staged st = e->stage[i];
         uint8_t *frame = e->stage_buf + st.off;
         member_frame(e, frame, st.len, &dst, &ip, &total); /* held frames are member frames */
-        int r = route_frame(e, frame, dst, ip, total, sent, &seq, &check);
+        int r = e->held_in[dst % FLOW_SLOTS] ? FRAME_WAIT : route_frame(e, frame, dst, ip, total, sent, &seq, &check);
         if (r == FRAME_WAIT) {
             memmove(e->stage_buf + w, frame, st.len);
-            e->stage[keep++] = (Staged){(uint32_t)w, st.len};
+            e->stage[keep++] = (Staged){(uint32_t)w, st.len, dst};
+            e->held_in[dst % FLOW_SLOTS]++;
             w += st.len;
         } else {
             frame_done(e, r, dst, frame, st.len, seq, check);

@@ -70,6 +70,7 @@ class Node:
         hold_limit: float = 0.05,
         lane: int = 0,
         first: Engine | None = None,
+        prefix_len: int = 24,
     ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -92,7 +93,7 @@ class Node:
             chunk=CHUNK,
             node_id=node_id,
             address=address,
-            prefix_len=24,
+            prefix_len=prefix_len,
             check_sources=check,
             hold_limit=hold_limit,
             lane=lane,
@@ -738,6 +739,26 @@ def test_frames_to_an_address_without_a_flow_wait_for_python_to_take_the_first_t
         wire_b.sock.close()
 
 
+def test_frames_to_two_addresses_of_one_flow_slot_stay_in_order_while_one_is_asked_for() -> None:
+    """Held frames are kept per flow slot (4,096 of them, direct-mapped): a frame to another address of the
+    slot goes behind them, so that its own ask cannot make the slot's next frame to the first address overtake
+    the held ones."""
+    a = Node(A_ID, A_IP, hold_limit=30.0, prefix_len=16)  # the test's pauses must not reach it
+    d_ip = B_IP + 4096  # 10.9.16.2: B's slot
+    a.engine.start()
+    try:
+        b1, b2, d1, b3 = (frame(A_IP, ip, bytes([i]) * 32) for i, ip in enumerate((B_IP, B_IP, d_ip, B_IP)))
+        a.kernel.send(b1)
+        ((first, _),) = frames_up(a)  # it asks
+        for f in (b2, d1, b3):
+            a.kernel.send(f)
+        assert frames_up(a, 0.1) == []  # all held behind b2, D's frame too
+        a.engine.sent(first)  # Python took b1 and set no flow
+        assert [f for _, f in frames_up(a)] == [b2, d1, b3]
+    finally:
+        a.close()
+
+
 def frames_up(node: Node, timeout: float = 0.3) -> list[tuple[int, bytes]]:
     """The frames the Engine passed up since the last call: (number, frame)."""
     out: list[tuple[int, bytes]] = []
@@ -783,7 +804,7 @@ def test_a_flow_set_while_its_frames_are_on_their_way_up_holds_the_next_ones_unt
         assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, seqs[0]) is False
         for i in range(3, 6):
             a.kernel.send(frame(A_IP, B_IP, bytes([i]) * 32))
-        a.kernel.send(frame(A_IP, C_IP))  # another member's flow, in use
+        a.kernel.send(frame(A_IP, C_IP))  # another member's flow, in use: it passes B's held frames
         assert wire_c.recv()
         a.engine.sent(seqs[1])  # not yet far enough
         wire_b.sock.settimeout(0.2)
@@ -798,7 +819,7 @@ def test_a_flow_set_while_its_frames_are_on_their_way_up_holds_the_next_ones_unt
         assert frames_up(a, 0.1) == []
         counters = a.engine.counters()
         assert counters["flows asked of Python"] == 1 and counters["flows waiting for Python"] == 1
-        assert counters["frames held for order"] == 2 + 4
+        assert counters["frames held for order"] == 2 + 3  # B's; C's frame was not held behind them
         # Nothing on its way up: a flow set now is in use at once.
         assert a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, seqs[2]) is True
     finally:
