@@ -147,7 +147,7 @@ class Router:
         route = self.data_routes.get(dst)
         if route is not None:
             return route
-        strict = True
+        strict, dropped = True, False
         if self.promise:
             flags = FLAG_EXACT | FLAG_PROMISE
             decision = self._promised_hop(Routed(DEFAULT_TTL, flags, self.id, dst, FAR, Kind.DATA, b""))
@@ -157,8 +157,7 @@ class Router:
                 strict = False
             elif isinstance(decision, Deliver):
                 return None
-            elif decision is DROP_PROMISE:
-                self.count("promise not kept: strict rule")
+            dropped = decision is DROP_PROMISE
         if strict:
             own = ring_distance(self.id, dst)
             nh = self._next_hop(dst)
@@ -169,7 +168,9 @@ class Router:
                 return None
             route = (decision.next_hop, own, FLAG_EXACT)
         if route is None or route[0] not in self.links.links:
-            return None
+            return None  # on_routed takes it the general way (and counts a promise not kept there)
+        if dropped:
+            self.count("promise not kept: strict rule")
         self.data_routes[dst] = route
         return route
 
