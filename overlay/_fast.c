@@ -16,13 +16,13 @@
  *   Data between this node and a member it has a link to (direct, or a tunnel through a neighbour) is read,
  *   sealed, sent, received, opened, checked and written without entering Python; a neighbour's RELAY is passed
  *   on the same way.
- *   Everything else (ARP, IPv6, handshakes, control messages, STUN, unknown senders, roaming peers, data that
- *   needs a lookup) goes up to the asyncio side unchanged, through a SOCK_SEQPACKET socketpair, and is handled
- *   there exactly as without the Engine. The Engine marks a replay window only for packets it handled, so a
- *   packet it passes up is opened by Python as if the Engine did not exist.
+ *   Everything else (ARP, neighbour discovery, handshakes, control messages, STUN, unknown senders, roaming
+ *   peers, data that needs a lookup) goes up to the asyncio side unchanged, through a SOCK_SEQPACKET socketpair,
+ *   and is handled there exactly as without the Engine. The Engine marks a replay window only for packets it
+ *   handled, so a packet it passes up is opened by Python as if the Engine did not exist.
  *   Python keeps the tables current: links (session, path, whether 60 KB datagrams pass, the sender's
- *   allowed source address) and flows (destination address -> link and routed header), which expire after a
- *   TTL so the slow path looks again (DHT cache, routes) on a regular beat.
+ *   allowed source address) and flows (destination address, IPv4 or IPv6 -> link and routed header), which
+ *   expire after a TTL so the slow path looks again (DHT cache, routes) on a regular beat.
  *
  * Threads and locks: an Engine thread never takes the GIL. `tab` guards an Engine's tables; a Keys' send and recv
  * locks guard its counters and windows, and its cipher contexts where they cannot be shared (OpenSSL's; ipsec-mb
@@ -232,6 +232,19 @@ typedef struct {
     int chunk; /* the chunk size on the path to this address, from its route's MTU (Python's chunk_for) */
 } Addr;
 
+/* A flow's destination: an IPv6 address, or an IPv4 one mapped into IPv6 (::ffff:a.b.c.d, RFC 4291 section
+ * 2.5.5.2), so that one table serves both. Its slot is its last 32 bits, the IPv4 address as before and, for
+ * an address derived from a node ID (overlay/ids.py), random bits. All zeros: no flow. */
+typedef struct {
+    uint8_t b[16];
+} Dst;
+
+static const uint8_t v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF};
+
+static inline uint32_t slot_of(const Dst *d) { return be32(d->b + 12) % FLOW_SLOTS; }
+static inline int dst_eq(const Dst *a, const Dst *b) { return memcmp(a->b, b->b, 16) == 0; }
+static inline int dst_is_v4(const Dst *d) { return memcmp(d->b, v4_mapped, 12) == 0; }
+
 /* A message whose chunks arrive one by one (pending_chunk): chunk i's part at i * PART_MAX in buf, len[i] long. */
 typedef struct {
     struct sockaddr_storage from;
@@ -270,20 +283,20 @@ typedef struct {
 } FLink;
 
 /* A flow is used until `expires`; the first packet after it asks Python to look again (UP_FLOW) and the flow
- * stays in use while Python answers, until `hard`: a refresh costs the packets nothing. A slot for `ip` with
- * `hard` 0 is no flow: Python answered without one, and frames to `ip` go up until it sets one. */
+ * stays in use while Python answers, until `hard`: a refresh costs the packets nothing. A slot for `dst` with
+ * `hard` 0 is no flow: Python answered without one, and frames to `dst` go up until it sets one. */
 typedef struct {
-    uint32_t ip;
+    Dst dst;
     int checking;
     uint64_t peer;
     int64_t expires, hard;
     uint8_t header[ROUTED_LEN];
-    /* Set while frames to `ip` that went up (the last numbered `wait`) may not yet have left through Python:
+    /* Set while frames to `dst` that went up (the last numbered `wait`) may not yet have left through Python:
      * this flow's frames are held (stage) until Python says it got that far (Engine_sent), from `since`. */
     int pending;
     uint32_t wait;
     int64_t since;
-    /* Set while the one frame to `ip` that found no flow (numbered `wait`) is with Python, from `since`: the
+    /* Set while the one frame to `dst` that found no flow (numbered `wait`) is with Python, from `since`: the
      * next ones are held until Python has taken it, and then leave on the flow it set or go up behind it.
      * Without it every frame read meanwhile went up (112-275 for 4 TCP streams at ~9 Gbit/s whose flows had
      * gone), and Python, slower than the stream, kept the flow pending until it had sent them all. */
@@ -291,7 +304,7 @@ typedef struct {
 } Flow;
 
 typedef struct {
-    uint32_t off, len, dst;
+    uint32_t off, len, slot;
 } Staged;
 
 /* The lanes of one node (Engine_init's `first`) share what each carries and the lane of each TCP connection the
@@ -333,6 +346,8 @@ typedef struct {
     uint64_t load_base;
     uint64_t id;
     uint32_t ip, mask, net, bcast;
+    int has6, prefix6; /* IPv6 inside the VPN ([vnic] address6): our address and its prefix length */
+    uint8_t ip6[16];
     uint8_t eth[ETH_LEN]; /* the frame header for what we deliver: kernel's MAC, gateway MAC, IPv4 */
     pthread_mutex_t tab;
     FLink *links;
@@ -419,17 +434,28 @@ static void count_load(Engine *e, int64_t t, uint64_t before, uint64_t total) {
     }
 }
 
-/* The lane for an IPv4 packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
+/* The lane for an IP packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
  * node opened goes in the connection's lane, a SYN (without ACK) picks one; anything else goes in the Engine's.
  * `sending`: the Engine sends it (counted in status when it goes in another lane than the Engine's), else it
  * goes up, and only a SYN's pick counts. */
 static int lane_for(Engine *e, const uint8_t *ip, size_t total, int sending) {
     LaneShare *s = e->share;
-    size_t ihl = (size_t)(ip[0] & 15) * 4;
-    if (atomic_load(&s->n) < 2 || ip[9] != 6 || ((ip[6] & 0x1F) | ip[7]) || total < ihl + 14) return e->lane;
-    const uint8_t *tcp = ip + ihl;
+    if (atomic_load(&s->n) < 2) return e->lane;
+    const uint8_t *tcp;
+    uint64_t addrs;
+    if (ip[0] >> 4 == 6) { /* TCP right after the fixed header; behind extension headers it keeps the Engine's */
+        if (ip[6] != 6 || total < 40 + 14) return e->lane;
+        tcp = ip + 40;
+        uint64_t dst = be64(ip + 24) ^ be64(ip + 32);
+        addrs = be64(ip + 8) ^ be64(ip + 16) ^ (dst << 32 | dst >> 32);
+    } else {
+        size_t ihl = (size_t)(ip[0] & 15) * 4;
+        if (ip[9] != 6 || ((ip[6] & 0x1F) | ip[7]) || total < ihl + 14) return e->lane;
+        tcp = ip + ihl;
+        addrs = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
+    }
     /* Addresses and ports, mixed (splitmix64's finaliser): the slot and the check come from one 64-bit key. */
-    uint64_t key = ((uint64_t)be32(ip + 12) << 32 | be32(ip + 16)) ^ (uint64_t)be32(tcp) * 0x9E3779B97F4A7C15ull;
+    uint64_t key = addrs ^ (uint64_t)be32(tcp) * 0x9E3779B97F4A7C15ull;
     key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9ull;
     key = (key ^ key >> 27) * 0x94D049BB133111EBull;
     key = (key ^ key >> 31) | 0x100;
@@ -690,22 +716,47 @@ static int send_on(Engine *e, FLink *L, int lane, const struct iovec *pieces, in
 
 static const uint8_t zero_vnet[VNET_LEN];
 
-/* An IPv4 frame to another member of our subnet: its destination and packet; 0 for anything else (ARP, IPv6,
- * multicast, broadcast, our own, off-subnet: what VirtualNic ignores it also counts, Python's business). */
-static int member_frame(Engine *e, const uint8_t *frame, size_t n, uint32_t *dst, const uint8_t **ip,
-                        size_t *total) {
+/* Whether IPv6 address `a` is in our prefix (not its all-zero subnet-router anycast address, RFC 4291 section
+ * 2.6.1) and not ours: a member's, as VirtualNic decides. */
+static int member6(const Engine *e, const uint8_t *a) {
+    int whole = e->prefix6 / 8, bits = e->prefix6 % 8;
+    if (memcmp(a, e->ip6, (size_t)whole)) return 0;
+    if (bits && ((a[whole] ^ e->ip6[whole]) & (0xFF00 >> bits))) return 0;
+    if (!memcmp(a, e->ip6, 16)) return 0;
+    uint8_t host = bits ? a[whole] & (0xFF >> bits) : 0;
+    for (int i = whole + (bits != 0); i < 16; i++) host |= a[i];
+    return host != 0;
+}
+
+/* An IP frame to another member of our subnet (IPv4, or IPv6 in our prefix with an address6): its destination
+ * and packet; 0 for anything else (ARP, neighbour discovery, multicast, broadcast, our own, off-subnet, a
+ * jumbogram: what VirtualNic answers, ignores or refuses, Python's business). */
+static int member_frame(Engine *e, const uint8_t *frame, size_t n, Dst *dst, const uint8_t **ip, size_t *total) {
     size_t off = e->vnet ? VNET_LEN : 0;
     if (n < off + ETH_LEN + 20) return 0;
     const uint8_t *eth = frame + off;
     const uint8_t *p = eth + ETH_LEN;
     size_t iplen = n - off - ETH_LEN;
+    if (eth[12] == 0x86 && eth[13] == 0xDD) {
+        if (!e->has6 || iplen < 40 || p[0] >> 4 != 6) return 0;
+        size_t len = 40 + ((size_t)p[4] << 8 | p[5]);
+        if (len == 40 || len > iplen) return 0;
+        /* Neighbour discovery (RFC 4861 types 133-137) goes up: the node answers solicitations as a proxy. */
+        if (p[6] == 58 && p[40] >= 133 && p[40] <= 137) return 0;
+        if (p[24] == 0xFF || !member6(e, p + 24)) return 0;
+        memcpy(dst->b, p + 24, 16);
+        *ip = p, *total = len;
+        return 1;
+    }
     if (eth[12] != 0x08 || eth[13] != 0x00 || p[0] >> 4 != 4) return 0;
     size_t ihl = (size_t)(p[0] & 15) * 4, len = (size_t)p[2] << 8 | p[3];
     if (ihl < 20 || len < ihl || len > iplen) return 0;
     uint32_t d = be32(p + 16);
     if (d >> 28 == 0xE || d == 0xFFFFFFFFu || d == e->bcast || d == e->net || d == e->ip || (d & e->mask) != e->net)
         return 0;
-    *dst = d, *ip = p, *total = len;
+    memcpy(dst->b, v4_mapped, 12);
+    put32(dst->b + 12, d);
+    *ip = p, *total = len;
     return 1;
 }
 
@@ -713,19 +764,21 @@ enum { FRAME_SENT, FRAME_UP, FRAME_WAIT };
 
 /* Under `tab`: send a member frame on its flow, or say it goes up (numbered in *seq) or waits for Python
  * (pending flow; `sent` is Python's Engine_sent, read once per batch). *check: ask Python about the flow. */
-static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint8_t *ip, size_t total,
+static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const uint8_t *ip, size_t total,
                        uint32_t sent, uint32_t *seq, int *check) {
-    Flow *f = &e->flows[dst % FLOW_SLOTS];
+    uint32_t slot = slot_of(dst);
+    Flow *f = &e->flows[slot];
     FLink *L = NULL;
     int64_t now = e->now;
     int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
     int ask = 0;
     *check = 0;
-    if (f->ip == dst && f->asking) {
+    int same = dst_eq(&f->dst, dst);
+    if (same && f->asking) {
         if ((int32_t)(sent - f->wait) < 0 && now - f->since < e->stage_ns) return FRAME_WAIT;
         f->asking = 0; /* Python has it and set no flow (or never saw it): up behind it, until Python sets one */
     }
-    if (f->ip != dst || (f->hard && (f->hard < now || !(L = link_by_peer(e, f->peer))))) {
+    if (!same || (f->hard && (f->hard < now || !(L = link_by_peer(e, f->peer))))) {
         ask = 1; /* no flow, or one that ended or lost its link */
         goto up;
     }
@@ -733,7 +786,7 @@ static int route_frame(Engine *e, const uint8_t *frame, uint32_t dst, const uint
     if (f->pending) {
         if ((int32_t)(sent - f->wait) < 0) {
             if (now - f->since < e->stage_ns) return FRAME_WAIT;
-            *f = (Flow){.ip = dst}; /* Python did not get that far (a frame it never saw?): up until it sets one */
+            *f = (Flow){.dst = *dst}; /* Python did not get that far (a frame it never saw?): up until it sets one */
             goto up;
         }
         f->pending = 0;
@@ -756,19 +809,18 @@ up:
 numbered:
     /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
      * this frame went up after what Python has sent. */
-    *seq = e->up_last[dst % FLOW_SLOTS] = ++e->up_seq;
+    *seq = e->up_last[slot] = ++e->up_seq;
     if (ask) {
-        *f = (Flow){.ip = dst, .asking = 1, .wait = *seq, .since = now};
+        *f = (Flow){.dst = *dst, .asking = 1, .wait = *seq, .since = now};
         e->c_flow_asked++;
     }
     return FRAME_UP;
 }
 
-static void frame_done(Engine *e, int r, uint32_t dst, const uint8_t *frame, size_t n, uint32_t seq, int check) {
-    if (check) {
-        uint8_t ip_be[4];
-        put32(ip_be, dst);
-        up(e, UP_FLOW, NULL, ip_be, 4, 0);
+static void frame_done(Engine *e, int r, const Dst *dst, const uint8_t *frame, size_t n, uint32_t seq, int check) {
+    if (check) { /* the address as Python writes it: 4 bytes for IPv4, 16 for IPv6 */
+        if (dst_is_v4(dst)) up(e, UP_FLOW, NULL, dst->b + 12, 4, 0);
+        else up(e, UP_FLOW, NULL, dst->b, 16, 0);
     }
     if (r == FRAME_SENT) {
         e->c_frames++;
@@ -778,21 +830,22 @@ static void frame_done(Engine *e, int r, uint32_t dst, const uint8_t *frame, siz
     }
 }
 
-static void stage(Engine *e, const uint8_t *frame, size_t n, uint32_t dst) {
+static void stage(Engine *e, const uint8_t *frame, size_t n, uint32_t slot) {
     if (e->stage_n == STAGE_MAX || e->stage_len + n > STAGE_BYTES) {
         e->c_stage_dropped++; /* a full queue drops, as a router's does; going up would overtake the held */
         return;
     }
     memcpy(e->stage_buf + e->stage_len, frame, n);
-    e->stage[e->stage_n++] = (Staged){(uint32_t)e->stage_len, (uint32_t)n, dst};
+    e->stage[e->stage_n++] = (Staged){(uint32_t)e->stage_len, (uint32_t)n, slot};
     e->stage_len += n;
-    e->held_in[dst % FLOW_SLOTS]++;
+    e->held_in[slot]++;
     e->c_staged++;
     atomic_store(&e->staging, 1);
 }
 
 static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
-    uint32_t dst, seq = 0;
+    Dst dst;
+    uint32_t seq = 0;
     const uint8_t *ip;
     size_t total;
     int check;
@@ -800,42 +853,44 @@ static void on_frame(Engine *e, const uint8_t *frame, size_t n) {
         up(e, UP_FRAME, NULL, frame, n, ++e->up_seq);
         return;
     }
-    if (e->held_in[dst % FLOW_SLOTS]) { /* behind what is held for its address: released in order */
-        stage(e, frame, n, dst);
+    uint32_t slot = slot_of(&dst);
+    if (e->held_in[slot]) { /* behind what is held for its address: released in order */
+        stage(e, frame, n, slot);
         return;
     }
     pthread_mutex_lock(&e->tab);
-    int r = route_frame(e, frame, dst, ip, total, atomic_load(&e->py_sent), &seq, &check);
+    int r = route_frame(e, frame, &dst, ip, total, atomic_load(&e->py_sent), &seq, &check);
     pthread_mutex_unlock(&e->tab);
-    if (r == FRAME_WAIT) stage(e, frame, n, dst);
-    else frame_done(e, r, dst, frame, n, seq, check);
+    if (r == FRAME_WAIT) stage(e, frame, n, slot);
+    else frame_done(e, r, &dst, frame, n, seq, check);
 }
 
 /* The held frames, in order, once more: those whose flow Python has caught up with leave on it, those whose
  * flow is gone go up, the others stay held. One pass under `tab` and one reading of Python's progress, so that
  * every frame of one flow meets the same state. */
 static void release_staged(Engine *e) {
-    uint32_t sent = atomic_load(&e->py_sent), dst, seq = 0;
+    uint32_t sent = atomic_load(&e->py_sent), seq = 0;
+    Dst dst;
     const uint8_t *ip;
     size_t total, w = 0;
     int keep = 0, check;
     e->now = now_ns();
     /* held_in counts again what stays: a frame behind one that stays for its slot stays too, whatever its own
      * flow says (two addresses of one slot: the second's ask must not let the first's later frames pass). */
-    for (int i = 0; i < e->stage_n; i++) e->held_in[e->stage[i].dst % FLOW_SLOTS] = 0;
+    for (int i = 0; i < e->stage_n; i++) e->held_in[e->stage[i].slot] = 0;
     pthread_mutex_lock(&e->tab);
     for (int i = 0; i < e->stage_n; i++) {
         Staged st = e->stage[i];
         uint8_t *frame = e->stage_buf + st.off;
         member_frame(e, frame, st.len, &dst, &ip, &total); /* held frames are member frames */
-        int r = e->held_in[dst % FLOW_SLOTS] ? FRAME_WAIT : route_frame(e, frame, dst, ip, total, sent, &seq, &check);
+        int r = e->held_in[st.slot] ? FRAME_WAIT : route_frame(e, frame, &dst, ip, total, sent, &seq, &check);
         if (r == FRAME_WAIT) {
             memmove(e->stage_buf + w, frame, st.len);
-            e->stage[keep++] = (Staged){(uint32_t)w, st.len, dst};
-            e->held_in[dst % FLOW_SLOTS]++;
+            e->stage[keep++] = (Staged){(uint32_t)w, st.len, st.slot};
+            e->held_in[st.slot]++;
             w += st.len;
         } else {
-            frame_done(e, r, dst, frame, st.len, seq, check);
+            frame_done(e, r, &dst, frame, st.len, seq, check);
         }
     }
     pthread_mutex_unlock(&e->tab);
@@ -874,7 +929,7 @@ static int vnet_ok(const uint8_t *h, size_t frame_len) {
 }
 
 /* What data_for_us found to write to the TAP: the virtio header (NULL for a TAP without one), the frame
- * header, and the IPv4 packet inside the plaintext. */
+ * header, and the IP packet inside the plaintext. */
 typedef struct {
     const uint8_t *vnet, *ip;
     size_t total;
@@ -893,12 +948,23 @@ static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Deli
     if (kind == KIND_DATA_GSO && !e->vnet) return -1; /* a TAP without offload: Python cuts the segments */
     if (len < base + 20) return -1;
     const uint8_t *ip = msg + base;
-    if (ip[0] >> 4 != 4) return -1;
-    size_t total = (size_t)ip[2] << 8 | ip[3];
-    if (total < 20 || total > len - base || be32(ip + 16) != e->ip) return -1;
-    if (e->check_sources && (!L->has_src || be32(ip + 12) != L->src)) return -1;
+    size_t total;
+    if (ip[0] >> 4 == 6) {
+        /* As DataPath.deliver_from and VirtualNic.to_tap: for our address, and in a group with certificates from
+         * our prefix and the sender's node ID, a sender whose certificate we hold (else Python holds it). */
+        if (!e->has6 || len - base < 40) return -1;
+        total = 40 + ((size_t)ip[4] << 8 | ip[5]);
+        if (total == 40 || total > len - base || memcmp(ip + 24, e->ip6, 16)) return -1;
+        if (e->check_sources && (!L->has_src || memcmp(ip + 8, e->ip6, 8) || be64(ip + 16) != L->peer)) return -1;
+    } else {
+        if (ip[0] >> 4 != 4) return -1;
+        total = (size_t)ip[2] << 8 | ip[3];
+        if (total < 20 || total > len - base || be32(ip + 16) != e->ip) return -1;
+        if (e->check_sources && (!L->has_src || be32(ip + 12) != L->src)) return -1;
+    }
     if (kind == KIND_DATA_GSO && !vnet_ok(msg + ROUTED_LEN, ETH_LEN + total)) return -1;
     memcpy(d->eth, e->eth, ETH_LEN);
+    if (ip[0] >> 4 == 6) d->eth[12] = 0x86, d->eth[13] = 0xDD;
     d->vnet = !e->vnet ? NULL : kind == KIND_DATA_GSO ? msg + ROUTED_LEN : zero_vnet;
     d->ip = ip;
     d->total = total;
@@ -1530,9 +1596,10 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
-                            "prefix_len", "check_sources", "hold_limit", "lane", "first", NULL};
-    int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0;
-    PyObject *first = Py_None;
+                            "prefix_len", "check_sources", "hold_limit", "lane", "first", "address6", "prefix6_len",
+                            NULL};
+    int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0, prefix6 = 64;
+    PyObject *first = Py_None, *address6 = Py_None;
     double hold = STAGE_NS / 1e9;
     unsigned long long id;
     unsigned int address;
@@ -1540,9 +1607,19 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&O", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
-                                     &id, &address, &prefix, &check, &hold, lane_arg, &lane, &first))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&OOi", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+                                     &id, &address, &prefix, &check, &hold, lane_arg, &lane, &first, &address6,
+                                     &prefix6))
         return -1;
+    if (address6 != Py_None) {
+        if (!PyBytes_Check(address6) || PyBytes_GET_SIZE(address6) != 16 || prefix6 < 16 || prefix6 > 120) {
+            PyErr_SetString(PyExc_ValueError, "address6 is 16 bytes and prefix6_len /16 to /120 (VirtualNic's)");
+            return -1;
+        }
+        e->has6 = 1;
+        e->prefix6 = prefix6;
+        memcpy(e->ip6, PyBytes_AS_STRING(address6), 16);
+    }
     if (first != Py_None && (!PyObject_TypeCheck(first, Py_TYPE(e)) || !((Engine *)first)->share ||
                              ((Engine *)first)->first || ((Engine *)first)->lane == lane)) {
         PyErr_SetString(PyExc_ValueError, "first is the node's first Engine, set up, of another lane");
@@ -1780,6 +1857,21 @@ static void wake(Engine *e) {
     }
 }
 
+/* An address as Python holds it (DataPath: an int, IPv4 below 2**32, IPv6 above) as a flow's destination. */
+static int dst_from(PyObject *address, Dst *dst) {
+    if (!PyLong_Check(address)) {
+        PyErr_SetString(PyExc_TypeError, "an address is an int");
+        return -1;
+    }
+    PyObject *b = PyObject_CallMethod(address, "to_bytes", "is", 16, "big"); /* OverflowError: negative or too big */
+    if (!b) return -1;
+    memcpy(dst->b, PyBytes_AS_STRING(b), 16);
+    Py_DECREF(b);
+    static const uint8_t zero[12];
+    if (!memcmp(dst->b, zero, 12)) memcpy(dst->b, v4_mapped, 12);
+    return 0;
+}
+
 /* set_flow(address, peer, routed_header (28 bytes), ttl seconds, sent) -> whether the flow is in use at once.
  *
  * `sent` is the number of the last frame passed up that Python has sent on (or dropped). If a later frame to
@@ -1788,32 +1880,34 @@ static void wake(Engine *e) {
  * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
  * that follow them. */
 static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
-    unsigned int ip, sent;
+    unsigned int sent;
     unsigned long long peer;
+    PyObject *address;
     Py_buffer header;
     double ttl;
+    Dst dst;
     if (!e->flows) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "IKy*dI", &ip, &peer, &header, &ttl, &sent)) return NULL;
-    if (header.len != ROUTED_LEN) {
+    if (!PyArg_ParseTuple(args, "OKy*dI", &address, &peer, &header, &ttl, &sent)) return NULL;
+    if (header.len != ROUTED_LEN || dst_from(address, &dst) < 0) {
         PyBuffer_Release(&header);
-        PyErr_SetString(PyExc_ValueError, "a routed header is 28 bytes");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a routed header is 28 bytes");
         return NULL;
     }
     int64_t now = now_ns();
     lock_tab(e);
-    Flow *f = &e->flows[ip % FLOW_SLOTS];
-    uint32_t last = e->up_last[ip % FLOW_SLOTS];
+    Flow *f = &e->flows[slot_of(&dst)];
+    uint32_t last = e->up_last[slot_of(&dst)];
     /* Already pending: stays so, and only the thread (which holds its frames) lets it go. */
-    int was_pending = f->ip == ip && f->pending && f->hard >= now;
+    int was_pending = dst_eq(&f->dst, &dst) && f->pending && f->hard >= now;
     int pending = was_pending || (int32_t)(last - sent) > 0;
     if (pending && !was_pending) {
         f->since = now;
         e->c_flow_pending++;
     }
-    f->ip = ip;
+    f->dst = dst;
     f->peer = peer;
     f->expires = now + (int64_t)(ttl * 1e9);
     f->hard = f->expires + (int64_t)(ttl * 1e9);
@@ -1838,12 +1932,12 @@ static PyObject *Engine_sent(Engine *e, PyObject *arg) {
 }
 
 static PyObject *Engine_drop_flow(Engine *e, PyObject *arg) {
-    unsigned long ip = PyLong_AsUnsignedLong(arg);
-    if (ip == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    Dst dst;
+    if (dst_from(arg, &dst) < 0) return NULL;
     if (e->flows) {
         lock_tab(e);
-        Flow *f = &e->flows[ip % FLOW_SLOTS];
-        if (f->ip == ip) memset(f, 0, sizeof *f);
+        Flow *f = &e->flows[slot_of(&dst)];
+        if (dst_eq(&f->dst, &dst)) memset(f, 0, sizeof *f);
         pthread_mutex_unlock(&e->tab);
         wake(e); /* what it held goes up */
     }

@@ -166,7 +166,7 @@ class DataPath:
                         self._send_sealed(link, dst, route, kind, head, packet, now)
                         return
                     header = self._direct_header(dst, route, kind)
-                    if self.fast is not None and dst_ip <= 0xFFFFFFFF:
+                    if self.fast is not None:
                         self.fast.set_flow(dst_ip, dst, header)
                     if kind == Kind.DATA_GSO and not link.fragments_ok:
                         header = self._direct_header(dst, route, Kind.DATA)
@@ -177,11 +177,11 @@ class DataPath:
         self.dht.resolve_and_send(address, head + bytes(packet), kind)
 
     def flow(self, dst_ip: int) -> tuple[int, bytes] | None:
-        """(peer, routed header) for the data to an IPv4 address whose owner we have a link to and route to
-        directly, as _send would send it now; None when _send would do anything else."""
+        """(peer, routed header) for the data to an address (IPv4 below 2**32, IPv6 above) whose owner we have a
+        link to and route to directly, as _send would send it now; None when _send would do anything else."""
         if self.dht is None:
             return None
-        entry = self.dht.cache.get(str(ipaddress.IPv4Address(dst_ip)), self.clock())
+        entry = self.dht.cache.get(str(ipaddress.ip_address(dst_ip)), self.clock())
         if entry is None:
             return None
         dst = entry.node_id

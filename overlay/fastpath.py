@@ -89,7 +89,7 @@ class FastPath:
         node_id: int,
         prefix_len: int,
     ) -> None:
-        tap = datapath.tap
+        tap, vnic = datapath.tap, datapath.vnic
         self._links, self._datapath, self._router = links, datapath, router
         self._underlay, self._heard = underlay, heard
         self._check_sources = datapath.source_of is not None
@@ -116,6 +116,8 @@ class FastPath:
                 lane=lane,
                 # The lanes share what each carries, for the lane a new TCP connection starts in.
                 first=self._lanes[0].engine if self._lanes else None,
+                address6=None if vnic.address6 is None else vnic.address6.to_bytes(16, "big"),
+                prefix6_len=vnic.prefix6_len,
             )
             self._lanes.append(_Lane(lane, engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
@@ -298,8 +300,8 @@ class FastPath:
                     lane.sent = _SEQ.unpack_from(msg, 4)[0]
                 elif kind == _UP_DATAGRAM:
                     underlay.deliver(msg[UP_HEADER:], _source(msg))
-                elif kind == _UP_FLOW:
-                    self._recheck(int.from_bytes(msg[UP_HEADER : UP_HEADER + 4], "big"))
+                elif kind == _UP_FLOW:  # the address: 4 bytes IPv4, 16 IPv6
+                    self._recheck(int.from_bytes(msg[UP_HEADER:], "big"))
                 elif kind == _UP_UNREACHABLE:
                     underlay.unreachable(_source(msg))
                 else:

@@ -71,6 +71,7 @@ class Node:
         lane: int = 0,
         first: Engine | None = None,
         prefix_len: int = 24,
+        address6: int | None = None,
     ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -98,6 +99,7 @@ class Node:
             hold_limit=hold_limit,
             lane=lane,
             first=first,
+            address6=None if address6 is None else address6.to_bytes(16, "big"),
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 
@@ -868,7 +870,8 @@ class PythonSide:
         self.tap = SimpleNamespace(fileno=tap.fileno, vnet_hdr=False)
         self.udp, self.to = udp, to
         self.source_of, self.address_int = None, A_IP
-        self.vnic, self.hops = SimpleNamespace(tap_mac=TAP_MAC, gateway_mac=DEFAULT_GATEWAY_MAC), [0, 0]
+        self.vnic = SimpleNamespace(tap_mac=TAP_MAC, gateway_mac=DEFAULT_GATEWAY_MAC, address6=None, prefix6_len=64)
+        self.hops = [0, 0]
         self.gso, self.chunk = True, CHUNK
         self.lane_socks: list[socket.socket] = []  # one Engine
         self.held: list[bytes] | None = None

@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import struct
 import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -419,6 +420,34 @@ def test_members_reach_each_other_over_ipv6_through_the_dht_and_relays() -> None
             held = {address for n in g.nodes for address in n.dht.held()}
             assert {g.vaddr6(i) for i in range(6)} <= held and {vaddr(i) for i in range(6)} <= held
         finally:
+            await g.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_python_path_hands_an_ipv6_flow_to_the_compiled_one_and_finds_it_again_by_its_address() -> None:
+    """DataPath tells the compiled data path (overlay/fastpath.py set_flow) each IPv6 address it sent to on a link
+    to its owner, as it does for IPv4, and DataPath.flow finds the same link and header for that address."""
+
+    async def scenario() -> None:
+        g = MemoryGroup(seed=45, address6=PREFIX)
+        try:
+            assert await g.form_ring(3, 30.0)
+            assert await g.reach([(0, 1), (0, 2)], 20.0, v6=True) == []
+            node = g.nodes[0]
+            routes = {i: node.router.data_route(g.nodes[i].id) for i in (1, 2)}
+            direct = [i for i, route in routes.items() if route is not None and route[0] == g.nodes[i].id]
+            assert direct, f"node 0 routes to neither member directly: {routes}"
+            i = direct[0]
+            flows: list[tuple[int, int, bytes]] = []
+            node.datapath.fast = SimpleNamespace(set_flow=lambda *flow: flows.append(flow))
+            g.send6(0, i, b"over a link")
+            address = int(ipaddress.IPv6Address(g.vaddr6(i)))
+            assert await g.wait_for(lambda: bool(flows), 5.0)
+            assert flows[0][:2] == (address, g.nodes[i].id)
+            assert node.datapath.flow(address) == flows[0][1:]
+        finally:
+            g.nodes[0].datapath.fast = None
             await g.stop()
 
     asyncio.run(scenario())

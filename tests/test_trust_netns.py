@@ -108,6 +108,25 @@ def test_tcp_crosses_the_vpn(group: Group, v6: bool, a: int, b: int) -> None:
           f"{received['bits_per_second'] / 1e6:.0f} Mbit/s")  # fmt: skip
 
 
+def test_tcp_over_ipv6_between_compiled_members_stays_in_the_engines(group: Group) -> None:
+    """IPv6 inside the VPN on the compiled data path: the sender's Engine sends the stream's frames and the
+    receiver's delivers them (checking each inner source against the sender's certificate and node ID); at most
+    the first few frames go up to Python, which hands the flow over."""
+    a, b = 0, 1
+    keys = ("fast path: frames sent", "fast path: frames passed up", "fast path: datagrams handled")
+    before = [group.status(i)["counters"] for i in (a, b)]
+    report = group.iperf3(a, b, IPERF_S, v6=True)
+    after = [group.status(i)["counters"] for i in (a, b)]
+    sent, up, _ = (after[0].get(k, 0) - before[0].get(k, 0) for k in keys)
+    handled = after[1].get(keys[2], 0) - before[1].get(keys[2], 0)
+    received = report["end"]["sum_received"]
+    print(f"TCP over IPv6 node{a} -> node{b}: {received['bits_per_second'] / 1e6:.0f} Mbit/s, "
+          f"{sent} frames sent by the Engine, {up} passed up, {handled} datagrams handled at node{b}")  # fmt: skip
+    assert received["bytes"] > 1_000_000, report["end"]
+    assert sent > 1000 and handled > 1000, (after[0], after[1])
+    assert up <= 20, after[0]  # before IPv6 was the Engine's, every frame went up
+
+
 # Receives UDP datagrams until none came for a second, then prints each one's payload as hex, in order.
 UDP_RECEIVER = """
 import json, socket, sys

@@ -115,6 +115,7 @@ class VirtualNic:
         if address in (self._network, self._broadcast):
             raise ValueError(f"address {address:#010x} is the network or broadcast address of /{prefix_len}")
         self.address6 = address6
+        self.prefix6_len = prefix6_len
         self._mask6 = 0
         self._network6 = -1
         if address6 is not None:
