@@ -24,6 +24,7 @@ from tests.support.group import TAP_NAME, VIRTUAL_MTU, Group, missing_prerequisi
 from tests.support.netlab import HOST_IFNAME, Host
 
 IPERF_PORT = 5201
+PREFIX6 = "fd00:1:2:3::/64"  # --ipv6: each member's IPv6 address is this prefix and its node ID
 # Where node1's datagrams went: coalesced chunk trains and whole datagrams are "handled"; chunks that came one by
 # one are rebuilt by the Engine; "passed up" went to Python.
 CHUNK_COUNTERS = (
@@ -102,6 +103,11 @@ def main() -> int:
         help="the members' kernels cut UDP GSO sends in software (ethtool tx-udp-segmentation off), as for a NIC "
         "without UDP segmentation: chunks then arrive one by one, not coalesced by GRO",
     )
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="also IPv6 inside the VPN ([vnic] address6): the same paths to the members' IPv6 addresses",
+    )
     args = parser.parse_args()
     problem = missing_prerequisites() or (None if shutil.which("iperf3") else "iperf3 is not installed")
     if problem:
@@ -109,7 +115,7 @@ def main() -> int:
         return 2
     started = time.monotonic()
     results: dict[str, float | None] = {}
-    with Group(2 if args.no_relay else 3, prefix="ipb") as g:
+    with Group(2 if args.no_relay else 3, prefix="ipb", address6=PREFIX6 if args.ipv6 else None) as g:
         if not args.no_relay:
             g.block_udp(0, 2)  # node0 and node2 can only talk through node1
         g.join_all()
@@ -118,6 +124,8 @@ def main() -> int:
                 g.lab.run(m.host, "ethtool", "-K", HOST_IFNAME, "tx-udp-segmentation", "off")
         pairs = [(0, j) for j in range(1, g.size)]
         late = [p for p, t in g.wait_for_pings(pairs, 30.0).items() if t is None]
+        if args.ipv6:
+            late += [(i, j, "IPv6") for (i, j), t in g.wait_for_pings(pairs, 30.0, v6=True).items() if t is None]
         if late:
             print(f"iperf_tap: no overlay ping reply for {late} within 30 s; measuring anyway", flush=True)
         for m in g.members[1:]:
@@ -126,17 +134,24 @@ def main() -> int:
             log = g.workdir / f"iperf3-{m.host.address}.log"
             g.lab.popen(m.host, "iperf3", "-s", "-p", str(IPERF_PORT), "--logfile", str(log),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-            (g.workdir / f"iperf3-{m.ip}.log").symlink_to(log)
+            for address in (m.ip, m.ip6) if args.ipv6 else (m.ip,):
+                (g.workdir / f"iperf3-{address}.log").symlink_to(log)
         time.sleep(0.5)  # iperf3 -s binds within milliseconds; the client also retries for 3 s
         a, b = g.members[0], g.members[1]
         print(f"veth {a.host.address} -> {b.host.address}; TAP {a.ip} -> {b.ip} (MTU {VIRTUAL_MTU})", flush=True)
         print(f"TAP offload: {tap_offload(g, a.host)}", flush=True)
         results["raw veth"] = median_mbps(g, "veth", a.host, b.host.address, args.runs, args.seconds)
         results["overlay direct"] = median_mbps(g, "tap direct", a.host, b.ip, args.runs, args.seconds)
+        if args.ipv6:
+            assert b.ip6 is not None
+            results["direct IPv6"] = median_mbps(g, "tap direct IPv6", a.host, b.ip6, args.runs, args.seconds)
         if not args.no_relay:
             c = g.members[2]
             print(f"TAP {a.ip} -> {c.ip} relayed by node1 (UDP between node0 and node2 dropped)", flush=True)
             results["overlay relayed"] = median_mbps(g, "tap relayed", a.host, c.ip, args.runs, args.seconds)
+            if args.ipv6:
+                assert c.ip6 is not None
+                results["relayed IPv6"] = median_mbps(g, "tap relayed IPv6", a.host, c.ip6, args.runs, args.seconds)
         try:
             links = [(r["peer_id"], r["endpoint"], r["rtt_ms"]) for r in g.status(0)["links"]]
             counters = g.status(1)["counters"]
@@ -151,6 +166,10 @@ def main() -> int:
     for label, mbps in results.items():
         ratio = f"  {mbps / veth:.3f} of veth" if mbps and veth and label != "raw veth" else ""
         print(f"{label:<16} {_fmt(mbps)}{ratio}")
+    for v4, v6 in (("overlay direct", "direct IPv6"), ("overlay relayed", "relayed IPv6")):
+        over, under = results.get(v6), results.get(v4)
+        if over and under:
+            print(f"{v6} / IPv4: {over / under:.2f}")
     print(f"(median of {args.runs} x {args.seconds:g} s iperf3 TCP, one stream)")
     print(f"node0 links: {links}")
     print(f"node1 counters: {chunks}")
