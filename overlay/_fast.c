@@ -65,6 +65,7 @@
 #define MSG_ROUTED 0x04
 #define MSG_RELAY 0x05
 #define MSG_RELAYED 0x06
+#define MSG_DATA 0x11 /* SocialVPN: an IPv4 packet in the receiver's view of the addresses (overlay/social) */
 #define KIND_DATA 0x01
 #define KIND_DATA_GSO 0x09
 #define FLAG_JOIN 0x08
@@ -291,6 +292,10 @@ typedef struct {
     uint64_t peer;
     int64_t expires, hard;
     uint8_t header[ROUTED_LEN];
+    /* SocialVPN (a social Engine): `hlen` 1 (the DATA byte, where a group's flow has its 28-byte routed header),
+     * and the packet leaves with its source and destination rewritten to `nat_src` and `nat_dst` (rewrite_head). */
+    int hlen;
+    uint32_t nat_src, nat_dst;
     /* Set while frames to `dst` that went up (the last numbered `wait`) may not yet have left through Python:
      * this flow's frames are held (stage) until Python says it got that far (Engine_sent), from `since`. */
     int pending;
@@ -348,6 +353,10 @@ typedef struct {
     uint32_t ip, mask, net, bcast;
     int has6, prefix6; /* IPv6 inside the VPN ([vnic] address6): our address and its prefix length */
     uint8_t ip6[16];
+    /* A SocialVPN node's Engine: flows are DATA messages to friend devices, rewritten into their view; what it
+     * delivers is DATA from a device in ours; it relays nothing. */
+    int social;
+    uint8_t nat_head[60 + 20]; /* a rewritten IPv4 header (options included) and TCP's first 20 bytes */
     uint8_t eth[ETH_LEN]; /* the frame header for what we deliver: kernel's MAC, gateway MAC, IPv4 */
     pthread_mutex_t tab;
     FLink *links;
@@ -762,6 +771,48 @@ static int member_frame(Engine *e, const uint8_t *frame, size_t n, Dst *dst, con
 
 enum { FRAME_SENT, FRAME_UP, FRAME_WAIT };
 
+/* RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for the n bytes (n even) `old` replaced by `now` under the checksum
+ * at `field`: as overlay/social/translate.py _replace, so the bytes are the same whichever path rewrote them. */
+static void csum_replace(uint8_t *field, const uint8_t *old, const uint8_t *now, size_t n) {
+    uint32_t s = (uint16_t) ~(field[0] << 8 | field[1]);
+    for (size_t i = 0; i < n; i += 2) s += (uint16_t) ~(old[i] << 8 | old[i + 1]) + (uint32_t)(now[i] << 8 | now[i + 1]);
+    while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+    s = ~s & 0xFFFF;
+    field[0] = (uint8_t)(s >> 8), field[1] = (uint8_t)s;
+}
+
+/* RFC 792's errors, which quote a datagram whose addresses a SocialVPN rewrite must change too: Python's. */
+static int icmp_error(uint8_t type) { return type == 3 || type == 4 || type == 5 || type == 11 || type == 12; }
+
+/* SocialVPN's rewrite of a packet our kernel sent a friend device into the device's view (overlay/social/
+ * translate.py FriendNat.outbound): source `src`, destination `dst`, the IPv4 header checksum and TCP's or UDP's
+ * (whose pseudo-header holds the addresses) updated incrementally, into e->nat_head; the rest of the packet
+ * leaves from where it lies. Returns the length rewritten, 0 for what Python translates or drops: another
+ * source than ours, fragments, ICMP errors (their quote is rewritten too, and checked), other protocols. */
+static size_t rewrite_head(Engine *e, const uint8_t *ip, size_t total, uint32_t src, uint32_t dst) {
+    size_t ihl = (size_t)(ip[0] & 15) * 4, hl;
+    if (be32(ip + 12) != e->ip || ((ip[6] & 0x3F) | ip[7])) return 0;
+    switch (ip[9]) {
+    case 6: hl = ihl + 18; break;  /* TCP: the checksum at 16 (RFC 793) */
+    case 17: hl = ihl + 8; break;  /* UDP (RFC 768) */
+    case 1: hl = ihl + 1; break;   /* ICMP: its type; a query's checksum does not cover the addresses */
+    default: return 0;
+    }
+    if (hl > total || (ip[9] == 1 && icmp_error(ip[ihl]))) return 0;
+    uint8_t *h = e->nat_head;
+    memcpy(h, ip, hl);
+    put32(h + 12, src);
+    put32(h + 16, dst);
+    csum_replace(h + 10, ip + 12, h + 12, 8);
+    if (ip[9] == 6) {
+        csum_replace(h + ihl + 16, ip + 12, h + 12, 8);
+    } else if (ip[9] == 17 && (h[ihl + 6] | h[ihl + 7])) { /* 0: the sender computed none, and it stays 0 */
+        csum_replace(h + ihl + 6, ip + 12, h + 12, 8);
+        if (!(h[ihl + 6] | h[ihl + 7])) h[ihl + 6] = h[ihl + 7] = 0xFF; /* a computed 0 is sent as all ones */
+    }
+    return hl;
+}
+
 /* Under `tab`: send a member frame on its flow, or say it goes up (numbered in *seq) or waits for Python
  * (pending flow; `sent` is Python's Engine_sent, read once per batch). *check: ask Python about the flow. */
 static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const uint8_t *ip, size_t total,
@@ -790,6 +841,16 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
             goto up;
         }
         f->pending = 0;
+    }
+    if (f->hlen == 1) {
+        size_t hl = gso ? 0 : rewrite_head(e, ip, total, f->nat_src, f->nat_dst);
+        if (!hl) goto up; /* Python translates what the Engine does not (fragments, ICMP errors, ...) */
+        *check = f->expires < now && !f->checking;
+        if (*check) f->checking = 1;
+        struct iovec pieces[3] = {{f->header, 1}, {e->nat_head, hl}, {(void *)(ip + hl), total - hl}};
+        int lane = L->lanes_ok ? lane_for(e, ip, total, 1) : e->lane;
+        if (send_on(e, L, lane, pieces, 3, 1 + total) == 0) return FRAME_SENT;
+        goto numbered;
     }
     *check = f->expires < now && !f->checking;
     if (*check) f->checking = 1;
@@ -936,9 +997,29 @@ typedef struct {
     uint8_t eth[ETH_LEN];
 } Delivery;
 
-/* Data for us in plaintext `msg` (a ROUTED message) from link L: write it to the TAP. Caller holds tab and
- * has NOT marked the packet yet. Returns 0 when it is ours to deliver (and fills d), -1 to pass up. */
+/* SocialVPN: a DATA message from a friend device, already in our view (FriendNat.inbound's checks): from the
+ * address we gave the device (the link's source), to ours; an ICMP error goes up for Python to check what it
+ * quotes (RFC 5927). */
+static int social_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Delivery *d) {
+    if (len < 1 + 20 || msg[0] != MSG_DATA || !L->has_src) return -1;
+    const uint8_t *ip = msg + 1;
+    size_t ihl = (size_t)(ip[0] & 15) * 4, total = (size_t)ip[2] << 8 | ip[3];
+    if (ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > len - 1) return -1;
+    if (be32(ip + 12) != L->src || be32(ip + 16) != e->ip) return -1;
+    if (ip[9] == 1 && !(((ip[6] & 0x1F) | ip[7])) && total > ihl && icmp_error(ip[ihl])) return -1;
+    memcpy(d->eth, e->eth, ETH_LEN);
+    d->vnet = e->vnet ? zero_vnet : NULL;
+    d->ip = ip;
+    d->total = total;
+    L->delivered++;
+    return 0;
+}
+
+/* Data for us in plaintext `msg` (a ROUTED message, or a social Engine's DATA) from link L: write it to the TAP.
+ * Caller holds tab and has NOT marked the packet yet. Returns 0 when it is ours to deliver (and fills d), -1 to
+ * pass up. */
 static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Delivery *d) {
+    if (e->social) return social_for_us(e, L, msg, len, d);
     if (len < ROUTED_LEN + 20 || msg[0] != MSG_ROUTED) return -1;
     uint8_t flags = msg[2], kind = msg[ROUTED_LEN - 1];
     if (kind != KIND_DATA && kind != KIND_DATA_GSO) return -1;
@@ -1222,11 +1303,14 @@ static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage
         plainD = (Dgram){msg, mlen, 0, mlen};
         inD = &plainD, inoff = RELAY_HEAD, in = msg + RELAY_HEAD, inTag = inlen >= TAG ? in + inlen - TAG : NULL;
     }
-    if (!tunnel && msg[0] == MSG_ROUTED) {
+    if (tunnel && e->social) goto out; /* friends relay nothing: Python drops it */
+    if (!tunnel && msg[0] == (e->social ? MSG_DATA : MSG_ROUTED)) {
         if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(K, c)) goto out;
         L->rx += len;
         L->rx_seen = 1;
         handled = 1;
+    } else if (e->social) {
+        goto out; /* a friend device's RELAY or anything else: Python's to drop and count */
     } else if (head[0] == MSG_RELAY && mlen >= RELAY_HEAD && inlen > HDR + TAG) {
         uint8_t onward[RELAY_HEAD];
         FLink *T = relay_onward(e, L, head, onward);
@@ -1597,8 +1681,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "vnet_hdr", "udp_fd", "up_fd", "gso", "chunk", "node_id", "address",
                             "prefix_len", "check_sources", "hold_limit", "lane", "first", "address6", "prefix6_len",
-                            NULL};
-    int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0, prefix6 = 64;
+                            "social", NULL};
+    int tap, vnet, udp, upfd, gso, chunk, prefix, check, lane = 0, prefix6 = 64, social = 0;
     PyObject *first = Py_None, *address6 = Py_None;
     double hold = STAGE_NS / 1e9;
     unsigned long long id;
@@ -1607,10 +1691,15 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "an Engine is set up once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&OOi", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ipiipiKIip|$dO&OOip", names, &tap, &vnet, &udp, &upfd, &gso, &chunk,
                                      &id, &address, &prefix, &check, &hold, lane_arg, &lane, &first, &address6,
-                                     &prefix6))
+                                     &prefix6, &social))
         return -1;
+    if (social && (!check || address6 != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a social Engine checks every source and has no IPv6");
+        return -1;
+    }
+    e->social = social;
     if (address6 != Py_None) {
         if (!PyBytes_Check(address6) || PyBytes_GET_SIZE(address6) != 16 || prefix6 < 16 || prefix6 > 120) {
             PyErr_SetString(PyExc_ValueError, "address6 is 16 bytes and prefix6_len /16 to /120 (VirtualNic's)");
@@ -1872,7 +1961,9 @@ static int dst_from(PyObject *address, Dst *dst) {
     return 0;
 }
 
-/* set_flow(address, peer, routed_header (28 bytes), ttl seconds, sent) -> whether the flow is in use at once.
+/* set_flow(address, peer, header, ttl seconds, sent[, nat_src, nat_dst]) -> whether the flow is in use at once.
+ * `header`: a group's 28-byte routed header, or for a social Engine the DATA byte, with the friend device's
+ * view of the addresses the packets leave with (rewrite_head).
  *
  * `sent` is the number of the last frame passed up that Python has sent on (or dropped). If a later frame to
  * an address of this slot went up, it is still on its way through Python, and sending the next frames here
@@ -1880,7 +1971,7 @@ static int dst_from(PyObject *address, Dst *dst) {
  * Python says (Engine_sent) it got that far. Without this, the first packets of a flow arrive after the ones
  * that follow them. */
 static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
-    unsigned int sent;
+    unsigned int sent, nat_src = 0, nat_dst = 0;
     unsigned long long peer;
     PyObject *address;
     Py_buffer header;
@@ -1890,10 +1981,16 @@ static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "the Engine was not set up");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OKy*dI", &address, &peer, &header, &ttl, &sent)) return NULL;
-    if (header.len != ROUTED_LEN || dst_from(address, &dst) < 0) {
+    if (!PyArg_ParseTuple(args, "OKy*dI|II", &address, &peer, &header, &ttl, &sent, &nat_src, &nat_dst)) return NULL;
+    int social = header.len == 1 && ((uint8_t *)header.buf)[0] == MSG_DATA && nat_src && nat_dst;
+    if (e->social ? !social : header.len != ROUTED_LEN || nat_src || nat_dst) {
         PyBuffer_Release(&header);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a routed header is 28 bytes");
+        PyErr_SetString(PyExc_ValueError, e->social ? "a social flow is the DATA byte and both addresses it leaves with"
+                                                    : "a routed header is 28 bytes, and a group's flow rewrites nothing");
+        return NULL;
+    }
+    if (dst_from(address, &dst) < 0) {
+        PyBuffer_Release(&header);
         return NULL;
     }
     int64_t now = now_ns();
@@ -1909,13 +2006,16 @@ static PyObject *Engine_set_flow(Engine *e, PyObject *args) {
     }
     f->dst = dst;
     f->peer = peer;
+    f->hlen = (int)header.len;
+    f->nat_src = nat_src;
+    f->nat_dst = nat_dst;
     f->expires = now + (int64_t)(ttl * 1e9);
     f->hard = f->expires + (int64_t)(ttl * 1e9);
     f->checking = 0;
     f->pending = pending;
     f->asking = 0;
     f->wait = last;
-    memcpy(f->header, header.buf, ROUTED_LEN);
+    memcpy(f->header, header.buf, (size_t)header.len);
     pthread_mutex_unlock(&e->tab);
     PyBuffer_Release(&header);
     wake(e); /* frames held while Python answered leave on it (another lane's Python side calls sent) */

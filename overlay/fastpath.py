@@ -85,10 +85,14 @@ class FastPath:
         datapath: Any,
         router: Any,
         underlay: UdpUnderlay,
-        heard: Callable[[Link], float],
+        heard: Callable[[Link], object],
         node_id: int,
         prefix_len: int,
+        *,
+        social: bool = False,
     ) -> None:
+        """`social`: a SocialVPN node's (overlay/social/fast.py): flows are DATA messages to friend devices, each
+        with the addresses its packets leave with, and what arrives is DATA from a device."""
         tap, vnic = datapath.tap, datapath.vnic
         self._links, self._datapath, self._router = links, datapath, router
         self._underlay, self._heard = underlay, heard
@@ -118,13 +122,14 @@ class FastPath:
                 first=self._lanes[0].engine if self._lanes else None,
                 address6=None if vnic.address6 is None else vnic.address6.to_bytes(16, "big"),
                 prefix6_len=vnic.prefix6_len,
+                social=social,
             )
             self._lanes.append(_Lane(lane, engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
         self._refused = 0  # the Engine's GSO sends above a route's MTU, as of the last sync
         # Flows to hand over at the end of this batch (address -> peer, header), and the number of the last
         # frame this side has taken from the Engine (its UP_HEADER, bytes 4-8).
-        self._flows: dict[int, tuple[int, bytes]] = {}
+        self._flows: dict[int, tuple[int, bytes, tuple[int, int] | None]] = {}
         self._macs = b""
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -201,24 +206,29 @@ class FastPath:
             link.lanes_ok,
         )
 
-    def set_flow(self, address: int, peer: int, header: bytes) -> None:
+    def set_flow(self, address: int, peer: int, header: bytes, rewrite: tuple[int, int] | None = None) -> None:
         """The Python path just sent to `address` on its link to `peer`: the Engine takes the next packets, from
-        the end of this batch (_hand_over)."""
+        the end of this batch (_hand_over). `rewrite` (SocialVPN): the source and destination they leave with."""
         if peer in self._pushed:  # a link the Engine cannot serve (TURN) would only send every packet back up
-            self._flows[address] = (peer, header)
+            self._flows[address] = (peer, header, rewrite)
+
+    def drop_flow(self, address: int) -> None:
+        """What the Python path would send to `address` changed (SocialVPN: a device's addresses): ask again."""
+        self._flows.pop(address, None)
+        for lane in self._lanes:
+            lane.engine.drop_flow(address)
 
     def _hand_over(self) -> None:
         flows, self._flows = self._flows, {}
-        for address, (peer, header) in flows.items():
+        for address, (peer, header, rewrite) in flows.items():
             for lane in self._lanes:
-                lane.engine.set_flow(address, peer, header, FLOW_TTL, lane.sent)
+                lane.engine.set_flow(address, peer, header, FLOW_TTL, lane.sent, *(rewrite or ()))
 
     def _recheck(self, address: int) -> None:
         """The Engine's flow to `address` is FLOW_TTL old: keep it if the Python path would still send there."""
-        flow = self._datapath.flow(address)
+        flow = self._datapath.flow(address)  # (peer, header), or (peer, header, rewrite) for SocialVPN
         if flow is None or flow[0] not in self._pushed:  # gone, or now on a link the Engine cannot serve
-            for lane in self._lanes:
-                lane.engine.drop_flow(address)
+            self.drop_flow(address)
         else:
             self.set_flow(address, *flow)
 

@@ -72,6 +72,7 @@ class Node:
         first: Engine | None = None,
         prefix_len: int = 24,
         address6: int | None = None,
+        social: bool = False,
     ) -> None:
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -100,6 +101,7 @@ class Node:
             lane=lane,
             first=first,
             address6=None if address6 is None else address6.to_bytes(16, "big"),
+            social=social,
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 

@@ -11,6 +11,7 @@ resource name.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import time
@@ -30,6 +31,7 @@ pytestmark = [
 LINK_S = 30.0  # ICE through NATs and coturn: seconds for a friend link to come up on a loaded box
 UNFRIEND_S = 10.0  # from the requirement: an unfriend cuts the link within 10 s
 SIGNAL_DROPPED = "drop: signal from no linkable friend device"  # overlay/social/node.py
+IPERF_PORT = 5201
 
 
 PREFIXES = {"prosody": "isv", "ejabberd": "isj"}
@@ -94,6 +96,36 @@ def test_friends_link_and_reach_each_other_by_name(lab: SocialLab) -> None:
     at_bob = lab.linked(bob, alice)
     assert at_bob is not None and seen_from == at_bob
     assert ipaddress.IPv4Address(at_bob) in ipaddress.IPv4Network("10.77.0.0/16")
+
+
+def test_a_tcp_stream_between_friends_crosses_their_compiled_data_paths(lab: SocialLab) -> None:
+    """Alice (behind a NAT) sends Bob a TCP stream: her Engine rewrites each packet into Bob's view of the
+    addresses and sends it, his delivers it (checking its source is the address he gave her); at most the first
+    few frames go up to Python, which hands the flow over."""
+    skip_unless_prosody(lab)
+    alice, bob = device_of(lab, "alice"), device_of(lab, "bob")
+    assert lab.wait_until(lambda: lab.linked(alice, bob) and lab.linked(bob, alice), LINK_S), lab.log_tail(alice)
+    kind = next(d["link"] for f in lab.status(alice)["friends"] for d in f["devices"] if d["device"] == bob.jid)
+    assert kind in ("host", "srflx", "prflx"), f"alice's link to bob is {kind}: a cone NAT lets ICE find a path"
+    assert lab.wait_until(lambda: lab.ping(alice, "bob.ipop"), 20.0)
+    keys = ("fast path: frames sent", "fast path: frames passed up", "fast path: datagrams handled")
+    before = [lab.status(d)["counters"] for d in (alice, bob)]
+    server = lab.lab.popen(bob.host, "iperf3", "-s", "-1", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.5)
+        out = lab.lab.run(alice.host, "iperf3", "-c", "bob.ipop", "-p", str(IPERF_PORT), "-t", "2", "-J",
+                          "--connect-timeout", "3000", check=False, timeout=40)  # fmt: skip
+        assert out.returncode == 0, out.stderr or out.stdout[-500:]
+    finally:
+        server.wait(timeout=10)
+    after = [lab.status(d)["counters"] for d in (alice, bob)]
+    sent, up, _ = (after[0].get(k, 0) - before[0].get(k, 0) for k in keys)
+    handled = after[1].get(keys[2], 0) - before[1].get(keys[2], 0)
+    mbps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    print(f"alice -> bob: {mbps:.0f} Mbit/s, {sent} frames sent by her Engine, {up} up, {handled} handled by his")
+    assert sent > 1000 and handled > 1000, (after[0], after[1])
+    assert up <= 20, after[0]
 
 
 def test_bob_sees_alice_and_carol_at_his_own_addresses_and_carol_cannot_reach_alice(lab: SocialLab) -> None:

@@ -33,12 +33,14 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from overlay.config import SocialConfig
+from overlay.fastpath import FastPath
 from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.link import Link
 from overlay.links import LinkCallbacks, LinkManager, Underlay
 from overlay.remembered import write_private
 from overlay.social.devices import FriendLink, NamedDevice, Pins, names, statement, statement_key
+from overlay.social.fast import DATA_HEADER, NoRoutes, SocialPath
 from overlay.social.names import answer_packet
 from overlay.social.status import social_status
 from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull, ToFriend
@@ -47,6 +49,7 @@ from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
 from overlay.transport.signals import Signal, decode_signal
+from overlay.transport.underlay import UdpUnderlay
 from overlay.wire import Contact, DecodeError, LinkMsg, decode_token, encode_ping
 from xmpp_bootstrap.friends import FriendWatch
 from xmpp_bootstrap.roster import (
@@ -104,6 +107,7 @@ class SocialNode:
         *,
         ice: IceSettings | None = None,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
     ) -> None:
         self.identity = identity
         self.id = identity.node_id
@@ -150,6 +154,9 @@ class SocialNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._dirty = False
+        # The compiled data path (overlay/social/fast.py), with `fast_path` ([vnic] fast_path) and a UDP underlay.
+        self.want_fast_path = fast_path
+        self.fast: FastPath | None = None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,7 +165,14 @@ class SocialNode:
         if self.ice is not None:
             self.underlay.on_stun = self.ice.on_stun
             self.ice.start(self.clock())
-        self._loop.add_reader(self.tap.fileno(), self._on_tap_readable)
+        if self.want_fast_path and isinstance(self.underlay, UdpUnderlay):
+            prefix_len = self.vnic.prefix_len
+            self.fast = FastPath(
+                self.links, SocialPath(self), NoRoutes(), self.underlay, self._heard, self.id, prefix_len, social=True
+            )
+            self.fast.start()
+        else:
+            self._loop.add_reader(self.tap.fileno(), self._on_tap_readable)
         self._schedule()
         await self.watch.start()
 
@@ -171,7 +185,9 @@ class SocialNode:
         for link in list(self.links.links.values()):
             link.send(bytes([LinkMsg.CLOSE]))
         self.links.close_all()
-        if self._loop is not None:
+        if self.fast is not None:
+            self.fast.stop()  # before the socket closes: its thread reads it
+        elif self._loop is not None:
             self._loop.remove_reader(self.tap.fileno())
         self.watch.close()
         self.underlay.close()
@@ -186,6 +202,8 @@ class SocialNode:
     def _on_timer(self) -> None:
         now = self.clock()
         try:
+            if self.fast is not None:
+                self.fast.sync()  # what the Engine carried: the links' bytes, and the devices heard
             self.links.tick(now)
             if self.ice is not None:
                 self.ice.tick(now)
@@ -394,6 +412,8 @@ class SocialNode:
         elif kind == LinkMsg.PLACES and len(msg) == _PLACES.size:
             _, remote, remote_view = _PLACES.unpack(msg)
             device.remote, device.remote_view = remote, remote_view
+            if self.fast is not None:
+                self.fast.drop_flow(device.local)  # the Engine's rewrite for it may be the old places
             try:
                 self.nat.set_friend(device.jid, FriendDevice(device.local, remote, remote_view))
             except ValueError as e:
@@ -416,7 +436,11 @@ class SocialNode:
 
     # -- the data path -----------------------------------------------------------------------------------------
     def _on_tap_readable(self) -> None:
-        for frame in self.tap.read_batch():
+        self.from_tap(self.tap.read_batch())
+
+    def from_tap(self, frames: list[bytes]) -> None:
+        """Frames our kernel wrote to the TAP (read here, or passed up by the compiled data path)."""
+        for frame in frames:
             result = self.vnic.from_tap(frame)
             if isinstance(result, Reply):
                 self.tap.write(result.frame)
@@ -426,15 +450,29 @@ class SocialNode:
                     continue
                 out = self.nat.outbound(result.packet)
                 if isinstance(out, ToFriend):
-                    self._send_data(out)
+                    self._send_data(out, result.dst_ip)
 
-    def _send_data(self, out: ToFriend) -> None:
+    def _send_data(self, out: ToFriend, local: int) -> None:
         device = self.devices.get(out.device)
         link = self.links.links.get(device.peer_id) if device is not None else None
-        if link is None:
+        if link is None or device is None:
             self.count("drop: friend device not linked")
             return
-        link.send(bytes([LinkMsg.DATA]) + out.packet)
+        link.send(DATA_HEADER + out.packet)
+        friend = self.nat.friend(out.device)
+        if self.fast is not None and friend is not None:
+            self.fast.set_flow(local, device.peer_id, DATA_HEADER, (friend.remote_view, friend.remote))
+
+    def device_of(self, peer_id: int) -> str | None:
+        """The full JID of the friend device with this node ID, if we know one."""
+        return self._by_peer.get(peer_id)
+
+    def _heard(self, link: Link) -> None:
+        """The compiled data path delivered data from this link's device: it is alive (_tend)."""
+        jid = self._by_peer.get(link.peer_id)
+        device = self.devices.get(jid) if jid is not None else None
+        if device is not None:
+            device.last_heard = self.clock()
 
     def _answer_dns(self, packet: bytes) -> None:
         """A query to the DNS address, answered from the friends' names (overlay/social/names.py)."""

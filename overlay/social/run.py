@@ -63,8 +63,9 @@ async def run_social(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -
         except TapError as e:
             raise SocialJoinError(str(e)) from None
         node = SocialNode(
-            identity, cfg.social, cfg.vnic_address, client, underlay, tap, cfg.key.parent / "social.state", ice=ice
-        )
+            identity, cfg.social, cfg.vnic_address, client, underlay, tap, cfg.key.parent / "social.state", ice=ice,
+            fast_path=cfg.vnic_fast_path,
+        )  # fmt: skip
         control = ControlServer(cfg.control_socket, {"status": node.status}, {"forget": node.forget_command})
         try:
             await control.start()

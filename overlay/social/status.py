@@ -35,6 +35,7 @@ def social_status(node: SocialNode) -> dict[str, Any]:
                 "online": device.online,
             }
         )
+    fast = node.fast.counters() if node.fast is not None else {}
     return {
         "mode": "social",
         "node_id": format_id(node.id),
@@ -47,5 +48,5 @@ def social_status(node: SocialNode) -> dict[str, Any]:
         "friends": [{"jid": f, "devices": d} for f, d in sorted(friends.items())],
         "requests": node.watch.roster.requests(),
         "warnings": list(node.warnings),
-        "counters": dict(sorted({**node.counters, **node.nat.counters, **node.links.counters}.items())),
+        "counters": dict(sorted({**node.counters, **node.nat.counters, **node.links.counters, **fast}.items())),
     }

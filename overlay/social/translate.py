@@ -328,6 +328,10 @@ class FriendNat:
     def friend(self, device: str) -> FriendDevice | None:
         return self._friends.get(device)
 
+    def device_at(self, local: int) -> str | None:
+        """The device we placed at `local`, if any."""
+        return self._by_local.get(local)
+
     def _drop(self, result: Dropped) -> Dropped:
         self.counters[result.reason] = self.counters.get(result.reason, 0) + 1
         return result
