@@ -147,23 +147,35 @@ def session_pair(impl_a: str | None = None, impl_b: str | None = None) -> tuple[
 IMPL_PAIRS = [(None, None), *([("openssl", "ipsec-mb")] if len(GCM_IMPLS) > 1 else [])]
 
 
+@contextlib.contextmanager
+def linked_pair(
+    impls: tuple[str | None, str | None] = (None, None), address6: tuple[int, int] | None = None
+) -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
+    """A and B linked (A's session index 11, B's 22); A's link points at wire_b, B's at wire_a; each with a flow
+    to the other's address (with `address6`, the two nodes' IPv6 addresses and the flows to those)."""
+    a6, b6 = address6 or (None, None)
+    a, b = Node(A_ID, A_IP, address6=a6), Node(B_ID, B_IP, address6=b6)
+    wire_a, wire_b = Wire(), Wire()
+    ka, kb = session_pair(*impls)
+    try:
+        a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
+        b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
+        a.engine.set_flow(B_IP if b6 is None else b6, B_ID, header(A_ID, B_ID), 30.0, 0)
+        b.engine.set_flow(A_IP if a6 is None else a6, A_ID, header(B_ID, A_ID), 30.0, 0)
+        a.engine.start()
+        b.engine.start()
+        yield a, b, wire_a, wire_b, ka, kb
+    finally:
+        for x in (a, b):
+            x.close()
+        for w in (wire_a, wire_b):
+            w.sock.close()
+
+
 @pytest.fixture(params=IMPL_PAIRS, ids=lambda p: "-".join(x or "default" for x in p))
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
-    """A and B linked (A's session index 11, B's 22); A's link points at wire_b, B's at wire_a."""
-    a, b = Node(A_ID, A_IP), Node(B_ID, B_IP)
-    wire_a, wire_b = Wire(), Wire()
-    ka, kb = session_pair(*request.param)
-    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
-    b.engine.set_flow(A_IP, A_ID, header(B_ID, A_ID), 30.0, 0)
-    a.engine.start()
-    b.engine.start()
-    yield a, b, wire_a, wire_b, ka, kb
-    for x in (a, b):
-        x.close()
-    for w in (wire_a, wire_b):
-        w.sock.close()
+    with linked_pair(request.param) as nodes:
+        yield nodes
 
 
 def test_a_frame_crosses_sealed_as_the_python_path_would_and_arrives_as_a_frame(pair) -> None:  # type: ignore[no-untyped-def]
@@ -1332,33 +1344,46 @@ def test_any_chunks_from_a_peer_are_rebuilt_dropped_or_go_up_and_the_engine_keep
 VNET_TSO = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
 
 
+@contextlib.contextmanager
+def offload_pair(address6: tuple[int, int] | None = None) -> Iterator[tuple[Node, Node, Keys]]:
+    """A and B with offload (virtio headers), linked to each other's UDP sockets, B's with UDP GRO, and A's flow
+    to B's address (IPv6 with `address6`, the two nodes' IPv6 addresses): super-frames from A to B."""
+    a6, b6 = address6 or (None, None)
+    a, b = Node(A_ID, A_IP, vnet=True, address6=a6), Node(B_ID, B_IP, vnet=True, address6=b6)
+    try:
+        b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
+        ka, kb = session_pair()
+        a.engine.set_link(B_ID, ka, 11, 22, (4, socket.inet_aton("127.0.0.1"), b.port), 0, True, -1)
+        b.engine.set_link(A_ID, kb, 22, 11, (4, socket.inet_aton("127.0.0.1"), a.port), 0, True, -1)
+        a.engine.set_flow(B_IP if b6 is None else b6, B_ID, header(A_ID, B_ID), 30.0, 0)
+        a.engine.start()
+        b.engine.start()
+        yield a, b, ka
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_super_frame_crosses_two_engines_whole_and_is_written_with_its_virtio_header() -> None:
     """Sender and receiver both Engines, the receiver's socket with UDP GRO: the chunks of one GSO send arrive
     coalesced, are opened where they lie and written to the TAP as one frame with the sender's virtio_net_hdr,
     whatever the last chunk holds: the tag in one chunk, split across two, or a chunk filled exactly."""
-    a, b = Node(A_ID, A_IP, vnet=True), Node(B_ID, B_IP, vnet=True)
-    b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
-    ka, kb = session_pair()
-    a.engine.set_link(B_ID, ka, 11, 22, (4, socket.inet_aton("127.0.0.1"), b.port), 0, True, -1)
-    b.engine.set_link(A_ID, kb, 22, 11, (4, socket.inet_aton("127.0.0.1"), a.port), 0, True, -1)
-    a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
-    a.engine.start()
-    b.engine.start()
+    with offload_pair() as (a, b, ka):
+        crosses_whole(a, b, ka)
+
+
+def crosses_whole(a: Node, b: Node, ka: Keys) -> None:
     part = CHUNK - CHUNK_HEADER.size
     fixed = len(ka.seal(0x83, 0, b"")) + ROUTED_HEADER.size + len(VNET_TSO) + 20
     sizes = [1000, 20_000, 59_000, *(part * k + rest - fixed for k, rest in ((14, 5), (30, 0), (40, 16), (40, 17)))]
-    try:
-        for size in sizes:
-            payload = bytes(i % 251 for i in range(size))
-            vnet = VNET_TSO
-            f = frame(A_IP, B_IP, payload, vnet=vnet)
-            a.kernel.send(f)
-            got = b.kernel.recv(70000)
-            assert got[:10] == vnet and got[10:] == TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00" + f[10 + 14 :]
-        assert not [m for m in b.up_messages(0.1) if m[0] == 1]  # nothing needed the Python path
-    finally:
-        a.close()
-        b.close()
+    for size in sizes:
+        payload = bytes(i % 251 for i in range(size))
+        vnet = VNET_TSO
+        f = frame(A_IP, B_IP, payload, vnet=vnet)
+        a.kernel.send(f)
+        got = b.kernel.recv(70000)
+        assert got[:10] == vnet and got[10:] == TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00" + f[10 + 14 :]
+    assert not [m for m in b.up_messages(0.1) if m[0] == 1]  # nothing needed the Python path
 
 
 @pytest.mark.parametrize("onward_chunk", [CHUNK, 1000], ids=["same chunk size onward", "smaller chunks onward"])

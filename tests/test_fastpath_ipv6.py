@@ -38,6 +38,8 @@ from tests.test_fastpath import (
     PythonSide,
     Wire,
     header,
+    linked_pair,
+    offload_pair,
     session_pair,
 )
 
@@ -70,20 +72,8 @@ def opener() -> Keys:
 @pytest.fixture
 def pair6() -> Iterator[tuple[Node, Node, Wire, Wire, Keys, Keys]]:
     """A and B with IPv6 addresses, linked (A's index 11, B's 22), each with a flow to the other's IPv6 address."""
-    a, b = Node(A_ID, A_IP, address6=A6), Node(B_ID, B_IP, address6=B6)
-    wire_a, wire_b = Wire(), Wire()
-    ka, kb = session_pair()
-    a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1)
-    b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)
-    a.engine.set_flow(B6, B_ID, header(A_ID, B_ID), 30.0, 0)
-    b.engine.set_flow(A6, A_ID, header(B_ID, A_ID), 30.0, 0)
-    a.engine.start()
-    b.engine.start()
-    yield a, b, wire_a, wire_b, ka, kb
-    for x in (a, b):
-        x.close()
-    for w in (wire_a, wire_b):
-        w.sock.close()
+    with linked_pair(address6=(A6, B6)) as nodes:
+        yield nodes
 
 
 def nothing_on(wire: Wire, timeout: float = 0.1) -> bool:
@@ -243,27 +233,16 @@ def test_flow_addresses_and_ipv6_settings_out_of_range_are_refused() -> None:
 
 
 def test_an_ipv6_tcp_super_frame_crosses_two_engines_whole_with_its_virtio_header() -> None:
-    a, b = Node(A_ID, A_IP, vnet=True, address6=A6), Node(B_ID, B_IP, vnet=True, address6=B6)
-    b.udp.setsockopt(17, 104, 1)  # UDP_GRO (linux/udp.h)
-    ka, kb = session_pair()
-    a.engine.set_link(B_ID, ka, 11, 22, (4, socket.inet_aton("127.0.0.1"), b.port), 0, True, -1)
-    b.engine.set_link(A_ID, kb, 22, 11, (4, socket.inet_aton("127.0.0.1"), a.port), 0, True, -1)
-    a.engine.set_flow(B6, B_ID, header(A_ID, B_ID), 30.0, 0)
-    a.engine.start()
-    b.engine.start()
     # TSO for TCPv6 (type 4): headers 14 + 40 + 20 bytes, the checksum at 54 + 16
     vnet = struct.pack("<BBHHHH", 1, 4, 74, 1400, 54, 16)
     part = CHUNK - CHUNK_HEADER.size
-    try:
+    with offload_pair(address6=(A6, B6)) as (a, b, _ka):
         for size in (1000, 20_000, 59_000, part * 30):
             f = vnet + tcp6(A6, B6, ACK, 40000, bytes(i % 251 for i in range(size)))
             a.kernel.send(f)
             assert b.kernel.recv(70000) == vnet + DELIVERED6 + f[10 + 14 :]
         assert not [m for m in a.up_messages(0.1) if m[0] == UP_FRAME]
         assert not [m for m in b.up_messages(0.1) if m[0] == UP_DATAGRAM]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_an_ipv6_tcp_connection_this_node_opens_keeps_to_the_lane_chosen_at_its_syn() -> None:
