@@ -15,7 +15,8 @@
  *   but for the TCP connections the node opens, which keep to the lane chosen at their SYN (LaneShare).
  *   Data between this node and a member it has a link to (direct, or a tunnel through a neighbour) is read,
  *   sealed, sent, received, opened, checked and written without entering Python; a neighbour's RELAY is passed
- *   on the same way.
+ *   on the same way. A SocialVPN node's Engine (`social`) carries DATA between it and its friends' devices
+ *   instead, each packet rewritten into the device's view of the addresses (rewrite_head), and relays nothing.
  *   Everything else (ARP, neighbour discovery, handshakes, control messages, STUN, unknown senders, roaming
  *   peers, data that needs a lookup) goes up to the asyncio side unchanged, through a SOCK_SEQPACKET socketpair,
  *   and is handled there exactly as without the Engine. The Engine marks a replay window only for packets it

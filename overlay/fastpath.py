@@ -25,6 +25,8 @@ through its own socketpair (frames are numbered per Engine), and what they carri
 in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others, except the TCP
 connections this node opens: each is sealed in the lane least busy at its SYN (the Engines share their load and
 those lanes), whichever Engine reads it, which brings the connection to that lane at both ends.
+A SocialVPN node drives it the same way (`social`, overlay/social/fast.py): its flows are friend devices' DATA,
+each with the device's view of the addresses the Engine writes into the packets.
 docs/datapath.md has the measurements behind it.
 """
 
