@@ -180,7 +180,6 @@ def test_flows_and_engines_of_the_wrong_kind_are_refused() -> None:
 
 def test_the_social_path_gives_each_device_its_flow_and_source_and_nothing_else() -> None:
     nat = FriendNat(OURS)
-    nat.set_friend("bob@x/pc", FriendDevice(LOCAL_B, REMOTE_B, VIEW))
     devices = {"bob@x/pc": SimpleNamespace(peer_id=B_ID, local=LOCAL_B)}
     links: dict[int, object] = {B_ID: object()}
     node = SimpleNamespace(
@@ -188,6 +187,8 @@ def test_the_social_path_gives_each_device_its_flow_and_source_and_nothing_else(
         device_of={B_ID: "bob@x/pc"}.get,
     )  # fmt: skip
     path = SocialPath(node)  # type: ignore[arg-type]
+    assert path.source_of(B_ID) is None and path.flow(LOCAL_B) is None  # its places have not come: Python's
+    nat.set_friend("bob@x/pc", FriendDevice(LOCAL_B, REMOTE_B, VIEW))
     assert path.flow(LOCAL_B) == (B_ID, DATA_HEADER, (VIEW, REMOTE_B))
     assert path.flow(ip("172.31.7.7")) is None
     assert path.source_of(B_ID) == LOCAL_B and path.source_of(C_ID) is None

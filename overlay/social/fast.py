@@ -31,14 +31,15 @@ class SocialPath:
         self.tap = node.tap
         self.vnic = node.vnic
         self.address_int = node.address
-        self.hops = [0, 0]  # the Engine counts hops; between friends there is one
+        self.hops = [0, 0]  # FastPath.sync adds the Engine's hop counts here; between friends it counts none
         self.fast: Any = None  # set by FastPath.start
 
     def source_of(self, peer: int) -> int | None:
-        """The address we gave the friend device `peer` (its packets' only allowed source); None: not a device."""
+        """The address we gave the friend device `peer` (its packets' only allowed source) once FriendNat knows
+        the device (its places came), as FriendNat.inbound delivers nothing before; None until then."""
         jid = self._node.device_of(peer)
-        device = self._node.devices.get(jid) if jid is not None else None
-        return None if device is None else device.local
+        friend = self._node.nat.friend(jid) if jid is not None else None
+        return None if friend is None else friend.local
 
     def flow(self, address: int) -> tuple[int, bytes, tuple[int, int]] | None:
         """(peer, DATA byte, (source, destination) the packets leave with) for our kernel's packets to `address`
