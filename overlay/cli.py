@@ -128,6 +128,7 @@ def _social_table(st: dict[str, Any]) -> str:
         f"node     {st['node_id']}  {st['jid']}",
         f"address  {st['address']}  (names under .{st['domain']} answered at {st['dns']})",
         f"endpoint {st['endpoint']}",
+        f"data     {_data_path(st.get('lanes', 0))}",
         f"xmpp     {st['xmpp']}" + ("  (links stay; new ones wait for the session)" if st["xmpp"] != "online" else ""),
     ]
     lines += [f"WARNING  {w}" for w in st["warnings"]]

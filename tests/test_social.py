@@ -151,6 +151,7 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
         "dns": "172.31.255.254",
         "domain": "ipop",
         "endpoint": "198.18.0.2:5800",
+        "lanes": 1,
         "xmpp": "reconnecting",
         "warnings": ["bob@example.test/phone presents a new node key"],
         "requests": ["dave@example.test"],
@@ -168,6 +169,8 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
     assert "172.31.7.9" in text and "desk.bob.ipop" in text and "srflx" in text and "1.50 ms" in text
     assert "carol@example.test  (no device online)" in text
     assert "xmpp     reconnecting  (links stay" in text
+    assert "data     compiled, 1 lane" in text
+    assert "data     Python" in _social_table({**status, "lanes": 0})
 
 
 def test_check_says_what_a_social_node_would_do(tmp_path: Path) -> None:

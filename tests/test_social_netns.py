@@ -126,6 +126,7 @@ def test_a_tcp_stream_between_friends_crosses_their_compiled_data_paths(lab: Soc
     print(f"alice -> bob: {mbps:.0f} Mbit/s, {sent} frames sent by her Engine, {up} up, {handled} handled by his")
     assert sent > 1000 and handled > 1000, (after[0], after[1])
     assert up <= 20, after[0]
+    assert lab.status(alice)["lanes"] == 1  # `status` says the compiled path runs (one lane: a social node's)
 
 
 def test_bob_sees_alice_and_carol_at_his_own_addresses_and_carol_cannot_reach_alice(lab: SocialLab) -> None:

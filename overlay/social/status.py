@@ -44,6 +44,7 @@ def social_status(node: SocialNode) -> dict[str, Any]:
         "dns": str(ipaddress.IPv4Address(node.dns)),
         "domain": node.settings.domain,
         "endpoint": f"{node.underlay.local_endpoint[0]}:{node.underlay.local_endpoint[1]}",
+        "lanes": node.fast.lanes if node.fast is not None else 0,  # Engines of the compiled data path; 0: Python
         "xmpp": "online" if node.watch.started else "reconnecting",
         "friends": [{"jid": f, "devices": d} for f, d in sorted(friends.items())],
         "requests": node.watch.roster.requests(),
