@@ -753,7 +753,7 @@ static int member_frame(Engine *e, const uint8_t *frame, size_t n, Dst *dst, con
         if (len == 40 || len > iplen) return 0;
         /* Neighbour discovery (RFC 4861 types 133-137) goes up: the node answers solicitations as a proxy. */
         if (p[6] == 58 && p[40] >= 133 && p[40] <= 137) return 0;
-        if (p[24] == 0xFF || !member6(e, p + 24)) return 0;
+        if (!member6(e, p + 24)) return 0; /* multicast (ff00::/8) is in no VPN prefix (fc00::/7, 2000::/3) */
         memcpy(dst->b, p + 24, 16);
         *ip = p, *total = len;
         return 1;
@@ -843,18 +843,16 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
         }
         f->pending = 0;
     }
+    *check = f->expires < now && !f->checking;
+    if (*check) f->checking = 1;
     if (f->hlen == 1) {
         size_t hl = gso ? 0 : rewrite_head(e, ip, total, f->nat_src, f->nat_dst);
         if (!hl) goto up; /* Python translates what the Engine does not (fragments, ICMP errors, ...) */
-        *check = f->expires < now && !f->checking;
-        if (*check) f->checking = 1;
         struct iovec pieces[3] = {{f->header, 1}, {e->nat_head, hl}, {(void *)(ip + hl), total - hl}};
         int lane = L->lanes_ok ? lane_for(e, ip, total, 1) : e->lane;
         if (send_on(e, L, lane, pieces, 3, 1 + total) == 0) return FRAME_SENT;
         goto numbered;
     }
-    *check = f->expires < now && !f->checking;
-    if (*check) f->checking = 1;
     uint8_t header[ROUTED_LEN];
     memcpy(header, f->header, ROUTED_LEN);
     header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
