@@ -35,6 +35,7 @@ TARGET_KILL_S = 30.0
 TARGET_RESTART_S = 60.0
 TARGET_IDLE_CPU_PER_100 = 5.0  # % of one core for 100 idle nodes
 TARGET_TRAFFIC = 1024.0  # maintenance bytes/s per node
+IDLE_COUNTERS = 10  # the counters that grew most in the idle window, by name: where its wake-ups went
 # Measured here: 66-85 MB RSS per node until 2026-12-02, 39-40 MB since (docs/scale.md); the allowance keeps the
 # old margin for Prosody, the harness and the other tests that share this machine.
 MEMORY_PER_NODE_MB = 100.0
@@ -172,6 +173,9 @@ def print_table(nodes: int, spread: float, phases: dict[str, Phase], idle: Idle 
             )
         )
         rows.append(("idle: rekeys started (all nodes)", f"{idle.rekeys} ({idle.rekeys_per_s:.1f} per second)"))
+        busiest = sorted(idle.counters.items(), key=lambda kv: -kv[1])[:IDLE_COUNTERS]
+        rows.append(("idle: most grown counters, per second (all nodes)",
+                     ", ".join(f"{name} {n / idle.window_s:.1f}" for name, n in busiest) or "none"))  # fmt: skip
         server_cpu = "-" if idle.server_cpu_s is None else f"{100 * idle.server_cpu_s / idle.window_s:.2f} %"
         rows.append(("idle: stanzas at the server / Prosody CPU", f"{idle.stanzas} / {server_cpu}"))
     for name, p in phases.items():

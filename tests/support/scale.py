@@ -78,6 +78,8 @@ class Idle:
     server_cpu_s: float | None
     stanzas: int
     rekeys: int = 0  # handshakes the nodes started to renew session keys in the window
+    # Every status counter's growth over the window, summed over the nodes: what the nodes did while idle.
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def rekeys_per_s(self) -> float:
@@ -169,17 +171,19 @@ def idle_cost(g: ScaleGroup, window: float) -> Idle:
     after = g.snapshot()
     counts_after = g.server_counts()
     cpu = sum(cpu_after[i].cpu_s - cpu_before[i].cpu_s for i in cpu_after if i in cpu_before)
-    sent = rekeys = 0
+    sent = 0
+    counters: dict[str, int] = {}
     for i, st in after.statuses.items():
-        rekeys += st["counters"].get("rekeys started", 0) - before.statuses.get(i, {}).get("counters", {}).get(
-            "rekeys started", 0
-        )
+        earlier_counts = before.statuses.get(i, {}).get("counters", {})
+        for name, value in st["counters"].items():
+            if isinstance(value, int) and value > earlier_counts.get(name, 0):
+                counters[name] = counters.get(name, 0) + value - earlier_counts.get(name, 0)
         earlier = {r["peer_id"]: r["tx_bytes"] for r in before.statuses.get(i, {}).get("links", [])}
         sent += sum(r["tx_bytes"] - earlier[r["peer_id"]] for r in st["links"] if r["peer_id"] in earlier)
     server_cpu = server_after.cpu_s - server_before.cpu_s if server_before and server_after else None
     stanzas = (counts_after - counts_before).stanzas if counts_before and counts_after else -1
     nodes = len([i for i in cpu_after if i in cpu_before])
-    return Idle(window, nodes, cpu, sent, server_cpu, stanzas, rekeys)
+    return Idle(window, nodes, cpu, sent, server_cpu, stanzas, counters.get("rekeys started", 0), counters)
 
 
 # -- the scenario of issue 7 ------------------------------------------------------------------------------
