@@ -95,6 +95,7 @@
 /* Datagrams in one joined TAP write (to_tap): a batch's worth, half the kernel's UDP_MAX_SEGMENTS (128). */
 #define JOIN_MAX 64
 #define JOIN_HDR (20 + 8) /* the IPv4 header without options, and the UDP header */
+#define JOIN_HDR6 (40 + 8) /* the IPv6 header without extension headers, and the UDP header */
 #define VNET_F_NEEDS_CSUM 1
 #define VNET_GSO_UDP_L4 5 /* linux/virtio_net.h, accepted from a TAP since Linux 6.2 */
 #define SOL_UDP_ 17
@@ -396,12 +397,13 @@ typedef struct {
     int run_count;
     Addr run_to;
     /* UDP datagrams of one flow waiting to be written to the TAP as one (to_tap): each one's virtio header and
-     * IPv4 and UDP headers as they came, and their payloads one after another in `tap_run` */
+     * IP and UDP headers (`tap_hl` bytes: JOIN_HDR or JOIN_HDR6) as they came, and their payloads one after
+     * another in `tap_run` */
     int uso; /* 1 until the TAP refuses a joined write */
     int tap_count, tap_closed;
-    size_t tap_len, tap_seg;
+    size_t tap_len, tap_seg, tap_hl;
     uint8_t tap_eth[ETH_LEN];
-    uint8_t tap_heads[JOIN_MAX][VNET_LEN + JOIN_HDR];
+    uint8_t tap_heads[JOIN_MAX][VNET_LEN + JOIN_HDR6];
 } Engine;
 
 /* The lane a packet sealed in `lane` is sealed in for link L's peer: lane 0 for a peer without lanes. */
@@ -1061,7 +1063,9 @@ static int data_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Deli
  * at the receiver (docs/datapath.md has the profile); the datagrams and their boundaries are unchanged. What
  * changes is what GRO also changes: the IPv4 IDs (the kernel numbers the segments from the first one's ID, so
  * only datagrams with DF set join: their IDs mean nothing, RFC 6864 section 4.1) and the UDP checksums, which
- * the kernel completes; a datagram whose own checksum is wrong is written alone, for the kernel to drop. */
+ * the kernel completes; a datagram whose own checksum is wrong is written alone, for the kernel to drop. IPv6
+ * datagrams join the same way (udp6 GSO; IPv6 has no ID and no header checksum), without extension headers and
+ * with a checksum, which IPv6 requires (RFC 8200 section 8.1: a zero one is dropped, so it is written alone). */
 
 /* s plus the RFC 1071 sum of n bytes as big-endian 16-bit words (unfolded). Eight bytes at a time in the
  * machine's order, swapped once at the end: the sum does not depend on byte order (RFC 1071 section 2(B)). */
@@ -1097,19 +1101,32 @@ static inline unsigned le16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 
 
 static inline void put_le16(uint8_t *p, size_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
 
-/* The payload length of the UDP datagram in d if it may join others, else 0: IPv4 without options, DF and not a
- * fragment, a UDP length that matches, and a checksum that is either left to complete (NEEDS_CSUM, where a UDP
- * checksum is) or right. */
-static size_t joinable(const Delivery *d) {
-    const uint8_t *ip = d->ip, *v = d->vnet, *udp = ip + 20;
-    size_t total = d->total;
-    if (!v || total <= JOIN_HDR || ip[0] != 0x45 || ip[9] != 17 || ip[6] != 0x40 || ip[7] != 0) return 0;
-    if (((size_t)udp[4] << 8 | udp[5]) != total - 20 || v[1] != 0) return 0;
-    if (v[0] == VNET_F_NEEDS_CSUM) return le16(v + 6) == ETH_LEN + 20 && le16(v + 8) == 6 ? total - JOIN_HDR : 0;
-    if (v[0] != 0) return 0;
-    if ((udp[6] | udp[7]) && fold16(sum16(udp, total - 20, sum16(ip + 12, 8, 17 + (uint32_t)(total - 20)))) != 0xFFFF)
+/* The payload length of the UDP datagram in d if it may join others, else 0 (*hl: its IP and UDP headers'
+ * length): IPv4 without options, DF and not a fragment, or IPv6 without extension headers and with a checksum; a
+ * UDP length that matches, and a checksum that is either left to complete (NEEDS_CSUM, where a UDP checksum is)
+ * or right. */
+static size_t joinable(const Delivery *d, size_t *hl) {
+    const uint8_t *ip = d->ip, *v = d->vnet;
+    size_t total = d->total, iphl;
+    uint32_t pseudo;
+    if (!v || v[1] != 0) return 0;
+    if (ip[0] == 0x45) {
+        if (total <= JOIN_HDR || ip[9] != 17 || ip[6] != 0x40 || ip[7] != 0) return 0;
+        iphl = 20, pseudo = sum16(ip + 12, 8, 17 + (uint32_t)(total - 20));
+    } else if (ip[0] >> 4 == 6) {
+        if (total <= JOIN_HDR6 || ip[6] != 17) return 0;
+        iphl = 40, pseudo = sum16(ip + 8, 32, 17 + (uint32_t)(total - 40));
+    } else {
         return 0;
-    return total - JOIN_HDR;
+    }
+    const uint8_t *udp = ip + iphl;
+    *hl = iphl + 8;
+    if (((size_t)udp[4] << 8 | udp[5]) != total - iphl) return 0;
+    if (v[0] == VNET_F_NEEDS_CSUM) return le16(v + 6) == ETH_LEN + iphl && le16(v + 8) == 6 ? total - *hl : 0;
+    if (v[0] != 0) return 0;
+    if (iphl == 40 && !(udp[6] | udp[7])) return 0;
+    if ((udp[6] | udp[7]) && fold16(sum16(udp, total - iphl, pseudo)) != 0xFFFF) return 0;
+    return total - *hl;
 }
 
 static void write_tap(Engine *e, const struct iovec *iov, int n) {
@@ -1122,27 +1139,34 @@ static void flush_tap_run(Engine *e) {
     int count = e->tap_count;
     if (!count) return;
     e->tap_count = 0;
+    size_t hl = e->tap_hl, iphl = hl - 8;
     if (count > 1 && e->uso) {
-        uint8_t head[VNET_LEN + ETH_LEN + JOIN_HDR];
-        uint8_t *ip = head + VNET_LEN + ETH_LEN, *udp = ip + 20;
-        size_t total = JOIN_HDR + e->tap_len, ulen = total - 20;
+        uint8_t head[VNET_LEN + ETH_LEN + JOIN_HDR6];
+        uint8_t *ip = head + VNET_LEN + ETH_LEN, *udp = ip + iphl;
+        size_t ulen = 8 + e->tap_len;
         head[0] = VNET_F_NEEDS_CSUM;
         head[1] = VNET_GSO_UDP_L4;
-        put_le16(head + 2, ETH_LEN + JOIN_HDR);
+        put_le16(head + 2, ETH_LEN + hl);
         put_le16(head + 4, e->tap_seg);
-        put_le16(head + 6, ETH_LEN + 20);
+        put_le16(head + 6, ETH_LEN + iphl);
         put_le16(head + 8, 6);
         memcpy(head + VNET_LEN, e->tap_eth, ETH_LEN);
-        memcpy(ip, e->tap_heads[0] + VNET_LEN, JOIN_HDR);
-        ip[2] = (uint8_t)(total >> 8), ip[3] = (uint8_t)total;
-        ip[10] = ip[11] = 0;
-        uint16_t c = (uint16_t)~fold16(sum16(ip, 20, 0));
-        ip[10] = (uint8_t)(c >> 8), ip[11] = (uint8_t)c;
+        memcpy(ip, e->tap_heads[0] + VNET_LEN, hl);
+        uint16_t p; /* NEEDS_CSUM: the pseudo-header's sum, which the kernel adjusts to each datagram's length */
+        if (iphl == 20) {
+            size_t total = hl + e->tap_len;
+            ip[2] = (uint8_t)(total >> 8), ip[3] = (uint8_t)total;
+            ip[10] = ip[11] = 0;
+            uint16_t c = (uint16_t)~fold16(sum16(ip, 20, 0));
+            ip[10] = (uint8_t)(c >> 8), ip[11] = (uint8_t)c;
+            p = fold16(sum16(ip + 12, 8, 17 + (uint32_t)ulen));
+        } else {
+            ip[4] = (uint8_t)(ulen >> 8), ip[5] = (uint8_t)ulen; /* the payload length: UDP's */
+            p = fold16(sum16(ip + 8, 32, 17 + (uint32_t)ulen));
+        }
         udp[4] = (uint8_t)(ulen >> 8), udp[5] = (uint8_t)ulen;
-        /* NEEDS_CSUM: the pseudo-header's sum, which the kernel adjusts to each datagram's length and completes */
-        uint16_t p = fold16(sum16(ip + 12, 8, 17 + (uint32_t)ulen));
         udp[6] = (uint8_t)(p >> 8), udp[7] = (uint8_t)p;
-        struct iovec iov[2] = {{head, sizeof head}, {e->tap_run, e->tap_len}};
+        struct iovec iov[2] = {{head, VNET_LEN + ETH_LEN + hl}, {e->tap_run, e->tap_len}};
         if (writev(e->tap, iov, 2) >= 0) {
             e->c_tap_joined += (uint64_t)count;
             return;
@@ -1158,21 +1182,27 @@ static void flush_tap_run(Engine *e) {
     for (int i = 0; i < count; i++) {
         size_t n = i < count - 1 ? e->tap_seg : e->tap_len - off;
         struct iovec iov[4] = {{e->tap_heads[i], VNET_LEN}, {e->tap_eth, ETH_LEN},
-                               {e->tap_heads[i] + VNET_LEN, JOIN_HDR}, {e->tap_run + off, n}};
+                               {e->tap_heads[i] + VNET_LEN, hl}, {e->tap_run + off, n}};
         write_tap(e, iov, 4);
         off += n;
     }
 }
 
-/* Deliver d: joined to the waiting datagrams if it can be (the same addresses, ports, TOS and TTL, and no longer
- * than the first: only the last may be shorter), else after them. */
+/* Whether the IP and UDP headers `ip` (hl bytes) and `first`'s differ in what a joined write keeps of the first
+ * one for all: the addresses and ports, and IPv4's TOS and TTL or IPv6's traffic class, flow label and hop limit. */
+static int other_flow(const uint8_t *ip, const uint8_t *first, size_t hl) {
+    if (hl == JOIN_HDR) return memcmp(ip + 12, first + 12, 12) || ip[1] != first[1] || ip[8] != first[8];
+    return memcmp(ip, first, 4) || ip[7] != first[7] || memcmp(ip + 8, first + 8, 36);
+}
+
+/* Deliver d: joined to the waiting datagrams if it can be (the same family, addresses, ports, TOS and TTL, and no
+ * longer than the first: only the last may be shorter), else after them. */
 static void to_tap(Engine *e, const Delivery *d) {
-    size_t n = e->uso ? joinable(d) : 0;
+    size_t hl = 0, n = e->uso ? joinable(d, &hl) : 0;
     if (e->tap_count) {
         const uint8_t *first = e->tap_heads[0] + VNET_LEN;
-        if (!n || e->tap_closed || n > e->tap_seg || e->tap_count >= JOIN_MAX ||
-            JOIN_HDR + e->tap_len + n > 65535 || memcmp(d->ip + 12, first + 12, 12) || d->ip[1] != first[1] ||
-            d->ip[8] != first[8] || memcmp(d->eth, e->tap_eth, ETH_LEN))
+        if (!n || e->tap_closed || n > e->tap_seg || e->tap_count >= JOIN_MAX || hl != e->tap_hl ||
+            hl + e->tap_len + n > 65535 || other_flow(d->ip, first, hl) || memcmp(d->eth, e->tap_eth, ETH_LEN))
             flush_tap_run(e);
     }
     if (!n) {
@@ -1187,12 +1217,13 @@ static void to_tap(Engine *e, const Delivery *d) {
     if (!e->tap_count) {
         e->tap_len = 0;
         e->tap_seg = n;
+        e->tap_hl = hl;
         e->tap_closed = 0;
         memcpy(e->tap_eth, d->eth, ETH_LEN);
     }
     memcpy(e->tap_heads[e->tap_count], d->vnet, VNET_LEN);
-    memcpy(e->tap_heads[e->tap_count] + VNET_LEN, d->ip, JOIN_HDR);
-    memcpy(e->tap_run + e->tap_len, d->ip + JOIN_HDR, n);
+    memcpy(e->tap_heads[e->tap_count] + VNET_LEN, d->ip, hl);
+    memcpy(e->tap_run + e->tap_len, d->ip + hl, n);
     e->tap_len += n;
     e->tap_count++;
     e->tap_closed = n < e->tap_seg;

@@ -1516,11 +1516,13 @@ def udp_datagram(
 def segments(written: bytes) -> list[bytes]:
     """What the kernel makes of a TAP write: one datagram (after its virtio header and frame header), or the
     datagrams of a USO super-frame, cut at gso_size, each with its own length and the checksum completed (what
-    __udp_gso_segment and a checksum-completing device do)."""
+    __udp_gso_segment and a checksum-completing device do). IPv4 here, IPv6 in segments6."""
     flags, gso_type, hdr_len, gso_size, start, offset = struct.unpack("<BBHHHH", written[:10])
     packet = written[10 + 14 :]
     if gso_type == 0:
         return [packet]
+    if written[10 + 12 : 10 + 14] == b"\x86\xdd":
+        return segments6(written)
     assert (flags, gso_type, hdr_len, start, offset) == (1, 5, 14 + 28, 14 + 20, 6)
     ip, udp, body = packet[:20], packet[20:28], packet[28:]
     assert internet_checksum(ip) == 0 and struct.unpack("!H", ip[2:4])[0] == len(packet)
@@ -1541,15 +1543,41 @@ def segments(written: bytes) -> list[bytes]:
     return out
 
 
+def segments6(written: bytes) -> list[bytes]:
+    """segments() for an IPv6 USO super-frame: no ID and no header checksum; each datagram's payload length and
+    UDP length are its own, and the checksum is completed over the IPv6 pseudo-header (RFC 8200 section 8.1)."""
+    flags, gso_type, hdr_len, gso_size, start, offset = struct.unpack("<BBHHHH", written[:10])
+    assert (flags, gso_type, hdr_len, start, offset) == (1, 5, 14 + 48, 14 + 40, 6)
+    packet = written[10 + 14 :]
+    ip, udp, body = packet[:40], packet[40:48], packet[48:]
+    assert struct.unpack("!H", ip[4:6])[0] == len(packet) - 40 == struct.unpack("!H", udp[4:6])[0]
+    pseudo = ip[8:40] + struct.pack("!IxxxB", 8 + len(body), 17)
+    assert struct.unpack("!H", udp[6:8])[0] == 0xFFFF - internet_checksum(pseudo)
+    out = []
+    for at in range(0, len(body), gso_size):
+        part = body[at : at + gso_size]
+        ulen = 8 + len(part)
+        u = udp[:4] + struct.pack("!HH", ulen, 0) + part
+        check = internet_checksum(ip[8:40] + struct.pack("!IxxxB", ulen, 17) + u) or 0xFFFF
+        out.append(ip[:4] + struct.pack("!H", ulen) + ip[6:] + u[:6] + struct.pack("!H", check) + u[8:])
+    return out
+
+
 def without_id(datagram: bytes) -> bytes:
-    """The datagram with its IPv4 ID and header checksum zeroed: what joining may change (DF is set)."""
+    """The datagram with its IPv4 ID and header checksum zeroed: what joining may change (DF is set). IPv6 has
+    neither: it stays as it is."""
+    if datagram[0] >> 4 == 6:
+        return datagram
     return datagram[:4] + b"\0\0" + datagram[6:10] + b"\0\0" + datagram[12:]
 
 
-def deliver_queued(datagrams: list[bytes], *, vnet: bool = True) -> tuple[list[bytes], dict[str, int]]:
+def deliver_queued(
+    datagrams: list[bytes], *, vnet: bool = True, address6: int | None = None
+) -> tuple[list[bytes], dict[str, int]]:
     """Seal each datagram for B as A's link would, queue them all at B's UDP socket, then start B's Engine so it
-    takes them in one batch; return what B wrote to its TAP, one entry per write, and B's counters."""
-    b = Node(B_ID, B_IP, vnet=vnet)
+    takes them in one batch; return what B wrote to its TAP, one entry per write, and B's counters. `address6`:
+    B's IPv6 address, for IPv6 datagrams to it."""
+    b = Node(B_ID, B_IP, vnet=vnet, address6=address6)
     wire_a = Wire()
     ka, kb = session_pair()
     b.engine.set_link(A_ID, kb, 22, 11, wire_a.endpoint, 0, True, -1)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from overlay._fast import UP_HEADER, Engine, Keys
 from overlay.fastpath import FastPath
+from overlay.tap.frames import internet_checksum
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.transport.chunks import CHUNK_HEADER
 from overlay.wire import ROUTED_HEADER, decode_transport_header
@@ -37,10 +38,14 @@ from tests.test_fastpath import (
     Node,
     PythonSide,
     Wire,
+    deliver_queued,
     header,
     linked_pair,
     offload_pair,
+    segments,
     session_pair,
+    udp_datagram,
+    without_id,
 )
 
 PREFIX = int(ipaddress.IPv6Address("fd00:1:2:3::"))
@@ -295,6 +300,72 @@ def test_the_driver_asks_the_python_path_about_an_ipv6_flow_by_its_whole_address
     finally:
         for s in (tap, kernel, udp, lane.up, lane.engine_end):
             s.close()
+
+
+# -- small IPv6 UDP datagrams joined into one TAP write (USO), as IPv4's in tests/test_fastpath.py ----------------
+
+
+def udp6(
+    src: int, dst: int, payload: bytes, *, dport: int = 5000, hops: int = 64, good: bool = True, zero: bool = False
+) -> bytes:
+    """An IPv6 UDP datagram with a right (or, good=False, wrong; zero=True, no) UDP checksum."""
+    ulen = 8 + len(payload)
+    udp = struct.pack("!HHHH", 4000, dport, ulen, 0) + payload
+    pseudo = src.to_bytes(16, "big") + dst.to_bytes(16, "big") + struct.pack("!IxxxB", ulen, 17)
+    check = 0 if zero else (internet_checksum(pseudo + udp) or 0xFFFF) ^ (0 if good else 0x0101)
+    fixed = struct.pack("!IHBB", 6 << 28 | 0x12345, ulen, 17, hops)
+    return fixed + pseudo[:32] + udp[:6] + struct.pack("!H", check) + udp[8:]
+
+
+def test_small_ipv6_udp_datagrams_of_one_flow_are_written_to_the_tap_as_one_uso_frame() -> None:
+    """Ten IPv6 datagrams of one flow (the last shorter) leave in one TAP write, an IPv6 USO super-frame the
+    kernel cuts back into the same ten, byte for byte (IPv6 has no ID to renumber)."""
+    sent = [udp6(A6, B6, bytes([i]) * 41) for i in range(9)] + [udp6(A6, B6, b"end")]
+    writes, counters = deliver_queued(sent, address6=B6)
+    assert len(writes) == 1
+    assert writes[0][10:24] == DELIVERED6
+    assert struct.unpack("<H", writes[0][4:6])[0] == 41  # gso_size: the first datagram's payload
+    assert segments(writes[0]) == sent
+    assert counters["TAP: datagrams written joined"] == 10 and counters["TAP errors"] == 0
+
+
+def test_ipv6_datagrams_that_may_not_join_are_written_as_they_came_and_families_never_mix() -> None:
+    """A run breaks at the other family, at another hop limit, at a zero checksum (IPv6 requires one: the
+    kernel drops it, alone) or a wrong one; those are written exactly as they came. Order is kept throughout."""
+    sent = [
+        udp6(A6, B6, b"a" * 30), udp6(A6, B6, b"b" * 30),  # a run of two
+        udp_datagram(A_IP, B_IP, b"c" * 30), udp_datagram(A_IP, B_IP, b"d" * 30),  # IPv4: a run of its own
+        udp6(A6, B6, b"e" * 30), udp6(A6, B6, b"f" * 30, zero=True),  # no checksum: neither joins
+        udp6(A6, B6, b"g" * 30), udp6(A6, B6, b"h" * 30, hops=63),  # another hop limit
+        udp6(A6, B6, b"i" * 30), udp6(A6, B6, b"j" * 30, good=False),
+        udp6(A6, B6, b"k" * 30), udp6(A6, B6, b"l" * 30, dport=5001),
+    ]  # fmt: skip
+    writes, counters = deliver_queued(sent, address6=B6)
+    got = [segments(w) for w in writes]
+    assert [len(g) for g in got] == [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert [without_id(x) for g in got for x in g] == [without_id(x) for x in sent]
+    alone = [w[10 + 14 :] for w, g in zip(writes, got, strict=True) if len(g) == 1]
+    assert alone == sent[4:]  # byte for byte
+    assert counters["TAP: datagrams written joined"] == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(1, 2), st.integers(1, 1400), st.sampled_from(["good", "bad", "zero"])),
+        min_size=1,
+        max_size=70,
+    )
+)
+def test_any_mix_of_ipv4_and_ipv6_datagrams_arrives_whole_and_in_order(mix: list[tuple[bool, int, int, str]]) -> None:
+    sent = [
+        udp6(A6, B6, bytes([n % 251]) * size, dport=5000 + flow, good=check != "bad", zero=check == "zero")
+        if six
+        else udp_datagram(A_IP, B_IP, bytes([n % 251]) * size, dport=5000 + flow, good=check != "bad")
+        for n, (six, flow, size, check) in enumerate(mix)
+    ]
+    writes, _ = deliver_queued(sent, address6=B6)
+    assert [without_id(x) for w in writes for x in segments(w)] == [without_id(x) for x in sent]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -130,7 +130,7 @@ def test_tcp_over_ipv6_between_compiled_members_stays_in_the_engines(group: Grou
 # Receives UDP datagrams until none came for a second, then prints each one's payload as hex, in order.
 UDP_RECEIVER = """
 import json, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
@@ -147,7 +147,7 @@ print(json.dumps(got))
 # Sends the datagrams given as hex lines on stdin, in bursts (a blank line: wait 20 ms).
 UDP_SENDER = """
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 for line in sys.stdin:
     if line.strip():
         s.sendto(bytes.fromhex(line), (sys.argv[1], int(sys.argv[2])))
@@ -165,21 +165,24 @@ def udp_payload(seq: int) -> bytes:
     return seq.to_bytes(4, "big") + bytes((seq + i) % 256 for i in range(size - 4))
 
 
-@pytest.mark.parametrize("a, b", [(0, 1), (2, 1)], ids=["direct", "relayed-from-python"])
-def test_udp_bursts_arrive_whole_and_in_order_through_joined_tap_writes(group: Group, a: int, b: int) -> None:
+@pytest.mark.parametrize(
+    "v6, a, b", [(False, 0, 1), (False, 2, 1), (True, 0, 1)], ids=["direct", "relayed-from-python", "v6-direct"]
+)
+def test_udp_bursts_arrive_whole_and_in_order_through_joined_tap_writes(group: Group, v6: bool, a: int, b: int) -> None:
     """Bursts of UDP datagrams of one size each reach a compiled member, which writes those that arrive together
-    to its TAP as one USO super-frame: the receiving kernel must give back every datagram whole (payload and
-    boundaries), in order."""
+    to its TAP as one USO super-frame (IPv4 or IPv6): the receiving kernel must give back every datagram whole
+    (payload and boundaries), in order."""
     port = IPERF_PORT + 1
     before = group.status(b)["counters"].get("fast path: TAP: datagrams written joined", 0)
+    address = str(ipaddress.IPv6Interface(group.status(b)["address6"]).ip) if v6 else group.members[b].ip
     receiver = group.lab.popen(
-        group.members[b].host, sys.executable, "-c", UDP_RECEIVER, group.members[b].ip, str(port),
+        group.members[b].host, sys.executable, "-c", UDP_RECEIVER, address, str(port),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
     total = UDP_BURST * UDP_BURSTS
     lines = [udp_payload(q).hex() + ("\n\n" if q % UDP_BURST == UDP_BURST - 1 else "\n") for q in range(total)]
-    sent = group.lab.run(group.members[a].host, sys.executable, "-c", UDP_SENDER, group.members[b].ip, str(port),
+    sent = group.lab.run(group.members[a].host, sys.executable, "-c", UDP_SENDER, address, str(port),
                          input="".join(lines))  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     out, _ = receiver.communicate(timeout=30)
@@ -189,7 +192,7 @@ def test_udp_bursts_arrive_whole_and_in_order_through_joined_tap_writes(group: G
     assert seqs == sorted(set(seqs))  # in order, none twice
     assert len(got) >= 0.9 * total, f"{len(got)} of {total} datagrams arrived"
     joined = group.status(b)["counters"].get("fast path: TAP: datagrams written joined", 0) - before
-    print(f"node{a} -> node{b}: {len(got)} of {total} datagrams, {joined} of them written joined")
+    print(f"IPv{6 if v6 else 4} node{a} -> node{b}: {len(got)} of {total} datagrams, {joined} of them written joined")
     assert joined > 0
 
 
