@@ -1,5 +1,5 @@
-"""The data path: frames from the TAP to the overlay and back, and the fragment probes that decide how TCP
-super-frames cross each link.
+"""The data path: frames from the TAP to the overlay and back; the fragment probes (overlay/probes.py) decide
+how TCP super-frames cross each link.
 
 Outbound: the virtual NIC turns a frame into an IPv4 or IPv6 packet (or answers ARP or neighbour discovery
 itself); the destination address is
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from overlay.link import Link
 from overlay.links import LinkManager
+from overlay.probes import FragmentProbes
 from overlay.router import Router
 from overlay.routing.forwarding import DEFAULT_TTL
 from overlay.superframes import SEGMENT_DROP, send_unfragmented
@@ -37,7 +38,7 @@ from overlay.tap.frames import (
 )
 from overlay.tap.ndp import icmpv6_error_allowed, icmpv6_unreachable
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
-from overlay.wire import ROUTED_HEADER, Kind, LinkMsg, encode_probe
+from overlay.wire import ROUTED_HEADER, Kind, LinkMsg
 
 if TYPE_CHECKING:
     from overlay.dht.service import AddressService
@@ -46,12 +47,6 @@ if TYPE_CHECKING:
 ICMP_INTERVAL = 0.1  # our choice: at most 10 host-unreachable replies a second (RFC 1812 4.3.2.8 rate limit)
 TAP_BATCH = 64  # frames per TAP wakeup (ARCHITECTURE.md: 64 per wakeup took 0.7-0.9 to 1.2-1.6 Gbit/s)
 ADDRESS_TEXT_LIMIT = 1 << 16  # our choice: a /16 of virtual addresses; the cache restarts beyond it
-# Our choice: a probe that got no answer is sent again after PROBE_INTERVAL, then at doubling intervals up to
-# PROBE_MAX. A path that never carries one (a TURN relay, measured 2026-12-06 with coturn in the lab of
-# bench/scale.py --nat: no relay link ever answered) cost 60 KB a minute, 1 KB/s of every idle TURN link,
-# where an idle direct link costs 11 B/s; at PROBE_MAX it costs 16 B/s. A new path is probed at once.
-PROBE_INTERVAL = 60.0
-PROBE_MAX = 3840.0
 # Packets from a member whose certificate we have not seen yet wait while its address record is looked up (the
 # record carries the certificate); our choice: a TCP initial window's worth, as the DHT's outbound queue.
 UNVERIFIED_QUEUE = 10
@@ -87,11 +82,8 @@ class DataPath:
         self.hops = [0, 0]  # data packets that arrived over a link for us, and the hops they took
         self._address_text: dict[int, str] = {}
         self._last_icmp = -1e18
-        # Fragment probes (LinkMsg.PROBE), by peer: when the next is due, the token of the last one sent while it
-        # is unanswered, and the interval and path it went on.
-        self.probe_due: dict[int, float] = {}
-        self.probe_token: dict[int, int] = {}
-        self.probe_every: dict[int, tuple[float, str]] = {}
+        # May each link carry a super-frame whole? (LinkMsg.PROBE; until then they are cut, superframes.py)
+        self.probes = FragmentProbes(links, rng, self.count)
         # Cryptokey routing (WireGuard's allowed IPs): the address a sender's certificate gives it, by node ID;
         # None in a group without certificates (then nothing is checked).
         self.source_of: Callable[[int], int | None] | None = None
@@ -335,42 +327,3 @@ class DataPath:
             self.count("drop: data not for our address")
             return
         tap.write_parts([ZERO_VNET_HDR, eth, packet] if tap.vnet_hdr else [eth, packet])
-
-    # -- fragment probes: may this link carry a datagram the underlay splits into IP fragments? ----------------
-    # Until a PROBE of PROBE_SIZE bytes is acknowledged, super-frames for the link are segmented first
-    # (overlay/superframes.py).
-    def probe(self, link: Link, now: float) -> None:
-        peer, path = link.peer_id, link.describe_endpoint()
-        interval, probed_on = self.probe_every.get(peer, (0.0, ""))
-        if peer in self.probe_token and probed_on == path:
-            interval = min(interval * 2, PROBE_MAX)  # the last one on this path got no answer
-        else:
-            interval = PROBE_INTERVAL
-        self.probe_every[peer] = (interval, path)
-        token = self.rng.getrandbits(64)
-        self.probe_token[peer] = token
-        self.probe_due[peer] = now + interval
-        link.send(encode_probe(token))
-
-    def tick_probes(self, now: float) -> None:
-        for link in list(self.links.links.values()):
-            if link.fragments_ok:
-                continue
-            peer = link.peer_id
-            # A link replaced by a new handshake on another path starts unproven and is probed again at once.
-            moved = self.probe_every.get(peer, (0.0, ""))[1] != link.describe_endpoint()
-            if moved or now >= self.probe_due.get(peer, now):
-                self.probe(link, now)
-
-    def on_probe_ack(self, link: Link, token: int) -> None:
-        if self.probe_token.get(link.peer_id) != token:
-            self.count("drop: probe ack for no probe")
-            return
-        del self.probe_token[link.peer_id]
-        link.fragments_ok = True
-        self.links.on_change(link.peer_id)
-
-    def forget_link(self, peer: int) -> None:
-        self.probe_due.pop(peer, None)
-        self.probe_token.pop(peer, None)
-        self.probe_every.pop(peer, None)

@@ -73,7 +73,7 @@ class LinkEvents:
         node.maintenance.on_link_up(link.peer_id, now)
         node.router.forget_routes()
         link.send(encode_ping(LinkMsg.PING, int(now * 1e6)))
-        node.datapath.probe(link, now)
+        node.datapath.probes.probe(link, now)
         if not node.first_link.is_set():
             node.first_link.set()
             node.first_link_at = now
@@ -112,7 +112,7 @@ class LinkEvents:
         was_ring = link.peer_id in node.table.successors() or link.peer_id in node.table.predecessors()
         node.table.remove_link(link.peer_id)
         node.messages.forget(link.peer_id)
-        node.datapath.forget_link(link.peer_id)
+        node.datapath.probes.forget(link.peer_id)
         gone = reason == PEER_CLOSED or reason in DEAD_REASONS
         node.maintenance.on_link_down(link.peer_id, now, dead=gone)
         if reason in DEAD_REASONS:

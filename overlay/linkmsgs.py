@@ -141,7 +141,7 @@ class LinkMessages:
             elif kind == LinkMsg.PROBE:
                 link.send(encode_ping(LinkMsg.PROBE_ACK, decode_probe(msg)))
             elif kind == LinkMsg.PROBE_ACK:
-                node.datapath.on_probe_ack(link, decode_token(msg))
+                node.datapath.probes.on_ack(link, decode_token(msg))
             elif kind == LinkMsg.ANCHOR:
                 if node.membership is not None and not node.membership.on_recruited(now):
                     node.count("anchor recruits refused")

@@ -366,7 +366,7 @@ class Node:
         if self.membership is not None:
             self.membership.tick(now)
         self.finder.tick(now)
-        self.datapath.tick_probes(now)
+        self.datapath.probes.tick(now)
         self.events.tick_on_demand(now)
         self.events.tick_upgrades(now)
         # Idle nodes tick less often: a hundred on one machine spend their CPU on ticks (bench/scale.py).

@@ -2,7 +2,7 @@
 
 With TAP offload a TCP super-frame (~60 KB, kind DATA_GSO) travels as one UDP datagram, ~45 IP fragments on a
 1500-byte path; a firewall or NAT that drops fragments would lose every one of them, silently. Until a link's
-fragment probe has been acknowledged (overlay/datapath.py), its sender or relay cuts super-frames into the
+fragment probe has been acknowledged (overlay/probes.py), its sender or relay cuts super-frames into the
 TCP segments the receiving kernel would have cut, each an ordinary DATA packet that fits one datagram.
 """
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.datapath import PROBE_INTERVAL, PROBE_MAX
+from overlay.probes import PROBE_INTERVAL, PROBE_MAX
 from overlay.tap.device import MemoryTap
 from overlay.tap.frames import (
     ARP_REQUEST,
@@ -420,7 +420,7 @@ def test_probe_over_a_path_that_carries_big_datagrams_marks_the_link_fragments_o
         a, b, _, _ = await linked_pair(True, True)  # waits for the probe to pass both ways
         try:
             assert a.links.links[b.id].fragments_ok and b.links.links[a.id].fragments_ok
-            assert not a.datapath.probe_token  # acknowledged: no probe outstanding
+            assert not a.datapath.probes.token  # acknowledged: no probe outstanding
         finally:
             await a.stop()
             await b.stop()
@@ -460,11 +460,11 @@ def test_unacknowledged_probe_is_repeated_a_minute_later_until_it_passes() -> No
         a, b, _, _ = await linked_pair(False, False, net)
         try:
             link = a.links.links[b.id]
-            due = a.datapath.probe_due[b.id]
-            a.datapath.tick_probes(due - 1.0)
-            assert a.datapath.probe_due[b.id] == due  # not yet
+            due = a.datapath.probes.due[b.id]
+            a.datapath.probes.tick(due - 1.0)
+            assert a.datapath.probes.due[b.id] == due  # not yet
             net.max_datagram = None  # the path changes: fragments pass now
-            a.datapath.tick_probes(due)
+            a.datapath.probes.tick(due)
             for _ in range(100):
                 if link.fragments_ok:
                     break
@@ -485,23 +485,23 @@ def test_unanswered_probes_back_off_to_an_hour_and_a_new_path_is_probed_at_once(
         a, b, _, _ = await linked_pair(False, False, net)
         try:
             dp, link = a.datapath, a.links.links[b.id]
-            t = dp.probe_due[b.id] - PROBE_INTERVAL  # the probe sent at link up
+            t = dp.probes.due[b.id] - PROBE_INTERVAL  # the probe sent at link up
             intervals = []
             for _ in range(9):
-                due = dp.probe_due[b.id]
-                dp.tick_probes(due - 0.5)
-                assert dp.probe_due[b.id] == due  # nothing before it is due
-                dp.tick_probes(due)
+                due = dp.probes.due[b.id]
+                dp.probes.tick(due - 0.5)
+                assert dp.probes.due[b.id] == due  # nothing before it is due
+                dp.probes.tick(due)
                 intervals.append(due - t)
                 t = due
             assert intervals == [60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3840.0, 3840.0, 3840.0]
             assert PROBE_MAX == 3840.0
-            token = dp.probe_token[b.id]
+            token = dp.probes.token[b.id]
             # The link moves to another path: probed there at once, and a minute later if unanswered.
             link.path = a.links.path_for(("127.0.0.1", 5899))  # in-memory network: nothing leaves the process
-            dp.tick_probes(t + 1.0)
-            assert dp.probe_token[b.id] != token
-            assert dp.probe_due[b.id] == t + 1.0 + PROBE_INTERVAL
+            dp.probes.tick(t + 1.0)
+            assert dp.probes.token[b.id] != token
+            assert dp.probes.due[b.id] == t + 1.0 + PROBE_INTERVAL
         finally:
             await a.stop()
             await b.stop()
