@@ -67,6 +67,7 @@
 #define MSG_RELAY 0x05
 #define MSG_RELAYED 0x06
 #define MSG_DATA 0x11 /* SocialVPN: an IPv4 packet in the receiver's view of the addresses (overlay/social) */
+#define MSG_DATA_GSO 0x14 /* ... with the virtio_net_hdr of its offload work in front (a TCP super-frame) */
 #define KIND_DATA 0x01
 #define KIND_DATA_GSO 0x09
 #define FLAG_JOIN 0x08
@@ -97,6 +98,7 @@
 #define JOIN_HDR (20 + 8) /* the IPv4 header without options, and the UDP header */
 #define JOIN_HDR6 (40 + 8) /* the IPv6 header without extension headers, and the UDP header */
 #define VNET_F_NEEDS_CSUM 1
+#define VNET_F_DATA_VALID 2
 #define VNET_GSO_UDP_L4 5 /* linux/virtio_net.h, accepted from a TAP since Linux 6.2 */
 #define SOL_UDP_ 17
 #define UDP_SEGMENT_ 103
@@ -126,6 +128,7 @@ static PyObject *Replayed, *Forged, *Exhausted;
 
 static inline uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
+static inline unsigned le16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 8; }
 static inline void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
 static inline void put64(uint8_t *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, (uint32_t)v); }
 
@@ -787,12 +790,33 @@ static void csum_replace(uint8_t *field, const uint8_t *old, const uint8_t *now,
 /* RFC 792's errors, which quote a datagram whose addresses a SocialVPN rewrite must change too: Python's. */
 static int icmp_error(uint8_t type) { return type == 3 || type == 4 || type == 5 || type == 11 || type == 12; }
 
+/* A checksum left to offload (CHECKSUM_PARTIAL) holds the pseudo-header's sum, not its complement: the words
+ * `old` replaced by `now` are added to it as they are (Linux's inet_proto_csum_replace4 for CHECKSUM_PARTIAL),
+ * so that the receiving kernel's completion gives what translate.py gives the completed packet. */
+static void partial_replace(uint8_t *field, const uint8_t *old, const uint8_t *now, size_t n) {
+    uint32_t s = (uint32_t)(field[0] << 8 | field[1]);
+    for (size_t i = 0; i < n; i += 2) s += (uint16_t) ~(old[i] << 8 | old[i + 1]) + (uint32_t)(now[i] << 8 | now[i + 1]);
+    while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+    field[0] = (uint8_t)(s >> 8), field[1] = (uint8_t)s;
+}
+
+/* Whether virtio header v of the IPv4 packet ip (header length ihl) is offload work a SocialVPN rewrite carries:
+ * the transport's own checksum left to complete (TCP's at 16, UDP's at 6, where the kernel puts them) and, if
+ * any, TCP segmentation of a TCP packet. Anything else goes to Python (from the TAP) or is not delivered. */
+static int social_offload(const uint8_t *v, const uint8_t *ip, size_t ihl) {
+    unsigned type = v[1] & ~0x80u;
+    if (v[0] != VNET_F_NEEDS_CSUM || (ip[9] != 6 && ip[9] != 17) || ((ip[6] & 0x3F) | ip[7])) return 0;
+    if (type != 0 && (type != 1 || ip[9] != 6)) return 0;
+    return le16(v + 6) == ETH_LEN + ihl && le16(v + 8) == (ip[9] == 6 ? 16u : 6u);
+}
+
 /* SocialVPN's rewrite of a packet our kernel sent a friend device into the device's view (overlay/social/
  * translate.py FriendNat.outbound): source `src`, destination `dst`, the IPv4 header checksum and TCP's or UDP's
  * (whose pseudo-header holds the addresses) updated incrementally, into e->nat_head; the rest of the packet
- * leaves from where it lies. Returns the length rewritten, 0 for what Python translates or drops: another
- * source than ours, fragments, ICMP errors (their quote is rewritten too, and checked), other protocols. */
-static size_t rewrite_head(Engine *e, const uint8_t *ip, size_t total, uint32_t src, uint32_t dst) {
+ * leaves from where it lies. `v`: the frame's virtio header when it carries offload work (social_offload), whose
+ * partial checksum is updated as such. Returns the length rewritten, 0 for what Python translates or drops:
+ * another source than ours, fragments, ICMP errors (their quote is rewritten too, and checked), other protocols. */
+static size_t rewrite_head(Engine *e, const uint8_t *ip, size_t total, uint32_t src, uint32_t dst, const uint8_t *v) {
     size_t ihl = (size_t)(ip[0] & 15) * 4, hl;
     if (be32(ip + 12) != e->ip || ((ip[6] & 0x3F) | ip[7])) return 0;
     switch (ip[9]) {
@@ -801,13 +825,15 @@ static size_t rewrite_head(Engine *e, const uint8_t *ip, size_t total, uint32_t 
     case 1: hl = ihl + 1; break;   /* ICMP: its type; a query's checksum does not cover the addresses */
     default: return 0;
     }
-    if (hl > total || (ip[9] == 1 && icmp_error(ip[ihl]))) return 0;
+    if (hl > total || (ip[9] == 1 && icmp_error(ip[ihl])) || (v && !social_offload(v, ip, ihl))) return 0;
     uint8_t *h = e->nat_head;
     memcpy(h, ip, hl);
     put32(h + 12, src);
     put32(h + 16, dst);
     csum_replace(h + 10, ip + 12, h + 12, 8);
-    if (ip[9] == 6) {
+    if (v) {
+        partial_replace(h + ihl + (ip[9] == 6 ? 16 : 6), ip + 12, h + 12, 8);
+    } else if (ip[9] == 6) {
         csum_replace(h + ihl + 16, ip + 12, h + 12, 8);
     } else if (ip[9] == 17 && (h[ihl + 6] | h[ihl + 7])) { /* 0: the sender computed none, and it stays 0 */
         csum_replace(h + ihl + 6, ip + 12, h + 12, 8);
@@ -848,11 +874,16 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
     *check = f->expires < now && !f->checking;
     if (*check) f->checking = 1;
     if (f->hlen == 1) {
-        size_t hl = gso ? 0 : rewrite_head(e, ip, total, f->nat_src, f->nat_dst);
+        /* A frame whose only offload note is a checksum already verified leaves as DATA; offload work goes with
+         * its virtio header (DATA_GSO), to a friend the fragment probe found able to take it (big_ok). */
+        int work = gso && (frame[0] != VNET_F_DATA_VALID || frame[1] != 0);
+        size_t hl = rewrite_head(e, ip, total, f->nat_src, f->nat_dst, work ? frame : NULL);
         if (!hl) goto up; /* Python translates what the Engine does not (fragments, ICMP errors, ...) */
-        struct iovec pieces[3] = {{f->header, 1}, {e->nat_head, hl}, {(void *)(ip + hl), total - hl}};
+        static const uint8_t data_gso = MSG_DATA_GSO;
+        struct iovec pieces[4] = {{work ? (void *)&data_gso : f->header, 1}, {(void *)frame, work ? VNET_LEN : 0},
+                                  {e->nat_head, hl}, {(void *)(ip + hl), total - hl}};
         int lane = L->lanes_ok ? lane_for(e, ip, total, 1) : e->lane;
-        if (send_on(e, L, lane, pieces, 3, 1 + total) == 0) return FRAME_SENT;
+        if (send_on(e, L, lane, pieces, 4, 1 + (work ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
         goto numbered;
     }
     uint8_t header[ROUTED_LEN];
@@ -1000,16 +1031,22 @@ typedef struct {
 
 /* SocialVPN: a DATA message from a friend device, already in our view (FriendNat.inbound's checks): from the
  * address we gave the device (the link's source), to ours; an ICMP error goes up for Python to check what it
- * quotes (RFC 5927). */
+ * quotes (RFC 5927). DATA_GSO's virtio header must say offload work a rewrite carries (social_offload), and goes
+ * to a TAP that takes it; for a TAP without offload Python cuts the segments. */
 static int social_for_us(Engine *e, FLink *L, const uint8_t *msg, size_t len, Delivery *d) {
-    if (len < 1 + 20 || msg[0] != MSG_DATA || !L->has_src) return -1;
-    const uint8_t *ip = msg + 1;
+    int gso = len && msg[0] == MSG_DATA_GSO;
+    size_t base = gso ? 1 + VNET_LEN : 1;
+    if (len < base + 20 || (msg[0] != MSG_DATA && !gso) || !L->has_src || (gso && !e->vnet)) return -1;
+    const uint8_t *ip = msg + base;
     size_t ihl = (size_t)(ip[0] & 15) * 4, total = (size_t)ip[2] << 8 | ip[3];
-    if (ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > len - 1) return -1;
+    if (ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > len - base) return -1;
     if (be32(ip + 12) != L->src || be32(ip + 16) != e->ip) return -1;
     if (ip[9] == 1 && !(((ip[6] & 0x1F) | ip[7])) && total > ihl && icmp_error(ip[ihl])) return -1;
+    if (gso && (total < ihl + (ip[9] == 6 ? 20 : 8) || !vnet_ok(msg + 1, ETH_LEN + total) ||
+                !social_offload(msg + 1, ip, ihl)))
+        return -1;
     memcpy(d->eth, e->eth, ETH_LEN);
-    d->vnet = e->vnet ? zero_vnet : NULL;
+    d->vnet = gso ? msg + 1 : e->vnet ? zero_vnet : NULL;
     d->ip = ip;
     d->total = total;
     L->delivered++;
@@ -1097,7 +1134,6 @@ static uint16_t fold16(uint32_t s) {
     return (uint16_t)s;
 }
 
-static inline unsigned le16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 8; }
 
 static inline void put_le16(uint8_t *p, size_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
 
@@ -1334,7 +1370,7 @@ static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage
         inD = &plainD, inoff = RELAY_HEAD, in = msg + RELAY_HEAD, inTag = inlen >= TAG ? in + inlen - TAG : NULL;
     }
     if (tunnel && e->social) goto out; /* friends relay nothing: Python drops it */
-    if (!tunnel && msg[0] == (e->social ? MSG_DATA : MSG_ROUTED)) {
+    if (!tunnel && (e->social ? msg[0] == MSG_DATA || msg[0] == MSG_DATA_GSO : msg[0] == MSG_ROUTED)) {
         if (data_for_us(e, L, msg, mlen, &d) || !keys_mark(K, c)) goto out;
         L->rx += len;
         L->rx_seen = 1;

@@ -250,9 +250,9 @@ def load_config(path: Path) -> NodeConfig:
         vnic_address=address,
         vnic_address6=address6,
         vnic_mtu=values["vnic"]["mtu"],
-        # A social node translates addresses (overlay/social/translate.py), which needs final checksums: the
-        # kernel's partial checksums and super-frames would have to be completed first, so its TAP has no offload.
-        vnic_offload=values["vnic"]["offload"] and social is None,
+        # A social node's super-frames and partial checksums are translated whole by the compiled data path only
+        # (overlay/social/offload.py): without it every one would be cut in Python, so its TAP has no offload.
+        vnic_offload=values["vnic"]["offload"] and (social is None or values["vnic"]["fast_path"]),
         vnic_fast_path=values["vnic"]["fast_path"],
         vnic_lanes=check.lanes(values["vnic"]["lanes"]),  # "auto" (the default, unchecked above) to a number
         ring=RingParams(o["ring_size"], o["long_links"], o["incoming_cap"]),

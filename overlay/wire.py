@@ -167,6 +167,10 @@ class LinkMsg(enum.IntEnum):
     # or asked moments ago): no body. The recruiter asks another neighbour at once instead of a RECRUIT_INTERVAL
     # later. Nodes from before it count it as an unknown message, and their recruiter waits as before.
     ANCHOR_REFUSED = 0x13
+    # Between SocialVPN friends: DATA with the virtio_net_hdr of its offload work in front (a TCP super-frame, or a
+    # checksum left to complete; overlay/social/offload.py). Sent only to a friend that answered our PROBE: a node
+    # from before it drops the PROBE as an unknown message and gets DATA.
+    DATA_GSO = 0x14
 
 
 # In HELLO's flags byte, beside what the sender uses the link for: it opens and passes on TUNNEL packets. A

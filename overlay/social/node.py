@@ -21,6 +21,7 @@ import base64
 import ipaddress
 import json
 import logging
+import random
 import struct
 import time
 import xml.etree.ElementTree as ET
@@ -38,19 +39,21 @@ from overlay.identity import Identity, verify
 from overlay.ids import format_id, node_id_from_public_key
 from overlay.link import Link
 from overlay.links import LinkCallbacks, LinkManager, Underlay
+from overlay.probes import FragmentProbes
 from overlay.remembered import write_private
+from overlay.social import offload
 from overlay.social.devices import FriendLink, NamedDevice, Pins, names, statement, statement_key
 from overlay.social.fast import DATA_HEADER, NoRoutes, SocialPath
 from overlay.social.names import answer_packet
 from overlay.social.status import social_status
 from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull, ToFriend
-from overlay.tap.frames import FrameError
+from overlay.tap.frames import VNET_HDR_LEN, ZERO_VNET_HDR, Bytes, FrameError
 from overlay.tap.vnic import Outbound, Reply, VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
 from overlay.transport.signals import Signal, decode_signal
 from overlay.transport.underlay import UdpUnderlay
-from overlay.wire import Contact, DecodeError, LinkMsg, decode_token, encode_ping
+from overlay.wire import Contact, DecodeError, LinkMsg, decode_probe, decode_token, encode_ping
 from xmpp_bootstrap.friends import FriendWatch
 from xmpp_bootstrap.roster import (
     SOCIAL_NS,
@@ -157,6 +160,9 @@ class SocialNode:
         # The compiled data path (overlay/social/fast.py), with `fast_path` ([vnic] fast_path) and a UDP underlay.
         self.want_fast_path = fast_path
         self.fast: FastPath | None = None
+        # Which friends take our super-frames whole (DATA_GSO): asked only while we may send them, with offload
+        # on our TAP and the Engine running (overlay/social/offload.py).
+        self.probes = FragmentProbes(self.links, random.Random(), self.count)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -204,6 +210,8 @@ class SocialNode:
         try:
             if self.fast is not None:
                 self.fast.sync()  # what the Engine carried: the links' bytes, and the devices heard
+                if self.tap.vnet_hdr:
+                    self.probes.tick(now)
             self.links.tick(now)
             if self.ice is not None:
                 self.ice.tick(now)
@@ -384,8 +392,11 @@ class SocialNode:
             return
         device.last_heard = self.clock()
         link.send(_PLACES.pack(LinkMsg.PLACES, self.address, device.local))
+        if self.fast is not None and self.tap.vnet_hdr:
+            self.probes.probe(link, device.last_heard)
 
     def _on_link_down(self, link: Link, reason: str) -> None:
+        self.probes.forget(link.peer_id)
         jid = self._by_peer.get(link.peer_id)
         if jid is not None:
             log.info("link to friend device %s down: %s", jid, reason)
@@ -405,10 +416,27 @@ class SocialNode:
         if kind == LinkMsg.DATA:
             packet = self.nat.inbound(device.jid, memoryview(msg)[1:])
             if isinstance(packet, bytes):
+                self._deliver(b"", packet)
+        elif kind == LinkMsg.DATA_GSO and len(msg) > 1 + VNET_HDR_LEN:
+            packet = self.nat.inbound(device.jid, memoryview(msg)[1 + VNET_HDR_LEN :])
+            if isinstance(packet, bytes):
+                head = msg[1 : 1 + VNET_HDR_LEN]
                 try:
-                    self.tap.write(self.vnic.to_tap(packet))
+                    offload.check(head, packet)
                 except FrameError:
-                    self.count("drop: data not for our address")
+                    self.count("drop: data with an offload header a friend may not send")
+                    return
+                self._deliver(head, packet)
+        elif kind == LinkMsg.PROBE:
+            try:
+                link.send(encode_ping(LinkMsg.PROBE_ACK, decode_probe(msg)))
+            except DecodeError:
+                self.count("drop: malformed probe")
+        elif kind == LinkMsg.PROBE_ACK:
+            try:
+                self.probes.on_ack(link, decode_token(msg))
+            except DecodeError:
+                self.count("drop: malformed probe ack")
         elif kind == LinkMsg.PLACES and len(msg) == _PLACES.size:
             _, remote, remote_view = _PLACES.unpack(msg)
             device.remote, device.remote_view = remote, remote_view
@@ -439,18 +467,43 @@ class SocialNode:
         self.from_tap(self.tap.read_batch())
 
     def from_tap(self, frames: list[bytes]) -> None:
-        """Frames our kernel wrote to the TAP (read here, or passed up by the compiled data path)."""
+        """Frames our kernel wrote to the TAP (read here, or passed up by the compiled data path). With offload
+        each starts with its virtio header, and what it leaves to offload is done here first (offload.packets)."""
+        vnet = self.tap.vnet_hdr
         for frame in frames:
-            result = self.vnic.from_tap(frame)
+            result = self.vnic.from_tap(memoryview(frame)[VNET_HDR_LEN:] if vnet else frame)
             if isinstance(result, Reply):
-                self.tap.write(result.frame)
+                self._write(result.frame)
             elif isinstance(result, Outbound):
-                if result.dst_ip == self.dns:
-                    self._answer_dns(bytes(result.packet))
+                try:
+                    packets = offload.packets(frame[:VNET_HDR_LEN] if vnet else b"", result.packet)
+                except FrameError:
+                    self.count("drop: offload work that cannot be done")
                     continue
-                out = self.nat.outbound(result.packet)
-                if isinstance(out, ToFriend):
-                    self._send_data(out, result.dst_ip)
+                for packet in packets:
+                    if result.dst_ip == self.dns:
+                        self._answer_dns(packet)
+                        continue
+                    out = self.nat.outbound(packet)
+                    if isinstance(out, ToFriend):
+                        self._send_data(out, result.dst_ip)
+
+    def _write(self, frame: bytes) -> None:
+        """A frame for our kernel with nothing left to offload."""
+        self.tap.write_parts([ZERO_VNET_HDR, frame] if self.tap.vnet_hdr else [frame])
+
+    def _deliver(self, head: Bytes, packet: bytes) -> None:
+        """A friend device's packet (checked: FriendNat.inbound, and offload.check for its virtio header `head`)
+        to our kernel: whole with its header where the TAP takes one, else as the packets a NIC would make."""
+        try:
+            eth, body = self.vnic.to_tap_parts(packet)
+            if not head or self.tap.vnet_hdr:
+                self.tap.write_parts([head or ZERO_VNET_HDR, eth, body] if self.tap.vnet_hdr else [eth, body])
+                return
+            for p in offload.packets(head, body):
+                self.tap.write_parts([eth, p])
+        except FrameError:
+            self.count("drop: data not for our address")
 
     def _send_data(self, out: ToFriend, local: int) -> None:
         device = self.devices.get(out.device)
@@ -480,7 +533,7 @@ class SocialNode:
         if outcome is not None:
             self.count(outcome)
         if reply is not None:
-            self.tap.write(self.vnic.to_tap(reply))
+            self._write(self.vnic.to_tap(reply))
 
     def names(self) -> dict[str, int]:
         return names(

@@ -59,7 +59,7 @@ async def run_social(cfg: NodeConfig, identity: Identity, stop: asyncio.Event) -
             raise SocialJoinError(str(e)) from None
         ice = ice_settings(cfg, cfg.social.subnet)
         try:
-            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu, offload=False)
+            tap = await LinuxTap.create(cfg.vnic_name, cfg.vnic_address, cfg.vnic_mtu, offload=cfg.vnic_offload)
         except TapError as e:
             raise SocialJoinError(str(e)) from None
         node = SocialNode(
