@@ -25,7 +25,7 @@ through its own socketpair (frames are numbered per Engine), and what they carri
 in lane k for peers whose HELLO said they take lanes (HELLO_LANES), in lane 0 for the others, except the TCP
 connections this node opens: each is sealed in the lane least busy at its SYN (the Engines share their load and
 those lanes), whichever Engine reads it, which brings the connection to that lane at both ends.
-A SocialVPN node drives it the same way (`social`, overlay/social/fast.py): its flows are friend devices' DATA,
+A SocialVPN node drives it the same way (`social`, overlay/social/datapath.py): its flows are friend devices' DATA,
 each with the device's view of the addresses the Engine writes into the packets.
 docs/datapath.md has the measurements behind it.
 """
@@ -93,7 +93,7 @@ class FastPath:
         *,
         social: bool = False,
     ) -> None:
-        """`social`: a SocialVPN node's (overlay/social/fast.py): flows are DATA messages to friend devices, each
+        """`social`: a SocialVPN node's (overlay/social/datapath.py): flows are DATA messages to friend devices, each
         with the addresses its packets leave with, and what arrives is DATA from a device."""
         tap, vnic = datapath.tap, datapath.vnic
         self._links, self._datapath, self._router = links, datapath, router

@@ -1,4 +1,4 @@
-"""SocialVPN on the compiled data path (overlay/_fast.c with `social`, overlay/social/fast.py): a social Engine
+"""SocialVPN on the compiled data path (overlay/_fast.c with `social`, overlay/social/datapath.py): a social Engine
 rewrites each packet our kernel sends a friend device into the device's view of the addresses exactly as
 FriendNat.outbound does (overlay/social/translate.py, the reference here), delivers DATA from a device only from
 the address we gave it and to ours (FriendNat.inbound), relays nothing, and passes up what Python translates or
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.social.fast import DATA_HEADER, SocialPath
+from overlay.social.datapath import DATA_HEADER, SocialPath
 from overlay.social.translate import FriendDevice, FriendNat, translate
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
 from overlay.wire import LinkMsg, decode_transport_header, encode_relay

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from overlay.probes import FragmentProbes
 from overlay.social import offload
-from overlay.social.fast import DATA_HEADER
+from overlay.social.datapath import DATA_HEADER, SocialPath
 from overlay.social.node import SocialNode
 from overlay.social.translate import FriendDevice, FriendNat, ToFriend, translate
 from overlay.tap.device import MemoryTap
@@ -210,7 +210,7 @@ def test_an_engine_whose_tap_has_no_offload_passes_a_friends_super_frame_up() ->
         wire_b.sock.close()
 
 
-# -- the Python path: overlay/social/offload.py and SocialNode -------------------------------------------------
+# -- the Python path: overlay/social/offload.py, SocialPath, SocialNode ----------------------------------------
 
 
 @settings(max_examples=200, deadline=None)
@@ -224,51 +224,51 @@ def test_check_refuses_any_header_a_friend_may_not_send_with_a_frame_error(head:
     assert checked.flags == NEEDS_CSUM and checked.csum_start == 14 + 20 and checked.csum_offset == 16
 
 
-def social_node(vnet_hdr: bool) -> tuple[SocialNode, MemoryTap, list[tuple[ToFriend, int]]]:
-    """A SocialNode's data-path state without its XMPP or links: B's device placed and known (FriendNat), what it
-    would send to B collected."""
-    node = object.__new__(SocialNode)
+def social_path(vnet_hdr: bool) -> tuple[SocialPath, MemoryTap, dict[str, int], list[tuple[ToFriend, int]]]:
+    """A social node's data path without its XMPP or links: B's device placed and known (FriendNat); what it
+    would send to B collected, and its counters."""
     tap = MemoryTap(mac=TAP_MAC, vnet_hdr=vnet_hdr)
+    counters: dict[str, int] = {}
+    nat = FriendNat(OURS)
+    nat.set_friend("bob@x/pc", FriendDevice(LOCAL_B, REMOTE_B, VIEW))
+    node = SimpleNamespace(
+        tap=tap, vnic=VirtualNic(OURS, 16, TAP_MAC), address=OURS, nat=nat, dns=ip("172.31.255.254"),
+        count=lambda what: counters.__setitem__(what, counters.get(what, 0) + 1),
+    )  # fmt: skip
+    path = SocialPath(node)  # type: ignore[arg-type]
     sent: list[tuple[ToFriend, int]] = []
-    node.tap, node.counters, node.dns = tap, {}, ip("172.31.255.254")
-    node.vnic = VirtualNic(OURS, 16, TAP_MAC)
-    node.nat = FriendNat(OURS)
-    node.nat.set_friend("bob@x/pc", FriendDevice(LOCAL_B, REMOTE_B, VIEW))
-    node._send_data = lambda out, local: sent.append((out, local))  # type: ignore[method-assign]
-    return node, tap, sent
+    path.send_data = lambda out, local: sent.append((out, local))  # type: ignore[method-assign]
+    return path, tap, counters, sent
 
 
 def test_the_python_path_cuts_what_comes_up_and_translates_each_packet() -> None:
-    node, _, sent = social_node(vnet_hdr=True)
+    path, _, counters, sent = social_path(vnet_hdr=True)
     head, packet = partial(OURS, LOCAL_B, TCP, b"q" * 2500, 1000)
-    node.from_tap([head + ETH4 + packet])
+    path.from_tap([head + ETH4 + packet])
     assert [out.packet for out, _ in sent] == [translate(s, VIEW, REMOTE_B) for s in cut(head, packet)]
-    node.from_tap([vnet(NEEDS_CSUM, GSO_TCPV4, 10, 14 + 20, 16) + ETH4 + packet])  # a segment size no one cuts
-    assert node.counters == {"drop: offload work that cannot be done": 1} and len(sent) == 3
+    path.from_tap([vnet(NEEDS_CSUM, GSO_TCPV4, 10, 14 + 20, 16) + ETH4 + packet])  # a segment size no one cuts
+    assert counters == {"drop: offload work that cannot be done": 1} and len(sent) == 3
 
 
 @pytest.mark.parametrize("vnet_hdr", [True, False], ids=["offload-tap", "plain-tap"])
 def test_a_friends_super_frame_reaches_our_kernel_whole_or_cut_as_the_tap_takes_it(vnet_hdr: bool) -> None:
-    node, tap, _ = social_node(vnet_hdr)
-    link = SimpleNamespace(peer_id=B_ID, sent=[])
-    node._by_peer = {B_ID: "bob@x/pc"}
-    node.devices = {"bob@x/pc": SimpleNamespace(jid="bob@x/pc", last_heard=0.0)}
-    node.clock = lambda: 5.0
-    node.fast = None
+    path, tap, counters, _ = social_path(vnet_hdr)
+    bob = SimpleNamespace(jid="bob@x/pc")
     head, packet = partial(LOCAL_B, OURS, TCP, b"w" * 3000, 1400)
-    node._on_message(link, DATA_GSO + head + packet)  # type: ignore[arg-type]
-    node._on_message(link, DATA_GSO + vnet(NEEDS_CSUM, GSO_TCPV4, 1400, 14 + 20, 6) + packet)  # type: ignore[arg-type]
-    node._on_message(link, DATA_HEADER + cut(head, packet)[0])  # type: ignore[arg-type]
+    path.on_data(bob, DATA_GSO + head + packet)  # type: ignore[arg-type]
+    path.on_data(bob, DATA_GSO + vnet(NEEDS_CSUM, GSO_TCPV4, 1400, 14 + 20, 6) + packet)  # type: ignore[arg-type]
+    path.on_data(bob, DATA_HEADER + cut(head, packet)[0])  # type: ignore[arg-type]
     eth = DELIVERED4
     if vnet_hdr:
         assert tap.written == [head + eth + packet, ZERO_VNET_HDR + eth + cut(head, packet)[0]]
     else:
         assert tap.written == [eth + s for s in cut(head, packet)] + [eth + cut(head, packet)[0]]
-    assert node.counters == {"drop: data with an offload header a friend may not send": 1}
+    assert counters == {"drop: data with an offload header a friend may not send": 1}
 
 
 def test_social_links_answer_probes_and_a_probed_link_is_marked_to_take_super_frames() -> None:
-    node, _, _ = social_node(vnet_hdr=True)
+    node = object.__new__(SocialNode)
+    node.counters = {}
     sent: list[bytes] = []
     changed: list[int] = []
     link = SimpleNamespace(peer_id=B_ID, send=sent.append, fragments_ok=False, describe_endpoint=lambda: "udp 1")

@@ -41,14 +41,11 @@ from overlay.link import Link
 from overlay.links import LinkCallbacks, LinkManager, Underlay
 from overlay.probes import FragmentProbes
 from overlay.remembered import write_private
-from overlay.social import offload
+from overlay.social.datapath import NoRoutes, SocialPath
 from overlay.social.devices import FriendLink, NamedDevice, Pins, names, statement, statement_key
-from overlay.social.fast import DATA_HEADER, NoRoutes, SocialPath
-from overlay.social.names import answer_packet
 from overlay.social.status import social_status
-from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull, ToFriend
-from overlay.tap.frames import VNET_HDR_LEN, ZERO_VNET_HDR, Bytes, FrameError
-from overlay.tap.vnic import Outbound, Reply, VirtualNic
+from overlay.social.translate import AddressPool, FriendDevice, FriendNat, SubnetFull
+from overlay.tap.vnic import VirtualNic
 from overlay.transport.paths import IceSettings
 from overlay.transport.session import HandshakeError
 from overlay.transport.signals import Signal, decode_signal
@@ -157,7 +154,8 @@ class SocialNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._dirty = False
-        # The compiled data path (overlay/social/fast.py), with `fast_path` ([vnic] fast_path) and a UDP underlay.
+        self.data = SocialPath(self)
+        # The compiled data path (overlay/social/datapath.py), with `fast_path` ([vnic] fast_path) and a UDP underlay.
         self.want_fast_path = fast_path
         self.fast: FastPath | None = None
         # Which friends take our super-frames whole (DATA_GSO): asked only while we may send them, with offload
@@ -174,7 +172,7 @@ class SocialNode:
         if self.want_fast_path and isinstance(self.underlay, UdpUnderlay):
             prefix_len = self.vnic.prefix_len
             self.fast = FastPath(
-                self.links, SocialPath(self), NoRoutes(), self.underlay, self._heard, self.id, prefix_len, social=True
+                self.links, self.data, NoRoutes(), self.underlay, self._heard, self.id, prefix_len, social=True
             )
             self.fast.start()
         else:
@@ -413,20 +411,8 @@ class SocialNode:
         now = self.clock()
         device.last_heard = now
         kind = msg[0]
-        if kind == LinkMsg.DATA:
-            packet = self.nat.inbound(device.jid, memoryview(msg)[1:])
-            if isinstance(packet, bytes):
-                self._deliver(b"", packet)
-        elif kind == LinkMsg.DATA_GSO and len(msg) > 1 + VNET_HDR_LEN:
-            packet = self.nat.inbound(device.jid, memoryview(msg)[1 + VNET_HDR_LEN :])
-            if isinstance(packet, bytes):
-                head = msg[1 : 1 + VNET_HDR_LEN]
-                try:
-                    offload.check(head, packet)
-                except FrameError:
-                    self.count("drop: data with an offload header a friend may not send")
-                    return
-                self._deliver(head, packet)
+        if kind == LinkMsg.DATA or kind == LinkMsg.DATA_GSO:
+            self.data.on_data(device, msg)
         elif kind == LinkMsg.PROBE:
             try:
                 link.send(encode_ping(LinkMsg.PROBE_ACK, decode_probe(msg)))
@@ -462,59 +448,9 @@ class SocialNode:
         else:
             self.count("drop: unknown link message")
 
-    # -- the data path -----------------------------------------------------------------------------------------
+    # -- the data path (overlay/social/datapath.py) -----------------------------------------------------------
     def _on_tap_readable(self) -> None:
-        self.from_tap(self.tap.read_batch())
-
-    def from_tap(self, frames: list[bytes]) -> None:
-        """Frames our kernel wrote to the TAP (read here, or passed up by the compiled data path). With offload
-        each starts with its virtio header, and what it leaves to offload is done here first (offload.packets)."""
-        vnet = self.tap.vnet_hdr
-        for frame in frames:
-            result = self.vnic.from_tap(memoryview(frame)[VNET_HDR_LEN:] if vnet else frame)
-            if isinstance(result, Reply):
-                self._write(result.frame)
-            elif isinstance(result, Outbound):
-                try:
-                    packets = offload.packets(frame[:VNET_HDR_LEN] if vnet else b"", result.packet)
-                except FrameError:
-                    self.count("drop: offload work that cannot be done")
-                    continue
-                for packet in packets:
-                    if result.dst_ip == self.dns:
-                        self._answer_dns(packet)
-                        continue
-                    out = self.nat.outbound(packet)
-                    if isinstance(out, ToFriend):
-                        self._send_data(out, result.dst_ip)
-
-    def _write(self, frame: bytes) -> None:
-        """A frame for our kernel with nothing left to offload."""
-        self.tap.write_parts([ZERO_VNET_HDR, frame] if self.tap.vnet_hdr else [frame])
-
-    def _deliver(self, head: Bytes, packet: bytes) -> None:
-        """A friend device's packet (checked: FriendNat.inbound, and offload.check for its virtio header `head`)
-        to our kernel: whole with its header where the TAP takes one, else as the packets a NIC would make."""
-        try:
-            eth, body = self.vnic.to_tap_parts(packet)
-            if not head or self.tap.vnet_hdr:
-                self.tap.write_parts([head or ZERO_VNET_HDR, eth, body] if self.tap.vnet_hdr else [eth, body])
-                return
-            for p in offload.packets(head, body):
-                self.tap.write_parts([eth, p])
-        except FrameError:
-            self.count("drop: data not for our address")
-
-    def _send_data(self, out: ToFriend, local: int) -> None:
-        device = self.devices.get(out.device)
-        link = self.links.links.get(device.peer_id) if device is not None else None
-        if link is None or device is None:
-            self.count("drop: friend device not linked")
-            return
-        link.send(DATA_HEADER + out.packet)
-        friend = self.nat.friend(out.device)
-        if self.fast is not None and friend is not None:
-            self.fast.set_flow(local, device.peer_id, DATA_HEADER, (friend.remote_view, friend.remote))
+        self.data.from_tap(self.tap.read_batch())
 
     def device_of(self, peer_id: int) -> str | None:
         """The full JID of the friend device with this node ID, if we know one."""
@@ -526,14 +462,6 @@ class SocialNode:
         device = self.devices.get(jid) if jid is not None else None
         if device is not None:
             device.last_heard = self.clock()
-
-    def _answer_dns(self, packet: bytes) -> None:
-        """A query to the DNS address, answered from the friends' names (overlay/social/names.py)."""
-        outcome, reply = answer_packet(packet, self.settings.domain, self.names().get)
-        if outcome is not None:
-            self.count(outcome)
-        if reply is not None:
-            self._write(self.vnic.to_tap(reply))
 
     def names(self) -> dict[str, int]:
         return names(
