@@ -32,20 +32,24 @@ from overlay.tap.frames import (
     parse_vnet_header,
     segment_tcp,
 )
-from overlay.tap.vnic import DEFAULT_GATEWAY_MAC, VirtualNic
-from overlay.wire import LinkMsg, decode_transport_header, encode_ping, encode_probe
+from overlay.tap.vnic import VirtualNic
+from overlay.wire import LinkMsg, encode_ping, encode_probe
 from tests.test_fastpath import A_ID, B_ID, TAP_MAC, Node, Wire, session_pair
 from tests.test_fastpath_ipv6 import nothing_on, opener
+from tests.test_fastpath_social import (
+    DELIVERED4,
+    ETH4,
+    LOCAL_B,
+    OURS,
+    REMOTE_B,
+    UP_DATAGRAM,
+    UP_FRAME,
+    VIEW,
+    sent_plain,
+)
 from tests.test_social_translate import ICMP, TCP, UDP, ip, ipv4_packet, pseudo_header
 from tests.test_tap_frames import reference_checksum
 
-OURS = ip("172.31.0.1")  # our TAP address, /16
-LOCAL_B = ip("172.31.4.9")  # where we placed B's device
-VIEW = ip("10.9.0.33")  # where B's device placed us
-REMOTE_B = ip("10.9.0.1")  # B's own TAP address
-ETH4 = DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x00"
-DELIVERED4 = TAP_MAC + DEFAULT_GATEWAY_MAC + b"\x08\x00"
-UP_FRAME, UP_DATAGRAM = 2, 1
 DATA_GSO = bytes([LinkMsg.DATA_GSO])
 NEEDS_CSUM, DATA_VALID, GSO_TCPV4 = 1, 2, 1
 
@@ -88,12 +92,6 @@ def social() -> Iterator[tuple[Node, Wire]]:
     yield a, wire_b
     a.close()
     wire_b.sock.close()
-
-
-def sent_plain(wire: Wire) -> bytes:
-    datagram = wire.recv()
-    _, counter = decode_transport_header(datagram)
-    return opener().open(datagram, counter)
 
 
 # -- from our kernel to a friend -------------------------------------------------------------------------------
