@@ -27,7 +27,7 @@ from overlay.transport.servers import Resolved, is_address, resolve
 from overlay.transport.turn import TurnAllocation
 from overlay.transport.underlay import UdpUnderlay
 from tests.support.certs import make_server
-from tests.support.coturn import PASSWORD, USERNAME, CoturnServer
+from tests.support.coturn import MAX_RELAY_PORT, MIN_RELAY_PORT, PASSWORD, USERNAME, CoturnServer
 
 pytestmark = [
     pytest.mark.integration,
@@ -93,7 +93,7 @@ def test_turn_over_tls_allocates_with_the_private_ca_by_name_and_by_address(cotu
     server, files = coturn
     for host in (NAME, "127.0.0.1"):
         relayed = allocate(TurnServer(host, server.tls_port, "tls", USERNAME, PASSWORD, str(files.ca)))
-        assert relayed[0] == "127.0.0.1" and 49152 <= relayed[1] <= 49215, relayed
+        assert relayed[0] == "127.0.0.1" and MIN_RELAY_PORT <= relayed[1] <= MAX_RELAY_PORT, relayed
 
 
 def test_link_packets_cross_between_a_tls_and_a_udp_allocation_on_channels(coturn: tuple) -> None:
