@@ -1,14 +1,16 @@
 """`ipop-overlay check`: try what `join` needs from a config, without joining.
 
 It reads the node key (and the group key on an issuer), opens a TCP connection to the XMPP server, asks every
-STUN and UDP TURN server one STUN Binding request, and binds the UDP listen address. It creates no TAP device,
-does not log in and does not enter the room, so it needs no root and changes nothing on the server. Each check
+STUN server one STUN Binding request, makes an allocation on every TURN server with its credentials and releases
+it at once, and binds the UDP listen address. It creates no TAP device, does not log in and does not enter the
+room, so it needs no root and changes nothing on the server. Each check
 is a function returning a `Check` record; `run_checks` runs the network ones side by side (each bounded by the
 timeout) and `report_lines` turns the records into what the command prints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -25,6 +27,7 @@ from overlay.configvalues import resolve_address6
 from overlay.control import socket_in_use
 from overlay.identity import Identity, KeyFileError
 from overlay.ids import format_id
+from overlay.transport.paths import TurnServer
 from overlay.trust.groupkey import format_public_key
 from overlay.trust.issuer import IssuerError, open_issuer
 from overlay.wire import Endpoint
@@ -242,6 +245,57 @@ def check_stun(what: str, server: Endpoint, timeout: float) -> Check:
     return Check(False, what, f"no STUN answer within {timeout:g} s (down, UDP blocked, or not a STUN server)")
 
 
+# RFC 8656 section 19 and RFC 8489 section 14.8: the error codes an Allocate meets when the fault is ours to fix.
+_CREDENTIALS_REFUSED = {401: "Unauthorized", 403: "Forbidden", 441: "Wrong Credentials"}
+_NO_ROOM = {486: "Allocation Quota Reached", 508: "Insufficient Capacity"}
+
+
+def check_turn(server: TurnServer, timeout: float) -> Check:
+    """A TURN server reachable as its transport needs (check_tls, check_tcp, check_stun), then an allocation made
+    with the configured credentials and released at once (RFC 8656 section 7): what a wrong username or password,
+    or a server out of relay ports, fails and a reachability test alone does not."""
+    what = f"turn server ({server.transport})"
+    if server.transport == "tls":
+        reached = check_tls(what, server.host, server.port, server.ca_file, timeout)
+    elif server.transport == "tcp":
+        reached = check_tcp(what, server.host, server.port, timeout)
+    else:
+        reached = check_stun(what, (server.host, server.port), timeout)
+    if not reached.ok:
+        return reached
+    start = time.monotonic()
+    try:
+        relayed = asyncio.run(_allocate_once(server, timeout))
+    except TimeoutError:
+        return Check(False, reached.what, f"{reached.detail}; no allocation within {timeout:g} s")
+    except Exception as e:  # aioice's TransactionFailed/TransactionTimeout, OSError, ConnectionError
+        return Check(False, reached.what, f"{reached.detail}; {_allocation_failure(e, server)}")
+    return Check(True, reached.what, f"{reached.detail}; allocated {relayed[0]}:{relayed[1]} as {server.username!r}, "
+                                     f"released ({_ms(start)})")  # fmt: skip
+
+
+async def _allocate_once(server: TurnServer, timeout: float) -> Endpoint:
+    from overlay.transport.turn import TurnAllocation  # aioice loads only for a config with TURN servers
+
+    allocation = TurnAllocation(server, lambda *_: None, lambda *_: None)
+    try:
+        return await asyncio.wait_for(allocation.allocate(), timeout)
+    finally:
+        await allocation.close()
+
+
+def _allocation_failure(e: Exception, server: TurnServer) -> str:
+    response = getattr(e, "response", None)
+    code, reason = response.attributes.get("ERROR-CODE", (0, "")) if response is not None else (0, "")
+    if code in _CREDENTIALS_REFUSED:
+        return f"credentials refused ({code} {reason}): check the username {server.username!r} and its password"
+    if code in _NO_ROOM:
+        return f"no allocation for us ({code} {reason}): the server is at its quota or out of relay ports"
+    if code:
+        return f"allocation refused ({code} {reason})"
+    return f"allocation failed: {e}"
+
+
 def xmpp_host(cfg: NodeConfig) -> str:
     """Where `join` connects: [xmpp] host, or the JID's domain (xmpp_bootstrap/client.py)."""
     return cfg.host or cfg.jid.partition("@")[2].split("/")[0]
@@ -255,13 +309,7 @@ def run_checks(cfg: NodeConfig, timeout: float = DEFAULT_TIMEOUT) -> Report:
     local += [check_control_socket(cfg.control_socket), check_listen(cfg.listen)]
     probes: list[Callable[[], Check]] = [partial(check_tcp, "xmpp server", xmpp_host(cfg), cfg.port, timeout)]
     probes += [partial(check_stun, "stun server", server, timeout) for server in cfg.stun]
-    for turn in cfg.turn:
-        if turn.transport == "tls":
-            probes.append(partial(check_tls, "turn server (tls)", turn.host, turn.port, turn.ca_file, timeout))
-        elif turn.transport == "tcp":
-            probes.append(partial(check_tcp, "turn server (tcp)", turn.host, turn.port, timeout))
-        else:
-            probes.append(partial(check_stun, "turn server (udp)", (turn.host, turn.port), timeout))
+    probes += [partial(check_turn, turn, timeout) for turn in cfg.turn]
     # Side by side, so a config with several unreachable servers takes one timeout, not one per server.
     with ThreadPoolExecutor(max_workers=len(probes)) as pool:
         remote = list(pool.map(lambda probe: probe(), probes))

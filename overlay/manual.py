@@ -40,13 +40,13 @@ examples:
         """\
 Try what 'join' needs, without joining: read the config and the node key (and on an issuer
 the group key and its state file), open a TCP connection to the XMPP server, send one STUN
-Binding request to every [ice] STUN server and UDP TURN server (a TCP TURN server gets a TCP
-connection), and bind the UDP listen address. No TAP device is created, no login is tried
-and the room is not entered. Prints one line per check, "ok" or "FAIL" and the reason, then
-what 'join' would do with this config.
+Binding request to every [ice] STUN server, make an allocation on every TURN server with its
+username and password and release it at once, and bind the UDP listen address. No TAP
+device is created, no login is tried and the room is not entered. Prints one line per check,
+"ok" or "FAIL" and the reason, then what 'join' would do with this config.
 
 Needs: the config and the files it names; no root (a listen port below 1024 needs
-CAP_NET_BIND_SERVICE). The password and room membership are only tried by 'join'.
+CAP_NET_BIND_SERVICE). The XMPP password and room membership are only tried by 'join'.
 
 Exit status: 0 when every check passed; 1 when any failed; 2 when the config cannot be
 used (one line on stderr).""",

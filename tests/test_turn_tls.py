@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.check import check_stun, check_tls
+from overlay.check import check_stun, check_tls, check_turn
 from overlay.transport.ice import IceAgent
 from overlay.transport.paths import IceSettings, TurnServer
 from overlay.transport.servers import Resolved, is_address, resolve
@@ -204,3 +204,19 @@ def test_names_resolve_once_per_interval_and_again_when_forgotten() -> None:
             await resolve(("no-such-host.invalid", 3478))
 
     asyncio.run(run())
+
+
+def test_check_allocates_with_the_configured_credentials_and_says_why_it_cannot(coturn: tuple) -> None:
+    """`ipop-overlay check` makes an allocation on each TURN server and releases it: a reachable server that
+    refuses our username or password fails the check, naming the username, where a reachability test passed."""
+    server, files = coturn
+    for transport, port in (("udp", server.port), ("tcp", server.port), ("tls", server.tls_port)):
+        ca = str(files.ca) if transport == "tls" else None
+        good = check_turn(TurnServer(NAME, port, transport, USERNAME, PASSWORD, ca), 5.0)
+        assert good.ok and "allocated 127.0.0.1:" in good.detail and "released" in good.detail, good
+        bad = check_turn(TurnServer(NAME, port, transport, USERNAME, "not-the-password", ca), 5.0)
+        assert (
+            not bad.ok and f"credentials refused (401 Unauthorized): check the username {USERNAME!r}" in bad.detail
+        ), bad
+    silent = check_turn(TurnServer("127.0.0.1", free_port(socket.SOCK_DGRAM), "udp", USERNAME, PASSWORD), 0.6)
+    assert not silent.ok and "unreachable" in silent.detail, silent
