@@ -53,6 +53,7 @@ def node_status(node: Node) -> dict[str, Any]:
             {
                 "server": a.server.describe(),
                 "relayed": f"{a.relayed[0]}:{a.relayed[1]}" if a.relayed else None,
+                "error": a.error,
                 "counters": dict(sorted(a.counters.items())),
             }
             for a in node.ice.allocations

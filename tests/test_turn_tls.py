@@ -11,6 +11,7 @@ to 127.0.0.1 and any `.invalid` name fails, with no query to the machine's resol
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import ssl
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from overlay.check import check_stun, check_tls, check_turn
-from overlay.transport.ice import IceAgent
+from overlay.cli import _status_table
+from overlay.transport.ice import TURN_RETRY, IceAgent
 from overlay.transport.paths import IceSettings, TurnServer
 from overlay.transport.servers import Resolved, is_address, resolve
 from overlay.transport.turn import TurnAllocation
@@ -36,6 +38,8 @@ pytestmark = [
 
 
 NAME = "turn.lab.test"
+# What `ipop-overlay status` prints besides the TURN lines (overlay/cli.py _status_table).
+STATUS = {"node_id": "0", "address": "10.254.0.1/16", "room": "r", "dht": {"stored": 0, "cached": 0}, "links": []}
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +224,35 @@ def test_check_allocates_with_the_configured_credentials_and_says_why_it_cannot(
         ), bad
     silent = check_turn(TurnServer("127.0.0.1", free_port(socket.SOCK_DGRAM), "udp", USERNAME, PASSWORD), 0.6)
     assert not silent.ok and "unreachable" in silent.detail, silent
+
+
+def test_a_failing_allocation_is_logged_once_and_status_shows_why(
+    coturn: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose TURN server refuses its credentials tries again every TURN_RETRY: the log says so once (not at
+    every try, for as long as the server refuses), and `status` shows the last error on the server's line."""
+    server, _ = coturn
+    wrong = TurnServer(NAME, server.port, "udp", USERNAME, "not-the-password")
+
+    async def run() -> list[dict[str, object]]:
+        underlay = UdpUnderlay(("127.0.0.1", 0))
+        agent = IceAgent(IceSettings(turn=(wrong,)), underlay, lambda data, path: None)
+        underlay.start(lambda data, source: None)
+        try:
+            for now in (0.0, TURN_RETRY):  # two tries, the second one retry later
+                agent.tick(now)
+                await asyncio.sleep(0)
+                await asyncio.gather(*agent._tasks)
+            return [{"relayed": a.relayed, "error": a.error} for a in agent.allocations]
+        finally:
+            await agent.close()
+            underlay.close()
+
+    with caplog.at_level(logging.DEBUG, logger="overlay.transport.ice"):
+        allocations = asyncio.run(run())
+    assert allocations[0]["relayed"] is None and "401" in str(allocations[0]["error"]), allocations
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "TURN allocation" in r.getMessage()]
+    assert len(warned) == 1 and "401" in warned[0].getMessage(), [r.getMessage() for r in caplog.records]
+    st = {"ice": {"turn": [{"server": wrong.describe(), "relayed": None, "error": allocations[0]["error"]}]}}
+    line = [x for x in _status_table({**STATUS, **st}).splitlines() if x.startswith("turn ")]
+    assert line == [f"turn     {wrong.describe()} no allocation: {allocations[0]['error']}"]

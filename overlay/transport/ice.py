@@ -403,12 +403,18 @@ class IceAgent:
         except (TimeoutError, OSError, ConnectionError, stun.TransactionError) as e:
             self._first_round.discard(allocation)
             self.count("turn allocations failed")
-            log.warning("TURN allocation at %s failed: %s; retrying in %.0f s", allocation.server.describe(), e,
-                        TURN_RETRY)  # fmt: skip
+            error = str(e) or f"no answer within {ALLOCATE_TIMEOUT:g} s"
+            # Once, and again when the reason changes: a server down for a day would otherwise log every try.
+            say = log.warning if error != allocation.error else log.debug
+            say("TURN allocation at %s failed: %s; trying again every %.0f s (status shows the last error)",
+                allocation.server.describe(), error, TURN_RETRY)  # fmt: skip
+            allocation.error = error
             return
         self._first_round.discard(allocation)
         self.count("turn allocations")
-        log.info("TURN allocation at %s: relayed address %s:%d", allocation.server.describe(), *relayed)
+        after = f" (after: {allocation.error})" if allocation.error else ""
+        allocation.error = None
+        log.info("TURN allocation at %s: relayed address %s:%d%s", allocation.server.describe(), *relayed, after)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -94,6 +94,7 @@ class TurnAllocation:
         self.relayed: Endpoint | None = None
         self.mapped: Endpoint | None = None
         self.counters: dict[str, int] = {}
+        self.error: str | None = None  # why the last try to allocate failed, until one succeeds (status)
         self._proto: TurnClientUdpProtocol | _TcpTurnProtocol | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
