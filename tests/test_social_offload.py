@@ -281,3 +281,33 @@ def test_social_links_answer_probes_and_a_probed_link_is_marked_to_take_super_fr
     token = int.from_bytes(sent[-1][1:9], "big")
     node._on_message(link, encode_ping(LinkMsg.PROBE_ACK, token))  # type: ignore[arg-type]
     assert link.fragments_ok and changed == [B_ID]
+
+
+def test_the_engine_keeps_working_after_any_data_gso_bytes_from_a_friend(social) -> None:  # type: ignore[no-untyped-def]
+    """Hostile DATA_GSO: any virtio header in front of any packet (addressed right, so the header is what is
+    judged) reaches our kernel only as a rewrite's offload work would, or goes up; the Engine keeps working."""
+    a, wire_b = social
+    kb = opener()
+    written: list[bytes] = []
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(min_size=10, max_size=10), st.sampled_from([TCP, UDP, ICMP]), st.binary(max_size=200))
+    def junk(head: bytes, protocol: int, body: bytes) -> None:
+        packet = ipv4_packet(LOCAL_B, OURS, protocol, body)
+        wire_b.send_to(a, kb.seal(0x83, 11, DATA_GSO + head + packet))
+        wire_b.send_to(a, kb.seal(0x83, 11, DATA_GSO + head + body))
+
+    junk()
+    a.up_messages(0.1)
+    a.kernel.settimeout(0.05)
+    try:
+        while True:
+            written.append(a.kernel.recv(70000))
+    except TimeoutError:
+        pass
+    for w in written:  # what crossed carried a header a rewrite could have made
+        offload.check(w[:10], w[10 + 14 :])
+    a.kernel.settimeout(2.0)
+    head, packet = partial(LOCAL_B, OURS, TCP, b"still alive" * 300, 1000)
+    wire_b.send_to(a, kb.seal(0x83, 11, DATA_GSO + head + packet))
+    assert a.kernel.recv(70000) == head + DELIVERED4 + packet
