@@ -1134,7 +1134,6 @@ static uint16_t fold16(uint32_t s) {
     return (uint16_t)s;
 }
 
-
 static inline void put_le16(uint8_t *p, size_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
 
 /* The payload length of the UDP datagram in d if it may join others, else 0 (*hl: its IP and UDP headers'
