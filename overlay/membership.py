@@ -293,10 +293,12 @@ class Membership:
             offer = node.links.setup.offer(anchor, self._xmpp_signaller(nick, anchor))
             if offer is not None:
                 hellos[nick] = encode_routed_signal(anchor, offer)
+        answered = 0
         if hellos:
             answers = await boot.exchange(hellos, timeout=HELLO_TIMEOUT)
             for nick, payload in answers.items():
                 self._take_signal(payload, nick)
+            answered = len(answers)
         loop = asyncio.get_running_loop()
         end = loop.time() + LINK_WAIT
         while loop.time() < end:
@@ -313,6 +315,9 @@ class Membership:
                 log.info("joined overlay %016x through %s (%s)", target, format_id(via), reason)
                 return True
             await self._room_change(0.25)
+        if hellos:  # why a join takes long: the anchors did not answer, or their answers led to no link
+            log.info("no link to overlay %016x yet: %d of %d anchors answered within %.0f s, no link %.0f s after",
+                     target, answered, len(hellos), HELLO_TIMEOUT, LINK_WAIT)  # fmt: skip
         return False
 
     async def _settle(self) -> None:
