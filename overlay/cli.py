@@ -93,6 +93,8 @@ def _status_table(st: dict[str, Any]) -> str:
     if ms:
         state = ms["state"] + (f", retrying in {ms['retry_in_s']} s: {ms['last_error']}" if ms["retry_in_s"] else "")
         lines.insert(5, f"joining  {state}")
+    if st.get("ice", {}).get("mapping"):
+        lines.append(f"nat      {st['ice']['mapping']}")
     for t in st.get("ice", {}).get("turn", []):
         relay = f"relayed {t['relayed']}" if t["relayed"] else f"no allocation: {t.get('error') or 'asking'}"
         lines.append(f"turn     {t['server']} {relay}")

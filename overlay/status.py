@@ -49,6 +49,7 @@ def node_status(node: Node) -> dict[str, Any]:
     ice: dict[str, Any] = {"enabled": node.ice is not None}
     if node.ice is not None:
         ice["counters"] = dict(sorted(node.ice.counters.items()))
+        ice["mapping"] = node.ice.mapping()
         ice["turn"] = [
             {
                 "server": a.server.describe(),

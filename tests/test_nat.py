@@ -86,6 +86,16 @@ def unfit(seen: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
     return {pair: kind for pair, kind in seen.items() if kind not in expected_kinds(*pair)}
 
 
+def test_each_member_tells_its_nats_mapping_from_the_two_stun_servers(nat_group: Group) -> None:
+    """`status` says what the STUN servers' answers show of each member's NAT: none for the public member, an
+    endpoint-independent mapping behind the cone NATs, an address-dependent one behind the symmetric NAT."""
+    expected = {None: "none: a public address", "cone": "endpoint-independent", "symmetric": "address-dependent"}
+    for i, place in enumerate(PLACEMENT):
+        want = expected[CLUSTERS[place] if place else None]
+        assert nat_group.wait_until(lambda i=i, want=want: nat_group.status(i)["ice"]["mapping"].startswith(want),
+                                    30.0, 1.0), (i, nat_group.status(i)["ice"]["mapping"])  # fmt: skip
+
+
 def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat_group: Group) -> None:
     g = nat_group
     g.wait_for_pings(g.running_pairs(), WARM_UP_S)

@@ -57,6 +57,24 @@ GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss
 _ICE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
+def mapping_behaviour(hosts: set[str], answers: list[tuple[str, Endpoint]]) -> str:
+    """What the STUN servers' answers say of the NAT in front of us (RFC 4787 section 4.1's mapping behaviour):
+    `answers` are (the server's address, the address it saw us at). Two servers at different addresses that see us
+    at one address mean an endpoint-independent mapping, which hole punching needs; at two, an address-dependent
+    one (a "symmetric" NAT), through which only TURN or a tunnel reaches members behind other NATs (RFC 5780
+    section 4.3 tells them apart the same way, with one server's alternate address)."""
+    if not answers:
+        return "unknown: no STUN server answered"
+    if any(mapped[0] in hosts for _, mapped in answers):
+        return "none: a public address"
+    servers = {server for server, _ in answers}
+    if len(servers) < 2:
+        return "a NAT; its mapping needs two STUN server addresses to tell"
+    if len({mapped for _, mapped in answers}) == 1:
+        return f"endpoint-independent NAT mapping ({len(servers)} STUN server addresses agree)"
+    return "address-dependent NAT mapping (a symmetric NAT): members behind other NATs only through TURN or a tunnel"
+
+
 def _random_text(n: int) -> str:
     return "".join(secrets.choice(_ICE_ALPHABET) for _ in range(n))
 
@@ -200,6 +218,7 @@ class IceAgent:
     # Called when our host or server-reflexive addresses change (a new network, a NAT rebinding).
     on_address_change: Callable[[], None] = lambda: None
     _srflx: dict[Endpoint, Endpoint] = field(default_factory=dict)
+    _srflx_via: dict[Endpoint, str] = field(default_factory=dict)  # the address each STUN server was asked at
     _host: list[Candidate] = field(default_factory=list)
     _host_at: float = -1e18
     _srflx_at: float = -1e18
@@ -259,6 +278,11 @@ class IceAgent:
 
     def host_candidates(self) -> list[Candidate]:
         return list(self._host)
+
+    def mapping(self) -> str:
+        """Our NAT's mapping behaviour, as the STUN servers' last answers show it (status)."""
+        answers = [(self._srflx_via.get(server, server[0]), mapped) for server, mapped in self._srflx.items()]
+        return mapping_behaviour({c.host for c in self._host}, answers)
 
     def srflx_candidates(self) -> list[Candidate]:
         hosts = {c.host for c in self._host}
@@ -369,6 +393,7 @@ class IceAgent:
         mapped = (str(mapped[0]), int(mapped[1]))
         old = self._srflx.get(server)
         self._srflx[server] = mapped
+        self._srflx_via[server] = address[0]
         if old is not None and old != mapped:
             log.info("server-reflexive address changed %s:%d -> %s:%d", *old, *mapped)
             self._addresses_changed()
