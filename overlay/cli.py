@@ -93,11 +93,7 @@ def _status_table(st: dict[str, Any]) -> str:
     if ms:
         state = ms["state"] + (f", retrying in {ms['retry_in_s']} s: {ms['last_error']}" if ms["retry_in_s"] else "")
         lines.insert(5, f"joining  {state}")
-    if st.get("ice", {}).get("mapping"):
-        lines.append(f"nat      {st['ice']['mapping']}")
-    for t in st.get("ice", {}).get("turn", []):
-        relay = f"relayed {t['relayed']}" if t["relayed"] else f"no allocation: {t.get('error') or 'asking'}"
-        lines.append(f"turn     {t['server']} {relay}")
+    lines += _ice_lines(st)
     header = ("PEER", "ADDRESS", "KIND", "ENDPOINT", "RTT ms", "TX bytes", "RX bytes", "ROLES")
     rows = [header] + [
         (
@@ -127,6 +123,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ice_lines(st: dict[str, Any]) -> list[str]:
+    """What the node's ICE agent knows of its NAT and TURN servers (overlay/status.py ice_status)."""
+    ice = st.get("ice", {})
+    lines = [f"nat      {ice['mapping']}"] if ice.get("mapping") else []
+    for t in ice.get("turn", []):
+        relay = f"relayed {t['relayed']}" if t["relayed"] else f"no allocation: {t.get('error') or 'asking'}"
+        lines.append(f"turn     {t['server']} {relay}")
+    return lines
+
+
 def _social_table(st: dict[str, Any]) -> str:
     """A SocialVPN node's status: each friend, its devices with the address and names they have here."""
     lines = [
@@ -135,6 +141,7 @@ def _social_table(st: dict[str, Any]) -> str:
         f"endpoint {st['endpoint']}",
         f"data     {_data_path(st.get('lanes', 0))}",
         f"xmpp     {st['xmpp']}" + ("  (links stay; new ones wait for the session)" if st["xmpp"] != "online" else ""),
+        *_ice_lines(st),
     ]
     lines += [f"WARNING  {w}" for w in st["warnings"]]
     if st["requests"]:

@@ -11,6 +11,27 @@ from overlay.routing.ring import Role
 
 if TYPE_CHECKING:
     from overlay.node import Node
+    from overlay.transport.ice import IceAgent
+
+
+def ice_status(agent: IceAgent | None) -> dict[str, Any]:
+    """The ICE agent's part of `status` (a group's or a social node's): its NAT's mapping, each TURN server's
+    allocation or why there is none, its counters and candidates."""
+    ice: dict[str, Any] = {"enabled": agent is not None}
+    if agent is not None:
+        ice["counters"] = dict(sorted(agent.counters.items()))
+        ice["mapping"] = agent.mapping()
+        ice["turn"] = [
+            {
+                "server": a.server.describe(),
+                "relayed": f"{a.relayed[0]}:{a.relayed[1]}" if a.relayed else None,
+                "error": a.error,
+                "counters": dict(sorted(a.counters.items())),
+            }
+            for a in agent.allocations
+        ]
+        ice["candidates"] = [c.to_sdp() for c in agent.host_candidates() + agent.srflx_candidates()]
+    return ice
 
 
 def node_status(node: Node) -> dict[str, Any]:
@@ -46,20 +67,7 @@ def node_status(node: Node) -> dict[str, Any]:
             }
         )
     hops = node.datapath.hops
-    ice: dict[str, Any] = {"enabled": node.ice is not None}
-    if node.ice is not None:
-        ice["counters"] = dict(sorted(node.ice.counters.items()))
-        ice["mapping"] = node.ice.mapping()
-        ice["turn"] = [
-            {
-                "server": a.server.describe(),
-                "relayed": f"{a.relayed[0]}:{a.relayed[1]}" if a.relayed else None,
-                "error": a.error,
-                "counters": dict(sorted(a.counters.items())),
-            }
-            for a in node.ice.allocations
-        ]
-        ice["candidates"] = [c.to_sdp() for c in node.ice.host_candidates() + node.ice.srflx_candidates()]
+    ice = ice_status(node.ice)
     return {
         "node_id": format_id(node.id),
         "address": f"{node.address}/{node.network.prefixlen}",

@@ -172,6 +172,11 @@ def test_status_table_lists_friends_devices_names_and_warnings() -> None:
     assert "xmpp     reconnecting  (links stay" in text
     assert "data     compiled, 1 lane" in text
     assert "data     Python" in _social_table({**status, "lanes": 0})
+    turn = {"server": "turn:198.18.0.4:3478?transport=udp", "relayed": None, "error": "no answer"}
+    ice = {"mapping": "endpoint-independent NAT mapping (2 STUN server addresses agree)", "turn": [turn]}
+    lines = _social_table({**status, "ice": ice}).splitlines()
+    assert "nat      endpoint-independent NAT mapping (2 STUN server addresses agree)" in lines
+    assert "turn     turn:198.18.0.4:3478?transport=udp no allocation: no answer" in lines
 
 
 def test_check_says_what_a_social_node_would_do(tmp_path: Path) -> None:

@@ -96,6 +96,8 @@ def test_friends_link_and_reach_each_other_by_name(lab: SocialLab) -> None:
     at_bob = lab.linked(bob, alice)
     assert at_bob is not None and seen_from == at_bob
     assert ipaddress.IPv4Address(at_bob) in ipaddress.IPv4Network("10.77.0.0/16")
+    # Alice's status says what the two STUN server addresses show of her NAT (a cone NAT: hole punching works).
+    assert lab.status(alice)["ice"]["mapping"].startswith("endpoint-independent"), lab.status(alice)["ice"]
 
 
 def test_a_tcp_stream_between_friends_crosses_their_compiled_data_paths(lab: SocialLab) -> None:

@@ -6,6 +6,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from overlay.ids import format_id
+from overlay.status import ice_status
 
 if TYPE_CHECKING:
     from overlay.social.node import SocialNode
@@ -49,5 +50,6 @@ def social_status(node: SocialNode) -> dict[str, Any]:
         "friends": [{"jid": f, "devices": d} for f, d in sorted(friends.items())],
         "requests": node.watch.roster.requests(),
         "warnings": list(node.warnings),
+        "ice": ice_status(node.ice),
         "counters": dict(sorted({**node.counters, **node.nat.counters, **node.links.counters, **fast}.items())),
     }
