@@ -1141,16 +1141,15 @@ static inline void put_le16(uint8_t *p, size_t v) { p[0] = (uint8_t)v, p[1] = (u
  * UDP length that matches, and a checksum that is either left to complete (NEEDS_CSUM, where a UDP checksum is)
  * or right. */
 static size_t joinable(const Delivery *d, size_t *hl) {
-    const uint8_t *ip = d->ip, *v = d->vnet;
-    size_t total = d->total, iphl;
-    uint32_t pseudo;
+    const uint8_t *ip = d->ip, *v = d->vnet, *addresses; /* the pseudo-header's (alen bytes) */
+    size_t total = d->total, iphl, alen;
     if (!v || v[1] != 0) return 0;
     if (ip[0] == 0x45) {
         if (total <= JOIN_HDR || ip[9] != 17 || ip[6] != 0x40 || ip[7] != 0) return 0;
-        iphl = 20, pseudo = sum16(ip + 12, 8, 17 + (uint32_t)(total - 20));
+        iphl = 20, addresses = ip + 12, alen = 8;
     } else if (ip[0] >> 4 == 6) {
         if (total <= JOIN_HDR6 || ip[6] != 17) return 0;
-        iphl = 40, pseudo = sum16(ip + 8, 32, 17 + (uint32_t)(total - 40));
+        iphl = 40, addresses = ip + 8, alen = 32;
     } else {
         return 0;
     }
@@ -1160,6 +1159,7 @@ static size_t joinable(const Delivery *d, size_t *hl) {
     if (v[0] == VNET_F_NEEDS_CSUM) return le16(v + 6) == ETH_LEN + iphl && le16(v + 8) == 6 ? total - *hl : 0;
     if (v[0] != 0) return 0;
     if (iphl == 40 && !(udp[6] | udp[7])) return 0;
+    uint32_t pseudo = sum16(addresses, alen, 17 + (uint32_t)(total - iphl)); /* only where it is checked here */
     if ((udp[6] | udp[7]) && fold16(sum16(udp, total - iphl, pseudo)) != 0xFFFF) return 0;
     return total - *hl;
 }

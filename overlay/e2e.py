@@ -25,15 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overlay.ids import node_id_from_public_key
-from overlay.tap.frames import (
-    ETH_HEADER_LEN,
-    VNET_HDR_LEN,
-    Bytes,
-    FrameError,
-    complete_checksum,
-    parse_vnet_header,
-    segment_tcp,
-)
+from overlay.tap.frames import VNET_HDR_LEN, Bytes, FrameError, nic_packets
 from overlay.transport.session import HandshakeError, Handshaker, PendingHandshake, Session, new_index
 from overlay.wire import DecodeError, HandshakeInit, HandshakeResp, Kind, decode_handshake, decode_transport_header
 
@@ -122,9 +114,7 @@ class EndToEnd:
     def _segments(self, body: Bytes) -> list[bytes]:
         view = memoryview(body)
         try:
-            packet = view[VNET_HDR_LEN:]
-            offload = parse_vnet_header(view[:VNET_HDR_LEN], ETH_HEADER_LEN + len(packet))
-            return segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+            return nic_packets(view[:VNET_HDR_LEN], view[VNET_HDR_LEN:])
         except FrameError:
             self.count("drop: TCP super-frame that cannot be segmented")
             return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from overlay.link import Link
-from overlay.tap.frames import ETH_HEADER_LEN, Bytes, FrameError, complete_checksum, parse_vnet_header, segment_tcp
+from overlay.tap.frames import Bytes, FrameError, nic_packets
 
 SEGMENT_DROP = "drop: TCP super-frame that cannot be segmented"
 
@@ -21,8 +21,7 @@ def send_unfragmented(link: Link, header: bytes, head: Bytes, packet: Bytes, cou
     super-frame cut into its TCP segments, a checksum-only frame with its checksum completed. `header`: the
     routed header to put in front, kind DATA. A frame that cannot be cut is counted and dropped."""
     try:
-        offload = parse_vnet_header(head, ETH_HEADER_LEN + len(packet))
-        packets = segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+        packets = nic_packets(head, packet)
     except FrameError:
         count(SEGMENT_DROP)
         return

@@ -103,11 +103,13 @@ class SocialPath:
                 return
         try:
             eth, body = self.vnic.to_tap_parts(packet)
-            if not head or self.tap.vnet_hdr:
-                self.tap.write_parts([head or ZERO_VNET_HDR, eth, body] if self.tap.vnet_hdr else [eth, body])
-                return
-            for p in offload.packets(head, body):  # a TAP without offload: the packets a NIC would make
-                self.tap.write_parts([eth, p])
+            if self.tap.vnet_hdr:
+                self.tap.write_parts([head or ZERO_VNET_HDR, eth, body])
+            elif not head:
+                self.tap.write_parts([eth, body])
+            else:
+                for p in offload.packets(head, body):  # a TAP without offload: the packets a NIC would make
+                    self.tap.write_parts([eth, p])
         except FrameError:
             self._node.count("drop: data not for our address")
 

@@ -11,43 +11,33 @@ friend's DATA_GSO is checked (`check`) before our kernel sees its header.
 
 from __future__ import annotations
 
+from overlay.social.translate import IPPROTO_UDP
 from overlay.tap.frames import (
     ETH_HEADER_LEN,
     IPPROTO_TCP,
-    VNET_F_DATA_VALID,
     VNET_F_NEEDS_CSUM,
     VNET_GSO_ECN,
-    VNET_GSO_NONE,
     VNET_GSO_TCPV4,
     VNET_HDR_LEN,
     Bytes,
     FrameError,
     VnetHeader,
-    complete_checksum,
     ipv4_header,
+    nic_packets,
     parse_vnet_header,
-    segment_tcp,
 )
 
-IPPROTO_UDP = 17
 # RFC 793 and RFC 768: where TCP's and UDP's checksums sit in their headers, and the headers' least length.
 _CHECKSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}
 _HEADER_MIN = {IPPROTO_TCP: 20, IPPROTO_UDP: 8}
 _IP_MF_AND_OFFSET = 0x3FFF  # RFC 791
 
 
-def no_work(head: Bytes) -> bool:
-    """Whether a frame's virtio header leaves nothing to do: all zero, or only "checksum already verified"."""
-    return len(head) < 2 or (head[0] in (0, VNET_F_DATA_VALID) and head[1] == VNET_GSO_NONE)
-
-
 def packets(head: Bytes, packet: Bytes) -> list[bytes]:
-    """IPv4 `packet` as the packets a NIC would send for its virtio header `head`: a TCP super-frame's segments,
-    or the packet with the checksum its kernel left to offload completed. Raises FrameError."""
-    if no_work(head):
-        return [bytes(packet)]
-    offload = parse_vnet_header(head, ETH_HEADER_LEN + len(packet))
-    return segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
+    """IPv4 `packet` as the packets a NIC would send for its virtio header `head` (none from a TAP without
+    offload): a TCP super-frame's segments, or the packet with the checksum its kernel left to offload completed.
+    Raises FrameError."""
+    return nic_packets(head, packet) if head else [bytes(packet)]
 
 
 def check(head: Bytes, packet: Bytes) -> VnetHeader:

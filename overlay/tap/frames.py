@@ -406,3 +406,10 @@ def segment_tcp(packet: Bytes, header: VnetHeader) -> list[bytes]:
             struct.pack_into("!H", ip_head, 10, ~_fold(ip_base + seg_total + seg_id) & 0xFFFF)
         segments.append(b"".join((ip_head, tcp_head, chunk)))
     return segments
+
+
+def nic_packets(head: Bytes, packet: Bytes) -> list[bytes]:
+    """What a NIC sends for IPv4 or IPv6 `packet` and its virtio_net_hdr `head` (the offload work left to it): a
+    super-frame's TCP segments, or the packet with its checksum completed. Raises FrameError (peer bytes)."""
+    offload = parse_vnet_header(head, ETH_HEADER_LEN + len(packet))
+    return segment_tcp(packet, offload) if offload.is_gso else [complete_checksum(packet, offload)]
