@@ -388,6 +388,7 @@ typedef struct {
     atomic_int note_pending;
     int64_t last_note;
     int64_t now; /* when the thread's current batch began: one clock read per batch, not per packet */
+    uint64_t read_bytes; /* what the thread read from its TAP and socket (the poll's rule: engine_main) */
     /* counters (the thread writes, Python reads: word-sized, a torn read is off by one at worst) */
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
         c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
@@ -1005,6 +1006,7 @@ static void drain_tap(Engine *e) {
         bytes += (size_t)n;
         on_frame(e, e->rbuf, (size_t)n);
     }
+    e->read_bytes += bytes;
     flush_run(e);
 }
 
@@ -1668,6 +1670,7 @@ static void drain_udp(Engine *e) {
             on_datagram(e, e->rbuf, size, &from);
         }
     }
+    e->read_bytes += bytes;
     flush_tap_run(e);
     flush_run(e);
 }
@@ -1683,14 +1686,21 @@ static void drain_udp(Engine *e) {
  * need. Measured (2026-12-05, 64-byte UDP flood relayed through three nodes, two cores, 6 runs each): iperf3's
  * server read 81-93k packets/s while every Engine polled, 115-142k/s with this; idle RTT and TCP unchanged
  * within the host's noise (by arithmetic, 7 Gbit/s of 64 KB super-frames and their ACKs is ~10 packets per
- * window: a TCP stream keeps the poll). */
+ * window: not this rule but the next one stops a TCP stream's poll). */
 #define BUSY_PACKETS 32
+/* ... or read BUSY_BYTES (a super-frame; ~1.7 Gbit/s): a bulk stream's next frame comes as surely without the
+ * poll, and on a host whose cores are all busy the poll's yields took CPU from the applications and the other
+ * Engines. Measured (2026-12-07, the lab of bench/peers.py, alternating labs, medians of 6 runs, before / after):
+ * one TCP stream 7,833 / 8,336 Mbit/s direct at 1.69 / 1.13 CPU s per GB, 6,746 / 7,925 relayed; four streams
+ * relayed 8,317 / 9,069; idle RTT unchanged (0.220 / 0.221 ms direct: a ping is ~100 bytes), RTT under a
+ * stream 1.14 / 0.67 ms direct (docs/datapath.md, Latency). */
+#define BUSY_BYTES 65536
 
 static void *engine_main(void *arg) {
     Engine *e = arg;
     struct epoll_event evs[4];
     int64_t spin_until = 0, window_end = 0;
-    uint64_t window_base = 0;
+    uint64_t window_base = 0, window_bytes = 0;
     int busy = 0;
     for (;;) {
         if (e->stage_n) release_staged(e);
@@ -1724,8 +1734,9 @@ static void *engine_main(void *arg) {
             /* A new window: was the one before busy? After a pause it counts from its start, so the first window
              * after a flood may go without the poll. */
             if (t >= window_end) {
-                busy = total - window_base >= BUSY_PACKETS;
+                busy = total - window_base >= BUSY_PACKETS || e->read_bytes - window_bytes >= BUSY_BYTES;
                 window_base = total;
+                window_bytes = e->read_bytes;
                 window_end = t + SPIN_NS;
             }
             spin_until = busy ? 0 : t + SPIN_NS;
