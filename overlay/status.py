@@ -60,6 +60,7 @@ def node_status(node: Node) -> dict[str, Any]:
                 "endpoint": link.describe_endpoint(),
                 "relay": format_id(link.relay) if link.relay is not None else None,
                 "kind": link.kind,
+                "superframes": link.fragments_ok,  # the probe came back: TCP super-frames cross whole (as chunks)
                 "rtt_ms": round(link.rtt * 1000, 3) if link.rtt is not None else None,
                 "tx_bytes": link.tx_bytes,
                 "rx_bytes": link.rx_bytes,

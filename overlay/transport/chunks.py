@@ -55,19 +55,21 @@ def chunk_count(size: int, chunk: int) -> int:
     return -(-size // (chunk - CHUNK_HEADER.size))
 
 
-def split(datagram: bytes, message_id: int, size: int) -> bytes:
-    """`datagram` as chunks of `size` bytes (the last shorter), back to back: a UDP GSO buffer."""
+def cut(datagram: bytes, message_id: int, size: int) -> Iterator[tuple[bytes, memoryview]]:
+    """`datagram` as chunks of `size` bytes (the last shorter): each chunk's header and its part."""
     part = size - CHUNK_HEADER.size
     count = chunk_count(len(datagram), size)
     if not 1 < count <= MAX_CHUNKS:
         raise ValueError(f"a datagram of {len(datagram)} bytes makes {count} chunks of {size}")
     message_id &= 0xFFFFFFFF
     view = memoryview(datagram)
-    pieces: list[bytes | memoryview] = []
     for i in range(count):
-        pieces.append(CHUNK_HEADER.pack(PacketType.CHUNK, message_id, i, count))
-        pieces.append(view[i * part : (i + 1) * part])
-    return b"".join(pieces)
+        yield CHUNK_HEADER.pack(PacketType.CHUNK, message_id, i, count), view[i * part : (i + 1) * part]
+
+
+def split(datagram: bytes, message_id: int, size: int) -> bytes:
+    """`datagram` as chunks of `size` bytes (the last shorter), back to back: a UDP GSO buffer."""
+    return b"".join(piece for chunk in cut(datagram, message_id, size) for piece in chunk)
 
 
 def pieces(buffer: bytes, segment: int) -> Iterator[memoryview]:

@@ -10,6 +10,13 @@ channel is bound per peer the first time something is sent to it, and re-bound e
 is in use: a ChannelBind also refreshes the peer's permission, which lasts only 300 s (section 9), so aioice's
 own 500 s re-binding would let the permission lapse.
 
+A datagram bigger than a chunk (a TCP super-frame, the fragment probe: docs/datapath.md) goes as chunks
+(overlay/transport/chunks.py), each in a ChannelData of its own, all of them in one UDP GSO send over UDP: the
+server relays each as a datagram that fits the path to the peer, which joins them as it joins the chunks of
+a peer's own socket. Sent whole, the server had to relay a 60 KB datagram as IP fragments, and coturn relayed
+none: the probe went unanswered, and every super-frame to such a link was cut into TCP segments in Python and
+each sent on its own.
+
 A node holds one allocation per configured TURN server, whatever its number of links: the sockets it holds
 are bounded by the configuration (docs/nat-traversal.md).
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import ssl
 import struct
@@ -28,9 +36,10 @@ from typing import Any
 from aioice import stun
 from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel_data
 
-from overlay.transport.chunks import Reassembly
+from overlay.transport.chunks import MAX_CHUNKS, Reassembly, chunk_count, chunk_size, cut
 from overlay.transport.paths import TurnPath, TurnServer
 from overlay.transport.servers import resolve
+from overlay.transport.underlay import SOL_UDP, UDP_SEGMENT, route_mtu, try_option
 from overlay.wire import Endpoint, PacketType
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,7 @@ ALLOCATION_LIFETIME = 600  # seconds; RFC 8656 section 7.2 default, refreshed by
 DRAIN_BATCH = 256  # as the underlay: bounds the time one busy socket holds the loop
 SOCKET_BUFFER = 4 << 20
 _CHANNEL_HEADER = struct.Struct("!HH")
+_U16 = struct.Struct("=H")  # UDP_SEGMENT's cmsg: the segment size, native order
 
 
 # What an allocation hands up: a STUN message from a peer (an ICE check through the relay), and a link packet.
@@ -109,6 +119,11 @@ class TurnAllocation:
         self._paths: dict[Endpoint, TurnPath] = {}
         self._next_channel = CHANNEL_FIRST
         self._send_raw: Callable[[bytes], None] = lambda data: None
+        # ChannelData messages of chunks, in one send; over UDP each must fit the path to the server.
+        self._send_frames: Callable[[list[bytes]], None] = lambda frames: None
+        self._server_payload: int | None = None  # UDP: the most a datagram to the server carries unfragmented
+        self._message_id = random.getrandbits(32)  # our chunks' IDs, as the underlay's: per sender, random start
+        self._gso = False  # UDP: the kernel takes UDP_SEGMENT
         self._address: Endpoint = (server.host, server.port)  # UDP: where the name resolved at the allocation
 
     def count(self, what: str) -> None:
@@ -147,7 +162,12 @@ class TurnAllocation:
             def send_tcp(data: bytes) -> None:
                 tcp_transport.write(proto._padded(data))
 
+            def send_tcp_frames(frames: list[bytes]) -> None:
+                # Over a stream each ChannelData is padded to a multiple of 4 bytes (RFC 8656 section 12.5).
+                tcp_transport.write(b"".join([proto._padded(frame) for frame in frames]))
+
             self._send_raw = send_tcp
+            self._send_frames = send_tcp_frames
         else:
             address = self._address = await resolve((s.host, s.port))
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -167,6 +187,10 @@ class TurnAllocation:
                     self.count("send failed")
 
             self._send_raw = send_udp
+            self._send_frames = self._send_udp_frames
+            self._gso = try_option(sock, SOL_UDP, UDP_SEGMENT, 0)
+            version = 6 if family == socket.AF_INET6 else 4
+            self._server_payload = chunk_size(version, route_mtu(address, version))
         try:
             relayed = await self._proto.connect()
         except BaseException:
@@ -263,7 +287,7 @@ class TurnAllocation:
     def send_to_peer(self, data: bytes, peer: Endpoint) -> None:
         channel = self._peer_channel.get(peer)
         if channel is not None:
-            self._send_raw(_CHANNEL_HEADER.pack(channel, len(data)) + data)
+            self._send_channel(channel, data, peer)
             return
         queue = self._queued.setdefault(peer, [])
         if len(queue) < 8:  # our choice: a few checks or handshakes wait for the binding, not a data burst
@@ -289,7 +313,44 @@ class TurnAllocation:
         self._channel_peer[channel] = peer
         self._bound_at[channel] = self._loop.time()
         for data in self._queued.pop(peer, []):
+            self._send_channel(channel, data, peer)
+
+    def chunk_for(self, peer: Endpoint) -> int:
+        """The chunk size to `peer`: what the server's datagram to it carries on a 1,500-byte path (its path is
+        not ours to ask), and over UDP what fits a ChannelData on our path to the server."""
+        size = chunk_size(6 if ":" in peer[0] else 4)
+        if self._server_payload is not None:
+            size = min(size, self._server_payload - _CHANNEL_HEADER.size)
+        return size
+
+    def _send_udp_frames(self, frames: list[bytes]) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        # Every frame but the last is one size, so the kernel cuts them where they were joined.
+        if self._gso and len(frames) > 1:
+            try:
+                sock.sendmsg([b"".join(frames)], [(SOL_UDP, UDP_SEGMENT, _U16.pack(len(frames[0])))], 0, self._address)
+                return
+            except OSError:  # a route UDP GSO cannot take (its MTU shrank, IPsec): each on its own
+                self.count("gso: sent one by one")
+        for frame in frames:
+            try:
+                sock.sendto(frame, self._address)
+            except OSError:
+                self.count("send failed")
+
+    def _send_channel(self, channel: int, data: bytes, peer: Endpoint) -> None:
+        size = self.chunk_for(peer)
+        if len(data) <= size or chunk_count(len(data), size) > MAX_CHUNKS:
             self._send_raw(_CHANNEL_HEADER.pack(channel, len(data)) + data)
+            return
+        self._message_id += 1
+        pack = _CHANNEL_HEADER.pack
+        self._send_frames(
+            [pack(channel, len(head) + len(part)) + head + part for head, part in cut(data, self._message_id, size)]
+        )
+        self.count("datagrams sent as chunks")
 
     def _channel_for(self, peer: Endpoint) -> int:
         for channel, known in self._channel_peer.items():

@@ -85,6 +85,22 @@ _INT = struct.Struct("=i")
 _CHUNK = int(PacketType.CHUNK)
 
 
+def route_mtu(endpoint: Endpoint, version: int, local_host: str = "") -> int:
+    """The MTU of the kernel's route to `endpoint` over IPv`version` (from `local_host`, as a socket bound there
+    sends). Connecting a UDP socket sends nothing: the kernel only looks up the route and keeps its MTU. A
+    1,500-byte path if the kernel has no route to say."""
+    try:
+        with socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            if local_host not in ("", "0.0.0.0", "::"):
+                probe.bind((local_host, 0))
+            probe.connect(endpoint)
+            if version == 6:
+                return int(probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+            return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    except OSError:
+        return ETHERNET_MTU
+
+
 class UnderlayError(Exception):
     """The underlay cannot be set up (address in use, not an address of this host)."""
 
@@ -122,7 +138,7 @@ class UdpUnderlay:
         self._chunks: dict[Endpoint, int] = {}  # chunk_for's answers
         self._message_id = random.getrandbits(32)
         self._reassembly = Reassembly(self.counters)
-        self.gso = gso and _try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
+        self.gso = gso and try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
         self._held: dict[Endpoint, list[bytes]] | None = None  # by endpoint, between hold() and flush()
         for sock in (self._sock, *self.lane_socks):
             _set_options(sock, self.gso, gro)
@@ -162,19 +178,7 @@ class UdpUnderlay:
         self._chunks.clear()
 
     def _route_mtu(self, endpoint: Endpoint) -> int:
-        """Connecting a UDP socket sends nothing: the kernel only looks up the route (from our listen address, as
-        our sends would) and keeps its MTU. A 1,500-byte path if the kernel has no route to say."""
-        host = self.local_endpoint[0]
-        try:
-            with socket.socket(self._sock.family, socket.SOCK_DGRAM) as probe:
-                if host not in ("0.0.0.0", "::"):
-                    probe.bind((host, 0))
-                probe.connect(endpoint)
-                if self._version == 6:
-                    return int(probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
-                return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
-        except OSError:
-            return ETHERNET_MTU
+        return route_mtu(endpoint, self._version, self.local_endpoint[0])
 
     def hand_over_reads(self) -> None:
         """The compiled data path (overlay/fastpath.py) reads the socket from now on; what it does not handle
@@ -394,16 +398,16 @@ def _bound(family: int, listen: Endpoint, reuse_port: bool) -> socket.socket:
 
 def _set_options(sock: socket.socket, gso: bool, gro: bool) -> None:
     if gro:
-        _try_option(sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
+        try_option(sock, SOL_UDP, UDP_GRO, 1)  # without it (or without kernel support) reads are single
     if not gso and sock.family == socket.AF_INET:
         sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
     if sock.family == socket.AF_INET:
-        _try_option(sock, socket.IPPROTO_IP, IP_RECVERR, 1)
+        try_option(sock, socket.IPPROTO_IP, IP_RECVERR, 1)
     else:
-        _try_option(sock, socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        try_option(sock, socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
 
 
-def _try_option(sock: socket.socket, level: int, option: int, value: int) -> bool:
+def try_option(sock: socket.socket, level: int, option: int, value: int) -> bool:
     """Whether this kernel takes the socket option (UDP GSO needs Linux 4.18, GRO 5.0)."""
     try:
         sock.setsockopt(level, option, value)
