@@ -24,7 +24,7 @@ from overlay.transport.chunks import (
     pieces,
     split,
 )
-from overlay.transport.underlay import UdpUnderlay
+from overlay.transport.underlay import TURN_HEADROOM, UdpUnderlay
 from overlay.wire import DecodeError, PacketType
 
 SIZE = chunk_size(4)
@@ -260,3 +260,31 @@ def test_chunks_a_route_refuses_are_cut_again_for_its_mtu_as_asked_anew_or_go_wh
         assert "gso: sent one by one" not in counters
     else:
         assert segments == [1472] and counters["gso: sent one by one"] == 1
+
+
+def test_chunks_to_a_peers_turn_relayed_address_leave_room_for_the_servers_header() -> None:
+    """The server relays each chunk to its client with a ChannelData or Data indication in front: a full-size
+    chunk would then be two IP fragments (or dropped where the server sets DF). Chunks to such an address are
+    TURN_HEADROOM smaller and still make the datagram whole."""
+    segments: list[int] = []
+
+    async def run() -> tuple[list[bytes], list[bytes], int, int]:
+        a = UdpUnderlay(("127.0.0.1", 0))
+        b = UdpUnderlay(("127.0.0.1", 0))
+        a._route_mtu = lambda endpoint: 1500  # type: ignore[method-assign]
+        real_sendmsg = a._sock.sendmsg
+
+        def sendmsg(buffers: Any, ancillary: Any, flags: int, address: Any) -> int:
+            segments.append(int.from_bytes(ancillary[0][2], "little"))
+            return int(real_sendmsg(buffers, ancillary, flags, address))
+
+        a._sock = Wrapped(a._sock, sendmsg=sendmsg)
+        before = a.chunk_for(b.local_endpoint)
+        a.through_turn(b.local_endpoint)
+        after = a.chunk_for(b.local_endpoint)
+        sent, got = await carry(a, b, [60100])
+        return sent, got, before, after
+
+    sent, got, before, after = asyncio.run(run())
+    assert got == sent
+    assert before == 1472 and after == 1472 - TURN_HEADROOM and segments == [after]

@@ -125,14 +125,28 @@ def test_link_packets_cross_between_a_tls_and_a_udp_allocation_on_channels(cotur
                 await asyncio.sleep(0.1)
                 if got["tls"] and got["udp"]:
                     break
+            # A super-frame's size from the TLS allocation: chunks, each in a ChannelData padded on the stream,
+            # relayed by coturn as datagrams of their own and joined at the UDP allocation. (The other way coturn
+            # passes a train it read from UDP on to the TLS allocation's relayed address faster than it reads that
+            # one, and on loopback that socket's 128 KB buffer never holds a whole train: docs/nat-traversal.md.
+            # The UDP allocation's chunks and GSO send: tests/test_turn_channels.py, tests/test_nat.py.)
+            tls.send_to_peer(PROBE_SIZED, udp.relayed)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if PROBE_SIZED in got["udp"]:
+                    break
+            assert tls.counters.get("datagrams sent as chunks") == 1
             return got["tls"], got["udp"]
         finally:
             for end in ends.values():
                 await end.close()
 
     at_tls, at_udp = asyncio.run(run())
-    assert at_udp and set(at_udp) == {b"\x80from tls"}
+    assert at_udp and set(at_udp) == {b"\x80from tls", PROBE_SIZED}
     assert at_tls and set(at_tls) == {bytes([0x80]) + bytes(range(256)) * 4}
+
+
+PROBE_SIZED = bytes([0x81]) + bytes(i * 7 % 251 for i in range(60_256))  # a sealed PROBE's size (overlay/wire.py)
 
 
 def test_a_certificate_from_another_ca_is_refused_and_check_says_so(coturn: tuple, tmp_path: Path) -> None:

@@ -194,6 +194,8 @@ class IceSession:
             self.selected = view.allocation.path(remote_addr)
         else:
             self.selected = UdpPath(self.agent.underlay, remote_addr, pair.remote_candidate.type)
+            if pair.remote_candidate.type == "relay":
+                self.agent.underlay.through_turn(remote_addr)
         return self.selected
 
     def view_for(self, allocation: TurnAllocation | None) -> _View | None:

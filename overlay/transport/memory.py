@@ -106,6 +106,9 @@ class MemoryUnderlay:
     def flush(self) -> None:
         pass
 
+    def through_turn(self, endpoint: Endpoint) -> None:
+        """Nothing is cut into chunks in memory."""
+
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         if self._handler is None:
             self.counters["send_failed"] += 1

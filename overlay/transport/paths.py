@@ -65,6 +65,8 @@ class DatagramSender(Protocol):
 
     def send(self, data: bytes, endpoint: Endpoint) -> None: ...
 
+    def through_turn(self, endpoint: Endpoint) -> None: ...
+
 
 class UdpPath:
     """A link's packets go out of the node's underlay socket to `endpoint`; `kind` is the ICE candidate type

@@ -69,6 +69,12 @@ _GRO_SPACE = socket.CMSG_SPACE(4)
 # discovery learned). Python's socket module has IPV6_MTU but not IP_MTU.
 IP_MTU = 14
 IPV6_MTU = 24
+# A TURN server relays what reaches a relayed address to its client inside a ChannelData (4 bytes, RFC 8656
+# section 12) or, without a channel, a Data indication (20 + an XOR-PEER-ADDRESS of 8 or 20 + 4 and a DATA
+# header of 4, padded to 4: at most 52). Chunks to such an address are that much smaller, so that the server's
+# datagram to its client fits the same path: a full-size chunk was relayed as two IP fragments, or not at all
+# by a server that sets DF.
+TURN_HEADROOM = 52
 PATHS_KEPT = 1024  # our choice: endpoints whose chunk size is remembered (links, ICE candidates), then forgotten
 # UDP GSO takes at most 64 segments (UDP_MAX_SEGMENTS; newer kernels allow more) and one IP datagram's worth of bytes.
 MAX_RUN = 64
@@ -136,6 +142,7 @@ class UdpUnderlay:
         self.on_stun: DatagramHandler = self._no_stun
         self._version = 6 if family == socket.AF_INET6 else 4
         self._chunks: dict[Endpoint, int] = {}  # chunk_for's answers
+        self._relayed: dict[Endpoint, None] = {}  # peers' TURN relayed addresses (a bounded, ordered set)
         self._message_id = random.getrandbits(32)
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
@@ -170,8 +177,19 @@ class UdpUnderlay:
         if chunk is None:
             if len(self._chunks) >= PATHS_KEPT:
                 self._chunks.clear()
-            chunk = self._chunks[endpoint] = chunk_size(self._version, self._route_mtu(endpoint))
+            chunk = chunk_size(self._version, self._route_mtu(endpoint))
+            if endpoint in self._relayed:
+                chunk -= TURN_HEADROOM
+            self._chunks[endpoint] = chunk
         return chunk
+
+    def through_turn(self, endpoint: Endpoint) -> None:
+        """`endpoint` is a peer's TURN relayed address: its chunks leave room for what the server puts in front."""
+        if endpoint not in self._relayed:
+            if len(self._relayed) >= PATHS_KEPT:
+                del self._relayed[next(iter(self._relayed))]
+            self._relayed[endpoint] = None
+            self._chunks.pop(endpoint, None)
 
     def forget_paths(self) -> None:
         """Ask the routes again (their MTU may have shrunk)."""
