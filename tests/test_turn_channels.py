@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from overlay.transport.chunks import MAX_CHUNKS, chunk_count, pieces, split
 from overlay.transport.paths import TurnServer
 from overlay.transport.turn import TurnAllocation
-from overlay.transport.underlay import SOL_UDP, UDP_SEGMENT, try_option
+from overlay.transport.underlay import SOL_UDP, TURN_HEADROOM, UDP_SEGMENT, try_option
 from overlay.wire import Endpoint
 
 PEER: Endpoint = ("127.0.0.1", 5800)
@@ -136,5 +136,25 @@ def test_any_datagram_size_crosses_a_channel_whole_or_as_chunks(length: int, ser
     for frame in frames:
         receiver.on_channel_data(frame)
     assert packets == [data]
+    alloc._sock.close()  # type: ignore[union-attr]
+    server.close()
+
+
+def test_chunks_to_a_peer_that_is_itself_a_relayed_address_leave_room_for_its_servers_header() -> None:
+    """Relay to relay: the peer's server relays each chunk on to its client in a ChannelData or Data indication."""
+    alloc, server = sender(1472, gso=True)
+    assert alloc.chunk_for(PEER) == 1468
+    alloc.through_turn(PEER)
+    assert alloc.chunk_for(PEER) == 1472 - TURN_HEADROOM
+    data = bytes([0x81]) + bytes(30_000)
+    alloc.send_to_peer(data, PEER)
+    frames = received(server, chunk_count(len(data), 1472 - TURN_HEADROOM))
+    assert max(len(f) for f in frames) == 4 + 1472 - TURN_HEADROOM
+    receiver, packets, _ = allocation()
+    for frame in frames:
+        receiver.on_channel_data(frame)
+    assert packets == [data]
+    alloc.forget_peer(PEER)
+    assert alloc.chunk_for(PEER) == 1468
     alloc._sock.close()  # type: ignore[union-attr]
     server.close()

@@ -190,11 +190,14 @@ class IceSession:
         self.agent.count("ice checks succeeded")
         view = pair.protocol
         remote_addr = (pair.remote_addr[0], pair.remote_addr[1])
+        relayed = pair.remote_candidate.type == "relay"  # the peer's TURN address: its server adds a header
         if isinstance(view, _View) and view.allocation is not None:
             self.selected = view.allocation.path(remote_addr)
+            if relayed:
+                view.allocation.through_turn(remote_addr)
         else:
             self.selected = UdpPath(self.agent.underlay, remote_addr, pair.remote_candidate.type)
-            if pair.remote_candidate.type == "relay":
+            if relayed:
                 self.agent.underlay.through_turn(remote_addr)
         return self.selected
 

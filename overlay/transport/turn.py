@@ -39,7 +39,7 @@ from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel
 from overlay.transport.chunks import MAX_CHUNKS, Reassembly, chunk_count, chunk_size, cut
 from overlay.transport.paths import TurnPath, TurnServer
 from overlay.transport.servers import resolve
-from overlay.transport.underlay import SOL_UDP, UDP_SEGMENT, route_mtu, try_option
+from overlay.transport.underlay import SOL_UDP, TURN_HEADROOM, UDP_SEGMENT, route_mtu, try_option
 from overlay.wire import Endpoint, PacketType
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class TurnAllocation:
         self._server_payload: int | None = None  # UDP: the most a datagram to the server carries unfragmented
         self._message_id = random.getrandbits(32)  # our chunks' IDs, as the underlay's: per sender, random start
         self._gso = False  # UDP: the kernel takes UDP_SEGMENT
+        self._relayed: set[Endpoint] = set()  # peers that are TURN relayed addresses themselves (chunk_for)
         self._address: Endpoint = (server.host, server.port)  # UDP: where the name resolved at the allocation
 
     def count(self, what: str) -> None:
@@ -226,6 +227,7 @@ class TurnAllocation:
         self._channel_peer.clear()
         self._bound_at.clear()
         self._queued.clear()
+        self._relayed.clear()
         self._next_channel = CHANNEL_FIRST
         proto, self._proto = self._proto, None
         if self._sock is not None and self._loop is not None:
@@ -315,10 +317,15 @@ class TurnAllocation:
         for data in self._queued.pop(peer, []):
             self._send_channel(channel, data, peer)
 
+    def through_turn(self, peer: Endpoint) -> None:
+        """`peer` is a relayed address (of this server or another): its server puts a header in front."""
+        self._relayed.add(peer)
+
     def chunk_for(self, peer: Endpoint) -> int:
         """The chunk size to `peer`: what the server's datagram to it carries on a 1,500-byte path (its path is
-        not ours to ask), and over UDP what fits a ChannelData on our path to the server."""
-        size = chunk_size(6 if ":" in peer[0] else 4)
+        not ours to ask), less TURN_HEADROOM if a server relays it on, and over UDP what fits a ChannelData on
+        our path to the server."""
+        size = chunk_size(6 if ":" in peer[0] else 4) - (TURN_HEADROOM if peer in self._relayed else 0)
         if self._server_payload is not None:
             size = min(size, self._server_payload - _CHANNEL_HEADER.size)
         return size
@@ -373,6 +380,7 @@ class TurnAllocation:
         if channel is not None:
             self._bound_at.pop(channel, None)
         self._paths.pop(peer, None)
+        self._relayed.discard(peer)
 
     def tick(self, now: float) -> None:
         """Re-bind the channels still in use before their permissions lapse (`now`: the loop's clock)."""
