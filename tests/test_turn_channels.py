@@ -85,7 +85,7 @@ def sender(server_payload: int | None, gso: bool) -> tuple[TurnAllocation, socke
     alloc._server_payload = server_payload
     alloc._gso = gso and try_option(alloc._sock, SOL_UDP, UDP_SEGMENT, 0)
     alloc._send_frames = alloc._send_udp_frames
-    alloc._send_raw = lambda data: alloc._send_udp_frames([data])
+    alloc._send_raw = alloc._send_udp
     return alloc, server
 
 

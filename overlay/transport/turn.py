@@ -39,7 +39,7 @@ from aioice.turn import TurnClientTcpProtocol, TurnClientUdpProtocol, is_channel
 from overlay.transport.chunks import MAX_CHUNKS, Reassembly, chunk_count, chunk_size, cut
 from overlay.transport.paths import TurnPath, TurnServer
 from overlay.transport.servers import resolve
-from overlay.transport.underlay import SOL_UDP, TURN_HEADROOM, UDP_SEGMENT, route_mtu, try_option
+from overlay.transport.underlay import SOL_UDP, TURN_HEADROOM, UDP_SEGMENT, route_mtu, segments, try_option
 from overlay.wire import Endpoint, PacketType
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ ALLOCATION_LIFETIME = 600  # seconds; RFC 8656 section 7.2 default, refreshed by
 DRAIN_BATCH = 256  # as the underlay: bounds the time one busy socket holds the loop
 SOCKET_BUFFER = 4 << 20
 _CHANNEL_HEADER = struct.Struct("!HH")
-_U16 = struct.Struct("=H")  # UDP_SEGMENT's cmsg: the segment size, native order
 
 
 # What an allocation hands up: a STUN message from a peer (an ICE check through the relay), and a link packet.
@@ -181,13 +180,7 @@ class TurnAllocation:
             self._proto = udp
             loop.add_reader(sock.fileno(), self._drain)
 
-            def send_udp(data: bytes) -> None:
-                try:
-                    sock.sendto(data, address)
-                except OSError:
-                    self.count("send failed")
-
-            self._send_raw = send_udp
+            self._send_raw = self._send_udp
             self._send_frames = self._send_udp_frames
             self._gso = try_option(sock, SOL_UDP, UDP_SEGMENT, 0)
             version = 6 if family == socket.AF_INET6 else 4
@@ -337,13 +330,17 @@ class TurnAllocation:
         # Every frame but the last is one size, so the kernel cuts them where they were joined.
         if self._gso and len(frames) > 1:
             try:
-                sock.sendmsg([b"".join(frames)], [(SOL_UDP, UDP_SEGMENT, _U16.pack(len(frames[0])))], 0, self._address)
+                sock.sendmsg([b"".join(frames)], segments(len(frames[0])), 0, self._address)
                 return
             except OSError:  # a route UDP GSO cannot take (its MTU shrank, IPsec): each on its own
                 self.count("gso: sent one by one")
         for frame in frames:
+            self._send_udp(frame)
+
+    def _send_udp(self, data: bytes) -> None:
+        if self._sock is not None:
             try:
-                sock.sendto(frame, self._address)
+                self._sock.sendto(data, self._address)
             except OSError:
                 self.count("send failed")
 

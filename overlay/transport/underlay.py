@@ -91,6 +91,11 @@ _INT = struct.Struct("=i")
 _CHUNK = int(PacketType.CHUNK)
 
 
+def segments(size: int) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of a UDP GSO send: the kernel cuts the buffer into datagrams of `size` bytes."""
+    return [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+
+
 def route_mtu(endpoint: Endpoint, version: int, local_host: str = "") -> int:
     """The MTU of the kernel's route to `endpoint` over IPv`version` (from `local_host`, as a socket bound there
     sends). Connecting a UDP socket sends nothing: the kernel only looks up the route and keeps its MTU. A
@@ -363,7 +368,7 @@ class UdpUnderlay:
         """One GSO send of `buffer` (`datagrams` of ours) cut at `segment` bytes. True when the route cannot take
         it (its MTU is below a segment, or the device cannot segment): the caller sends otherwise, and the
         route's MTU is asked again next time."""
-        cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))]
+        cmsg = segments(segment)
         try:
             try:
                 self._sock.sendmsg([buffer], cmsg, 0, endpoint)
