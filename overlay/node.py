@@ -367,6 +367,7 @@ class Node:
             self.membership.tick(now)
         self.finder.tick(now)
         self.datapath.probes.tick(now)
+        deadline = min(deadline, self.datapath.probes.next_due())
         self.events.tick_on_demand(now)
         self.events.tick_upgrades(now)
         # Idle nodes tick less often: a hundred on one machine spend their CPU on ticks (bench/scale.py).

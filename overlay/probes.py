@@ -17,10 +17,15 @@ from overlay.link import Link
 from overlay.wire import encode_probe
 
 # Our choice: a probe that got no answer is sent again after PROBE_INTERVAL, then at doubling intervals up to
-# PROBE_MAX. A path that never carries one (a TURN relay, measured 2026-12-06 with coturn in the lab of
-# bench/scale.py --nat: no relay link ever answered) cost 60 KB a minute, 1 KB/s of every idle TURN link,
-# where an idle direct link costs 11 B/s; at PROBE_MAX it costs 16 B/s. A new path is probed at once.
-PROBE_INTERVAL = 60.0
+# PROBE_MAX. Until a probe passes, every super-frame on the link is cut into TCP segments in Python, so a lost
+# probe must not cost long: it is one train of ~42 datagrams, and a path losing 1 % of its datagrams loses a
+# third of such trains; a TURN server's 128 KB relay socket lost the probe of one end of a TURN link in 3 of 5
+# runs of tests/test_nat.py (2026-12-07, docs/nat-traversal.md), after which that end carried bulk TCP at the
+# Python path's pace for the minute PROBE_INTERVAL then was. A path that never carries one costs six probes in
+# its first minute and then backs off: a probe every minute had cost 1 KB/s of every idle link that never
+# answered (bench/scale.py --nat, 2026-12-06, when no TURN link did), where an idle direct link costs 11 B/s;
+# at PROBE_MAX it costs 16 B/s. A new path is probed at once.
+PROBE_INTERVAL = 1.0
 PROBE_MAX = 3840.0
 
 
@@ -63,6 +68,10 @@ class FragmentProbes:
             moved = self.every.get(peer, (0.0, ""))[1] != link.describe_endpoint()
             if moved or now >= self.due.get(peer, now):
                 self.probe(link, now)
+
+    def next_due(self) -> float:
+        """When the next unanswered probe goes again (inf when none waits): the node ticks by then."""
+        return min((self.due[peer] for peer in self.token if peer in self.due), default=float("inf"))
 
     def on_ack(self, link: Link, token: int) -> None:
         if self.token.get(link.peer_id) != token:
