@@ -432,7 +432,10 @@ class LinkSetup:
             # The peer's attempt runs the checks and the handshake; ours would only race it to a tunnel.
             self._drop(own)
         self._drop_responder(peer_id)
-        session = self.agent.session(controlling=False, relay=sig.type == SignalType.OFFER_RELAY)
+        peer_relays = any(c.type == "relay" for c in sig.ice.candidates)
+        session = self.agent.session(
+            controlling=False, relay=sig.type == SignalType.OFFER_RELAY, peer_relays=peer_relays
+        )
         responder = self._responders[peer_id] = _Responder(session, self._now())
         reply(Signal(SignalType.ANSWER, sig.attempt, self.contact_source(), session.params()))
         timeout = RELAY_ICE_TIMEOUT if sig.type == SignalType.OFFER_RELAY else ICE_TIMEOUT

@@ -209,6 +209,48 @@ def test_the_ice_agent_asks_a_named_stun_server_and_allocates_over_tls(coturn: t
     asyncio.run(run())
 
 
+def test_a_relay_round_offers_our_relay_only_where_a_peer_needs_it(coturn: tuple) -> None:
+    """Behind an endpoint-independent mapping (or at a public address) the peer's relay reaches us at our
+    server-reflexive address: the offer leaves our relay out, and an answer adds it only when the offer carried
+    none. Behind a symmetric NAT, or with the mapping unknown, both carry it (overlay/transport/ice.py)."""
+    server, _ = coturn
+
+    async def run() -> None:
+        underlay = UdpUnderlay(("127.0.0.1", 0))
+        turn = TurnServer("127.0.0.1", server.port, "udp", USERNAME, PASSWORD)
+        agent = IceAgent(IceSettings(turn=(turn,)), underlay, lambda data, path: None)
+        underlay.on_stun = agent.on_stun
+        underlay.start(lambda data, source: None)
+
+        def relays(controlling: bool, peer_relays: bool | None, relay: bool = True) -> int:
+            session = agent.session(controlling, relay=relay, peer_relays=peer_relays)
+            try:
+                assert session.params().candidates  # the host candidate at least
+                return sum(c.type == "relay" for c in session.params().candidates)
+            finally:
+                agent.sessions.pop(session.ufrag, None)
+
+        try:
+            agent.start(time.monotonic())
+            await agent.gathered()
+            assert agent.has_relay
+            stun_a, stun_b = ("198.18.0.4", 3478), ("198.18.0.5", 3478)
+            for mapped_b, needs in ((("198.18.0.2", 7000), False), (("198.18.0.2", 7001), True)):
+                agent._srflx = {stun_a: ("198.18.0.2", 7000), stun_b: mapped_b}  # what two STUN servers saw
+                assert agent.needs_own_relay is needs, agent.mapping()
+                assert relays(True, None) == (1 if needs else 0)  # our offer
+                assert relays(False, True) == (1 if needs else 0)  # our answer to an offer with a relay
+                assert relays(False, False) == 1  # our answer to one without
+                assert relays(True, None, relay=False) == relays(False, False, relay=False) == 0  # no relay round
+            agent._srflx = {}  # no STUN answer: unknown, so the relay goes along
+            assert agent.needs_own_relay and relays(True, None) == 1
+        finally:
+            await agent.close()
+            underlay.close()
+
+    asyncio.run(run())
+
+
 def test_names_resolve_once_per_interval_and_again_when_forgotten() -> None:
     async def run() -> None:
         names = Resolved(socket.AF_INET)

@@ -57,6 +57,10 @@ GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss
 _ICE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
+# How mapping_behaviour's answers begin where a peer's relay reaches us at our server-reflexive address.
+REACHABLE_MAPPINGS = ("none: a public address", "endpoint-independent NAT mapping")
+
+
 def mapping_behaviour(hosts: set[str], answers: list[tuple[str, Endpoint]]) -> str:
     """What the STUN servers' answers say of the NAT in front of us (RFC 4787 section 4.1's mapping behaviour):
     `answers` are (the server's address, the address it saw us at). Two servers at different addresses that see us
@@ -136,7 +140,7 @@ class _SessionConnection(Connection):
 class IceSession:
     """One link attempt's ICE agent: its credentials and candidates, and the checks against one peer's."""
 
-    def __init__(self, agent: IceAgent, controlling: bool, *, relay: bool) -> None:
+    def __init__(self, agent: IceAgent, controlling: bool, *, relay: bool, peer_relays: bool | None = None) -> None:
         self.agent = agent
         self.ufrag = _random_text(8)
         self.connection = _SessionConnection(
@@ -148,6 +152,15 @@ class IceSession:
             views.append(_View(agent, host_candidates[0], None))
         self.relay_views: dict[TurnAllocation, _View] = {}
         candidates = host_candidates + agent.srflx_candidates()
+        # In a round with relays, a side whose NAT maps endpoint-independently (or that has a public address) is
+        # reached through the other side's relay at its own server-reflexive address, and offers its relay only
+        # when the other side offered none. aioice nominates the first pair that answers, and with relays on both
+        # sides that was often relay to relay: every datagram crossed the TURN server twice, and what went to the
+        # peer's relayed address met coturn's 128 KB relay socket, which drops chunk trains (bench/nat_links.py,
+        # symmetric NAT -> NAT b over TURN, 2026-12-07: ~400 Mbit/s relay to relay, ~950 relay to server-reflexive).
+        if relay and not agent.needs_own_relay and peer_relays is not False:
+            agent.count("ice: own relay left out (the peer's relay reaches us)")
+            relay = False
         if relay:
             for allocation, candidate in agent.relay_candidates():
                 view = _View(agent, candidate, allocation)
@@ -243,9 +256,10 @@ class IceAgent:
         for server in self.settings.turn:
             self.allocations.append(TurnAllocation(server, self.on_relayed_stun, self.on_relay_packet))
 
-    def session(self, controlling: bool, *, relay: bool) -> IceSession:
-        """A new link attempt's ICE session on this agent (its caller need not load this module)."""
-        return IceSession(self, controlling, relay=relay)
+    def session(self, controlling: bool, *, relay: bool, peer_relays: bool | None = None) -> IceSession:
+        """A new link attempt's ICE session on this agent (its caller need not load this module). `relay`: a round
+        with TURN relays; `peer_relays`: whether the peer's offer carried any (None when we offer first)."""
+        return IceSession(self, controlling, relay=relay, peer_relays=peer_relays)
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -288,6 +302,12 @@ class IceAgent:
         """Our NAT's mapping behaviour, as the STUN servers' last answers show it (status)."""
         answers = [(self._srflx_via.get(server, server[0]), mapped) for server, mapped in self._srflx.items()]
         return mapping_behaviour({c.host for c in self._host}, answers)
+
+    @property
+    def needs_own_relay(self) -> bool:
+        """Whether peers may need our TURN relay to reach us: yes unless the STUN servers showed a public address
+        or an endpoint-independent mapping (unknown counts as needing it)."""
+        return not self.mapping().startswith(REACHABLE_MAPPINGS)
 
     def srflx_candidates(self) -> list[Candidate]:
         hosts = {c.host for c in self._host}

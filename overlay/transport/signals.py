@@ -20,7 +20,7 @@ class SignalType(enum.IntEnum):
     OFFER = 1  # "link to me": contact, and ICE parameters when the sender runs ICE
     ANSWER = 2  # the responder's contact and ICE parameters for the same attempt
     CANCEL = 3  # the attempt is over (linked another way, or given up): free its ICE state
-    OFFER_RELAY = 4  # a second offer after host/srflx pairs failed: both sides now add TURN relay candidates
+    OFFER_RELAY = 4  # a second offer after host/srflx pairs failed, with TURN relays (where needed: transport/ice.py)
 
 
 # In the type byte of an offer: the offering side takes a direct or ICE path only, never a tunnel through a

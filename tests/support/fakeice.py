@@ -28,7 +28,7 @@ class FakeAgent:
     def __init__(self) -> None:
         self.sessions: list[FakeSession] = []
 
-    def session(self, controlling: bool, *, relay: bool) -> FakeSession:
+    def session(self, controlling: bool, *, relay: bool, peer_relays: bool | None = None) -> FakeSession:
         self.sessions.append(FakeSession(relay))
         return self.sessions[-1]
 
