@@ -372,6 +372,44 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
             w.sock.close()
 
 
+def test_the_ends_poll_after_their_own_data_and_a_relay_does_not_for_what_it_passes_on() -> None:
+    """After data of its own an Engine polls a while before it sleeps (the answer usually comes within it); data it
+    only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (_fast.c,
+    SPIN_NS). Packets 2 ms apart, so every one starts a poll at the ends (each one's poll has ended before the
+    next, as SPIN_NS is 0.3 ms), and none at the relay."""
+    a, b, c = Node(A_ID, A_IP), Node(B_ID, B_IP), Node(C_ID, C_IP)
+    w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()
+    ab, ba = session_pair()
+    bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
+    ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
+    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1, True)
+    a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1)
+    b.engine.set_link(A_ID, ba, 2, 1, w_ba.endpoint, 0, True, -1)
+    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, True)
+    c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1)
+    c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
+    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+    for n in (a, b, c):
+        n.engine.start()
+    try:
+        f = frame(A_IP, C_IP, b"ping" * 16)
+        for _ in range(20):
+            a.kernel.send(f)
+            w_ba.send_to(b, w_ab.recv())
+            w_cb.send_to(c, w_bc.recv())
+            assert c.kernel.recv(70000)[14:] == f[14:]
+            time.sleep(0.002)
+        polls = {n: n.engine.counters()["polls after our own data"] for n in (a, b, c)}
+        assert b.engine.counters()["relayed"] == 20
+        assert polls[b] == 0, polls
+        assert polls[a] >= 10 and polls[c] >= 10, polls  # most packets find the last poll over
+    finally:
+        for n in (a, b, c):
+            n.close()
+        for w in (w_ab, w_ba, w_bc, w_cb):
+            w.sock.close()
+
+
 def test_a_tunnel_packet_whose_inner_packet_or_head_was_changed_is_not_delivered_and_goes_up(pair) -> None:  # type: ignore[no-untyped-def]
     """The relay head is bound to the inner packet's tag: a changed tag fails the head; a changed body passes
     the head (the tag is intact) but fails the tunnel's own key. Either way nothing reaches the TAP, and the
