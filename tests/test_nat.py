@@ -200,16 +200,16 @@ def test_links_made_through_turn_between_cone_nats_move_onto_hole_punching_when_
     try:
         g.restart_node(4, timeout=REJOIN_S)
 
-        def link_of() -> set[int]:
+        def through_turn() -> set[int]:
             return {j for j, row in links_by_peer(g, 4).items() if j in cluster_a and row["kind"] == "relay"}
 
-        assert g.wait_until(lambda: bool(link_of()), REJOIN_S, 1.0), f"no TURN links: {links_by_peer(g, 4)}"
+        assert g.wait_until(lambda: bool(through_turn()), REJOIN_S, 1.0), f"no TURN links: {links_by_peer(g, 4)}"
         assert not any(row["kind"] in ("srflx", "prflx") for j, row in links_by_peer(g, 4).items() if j in cluster_a), (
             links_by_peer(g, 4)
         )
     finally:
         restore()
-    made = link_of()
+    made = through_turn()
     g.say(f"NAT a reachable again; member 4's TURN links: {sorted(made)}")
 
     def moved() -> bool:
