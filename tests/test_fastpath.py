@@ -315,18 +315,13 @@ def test_cryptokey_routing_delivers_only_the_certified_source() -> None:
         wire_a.sock.close()
 
 
-@pytest.mark.parametrize(
-    ("a_to_b", "b_to_c"),
-    [(False, False), (True, True), (True, False), (False, True)],
-    ids=["relay-messages", "tunnel-packets", "tunnel-then-relay", "relay-then-tunnel"],
-)
-def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b_to_c: bool) -> None:
-    """A -> B -> C: A's link to C is a tunnel through B. Each hop whose receiver takes TUNNEL packets carries
-    one (only the relay head sealed for the hop; the tunnel's own packet crosses untouched); any other hop a
-    relay message sealed whole. B's Engine passes the packet on in the form C takes; C's Engine opens both
-    layers and delivers. The wire sees only outer packets."""
+def tunnel_through_b(
+    a_to_b: bool, b_to_c: bool
+) -> tuple[tuple[Node, Node, Node], tuple[Wire, Wire, Wire, Wire], Keys, Keys]:
+    """A -> B -> C, started: A's link to C a tunnel through B, A with a flow to C; (a, b, c), the wires (w_xy: where
+    x's link to y points: ab, ba, bc, cb) and C's keys of its links to A and to B."""
     a, b, c = Node(A_ID, A_IP), Node(B_ID, B_IP), Node(C_ID, C_IP)
-    w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()  # w_xy: where x's link to y points
+    w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()
     ab, ba = session_pair()
     bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
     ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
@@ -339,6 +334,20 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
     a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
     for n in (a, b, c):
         n.engine.start()
+    return (a, b, c), (w_ab, w_ba, w_bc, w_cb), ca, cb
+
+
+@pytest.mark.parametrize(
+    ("a_to_b", "b_to_c"),
+    [(False, False), (True, True), (True, False), (False, True)],
+    ids=["relay-messages", "tunnel-packets", "tunnel-then-relay", "relay-then-tunnel"],
+)
+def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b_to_c: bool) -> None:
+    """A -> B -> C: A's link to C is a tunnel through B. Each hop whose receiver takes TUNNEL packets carries
+    one (only the relay head sealed for the hop; the tunnel's own packet crosses untouched); any other hop a
+    relay message sealed whole. B's Engine passes the packet on in the form C takes; C's Engine opens both
+    layers and delivers. The wire sees only outer packets."""
+    (a, b, c), (w_ab, w_ba, w_bc, w_cb), ca, cb = tunnel_through_b(a_to_b, b_to_c)
     reader_bc = Keys(bytes([1]) * 32, bytes(32))  # C's receive key of the B-C link, for the test to look
     try:
         f = frame(A_IP, C_IP, b"through the tunnel" * 10)
@@ -377,20 +386,7 @@ def test_the_ends_poll_after_their_own_data_and_a_relay_does_not_for_what_it_pas
     only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (_fast.c,
     SPIN_NS). Packets 2 ms apart, so every one starts a poll at the ends (each one's poll has ended before the
     next, as SPIN_NS is 0.3 ms), and none at the relay."""
-    a, b, c = Node(A_ID, A_IP), Node(B_ID, B_IP), Node(C_ID, C_IP)
-    w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()
-    ab, ba = session_pair()
-    bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
-    ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
-    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1, True)
-    a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1)
-    b.engine.set_link(A_ID, ba, 2, 1, w_ba.endpoint, 0, True, -1)
-    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, True)
-    c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1)
-    c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
-    a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
-    for n in (a, b, c):
-        n.engine.start()
+    (a, b, c), (w_ab, w_ba, w_bc, w_cb), _, _ = tunnel_through_b(True, True)
     try:
         f = frame(A_IP, C_IP, b"ping" * 16)
         for _ in range(20):
