@@ -130,7 +130,7 @@ def test_links_say_how_they_were_made_and_turn_only_where_nothing_else_works(nat
     # as chunks, each in a ChannelData of its own (sent whole, coturn relayed none and every super-frame was
     # cut), and the other end's chunks to the relayed address, which coturn reads with a 128 KB socket buffer
     # that drops some trains, get there within the first retries (overlay/probes.py: 1, 2, 4, ... s; with a
-    # minute's wait, 2 of 3 runs had an end still without them 40 s after this point).
+    # minute's wait, in 2 of 3 runs not every end had them 40 s after this point).
     def link_of(a: int, b: int) -> dict[str, Any] | None:
         return g.link_row(g.status(a), b)
 

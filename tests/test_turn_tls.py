@@ -242,6 +242,8 @@ def test_a_relay_round_offers_our_relay_only_where_a_peer_needs_it(coturn: tuple
                 assert relays(False, True) == (1 if needs else 0)  # our answer to an offer with a relay
                 assert relays(False, False) == 1  # our answer to one without
                 assert relays(True, None, relay=False) == relays(False, False, relay=False) == 0  # no relay round
+            agent._srflx = {stun_a: underlay.local_endpoint}  # seen at our own address: public
+            assert not agent.needs_own_relay and relays(True, None) == 0 and relays(False, False) == 1
             agent._srflx = {}  # no STUN answer: unknown, so the relay goes along
             assert agent.needs_own_relay and relays(True, None) == 1
         finally:

@@ -57,8 +57,10 @@ GATHER_WAIT = 2.0  # an offer made before the first STUN/TURN answers would miss
 _ICE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
-# How mapping_behaviour's answers begin where a peer's relay reaches us at our server-reflexive address.
-REACHABLE_MAPPINGS = ("none: a public address", "endpoint-independent NAT mapping")
+# mapping_behaviour's answers where a peer's relay reaches us at our server-reflexive address (or our own).
+PUBLIC = "none: a public address"
+INDEPENDENT = "endpoint-independent NAT mapping"
+REACHABLE_MAPPINGS = (PUBLIC, INDEPENDENT)
 
 
 def mapping_behaviour(hosts: set[str], answers: list[tuple[str, Endpoint]]) -> str:
@@ -70,12 +72,12 @@ def mapping_behaviour(hosts: set[str], answers: list[tuple[str, Endpoint]]) -> s
     if not answers:
         return "unknown: no STUN server answered"
     if any(mapped[0] in hosts for _, mapped in answers):
-        return "none: a public address"
+        return PUBLIC
     servers = {server for server, _ in answers}
     if len(servers) < 2:
         return "a NAT; its mapping needs two STUN server addresses to tell"
     if len({mapped for _, mapped in answers}) == 1:
-        return f"endpoint-independent NAT mapping ({len(servers)} STUN server addresses agree)"
+        return f"{INDEPENDENT} ({len(servers)} STUN server addresses agree)"
     return "address-dependent NAT mapping (a symmetric NAT): members behind other NATs only through TURN or a tunnel"
 
 
