@@ -4,6 +4,7 @@ from typing_extensions import Buffer
 
 REPLAY_WINDOW: int
 LANES: int  # a counter's top byte is its lane; each lane has its own counter and replay window
+EXPRESS_LANES: int  # lane k + EXPRESS_LANES is lane k's express lane; a node of more lanes has none
 UP_HEADER: int
 GCM: str  # the AES-GCM implementation in use, with its version (overlay/_gcm.h)
 GCM_IMPLS: tuple[str, ...]  # those that can run here ("openssl", "ipsec-mb"), the one in use first
@@ -14,7 +15,7 @@ class Exhausted(OverflowError): ...
 
 def aesgcm_seal(key: Buffer, nonce: Buffer, ad: Buffer, plaintext: Buffer, /, impl: str | None = None) -> bytes: ...
 def aesgcm_open(key: Buffer, nonce: Buffer, ad: Buffer, ciphertext: Buffer, /, impl: str | None = None) -> bytes: ...
-def steer_lanes(fd: int, lanes: int, /) -> None: ...
+def steer_lanes(fd: int, lanes: int, express: bool = False, /) -> None: ...
 
 class Keys:
     counter: int  # the next to send in lane 0
@@ -34,6 +35,8 @@ class Keys:
 class Engine:
     @property
     def links(self) -> int: ...
+    @property
+    def slice_ns(self) -> int: ...  # the thread's scheduler slice, 0: the kernel's own
     def __init__(
         self,
         tap_fd: int,
@@ -53,6 +56,7 @@ class Engine:
         address6: bytes | None = None,  # IPv6 inside the VPN: our address (16 bytes), or None
         prefix6_len: int = 64,
         social: bool = False,  # a SocialVPN node's: DATA flows rewritten into each friend device's view
+        express_fd: int = -1,  # the lane's express socket, read first; -1: none, and nothing sent express
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -125,6 +125,8 @@ class FastPath:
                 address6=None if vnic.address6 is None else vnic.address6.to_bytes(16, "big"),
                 prefix6_len=vnic.prefix6_len,
                 social=social,
+                # Read before udp_fd: the lane's express datagrams (docs/datapath.md, Express lanes).
+                express_fd=underlay.express_socks[lane].fileno() if underlay.express_socks else -1,
             )
             self._lanes.append(_Lane(lane, engine, up, engine_end))
         self._pushed: dict[int, LinkState] = {}
@@ -285,6 +287,10 @@ class FastPath:
         each = [lane.engine.counters() for lane in self._lanes]
         out = {f"fast path: {k}": sum(c[k] for c in each) for k in each[0]}
         out = {k: v for k, v in out.items() if v}
+        # The Engines' threads run with a short scheduler slice where the kernel has them (overlay/_fast.c short_slice).
+        slice_ns = min(lane.engine.slice_ns for lane in self._lanes)
+        if slice_ns:
+            out["fast path: scheduler slice, us"] = slice_ns // 1000
         if len(each) > 1:
             # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane, except for the TCP
             # connections this node opens: the least busy lane when each opened).

@@ -143,7 +143,7 @@ async def _run_member(
     )
     lanes = cfg.vnic_lanes if cfg.vnic_fast_path else 1  # an Engine per lane: only the compiled path has them
     try:
-        underlay = UdpUnderlay(cfg.listen, lanes=lanes)
+        underlay = UdpUnderlay(cfg.listen, lanes=lanes, express=cfg.vnic_fast_path)
     except UnderlayError as e:
         raise JoinError(str(e)) from None
     node = Node(

@@ -73,13 +73,19 @@ class Node:
         prefix_len: int = 24,
         address6: int | None = None,
         social: bool = False,
+        express: bool = False,
     ) -> None:
+        """`express`: with an express socket too (its port `xport`), which the Engine reads first."""
         self.id, self.address = node_id, address
         self.kernel, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.up, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
         self.port = self.udp.getsockname()[1]
+        self.xudp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.xudp.bind(("127.0.0.1", 0))
+        self.xudp.setblocking(False)
+        self.xport = self.xudp.getsockname()[1]
         for s in (self.kernel, self.up):
             s.settimeout(TIMEOUT)
         tap.setblocking(False)
@@ -102,6 +108,7 @@ class Node:
             first=first,
             address6=None if address6 is None else address6.to_bytes(16, "big"),
             social=social,
+            express_fd=self.xudp.fileno() if express else -1,
         )
         self.engine.set_macs(TAP_MAC, DEFAULT_GATEWAY_MAC)
 
@@ -117,7 +124,7 @@ class Node:
 
     def close(self) -> None:
         self.engine.stop()
-        for s in (self.kernel, self.up, self.udp, *self._keep):
+        for s in (self.kernel, self.up, self.udp, self.xudp, *self._keep):
             s.close()
 
 
@@ -316,21 +323,23 @@ def test_cryptokey_routing_delivers_only_the_certified_source() -> None:
 
 
 def tunnel_through_b(
-    a_to_b: bool, b_to_c: bool
+    a_to_b: bool, b_to_c: bool, *, lanes: bool = False
 ) -> tuple[tuple[Node, Node, Node], tuple[Wire, Wire, Wire, Wire], Keys, Keys]:
     """A -> B -> C, started: A's link to C a tunnel through B, A with a flow to C; (a, b, c), the wires (w_xy: where
-    x's link to y points: ab, ba, bc, cb) and C's keys of its links to A and to B."""
-    a, b, c = Node(A_ID, A_IP), Node(B_ID, B_IP), Node(C_ID, C_IP)
+    x's link to y points: ab, ba, bc, cb) and C's keys of its links to A and to B. `lanes`: every link's peer takes
+    lanes, and every Engine has an express socket."""
+    a, b, c = (Node(i, ip, express=lanes) for i, ip in ((A_ID, A_IP), (B_ID, B_IP), (C_ID, C_IP)))
     w_ab, w_ba, w_bc, w_cb = Wire(), Wire(), Wire(), Wire()
     ab, ba = session_pair()
     bc, cb = Keys(bytes(32), bytes([1]) * 32), Keys(bytes([1]) * 32, bytes(32))
     ac, ca = Keys(bytes([2]) * 32, bytes([3]) * 32), Keys(bytes([3]) * 32, bytes([2]) * 32)
-    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1, a_to_b)
-    a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1)
-    b.engine.set_link(A_ID, ba, 2, 1, w_ba.endpoint, 0, True, -1)
-    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, b_to_c)
-    c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1)
-    c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1)
+    more = (None, None, lanes)  # previous and next session, lanes_ok
+    a.engine.set_link(B_ID, ab, 1, 2, w_ab.endpoint, 0, True, -1, a_to_b, *more)
+    a.engine.set_link(C_ID, ac, 5, 6, None, B_ID, True, -1, False, *more)
+    b.engine.set_link(A_ID, ba, 2, 1, w_ba.endpoint, 0, True, -1, False, *more)
+    b.engine.set_link(C_ID, bc, 3, 4, w_bc.endpoint, 0, True, -1, b_to_c, *more)
+    c.engine.set_link(B_ID, cb, 4, 3, w_cb.endpoint, 0, True, -1, False, *more)
+    c.engine.set_link(A_ID, ca, 6, 5, None, B_ID, True, -1, False, *more)
     a.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
     for n in (a, b, c):
         n.engine.start()
@@ -922,6 +931,7 @@ class PythonSide:
         self.hops = [0, 0]
         self.gso, self.chunk = True, CHUNK
         self.lane_socks: list[socket.socket] = []  # one Engine
+        self.express_socks: list[socket.socket] = []  # none
         self.held: list[bytes] | None = None
         self.no_flow_until = 0.0  # until then the frames are sent here without a flow (an address looked up)
         self.fast: FastPath | None = None

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overlay._fast import LANES, REPLAY_WINDOW, Exhausted, Keys, Replayed, steer_lanes
+from overlay._fast import EXPRESS_LANES, LANES, REPLAY_WINDOW, Exhausted, Keys, Replayed, steer_lanes
 from overlay.link import SEND_LANE, Link
 from overlay.transport.session import REJECT_AFTER_MESSAGES, Session
 from overlay.transport.underlay import UdpUnderlay, UnderlayError
@@ -111,6 +111,48 @@ def test_the_kernel_gives_each_datagram_to_its_lanes_socket_on_the_one_port() ->
         sender.close()
         underlay.close()
     assert all(s.fileno() == -1 for s in socks)
+
+
+EXPRESS_STEERED = [
+    # (what, datagram, socket of 2 lanes and their 2 express sockets)
+    ("transport, lane 1", datagram(PacketType.TRANSPORT, byte5=1), 1),
+    ("transport, lane 0's express lane", datagram(PacketType.TRANSPORT, byte5=EXPRESS_LANES), 2),
+    ("TUNNEL, lane 1's express lane", datagram(PacketType.TUNNEL, byte5=EXPRESS_LANES + 1), 3),
+    ("transport, lane 7 (a node of 8 lanes): an express socket", datagram(PacketType.TRANSPORT, byte5=7), 3),
+    ("chunk of lane 1", datagram(PacketType.CHUNK, byte1=0x81), 1),
+    ("handshake", datagram(PacketType.HANDSHAKE_INIT, byte5=EXPRESS_LANES), 0),
+]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_with_express_sockets_each_lane_has_one_more_for_its_express_datagrams(lanes: int) -> None:
+    underlay = UdpUnderlay(("127.0.0.1", 0), lanes=lanes, express=True)
+    socks = [underlay._sock, *underlay.lane_socks, *underlay.express_socks]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert len(socks) == 2 * lanes
+        for what, data, index in EXPRESS_STEERED:
+            if lanes == 1:  # one lane: its socket (0 and 1 of two lanes), or its express socket (2 and 3)
+                index = int(index >= 2)
+            sender.sendto(data, underlay.local_endpoint)
+            ready, _, _ = select.select(socks, [], [], 2.0)
+            assert [socks.index(s) for s in ready] == [index], what
+            assert ready[0].recv(100) == data
+    finally:
+        sender.close()
+        underlay.close()
+    assert all(s.fileno() == -1 for s in socks)
+
+
+def test_a_node_of_more_lanes_than_express_lanes_has_no_express_sockets() -> None:
+    underlay = UdpUnderlay(("127.0.0.1", 0), lanes=EXPRESS_LANES + 1, express=True)
+    try:
+        assert underlay.express_socks == [] and len(underlay.lane_socks) == EXPRESS_LANES
+    finally:
+        underlay.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(ValueError, match=f"lanes are 1 to {EXPRESS_LANES}"):
+            steer_lanes(s.fileno(), EXPRESS_LANES + 1, True)
 
 
 def test_one_lane_takes_its_port_alone_and_lanes_refuse_a_port_taken() -> None:

@@ -7,6 +7,7 @@ flows out)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -66,7 +67,29 @@ def test_each_member_has_a_tap_queue_and_a_socket_per_lane(group: Group) -> None
     queues = group.lab.run(m.host, "ls", f"/sys/class/net/{TAP_NAME}/queues").stdout.split()
     assert sorted(q for q in queues if q.startswith("tx-")) == ["tx-0", "tx-1"]
     sockets = group.lab.run(m.host, "ss", "-Huan", "sport", "=", f":{OVERLAY_PORT}").stdout
-    assert len(sockets.splitlines()) == 2, sockets
+    assert len(sockets.splitlines()) == 4, sockets  # each lane's, and each lane's express socket
+    # Each Engine's thread with a 100 us slice, where the kernel has custom slices (EEVDF, Linux 6.12).
+    slice_us = group.status(0)["counters"].get("fast path: scheduler slice, us")
+    assert slice_us == (100 if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 12) else None)
+
+
+@pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])
+def test_pings_go_express_and_are_read_from_the_express_sockets(group: Group, a: int, b: int) -> None:
+    """A ping is a small packet of a quiet flow: sealed in an express lane, steered to the receiver's (and a
+    relay's) express socket, answered the same way (docs/datapath.md, Express lanes)."""
+    assert group.ping(a, b, count=2)  # the flows are in the Engines (a frame without one goes to Python first)
+    counters = [group.status(i)["counters"] for i in range(SIZE)]
+    assert group.ping(a, b, count=5)
+    after = [group.status(i)["counters"] for i in range(SIZE)]
+
+    def grew(i: int, what: str) -> int:
+        key = f"fast path: express: datagrams {what}"
+        return int(after[i].get(key, 0)) - int(counters[i].get(key, 0))
+
+    for end in (a, b):
+        assert grew(end, "sent") >= 5 and grew(end, "read") >= 5, (end, counters[end], after[end])
+    if (a, b) == BLOCKED:
+        assert grew(1, "sent") >= 10 and grew(1, "read") >= 10  # the relay, both ways
 
 
 @pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])

@@ -47,7 +47,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from overlay._fast import steer_lanes
+from overlay._fast import EXPRESS_LANES, steer_lanes
 from overlay.transport.chunks import ETHERNET_MTU, MAX_CHUNKS, Reassembly, chunk_count, chunk_size, pieces, split
 from overlay.wire import Endpoint, PacketType
 
@@ -122,24 +122,35 @@ class UdpUnderlay:
 
     `lanes` above 1: as many sockets on the one port (SO_REUSEPORT), one for each of the compiled data path's
     Engines (overlay/fastpath.py); the kernel gives each datagram to its lane's socket (overlay/_fast.c
-    steer_lanes). Everything this class sends and reads goes through the first."""
+    steer_lanes). Everything this class sends and reads goes through the first.
 
-    def __init__(self, listen: Endpoint, *, gso: bool = True, gro: bool = True, lanes: int = 1) -> None:
+    `express`: one more socket per lane (at most EXPRESS_LANES lanes; with more, none), for the datagrams of the
+    lane's express lane, which its Engine reads first (docs/datapath.md, Express lanes)."""
+
+    def __init__(
+        self, listen: Endpoint, *, gso: bool = True, gro: bool = True, lanes: int = 1, express: bool = False
+    ) -> None:
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        self._sock = _bound(family, listen, lanes > 1)
+        express = express and lanes <= EXPRESS_LANES
+        group = lanes * (2 if express else 1)
+        self._sock = _bound(family, listen, group > 1)
         host, port = self._sock.getsockname()[:2]
         self.local_endpoint: Endpoint = (host, port)
         self.lane_socks: list[socket.socket] = []
+        self.express_socks: list[socket.socket] = []  # lane k's at k
         try:
+            # Bound in the order the steering program counts them: the lanes', then the express sockets.
             while len(self.lane_socks) < lanes - 1:
                 self.lane_socks.append(_bound(family, (host, port), True))
-            if lanes > 1:
-                steer_lanes(self._sock.fileno(), lanes)
+            while express and len(self.express_socks) < lanes:
+                self.express_socks.append(_bound(family, (host, port), True))
+            if group > 1:
+                steer_lanes(self._sock.fileno(), lanes, express)
         except (OSError, UnderlayError) as e:
-            for sock in (self._sock, *self.lane_socks):
+            for sock in self._socks():
                 sock.close()
             raise UnderlayError(
-                f"cannot open {lanes} sockets on udp {host}:{port} for [vnic] lanes: {e}; try [vnic] lanes = 1"
+                f"cannot open {group} sockets on udp {host}:{port} for [vnic] lanes: {e}; try [vnic] lanes = 1"
             ) from None
         self.counters: dict[str, int] = {"send_failed": 0, "recv_errors": 0, "stun_dropped": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,7 +163,7 @@ class UdpUnderlay:
         self._reassembly = Reassembly(self.counters)
         self.gso = gso and try_option(self._sock, SOL_UDP, UDP_SEGMENT, 0)
         self._held: dict[Endpoint, list[bytes]] | None = None  # by endpoint, between hold() and flush()
-        for sock in (self._sock, *self.lane_socks):
+        for sock in self._socks():
             _set_options(sock, self.gso, gro)
         self.on_unreachable: Callable[[Endpoint], None] = ignore_endpoint
 
@@ -164,11 +175,14 @@ class UdpUnderlay:
         self._loop = asyncio.get_running_loop()
         # The lanes' sockets too, until the Engines take them over: a datagram steered to a socket nobody reads
         # would be lost.
-        for sock in (self._sock, *self.lane_socks):
+        for sock in self._socks():
             self._loop.add_reader(sock.fileno(), self._drain, sock)
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def _socks(self) -> tuple[socket.socket, ...]:
+        return (self._sock, *self.lane_socks, *self.express_socks)
 
     @property
     def chunk(self) -> int:
@@ -207,7 +221,7 @@ class UdpUnderlay:
         """The compiled data path (overlay/fastpath.py) reads the socket from now on; what it does not handle
         itself comes back through `deliver`."""
         if self._loop is not None:
-            for sock in (self._sock, *self.lane_socks):
+            for sock in self._socks():
                 self._loop.remove_reader(sock.fileno())
 
     def deliver(self, data: bytes, source: Endpoint) -> None:
@@ -397,7 +411,7 @@ class UdpUnderlay:
 
     def close(self) -> None:
         self._held = None
-        for sock in (self._sock, *self.lane_socks):
+        for sock in self._socks():
             if self._loop is not None and sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
