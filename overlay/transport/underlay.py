@@ -150,7 +150,8 @@ class UdpUnderlay:
             for sock in self._socks():
                 sock.close()
             raise UnderlayError(
-                f"cannot open {group} sockets on udp {host}:{port} for [vnic] lanes: {e}; try [vnic] lanes = 1"
+                f"cannot open {group} sockets on udp {host}:{port} for [vnic] lanes: {e}; "
+                "try [vnic] lanes = 1, or fast_path = false for one socket"
             ) from None
         self.counters: dict[str, int] = {"send_failed": 0, "recv_errors": 0, "stun_dropped": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
