@@ -1452,7 +1452,7 @@ static int on_transport(Engine *e, const Dgram *D, const struct sockaddr_storage
         size_t out_len = onward_tunnel ? TUNNEL_OFF + inlen : HDR + RELAY_HEAD + inlen + TAG;
         /* What came in an express lane goes on in ours (Express lanes). */
         int onward_lane = LANE(e->lane + (pkt[5] >= EXPRESS_LANE && e->xudp >= 0 ? EXPRESS_LANE : 0), T);
-        relay_at = slot_for(e, out_len, &T->ep, onward_lane >= EXPRESS_LANE);
+        relay_at = slot_for(e, out_len, &T->ep, e->xudp >= 0 && onward_lane >= EXPRESS_LANE);
         if (!keys_mark(K, c)) goto out;
         if (onward_tunnel) {
             dg_copy(inD, inoff, inlen, relay_at + TUNNEL_OFF);
@@ -1499,7 +1499,7 @@ out:
     }
     if (relay) {
         e->c_relayed++;
-        e->c_express_sent += relay_lane >= EXPRESS_LANE;
+        e->c_express_sent += e->xudp >= 0 && relay_lane >= EXPRESS_LANE;
         emit(e, relay_at, relay_len, &relay_to, relay_lane);
     } else if (handled) {
         to_tap(e, &d);
