@@ -1667,8 +1667,11 @@ out:
 
 /* ICMP errors queued on the socket (IP_RECVERR): each "unreachable" goes up with the address the failed
  * datagram was sent to (what msg_name holds for the error queue, ip(7)), for Python to check the links there
- * at once (overlay/routing/maintenance.py `unreachable`). Other errors (a path MTU, a TTL) only leave the queue. */
-static void drain_errors(Engine *e) {
+ * at once (overlay/routing/maintenance.py `unreachable`). Other errors (a path MTU, a TTL) only leave the queue.
+ * Any socket of the node's reuseport group may hold one, the express sockets too: the kernel picks the socket for
+ * an ICMP error by the group's hash (there is no payload to steer by), and a queue left full keeps epoll saying
+ * "readable" (a 60-node lab ran both cores flat while idle when the express sockets' queues were not read). */
+static void drain_errors(Engine *e, int fd) {
     for (int i = 0; i < BATCH; i++) {
         struct sockaddr_storage to;
         char control[512];
@@ -1676,7 +1679,7 @@ static void drain_errors(Engine *e) {
         struct iovec iov = {&byte, 1};
         struct msghdr m = {.msg_name = &to, .msg_namelen = sizeof to, .msg_iov = &iov, .msg_iovlen = 1,
                            .msg_control = control, .msg_controllen = sizeof control};
-        if (recvmsg(e->udp, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;
+        if (recvmsg(fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
             int v4 = cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_RECVERR;
             int v6 = cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_RECVERR;
@@ -1708,7 +1711,7 @@ static void drain_udp(Engine *e, int fd) {
                 /* Only when this call reported an error, or epoll woke us with nothing to read: it says
                  * "readable" (EPOLLERR) for as long as an error is queued, so one reported to a send instead
                  * wakes us again until it is read; a batch of data costs no extra system call. */
-                if ((reported || !bytes) && fd == e->udp) drain_errors(e); /* we send on `udp` only */
+                if (reported || !bytes) drain_errors(e, fd);
                 break;
             }
             reported = 1; /* an ICMP error reported on this call: its details are in the error queue */

@@ -6,9 +6,12 @@ Engines' threads: named by lane, with a short scheduler slice where the kernel o
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from pathlib import Path
+
+import pytest
 
 from overlay._fast import EXPRESS_LANES, Keys
 from overlay.tap.frames import ipv4_packet
@@ -32,6 +35,7 @@ from tests.test_fastpath import (
 EXPRESS_MAX = 256  # IP bytes (overlay/_fast.c)
 SPARSE_S = 0.1  # SPARSE_NS
 LANE_SHIFT = 56
+IP_RECVERR = 11  # linux/in.h
 
 
 def udp(port: int, size: int = 64) -> bytes:
@@ -178,3 +182,35 @@ def test_an_engines_thread_is_named_by_its_lane_and_asks_for_a_short_slice_keepi
             assert a.engine.slice_ns == 0
     finally:
         a.close()
+
+
+def test_an_icmp_error_queued_on_the_express_socket_is_read_and_the_thread_sleeps() -> None:
+    """The kernel gives an ICMP error to any socket of the port's reuseport group (by hash: it has no payload to
+    steer by), the express socket too. Its error queue is read like the other socket's: a queue left full keeps
+    epoll waking the thread, which then spins (a 60-node lab's idle nodes took both cores)."""
+    a = Node(A_ID, A_IP, express=True)
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    try:
+        a.xudp.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        a.engine.start()
+        task = engine_thread("ipop-lane0")
+        a.xudp.sendto(b"x", ("127.0.0.1", port))  # port unreachable, queued on the express socket
+        deadline = time.monotonic() + 2
+        while a.engine.counters()["ICMP: unreachable"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.engine.counters()["ICMP: unreachable"] == 1
+        before = cpu_ticks(task)
+        time.sleep(0.5)
+        assert cpu_ticks(task) - before <= 5  # clock ticks of 10 ms: a spinning thread takes ~50
+        with pytest.raises(BlockingIOError):
+            a.xudp.recvmsg(1, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+    finally:
+        a.close()
+
+
+def cpu_ticks(task: Path) -> int:
+    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
