@@ -152,9 +152,9 @@ static int64_t now_ns(void) {
  * steering gives to a socket of their own that its Engine reads first; a relay passes them on in its express
  * lane. A flow that sends big packets keeps all of its packets in its lane, in order: its small ones never
  * overtake its big ones. Measured (2026-12-07, a to c through b under one TCP stream in the ping's lane, 3 labs
- * each, 40 pings): RTT median 0.58-1.04 ms with express lanes, 1.30-1.34 without; what is left is the sender's
- * TAP queue, which the stream fills before the ping (TCP small queues: ~1 MB). Our choices: a ping, an ACK, a
- * keystroke or a DNS question fits EXPRESS_MAX; SPARSE_NS is longer than a 4 MB socket takes to drain at
+ * each, 40 pings): RTT median 0.58-1.04 ms with express lanes, 1.30-1.34 without; what is left, by elimination,
+ * is the sender's TAP queue, where the stream's segments wait ahead of the ping (its depth not measured). Our
+ * choices: a ping, an ACK, a keystroke or a DNS question fits EXPRESS_MAX; SPARSE_NS is longer than a 4 MB socket takes to drain at
  * 1 Gbit/s (34 ms). A node of more than EXPRESS_LANE lanes uses every lane for bulk and sends nothing express. */
 #define EXPRESS_LANE (LANES / 2)
 #define EXPRESS_MAX 256
