@@ -381,6 +381,10 @@ class LinkManager:
             if old.peer_key == peer_key:
                 link.previous = old.session
                 self._by_index[old.session.local_index] = link
+                # What the peer's HELLO said (TUNNEL packets, lanes) belongs to the peer, not to a session, and it
+                # says it again only when its use of the link changes: without this every link lost its lanes and
+                # express lanes at the initiator's first rekey, two minutes after it came up.
+                link.tunnels_ok, link.lanes_ok = old.tunnels_ok, old.lanes_ok
             else:
                 self._by_index.pop(old.session.local_index, None)
             link.tx_bytes, link.rx_bytes, link.rtt = old.tx_bytes, old.rx_bytes, old.rtt

@@ -252,10 +252,15 @@ def test_a_session_is_rekeyed_by_its_initiator_and_a_link_whose_keys_grow_too_ol
         try:
             first = a.links.links[b.id].session
             assert first.initiator
+            # What B's HELLO said is B's: the link that takes the new session keeps it (B says it again only when
+            # its use of the link changes).
+            link_ab, link_ba = a.links.links[b.id], b.links.links[a.id]
+            assert await g.wait_for(lambda: all((x.tunnels_ok, x.lanes_ok) for x in (link_ab, link_ba)), 3.0)
             clock[0] += REKEY_AFTER_TIME + 1
             a.links.tick(clock[0])
             assert await g.wait_for(lambda: a.links.links[b.id].session is not first, 3.0)
             assert a.links.counters.get("rekeys started") == 1
+            assert a.links.links[b.id].tunnels_ok and a.links.links[b.id].lanes_ok
             # The responder moves to the new session when the initiator first uses it (key confirmation).
             a.links.links[b.id].send(encode_ping(LinkMsg.PING, 1))
             assert await g.wait_for(lambda: b.links.links[a.id].session.created == clock[0], 3.0)
