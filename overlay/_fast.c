@@ -12,7 +12,8 @@
  *
  * Engine: a thread of its own that owns a TAP fd (one queue of a multi-queue TAP) and a UDP socket's reads; a
  *   node runs one per lane, each with its own tables (Python keeps them alike), each sealing in its own lane
- *   but for the TCP connections the node opens, which keep to the lane chosen at their SYN (LaneShare).
+ *   but for the TCP connections the node opens, which keep to the lane chosen at their SYN, and the UDP flows and
+ *   pings it sends, which keep to the lane chosen at their first packet (LaneShare).
  *   Data between this node and a member it has a link to (direct, or a tunnel through a neighbour) is read,
  *   sealed, sent, received, opened, checked and written without entering Python; a neighbour's RELAY is passed
  *   on the same way. A SocialVPN node's Engine (`social`) carries DATA between it and its friends' devices
@@ -127,6 +128,7 @@
 
 static PyObject *Replayed, *Forged, *Exhausted;
 
+static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
 static inline unsigned le16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 8; }
@@ -359,7 +361,15 @@ typedef struct {
  * What a lane carried is measured over short windows, and a lane that carried nothing for QUIET_NS carries no
  * bulk flow (whose packets are under a millisecond apart from ~10 Mbit/s up): its last window no longer counts,
  * and its next starts afresh. With 100 ms windows and 20 ms of quiet, the lane of one iperf3 run still looked
- * busy when the next run opened its connections a few milliseconds later, and all of them went to the other. */
+ * busy when the next run opened its connections a few milliseconds later, and all of them went to the other.
+ *
+ * UDP flows and pings (ICMP echo requests) this node sends pick a lane the same way at their first packet: a ping
+ * or a DNS query started while a bulk stream fills one lane goes in another, instead of by the TAP's hash into
+ * the stream's lane half the time, where it waited behind the stream in the TAP's queue (docs/datapath.md, Under
+ * load). There is no SYN to say which end began, so each end picks for what it sends; the answering end's pick
+ * only decides where its answers go. A slot (`flow`) holds a flow while it carried something in the last
+ * FLOW_LIVE stamps; another flow of its slot meanwhile keeps the reading Engine's lane and takes nothing, so two
+ * live flows of one slot never evict each other packet by packet (which would move them between lanes). */
 #define LOAD_NS 10000000LL
 #define LOAD_IDLE 10 /* packets per window below which a lane counts as idle (1,000 a second) */
 #define QUIET_NS 5000000LL
@@ -370,7 +380,10 @@ typedef struct {
     atomic_uint_fast64_t load[LANES];       /* packets in the lane's last window, per LOAD_NS */
     atomic_int_fast64_t active_at[LANES];   /* when the lane last carried something */
     atomic_uint_fast64_t conn[1 << CONN_BITS]; /* a connection's key but its low byte, | 0x100, | its lane */
+    atomic_uint_fast64_t flow[1 << CONN_BITS]; /* a UDP flow's or ping's key but its low 24 bits | stamp | 0x80 | lane */
 } LaneShare;
+#define FLOW_STAMP(t) (((uint64_t)(t) >> 24 & 0xFFFF) << 8) /* 16.8 ms units (2^24 ns), 16 bits: wraps after 18 min */
+#define FLOW_LIVE 240 /* stamps (~4 s): longer than ping's default second between requests */
 
 typedef struct {
     PyObject_HEAD
@@ -421,7 +434,7 @@ typedef struct {
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
         c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
         c_flow_asked, c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved,
-        c_conn_moved, c_polls, c_express_sent, c_express_read;
+        c_conn_moved, c_polls, c_express_sent, c_express_read, c_flow_started, c_flow_moved;
     uint64_t slice_ns; /* the thread's scheduler slice if short_slice set it, else 0 (the thread writes it once) */
     int64_t big_at[SPARSE_SLOTS]; /* by a hash of the flow: when it last sent a packet above EXPRESS_MAX */
     int run_express;              /* the run (slot_for) holds express datagrams */
@@ -481,31 +494,72 @@ static void count_load(Engine *e, int64_t t, uint64_t before, uint64_t total) {
     }
 }
 
+/* A flow's 64-bit key from its addresses and what tells it from others between them (ports, a ping's identifier):
+ * splitmix64's finaliser, so the slot and the check come from one key. */
+static uint64_t flow_key(uint64_t addrs, uint64_t what) {
+    uint64_t key = addrs ^ what * 0x9E3779B97F4A7C15ull;
+    key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9ull;
+    key = (key ^ key >> 27) * 0x94D049BB133111EBull;
+    return key ^ key >> 31;
+}
+
+/* The lane of a UDP flow or ping this node sends (LaneShare, `flow`): the one picked at its first packet while
+ * its slot holds it, refreshed once a stamp; a new flow takes the slot when it is free or its flow went quiet. */
+static int flow_lane(Engine *e, uint64_t key, int sending) {
+    LaneShare *s = e->share;
+    atomic_uint_fast64_t *slot = &s->flow[key >> (64 - CONN_BITS)];
+    uint64_t stamp = FLOW_STAMP(e->now), v = atomic_load_explicit(slot, memory_order_relaxed);
+    key &= ~0xFFFFFFull;
+    int lane;
+    if ((v & 0x80) && !((v ^ key) >> 24)) {
+        lane = (int)(v & 0x7F);
+        if ((v & 0xFFFF00) != stamp)
+            atomic_store_explicit(slot, key | stamp | 0x80 | (uint64_t)lane, memory_order_relaxed);
+        e->c_flow_moved += sending && lane != e->lane;
+        return lane;
+    }
+    if ((v & 0x80) && (((stamp >> 8) - (v >> 8 & 0xFFFF)) & 0xFFFF) <= FLOW_LIVE) return e->lane; /* another's, live */
+    lane = pick_lane(e);
+    if (!atomic_compare_exchange_strong(slot, &v, key | stamp | 0x80 | (uint64_t)lane)) {
+        /* Another Engine took the slot meanwhile: for this flow (its first packets read by two queues), or not. */
+        return (v & 0x80) && !((v ^ key) >> 24) ? (int)(v & 0x7F) : e->lane;
+    }
+    e->c_flow_started += sending && lane != e->lane;
+    return lane;
+}
+
 /* The lane for an IP packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
- * node opened goes in the connection's lane, a SYN (without ACK) picks one; anything else goes in the Engine's.
- * `sending`: the Engine sends it (counted in status when it goes in another lane than the Engine's), else it
- * goes up, and only a SYN's pick counts. */
+ * node opened goes in the connection's lane, a SYN (without ACK) picks one; a UDP datagram or an echo request in
+ * its flow's lane (flow_lane); anything else goes in the Engine's. `sending`: the Engine sends it (counted in
+ * status when it goes in another lane than the Engine's), else it goes up, and only a pick counts. */
 static int lane_for(Engine *e, const uint8_t *ip, size_t total, int sending) {
     LaneShare *s = e->share;
     if (atomic_load(&s->n) < 2) return e->lane;
-    const uint8_t *tcp;
+    const uint8_t *l4;
     uint64_t addrs;
-    if (ip[0] >> 4 == 6) { /* TCP right after the fixed header; behind extension headers it keeps the Engine's */
-        if (ip[6] != 6 || total < 40 + 14) return e->lane;
-        tcp = ip + 40;
+    int proto;
+    size_t room;
+    if (ip[0] >> 4 == 6) { /* what is right after the fixed header; behind extension headers it keeps the Engine's */
+        if (total < 40) return e->lane;
+        proto = ip[6];
+        l4 = ip + 40;
+        room = total - 40;
         uint64_t dst = be64(ip + 24) ^ be64(ip + 32);
         addrs = be64(ip + 8) ^ be64(ip + 16) ^ (dst << 32 | dst >> 32);
     } else {
         size_t ihl = (size_t)(ip[0] & 15) * 4;
-        if (ip[9] != 6 || ((ip[6] & 0x1F) | ip[7]) || total < ihl + 14) return e->lane;
-        tcp = ip + ihl;
+        if (((ip[6] & 0x1F) | ip[7]) || total < ihl) return e->lane; /* a fragment but the first: no ports */
+        proto = ip[9];
+        l4 = ip + ihl;
+        room = total - ihl;
         addrs = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
     }
-    /* Addresses and ports, mixed (splitmix64's finaliser): the slot and the check come from one 64-bit key. */
-    uint64_t key = addrs ^ (uint64_t)be32(tcp) * 0x9E3779B97F4A7C15ull;
-    key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9ull;
-    key = (key ^ key >> 27) * 0x94D049BB133111EBull;
-    key = (key ^ key >> 31) | 0x100;
+    if (proto == 17 && room >= 8) return flow_lane(e, flow_key(addrs, 17ull << 32 | be32(l4)), sending);
+    if (((proto == 1 && l4[0] == 8) || (proto == 58 && l4[0] == 128)) && room >= 8) /* echo request: its ID */
+        return flow_lane(e, flow_key(addrs, (uint64_t)proto << 32 | be16(l4 + 4)), sending);
+    if (proto != 6 || room < 14) return e->lane;
+    const uint8_t *tcp = l4;
+    uint64_t key = flow_key(addrs, be32(tcp)) | 0x100;
     atomic_uint_fast64_t *slot = &s->conn[key >> (64 - CONN_BITS)];
     int lane;
     if ((tcp[13] & 0x12) == 0x02) {
@@ -2312,7 +2366,7 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
                          e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
                          "dropped: Python busy", e->c_up_dropped, "send failed",
@@ -2326,6 +2380,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
                          "chunks: messages dropped (incomplete or inconsistent)", e->c_chunks_dropped,
                          "TCP: connections opened in another lane", e->c_syn_moved,
                          "TCP: segments sent in their connection's lane, read by another", e->c_conn_moved,
+                         "UDP and pings: flows started in another lane", e->c_flow_started,
+                         "UDP and pings: packets sent in their flow's lane, read by another", e->c_flow_moved,
                          "polls after our own data", e->c_polls,
                          "express: datagrams sent", e->c_express_sent, "express: datagrams read", e->c_express_read);
 }

@@ -48,9 +48,12 @@ TIMEOUT = 2.0
 CHUNK = 1472
 
 
-def frame(src: int, dst: int, payload: bytes = b"x" * 32, vnet: bytes | None = None) -> bytes:
+GRE = 47  # a protocol whose flows keep the reading Engine's lane (overlay/_fast.c, lane_for)
+
+
+def frame(src: int, dst: int, payload: bytes = b"x" * 32, vnet: bytes | None = None, protocol: int = 17) -> bytes:
     eth = DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x00"
-    return (vnet or b"") + eth + ipv4_packet(src, dst, 17, 64, payload)
+    return (vnet or b"") + eth + ipv4_packet(src, dst, protocol, 64, payload)
 
 
 def header(src: int, dst: int, kind: int = Kind.DATA, ttl: int = 63) -> bytes:
@@ -501,7 +504,8 @@ def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them(path
 def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to_one_that_does_not() -> None:
     """A counter's top byte is its lane (overlay/_fast.c, LANES): Engine 3 seals in lane 3 for a peer whose HELLO
     said it takes lanes, and its chunk trains carry the lane in their message IDs' top byte (what the receiver's
-    steering reads, steer_lanes); a peer from before lanes gets lane 0 only, whose window it has."""
+    steering reads, steer_lanes); a peer from before lanes gets lane 0 only, whose window it has. (GRE: TCP, UDP
+    and pings may go in a lane of their own, LaneShare.)"""
     a = Node(A_ID, A_IP, vnet=True, lane=3)
     wire_b = Wire()
     ka, _kb = session_pair()
@@ -510,7 +514,7 @@ def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to
     a.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
     a.engine.start()
     try:
-        f = frame(A_IP, B_IP, vnet=bytes(10))
+        f = frame(A_IP, B_IP, vnet=bytes(10), protocol=GRE)
         counters = []
         for lanes_ok in (True, True, False, False):
             a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, lanes_ok)
@@ -524,7 +528,7 @@ def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to
         # A super-frame leaves as chunks; each chunk's message ID starts with 0x80 | lane.
         a.engine.set_link(B_ID, ka, 11, 22, wire_b.endpoint, 0, True, -1, False, None, None, True)
         vnet = struct.pack("<BBHHHH", 1, 1, 54, 1400, 34, 16)
-        a.kernel.send(frame(A_IP, B_IP, bytes(range(256)) * 40, vnet=vnet))
+        a.kernel.send(frame(A_IP, B_IP, bytes(range(256)) * 40, vnet=vnet, protocol=GRE))
         chunk = wire_b.recv()
         assert chunk[0] == PacketType.CHUNK and chunk[1] == 0x83
     finally:
@@ -546,8 +550,8 @@ def test_a_tcp_connection_this_node_opens_keeps_to_the_least_busy_lane_whichever
     is sealed in the least busy lane, in turn among lanes equally idle, and so is every later segment of its
     connection, whichever Engine reads it (a super-frame's chunks carry that lane too), so that the peer writes
     them all by that lane's queue and the connection moves there at both ends (docs/datapath.md, Lanes). Other
-    connections, other protocols and anything for a peer without lanes stay in the reading Engine's lane; a lane
-    that carries a flood is passed over."""
+    connections, protocols but TCP, UDP and pings, and anything for a peer without lanes stay in the reading
+    Engine's lane; a lane that carries a flood is passed over."""
     a0 = Node(A_ID, A_IP, vnet=True, lane=0)
     a1 = Node(A_ID, A_IP, vnet=True, lane=1, first=a0.engine)
     wire_b, wire_c = Wire(), Wire()
@@ -587,7 +591,8 @@ def test_a_tcp_connection_this_node_opens_keeps_to_the_least_busy_lane_whichever
         for port, lane in zip(range(40000, 40004), opened, strict=True):
             assert lanes_of((a0, tcp(ACK, port)), (a1, tcp(ACK, port)), (a1, tcp(ACK | 0x08, port))) == [lane] * 3
         assert lanes_of((a0, tcp(ACK, 41000)), (a1, tcp(ACK, 41000)), (a1, tcp(SYN | ACK, 41001))) == [0, 1, 1]
-        assert lanes_of((a0, frame(A_IP, B_IP, vnet=plain)), (a1, frame(A_IP, B_IP, vnet=plain))) == [0, 1]
+        gre = frame(A_IP, B_IP, vnet=plain, protocol=GRE)
+        assert lanes_of((a0, gre), (a1, gre)) == [0, 1]
         counts = [n.engine.counters() for n in nodes]
         assert sum(c["TCP: connections opened in another lane"] for c in counts) == 2
         assert sum(c["TCP: segments sent in their connection's lane, read by another"] for c in counts) == 6

@@ -1,0 +1,158 @@
+"""The lane of a UDP flow or ping a node sends (overlay/_fast.c, LaneShare `flow`, docs/datapath.md Lanes): it
+takes the least busy lane at its first packet, in turn among lanes equally idle, and keeps it whichever Engine
+reads its later packets; another flow of the same slot does not take a live flow's slot, and an echo reply, an
+ICMP error or another protocol stays in the reading Engine's lane. Two Engines of one node, on socketpairs."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from overlay.tap.frames import ipv4_packet
+from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
+from overlay.wire import decode_transport_header
+from tests.test_fastpath import (
+    A_ID,
+    A_IP,
+    B_ID,
+    B_IP,
+    C_ID,
+    C_IP,
+    TAP_MAC,
+    Node,
+    Wire,
+    frame,
+    header,
+    session_pair,
+)
+
+CONN_BITS = 10  # overlay/_fast.c: the flow table's slots are 2^CONN_BITS
+PLAIN = bytes(10)  # a frame's virtio_net_hdr without offload
+
+
+def icmp(kind: int, ident: int, src: int = A_IP, dst: int = B_IP) -> bytes:
+    message = struct.pack("!BBHHH", kind, 0, 0, ident, 1) + bytes(56)
+    return PLAIN + DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x00" + ipv4_packet(src, dst, 1, 64, message)
+
+
+def udp(port: int, dst: int = B_IP) -> bytes:
+    return frame(A_IP, dst, struct.pack("!HHHH", port, 53, 40, 0) + bytes(32), vnet=PLAIN)
+
+
+def slot_of_udp(port: int, src: int = A_IP, dst: int = B_IP) -> int:
+    """The flow table's slot of a UDP flow (flow_key: its addresses and ports through splitmix64's finaliser)."""
+    m = (1 << 64) - 1
+    key = ((src << 32 | dst) ^ ((17 << 32 | port << 16 | 53) * 0x9E3779B97F4A7C15 & m)) & m
+    key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9 & m
+    key = (key ^ key >> 27) * 0x94D049BB133111EB & m
+    return (key ^ key >> 31) >> (64 - CONN_BITS)
+
+
+class Lanes:
+    """Node A's two Engines (lanes 0 and 1, sharing their LaneShare) with links to B and C that take lanes."""
+
+    def __init__(self) -> None:
+        self.a0 = Node(A_ID, A_IP, vnet=True, lane=0)
+        self.a1 = Node(A_ID, A_IP, vnet=True, lane=1, first=self.a0.engine)
+        self.wire_b, self.wire_c = Wire(), Wire()
+        kb, _ = session_pair()
+        kc, _ = session_pair()
+        for n in (self.a0, self.a1):
+            n.engine.set_link(B_ID, kb, 11, 22, self.wire_b.endpoint, 0, True, -1, False, None, None, True)
+            n.engine.set_link(C_ID, kc, 12, 33, self.wire_c.endpoint, 0, True, -1, False, None, None, True)
+            n.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
+            n.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+            n.engine.start()
+
+    def lanes_of(self, *sends: tuple[Node, bytes]) -> list[int]:
+        """The lane each frame, read by that Engine, was sealed in for B."""
+        out = []
+        for node, f in sends:
+            node.kernel.send(f)
+            out.append(decode_transport_header(self.wire_b.recv())[1] >> 56)
+        return out
+
+    def counters(self, name: str) -> int:
+        return sum(n.engine.counters()[f"UDP and pings: {name}"] for n in (self.a0, self.a1))
+
+    def close(self) -> None:
+        for n in (self.a0, self.a1):
+            n.close()
+        for w in (self.wire_b, self.wire_c):
+            w.sock.close()
+
+
+@pytest.fixture
+def lanes() -> Iterator[Lanes]:
+    node = Lanes()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def test_each_ping_and_udp_flow_keeps_the_lane_its_first_packet_took_whichever_engine_reads_it(lanes: Lanes) -> None:
+    a0, a1 = lanes.a0, lanes.a1
+    # Two pings (identifiers 7 and 8) and two UDP flows, all first read by lane 0 while both lanes are idle:
+    # they take the lanes in turn.
+    first = lanes.lanes_of((a0, icmp(8, 7)), (a0, icmp(8, 8)), (a0, udp(5000)), (a0, udp(5001)))
+    assert first in ([0, 1, 0, 1], [1, 0, 1, 0]), first
+    for ident, lane in zip((7, 8), first[:2], strict=True):
+        assert lanes.lanes_of((a0, icmp(8, ident)), (a1, icmp(8, ident))) == [lane, lane]
+    for port, lane in zip((5000, 5001), first[2:], strict=True):
+        assert lanes.lanes_of((a1, udp(port)), (a0, udp(port)), (a1, udp(port))) == [lane] * 3
+    assert lanes.counters("flows started in another lane") == 2
+    assert lanes.counters("packets sent in their flow's lane, read by another") == 5  # 2 pings, 3 UDP
+    # An echo reply (this node answers: its lane follows the request's), an ICMP error, another protocol: the
+    # reading Engine's lane, each time.
+    for other in (icmp(0, 7), icmp(3, 7), frame(A_IP, B_IP, vnet=PLAIN, protocol=47)):
+        assert lanes.lanes_of((a0, other), (a1, other)) == [0, 1]
+
+
+def test_a_ping_started_while_a_lane_floods_takes_the_other_lane(lanes: Lanes) -> None:
+    """What docs/datapath.md (Under load) measured: a ping that shares a bulk flow's lane waits behind it."""
+    a1 = lanes.a1
+    flooding = threading.Event()
+
+    def flood() -> None:  # lane 1 carries tens of thousands of packets a second, to C, while this thread runs
+        while flooding.is_set():
+            for _ in range(16):
+                a1.kernel.send(frame(A_IP, C_IP, vnet=PLAIN, protocol=47))
+            for _ in range(16):
+                lanes.wire_c.recv()
+
+    flooding.set()
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        # Pings read by the flooding lane's Engine (the TAP's hash gave them its queue) go in lane 0: two in a row
+        # there, which taking turns never gives. On a busy host the flood thread may stall for longer than the
+        # quiet that makes a lane idle (QUIET_NS), so it tries for a while.
+        picks: list[int] = []
+        deadline = time.monotonic() + 5.0
+        while picks[-2:] != [0, 0] and time.monotonic() < deadline:
+            picks += lanes.lanes_of((a1, icmp(8, 100 + len(picks))))
+            time.sleep(0.002)
+        assert picks[-2:] == [0, 0], picks
+        ident = 100 + len(picks) - 1
+        assert lanes.lanes_of((a1, icmp(8, ident)), (a1, icmp(8, ident))) == [0, 0]  # and it keeps it
+    finally:
+        flooding.clear()
+        flooder.join()
+
+
+def test_a_flow_whose_slot_a_live_flow_holds_keeps_the_reading_lane_and_evicts_nothing(lanes: Lanes) -> None:
+    a0, a1 = lanes.a0, lanes.a1
+    port = 6000
+    other = next(p for p in range(6001, 65536) if slot_of_udp(p) == slot_of_udp(port))
+    [lane] = lanes.lanes_of((a0, udp(port)))
+    # The slot's flow is live: the other flow of its slot goes by whichever Engine reads it, each time, and the
+    # first keeps its lane throughout (it is not evicted and moved, packet by packet).
+    for _ in range(3):
+        assert lanes.lanes_of((a0, udp(other)), (a1, udp(other))) == [0, 1]
+        assert lanes.lanes_of((a0, udp(port)), (a1, udp(port))) == [lane, lane]
+    assert lanes.counters("flows started in another lane") == 0
