@@ -555,7 +555,7 @@ static int lane_for(Engine *e, const uint8_t *ip, size_t total, int sending) {
         addrs = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
     }
     if (proto == 17 && room >= 8) return flow_lane(e, flow_key(addrs, 17ull << 32 | be32(l4)), sending);
-    if (((proto == 1 && l4[0] == 8) || (proto == 58 && l4[0] == 128)) && room >= 8) /* echo request: its ID */
+    if (room >= 8 && ((proto == 1 && l4[0] == 8) || (proto == 58 && l4[0] == 128))) /* echo request: its ID */
         return flow_lane(e, flow_key(addrs, (uint64_t)proto << 32 | be16(l4 + 4)), sending);
     if (proto != 6 || room < 14) return e->lane;
     const uint8_t *tcp = l4;

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from overlay.tap.frames import ipv4_packet
 from overlay.tap.vnic import DEFAULT_GATEWAY_MAC
@@ -23,12 +25,14 @@ from tests.test_fastpath import (
     C_ID,
     C_IP,
     TAP_MAC,
+    TIMEOUT,
     Node,
     Wire,
     frame,
     header,
     session_pair,
 )
+from tests.test_fastpath_ipv6 import A6, B6
 
 CONN_BITS = 10  # overlay/_fast.c: the flow table's slots are 2^CONN_BITS
 PLAIN = bytes(10)  # a frame's virtio_net_hdr without offload
@@ -56,8 +60,8 @@ class Lanes:
     """Node A's two Engines (lanes 0 and 1, sharing their LaneShare) with links to B and C that take lanes."""
 
     def __init__(self) -> None:
-        self.a0 = Node(A_ID, A_IP, vnet=True, lane=0)
-        self.a1 = Node(A_ID, A_IP, vnet=True, lane=1, first=self.a0.engine)
+        self.a0 = Node(A_ID, A_IP, vnet=True, lane=0, address6=A6)
+        self.a1 = Node(A_ID, A_IP, vnet=True, lane=1, first=self.a0.engine, address6=A6)
         self.wire_b, self.wire_c = Wire(), Wire()
         kb, _ = session_pair()
         kc, _ = session_pair()
@@ -66,6 +70,7 @@ class Lanes:
             n.engine.set_link(C_ID, kc, 12, 33, self.wire_c.endpoint, 0, True, -1, False, None, None, True)
             n.engine.set_flow(B_IP, B_ID, header(A_ID, B_ID), 30.0, 0)
             n.engine.set_flow(C_IP, C_ID, header(A_ID, C_ID), 30.0, 0)
+            n.engine.set_flow(B6, B_ID, header(A_ID, B_ID), 30.0, 0)
             n.engine.start()
 
     def lanes_of(self, *sends: tuple[Node, bytes]) -> list[int]:
@@ -156,3 +161,47 @@ def test_a_flow_whose_slot_a_live_flow_holds_keeps_the_reading_lane_and_evicts_n
         assert lanes.lanes_of((a0, udp(other)), (a1, udp(other))) == [0, 1]
         assert lanes.lanes_of((a0, udp(port)), (a1, udp(port))) == [lane, lane]
     assert lanes.counters("flows started in another lane") == 0
+
+
+@pytest.fixture(scope="module")
+def shared_lanes() -> Iterator[Lanes]:
+    node = Lanes()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.sampled_from([0, 1]),
+    st.sampled_from([1, 6, 17, 47, 58]),
+    st.binary(max_size=24),
+    st.integers(0, 0xFFFF),
+    st.booleans(),
+)
+def test_any_packet_read_by_either_lane_is_sent_in_a_lane_of_the_node(
+    shared_lanes: Lanes, reader: int, protocol: int, l4: bytes, fragment: int, v6: bool
+) -> None:
+    """lane_for reads the transport header of what the TAP gives (TCP, UDP, echo requests: any length, any
+    fragment field): whatever it is, it leaves in one of the node's two lanes, and the Engines keep working."""
+    lanes = shared_lanes
+    node = (lanes.a0, lanes.a1)[reader]
+    if v6:
+        head = struct.pack("!IHBB", 6 << 28, len(l4), protocol, 64) + A6.to_bytes(16, "big") + B6.to_bytes(16, "big")
+        packet = PLAIN + DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x86\xdd" + head + l4
+    else:
+        ip = bytearray(ipv4_packet(A_IP, B_IP, protocol, 64, l4))
+        ip[6:8] = (fragment & 0x3FFF).to_bytes(2, "big")  # flags (DF, MF) and offset; the checksum is not read
+        packet = PLAIN + DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x00" + bytes(ip)
+    node.kernel.send(packet)
+    lanes.wire_b.sock.settimeout(0.2)
+    try:
+        datagram = lanes.wire_b.recv()  # sent to B, or (an IPv6 or malformed packet) passed up: nothing here
+        assert decode_transport_header(datagram)[1] >> 56 in (0, 1)
+    except TimeoutError:
+        pass
+    finally:
+        lanes.wire_b.sock.settimeout(TIMEOUT)
+    gre = frame(A_IP, B_IP, vnet=PLAIN, protocol=47)
+    assert lanes.lanes_of((lanes.a0, gre), (lanes.a1, gre)) == [0, 1]
