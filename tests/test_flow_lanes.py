@@ -91,13 +91,16 @@ class Lanes:
             w.sock.close()
 
 
-@pytest.fixture
-def lanes() -> Iterator[Lanes]:
+def running_lanes() -> Iterator[Lanes]:
     node = Lanes()
     try:
         yield node
     finally:
         node.close()
+
+
+lanes = pytest.fixture(running_lanes, name="lanes")  # fresh for each test: picks depend on the turn so far
+shared_lanes = pytest.fixture(running_lanes, name="shared_lanes", scope="module")  # for the property test
 
 
 def test_each_ping_and_udp_flow_keeps_the_lane_its_first_packet_took_whichever_engine_reads_it(lanes: Lanes) -> None:
@@ -161,15 +164,6 @@ def test_a_flow_whose_slot_a_live_flow_holds_keeps_the_reading_lane_and_evicts_n
         assert lanes.lanes_of((a0, udp(other)), (a1, udp(other))) == [0, 1]
         assert lanes.lanes_of((a0, udp(port)), (a1, udp(port))) == [lane, lane]
     assert lanes.counters("flows started in another lane") == 0
-
-
-@pytest.fixture(scope="module")
-def shared_lanes() -> Iterator[Lanes]:
-    node = Lanes()
-    try:
-        yield node
-    finally:
-        node.close()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
