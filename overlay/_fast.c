@@ -369,7 +369,8 @@ typedef struct {
  * load). There is no SYN to say which end began, so each end picks for what it sends; the answering end's pick
  * only decides where its answers go. A slot (`flow`) holds a flow while it carried something in the last
  * FLOW_LIVE stamps; another flow of its slot meanwhile keeps the reading Engine's lane and takes nothing, so two
- * live flows of one slot never evict each other packet by packet (which would move them between lanes). */
+ * live flows of one slot never evict each other packet by packet (which would move them between lanes). A flow
+ * quiet for longer has nothing in flight, and picks again. */
 #define LOAD_NS 10000000LL
 #define LOAD_IDLE 10 /* packets per window below which a lane counts as idle (1,000 a second) */
 #define QUIET_NS 5000000LL
@@ -504,21 +505,22 @@ static uint64_t flow_key(uint64_t addrs, uint64_t what) {
 }
 
 /* The lane of a UDP flow or ping this node sends (LaneShare, `flow`): the one picked at its first packet while
- * its slot holds it, refreshed once a stamp; a new flow takes the slot when it is free or its flow went quiet. */
+ * it stays live, its stamp refreshed once a stamp; a flow quiet for longer (nothing of it in flight) picks again,
+ * and a new flow takes the slot when it is free or its flow went quiet. */
 static int flow_lane(Engine *e, uint64_t key, int sending) {
     LaneShare *s = e->share;
     atomic_uint_fast64_t *slot = &s->flow[key >> (64 - CONN_BITS)];
     uint64_t stamp = FLOW_STAMP(e->now), v = atomic_load_explicit(slot, memory_order_relaxed);
     key &= ~0xFFFFFFull;
-    int lane;
-    if ((v & 0x80) && !((v ^ key) >> 24)) {
+    int lane, live = (v & 0x80) && (((stamp >> 8) - (v >> 8 & 0xFFFF)) & 0xFFFF) <= FLOW_LIVE;
+    if (live && !((v ^ key) >> 24)) {
         lane = (int)(v & 0x7F);
         if ((v & 0xFFFF00) != stamp)
             atomic_store_explicit(slot, key | stamp | 0x80 | (uint64_t)lane, memory_order_relaxed);
         e->c_flow_moved += sending && lane != e->lane;
         return lane;
     }
-    if ((v & 0x80) && (((stamp >> 8) - (v >> 8 & 0xFFFF)) & 0xFFFF) <= FLOW_LIVE) return e->lane; /* another's, live */
+    if (live) return e->lane; /* another flow's */
     lane = pick_lane(e);
     if (!atomic_compare_exchange_strong(slot, &v, key | stamp | 0x80 | (uint64_t)lane)) {
         /* Another Engine took the slot meanwhile: for this flow (its first packets read by two queues), or not. */

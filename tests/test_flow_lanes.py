@@ -35,6 +35,7 @@ from tests.test_fastpath import (
 from tests.test_fastpath_ipv6 import A6, B6
 
 CONN_BITS = 10  # overlay/_fast.c: the flow table's slots are 2^CONN_BITS
+FLOW_LIVE_S = 240 * 2**24 / 1e9  # FLOW_LIVE stamps of 2^24 ns: how long a quiet flow keeps its slot (~4.03 s)
 PLAIN = bytes(10)  # a frame's virtio_net_hdr without offload
 
 
@@ -89,6 +90,11 @@ class Lanes:
             n.close()
         for w in (self.wire_b, self.wire_c):
             w.sock.close()
+
+
+def colliding(port: int) -> int:
+    """Another UDP port whose flow (A to B) has the same slot as `port`'s."""
+    return next(p for p in range(port + 1, 65536) if slot_of_udp(p) == slot_of_udp(port))
 
 
 def running_lanes() -> Iterator[Lanes]:
@@ -156,7 +162,7 @@ def test_a_ping_started_while_a_lane_floods_takes_the_other_lane(lanes: Lanes) -
 def test_a_flow_whose_slot_a_live_flow_holds_keeps_the_reading_lane_and_evicts_nothing(lanes: Lanes) -> None:
     a0, a1 = lanes.a0, lanes.a1
     port = 6000
-    other = next(p for p in range(6001, 65536) if slot_of_udp(p) == slot_of_udp(port))
+    other = colliding(port)
     [lane] = lanes.lanes_of((a0, udp(port)))
     # The slot's flow is live: the other flow of its slot goes by whichever Engine reads it, each time, and the
     # first keeps its lane throughout (it is not evicted and moved, packet by packet).
@@ -199,3 +205,21 @@ def test_any_packet_read_by_either_lane_is_sent_in_a_lane_of_the_node(
         lanes.wire_b.sock.settimeout(TIMEOUT)
     gre = frame(A_IP, B_IP, vnet=PLAIN, protocol=47)
     assert lanes.lanes_of((lanes.a0, gre), (lanes.a1, gre)) == [0, 1]
+
+
+def test_a_flow_quiet_for_seconds_picks_again_and_a_flow_of_its_slot_may_take_the_slot(lanes: Lanes) -> None:
+    """After FLOW_LIVE without a packet nothing of a flow is in flight: its next packet picks a lane again (by
+    load, in turn among idle lanes), and another flow of its slot takes the slot."""
+    a0, a1 = lanes.a0, lanes.a1
+    p, q = 7000, 7001
+    q2 = colliding(q)
+    assert slot_of_udp(p) != slot_of_udp(q)
+    [lane_p, lane_q] = lanes.lanes_of((a0, udp(p)), (a0, udp(q)))
+    assert lane_q == 1 - lane_p  # in turn
+    assert lanes.lanes_of((a0, udp(q2)), (a1, udp(q2))) == [0, 1]  # q is live: q2 keeps the reading lane
+    time.sleep(FLOW_LIVE_S + 0.2)
+    [lane_q2] = lanes.lanes_of((a1, udp(q2)))  # q went quiet: q2 takes its slot, the next turn's lane
+    assert lane_q2 == lane_p
+    assert lanes.lanes_of((a1, udp(p))) == [1 - lane_p]  # p picks again: the turn after
+    assert lanes.lanes_of((a0, udp(q2)), (a1, udp(q2))) == [lane_q2] * 2
+    assert lanes.lanes_of((a0, udp(q)), (a1, udp(q))) == [0, 1]  # now q is the other flow of a live slot
