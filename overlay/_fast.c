@@ -381,7 +381,7 @@ typedef struct {
     atomic_uint_fast64_t load[LANES];       /* packets in the lane's last window, per LOAD_NS */
     atomic_int_fast64_t active_at[LANES];   /* when the lane last carried something */
     atomic_uint_fast64_t conn[1 << CONN_BITS]; /* a connection's key but its low byte, | 0x100, | its lane */
-    atomic_uint_fast64_t flow[1 << CONN_BITS]; /* a UDP flow's or ping's key but its low 24 bits | stamp | 0x80 | lane */
+    atomic_uint_fast64_t flow[1 << CONN_BITS]; /* a UDP flow's or ping's key but its low 24 bits, stamp, 0x80, lane */
 } LaneShare;
 #define FLOW_STAMP(t) (((uint64_t)(t) >> 24 & 0xFFFF) << 8) /* 16.8 ms units (2^24 ns), 16 bits: wraps after 18 min */
 #define FLOW_LIVE 240 /* stamps (~4 s): longer than ping's default second between requests */
@@ -530,38 +530,58 @@ static int flow_lane(Engine *e, uint64_t key, int sending) {
     return lane;
 }
 
+/* What the lanes (lane_for) and the express lanes (express_packet) read of an IP packet from the TAP, read once
+ * per packet: its transport protocol (-1: a header too short to say), where its transport header starts and how
+ * many bytes follow it, whether it is a fragment (IPv4; an IPv6 fragment header is a protocol of its own) and
+ * one but the first, whether it is an echo request, and its flow's key: its addresses, protocol and what tells
+ * it from others between them (TCP's, UDP's and SCTP's ports, an echo request's identifier) through flow_key. */
+typedef struct {
+    int proto, fragment, later_fragment, echo;
+    const uint8_t *l4;
+    size_t room;
+    uint64_t key;
+} FlowOf;
+
+static void flow_of(const uint8_t *ip, size_t total, FlowOf *f) {
+    uint64_t addrs;
+    size_t hl;
+    *f = (FlowOf){.proto = -1, .l4 = ip};
+    if (ip[0] >> 4 == 6) { /* what is right after the fixed header; behind extension headers it counts as theirs */
+        if (total < 40) return;
+        f->proto = ip[6];
+        hl = 40;
+        uint64_t dst = be64(ip + 24) ^ be64(ip + 32);
+        addrs = be64(ip + 8) ^ be64(ip + 16) ^ (dst << 32 | dst >> 32);
+    } else {
+        hl = (size_t)(ip[0] & 15) * 4;
+        if (total < hl) return;
+        f->proto = ip[9];
+        f->fragment = ((ip[6] & 0x3F) | ip[7]) != 0;
+        f->later_fragment = ((ip[6] & 0x1F) | ip[7]) != 0; /* no ports */
+        addrs = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
+    }
+    f->l4 = ip + hl;
+    f->room = total - hl;
+    uint64_t what = 0;
+    if (!f->later_fragment) {
+        f->echo = f->room >= 8 && ((f->proto == 1 && f->l4[0] == 8) || (f->proto == 58 && f->l4[0] == 128));
+        if ((f->proto == 6 || f->proto == 17 || f->proto == 132) && f->room >= 4) what = be32(f->l4);
+        else if (f->echo) what = (uint64_t)be16(f->l4 + 4) << 32 | 1; /* its identifier: one flow per ping */
+    }
+    f->key = flow_key(addrs, (uint64_t)f->proto << 48 ^ what);
+}
+
 /* The lane for an IP packet read from the TAP, to a peer that takes lanes: a TCP segment of a connection this
  * node opened goes in the connection's lane, a SYN (without ACK) picks one; a UDP datagram or an echo request in
  * its flow's lane (flow_lane); anything else goes in the Engine's. `sending`: the Engine sends it (counted in
  * status when it goes in another lane than the Engine's), else it goes up, and only a pick counts. */
-static int lane_for(Engine *e, const uint8_t *ip, size_t total, int sending) {
+static int lane_for(Engine *e, const FlowOf *f, int sending) {
     LaneShare *s = e->share;
-    if (atomic_load(&s->n) < 2) return e->lane;
-    const uint8_t *l4;
-    uint64_t addrs;
-    int proto;
-    size_t room;
-    if (ip[0] >> 4 == 6) { /* what is right after the fixed header; behind extension headers it keeps the Engine's */
-        if (total < 40) return e->lane;
-        proto = ip[6];
-        l4 = ip + 40;
-        room = total - 40;
-        uint64_t dst = be64(ip + 24) ^ be64(ip + 32);
-        addrs = be64(ip + 8) ^ be64(ip + 16) ^ (dst << 32 | dst >> 32);
-    } else {
-        size_t ihl = (size_t)(ip[0] & 15) * 4;
-        if (((ip[6] & 0x1F) | ip[7]) || total < ihl) return e->lane; /* a fragment but the first: no ports */
-        proto = ip[9];
-        l4 = ip + ihl;
-        room = total - ihl;
-        addrs = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
-    }
-    if (proto == 17 && room >= 8) return flow_lane(e, flow_key(addrs, 17ull << 32 | be32(l4)), sending);
-    if (room >= 8 && ((proto == 1 && l4[0] == 8) || (proto == 58 && l4[0] == 128))) /* echo request: its ID */
-        return flow_lane(e, flow_key(addrs, (uint64_t)proto << 32 | be16(l4 + 4)), sending);
-    if (proto != 6 || room < 14) return e->lane;
-    const uint8_t *tcp = l4;
-    uint64_t key = flow_key(addrs, be32(tcp)) | 0x100;
+    if (atomic_load(&s->n) < 2 || f->later_fragment) return e->lane;
+    if ((f->proto == 17 && f->room >= 8) || f->echo) return flow_lane(e, f->key, sending);
+    if (f->proto != 6 || f->room < 14) return e->lane;
+    const uint8_t *tcp = f->l4;
+    uint64_t key = f->key | 0x100;
     atomic_uint_fast64_t *slot = &s->conn[key >> (64 - CONN_BITS)];
     int lane;
     if ((tcp[13] & 0x12) == 0x02) {
@@ -936,27 +956,12 @@ static size_t rewrite_head(Engine *e, const uint8_t *ip, size_t total, uint32_t 
 }
 
 /* Whether an IP packet read from the TAP goes in an express lane (Express lanes, above): EXPRESS_MAX bytes or
- * fewer, not a fragment, and its flow (protocol, addresses, and TCP's, UDP's or SCTP's ports) sent nothing
+ * fewer, not a fragment, and its flow (FlowOf's key: addresses, protocol, ports or a ping's identifier) sent nothing
  * bigger for SPARSE_NS. Every packet bigger notes its flow's time; flows that share a slot (a direct-mapped
  * table) only lose the express lane. 0 without express sockets. */
-static int express_packet(Engine *e, const uint8_t *ip, size_t total) {
-    if (e->xudp < 0) return 0;
-    uint64_t key;
-    size_t l4;
-    int proto;
-    if (ip[0] >> 4 == 6) {
-        proto = ip[6];
-        l4 = 40;
-        key = be64(ip + 8) ^ be64(ip + 16) * 31 ^ be64(ip + 24) * 17 ^ be64(ip + 32) * 7;
-    } else {
-        proto = ip[9];
-        l4 = (size_t)(ip[0] & 15) * 4;
-        if ((ip[6] & 0x3F) | ip[7]) return 0; /* a fragment: no ports to tell its flow by */
-        key = (uint64_t)be32(ip + 12) << 32 | be32(ip + 16);
-    }
-    uint64_t ports = (proto == 6 || proto == 17 || proto == 132) && total >= l4 + 4 ? be32(ip + l4) : 0;
-    key = (key ^ ((uint64_t)proto << 32 | ports)) * 0x9E3779B97F4A7C15ull;
-    int64_t *at = &e->big_at[(key >> 32) % SPARSE_SLOTS];
+static int express_packet(Engine *e, const FlowOf *f, size_t total) {
+    if (e->xudp < 0 || f->fragment) return 0; /* a fragment: no ports to tell its flow by */
+    int64_t *at = &e->big_at[(f->key >> 32) % SPARSE_SLOTS];
     if (total > EXPRESS_MAX) {
         *at = e->now;
         return 0;
@@ -973,7 +978,9 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
     FLink *L = NULL;
     int64_t now = e->now;
     int gso = e->vnet && memcmp(frame, zero_vnet, VNET_LEN) != 0;
-    int ask = 0, express = express_packet(e, ip, total) ? EXPRESS_LANE : 0;
+    FlowOf fl = {.proto = -1};
+    if (e->xudp >= 0 || atomic_load_explicit(&e->share->n, memory_order_relaxed) >= 2) flow_of(ip, total, &fl);
+    int ask = 0, express = express_packet(e, &fl, total) ? EXPRESS_LANE : 0;
     *check = 0;
     int same = dst_eq(&f->dst, dst);
     if (same && f->asking) {
@@ -1004,7 +1011,7 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
         static const uint8_t data_gso = MSG_DATA_GSO;
         struct iovec pieces[4] = {{work ? (void *)&data_gso : f->header, 1}, {(void *)frame, work ? VNET_LEN : 0},
                                   {e->nat_head, hl}, {(void *)(ip + hl), total - hl}};
-        int lane = L->lanes_ok ? lane_for(e, ip, total, 1) + express : e->lane;
+        int lane = L->lanes_ok ? lane_for(e, &fl, 1) + express : e->lane;
         if (send_on(e, L, lane, pieces, 4, 1 + (work ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
         goto numbered;
     }
@@ -1012,7 +1019,7 @@ static int route_frame(Engine *e, const uint8_t *frame, const Dst *dst, const ui
     memcpy(header, f->header, ROUTED_LEN);
     header[ROUTED_LEN - 1] = gso ? KIND_DATA_GSO : KIND_DATA;
     struct iovec pieces[3] = {{header, ROUTED_LEN}, {(void *)frame, gso ? VNET_LEN : 0}, {(void *)ip, total}};
-    int lane = L->lanes_ok ? lane_for(e, ip, total, 1) + express : e->lane;
+    int lane = L->lanes_ok ? lane_for(e, &fl, 1) + express : e->lane;
     if (send_on(e, L, lane, pieces, 3, ROUTED_LEN + (gso ? VNET_LEN : 0) + total) == 0) return FRAME_SENT;
     goto numbered;
 up:
@@ -1020,7 +1027,7 @@ up:
      * Engine's, and once the flow is here the Engine sends the connection's segments in the chosen one, which
      * brings the connection there as a SYN it sent would. Without it, a connection opened while its flow was
      * away (after a route change, or idle past its hard limit) kept the hash's lane for good. */
-    lane_for(e, ip, total, 0);
+    lane_for(e, &fl, 0);
 numbered:
     /* Numbered under `tab`, so a set_flow either comes first (and this frame goes on the flow) or sees that
      * this frame went up after what Python has sent. */

@@ -49,9 +49,10 @@ def udp(port: int, dst: int = B_IP) -> bytes:
 
 
 def slot_of_udp(port: int, src: int = A_IP, dst: int = B_IP) -> int:
-    """The flow table's slot of a UDP flow (flow_key: its addresses and ports through splitmix64's finaliser)."""
+    """The flow table's slot of a UDP flow (flow_of: its addresses, protocol and ports through splitmix64's
+    finaliser)."""
     m = (1 << 64) - 1
-    key = ((src << 32 | dst) ^ ((17 << 32 | port << 16 | 53) * 0x9E3779B97F4A7C15 & m)) & m
+    key = ((src << 32 | dst) ^ ((17 << 48 | port << 16 | 53) * 0x9E3779B97F4A7C15 & m)) & m
     key = (key ^ key >> 30) * 0xBF58476D1CE4E5B9 & m
     key = (key ^ key >> 27) * 0x94D049BB133111EB & m
     return (key ^ key >> 31) >> (64 - CONN_BITS)
