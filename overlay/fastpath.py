@@ -293,7 +293,7 @@ class FastPath:
             out["fast path: scheduler slice, us"] = slice_ns // 1000
         if len(each) > 1:
             # How evenly the flows spread over the lanes (the TAP's flow hash picks a flow's lane, except for the TCP
-            # connections this node opens: the least busy lane when each opened).
+            # connections, UDP flows and pings this node starts: the least busy lane when each started).
             out.update((f"fast path: lane {i}: {k}", v) for i, c in enumerate(each) for k, v in c.items() if v)
         return out
 
