@@ -60,6 +60,9 @@ UDP_PAYLOAD = 64
 # A path counts as having stopped answering when a ping went unanswered and the next did not answer at once
 # either (wait_reachable's pings take up to 1 s each).
 OUTAGE_S = 1.0
+# What ipsec-mb's GCM runs on (its AVX-512 code needs VAES and VPCLMULQDQ, else AVX2; OpenSSL 3.0 uses AES-NI and
+# PCLMULQDQ): printed beside the table, as our numbers move with them (docs/datapath.md, the link cipher).
+CIPHER_FEATURES = ("aes", "pclmulqdq", "avx2", "avx512f", "vaes", "vpclmulqdq")
 DROPS_POLL_S = 0.05  # how often the server's socket drops are read during a 64-byte run (the last 50 ms are missed)
 # Debian packages every run needs (the peers' own are in bench/peerlab.py), and the policy-rc.d protocol that
 # refuses service starts while they install (invoke-rc.d(8)).
@@ -605,6 +608,25 @@ def _ratio(entry: tuple[float | None, str] | None) -> str:
 # -- the run --------------------------------------------------------------------------------------------------
 
 
+def machine(cpuinfo: str) -> dict[str, Any]:
+    """The CPU as /proc/cpuinfo names it, which of CIPHER_FEATURES it has, and the link cipher our nodes run: the
+    table's numbers for ours depend on them (docs/datapath.md, the link cipher)."""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    have = set(flags.group(1).split()) if flags else set()
+    try:
+        from overlay._fast import GCM  # the same environment (IPOP_OVERLAY_GCM) as the nodes the bench starts
+
+        cipher = str(GCM)
+    except ImportError:
+        cipher = "OpenSSL (no compiled data path)"
+    return {
+        "cpu": model.group(1).strip() if model else platform.machine(),
+        "cpu_features": [f for f in CIPHER_FEATURES if f in have],
+        "cipher": cipher,
+    }
+
+
 def load_seconds(seconds: float) -> float:
     """The background stream of the loaded RTT: --seconds, but long enough for the ramp and every ping."""
     return max(seconds, LOAD_RAMP_S + PINGS * PING_INTERVAL_S + 1.0)
@@ -659,9 +681,12 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     wall = time.monotonic() - started
     runs = "1 run" if args.runs == 1 else f"median of {args.runs} runs"
+    host = machine(Path("/proc/cpuinfo").read_text(errors="replace"))
     say("")
     say(f"peers  {datetime.now():%Y-%m-%d %H:%M}  kernel {platform.release()}  nproc {len(os.sched_getaffinity(0))}  "
         f"{args.seconds:g} s per measurement ({runs})  total {wall / 60:.1f} min")  # fmt: skip
+    say(f"cpu {host['cpu']} ({' '.join(host['cpu_features']) or 'none of ' + ' '.join(CIPHER_FEATURES)})  "
+        f"our link cipher: AES-256-GCM, {host['cipher']}")  # fmt: skip
     say(
         "Mbit/s received (bidir: both directions added); 64-byte UDP sent as fast as iperf3 can: kpps received, "
         '% lost, and kpps that reached the server\'s socket ("64B in"; the difference was dropped there, the '
@@ -673,16 +698,17 @@ def main() -> int:
     for line in table(results):
         say(line)
     if args.json:
-        args.json.write_text(json.dumps(report(results, args.seconds, args.runs, wall), indent=1) + "\n")
+        args.json.write_text(json.dumps(report(results, args.seconds, args.runs, wall, host), indent=1) + "\n")
         say(f"numbers in {args.json}")
     return 0
 
 
-def report(results: list[SystemResult], seconds: float, runs: int, wall: float) -> dict[str, Any]:
+def report(results: list[SystemResult], seconds: float, runs: int, wall: float, host: dict[str, Any]) -> dict[str, Any]:
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "nproc": len(os.sched_getaffinity(0)),
+        **host,
         "seconds": seconds,
         "runs": runs,
         "wall_s": round(wall, 1),

@@ -1,4 +1,5 @@
-"""bench/peers.py's count of what reached iperf3's server: the drops of a UDP socket, read while it lives."""
+"""bench/peers.py's helpers: the drops of a UDP socket, read while it lives (what reached iperf3's server), and the
+machine its table names."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from bench.peers import socket_drops
+from bench.peers import machine, socket_drops
+from overlay._fast import GCM
 
 SENT = 400
 
@@ -53,3 +55,17 @@ def test_socket_drops_says_none_when_no_socket_was_on_the_port() -> None:
     with socket_drops(os.getpid(), port) as drops:
         time.sleep(0.2)
     assert drops[0] is None
+
+
+def test_machine_names_the_cpu_and_the_features_the_link_cipher_runs_on() -> None:
+    avx2_only = (
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 aes pclmulqdq avx avx2 bmi2\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 aes pclmulqdq avx avx2 bmi2\n"
+    )
+    host = machine(avx2_only)
+    assert host["cpu"] == "AMD EPYC"
+    assert host["cpu_features"] == ["aes", "pclmulqdq", "avx2"]
+    assert host["cipher"] == GCM  # what a node started from this environment runs (overlay/status.py's "cipher")
+    vaes = machine("model name : Xeon\nflags : aes avx2 avx512f vaes vpclmulqdq pclmulqdq\n")
+    assert vaes["cpu_features"] == ["aes", "pclmulqdq", "avx2", "avx512f", "vaes", "vpclmulqdq"]
+    assert machine("")["cpu_features"] == []
