@@ -435,7 +435,7 @@ typedef struct {
     uint64_t c_frames, c_frames_up, c_datagrams, c_datagrams_up, c_relayed, c_relayed_trains, c_up_dropped,
         c_send_failed, c_tap_failed, c_gso_fallback, c_mtu_refused, c_tap_joined, c_join_refused, c_flow_pending,
         c_flow_asked, c_staged, c_stage_dropped, c_unreachable, c_chunks_rebuilt, c_chunks_dropped, c_syn_moved,
-        c_conn_moved, c_polls, c_express_sent, c_express_read, c_flow_started, c_flow_moved;
+        c_conn_moved, c_polls, c_express_sent, c_express_read, c_flow_started, c_flow_moved, c_polls_skipped;
     uint64_t slice_ns; /* the thread's scheduler slice if short_slice set it, else 0 (the thread writes it once) */
     int64_t big_at[SPARSE_SLOTS]; /* by a hash of the flow: when it last sent a packet above EXPRESS_MAX */
     int run_express;              /* the run (slot_for) holds express datagrams */
@@ -1810,7 +1810,7 @@ static void drain_udp(Engine *e, int fd) {
     flush_run(e);
 }
 
-/* After data it carried itself the thread polls for SPIN_NS before it sleeps, yielding the CPU to anything
+/* After data it carried itself the thread polls up to SPIN_NS before it sleeps, yielding the CPU to anything
  * runnable: the answer to what it just sent (a ping's reply, a TCP ACK) usually comes within that, and is then
  * taken without a wake-up (each one 10-100 us on a virtual machine, four per round trip). Control traffic
  * (passed up to Python) does not make it spin: a hundred idle nodes on one machine stay idle. Nor does data it
@@ -1834,6 +1834,20 @@ static void drain_udp(Engine *e, int fd) {
  * relayed 8,317 / 9,069; idle RTT unchanged (0.220 / 0.221 ms direct: a ping is ~100 bytes), RTT under a
  * stream 1.14 / 0.67 ms direct (docs/datapath.md, Latency). */
 #define BUSY_BYTES 65536
+/* ... and for as long as polling pays. Between packets of a flow that come a millisecond or more apart (a voice
+ * call, a game, a paced UDP stream) every poll ran its 300 us for nothing, at both ends: measured (2026-12-07, the
+ * lab of bench/peers.py, iperf3 -u with 200-byte datagrams, a's and b's CPU), 16 % of a core at each end for 500
+ * packets a second and 32 % for 2,000 or 8,000 (iperf3 sends them in bursts a millisecond apart), where fastd
+ * took 1-6 %. So the window adapts as Linux's KVM adapts a virtual CPU's halt polling (halt_poll_ns), by how long
+ * the wait for the next event turned out to be: within the window, it stays; longer than SPIN_NS, it halves (to
+ * nothing below POLL_MIN); in between, it doubles (from POLL_START, up to SPIN_NS). Two windows: after a batch
+ * that sent what the TAP gave (an answer may come back) and after one that only delivered to the TAP (the
+ * application may answer through it), as the two waits differ: a ping's sender waits for the reply after the
+ * request and for the next request after the reply, and its answerer's kernel answers at once, and then
+ * nothing comes for the answer it sent. */
+#define POLL_MIN 20000LL
+#define POLL_START 50000LL
+enum { POLL_SENT, POLL_DELIVERED };
 
 /* The thread's scheduler slice. Under load a ping waited for CPUs as much as for anything of ours: with both
  * cores busy (a TCP stream through three nodes on two), a woken Engine could wait for the running task's slice to
@@ -1882,6 +1896,8 @@ static void *engine_main(void *arg) {
     int64_t spin_until = 0, window_end = 0;
     uint64_t window_base = 0, window_bytes = 0;
     int busy = 0;
+    int64_t window[2] = {SPIN_NS, SPIN_NS}, wait_from = 0; /* wait_from: a wait for the next event, timed */
+    int wait_kind = POLL_SENT;
     for (;;) {
         if (e->stage_n) release_staged(e);
         /* While frames are held, look again every 10 ms: a flow Python never catches up with lets go (hold_limit). */
@@ -1895,7 +1911,13 @@ static void *engine_main(void *arg) {
             else spin_until = 0;
             continue;
         }
-        uint64_t carried = e->c_frames + e->c_datagrams, relayed = e->c_relayed;
+        if (wait_from) { /* the wait this event ends: how long should the next such poll be? */
+            int64_t waited = now_ns() - wait_from, *w = &window[wait_kind];
+            if (waited > SPIN_NS) *w = *w / 2 < POLL_MIN ? 0 : *w / 2;
+            else if (waited > *w) *w = *w * 2 < POLL_START ? POLL_START : *w * 2 > SPIN_NS ? SPIN_NS : *w * 2;
+            wait_from = 0;
+        }
+        uint64_t carried = e->c_frames + e->c_datagrams, relayed = e->c_relayed, sent = e->c_frames;
         for (int i = 0; i < n; i++) /* the express socket first (Express lanes) */
             if (evs[i].data.fd == e->xudp) drain_udp(e, e->xudp);
         for (int i = 0; i < n; i++) {
@@ -1924,8 +1946,15 @@ static void *engine_main(void *arg) {
             if (busy) {
                 spin_until = 0;
             } else if (total - carried > e->c_relayed - relayed) { /* ours, not only relayed */
-                if (spin_until <= t) e->c_polls++; /* a new poll, not one extended */
-                spin_until = t + SPIN_NS;
+                wait_kind = e->c_frames != sent ? POLL_SENT : POLL_DELIVERED;
+                wait_from = t;
+                if (!window[wait_kind]) {
+                    spin_until = 0;
+                    e->c_polls_skipped++;
+                } else {
+                    if (spin_until <= t) e->c_polls++; /* a new poll, not one extended */
+                    spin_until = t + window[wait_kind];
+                }
             }
         }
     }
@@ -2375,7 +2404,7 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
 }
 
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames sent", e->c_frames, "frames passed up",
                          e->c_frames_up, "datagrams handled", e->c_datagrams, "datagrams passed up", e->c_datagrams_up,
                          "relayed", e->c_relayed, "relayed: chunk trains passed on as they came", e->c_relayed_trains,
                          "dropped: Python busy", e->c_up_dropped, "send failed",
@@ -2392,6 +2421,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
                          "UDP and pings: flows started in another lane", e->c_flow_started,
                          "UDP and pings: packets sent in their flow's lane, read by another", e->c_flow_moved,
                          "polls after our own data", e->c_polls,
+                         "polls skipped (the waits were long)", e->c_polls_skipped,
                          "express: datagrams sent", e->c_express_sent, "express: datagrams read", e->c_express_read);
 }
 

@@ -393,11 +393,11 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
             w.sock.close()
 
 
-def test_the_ends_poll_after_their_own_data_and_a_relay_does_not_for_what_it_passes_on() -> None:
+def test_the_ends_poll_after_their_own_data_until_the_waits_prove_long_and_a_relay_does_not_poll() -> None:
     """After data of its own an Engine polls a while before it sleeps (the answer usually comes within it); data it
     only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (_fast.c,
-    SPIN_NS). Packets 2 ms apart, so every one starts a poll at the ends (each one's poll has ended before the
-    next, as SPIN_NS is 0.3 ms), and none at the relay."""
+    SPIN_NS). Packets 2 ms apart with no answer: each wait is longer than SPIN_NS, so each end's window halves
+    (300, 150, 75, 37 us, then none) and the rest of the packets go without a poll."""
     (a, b, c), (w_ab, w_ba, w_bc, w_cb), _, _ = tunnel_through_b(True, True)
     try:
         f = frame(A_IP, C_IP, b"ping" * 16)
@@ -407,10 +407,46 @@ def test_the_ends_poll_after_their_own_data_and_a_relay_does_not_for_what_it_pas
             w_cb.send_to(c, w_bc.recv())
             assert c.kernel.recv(70000)[14:] == f[14:]
             time.sleep(0.002)
-        polls = {n: n.engine.counters()["polls after our own data"] for n in (a, b, c)}
-        assert b.engine.counters()["relayed"] == 20
-        assert polls[b] == 0, polls
-        assert polls[a] >= 10 and polls[c] >= 10, polls  # most packets find the last poll over
+        counts = {n: n.engine.counters() for n in (a, b, c)}
+        assert counts[b]["relayed"] == 20
+        assert counts[b]["polls after our own data"] == counts[b]["polls skipped (the waits were long)"] == 0
+        for n in (a, c):
+            polls, skipped = (counts[n][k] for k in ("polls after our own data", "polls skipped (the waits were long)"))
+            assert (polls, skipped) == (4, 16), (n, polls, skipped)
+    finally:
+        for n in (a, b, c):
+            n.close()
+        for w in (w_ab, w_ba, w_bc, w_cb):
+            w.sock.close()
+
+
+def test_a_sender_whose_answers_come_within_the_poll_keeps_polling_after_each_send() -> None:
+    """A's packets to C, each answered at once (C's answers made beforehand, put to A right after each send):
+    the wait after a send ends within the window, which stays, so every send starts a poll; the wait after
+    delivering an answer (until the next send, 2 ms) is long, and those polls stop, as in the test above."""
+    (a, b, c), (w_ab, w_ba, w_bc, w_cb), _, _ = tunnel_through_b(True, True)
+    try:
+        c.engine.set_flow(A_IP, A_ID, header(C_ID, A_ID), 30.0, 0)
+        answer = frame(C_IP, A_IP, b"pong" * 16)
+        answers = []
+        for _ in range(20):  # C -> B -> A, caught at A's wire from B, not yet given to A
+            c.kernel.send(answer)
+            w_bc.send_to(b, w_cb.recv())
+            answers.append(w_ba.recv())
+        time.sleep(0.002)
+        before = a.engine.counters()
+        f = frame(A_IP, C_IP, b"ping" * 16)
+        for sealed in answers:
+            a.kernel.send(f)
+            w_ab.recv()
+            w_ab.send_to(a, sealed)
+            assert a.kernel.recv(70000)[14:] == answer[14:]
+            time.sleep(0.002)
+        after = a.engine.counters()
+        polls, skipped = (
+            after[k] - before[k] for k in ("polls after our own data", "polls skipped (the waits were long)")
+        )
+        assert polls == 20 and skipped >= 14, (polls, skipped)
     finally:
         for n in (a, b, c):
             n.close()
