@@ -122,7 +122,7 @@
 #define STAGE_MAX 256
 #define STAGE_BYTES (1 << 20)
 #define STAGE_NS 50000000LL
-/* Our choice: Python hears about link activity at most every 250 ms (maintenance waits BUSY_PING = 2 s for an
+/* Our choice: Python hears about link activity at most every 500 ms (maintenance waits BUSY_PING = 2 s for an
  * answer on a busy link before it pings: overlay/routing/maintenance.py). */
 #define NOTE_NS 500000000LL
 
