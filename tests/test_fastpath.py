@@ -208,6 +208,28 @@ def test_a_frame_crosses_sealed_as_the_python_path_would_and_arrives_as_a_frame(
     assert took[A_ID][2] == len(datagram) and took[A_ID][3] == 1 and took[A_ID][6] == 1
 
 
+def test_activity_goes_up_as_one_note_per_half_second_and_none_before_python_took_the_last() -> None:
+    """Python hears about a link's activity from a note (type 3), at most one per NOTE_NS (0.5 s) and none again
+    before Python took the last one (Engine.take): not one per packet."""
+    with linked_pair((None, None)) as (a, _b, _wire_a, wire_b, _ka, _kb):
+        a.up_messages(0.05)  # whatever the start sent
+        f = frame(A_IP, B_IP)
+        notes = []
+        for _ in range(3):
+            a.kernel.send(f)
+            assert wire_b.recv()
+            notes += [m for m in a.up_messages(0.05) if m[0] == 3]
+        assert notes == [(3, b"")]
+        a.engine.take()  # Python's answer to a note (overlay/fastpath.py sync): the next may come, but not yet
+        a.kernel.send(f)
+        assert wire_b.recv()
+        assert [m for m in a.up_messages(0.05) if m[0] == 3] == []  # within NOTE_NS of the last
+        time.sleep(0.5)
+        a.kernel.send(f)
+        assert wire_b.recv()
+        assert [m for m in a.up_messages(0.3) if m[0] == 3] == [(3, b"")]
+
+
 def test_what_the_engine_does_not_handle_goes_up_unchanged(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, wire_a, _wire_b, ka, kb = pair
     arp = DEFAULT_GATEWAY_MAC + TAP_MAC + b"\x08\x06" + bytes(28)
