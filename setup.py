@@ -1,6 +1,6 @@
 """The compiled data path (overlay/_fast.c, docs/datapath.md), built against OpenSSL's libcrypto for AES-256-GCM
 and, where its headers are installed (Debian's libipsec-mb-dev, amd64), Intel's ipsec-mb, which takes the cipher
-over on CPUs with VAES (overlay/_gcm.h); everything else about the package is in pyproject.toml."""
+over where it runs its AVX2 or AVX-512 code (overlay/_gcm.h); everything else about the package is in pyproject.toml."""
 
 from pathlib import Path
 
@@ -13,7 +13,7 @@ setup(
         Extension(
             "overlay._fast",
             sources=["overlay/_fast.c"],
-            depends=["overlay/_gcm.h", "overlay/_keys.h"],
+            depends=sorted(str(p) for p in Path("overlay").glob("_*.h")),  # its parts (overlay/_fast.c)
             libraries=["crypto", *(["IPSec_MB"] if IPSEC_MB else [])],
             define_macros=[("HAVE_IPSEC_MB", "1")] if IPSEC_MB else [],
             extra_compile_args=[

@@ -1,6 +1,6 @@
 /* overlay._fast's Keys: one link session's AES-256-GCM keys, its send counters and its replay windows, one of each
- * per lane (the counter's top byte). Included once, by overlay/_fast.c, after its wire constants (HDR, TAG,
- * PT_SEALED), its byte helpers (be64, put32, put64) and its exceptions (Replayed, Forged, Exhausted); the
+ * per lane (the counter's top byte). Included once, by overlay/_fast.c, after _wire.h (HDR, TAG, PT_SEALED;
+ * the byte helpers be64, put32, put64) and the module's exceptions (Replayed, Forged, Exhausted); the
  * Engine there seals and opens through the static functions below, Python through the type. */
 #ifndef OVERLAY_KEYS_H
 #define OVERLAY_KEYS_H

@@ -287,7 +287,7 @@ class FastPath:
         each = [lane.engine.counters() for lane in self._lanes]
         out = {f"fast path: {k}": sum(c[k] for c in each) for k in each[0]}
         out = {k: v for k, v in out.items() if v}
-        # The Engines' threads run with a short scheduler slice where the kernel has them (overlay/_fast.c short_slice).
+        # The Engines' threads run with a short scheduler slice where the kernel has one (overlay/_thread.h).
         slice_ns = min(lane.engine.slice_ns for lane in self._lanes)
         if slice_ns:
             out["fast path: scheduler slice, us"] = slice_ns // 1000

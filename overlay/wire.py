@@ -176,7 +176,7 @@ class LinkMsg(enum.IntEnum):
 # In HELLO's flags byte, beside what the sender uses the link for: it opens and passes on TUNNEL packets. A
 # capability rather than a use: nodes from before TUNNEL ignore the bit and are sent RELAY messages as before.
 HELLO_TUNNEL = 0x80
-# ... and it keeps a replay window per counter lane (overlay/_fast.c, LANES), so each of our Engines may send to
+# ... and it keeps a replay window per counter lane (overlay/_keys.h, LANES), so each of our Engines may send to
 # it in its own lane. Nodes from before lanes ignore the bit and are sent lane 0 only, as Python sends.
 HELLO_LANES = 0x40
 

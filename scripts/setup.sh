@@ -12,7 +12,7 @@ fi
 
 # ejabberd pulls in erlang-base, which ships epmd (the tests start their own, inside a namespace).
 # gcc, python3-dev and libssl-dev build the compiled data path (overlay/_fast.c) against OpenSSL's libcrypto;
-# on amd64, libipsec-mb-dev adds Intel's ipsec-mb, whose AES-GCM takes over on CPUs with VAES (overlay/_gcm.h).
+# on amd64, libipsec-mb-dev adds Intel's ipsec-mb, whose AES-GCM takes over where it runs its AVX2 or AVX-512 code (overlay/_gcm.h).
 # ethtool turns a lab veth's UDP segmentation off, as on a NIC without it (tests/test_mtu_netns.py,
 # bench/iperf_tap.py --software-gso).
 DEBS=(prosody ejabberd erlang-base coturn iperf3 iputils-ping iptables iproute2 conntrack openssl procps python3 python3-venv python3-pip
@@ -69,8 +69,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c 'import overlay._fast, slixmpp, aioice, nacl, cryptography, networkx, prometheus_client, hypothesis, xdist' \
      >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
-     || [ overlay/_fast.c -nt .venv/.installed ] || [ overlay/_gcm.h -nt .venv/.installed ] \
-     || [ overlay/_keys.h -nt .venv/.installed ]; then
+     || [ -n "$(find overlay -maxdepth 1 -name '_*.[ch]' -newer .venv/.installed)" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,plot]'
   touch .venv/.installed

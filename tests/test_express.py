@@ -32,7 +32,7 @@ from tests.test_fastpath import (
     tunnel_through_b,
 )
 
-EXPRESS_MAX = 256  # IP bytes (overlay/_fast.c)
+EXPRESS_MAX = 256  # IP bytes (overlay/_engine.h)
 SPARSE_S = 0.1  # SPARSE_NS
 LANE_SHIFT = 56
 IP_RECVERR = 11  # linux/in.h

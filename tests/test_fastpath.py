@@ -48,7 +48,7 @@ TIMEOUT = 2.0
 CHUNK = 1472
 
 
-GRE = 47  # a protocol whose flows keep the reading Engine's lane (overlay/_fast.c, lane_for)
+GRE = 47  # a protocol whose flows keep the reading Engine's lane (overlay/_lanes.h, lane_for)
 
 
 def frame(src: int, dst: int, payload: bytes = b"x" * 32, vnet: bytes | None = None, protocol: int = 17) -> bytes:
@@ -417,7 +417,7 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
 
 def test_the_ends_poll_after_their_own_data_until_the_waits_prove_long_and_a_relay_does_not_poll() -> None:
     """After data of its own an Engine polls a while before it sleeps (the answer usually comes within it); data it
-    only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (_fast.c,
+    only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (overlay/_thread.h,
     SPIN_NS). Packets 2 ms apart with no answer: each wait is longer than SPIN_NS, so each end's window halves
     (300, 150, 75, 37 us, then none) and the rest of the packets go without a poll."""
     (a, b, c), (w_ab, w_ba, w_bc, w_cb), _, _ = tunnel_through_b(True, True)
@@ -443,7 +443,7 @@ def test_the_ends_poll_after_their_own_data_until_the_waits_prove_long_and_a_rel
 
 
 def test_the_window_after_sending_and_the_one_after_delivering_adapt_apart() -> None:
-    """Two windows (_fast.c, POLL_SENT and POLL_DELIVERED): A's 20 unanswered sends 2 ms apart take its window
+    """Two windows (overlay/_thread.h, POLL_SENT and POLL_DELIVERED): A's 20 unanswered sends 2 ms apart take its window
     after sending to nothing (as in the test above), and the packets C then sends it, 2 ms apart, still find its
     window after delivering at 300 us: A polls after the first four of them and skips the other four. Every wait
     here is 2 ms or more, so the counts do not hang on how fast the test's thread runs."""
@@ -560,7 +560,7 @@ def test_a_super_frame_leaves_in_chunks_and_the_receiving_engine_joins_them(path
 
 
 def test_an_engine_sends_in_its_lane_to_a_peer_that_takes_lanes_and_in_lane_0_to_one_that_does_not() -> None:
-    """A counter's top byte is its lane (overlay/_fast.c, LANES): Engine 3 seals in lane 3 for a peer whose HELLO
+    """A counter's top byte is its lane (overlay/_keys.h, LANES): Engine 3 seals in lane 3 for a peer whose HELLO
     said it takes lanes, and its chunk trains carry the lane in their message IDs' top byte (what the receiver's
     steering reads, steer_lanes); a peer from before lanes gets lane 0 only, whose window it has. (GRE: TCP, UDP
     and pings may go in a lane of their own, LaneShare.)"""

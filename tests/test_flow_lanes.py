@@ -1,4 +1,4 @@
-"""The lane of a UDP flow or ping a node sends (overlay/_fast.c, LaneShare `flow`, docs/datapath.md Lanes): it
+"""The lane of a UDP flow or ping a node sends (overlay/_lanes.h flow_lane, docs/datapath.md Lanes): it
 takes the least busy lane at its first packet, in turn among lanes equally idle, and keeps it whichever Engine
 reads its later packets; another flow of the same slot does not take a live flow's slot, and an echo reply, an
 ICMP error or another protocol stays in the reading Engine's lane. Two Engines of one node, on socketpairs."""
@@ -34,7 +34,7 @@ from tests.test_fastpath import (
 )
 from tests.test_fastpath_ipv6 import A6, B6
 
-CONN_BITS = 10  # overlay/_fast.c: the flow table's slots are 2^CONN_BITS
+CONN_BITS = 10  # overlay/_engine.h: the flow table's slots are 2^CONN_BITS
 FLOW_LIVE_S = 240 * 2**24 / 1e9  # FLOW_LIVE stamps of 2^24 ns: how long a quiet flow keeps its slot (~4.03 s)
 PLAIN = bytes(10)  # a frame's virtio_net_hdr without offload
 

@@ -1,5 +1,5 @@
 """Lanes (docs/datapath.md): a counter's top byte is its lane, each lane of a session has its own counter and
-replay window (overlay/_fast.c Keys), and the node's sockets on its one port each take their lane's datagrams
+replay window (overlay/_keys.h), and the node's sockets on its one port each take their lane's datagrams
 (SO_REUSEPORT and the steering program, steer_lanes), so each of the node's Engines has a thread, a TAP queue
 and a socket of its own. On loopback: what the kernel steers where, and the windows against a reference."""
 

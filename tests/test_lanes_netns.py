@@ -108,7 +108,7 @@ def test_streams_spread_over_both_lanes_at_each_end(group: Group, a: int, b: int
 @pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])
 def test_two_connections_opened_together_take_a_lane_each_at_both_ends(group: Group, a: int, b: int) -> None:
     """A node seals each TCP connection it opens in the lane least busy at its SYN, taking turns among idle ones
-    (overlay/_fast.c, LaneShare): two streams opened together carry data in both lanes at both ends, every time.
+    (overlay/_lanes.h, LaneShare): two streams opened together carry data in both lanes at both ends, every time.
     By the TAP's flow hash alone, each run would put both in one lane half the time (all four: 1 in 16)."""
     for _ in range(4):
         before = [lanes_carried(group, i, w) for i, w in ((a, "frames sent"), (b, "datagrams handled"))]
@@ -125,7 +125,7 @@ Counters = dict[str, Any]
 @pytest.mark.parametrize("a, b", [(0, 1), BLOCKED], ids=["direct", "relayed"])
 def test_a_ping_started_under_a_stream_goes_in_the_other_lane_at_both_ends(group: Group, a: int, b: int) -> None:
     """A ping (an echo request) the node sends takes the lane least busy at its first packet, as a TCP connection
-    does at its SYN (overlay/_fast.c, LaneShare): under a stream, the other lane, at the sender and the receiver,
+    does at its SYN (overlay/_lanes.h, LaneShare): under a stream, the other lane, at the sender and the receiver,
     where it does not wait behind the stream (docs/datapath.md, Under load). By the TAP's hash alone it would
     share the stream's lane half the time, or every time for a ping whose hash gives the stream's lane: the turns
     put the stream in each lane in turn."""

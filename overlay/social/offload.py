@@ -3,7 +3,7 @@
 With offload a social node's TAP hands it TCP super-frames (TSO) and TCP and UDP packets whose checksum the kernel
 left to complete (CHECKSUM_PARTIAL: the field holds the pseudo-header's sum). The compiled data path rewrites
 them whole into the friend device's view and sends them as DATA_GSO with their virtio header, the partial
-checksum updated as Linux's inet_proto_csum_replace4 updates one (overlay/_fast.c rewrite_head), to friends whose
+checksum updated as Linux's inet_proto_csum_replace4 updates one (overlay/_from_tap.h rewrite_head), to friends whose
 fragment probe came back (overlay/probes.py). Whatever comes up to Python is cut first (`packets`): the packets a
 NIC would have sent, each with its checksum complete, which overlay/social/translate.py translates as before. A
 friend's DATA_GSO is checked (`check`) before our kernel sees its header.

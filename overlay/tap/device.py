@@ -76,7 +76,7 @@ FRAME_OVERHEAD = 18
 # RFC 791: every IPv4 host must accept 68-byte datagrams unfragmented; 65535 is the IPv4 maximum.
 MIN_MTU = 68
 MAX_MTU = 65535
-MAX_QUEUES = 8  # the Engine's LANES (overlay/_fast.c)
+MAX_QUEUES = 8  # the Engine's LANES (overlay/_keys.h)
 # Our choice: the largest TCP super-frame the kernel hands us with TSO on. A super-frame plus our headers
 # (transport 13 + tag 16, routed 28, virtio_net_hdr 10, and for a tunnel another 13 + 16 + 9) must fit one
 # UDP datagram (65507 bytes over IPv4); 60000 leaves room. ARCHITECTURE.md measured 6.2 Gbit/s with

@@ -50,14 +50,14 @@ from overlay.wire import (
     PacketType,
 )
 
-# Our choice (overlay/_fast.c): far beyond any reordering a link shows.
+# Our choice (overlay/_keys.h): far beyond any reordering a link shows.
 REPLAY_WINDOW = FAST_REPLAY_WINDOW
 PROTOCOL = "Noise_IK_25519_AESGCM_SHA256"
 # WireGuard's timers and limits (its paper, section 6.1): a session's initiator starts a new handshake after
 # REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES; nobody sends or accepts on a session past the REJECT limits.
 REKEY_AFTER_TIME = 120.0
 REJECT_AFTER_TIME = 180.0
-# A counter's top byte is its lane (overlay/_fast.c, LANES): each lane counts 56 bits, and the limits are
+# A counter's top byte is its lane (overlay/_keys.h, LANES): each lane counts 56 bits, and the limits are
 # WireGuard's, in the same proportion to a lane's space (1/16 of it; 2**13 short of its end).
 REKEY_AFTER_MESSAGES = 1 << 52
 REJECT_AFTER_MESSAGES = (1 << 56) - (1 << 13) - 1
@@ -74,7 +74,7 @@ class HandshakeError(Exception):
 @dataclass
 class Session:
     """One direction pair of keys between two node keys, named by the index each side chose. The keys, the send
-    counter and the replay window live in a compiled `Keys` (overlay/_fast.c), shared with the compiled data
+    counter and the replay window live in a compiled `Keys` (overlay/_keys.h), shared with the compiled data
     path's thread: a counter is never sent twice and a packet never accepted twice, whichever side handles it."""
 
     local_index: int

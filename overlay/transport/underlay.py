@@ -19,7 +19,7 @@ The UDP side reads with `loop.add_reader` and drains up to DRAIN_BATCH datagrams
 1 frame per wakeup gave 0.7-0.9 Gbit/s, 64 per wakeup 1.2-1.6; asyncio DatagramProtocol 0.3-0.4). The socket
 is unconnected: uvloop's add_reader on a connected UDP socket stops after one ICMP error. It has IP_RECVERR, so
 ICMP errors are queued for it (an unconnected socket otherwise drops them), read from its error queue when the
-socket has nothing else to read (`_drain_errors`; the Engine reads it in overlay/_fast.c). The kernel also
+socket has nothing else to read (`_drain_errors`; the Engine reads it in overlay/_udp_read.h). The kernel also
 reports a queued error on the socket's next call, a send to another peer included, and that send sends nothing:
 a send that fails so is made once more (`_ICMP_REPORTED`). The host of a killed process answers our next
 datagram with "port unreachable", so a link to it is dead UNREACHABLE_DEAD after that instead of after a
@@ -121,7 +121,7 @@ class UdpUnderlay:
     (False: as a kernel without them would; the tests cover each case).
 
     `lanes` above 1: as many sockets on the one port (SO_REUSEPORT), one for each of the compiled data path's
-    Engines (overlay/fastpath.py); the kernel gives each datagram to its lane's socket (overlay/_fast.c
+    Engines (overlay/fastpath.py); the kernel gives each datagram to its lane's socket (overlay/_lanes.h
     steer_lanes). Everything this class sends and reads goes through the first.
 
     `express`: one more socket per lane (at most EXPRESS_LANES lanes; with more, none), for the datagrams of the
