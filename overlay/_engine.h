@@ -1,5 +1,6 @@
-/* overlay._fast: the Engine's state (the lanes' shared part, links, flows, held frames, chunks being rebuilt)
- * and the lookups of its tables. Included once, by overlay/_fast.c, after _wire.h and _keys.h. */
+/* overlay._fast: the Engine's state (express lanes' bounds, the lanes' shared part, links, flows, held frames,
+ * chunks being rebuilt) and the lookups of its tables. Included once, by overlay/_fast.c, after _wire.h and
+ * _keys.h. */
 #ifndef OVERLAY_FAST_ENGINE_H
 #define OVERLAY_FAST_ENGINE_H
 
