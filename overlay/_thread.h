@@ -42,6 +42,14 @@
 #define POLL_START 50000LL
 enum { POLL_SENT, POLL_DELIVERED };
 
+/* A poll window after a wait of `waited` for the next event (above): kept, halved or doubled. */
+static int64_t adapt_window(int64_t w, int64_t waited) {
+    if (waited > SPIN_NS) return w / 2 < POLL_MIN ? 0 : w / 2;
+    if (waited <= w) return w;
+    if (w * 2 < POLL_START) return POLL_START;
+    return w * 2 > SPIN_NS ? SPIN_NS : w * 2;
+}
+
 /* The thread's scheduler slice. Under load a ping waited for CPUs as much as for anything of ours: with both
  * cores busy (a TCP stream through three nodes on two), a woken Engine could wait for the running task's slice to
  * end (1.4 ms here: the kernel's base slice, scaled by the CPUs), at each of the six wake-ups of a relayed round
@@ -105,9 +113,7 @@ static void *engine_main(void *arg) {
             continue;
         }
         if (wait_from) { /* the wait this event ends: how long should the next such poll be? */
-            int64_t waited = now_ns() - wait_from, *w = &window[wait_kind];
-            if (waited > SPIN_NS) *w = *w / 2 < POLL_MIN ? 0 : *w / 2;
-            else if (waited > *w) *w = *w * 2 < POLL_START ? POLL_START : *w * 2 > SPIN_NS ? SPIN_NS : *w * 2;
+            window[wait_kind] = adapt_window(window[wait_kind], now_ns() - wait_from);
             wait_from = 0;
         }
         uint64_t carried = e->c_frames + e->c_datagrams, relayed = e->c_relayed, sent = e->c_frames;
