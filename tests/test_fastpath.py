@@ -415,6 +415,18 @@ def test_a_tunnel_through_a_relay_engine_delivers_in_either_form(a_to_b: bool, b
             w.sock.close()
 
 
+def spaced_through(f: bytes, src: Node, relay: Node, dst: Node, legs: tuple[tuple[Wire, Wire], ...], n: int) -> None:
+    """`n` frames `f` from `src`'s TAP through `relay` to `dst`'s, 2 ms apart (longer than any poll window), each
+    leg's datagram read at its sending wire and handed in at its receiving one; no answer goes back."""
+    (out1, in1), (out2, in2) = legs
+    for _ in range(n):
+        src.kernel.send(f)
+        in1.send_to(relay, out1.recv())
+        in2.send_to(dst, out2.recv())
+        assert dst.kernel.recv(70000)[14:] == f[14:]
+        time.sleep(0.002)
+
+
 def test_the_ends_poll_after_their_own_data_until_the_waits_prove_long_and_a_relay_does_not_poll() -> None:
     """After data of its own an Engine polls a while before it sleeps (the answer usually comes within it); data it
     only relays for others does not make it poll: a relay's poll took a CPU the two ends needed (overlay/_thread.h,
@@ -423,12 +435,7 @@ def test_the_ends_poll_after_their_own_data_until_the_waits_prove_long_and_a_rel
     (a, b, c), (w_ab, w_ba, w_bc, w_cb), _, _ = tunnel_through_b(True, True)
     try:
         f = frame(A_IP, C_IP, b"ping" * 16)
-        for _ in range(20):
-            a.kernel.send(f)
-            w_ba.send_to(b, w_ab.recv())
-            w_cb.send_to(c, w_bc.recv())
-            assert c.kernel.recv(70000)[14:] == f[14:]
-            time.sleep(0.002)
+        spaced_through(f, a, b, c, ((w_ab, w_ba), (w_bc, w_cb)), 20)
         counts = {n: n.engine.counters() for n in (a, b, c)}
         assert counts[b]["relayed"] == 20
         assert counts[b]["polls after our own data"] == counts[b]["polls skipped (the waits were long)"] == 0
@@ -451,19 +458,9 @@ def test_the_window_after_sending_and_the_one_after_delivering_adapt_apart() -> 
     try:
         c.engine.set_flow(A_IP, A_ID, header(C_ID, A_ID), 30.0, 0)
         f, answer = frame(A_IP, C_IP, b"ping" * 16), frame(C_IP, A_IP, b"pong" * 16)
-        for _ in range(20):
-            a.kernel.send(f)
-            w_ba.send_to(b, w_ab.recv())
-            w_cb.send_to(c, w_bc.recv())
-            assert c.kernel.recv(70000)[14:] == f[14:]
-            time.sleep(0.002)
+        spaced_through(f, a, b, c, ((w_ab, w_ba), (w_bc, w_cb)), 20)
         before = a.engine.counters()
-        for _ in range(8):
-            c.kernel.send(answer)
-            w_bc.send_to(b, w_cb.recv())
-            w_ab.send_to(a, w_ba.recv())
-            assert a.kernel.recv(70000)[14:] == answer[14:]
-            time.sleep(0.002)
+        spaced_through(answer, c, b, a, ((w_cb, w_bc), (w_ba, w_ab)), 8)
         after = a.engine.counters()
         polls, skipped = (
             after[k] - before[k] for k in ("polls after our own data", "polls skipped (the waits were long)")
